@@ -1,0 +1,279 @@
+//! Identifiers, records and the two traits a store backend implements.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreResult;
+
+/// The SHA-256 of a message body: its name in `bodies/`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BodyHash(pub [u8; 32]);
+
+impl BodyHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest;
+        BodyHash(sha2::Sha256::digest(bytes).into())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let v = hex::decode(s).ok()?;
+        Some(BodyHash(v.try_into().ok()?))
+    }
+}
+impl fmt::Debug for BodyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BodyHash({})", &self.to_hex()[..16])
+    }
+}
+impl fmt::Display for BodyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The id of one accepted SMTP transaction (one message, many recipients),
+/// as Postfix's queue id: it appears in the `Received:` header and in the
+/// log line of the transaction. Allocated by the store, unique, never reused.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+pub struct QueueId(pub u64);
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:012X}", self.0)
+    }
+}
+impl QueueId {
+    pub fn parse(s: &str) -> Option<Self> {
+        u64::from_str_radix(s, 16).ok().map(QueueId)
+    }
+}
+
+/// The id of one entry in one maildrop: stable and unique for the life of the
+/// store (POP3 UIDL, later IMAP UID). Never reused, even after deletion.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+pub struct EntryId(pub u64);
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A mailbox address `local@domain`, normalised: the domain is lower-cased,
+/// and (a choice of this server, as most do) so is the local part.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+pub struct Address(String);
+
+impl Address {
+    /// Parses and normalises `local@domain`. Rejects empty parts, spaces,
+    /// control characters and more than one unquoted `@`.
+    pub fn parse(s: &str) -> Result<Self, crate::StoreError> {
+        let s = s.trim();
+        let (local, domain) = s
+            .rsplit_once('@')
+            .ok_or_else(|| crate::StoreError::Permanent(format!("'{s}' is not an address: no '@'")))?;
+        if local.is_empty() || domain.is_empty() {
+            return Err(crate::StoreError::Permanent(format!("'{s}' is not an address: empty part")));
+        }
+        if s.len() > 254 || local.len() > 64 {
+            return Err(crate::StoreError::Permanent(format!("'{s}' is too long (RFC 5321 4.5.3.1)")));
+        }
+        if s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>') {
+            return Err(crate::StoreError::Permanent(format!("'{s}' has a forbidden character")));
+        }
+        let domain = Domain::parse(domain)?;
+        Ok(Address(format!("{}@{}", local.to_lowercase(), domain.as_str())))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn local_part(&self) -> &str {
+        self.0.rsplit_once('@').map(|(l, _)| l).unwrap_or(&self.0)
+    }
+    pub fn domain(&self) -> &str {
+        self.0.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+    }
+}
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A mail domain, lower-cased, without a trailing dot.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+pub struct Domain(String);
+impl Domain {
+    pub fn parse(s: &str) -> Result<Self, crate::StoreError> {
+        let d = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let ok = !d.is_empty()
+            && d.len() <= 253
+            && d.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        // Address literals such as [127.0.0.1] are accepted as domains too.
+        let literal = d.starts_with('[') && d.ends_with(']') && d.len() > 2;
+        if ok || literal {
+            Ok(Domain(d))
+        } else {
+            Err(crate::StoreError::Permanent(format!("'{s}' is not a valid domain name")))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message to be committed: the envelope as the SMTP session collected
+/// it, already resolved to local maildrops and remote (queued) recipients,
+/// and the complete body (with our `Received:` header on top, dot-unstuffed,
+/// CRLF line ends).
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// The envelope sender, `None` for the null reverse-path `<>`.
+    pub return_path: Option<String>,
+    /// Local maildrops (users, after alias expansion, deduplicated).
+    pub local: Vec<Address>,
+    /// Recipients in other domains, for the outbound queue.
+    pub remote: Vec<String>,
+    /// The body, whole.
+    pub body: Arc<Vec<u8>>,
+    /// The queue id the session already used in the `Received:` header,
+    /// obtained from [`MailStore::next_queue_id`].
+    pub queue_id: QueueId,
+}
+
+/// Proof that a message is durable: body fsynced and renamed, metadata
+/// committed. Only the store can create one (the field is private), and the
+/// SMTP session needs one to answer `250` to DATA.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    queue_id: QueueId,
+    body: BodyHash,
+    size: u64,
+}
+impl Committed {
+    /// Only for store backends in this crate (and the replicated one built on
+    /// it through [`crate`]'s own apply functions).
+    pub(crate) fn new(queue_id: QueueId, body: BodyHash, size: u64) -> Self {
+        Committed { queue_id, body, size }
+    }
+    pub fn queue_id(&self) -> QueueId {
+        self.queue_id
+    }
+    pub fn body(&self) -> BodyHash {
+        self.body
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// One message in one maildrop.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MailboxEntry {
+    pub id: EntryId,
+    pub body: BodyHash,
+    /// The envelope sender for the `Return-Path:` line added on delivery.
+    pub return_path: Option<String>,
+    /// Octets of the message as POP3 sends it: the `Return-Path:` line plus
+    /// the body (RFC 1939 LIST size, before byte-stuffing).
+    pub size: u64,
+    /// Seconds since the Unix epoch when it was committed.
+    pub received_at: u64,
+    pub queue_id: QueueId,
+}
+
+impl MailboxEntry {
+    /// The `Return-Path:` header line (RFC 5321 4.4) this entry starts with.
+    pub fn return_path_line(&self) -> String {
+        format!("Return-Path: <{}>\r\n", self.return_path.as_deref().unwrap_or(""))
+    }
+}
+
+/// One message waiting in the outbound queue.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub queue_id: QueueId,
+    pub body: BodyHash,
+    pub return_path: Option<String>,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub queued_at: u64,
+}
+
+/// What a recipient address means here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Delivered into these local maildrops (one for a user, several for an
+    /// alias with several targets).
+    Local(Vec<Address>),
+    /// A local domain, but no such user or alias: `550 5.1.1`.
+    UnknownUser,
+    /// Not one of our domains: relay (only for authenticated clients).
+    Remote,
+}
+
+/// A user of the directory (never the password hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub address: Address,
+    pub created_at: u64,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// The mail store: accepted messages, maildrops and the outbound queue.
+#[async_trait::async_trait]
+pub trait MailStore: Send + Sync + 'static {
+    /// A fresh, never-used queue id (for the `Received:` header and logs).
+    async fn next_queue_id(&self) -> StoreResult<QueueId>;
+    /// Makes the message durable in every local maildrop and, for remote
+    /// recipients, in the outbound queue, all in one atomic commit.
+    async fn accept(&self, msg: Incoming) -> StoreResult<Committed>;
+    /// The maildrop of `user`, oldest first.
+    async fn mailbox(&self, user: &Address) -> StoreResult<Vec<MailboxEntry>>;
+    /// The body bytes (without the `Return-Path:` line).
+    async fn body(&self, hash: &BodyHash) -> StoreResult<Arc<Vec<u8>>>;
+    /// Removes these entries from the maildrop of `user` in one atomic
+    /// commit (POP3 UPDATE state); bodies no longer referenced are freed.
+    /// Ids already gone are ignored.
+    async fn delete(&self, user: &Address, ids: &[EntryId]) -> StoreResult<()>;
+    /// The outbound queue.
+    async fn queue(&self) -> StoreResult<Vec<QueueEntry>>;
+}
+
+/// Users, domains and aliases: the one user database of the cluster.
+#[async_trait::async_trait]
+pub trait Directory: Send + Sync + 'static {
+    async fn add_domain(&self, domain: &Domain) -> StoreResult<()>;
+    async fn remove_domain(&self, domain: &Domain) -> StoreResult<()>;
+    async fn domains(&self) -> StoreResult<Vec<Domain>>;
+    /// `password` is the clear text; only its argon2 hash is stored.
+    async fn add_user(&self, user: &Address, password: &str) -> StoreResult<()>;
+    async fn set_password(&self, user: &Address, password: &str) -> StoreResult<()>;
+    /// Removes the user and its maildrop.
+    async fn remove_user(&self, user: &Address) -> StoreResult<()>;
+    async fn users(&self) -> StoreResult<Vec<UserInfo>>;
+    /// Checks a password; `Ok(false)` for an unknown user or a wrong password
+    /// (the caller must not learn which).
+    async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool>;
+    /// `alias` → `targets` (local users or remote addresses).
+    async fn add_alias(&self, alias: &Address, targets: &[Address]) -> StoreResult<()>;
+    async fn remove_alias(&self, alias: &Address) -> StoreResult<()>;
+    async fn aliases(&self) -> StoreResult<Vec<(Address, Vec<Address>)>>;
+    /// What a recipient means here: a user, an alias, unknown in a local
+    /// domain, or remote. The node's own host names (the seed's `Cw` class,
+    /// given when the store is opened) are local too: `x@hostname` is
+    /// looked up as `x@d` in each configured domain `d`, in name order.
+    async fn resolve(&self, rcpt: &Address) -> StoreResult<Resolution>;
+}
