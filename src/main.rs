@@ -1,1 +1,288 @@
-fn main() {}
+//! The `hamail` binary: the server (`hamail serve`) and the admin commands.
+//!
+//! Admin commands talk to a running server through its admin socket; when no
+//! server runs they open the store themselves, so a fresh install can be set
+//! up before the first start.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use hamail_server::admin::{Request, Response};
+use hamail_server::Config;
+use hamail_store::{Domain, LocalStore, StoreOptions};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "hamail", version, about = "A highly available mail server: SMTP, POP3 and a crash-safe store")]
+struct Cli {
+    /// Configuration file (TOML). Without one, built-in defaults: data in
+    /// ./hamail-data, SMTP 127.0.0.1:2525, submission :2587, POP3 :2110.
+    #[arg(short, long, global = true, env = "HAMAIL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the mail server in the foreground.
+    Serve,
+    /// Mail domains this server is the destination for.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Users (virtual mailboxes; no system accounts).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Aliases: an address delivered to other addresses.
+    #[command(subcommand)]
+    Alias(AliasCmd),
+    /// The outbound queue.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Counters and state of the server.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    Add { domain: String },
+    Del { domain: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user; the password is asked for (twice) on a terminal, or read
+    /// as one line from standard input. Never on the command line.
+    Add { user: String },
+    /// Change a user's password (same input rules as `add`).
+    Passwd { user: String },
+    /// Remove a user and its maildrop.
+    Del { user: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum AliasCmd {
+    Add {
+        alias: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    Del { alias: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    List,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HAMAIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hamail: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("hamail: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn store_options(config: &Config) -> Result<StoreOptions> {
+    let mut hostnames = vec![Domain::parse(&config.server.hostname)?];
+    for h in &config.server.local_hostnames {
+        hostnames.push(Domain::parse(h)?);
+    }
+    Ok(StoreOptions { hostnames, ..StoreOptions::default() })
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = load_config(cli.config.as_deref())?;
+    let request = match cli.command {
+        Command::Serve => return serve(config).await,
+        Command::Domain(DomainCmd::Add { domain }) => Request::DomainAdd { domain },
+        Command::Domain(DomainCmd::Del { domain }) => Request::DomainDel { domain },
+        Command::Domain(DomainCmd::List) => Request::DomainList,
+        Command::User(UserCmd::Add { user }) => Request::UserAdd { password: read_password(&user)?, user },
+        Command::User(UserCmd::Passwd { user }) => Request::UserPasswd { password: read_password(&user)?, user },
+        Command::User(UserCmd::Del { user }) => Request::UserDel { user },
+        Command::User(UserCmd::List) => Request::UserList,
+        Command::Alias(AliasCmd::Add { alias, targets }) => Request::AliasAdd { alias, targets },
+        Command::Alias(AliasCmd::Del { alias }) => Request::AliasDel { alias },
+        Command::Alias(AliasCmd::List) => Request::AliasList,
+        Command::Queue(QueueCmd::List) => Request::QueueList,
+        Command::Status { json } => {
+            let response = admin(&config, Request::Status).await?;
+            return print_response(&Request::Status, response, json);
+        }
+    };
+    let response = admin(&config, request.clone()).await?;
+    print_response(&request, response, false)
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let store_dir = config.store_dir();
+    let store = LocalStore::open(&store_dir, store_options(&config)?)
+        .with_context(|| format!("opening the store in {}", store_dir.display()))?;
+    let running = hamail_server::start(config.clone(), store.clone(), store.clone()).await?;
+    let show = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
+    // Machine-readable lines first (tests and scripts read them), then help.
+    println!("hamail: smtp listening on {}", show(&running.smtp));
+    println!("hamail: submission listening on {}", show(&running.submission));
+    if !running.submissions.is_empty() {
+        println!("hamail: submissions listening on {}", show(&running.submissions));
+    }
+    println!("hamail: pop3 listening on {}", show(&running.pop3));
+    if !running.pop3s.is_empty() {
+        println!("hamail: pop3s listening on {}", show(&running.pop3s));
+    }
+    println!("hamail: admin socket {}", running.admin_socket.display());
+    println!("hamail: store in {}", store_dir.display());
+    let cfg = if let Ok(p) = std::env::var("HAMAIL_CONFIG") { format!(" --config {p}") } else { String::new() };
+    println!("hamail: ready. In another terminal:");
+    println!("    hamail{cfg} domain add example.org");
+    println!("    hamail{cfg} user add alice@example.org      # asks for the password");
+    println!("    swaks --server {} --to alice@example.org", running.smtp.first().map(|a| a.to_string()).unwrap_or_default());
+    let _ = std::io::stdout().flush();
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: no new connections");
+    running.stop();
+    let _ = std::fs::remove_file(&running.admin_socket);
+    Ok(())
+}
+
+/// Sends a request to the running server, or runs it in-process when no
+/// server is running.
+async fn admin(config: &Config, request: Request) -> Result<Response> {
+    let socket = config.admin_socket();
+    match tokio::net::UnixStream::connect(&socket).await {
+        Ok(stream) => {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+            let (r, mut w) = stream.into_split();
+            let mut line = serde_json::to_string(&request)?;
+            line.push('\n');
+            w.write_all(line.as_bytes()).await?;
+            let mut reply = String::new();
+            BufReader::new(r).read_line(&mut reply).await?;
+            if reply.is_empty() {
+                bail!("the server closed the admin socket {} without answering (are you root or the server's user?)", socket.display());
+            }
+            Ok(serde_json::from_str(&reply).context("malformed answer from the server")?)
+        }
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            let dir = config.store_dir();
+            let store = LocalStore::open(&dir, store_options(config)?).with_context(|| {
+                format!("no server answers on {} and the store in {} cannot be opened", socket.display(), dir.display())
+            })?;
+            let store: Arc<LocalStore> = store;
+            Ok(hamail_server::admin::execute(store.as_ref(), store.as_ref(), None, request).await)
+        }
+        Err(e) => Err(e).with_context(|| format!("connecting to the admin socket {}", socket.display())),
+    }
+}
+
+fn read_password(user: &str) -> Result<String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("Password for {user}: "))?;
+        let second = rpassword::prompt_password("Again: ")?;
+        if first != second {
+            bail!("the two passwords differ");
+        }
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        let p = line.trim_end_matches(['\r', '\n']).to_string();
+        if p.is_empty() {
+            bail!("no password on standard input (one line expected)");
+        }
+        Ok(p)
+    }
+}
+
+fn print_response(request: &Request, response: Response, json: bool) -> Result<()> {
+    if !response.ok {
+        bail!("{}", response.error.unwrap_or_else(|| "failed".into()));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&response.data)?);
+        return Ok(());
+    }
+    let d = &response.data;
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    match request {
+        Request::DomainList => {
+            for x in d.as_array().into_iter().flatten() {
+                println!("{}", s(x));
+            }
+        }
+        Request::UserList => {
+            for x in d.as_array().into_iter().flatten() {
+                println!("{:<40} {:>6} msgs {:>12} bytes", s(&x["user"]), x["messages"], x["bytes"]);
+            }
+        }
+        Request::AliasList => {
+            for x in d.as_array().into_iter().flatten() {
+                let t: Vec<String> = x["targets"].as_array().into_iter().flatten().map(s).collect();
+                println!("{} -> {}", s(&x["alias"]), t.join(", "));
+            }
+        }
+        Request::QueueList => {
+            let items = d.as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                println!("Mail queue is empty");
+            }
+            for x in &items {
+                let r: Vec<String> = x["recipients"].as_array().into_iter().flatten().map(s).collect();
+                println!("{}  {:>9}  queued_at={}  <{}>", s(&x["queue_id"]), x["size"], x["queued_at"], s(&x["from"]));
+                for rcpt in r {
+                    println!("        {rcpt}");
+                }
+            }
+            if !items.is_empty() {
+                println!("-- {} message(s) in the queue", items.len());
+            }
+        }
+        Request::Status => {
+            if let Some(map) = d.as_object() {
+                for (k, v) in map {
+                    println!("{k:<20} {v}");
+                }
+            }
+        }
+        Request::DomainAdd { domain } => println!("domain {domain} added"),
+        Request::DomainDel { domain } => println!("domain {domain} removed"),
+        Request::UserAdd { user, .. } => println!("user {user} added"),
+        Request::UserPasswd { user, .. } => println!("password of {user} changed"),
+        Request::UserDel { user } => println!("user {user} removed"),
+        Request::AliasAdd { alias, .. } => println!("alias {alias} added"),
+        Request::AliasDel { alias } => println!("alias {alias} removed"),
+    }
+    Ok(())
+}

@@ -1,1 +1,192 @@
-//! placeholder
+//! hamail-server: the network side of one hamail node.
+//!
+//! Role: bind the listeners, run a thin tokio driver around each sans-IO
+//! protocol session (`hamail-smtp`, `hamail-pop3`), answer the session's
+//! requests from the store and the directory, do TLS, enforce connection
+//! limits and idle timeouts, and serve the admin API on a local socket.
+//!
+//! What it does not do: parse or decide anything about SMTP or POP3 (the
+//! sessions do), or keep data (the store does). It never answers `250` to
+//! DATA itself: it hands the store's `Committed` proof to the session.
+
+pub mod admin;
+pub mod config;
+mod conn;
+mod limits;
+mod pop3;
+mod smtp;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hamail_store::{Directory, Domain, MailStore};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+pub use config::Config;
+
+/// The one error type of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The operator's configuration is wrong: names the file and line.
+    #[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Config { file: String, line: Option<usize>, message: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] hamail_store::StoreError),
+}
+
+impl ServerError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ServerError::Io { context: context.into(), source }
+    }
+}
+
+/// Counters shown by `hamail status`.
+#[derive(Default)]
+pub struct Stats {
+    pub smtp_connections: AtomicU64,
+    pub pop3_connections: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub messages_rejected: AtomicU64,
+    pub pop3_logins: AtomicU64,
+}
+
+/// What every connection handler shares.
+pub struct Context {
+    pub config: Config,
+    pub store: Arc<dyn MailStore>,
+    pub directory: Arc<dyn Directory>,
+    pub tls: TlsAcceptor,
+    pub stats: Stats,
+    pub started: Instant,
+    pub(crate) maildrop_locks: limits::MaildropLocks,
+    pub(crate) auth_failures: limits::AuthFailures,
+}
+
+/// A running server: its bound addresses (useful with port 0).
+pub struct Running {
+    pub smtp: Vec<SocketAddr>,
+    pub submission: Vec<SocketAddr>,
+    pub submissions: Vec<SocketAddr>,
+    pub pop3: Vec<SocketAddr>,
+    pub pop3s: Vec<SocketAddr>,
+    pub admin_socket: PathBuf,
+    pub context: Arc<Context>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting connections (sessions in progress finish on their own).
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SmtpRole {
+    /// Port 25: mail for local domains from anyone.
+    Mta,
+    /// Port 587: STARTTLS + AUTH, relay for authenticated users.
+    Submission,
+    /// Port 465: implicit TLS + AUTH.
+    Submissions,
+}
+
+/// Binds every listener and starts serving. Creates the configured domains
+/// if missing.
+pub async fn start(
+    config: Config,
+    store: Arc<dyn MailStore>,
+    directory: Arc<dyn Directory>,
+) -> Result<Running, ServerError> {
+    let tls = tls::acceptor(&config)?;
+    let existing = directory.domains().await?;
+    for d in &config.server.domains {
+        let d = Domain::parse(d)?;
+        if !existing.contains(&d) {
+            directory.add_domain(&d).await?;
+            tracing::info!(domain = %d, "domain from the config file added");
+        }
+    }
+    let context = Arc::new(Context {
+        maildrop_locks: limits::MaildropLocks::default(),
+        auth_failures: limits::AuthFailures::default(),
+        config,
+        store,
+        directory,
+        tls,
+        stats: Stats::default(),
+        started: Instant::now(),
+    });
+    let c = &context.config;
+    let mut tasks = Vec::new();
+    let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
+    let pop3_limit = Arc::new(tokio::sync::Semaphore::new(c.pop3.max_connections));
+    let mut bound = |addrs: &[SocketAddr], what: &str| -> Result<Vec<(TcpListener, SocketAddr)>, ServerError> {
+        addrs
+            .iter()
+            .map(|a| {
+                let std = std::net::TcpListener::bind(a)
+                    .map_err(|e| ServerError::io(format!("binding {what} listener {a}"), e))?;
+                std.set_nonblocking(true).map_err(|e| ServerError::io("listener setup", e))?;
+                let local = std.local_addr().map_err(|e| ServerError::io("listener address", e))?;
+                let l = TcpListener::from_std(std).map_err(|e| ServerError::io("listener setup", e))?;
+                Ok((l, local))
+            })
+            .collect()
+    };
+    let smtp_l = bound(&c.smtp.listen, "SMTP")?;
+    let sub_l = bound(&c.smtp.submission, "submission")?;
+    let subs_l = bound(&c.smtp.submissions, "submissions")?;
+    let pop3_l = bound(&c.pop3.listen, "POP3")?;
+    let pop3s_l = bound(&c.pop3.pop3s, "POP3S")?;
+    let addrs = |v: &Vec<(TcpListener, SocketAddr)>| v.iter().map(|(_, a)| *a).collect::<Vec<_>>();
+    let mut running = Running {
+        smtp: addrs(&smtp_l),
+        submission: addrs(&sub_l),
+        submissions: addrs(&subs_l),
+        pop3: addrs(&pop3_l),
+        pop3s: addrs(&pop3s_l),
+        admin_socket: c.admin_socket(),
+        context: context.clone(),
+        tasks: Vec::new(),
+    };
+    for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
+        for (l, _) in listeners {
+            tasks.push(tokio::spawn(smtp::accept_loop(context.clone(), l, role, smtp_limit.clone())));
+        }
+    }
+    for (implicit_tls, listeners) in [(false, pop3_l), (true, pop3s_l)] {
+        for (l, _) in listeners {
+            tasks.push(tokio::spawn(pop3::accept_loop(context.clone(), l, implicit_tls, pop3_limit.clone())));
+        }
+    }
+    tasks.push(admin::serve(context.clone(), &running.admin_socket)?);
+    running.tasks = tasks;
+    Ok(running)
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}

@@ -1,0 +1,795 @@
+//! The POP3 state machine of one connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use hamail_store::{Address, BodyHash, EntryId, MailboxEntry, StoreError};
+
+use crate::stuff::dot_stuff_into;
+
+/// What the session needs to know about this server.
+#[derive(Debug, Clone)]
+pub struct Pop3Config {
+    /// This node's host name (for logs; the greeting does not need it).
+    pub hostname: String,
+    /// Advertise and accept STLS (RFC 2595) while the connection is not TLS.
+    pub tls_available: bool,
+    /// Allow USER/PASS and AUTH PLAIN without TLS. RFC 2595 section 2.1
+    /// says clear-text passwords should only cross a protected link; the
+    /// driver sets this for loopback connections.
+    pub plaintext_auth_allowed: bool,
+    /// After this many client errors the session answers
+    /// `-ERR too many errors` and closes: a client that only produces errors
+    /// is broken or probing.
+    pub max_errors: usize,
+    /// The longest command line accepted, without its CRLF. RFC 2449
+    /// section 4 limits commands to 255 octets; we are lenient.
+    pub max_line: usize,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            hostname: "localhost".to_string(),
+            tls_available: false,
+            plaintext_auth_allowed: false,
+            max_errors: 20,
+            max_line: 512,
+        }
+    }
+}
+
+/// The other end of the connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    /// The connection is already TLS (POP3S on port 995, or after STLS).
+    pub tls: bool,
+}
+
+/// What the session returns after every step: bytes to send (possibly
+/// empty), then what the driver must do next.
+#[derive(Debug)]
+pub struct Output {
+    pub reply: Vec<u8>,
+    pub next: Next,
+}
+
+/// What the driver does after writing [`Output::reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Read more input and call [`Session::handle`].
+    NeedInput,
+    /// Verify these credentials (and delay on failure), then call
+    /// [`Session::authenticated`].
+    Authenticate(Credentials),
+    /// Take the maildrop lock of this user and load its entries, then call
+    /// [`Session::maildrop_opened`].
+    OpenMaildrop(Address),
+    /// Load this body, then call [`Session::fetched`].
+    Fetch(BodyHash),
+    /// The client said QUIT in TRANSACTION state (RFC 1939 section 6):
+    /// delete these entries atomically, call [`Session::updated`], and
+    /// release the maildrop lock afterwards. `delete` may be empty.
+    Update { user: Address, delete: Vec<EntryId> },
+    /// Do the TLS handshake (the `+OK` has been sent), then call
+    /// [`Session::tls_established`].
+    StartTls,
+    /// Flush the reply and close the connection, releasing the maildrop
+    /// lock if it is held. Nothing is deleted.
+    Close,
+}
+
+/// A user name and password as the client sent them. The driver maps the
+/// user name to an [`Address`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never let a password reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The driver's answer to [`Next::Authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthResult {
+    Success(Address),
+    /// Unknown user or wrong password (the client must not learn which).
+    Failure,
+    /// The directory could not answer; the text is shown to the client.
+    TemporaryFailure(String),
+}
+
+/// The driver's answer to [`Next::OpenMaildrop`].
+#[derive(Debug)]
+pub enum MaildropResult {
+    /// The lock is taken; the entries, oldest first.
+    Opened(Vec<MailboxEntry>),
+    /// Another session holds the lock (RFC 1939 section 8, RFC 3206 IN-USE).
+    /// The driver holds no lock.
+    InUse,
+    /// The maildrop could not be loaded. The driver holds no lock.
+    Failed(StoreError),
+}
+
+/// The open maildrop of an authenticated user: TRANSACTION state data.
+#[derive(Debug)]
+struct Maildrop {
+    user: Address,
+    entries: Vec<MailboxEntry>,
+    /// Marked by DELE, indexed like `entries`; only QUIT makes it real.
+    deleted: Vec<bool>,
+}
+
+impl Maildrop {
+    fn new(user: Address, entries: Vec<MailboxEntry>) -> Self {
+        let deleted = vec![false; entries.len()];
+        Maildrop { user, entries, deleted }
+    }
+    /// Messages and octets not marked as deleted (STAT, RFC 1939 section 5).
+    fn stat(&self) -> (usize, u64) {
+        self.live().fold((0, 0), |(n, size), (_, e)| (n + 1, size + e.size))
+    }
+    /// (message number, entry) of every message not marked as deleted.
+    fn live(&self) -> impl Iterator<Item = (usize, &MailboxEntry)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.deleted[*i])
+            .map(|(i, e)| (i + 1, e))
+    }
+    /// The index of message `arg` (1-based, decimal), unless it does not
+    /// exist or is marked as deleted (RFC 1939: "may not refer to a message
+    /// marked as deleted").
+    fn lookup(&self, arg: &str) -> Option<usize> {
+        let n = parse_number(arg)?;
+        let i = n.checked_sub(1)?;
+        (i < self.entries.len() && !self.deleted[i]).then_some(i)
+    }
+}
+
+/// The RFC 1939 states, plus the points where the session waits for the
+/// driver. Each state carries only its own data.
+#[derive(Debug)]
+enum State {
+    /// AUTHORIZATION; `user` is the name given by USER, waiting for PASS.
+    Authorization { user: Option<String> },
+    /// AUTHORIZATION, after `AUTH PLAIN` without an initial response: the
+    /// next line is the client's SASL response, not a command (RFC 5034 4).
+    SaslResponse,
+    /// Waiting for [`Session::authenticated`].
+    Authenticating,
+    /// Waiting for [`Session::maildrop_opened`] for this user.
+    OpeningMaildrop { user: Address },
+    /// TRANSACTION.
+    Transaction(Maildrop),
+    /// TRANSACTION, waiting for [`Session::fetched`] for RETR or TOP.
+    Fetching { maildrop: Maildrop, index: usize, top: Option<usize> },
+    /// UPDATE, waiting for [`Session::updated`].
+    Updating { user: Address, remaining: usize },
+    /// Waiting for [`Session::tls_established`].
+    StartingTls,
+    /// Done: every further step answers [`Next::Close`].
+    Closed,
+}
+
+/// One complete command line from the input buffer.
+enum Line {
+    Ok(Vec<u8>),
+    TooLong,
+}
+
+/// The POP3 session of one connection.
+pub struct Session {
+    config: Arc<Pop3Config>,
+    peer: PeerInfo,
+    state: State,
+    /// Input not yet processed: partial lines, and complete lines that
+    /// arrived while waiting for the driver (PIPELINING, RFC 2449 6.6).
+    buffer: Vec<u8>,
+    /// A line was too long: drop input up to the next LF.
+    discarding: bool,
+    /// Client errors so far, for [`Pop3Config::max_errors`].
+    errors: usize,
+}
+
+const INTERNAL_ERROR: &[u8] = b"-ERR [SYS/TEMP] internal error\r\n";
+
+impl Session {
+    pub fn new(config: Arc<Pop3Config>, peer: PeerInfo) -> Session {
+        Session {
+            config,
+            peer,
+            state: State::Authorization { user: None },
+            buffer: Vec::new(),
+            discarding: false,
+            errors: 0,
+        }
+    }
+
+    /// The greeting (RFC 1939 section 4). It carries no APOP timestamp
+    /// (`<pid.clock@host>`): APOP needs the clear-text password on the server
+    /// to compute MD5(timestamp + secret), and we only keep argon2 hashes, so
+    /// APOP is not offered.
+    pub fn greeting(&self) -> Vec<u8> {
+        b"+OK hamail POP3 ready\r\n".to_vec()
+    }
+
+    /// The authenticated user, once the maildrop has been opened.
+    pub fn user(&self) -> Option<&Address> {
+        match &self.state {
+            State::Transaction(m) | State::Fetching { maildrop: m, .. } => Some(&m.user),
+            State::Updating { user, .. } => Some(user),
+            _ => None,
+        }
+    }
+
+    /// Appends client input and processes every complete line it can.
+    /// While the session waits for the driver, the input is only buffered
+    /// and the answer is an empty reply with [`Next::NeedInput`]; the
+    /// pending call (e.g. [`Session::fetched`]) is still owed. Input that
+    /// arrives while waiting for the TLS handshake is dropped (RFC 2595 4).
+    pub fn handle(&mut self, input: &[u8]) -> Output {
+        match self.state {
+            State::Closed => return self.output(Vec::new(), Next::Close),
+            State::StartingTls => return self.output(Vec::new(), Next::NeedInput),
+            _ => {}
+        }
+        self.buffer.extend_from_slice(input);
+        let mut reply = Vec::new();
+        let next = self.process(&mut reply);
+        self.output(reply, next)
+    }
+
+    /// The driver's answer to [`Next::Authenticate`].
+    pub fn authenticated(&mut self, result: AuthResult) -> Output {
+        if !matches!(self.state, State::Authenticating) {
+            return self.internal_error();
+        }
+        let mut reply = Vec::new();
+        match result {
+            AuthResult::Success(user) => {
+                self.state = State::OpeningMaildrop { user: user.clone() };
+                return self.output(reply, Next::OpenMaildrop(user));
+            }
+            AuthResult::Failure => {
+                self.state = State::Authorization { user: None };
+                // The driver has already delayed this answer.
+                self.client_error(&mut reply, "-ERR [AUTH] Invalid credentials");
+            }
+            AuthResult::TemporaryFailure(why) => {
+                self.state = State::Authorization { user: None };
+                reply.extend_from_slice(format!("-ERR [SYS/TEMP] {}\r\n", sanitize(&why)).as_bytes());
+            }
+        }
+        let next = self.process(&mut reply);
+        self.output(reply, next)
+    }
+
+    /// The driver's answer to [`Next::OpenMaildrop`].
+    pub fn maildrop_opened(&mut self, result: MaildropResult) -> Output {
+        let user = match std::mem::replace(&mut self.state, State::Closed) {
+            State::OpeningMaildrop { user } => user,
+            other => {
+                self.state = other;
+                return self.internal_error();
+            }
+        };
+        let mut reply = Vec::new();
+        match result {
+            MaildropResult::Opened(entries) => {
+                let maildrop = Maildrop::new(user, entries);
+                let (n, size) = maildrop.stat();
+                reply.extend_from_slice(format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes());
+                self.state = State::Transaction(maildrop);
+            }
+            MaildropResult::InUse => {
+                self.state = State::Authorization { user: None };
+                reply.extend_from_slice(b"-ERR [IN-USE] Maildrop is locked by another session\r\n");
+            }
+            MaildropResult::Failed(e) => {
+                self.state = State::Authorization { user: None };
+                // The error text may name paths or internals: it is for the
+                // driver's log, not for the client.
+                let code = if e.is_temporary() { "SYS/TEMP" } else { "SYS/PERM" };
+                reply.extend_from_slice(format!("-ERR [{code}] Unable to open maildrop\r\n").as_bytes());
+            }
+        }
+        let next = self.process(&mut reply);
+        self.output(reply, next)
+    }
+
+    /// The driver's answer to [`Next::Fetch`]: the body without the
+    /// `Return-Path:` line.
+    pub fn fetched(&mut self, result: Result<Arc<Vec<u8>>, StoreError>) -> Output {
+        let (maildrop, index, top) = match std::mem::replace(&mut self.state, State::Closed) {
+            State::Fetching { maildrop, index, top } => (maildrop, index, top),
+            other => {
+                self.state = other;
+                return self.internal_error();
+            }
+        };
+        let mut reply = Vec::new();
+        match result {
+            Ok(body) => {
+                let entry = &maildrop.entries[index];
+                match top {
+                    // RFC 1939 section 7 suggests the size in the RETR answer;
+                    // it is the size LIST gave, before byte-stuffing.
+                    None => reply.extend_from_slice(format!("+OK {} octets\r\n", entry.size).as_bytes()),
+                    Some(_) => reply.extend_from_slice(b"+OK top of message follows\r\n"),
+                }
+                reply.reserve(body.len() + 128);
+                // The Return-Path line is part of the header section (RFC
+                // 5321 4.4), so TOP sends it too. It never starts with '.'.
+                reply.extend_from_slice(entry.return_path_line().as_bytes());
+                dot_stuff_into(&mut reply, &body, top);
+                reply.extend_from_slice(b".\r\n");
+            }
+            Err(e) => {
+                let code = if e.is_temporary() { "SYS/TEMP" } else { "SYS/PERM" };
+                reply.extend_from_slice(format!("-ERR [{code}] Unable to read message\r\n").as_bytes());
+            }
+        }
+        self.state = State::Transaction(maildrop);
+        let next = self.process(&mut reply);
+        self.output(reply, next)
+    }
+
+    /// The driver's answer to [`Next::Update`]. Either way the session ends.
+    pub fn updated(&mut self, result: Result<(), StoreError>) -> Output {
+        let remaining = match self.state {
+            State::Updating { remaining, .. } => remaining,
+            _ => return self.internal_error(),
+        };
+        let reply = match result {
+            Ok(()) => format!("+OK hamail signing off ({remaining} messages left)\r\n").into_bytes(),
+            // RFC 1939 section 6: report that some deleted messages were not
+            // removed. The delete is atomic, so in fact none were.
+            Err(_) => b"-ERR [SYS/TEMP] some deleted messages not removed\r\n".to_vec(),
+        };
+        self.state = State::Closed;
+        self.output(reply, Next::Close)
+    }
+
+    /// The driver finished the TLS handshake after [`Next::StartTls`].
+    /// RFC 2595 section 4: the session is back at the start of
+    /// AUTHORIZATION, and forgets anything learnt before (a USER name).
+    pub fn tls_established(&mut self) -> Output {
+        if !matches!(self.state, State::StartingTls) {
+            return self.internal_error();
+        }
+        self.peer.tls = true;
+        self.state = State::Authorization { user: None };
+        self.buffer.clear();
+        self.discarding = false;
+        self.output(Vec::new(), Next::NeedInput)
+    }
+
+    /// The client was idle too long (RFC 1939 section 3: the autologout
+    /// timer). Nothing is deleted; the driver closes the connection.
+    pub fn timeout(&mut self) -> Vec<u8> {
+        self.state = State::Closed;
+        b"-ERR autologout; idle for too long\r\n".to_vec()
+    }
+
+    fn output(&self, reply: Vec<u8>, next: Next) -> Output {
+        Output { reply, next }
+    }
+
+    /// A resume method was called when the session was not waiting for it:
+    /// a driver bug. The state can no longer be trusted, so end the session
+    /// (nothing is deleted) rather than panic.
+    fn internal_error(&mut self) -> Output {
+        self.state = State::Closed;
+        self.output(INTERNAL_ERROR.to_vec(), Next::Close)
+    }
+
+    fn plaintext_allowed(&self) -> bool {
+        self.peer.tls || self.config.plaintext_auth_allowed
+    }
+
+    /// Writes a `-ERR` for something the client did wrong and counts it;
+    /// once the count reaches `max_errors` the answer is
+    /// `-ERR too many errors` instead and the session ends.
+    fn client_error(&mut self, reply: &mut Vec<u8>, line: &str) {
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            reply.extend_from_slice(b"-ERR too many errors\r\n");
+            self.state = State::Closed;
+        } else {
+            reply.extend_from_slice(line.as_bytes());
+            reply.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Runs every complete line in the buffer (PIPELINING, RFC 2449 6.6)
+    /// until the buffer holds no complete line or the driver must act.
+    fn process(&mut self, reply: &mut Vec<u8>) -> Next {
+        loop {
+            match self.state {
+                State::Closed => return Next::Close,
+                State::Authorization { .. } | State::SaslResponse | State::Transaction(_) => {}
+                // Waiting for the driver: keep the input for later.
+                _ => return Next::NeedInput,
+            }
+            match self.next_line() {
+                None => return Next::NeedInput,
+                Some(Line::TooLong) => self.client_error(reply, "-ERR line too long"),
+                Some(Line::Ok(line)) => {
+                    if let Some(next) = self.execute(&line, reply) {
+                        return next;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the next complete line (without its CRLF or bare LF) off the
+    /// buffer. A line longer than `max_line` is reported once, and the rest
+    /// of it, up to the next LF, is dropped unread.
+    fn next_line(&mut self) -> Option<Line> {
+        if self.discarding {
+            match self.buffer.iter().position(|&b| b == b'\n') {
+                Some(lf) => {
+                    self.buffer.drain(..=lf);
+                    self.discarding = false;
+                }
+                None => {
+                    self.buffer.clear();
+                    return None;
+                }
+            }
+        }
+        let max = self.config.max_line;
+        match self.buffer.iter().position(|&b| b == b'\n') {
+            Some(lf) => {
+                let mut line: Vec<u8> = self.buffer.drain(..=lf).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if line.len() > max {
+                    Some(Line::TooLong)
+                } else {
+                    Some(Line::Ok(line))
+                }
+            }
+            // +1: the line may be complete but for its LF after a CR.
+            None if self.buffer.len() > max + 1 => {
+                self.buffer.clear();
+                self.discarding = true;
+                Some(Line::TooLong)
+            }
+            None => None,
+        }
+    }
+
+    /// Runs one line in the current state; `Some` when the driver must act.
+    fn execute(&mut self, line: &[u8], reply: &mut Vec<u8>) -> Option<Next> {
+        // Commands are ASCII (RFC 1939 section 3); anything else in a line can
+        // only be an argument, and a password with invalid UTF-8 simply fails.
+        let line = String::from_utf8_lossy(line);
+        if matches!(self.state, State::SaslResponse) {
+            self.state = State::Authorization { user: None };
+            return self.sasl_plain_response(line.trim(), reply);
+        }
+        let (verb, rest) = match line.split_once(' ') {
+            Some((verb, rest)) => (verb, rest),
+            None => (&*line, ""),
+        };
+        let verb = verb.to_ascii_uppercase();
+        match self.state {
+            State::Authorization { .. } => self.authorization(&verb, rest, reply),
+            State::Transaction(_) => self.transaction(&verb, rest, reply),
+            // `process` only runs lines in the states above.
+            _ => None,
+        }
+    }
+
+    /// A command in AUTHORIZATION state (RFC 1939 sections 4 and 7,
+    /// RFC 2449, RFC 2595, RFC 5034).
+    fn authorization(&mut self, verb: &str, rest: &str, reply: &mut Vec<u8>) -> Option<Next> {
+        let args: Vec<&str> = rest.split_ascii_whitespace().collect();
+        match verb {
+            "CAPA" => self.capa(reply),
+            "USER" => {
+                if !self.plaintext_allowed() {
+                    self.client_error(reply, PLAINTEXT_DISALLOWED);
+                } else if args.len() != 1 {
+                    self.client_error(reply, "-ERR syntax error");
+                } else {
+                    // Not "valid mailbox" (RFC 1939's example): the answer must
+                    // not tell whether the user exists.
+                    self.state = State::Authorization { user: Some(args[0].to_string()) };
+                    reply.extend_from_slice(b"+OK send PASS\r\n");
+                }
+            }
+            "PASS" => {
+                // RFC 1939 section 7: after a failed PASS the client starts
+                // again with USER.
+                let user = match &mut self.state {
+                    State::Authorization { user } => user.take(),
+                    _ => None,
+                };
+                if !self.plaintext_allowed() {
+                    self.client_error(reply, PLAINTEXT_DISALLOWED);
+                } else if let Some(username) = user {
+                    // RFC 1939 section 7: PASS has exactly one argument, so a
+                    // server may treat spaces in it as part of the password.
+                    if rest.is_empty() {
+                        self.client_error(reply, "-ERR syntax error");
+                    } else {
+                        self.state = State::Authenticating;
+                        return Some(Next::Authenticate(Credentials {
+                            username,
+                            password: rest.to_string(),
+                        }));
+                    }
+                } else {
+                    self.client_error(reply, "-ERR send USER first");
+                }
+            }
+            "AUTH" => return self.auth(&args, reply),
+            "STLS" => {
+                if self.peer.tls {
+                    self.client_error(reply, "-ERR already using TLS");
+                } else if !self.config.tls_available {
+                    self.client_error(reply, "-ERR STLS not available");
+                } else {
+                    reply.extend_from_slice(b"+OK Begin TLS negotiation\r\n");
+                    // RFC 2595 section 4 (and CVE-2011-0411 in other
+                    // servers): anything the client pipelined after STLS came
+                    // in clear text and must never run as if it had come
+                    // over TLS.
+                    self.buffer.clear();
+                    self.discarding = false;
+                    self.state = State::StartingTls;
+                    return Some(Next::StartTls);
+                }
+            }
+            "QUIT" => {
+                reply.extend_from_slice(b"+OK hamail signing off\r\n");
+                self.state = State::Closed;
+                return Some(Next::Close);
+            }
+            // No APOP: see `greeting`.
+            "APOP" => self.client_error(reply, "-ERR APOP not supported"),
+            "STAT" | "LIST" | "RETR" | "DELE" | "NOOP" | "RSET" | "TOP" | "UIDL" => {
+                self.client_error(reply, "-ERR command not valid in this state")
+            }
+            _ => self.client_error(reply, "-ERR unknown command"),
+        }
+        None
+    }
+
+    /// CAPA (RFC 2449 section 5). What is listed depends on the state and
+    /// on whether a password may be sent now.
+    fn capa(&self, reply: &mut Vec<u8>) {
+        reply.extend_from_slice(b"+OK Capability list follows\r\n");
+        reply.extend_from_slice(b"TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
+        if matches!(self.state, State::Authorization { .. }) {
+            if self.plaintext_allowed() {
+                reply.extend_from_slice(b"USER\r\nSASL PLAIN\r\n");
+            }
+            if self.config.tls_available && !self.peer.tls {
+                reply.extend_from_slice(b"STLS\r\n");
+            }
+        }
+        reply.extend_from_slice(b"IMPLEMENTATION hamail\r\n.\r\n");
+    }
+
+    /// AUTH (RFC 5034). Only PLAIN (RFC 4616) is offered: the password
+    /// hashes rule out the challenge-response mechanisms.
+    fn auth(&mut self, args: &[&str], reply: &mut Vec<u8>) -> Option<Next> {
+        if args.is_empty() {
+            // The RFC 1734 form, still used by clients to list mechanisms.
+            reply.extend_from_slice(b"+OK\r\n");
+            if self.plaintext_allowed() {
+                reply.extend_from_slice(b"PLAIN\r\n");
+            }
+            reply.extend_from_slice(b".\r\n");
+            return None;
+        }
+        if args.len() > 2 {
+            self.client_error(reply, "-ERR syntax error");
+            return None;
+        }
+        if !args[0].eq_ignore_ascii_case("PLAIN") {
+            self.client_error(reply, "-ERR unsupported authentication mechanism");
+            return None;
+        }
+        if !self.plaintext_allowed() {
+            self.client_error(reply, PLAINTEXT_DISALLOWED);
+            return None;
+        }
+        match args.get(1) {
+            // RFC 5034 section 4: "=" is an empty initial response.
+            Some(&"=") => self.sasl_plain_response("", reply),
+            Some(initial) => self.sasl_plain_response(initial, reply),
+            None => {
+                // An empty challenge: "+" and a space (RFC 5034 section 4).
+                reply.extend_from_slice(b"+ \r\n");
+                self.state = State::SaslResponse;
+                None
+            }
+        }
+    }
+
+    /// The client's PLAIN response: base64 of `authzid NUL authcid NUL
+    /// passwd` (RFC 4616 section 2). The state is AUTHORIZATION.
+    fn sasl_plain_response(&mut self, response: &str, reply: &mut Vec<u8>) -> Option<Next> {
+        if response == "*" {
+            // RFC 5034 section 4: the client cancelled; reject with -ERR.
+            self.client_error(reply, "-ERR authentication cancelled");
+            return None;
+        }
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(response) else {
+            self.client_error(reply, "-ERR invalid base64");
+            return None;
+        };
+        let mut parts = decoded.split(|&b| b == 0);
+        let (Some(authzid), Some(authcid), Some(passwd), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            self.client_error(reply, "-ERR invalid PLAIN response");
+            return None;
+        };
+        // RFC 4616 section 2: all three are UTF-8, and authcid and passwd
+        // are not empty.
+        let (Ok(authzid), Ok(authcid), Ok(passwd)) =
+            (std::str::from_utf8(authzid), std::str::from_utf8(authcid), std::str::from_utf8(passwd))
+        else {
+            self.client_error(reply, "-ERR invalid PLAIN response");
+            return None;
+        };
+        if authcid.is_empty() || passwd.is_empty() {
+            self.client_error(reply, "-ERR invalid PLAIN response");
+            return None;
+        }
+        // Acting as another user is not supported; naming oneself is fine.
+        if !authzid.is_empty() && !authzid.eq_ignore_ascii_case(authcid) {
+            self.client_error(reply, "-ERR [AUTH] Authorization identity not supported");
+            return None;
+        }
+        self.state = State::Authenticating;
+        Some(Next::Authenticate(Credentials { username: authcid.to_string(), password: passwd.to_string() }))
+    }
+
+    /// A command in TRANSACTION state (RFC 1939 sections 5 and 7).
+    fn transaction(&mut self, verb: &str, rest: &str, reply: &mut Vec<u8>) -> Option<Next> {
+        let args: Vec<&str> = rest.split_ascii_whitespace().collect();
+        let State::Transaction(maildrop) = &mut self.state else {
+            return None;
+        };
+        match verb {
+            "STAT" => {
+                let (n, size) = maildrop.stat();
+                reply.extend_from_slice(format!("+OK {n} {size}\r\n").as_bytes());
+            }
+            "LIST" | "UIDL" => {
+                let uidl = verb == "UIDL";
+                // UIDL: the EntryId, stable and never reused (RFC 1939 7).
+                let item = |n: usize, e: &MailboxEntry| {
+                    if uidl {
+                        format!("{n} {}", e.id)
+                    } else {
+                        format!("{n} {}", e.size)
+                    }
+                };
+                match args.as_slice() {
+                    [] => {
+                        if uidl {
+                            reply.extend_from_slice(b"+OK\r\n");
+                        } else {
+                            let (n, size) = maildrop.stat();
+                            reply.extend_from_slice(format!("+OK {n} messages ({size} octets)\r\n").as_bytes());
+                        }
+                        for (n, e) in maildrop.live() {
+                            reply.extend_from_slice(item(n, e).as_bytes());
+                            reply.extend_from_slice(b"\r\n");
+                        }
+                        reply.extend_from_slice(b".\r\n");
+                    }
+                    [msg] => match maildrop.lookup(msg) {
+                        Some(i) => {
+                            let line = item(i + 1, &maildrop.entries[i]);
+                            reply.extend_from_slice(format!("+OK {line}\r\n").as_bytes());
+                        }
+                        None => self.client_error(reply, NO_SUCH_MESSAGE),
+                    },
+                    _ => self.client_error(reply, "-ERR syntax error"),
+                }
+            }
+            "RETR" | "TOP" => {
+                let parsed = match (verb, args.as_slice()) {
+                    ("RETR", [msg]) => Some((*msg, None)),
+                    ("TOP", [msg, lines]) => parse_number(lines).map(|n| (*msg, Some(n))),
+                    _ => None,
+                };
+                let Some((msg, top)) = parsed else {
+                    self.client_error(reply, "-ERR syntax error");
+                    return None;
+                };
+                let Some(index) = maildrop.lookup(msg) else {
+                    self.client_error(reply, NO_SUCH_MESSAGE);
+                    return None;
+                };
+                let body = maildrop.entries[index].body;
+                if let State::Transaction(maildrop) = std::mem::replace(&mut self.state, State::Closed) {
+                    self.state = State::Fetching { maildrop, index, top };
+                }
+                return Some(Next::Fetch(body));
+            }
+            "DELE" => match args.as_slice() {
+                [msg] => match maildrop.lookup(msg) {
+                    Some(i) => {
+                        maildrop.deleted[i] = true;
+                        reply.extend_from_slice(format!("+OK message {} deleted\r\n", i + 1).as_bytes());
+                    }
+                    None => self.client_error(reply, NO_SUCH_MESSAGE),
+                },
+                _ => self.client_error(reply, "-ERR syntax error"),
+            },
+            "RSET" => {
+                maildrop.deleted.iter_mut().for_each(|d| *d = false);
+                let (n, size) = maildrop.stat();
+                reply.extend_from_slice(format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes());
+            }
+            "NOOP" => reply.extend_from_slice(b"+OK\r\n"),
+            "CAPA" => self.capa(reply),
+            "QUIT" => {
+                // RFC 1939 section 6: only QUIT from TRANSACTION enters
+                // UPDATE; a dropped connection deletes nothing.
+                let (remaining, _) = maildrop.stat();
+                let delete = maildrop
+                    .entries
+                    .iter()
+                    .zip(&maildrop.deleted)
+                    .filter(|(_, d)| **d)
+                    .map(|(e, _)| e.id)
+                    .collect();
+                let user = maildrop.user.clone();
+                self.state = State::Updating { user: user.clone(), remaining };
+                // Whatever the client pipelined after QUIT is never run.
+                self.buffer.clear();
+                return Some(Next::Update { user, delete });
+            }
+            "USER" | "PASS" | "AUTH" | "STLS" | "APOP" => {
+                self.client_error(reply, "-ERR command not valid in this state")
+            }
+            _ => self.client_error(reply, "-ERR unknown command"),
+        }
+        None
+    }
+}
+
+const PLAINTEXT_DISALLOWED: &str = "-ERR [AUTH] Plaintext authentication disallowed without TLS";
+const NO_SUCH_MESSAGE: &str = "-ERR no such message";
+
+/// A decimal number of ASCII digits only (`usize::from_str` would also
+/// take a leading `+`); at most 9 digits, so it cannot overflow.
+fn parse_number(s: &str) -> Option<usize> {
+    if s.is_empty() || s.len() > 9 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Text from the driver made safe for one reply line.
+fn sanitize(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    if s.trim().is_empty() {
+        "Temporary failure, try again later".to_string()
+    } else {
+        s
+    }
+}

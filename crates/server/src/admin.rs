@@ -1,0 +1,239 @@
+//! The admin API: JSON requests on a local Unix socket, so that
+//! `hamail domain|user|alias|queue|status` work while the server runs.
+//!
+//! Authentication is the socket itself: it is created mode 0600 in the data
+//! directory, and every connection's peer credentials (SO_PEERCRED) must be
+//! root or the server's own user; anyone else is refused and logged. The same
+//! [`execute`] also runs in-process when the server is not running (the CLI
+//! then opens the store itself), so both paths behave identically.
+//!
+//! Wire format: one JSON [`Request`] per line, one JSON [`Response`] per line.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hamail_store::{Address, Directory, Domain, MailStore, StoreError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use crate::{Context, ServerError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    DomainAdd { domain: String },
+    DomainDel { domain: String },
+    DomainList,
+    UserAdd { user: String, password: String },
+    UserPasswd { user: String, password: String },
+    UserDel { user: String },
+    UserList,
+    AliasAdd { alias: String, targets: Vec<String> },
+    AliasDel { alias: String },
+    AliasList,
+    QueueList,
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// On failure: "temporary", "permanent", "unavailable", "internal", "io".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl Response {
+    fn ok(data: Value) -> Self {
+        Response { ok: true, error_kind: None, error: None, data }
+    }
+    fn err(e: StoreError) -> Self {
+        let kind = match &e {
+            StoreError::Temporary(_) => "temporary",
+            StoreError::Permanent(_) => "permanent",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Internal(_) => "internal",
+            StoreError::Io { .. } => "io",
+        };
+        Response { ok: false, error_kind: Some(kind.into()), error: Some(e.to_string()), data: Value::Null }
+    }
+    pub fn bad_request(message: String) -> Self {
+        Response { ok: false, error_kind: Some("permanent".into()), error: Some(message), data: Value::Null }
+    }
+}
+
+/// Runs one admin request against a store and a directory. `status` is the
+/// running server's counters, when there is a running server.
+pub async fn execute(
+    store: &dyn MailStore,
+    directory: &dyn Directory,
+    status: Option<&Context>,
+    request: Request,
+) -> Response {
+    match run(store, directory, status, request).await {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(e),
+    }
+}
+
+async fn run(
+    store: &dyn MailStore,
+    dir: &dyn Directory,
+    ctx: Option<&Context>,
+    request: Request,
+) -> Result<Value, StoreError> {
+    Ok(match request {
+        Request::DomainAdd { domain } => {
+            dir.add_domain(&Domain::parse(&domain)?).await?;
+            Value::Null
+        }
+        Request::DomainDel { domain } => {
+            dir.remove_domain(&Domain::parse(&domain)?).await?;
+            Value::Null
+        }
+        Request::DomainList => json!(dir.domains().await?.iter().map(|d| d.to_string()).collect::<Vec<_>>()),
+        Request::UserAdd { user, password } => {
+            check_password(&password)?;
+            dir.add_user(&Address::parse(&user)?, &password).await?;
+            Value::Null
+        }
+        Request::UserPasswd { user, password } => {
+            check_password(&password)?;
+            dir.set_password(&Address::parse(&user)?, &password).await?;
+            Value::Null
+        }
+        Request::UserDel { user } => {
+            dir.remove_user(&Address::parse(&user)?).await?;
+            Value::Null
+        }
+        Request::UserList => json!(dir
+            .users()
+            .await?
+            .iter()
+            .map(|u| json!({"user": u.address.to_string(), "messages": u.messages, "bytes": u.bytes, "created_at": u.created_at}))
+            .collect::<Vec<_>>()),
+        Request::AliasAdd { alias, targets } => {
+            let targets = targets.iter().map(|t| Address::parse(t)).collect::<Result<Vec<_>, _>>()?;
+            if targets.is_empty() {
+                return Err(StoreError::Permanent("an alias needs at least one target".into()));
+            }
+            dir.add_alias(&Address::parse(&alias)?, &targets).await?;
+            Value::Null
+        }
+        Request::AliasDel { alias } => {
+            dir.remove_alias(&Address::parse(&alias)?).await?;
+            Value::Null
+        }
+        Request::AliasList => json!(dir
+            .aliases()
+            .await?
+            .iter()
+            .map(|(a, t)| json!({"alias": a.to_string(), "targets": t.iter().map(|x| x.to_string()).collect::<Vec<_>>()}))
+            .collect::<Vec<_>>()),
+        Request::QueueList => json!(store
+            .queue()
+            .await?
+            .iter()
+            .map(|q| json!({
+                "queue_id": q.queue_id.to_string(),
+                "from": q.return_path.clone().unwrap_or_default(),
+                "recipients": q.recipients,
+                "size": q.size,
+                "queued_at": q.queued_at,
+            }))
+            .collect::<Vec<_>>()),
+        Request::Status => {
+            let domains = dir.domains().await?.len();
+            let users = dir.users().await?.len();
+            let queue = store.queue().await?.len();
+            let mut v = json!({
+                "running": ctx.is_some(),
+                "domains": domains,
+                "users": users,
+                "queue": queue,
+            });
+            if let Some(ctx) = ctx {
+                let s = &ctx.stats;
+                v["hostname"] = json!(ctx.config.server.hostname);
+                v["uptime_secs"] = json!(ctx.started.elapsed().as_secs());
+                v["smtp_connections"] = json!(s.smtp_connections.load(Ordering::Relaxed));
+                v["pop3_connections"] = json!(s.pop3_connections.load(Ordering::Relaxed));
+                v["messages_accepted"] = json!(s.messages_accepted.load(Ordering::Relaxed));
+                v["messages_rejected"] = json!(s.messages_rejected.load(Ordering::Relaxed));
+                v["pop3_logins"] = json!(s.pop3_logins.load(Ordering::Relaxed));
+            }
+            v
+        }
+    })
+}
+
+fn check_password(p: &str) -> Result<(), StoreError> {
+    if p.is_empty() {
+        return Err(StoreError::Permanent("the password must not be empty".into()));
+    }
+    if p.contains(['\r', '\n', '\0']) {
+        return Err(StoreError::Permanent("the password must not contain CR, LF or NUL".into()));
+    }
+    Ok(())
+}
+
+/// Binds the socket (replacing a stale one) and serves it.
+pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ServerError::io(format!("creating {}", parent.display()), e))?;
+    }
+    if path.exists() {
+        // A live server would hold the store lock, which we already have:
+        // this socket file is a leftover of a crash.
+        std::fs::remove_file(path).map_err(|e| ServerError::io(format!("removing stale {}", path.display()), e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| ServerError::io(format!("binding admin socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ServerError::io(format!("protecting {}", path.display()), e))?;
+    let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
+            let allowed = matches!(stream.peer_cred(), Ok(c) if c.uid() == 0 || c.uid() == own_uid);
+            if !allowed {
+                tracing::warn!(peer = ?stream.peer_cred().ok(), "admin connection refused: not root nor the server's user");
+                continue;
+            }
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let response = match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => {
+                            let logged = match &req {
+                                Request::UserAdd { user, .. } => format!("user_add {user}"),
+                                Request::UserPasswd { user, .. } => format!("user_passwd {user}"),
+                                other => format!("{other:?}"),
+                            };
+                            tracing::info!(request = %logged, "admin request");
+                            execute(ctx.store.as_ref(), ctx.directory.as_ref(), Some(&ctx), req).await
+                        }
+                        Err(e) => Response::bad_request(format!("malformed admin request: {e}")),
+                    };
+                    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+                    text.push('\n');
+                    if w.write_all(text.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }))
+}

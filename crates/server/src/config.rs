@@ -1,0 +1,271 @@
+//! The configuration file (TOML) and its built-in defaults.
+//!
+//! Every field has a default, so `hamail serve` with no file is a working
+//! server on loopback. Errors name the file and the line (a typo in a mail
+//! server's config must not be a guessing game), and unknown keys are errors
+//! rather than silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ServerError;
+
+/// When a plaintext password (AUTH PLAIN/LOGIN, POP3 USER/PASS) is accepted
+/// on a connection that is not TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextAuth {
+    /// Only after STARTTLS/STLS or on implicit TLS ports.
+    Never,
+    /// Also on connections from 127.0.0.0/8 and ::1 (the default: local tools
+    /// and tests; nothing crosses a network in clear).
+    Loopback,
+    /// Always (closed networks only).
+    Always,
+}
+
+impl PlaintextAuth {
+    pub fn allows(self, peer: &SocketAddr) -> bool {
+        match self {
+            PlaintextAuth::Never => false,
+            PlaintextAuth::Always => true,
+            PlaintextAuth::Loopback => peer.ip().is_loopback(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerSection,
+    pub smtp: SmtpSection,
+    pub pop3: Pop3Section,
+    pub tls: TlsSection,
+    pub admin: AdminSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Our name in greetings and `Received:` headers.
+    pub hostname: String,
+    /// Where the store (bodies, metadata), the generated certificate and the
+    /// admin socket live.
+    pub data_dir: PathBuf,
+    /// Other names of this host whose mail is local (the seed's sendmail
+    /// `Cw` class): `user@name` is delivered as `user@<a configured domain>`.
+    pub local_hostnames: Vec<String>,
+    /// Domains created at start if missing (convenience for deployments
+    /// managed as files; `hamail domain add` does the same at run time).
+    pub domains: Vec<String>,
+    /// Delay before answering a failed login (SMTP AUTH, POP3), doubled for
+    /// every further failure from the same address (up to 30 s).
+    pub auth_failure_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSection {
+    /// MTA port (25 in production): mail for local domains, no AUTH.
+    pub listen: Vec<SocketAddr>,
+    /// Submission with STARTTLS and AUTH (587, RFC 6409).
+    pub submission: Vec<SocketAddr>,
+    /// Submission over implicit TLS (465, RFC 8314).
+    pub submissions: Vec<SocketAddr>,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    /// RFC 5321 4.5.3.2.7 asks for at least 5 minutes.
+    pub idle_timeout_secs: u64,
+    pub plaintext_auth: PlaintextAuth,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Section {
+    pub listen: Vec<SocketAddr>,
+    /// POP3 over implicit TLS (995).
+    pub pop3s: Vec<SocketAddr>,
+    pub max_connections: usize,
+    /// RFC 1939 3: the autologout timer must be at least 10 minutes.
+    pub idle_timeout_secs: u64,
+    pub plaintext_auth: PlaintextAuth,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain; with `key`. When both are absent a self-signed
+    /// certificate is generated at first start under `<data_dir>/tls/`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// The admin API's Unix socket; default `<data_dir>/admin.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            hostname: system_hostname(),
+            data_dir: PathBuf::from("hamail-data"),
+            local_hostnames: Vec::new(),
+            domains: Vec::new(),
+            auth_failure_delay_ms: 1000,
+        }
+    }
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        SmtpSection {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            submission: vec![SocketAddr::from(([127, 0, 0, 1], 2587))],
+            submissions: Vec::new(),
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 1000,
+            max_connections: 500,
+            idle_timeout_secs: 300,
+            plaintext_auth: PlaintextAuth::Loopback,
+        }
+    }
+}
+
+impl Default for Pop3Section {
+    fn default() -> Self {
+        Pop3Section {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2110))],
+            pop3s: Vec::new(),
+            max_connections: 500,
+            idle_timeout_secs: 600,
+            plaintext_auth: PlaintextAuth::Loopback,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerSection::default(),
+            smtp: SmtpSection::default(),
+            pop3: Pop3Section::default(),
+            tls: TlsSection::default(),
+            admin: AdminSection::default(),
+        }
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Config {
+    /// Reads `path`; errors name the file and the line.
+    pub fn load(path: &Path) -> Result<Config, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServerError::Config {
+            file: path.display().to_string(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses a config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ServerError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_of(text, span.start));
+            ServerError::Config {
+                file: origin.to_string(),
+                line,
+                message: e.message().to_string(),
+            }
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ServerError> {
+        let bad = |message: String| ServerError::Config { file: origin.to_string(), line: None, message };
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(bad("[tls] needs both `cert` and `key`, or neither".into()));
+        }
+        if self.smtp.max_recipients == 0 {
+            return Err(bad("[smtp] max_recipients must be at least 1 (RFC 5321 4.5.3.1.8 asks for 100)".into()));
+        }
+        if self.smtp.max_message_size < 1024 {
+            return Err(bad("[smtp] max_message_size must be at least 1024 bytes".into()));
+        }
+        if self.server.hostname.trim().is_empty() {
+            return Err(bad("[server] hostname must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin.socket.clone().unwrap_or_else(|| self.server.data_dir.join("admin.sock"))
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.server.data_dir.join("store")
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.smtp.submission, vec!["127.0.0.1:2587".parse().unwrap()]);
+        assert_eq!(c.pop3.listen, vec!["127.0.0.1:2110".parse().unwrap()]);
+        assert_eq!(c.smtp.max_recipients, 1000);
+        assert_eq!(c.server.data_dir, PathBuf::from("hamail-data"));
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let text = "[server]\nhostname = \"mx\"\n\n[smtp]\nmax_recipients = \"many\"\n";
+        let err = Config::parse(text, "/etc/hamail.toml").unwrap_err().to_string();
+        assert!(err.contains("/etc/hamail.toml"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_line() {
+        let text = "[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_recipent = 5\n";
+        let err = Config::parse(text, "c.toml").unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("max_recipent"), "{err}");
+    }
+
+    #[test]
+    fn cert_without_key_is_refused() {
+        let err = Config::parse("[tls]\ncert = \"a.pem\"\n", "c.toml").unwrap_err().to_string();
+        assert!(err.contains("cert") && err.contains("key"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_policy() {
+        let lo: SocketAddr = "127.0.0.5:1".parse().unwrap();
+        let far: SocketAddr = "198.18.0.1:1".parse().unwrap();
+        assert!(PlaintextAuth::Loopback.allows(&lo));
+        assert!(!PlaintextAuth::Loopback.allows(&far));
+        assert!(!PlaintextAuth::Never.allows(&lo));
+        assert!(PlaintextAuth::Always.allows(&far));
+    }
+}

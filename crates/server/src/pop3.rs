@@ -1,0 +1,192 @@
+//! The tokio driver of the POP3 session: feeds the sans-IO
+//! `hamail_pop3::Session`, and answers its requests (login with a growing
+//! delay after failures, the maildrop lock, bodies, the atomic UPDATE).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hamail_pop3::{AuthResult, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session};
+use hamail_store::Address;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::conn::Conn;
+use crate::limits::MaildropGuard;
+use crate::{bump, Context};
+
+pub(crate) async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, implicit_tls: bool, limit: Arc<Semaphore>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "POP3 accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    bump(&ctx.stats.pop3_connections);
+                    if let Err(e) = serve(&ctx, tcp, peer, implicit_tls).await {
+                        tracing::debug!(client = %peer, error = %e, "POP3 connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    let _ = tcp.write_all(b"-ERR [SYS/TEMP] too many connections, try again later\r\n").await;
+                    tracing::warn!(client = %peer, "POP3 connection refused: connection limit reached");
+                });
+            }
+        }
+    }
+}
+
+fn chain(mut pending: Vec<u8>, out: Output) -> Output {
+    pending.extend_from_slice(&out.reply);
+    Output { reply: pending, next: out.next }
+}
+
+/// What the session did, for its one log line.
+#[derive(Default)]
+struct Tally {
+    user: Option<Address>,
+    retrieved: usize,
+    retrieved_bytes: usize,
+    deleted: usize,
+    result: &'static str,
+}
+
+async fn serve(ctx: &Context, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) -> std::io::Result<()> {
+    let mut conn = Conn::Plain(tcp);
+    if implicit_tls {
+        conn.upgrade(&ctx.tls).await?;
+    }
+    let config = Arc::new(Pop3Config {
+        hostname: ctx.config.server.hostname.clone(),
+        tls_available: true,
+        plaintext_auth_allowed: ctx.config.pop3.plaintext_auth.allows(&peer),
+        ..Pop3Config::default()
+    });
+    let mut session = Session::new(config, PeerInfo { addr: peer, tls: conn.is_tls() });
+    let idle = Duration::from_secs(ctx.config.pop3.idle_timeout_secs);
+    let mut out = Output { reply: session.greeting(), next: Next::NeedInput };
+    let mut buf = vec![0u8; 16 * 1024];
+    // Held from a successful login to the end of the connection.
+    let mut lock: Option<MaildropGuard> = None;
+    let mut tally = Tally { result: "disconnected", ..Tally::default() };
+    let outcome: std::io::Result<()> = async {
+        loop {
+            out = match out.next {
+                Next::NeedInput => {
+                    conn.write_all(&out.reply).await?;
+                    let n = match tokio::time::timeout(idle, conn.read(&mut buf)).await {
+                        Ok(read) => read?,
+                        Err(_) => {
+                            let _ = conn.write_all(&session.timeout()).await;
+                            tally.result = "idle timeout";
+                            break;
+                        }
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    session.handle(&buf[..n])
+                }
+                Next::Authenticate(creds) => {
+                    let result = login(ctx, &peer, &creds.username, &creds.password).await;
+                    chain(out.reply, session.authenticated(result))
+                }
+                Next::OpenMaildrop(user) => {
+                    let result = match ctx.maildrop_locks.try_lock(&user) {
+                        None => MaildropResult::InUse,
+                        Some(guard) => match ctx.store.mailbox(&user).await {
+                            Ok(entries) => {
+                                lock = Some(guard);
+                                bump(&ctx.stats.pop3_logins);
+                                tally.user = Some(user.clone());
+                                MaildropResult::Opened(entries)
+                            }
+                            Err(e) => MaildropResult::Failed(e),
+                        },
+                    };
+                    chain(out.reply, session.maildrop_opened(result))
+                }
+                Next::Fetch(hash) => {
+                    let result = ctx.store.body(&hash).await;
+                    if let Ok(b) = &result {
+                        tally.retrieved += 1;
+                        tally.retrieved_bytes += b.len();
+                    }
+                    chain(out.reply, session.fetched(result))
+                }
+                Next::Update { user, delete } => {
+                    let result = ctx.store.delete(&user, &delete).await;
+                    tally.deleted = if result.is_ok() { delete.len() } else { 0 };
+                    tally.result = if result.is_ok() { "quit" } else { "update failed" };
+                    if let Err(e) = &result {
+                        tracing::error!(user = %user, error = %e, "POP3 UPDATE failed: nothing deleted");
+                    }
+                    chain(out.reply, session.updated(result))
+                }
+                Next::StartTls => {
+                    conn.write_all(&out.reply).await?;
+                    conn.flush().await?;
+                    conn.upgrade(&ctx.tls).await?;
+                    session.tls_established()
+                }
+                Next::Close => {
+                    conn.write_all(&out.reply).await?;
+                    if tally.result == "disconnected" {
+                        tally.result = "quit";
+                    }
+                    break;
+                }
+            };
+        }
+        Ok(())
+    }
+    .await;
+    // The lock goes only after the UPDATE has been committed (or abandoned).
+    drop(lock);
+    let _ = conn.shutdown().await;
+    if let Some(user) = &tally.user {
+        tracing::info!(target: "hamail::mail",
+            "pop3 client=[{}] user={user} tls={} retrieved={} bytes={} deleted={} result={}",
+            peer.ip(), conn.is_tls(), tally.retrieved, tally.retrieved_bytes, tally.deleted, tally.result);
+    }
+    outcome
+}
+
+async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
+    let delay = |ctx: &Context| {
+        let base = Duration::from_millis(ctx.config.server.auth_failure_delay_ms);
+        ctx.auth_failures.failed(peer.ip(), base)
+    };
+    let user = match Address::parse(username) {
+        Ok(u) => u,
+        Err(_) => {
+            tokio::time::sleep(delay(ctx)).await;
+            return AuthResult::Failure;
+        }
+    };
+    match ctx.directory.verify_password(&user, password).await {
+        Ok(true) => {
+            ctx.auth_failures.succeeded(peer.ip());
+            AuthResult::Success(user)
+        }
+        Ok(false) => {
+            tracing::info!(target: "hamail::mail", "pop3 client=[{}] user={user} result=auth failed", peer.ip());
+            tokio::time::sleep(delay(ctx)).await;
+            AuthResult::Failure
+        }
+        Err(e) => AuthResult::TemporaryFailure(e.to_string()),
+    }
+}

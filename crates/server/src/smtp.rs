@@ -1,0 +1,208 @@
+//! The tokio driver of the SMTP session: reads bytes, feeds the sans-IO
+//! `hamail_smtp::Session`, and answers its requests (recipient lookup,
+//! authentication, commit, TLS upgrade).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
+use hamail_store::{Address, Incoming, Resolution, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::conn::Conn;
+use crate::{bump, Context, SmtpRole};
+
+pub(crate) async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, role: SmtpRole, limit: Arc<Semaphore>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "SMTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    bump(&ctx.stats.smtp_connections);
+                    if let Err(e) = serve(&ctx, tcp, peer, role).await {
+                        tracing::debug!(client = %peer, error = %e, "SMTP connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    // RFC 5321 3.8: 421 when the service is not available.
+                    let mut tcp = tcp;
+                    let msg = format!("421 4.7.0 {} Error: too many connections, try again later\r\n", ctx.config.server.hostname);
+                    let _ = tcp.write_all(msg.as_bytes()).await;
+                    tracing::warn!(client = %peer, "SMTP connection refused: connection limit reached");
+                });
+            }
+        }
+    }
+}
+
+fn session_config(ctx: &Context, role: SmtpRole, peer: &SocketAddr) -> SmtpConfig {
+    let c = &ctx.config.smtp;
+    SmtpConfig {
+        hostname: ctx.config.server.hostname.clone(),
+        max_message_size: c.max_message_size,
+        max_recipients: c.max_recipients,
+        submission: role != SmtpRole::Mta,
+        tls_available: true,
+        plaintext_auth_allowed: c.plaintext_auth.allows(peer),
+        ..SmtpConfig::default()
+    }
+}
+
+/// Appends the replies of a resumed step after the ones not yet written.
+fn chain(mut pending: Vec<u8>, out: Output) -> Output {
+    pending.extend_from_slice(&out.reply);
+    Output { reply: pending, next: out.next }
+}
+
+async fn serve(ctx: &Context, tcp: TcpStream, peer: SocketAddr, role: SmtpRole) -> std::io::Result<()> {
+    let mut conn = Conn::Plain(tcp);
+    if role == SmtpRole::Submissions {
+        conn.upgrade(&ctx.tls).await?;
+    }
+    let config = Arc::new(session_config(ctx, role, &peer));
+    let mut session = Session::new(config, PeerInfo { addr: peer, tls: conn.is_tls() });
+    let idle = Duration::from_secs(ctx.config.smtp.idle_timeout_secs);
+    let mut out = Output { reply: session.greeting(), next: Next::NeedInput };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        out = match out.next {
+            Next::NeedInput => {
+                conn.write_all(&out.reply).await?;
+                let n = match tokio::time::timeout(idle, conn.read(&mut buf)).await {
+                    Ok(read) => read?,
+                    Err(_) => {
+                        let _ = conn.write_all(&session.timeout()).await;
+                        tracing::info!(client = %peer, "SMTP idle timeout");
+                        break;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                session.handle(&buf[..n])
+            }
+            Next::CheckRecipient(rcpt) => {
+                let verdict = match ctx.directory.resolve(&rcpt).await {
+                    Ok(Resolution::Local(users)) => RcptVerdict::Local(users),
+                    Ok(Resolution::Remote) => RcptVerdict::Remote,
+                    Ok(Resolution::UnknownUser) => RcptVerdict::UnknownUser,
+                    Err(e) => {
+                        tracing::warn!(client = %peer, rcpt = %rcpt, error = %e, "recipient lookup failed");
+                        RcptVerdict::TemporaryFailure(e.to_string())
+                    }
+                };
+                chain(out.reply, session.recipient_checked(verdict))
+            }
+            Next::Authenticate(creds) => {
+                let result = authenticate(ctx, &peer, &creds.username, &creds.password).await;
+                chain(out.reply, session.authenticated(result))
+            }
+            Next::Deliver(txn) => {
+                let result = deliver(ctx, &txn).await;
+                chain(out.reply, session.delivered(result))
+            }
+            Next::StartTls => {
+                conn.write_all(&out.reply).await?;
+                conn.flush().await?;
+                conn.upgrade(&ctx.tls).await?;
+                session.tls_established()
+            }
+            Next::Close => {
+                conn.write_all(&out.reply).await?;
+                break;
+            }
+        };
+    }
+    let _ = conn.shutdown().await;
+    Ok(())
+}
+
+async fn authenticate(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
+    let user = match Address::parse(username) {
+        Ok(u) => u,
+        Err(_) => {
+            failure_delay(ctx, peer).await;
+            return AuthResult::Failure;
+        }
+    };
+    match ctx.directory.verify_password(&user, password).await {
+        Ok(true) => {
+            ctx.auth_failures.succeeded(peer.ip());
+            AuthResult::Success
+        }
+        Ok(false) => {
+            tracing::info!(client = %peer, user = %user, "SMTP AUTH failed");
+            failure_delay(ctx, peer).await;
+            AuthResult::Failure
+        }
+        Err(e) => AuthResult::TemporaryFailure(e.to_string()),
+    }
+}
+
+async fn failure_delay(ctx: &Context, peer: &SocketAddr) {
+    let base = Duration::from_millis(ctx.config.server.auth_failure_delay_ms);
+    tokio::time::sleep(ctx.auth_failures.failed(peer.ip(), base)).await;
+}
+
+async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
+    let started = std::time::Instant::now();
+    let queue_id = ctx.store.next_queue_id().await?;
+    let hostname = &ctx.config.server.hostname;
+    let date = hamail_smtp::rfc5322_date(crate::unix_now() as i64);
+    let body = hamail_smtp::stamp_message(txn, queue_id, hostname, &date, hostname);
+    let size = body.len();
+    let incoming = Incoming {
+        return_path: txn.return_path.clone(),
+        local: txn.local.clone(),
+        remote: txn.remote.clone(),
+        body: Arc::new(body),
+        queue_id,
+    };
+    let result = ctx.store.accept(incoming).await;
+    let to = summarize_recipients(&txn.recipients);
+    let from = txn.return_path.as_deref().unwrap_or("");
+    let auth = txn.authenticated.as_deref().unwrap_or("-");
+    let ms = started.elapsed().as_millis();
+    match &result {
+        Ok(_) => {
+            bump(&ctx.stats.messages_accepted);
+            tracing::info!(target: "hamail::mail",
+                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result=250 queued",
+                txn.peer.ip(), txn.helo, txn.recipients.len())
+        }
+        Err(e) => {
+            bump(&ctx.stats.messages_rejected);
+            tracing::warn!(target: "hamail::mail",
+                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result={} error={e}",
+                txn.peer.ip(), txn.helo, txn.recipients.len(), if e.is_temporary() { 451 } else { 554 })
+        }
+    }
+    result
+}
+
+/// `<a>,<b>,<c>` for the log line; long lists are cut (1000 recipients are
+/// counted in `nrcpt`, not spelled out).
+fn summarize_recipients(rcpts: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s: Vec<String> = rcpts.iter().take(SHOWN).map(|r| format!("<{r}>")).collect();
+    if rcpts.len() > SHOWN {
+        s.push(format!("(+{} more)", rcpts.len() - SHOWN));
+    }
+    s.join(",")
+}

@@ -1,0 +1,955 @@
+//! The SMTP server session: a state machine fed with bytes, answering with
+//! reply bytes and, when it needs the outside world (a recipient lookup, a
+//! password check, a store commit, a TLS handshake), with a request to the
+//! driver, which calls the matching resume method with the answer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use hamail_store::{Address, Committed, QueueId, StoreError};
+use smtp_proto::{Error as ProtoError, Request};
+
+use crate::data::{DataDecoder, DataProblem, Feed};
+
+/// Limits and policy of one listener.
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    /// Our name: in the greeting, the EHLO reply and `Received:`.
+    pub hostname: String,
+    /// The SIZE we advertise and enforce (RFC 1870).
+    pub max_message_size: usize,
+    /// Recipients per transaction; RFC 5321 4.5.3.1.8 asks for at least 100.
+    pub max_recipients: usize,
+    /// Octets in a command line including CRLF (RFC 5321 4.5.3.1.4: 512).
+    pub max_command_line: usize,
+    /// Octets in a line of message data without its CRLF (RFC 5321
+    /// 4.5.3.1.6 says 1000 with CRLF; we are lenient by default).
+    pub max_data_line: usize,
+    /// The submission service (RFC 6409): AUTH offered, MAIL requires it.
+    pub submission: bool,
+    /// STARTTLS is possible (a certificate is configured).
+    pub tls_available: bool,
+    /// AUTH PLAIN/LOGIN allowed without TLS (loopback, tests).
+    pub plaintext_auth_allowed: bool,
+    /// Protocol errors before `421` and close.
+    pub max_errors: usize,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            hostname: "localhost".into(),
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 1000,
+            max_command_line: 512,
+            max_data_line: 64 * 1024,
+            submission: false,
+            tls_available: false,
+            plaintext_auth_allowed: false,
+            max_errors: 20,
+        }
+    }
+}
+
+/// Who is on the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    /// The connection is TLS from the start (implicit TLS, RFC 8314, port 465).
+    pub tls: bool,
+}
+
+/// What the driver must do after a call: send `reply` (possibly empty), then
+/// act on `next`.
+#[derive(Debug)]
+pub struct Output {
+    pub reply: Vec<u8>,
+    pub next: Next,
+}
+
+/// The driver's next action.
+#[derive(Debug)]
+pub enum Next {
+    /// Flush the reply, read more, call [`Session::handle`].
+    NeedInput,
+    /// Resolve the recipient, call [`Session::recipient_checked`].
+    CheckRecipient(Address),
+    /// Verify the credentials, call [`Session::authenticated`].
+    Authenticate(Credentials),
+    /// Stamp (see [`crate::stamp_message`]), commit, call [`Session::delivered`].
+    Deliver(Transaction),
+    /// Flush the reply, do the TLS handshake, call [`Session::tls_established`].
+    StartTls,
+    /// Flush the reply and close the connection.
+    Close,
+}
+
+/// What a recipient means, as the driver found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptVerdict {
+    /// Local maildrops (a user, or an alias's targets).
+    Local(Vec<Address>),
+    /// Not one of our domains: relayed only for authenticated clients.
+    Remote,
+    /// One of our domains, no such user.
+    UnknownUser,
+    /// The lookup failed; the client should retry.
+    TemporaryFailure(String),
+}
+
+/// The driver's verdict on [`Credentials`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthResult {
+    Success,
+    Failure,
+    TemporaryFailure(String),
+}
+
+/// What a client presented with AUTH PLAIN or LOGIN.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The PLAIN authorization identity, when given and not empty.
+    pub authzid: Option<String>,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never let a password reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("authzid", &self.authzid)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One accepted message, to stamp and commit.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// The envelope sender as given, `None` for the null path `<>`.
+    pub return_path: Option<String>,
+    /// Local maildrops, deduplicated.
+    pub local: Vec<Address>,
+    /// Accepted relay recipients (only ever non-empty when authenticated).
+    pub remote: Vec<String>,
+    /// Every accepted RCPT TO address as given (for the log line).
+    pub recipients: Vec<String>,
+    /// Dot-unstuffed, CRLF line ends, without our headers.
+    pub body: Vec<u8>,
+    pub helo: String,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub authenticated: Option<String>,
+    /// EHLO (true) or HELO (false), for the `with` clause of `Received:`.
+    pub esmtp: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Helo {
+    name: String,
+    esmtp: bool,
+}
+
+/// The envelope of a transaction: exists only after MAIL FROM.
+#[derive(Debug)]
+struct Envelope {
+    return_path: Option<String>,
+    local: Vec<Address>,
+    remote: Vec<String>,
+    recipients: Vec<String>,
+}
+
+#[derive(Debug)]
+enum SaslStep {
+    /// `AUTH PLAIN` without initial response: waiting for it.
+    PlainResponse,
+    /// `AUTH LOGIN`: waiting for the user name.
+    LoginUser,
+    /// `AUTH LOGIN`: waiting for the password.
+    LoginPassword { user: String },
+}
+
+/// Each state carries only its own data.
+#[derive(Debug)]
+enum State {
+    /// No (valid) HELO/EHLO yet, or just after STARTTLS.
+    Connected,
+    Greeted { helo: Helo },
+    /// MAIL accepted, no recipient accepted yet.
+    Mail { helo: Helo, env: Envelope },
+    /// At least one recipient accepted.
+    Rcpt { helo: Helo, env: Envelope },
+    /// After `354`, reading the message.
+    Data { helo: Helo, env: Envelope, decoder: DataDecoder },
+    /// An AUTH exchange (RFC 4954 4): lines are SASL responses, not commands.
+    Sasl { helo: Helo, step: SaslStep },
+    Closed,
+}
+
+/// What the session waits for from the driver.
+#[derive(Debug)]
+enum Waiting {
+    Rcpt { given: String },
+    Auth { username: String },
+    Deliver,
+    StartTls,
+}
+
+/// RFC 4954 4: a SASL response line may be up to 12288 octets.
+const SASL_LINE: usize = 12288;
+
+/// One SMTP server session, without I/O.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SmtpConfig>,
+    peer: PeerInfo,
+    tls: bool,
+    auth_user: Option<String>,
+    state: State,
+    waiting: Option<Waiting>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    errors: usize,
+    /// A line over the limit is being skipped up to its LF.
+    discarding: bool,
+}
+
+/// Replaces controls so that text from the peer or the driver can never
+/// break a reply line.
+fn clean(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
+}
+
+impl Session {
+    pub fn new(config: Arc<SmtpConfig>, peer: PeerInfo) -> Session {
+        Session {
+            config,
+            tls: peer.tls,
+            peer,
+            auth_user: None,
+            state: State::Connected,
+            waiting: None,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            errors: 0,
+            discarding: false,
+        }
+    }
+
+    /// The `220` greeting (RFC 5321 4.3.1).
+    pub fn greeting(&self) -> Vec<u8> {
+        format!("220 {} ESMTP hamail\r\n", self.config.hostname).into_bytes()
+    }
+
+    /// The authenticated user name, once AUTH succeeded.
+    pub fn authenticated_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
+    /// Appends input and processes every complete command (RFC 2920
+    /// pipelining) until more input or the driver is needed.
+    pub fn handle(&mut self, input: &[u8]) -> Output {
+        if matches!(self.state, State::Closed) {
+            return self.finish(Next::Close);
+        }
+        if let Some(w) = &self.waiting {
+            // The driver must act on our last Next before feeding input.
+            if !matches!(w, Waiting::StartTls) {
+                self.inbuf.extend_from_slice(input);
+            }
+            self.reply(&format!(
+                "421 4.3.0 {} Internal error: input while waiting for the server (driver bug)",
+                self.config.hostname
+            ));
+            self.state = State::Closed;
+            self.waiting = None;
+            return self.finish(Next::Close);
+        }
+        self.inbuf.extend_from_slice(input);
+        self.run()
+    }
+
+    /// The answer to [`Next::CheckRecipient`].
+    pub fn recipient_checked(&mut self, verdict: RcptVerdict) -> Output {
+        let given = match self.waiting.take() {
+            Some(Waiting::Rcpt { given }) => given,
+            other => return self.wrong_state(other, "recipient_checked"),
+        };
+        let authenticated = self.auth_user.is_some();
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let (helo, mut env) = match state {
+            State::Mail { helo, env } | State::Rcpt { helo, env } => (helo, env),
+            other => {
+                self.state = other;
+                return self.wrong_state(None, "recipient_checked");
+            }
+        };
+        let accepted = match verdict {
+            RcptVerdict::Local(targets) => {
+                for t in targets {
+                    if !env.local.contains(&t) {
+                        env.local.push(t);
+                    }
+                }
+                true
+            }
+            RcptVerdict::Remote if authenticated => {
+                if !env.remote.contains(&given) {
+                    env.remote.push(given.clone());
+                }
+                true
+            }
+            RcptVerdict::Remote => {
+                self.error("554 5.7.1 Relay access denied");
+                false
+            }
+            RcptVerdict::UnknownUser => {
+                self.error("550 5.1.1 Recipient address rejected: user unknown");
+                false
+            }
+            RcptVerdict::TemporaryFailure(why) => {
+                self.reply(&format!("451 4.3.0 Temporary lookup failure: {}", clean(&why)));
+                false
+            }
+        };
+        if accepted {
+            env.recipients.push(given);
+            self.reply("250 2.1.5 Ok");
+        }
+        self.state = if env.recipients.is_empty() {
+            State::Mail { helo, env }
+        } else {
+            State::Rcpt { helo, env }
+        };
+        self.run()
+    }
+
+    /// The answer to [`Next::Authenticate`].
+    pub fn authenticated(&mut self, result: AuthResult) -> Output {
+        let username = match self.waiting.take() {
+            Some(Waiting::Auth { username }) => username,
+            other => return self.wrong_state(other, "authenticated"),
+        };
+        match result {
+            AuthResult::Success => {
+                self.auth_user = Some(username);
+                self.reply("235 2.7.0 Authentication successful");
+            }
+            // RFC 4954 6: 535 5.7.8, counted against the error limit to
+            // slow password guessing down.
+            AuthResult::Failure => self.error("535 5.7.8 Authentication credentials invalid"),
+            AuthResult::TemporaryFailure(why) => {
+                self.reply(&format!("454 4.7.0 Temporary authentication failure: {}", clean(&why)))
+            }
+        }
+        self.run()
+    }
+
+    /// The answer to [`Next::Deliver`]: only a [`Committed`] (which only the
+    /// store can make) lets us say `250`.
+    pub fn delivered(&mut self, result: Result<Committed, StoreError>) -> Output {
+        self.finish_delivery(result.map(|c| c.queue_id()))
+    }
+
+    pub(crate) fn finish_delivery(&mut self, result: Result<QueueId, StoreError>) -> Output {
+        match self.waiting.take() {
+            Some(Waiting::Deliver) => {}
+            other => return self.wrong_state(other, "delivered"),
+        }
+        match result {
+            Ok(id) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+            Err(e) if e.is_temporary() => {
+                self.reply("451 4.3.0 Temporary failure in the mail store, try again later")
+            }
+            Err(_) => self.reply("554 5.0.0 Transaction failed"),
+        }
+        self.run()
+    }
+
+    /// After the driver's TLS handshake (RFC 3207 4.2): everything the
+    /// client said before is forgotten, including any input pipelined after
+    /// STARTTLS (CVE-2011-0411), HELO and authentication.
+    pub fn tls_established(&mut self) -> Output {
+        match self.waiting.take() {
+            Some(Waiting::StartTls) => {}
+            other => return self.wrong_state(other, "tls_established"),
+        }
+        self.inbuf.clear();
+        self.discarding = false;
+        self.tls = true;
+        self.auth_user = None;
+        self.state = State::Connected;
+        self.run()
+    }
+
+    /// The driver's read timeout: `421` (RFC 5321 4.5.3.2), then it closes.
+    pub fn timeout(&mut self) -> Vec<u8> {
+        self.state = State::Closed;
+        self.waiting = None;
+        format!("421 4.4.2 {} Error: timeout exceeded\r\n", self.config.hostname).into_bytes()
+    }
+
+    // ---- internals ----
+
+    fn wrong_state(&mut self, waiting: Option<Waiting>, method: &str) -> Output {
+        // Put back what we were really waiting for: the driver may still
+        // deliver the right answer.
+        self.waiting = waiting;
+        self.reply(&format!(
+            "451 4.3.0 Internal error: {method}() called in the wrong state (driver bug)"
+        ));
+        if matches!(self.state, State::Closed) {
+            return self.finish(Next::Close);
+        }
+        self.finish(Next::NeedInput)
+    }
+
+    fn finish(&mut self, next: Next) -> Output {
+        Output { reply: std::mem::take(&mut self.out), next }
+    }
+
+    fn reply(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// A reply that counts against `max_errors`.
+    fn error(&mut self, line: &str) {
+        self.errors += 1;
+        self.reply(line);
+    }
+
+    fn run(&mut self) -> Output {
+        loop {
+            if matches!(self.state, State::Closed) {
+                return self.finish(Next::Close);
+            }
+            if self.errors > 0 && self.errors >= self.config.max_errors {
+                self.reply(&format!("421 4.7.0 {} Error: too many errors", self.config.hostname));
+                self.state = State::Closed;
+                return self.finish(Next::Close);
+            }
+            if let Some(next) = self.step() {
+                return self.finish(next);
+            }
+        }
+    }
+
+    /// Processes one unit of input. `None`: go on; `Some`: stop there.
+    fn step(&mut self) -> Option<Next> {
+        if let State::Data { decoder, .. } = &mut self.state {
+            return match decoder.feed(&self.inbuf) {
+                Feed::More => {
+                    self.inbuf.clear();
+                    Some(Next::NeedInput)
+                }
+                Feed::Done(n) => {
+                    self.inbuf.drain(..n);
+                    self.end_of_data()
+                }
+            };
+        }
+        let in_sasl = matches!(self.state, State::Sasl { .. });
+        let limit = if in_sasl {
+            SASL_LINE.max(self.config.max_command_line)
+        } else {
+            self.config.max_command_line
+        };
+        let Some(pos) = self.inbuf.iter().position(|&b| b == b'\n') else {
+            if self.inbuf.len() > limit {
+                // Keep memory bounded; the reply comes at the line's end so
+                // that replies stay in command order (RFC 2920).
+                self.discarding = true;
+                self.inbuf.clear();
+            }
+            return Some(Next::NeedInput);
+        };
+        let line: Vec<u8> = self.inbuf.drain(..=pos).collect();
+        if self.discarding || line.len() > limit {
+            self.discarding = false;
+            if in_sasl {
+                self.leave_sasl();
+                // RFC 4954 6: 500 5.5.6 for an over-long SASL line.
+                self.error("500 5.5.6 Authentication exchange line is too long");
+            } else {
+                self.error("500 5.5.2 Line too long");
+            }
+            return None;
+        }
+        if in_sasl {
+            self.sasl_line(&line)
+        } else {
+            self.command(&line)
+        }
+    }
+
+    fn end_of_data(&mut self) -> Option<Next> {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let State::Data { helo, env, decoder } = state else {
+            self.state = state;
+            return None;
+        };
+        self.state = State::Greeted { helo: helo.clone() };
+        match decoder.problem() {
+            // RFC 5321 2.3.8 forbids bare CR and LF; accepting them is what
+            // makes SMTP smuggling possible. We do not guess a line end:
+            // the message is refused whole after its real end. 554 is the
+            // reply RFC 5321 4.3.2 lists for a failed DATA; the session stays
+            // usable (Postfix instead answers 521 and hangs up), but it
+            // counts as an error.
+            Some(DataProblem::BareCrOrLf) => {
+                self.error("554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)");
+                None
+            }
+            Some(DataProblem::LineTooLong) => {
+                self.error("554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)");
+                None
+            }
+            // RFC 1870 6.2.
+            Some(DataProblem::TooBig) => {
+                self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
+                None
+            }
+            None => {
+                self.waiting = Some(Waiting::Deliver);
+                Some(Next::Deliver(Transaction {
+                    return_path: env.return_path,
+                    local: env.local,
+                    remote: env.remote,
+                    recipients: env.recipients,
+                    body: decoder.into_body(),
+                    helo: helo.name,
+                    peer: self.peer.addr,
+                    tls: self.tls,
+                    authenticated: self.auth_user.clone(),
+                    esmtp: helo.esmtp,
+                }))
+            }
+        }
+    }
+
+    /// RSET semantics (RFC 5321 4.1.1.5): drop the envelope, keep HELO.
+    fn reset_transaction(&mut self) {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        self.state = match state {
+            State::Mail { helo, .. }
+            | State::Rcpt { helo, .. }
+            | State::Data { helo, .. }
+            | State::Sasl { helo, .. } => State::Greeted { helo },
+            other => other,
+        };
+    }
+
+    fn leave_sasl(&mut self) {
+        self.reset_transaction();
+    }
+
+    fn helo(&self) -> Option<&Helo> {
+        match &self.state {
+            State::Greeted { helo }
+            | State::Mail { helo, .. }
+            | State::Rcpt { helo, .. }
+            | State::Data { helo, .. }
+            | State::Sasl { helo, .. } => Some(helo),
+            State::Connected | State::Closed => None,
+        }
+    }
+
+    fn in_transaction(&self) -> bool {
+        matches!(self.state, State::Mail { .. } | State::Rcpt { .. } | State::Data { .. })
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.config.submission && (self.tls || self.config.plaintext_auth_allowed)
+    }
+
+    fn ehlo_reply(&mut self) {
+        let mut lines = vec![
+            self.config.hostname.clone(),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.config.tls_available && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        lines.push("HELP".to_string());
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+        }
+    }
+
+    fn command(&mut self, line: &[u8]) -> Option<Next> {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => {
+                let text = match e {
+                    ProtoError::UnknownCommand => "500 5.5.1 Command unrecognized".to_string(),
+                    ProtoError::InvalidSenderAddress => {
+                        "501 5.1.7 Bad sender address syntax".to_string()
+                    }
+                    ProtoError::InvalidRecipientAddress => {
+                        "501 5.1.3 Bad recipient address syntax".to_string()
+                    }
+                    ProtoError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+                    ProtoError::InvalidParameter { param } => {
+                        format!("501 5.5.4 Invalid value for parameter {param}")
+                    }
+                    // RFC 5321 4.1.1.11: 555 for a parameter not recognised.
+                    ProtoError::UnsupportedParameter { param } => {
+                        format!("555 5.5.4 Unsupported parameter {}", clean(&param))
+                    }
+                    _ => "501 5.5.4 Syntax error".to_string(),
+                };
+                self.error(&text);
+                return None;
+            }
+        };
+        match request {
+            Request::Ehlo { host } | Request::Helo { host } if host.is_empty() => {
+                self.error("501 5.5.4 Syntax: EHLO domain");
+                None
+            }
+            Request::Ehlo { host } => {
+                // RFC 5321 4.1.4: EHLO mid-session resets like RSET.
+                self.state = State::Greeted { helo: Helo { name: clean(&host), esmtp: true } };
+                self.ehlo_reply();
+                None
+            }
+            Request::Helo { host } => {
+                self.state = State::Greeted { helo: Helo { name: clean(&host), esmtp: false } };
+                let text = format!("250 {}", self.config.hostname);
+                self.reply(&text);
+                None
+            }
+            Request::Mail { from } => {
+                self.mail(from);
+                None
+            }
+            Request::Rcpt { to } => self.rcpt(to, line),
+            Request::Data => {
+                let state = std::mem::replace(&mut self.state, State::Closed);
+                match state {
+                    State::Rcpt { helo, env } => {
+                        let decoder = DataDecoder::new(
+                            self.config.max_message_size,
+                            self.config.max_data_line,
+                        );
+                        self.state = State::Data { helo, env, decoder };
+                        self.reply("354 End data with <CR><LF>.<CR><LF>");
+                    }
+                    // RFC 2920 3.1 / RFC 5321 3.3: DATA after every RCPT
+                    // failed is answered 554 "no valid recipients".
+                    State::Mail { helo, env } => {
+                        self.state = State::Mail { helo, env };
+                        self.error("554 5.5.1 Error: no valid recipients");
+                    }
+                    other => {
+                        self.state = other;
+                        self.error("503 5.5.1 Error: need RCPT command");
+                    }
+                }
+                None
+            }
+            Request::Rset => {
+                self.reset_transaction();
+                self.reply("250 2.0.0 Ok");
+                None
+            }
+            Request::Noop { .. } => {
+                self.reply("250 2.0.0 Ok");
+                None
+            }
+            Request::Quit => {
+                self.reply("221 2.0.0 Bye");
+                self.state = State::Closed;
+                Some(Next::Close)
+            }
+            // RFC 5321 3.5.3: 252 when we will not verify.
+            Request::Vrfy { .. } => {
+                self.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+                None
+            }
+            Request::Help { .. } => {
+                self.reply("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
+                None
+            }
+            Request::StartTls => self.starttls(),
+            Request::Auth { mechanism, initial_response } => self.auth(mechanism, &initial_response),
+            // LMTP is not spoken here.
+            Request::Lhlo { .. } => {
+                self.error("500 5.5.1 Command unrecognized");
+                None
+            }
+            // Known to RFC 5321 or its extensions, not offered here.
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Bdat { .. } => {
+                self.error("502 5.5.1 Command not implemented");
+                None
+            }
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+        match &self.state {
+            State::Connected => return self.error("503 5.5.1 Error: send HELO/EHLO first"),
+            State::Greeted { .. } => {}
+            _ => return self.error("503 5.5.1 Error: nested MAIL command"),
+        }
+        // RFC 6409 4.3 / RFC 4954 6: submission needs authentication.
+        if self.config.submission && self.auth_user.is_none() {
+            return self.error("530 5.7.0 Authentication required");
+        }
+        // Only what we advertise: SIZE (RFC 1870), BODY=7BIT/8BITMIME (RFC
+        // 6152), and AUTH= (RFC 4954 5, which must be accepted).
+        let allowed = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
+        if from.flags & !allowed != 0
+            || from.trans_id.is_some()
+            || from.env_id.is_some()
+            || from.solicit.is_some()
+            || from.mtrk.is_some()
+            || from.by != 0
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.mt_priority != 0
+        {
+            return self.error("555 5.5.4 Unsupported MAIL parameter");
+        }
+        // RFC 1870 6.1: refuse a declared size over the limit at once.
+        if from.size > self.config.max_message_size {
+            return self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
+        }
+        let return_path = if from.address.is_empty() {
+            None
+        } else if Address::parse(&from.address).is_ok() {
+            Some(from.address)
+        } else {
+            return self.error("501 5.1.7 Bad sender address syntax");
+        };
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let State::Greeted { helo } = state else {
+            self.state = state;
+            return;
+        };
+        self.state = State::Mail {
+            helo,
+            env: Envelope { return_path, local: Vec::new(), remote: Vec::new(), recipients: Vec::new() },
+        };
+        self.reply("250 2.1.0 Ok");
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, line: &[u8]) -> Option<Next> {
+        let count = match &self.state {
+            State::Mail { env, .. } | State::Rcpt { env, .. } => env.recipients.len(),
+            _ => {
+                self.error("503 5.5.1 Error: need MAIL command");
+                return None;
+            }
+        };
+        if to.orcpt.is_some() || to.flags != 0 || to.rrvs != 0 {
+            self.error("555 5.5.4 Unsupported RCPT parameter");
+            return None;
+        }
+        // RFC 5321 4.5.3.1.8: 452 for too many recipients, so the client
+        // sends the rest in another transaction.
+        if count >= self.config.max_recipients {
+            self.reply("452 4.5.3 Error: too many recipients");
+            return None;
+        }
+        let given = if to.address.is_empty() {
+            // smtp-proto turns <Postmaster> into "": RFC 5321 4.5.1 requires
+            // accepting it without a domain; it means our postmaster.
+            if String::from_utf8_lossy(line).to_ascii_lowercase().contains("<postmaster>") {
+                format!("postmaster@{}", self.config.hostname)
+            } else {
+                self.error("501 5.1.3 Bad recipient address syntax");
+                return None;
+            }
+        } else {
+            to.address
+        };
+        match Address::parse(&given) {
+            Ok(address) => {
+                self.waiting = Some(Waiting::Rcpt { given });
+                Some(Next::CheckRecipient(address))
+            }
+            Err(_) => {
+                self.error("501 5.1.3 Bad recipient address syntax");
+                None
+            }
+        }
+    }
+
+    fn starttls(&mut self) -> Option<Next> {
+        if self.tls {
+            self.error("503 5.5.1 Error: TLS already active");
+            return None;
+        }
+        if !self.config.tls_available {
+            self.error("502 5.5.1 Error: command not implemented");
+            return None;
+        }
+        if self.in_transaction() {
+            self.error("503 5.5.1 Error: STARTTLS not permitted during a mail transaction");
+            return None;
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        // CVE-2011-0411: whatever followed STARTTLS in the same plaintext
+        // read was injectable by a man in the middle; never execute it.
+        self.inbuf.clear();
+        self.discarding = false;
+        self.waiting = Some(Waiting::StartTls);
+        Some(Next::StartTls)
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: &str) -> Option<Next> {
+        if !self.config.submission {
+            self.error("503 5.5.1 Error: authentication not enabled");
+            return None;
+        }
+        if self.helo().is_none() {
+            self.error("503 5.5.1 Error: send EHLO first");
+            return None;
+        }
+        if self.auth_user.is_some() {
+            self.error("503 5.5.1 Error: already authenticated");
+            return None;
+        }
+        // RFC 4954 4: "AUTH command is not permitted during a mail transaction".
+        if self.in_transaction() {
+            self.error("503 5.5.1 Error: AUTH not permitted during a mail transaction");
+            return None;
+        }
+        // RFC 4954 6 defines exactly this case: 538 5.7.11 "Encryption
+        // required for requested authentication mechanism" (530 5.7.0 is
+        // for "authentication required", a different condition).
+        if !self.tls && !self.config.plaintext_auth_allowed {
+            self.error("538 5.7.11 Encryption required for requested authentication mechanism");
+            return None;
+        }
+        let step = if mechanism == smtp_proto::AUTH_PLAIN {
+            if initial.is_empty() {
+                SaslStep::PlainResponse
+            } else {
+                return self.plain(initial);
+            }
+        } else if mechanism == smtp_proto::AUTH_LOGIN {
+            if initial.is_empty() {
+                SaslStep::LoginUser
+            } else {
+                match self.decode(initial) {
+                    Some(user) => SaslStep::LoginPassword { user },
+                    None => return None,
+                }
+            }
+        } else {
+            self.error("504 5.5.4 Unrecognized authentication type");
+            return None;
+        };
+        self.enter_sasl(step);
+        None
+    }
+
+    /// Enters (or continues) the SASL exchange with the matching challenge.
+    fn enter_sasl(&mut self, step: SaslStep) {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let helo = match state {
+            State::Greeted { helo } | State::Sasl { helo, .. } => helo,
+            other => {
+                self.state = other;
+                return;
+            }
+        };
+        self.reply(match step {
+            SaslStep::PlainResponse => "334 ",
+            SaslStep::LoginUser => "334 VXNlcm5hbWU6", // "Username:"
+            SaslStep::LoginPassword { .. } => "334 UGFzc3dvcmQ6", // "Password:"
+        });
+        self.state = State::Sasl { helo, step };
+    }
+
+    /// Base64 (RFC 4954 4: "=" is an empty initial response) to UTF-8;
+    /// on failure replies 501 5.5.2 and leaves the exchange.
+    fn decode(&mut self, text: &str) -> Option<String> {
+        let text = text.trim_end_matches(['\r', '\n']);
+        if text == "=" {
+            return Some(String::new());
+        }
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok();
+        match bytes.and_then(|b| String::from_utf8(b).ok()) {
+            Some(s) => Some(s),
+            None => {
+                self.leave_sasl();
+                self.error("501 5.5.2 Invalid base64 data");
+                None
+            }
+        }
+    }
+
+    /// An AUTH PLAIN response (RFC 4616 2): authzid NUL authcid NUL passwd.
+    fn plain(&mut self, response: &str) -> Option<Next> {
+        let decoded = self.decode(response)?;
+        let parts: Vec<&str> = decoded.split('\0').collect();
+        let [authzid, user, pass] = parts.as_slice() else {
+            self.leave_sasl();
+            self.error("501 5.5.2 Invalid PLAIN response");
+            return None;
+        };
+        if user.is_empty() {
+            self.leave_sasl();
+            self.error("501 5.5.2 Invalid PLAIN response");
+            return None;
+        }
+        let creds = Credentials {
+            authzid: (!authzid.is_empty()).then(|| authzid.to_string()),
+            username: user.to_string(),
+            password: pass.to_string(),
+        };
+        Some(self.ask_auth(creds))
+    }
+
+    fn ask_auth(&mut self, creds: Credentials) -> Next {
+        self.leave_sasl();
+        self.waiting = Some(Waiting::Auth { username: creds.username.clone() });
+        Next::Authenticate(creds)
+    }
+
+    fn sasl_line(&mut self, line: &[u8]) -> Option<Next> {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        // RFC 4954 4: "*" cancels the exchange, answered with 501.
+        if text == "*" {
+            self.leave_sasl();
+            self.error("501 5.0.0 Authentication cancelled");
+            return None;
+        }
+        let step = match &mut self.state {
+            State::Sasl { step, .. } => std::mem::replace(step, SaslStep::PlainResponse),
+            _ => return None,
+        };
+        match step {
+            SaslStep::PlainResponse => self.plain(text),
+            SaslStep::LoginUser => {
+                let user = self.decode(text)?;
+                self.enter_sasl(SaslStep::LoginPassword { user });
+                None
+            }
+            SaslStep::LoginPassword { user } => {
+                let password = self.decode(text)?;
+                Some(self.ask_auth(Credentials { authzid: None, username: user, password }))
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Body files: content-addressed, written with "fsync then rename".
+//!
+//! Why this shape: a body is written once to `tmp/`, made durable, then
+//! renamed to `bodies/xx/<sha256>`; a reader therefore never sees a partial
+//! body under its final name. Identical bodies (one message to many
+//! recipients, or resent mail) share one file, counted in the `bodies`
+//! table. Freeing a body happens after the metadata commit that dropped its
+//! last reference, and must not race with an accept of the same content
+//! that is still on its way to the committer: the in-flight set below
+//! closes that window.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::Inner;
+use crate::tables::{db_err, BODIES};
+use crate::{BodyHash, StoreError, StoreResult};
+
+/// A body that is durable in `bodies/` (modulo its directory entry, which
+/// the committer fsyncs) and protected from being freed until dropped.
+pub(crate) struct StagedBody {
+    pub hash: BodyHash,
+    pub size: u64,
+    /// The `bodies/xx` directory whose entry must be fsynced before commit.
+    pub dir: PathBuf,
+    pub _guard: InFlight,
+}
+
+/// Marks a body hash as "an accept may be about to reference this": while
+/// any guard for a hash lives, a concurrent delete that freed the same hash
+/// must not unlink the file (the accept already counted on it existing).
+pub(crate) struct InFlight {
+    inner: Arc<Inner>,
+    hash: BodyHash,
+}
+
+impl InFlight {
+    fn register(inner: &Arc<Inner>, hash: BodyHash) -> Self {
+        *lock_map(&inner.in_flight).entry(hash).or_insert(0) += 1;
+        InFlight { inner: inner.clone(), hash }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = lock_map(&self.inner.in_flight);
+        if let Some(n) = map.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// The map only holds counters; a panic while it was locked cannot leave it
+/// in a state worse than a missed decrement, so poisoning is ignored.
+fn lock_map(
+    m: &std::sync::Mutex<HashMap<BodyHash, usize>>,
+) -> std::sync::MutexGuard<'_, HashMap<BodyHash, usize>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn body_dir(&self, hash: &BodyHash) -> PathBuf {
+        self.bodies_dir.join(format!("{:02x}", hash.0[0]))
+    }
+
+    pub(crate) fn body_path(&self, hash: &BodyHash) -> PathBuf {
+        self.body_dir(hash).join(hash.to_hex())
+    }
+
+    /// Writes `body` durably under its hash (step 1 of an accept). Runs in
+    /// the caller's blocking task so that many bodies are written and
+    /// fsynced in parallel.
+    pub(crate) fn stage_body(self: &Arc<Self>, body: &[u8]) -> StoreResult<StagedBody> {
+        let hash = BodyHash::of(body);
+        // Register before looking at the file, so that a delete that frees
+        // this hash from now on leaves the file alone.
+        let guard = InFlight::register(self, hash);
+        let dir = self.body_dir(&hash);
+        let path = dir.join(hash.to_hex());
+        let size = body.len() as u64;
+
+        // Already there (same content, as names are hashes): share it. A
+        // file of the wrong length can only be damage; replace it.
+        let exists = matches!(fs::metadata(&path), Ok(m) if m.len() == size);
+        if !exists {
+            let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+            let tmp = self.tmp_dir.join(format!("{}.{}.{}", std::process::id(), seq, &hash.to_hex()[..16]));
+            if let Err(e) = self.write_durably(&tmp, body) {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io(format!("writing body {hash} to {}", tmp.display()), e));
+            }
+            if let Err(e) = fs::rename(&tmp, &path) {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io(format!("renaming body {hash} into place"), e));
+            }
+        }
+        Ok(StagedBody { hash, size, dir, _guard: guard })
+    }
+
+    fn write_durably(&self, tmp: &std::path::Path, body: &[u8]) -> io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+        f.write_all(body)?;
+        if self.options.fsync {
+            // fdatasync covers the data and the file size, which is all a
+            // reader needs; the name is made durable by the directory fsync.
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the directory entries of renamed bodies durable. Called by the
+    /// committer once per batch, before the metadata commit.
+    pub(crate) fn sync_dirs<'a>(&self, dirs: impl IntoIterator<Item = &'a PathBuf>) -> StoreResult<()> {
+        if !self.options.fsync {
+            return Ok(());
+        }
+        for dir in dirs {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::io(format!("fsyncing directory {}", dir.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a body, checking it against its name (bit rot or a bug would
+    /// otherwise go out to a client silently).
+    pub(crate) fn read_body(&self, hash: &BodyHash) -> StoreResult<Vec<u8>> {
+        let path = self.body_path(hash);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::Permanent(format!("no body {hash}")));
+            }
+            Err(e) => return Err(StoreError::io(format!("reading body {}", path.display()), e)),
+        };
+        if BodyHash::of(&bytes) != *hash {
+            tracing::error!(%hash, path = %path.display(), "body file does not match its hash");
+            return Err(StoreError::Internal(format!("body {hash} is damaged")));
+        }
+        Ok(bytes)
+    }
+
+    /// Unlinks bodies whose last reference was removed by a commit that has
+    /// already returned. Skips any that an accept in flight may reference or
+    /// that a later commit referenced again. Failures are only logged: an
+    /// unreferenced file left behind is removed by the next recovery.
+    pub(crate) fn unlink_freed(&self, freed: &[BodyHash]) {
+        if freed.is_empty() {
+            return;
+        }
+        // Holding the in-flight lock across the check and the unlink keeps a
+        // new accept of the same content from registering in between.
+        let in_flight = lock_map(&self.in_flight);
+        let still_referenced = |hash: &BodyHash| -> StoreResult<bool> {
+            let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+            let table = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+            let hit = table.get(&hash.0).map_err(|e| db_err("reading bodies", e))?.is_some();
+            Ok(hit)
+        };
+        for hash in freed {
+            if in_flight.contains_key(hash) {
+                continue;
+            }
+            match still_referenced(hash) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    tracing::warn!(%hash, error = %e, "cannot check body before unlinking; left for recovery");
+                    continue;
+                }
+            }
+            match fs::remove_file(self.body_path(hash)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(%hash, error = %e, "cannot unlink freed body; left for recovery"),
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Group commit: one thread owns the metadata write path.
+//!
+//! Why: a durable redb commit costs one or more fsyncs, and the body
+//! directories need an fsync too. Doing that per message caps throughput at
+//! a few hundred messages per second; doing it once for every message that
+//! arrived while the previous commit was running lets the cost be shared.
+//! Callers write and fsync their own bodies in parallel, then hand a small
+//! request to this thread and wait for its answer; the thread drains all
+//! pending requests, fsyncs the touched body directories once, applies them
+//! in one transaction, commits once and answers everyone. Nothing is
+//! answered before the commit returned.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::bodies::StagedBody;
+use super::Inner;
+use crate::tables::{
+    db_err, duplicate_error, encode, unix_now, BODIES, MAILBOX, META, NEXT_ENTRY_ID, QUEUE,
+};
+use crate::{Address, Committed, MailboxEntry, QueueEntry, QueueId, StoreError, StoreResult};
+
+/// Upper bound of messages per transaction, so one commit stays short and
+/// the callers at the head of the batch are not kept waiting too long.
+const MAX_BATCH: usize = 512;
+
+/// One accepted message whose body is already durable.
+pub(crate) struct AcceptJob {
+    pub queue_id: QueueId,
+    pub return_path: Option<String>,
+    pub local: Vec<Address>,
+    pub remote: Vec<String>,
+    pub body: StagedBody,
+    pub reply: oneshot::Sender<StoreResult<Committed>>,
+}
+
+pub(crate) struct Committer {
+    tx: Option<mpsc::Sender<AcceptJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Committer {
+    pub(crate) fn start(inner: Arc<Inner>) -> StoreResult<Self> {
+        let (tx, rx) = mpsc::channel::<AcceptJob>();
+        let thread = std::thread::Builder::new()
+            .name("hamail-committer".into())
+            .spawn(move || run(&inner, rx))
+            .map_err(|e| StoreError::io("starting the committer thread", e))?;
+        Ok(Committer { tx: Some(tx), thread: Some(thread) })
+    }
+
+    pub(crate) fn submit(&self, job: AcceptJob) -> StoreResult<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| StoreError::Unavailable("store is closing".into()))?;
+        tx.send(job).map_err(|_| StoreError::Unavailable("the committer has stopped".into()))
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after its current batch;
+        // joining makes sure the database is closed when the store is gone,
+        // so that it can be reopened at once.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the committer thread panicked");
+            }
+        }
+    }
+}
+
+fn run(inner: &Inner, rx: mpsc::Receiver<AcceptJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match commit_batch(inner, &batch) {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    // A caller that went away does not care; the message is
+                    // committed anyway (a duplicate at worst, never a loss).
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, messages = batch.len(), "group commit failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(duplicate_error(&e)));
+                }
+            }
+        }
+    }
+}
+
+/// Applies a batch in one transaction; per-message rejections are returned
+/// in the vector, a failure of the transaction itself as the outer error.
+fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResult<Committed>>> {
+    let dirs: BTreeSet<&PathBuf> = batch.iter().map(|j| &j.body.dir).collect();
+    inner.sync_dirs(dirs)?;
+
+    let now = unix_now();
+    let txn = inner.begin_write()?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
+        let mut mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
+        let mut bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+        let mut queue = txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?;
+        let mut next_id = meta
+            .get(NEXT_ENTRY_ID)
+            .map_err(|e| db_err("reading entry counter", e))?
+            .map(|g| g.value())
+            .unwrap_or(1);
+
+        for job in batch {
+            let hash = job.body.hash;
+            if !job.remote.is_empty()
+                && queue.get(job.queue_id.0).map_err(|e| db_err("reading queue", e))?.is_some()
+            {
+                results.push(Err(StoreError::Permanent(format!("queue id {} already queued", job.queue_id))));
+                continue;
+            }
+            let mut refs = 0u64;
+            for user in &job.local {
+                let mut entry = MailboxEntry {
+                    id: crate::EntryId(next_id),
+                    body: hash,
+                    return_path: job.return_path.clone(),
+                    size: 0,
+                    received_at: now,
+                    queue_id: job.queue_id,
+                };
+                entry.size = entry.return_path_line().len() as u64 + job.body.size;
+                mailbox
+                    .insert((user.as_str(), next_id), encode("mailbox entry", &entry)?.as_slice())
+                    .map_err(|e| db_err("inserting mailbox entry", e))?;
+                next_id += 1;
+                refs += 1;
+            }
+            if !job.remote.is_empty() {
+                let entry = QueueEntry {
+                    queue_id: job.queue_id,
+                    body: hash,
+                    return_path: job.return_path.clone(),
+                    recipients: job.remote.clone(),
+                    size: job.body.size,
+                    queued_at: now,
+                };
+                queue
+                    .insert(job.queue_id.0, encode("queue entry", &entry)?.as_slice())
+                    .map_err(|e| db_err("inserting queue entry", e))?;
+                refs += 1;
+            }
+            let old = bodies.get(&hash.0).map_err(|e| db_err("reading refcount", e))?.map(|g| g.value()).unwrap_or(0);
+            bodies.insert(&hash.0, old + refs).map_err(|e| db_err("writing refcount", e))?;
+            results.push(Ok(Committed::new(job.queue_id, hash, job.body.size)));
+        }
+        meta.insert(NEXT_ENTRY_ID, next_id).map_err(|e| db_err("writing entry counter", e))?;
+    }
+    txn.commit().map_err(|e| db_err("committing accepted messages", e))?;
+    Ok(results)
+}

@@ -1,0 +1,145 @@
+//! Recovery at open: bring the files back in line with the metadata.
+//!
+//! Why: a crash can happen between any two steps of an accept or a delete.
+//! The metadata commit is the single point of truth; everything else is
+//! reconciled against it here, before the store serves anyone:
+//! - files in `tmp/` were never renamed, so never referenced: removed;
+//! - body files no committed record references are leftovers of a crash
+//!   between the body rename and the metadata commit (or between a delete's
+//!   commit and its unlink): removed;
+//! - the reference counts are recomputed from the mailbox and queue tables,
+//!   and repaired (loudly) if they disagree;
+//! - a referenced body that is missing would be a bug: logged as an error.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::Inner;
+use crate::tables::{db_err, decode, BODIES, MAILBOX, QUEUE};
+use crate::{BodyHash, MailboxEntry, QueueEntry, StoreError, StoreResult};
+
+/// What recovery found and did (logged at open).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Files removed from `tmp/`.
+    pub tmp_removed: usize,
+    /// Unreferenced body files removed from `bodies/`.
+    pub orphans_removed: usize,
+    /// Reference counts that disagreed with the records and were rewritten.
+    pub refcounts_repaired: usize,
+    /// Referenced bodies whose file is missing (should always be 0).
+    pub missing_bodies: usize,
+    /// Referenced bodies in the store after recovery.
+    pub bodies: usize,
+}
+
+pub(crate) fn recover(inner: &Inner) -> StoreResult<RecoveryReport> {
+    let mut report = RecoveryReport::default();
+
+    for entry in fs::read_dir(&inner.tmp_dir).map_err(|e| StoreError::io("listing tmp/", e))? {
+        let entry = entry.map_err(|e| StoreError::io("listing tmp/", e))?;
+        remove_path(&entry.path())?;
+        report.tmp_removed += 1;
+    }
+
+    // The truth: what the records reference.
+    let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
+    {
+        let txn = inner.db.begin_read().map_err(|e| db_err("beginning recovery read", e))?;
+        let mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
+        for row in mailbox.iter().map_err(|e| db_err("scanning mailbox", e))? {
+            let (_, v) = row.map_err(|e| db_err("scanning mailbox", e))?;
+            let entry: MailboxEntry = decode("mailbox entry", v.value())?;
+            *refs.entry(entry.body.0).or_insert(0) += 1;
+        }
+        let queue = txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?;
+        for row in queue.iter().map_err(|e| db_err("scanning queue", e))? {
+            let (_, v) = row.map_err(|e| db_err("scanning queue", e))?;
+            let entry: QueueEntry = decode("queue entry", v.value())?;
+            *refs.entry(entry.body.0).or_insert(0) += 1;
+        }
+    }
+
+    // The counts must agree with the truth. They always should: both are
+    // written in the same transaction.
+    {
+        let txn = inner.begin_write()?;
+        {
+            let mut bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+            let mut wrong: Vec<([u8; 32], u64)> = Vec::new();
+            for row in bodies.iter().map_err(|e| db_err("scanning bodies", e))? {
+                let (k, v) = row.map_err(|e| db_err("scanning bodies", e))?;
+                let actual = refs.get(k.value()).copied().unwrap_or(0);
+                if actual != v.value() {
+                    wrong.push((*k.value(), actual));
+                }
+            }
+            for (hash, count) in &refs {
+                if bodies.get(hash).map_err(|e| db_err("reading bodies", e))?.is_none() {
+                    wrong.push((*hash, *count));
+                }
+            }
+            for (hash, actual) in wrong {
+                tracing::error!(hash = %BodyHash(hash), actual, "body reference count was wrong; repaired");
+                report.refcounts_repaired += 1;
+                if actual == 0 {
+                    bodies.remove(&hash).map_err(|e| db_err("repairing bodies", e))?;
+                } else {
+                    bodies.insert(&hash, actual).map_err(|e| db_err("repairing bodies", e))?;
+                }
+            }
+            report.bodies = bodies.len().map_err(|e| db_err("counting bodies", e))? as usize;
+        }
+        if report.refcounts_repaired > 0 {
+            txn.commit().map_err(|e| db_err("committing refcount repair", e))?;
+        } else {
+            txn.abort().map_err(|e| db_err("ending recovery transaction", e))?;
+        }
+    }
+
+    // Files versus records.
+    let mut seen = 0usize;
+    for sub in fs::read_dir(&inner.bodies_dir).map_err(|e| StoreError::io("listing bodies/", e))? {
+        let sub = sub.map_err(|e| StoreError::io("listing bodies/", e))?;
+        if !sub.file_type().map_err(|e| StoreError::io("listing bodies/", e))?.is_dir() {
+            tracing::warn!(path = %sub.path().display(), "stray file in bodies/ removed");
+            remove_path(&sub.path())?;
+            continue;
+        }
+        for file in fs::read_dir(sub.path()).map_err(|e| StoreError::io("listing a bodies/ directory", e))? {
+            let file = file.map_err(|e| StoreError::io("listing a bodies/ directory", e))?;
+            let name = file.file_name();
+            let hash = name.to_str().and_then(BodyHash::from_hex);
+            match hash {
+                Some(h) if refs.contains_key(&h.0) => seen += 1,
+                _ => {
+                    tracing::info!(path = %file.path().display(), "unreferenced body file removed");
+                    remove_path(&file.path())?;
+                    report.orphans_removed += 1;
+                }
+            }
+        }
+    }
+    if seen < refs.len() {
+        for hash in refs.keys() {
+            let h = BodyHash(*hash);
+            if !inner.body_path(&h).exists() {
+                tracing::error!(hash = %h, "a referenced body file is missing: messages using it are damaged");
+                report.missing_bodies += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn remove_path(path: &std::path::Path) -> StoreResult<()> {
+    let res = if path.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(format!("removing {}", path.display()), e)),
+    }
+}
