@@ -793,3 +793,486 @@ fn sanitize(s: &str) -> String {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hamail_store::QueueId;
+
+    const BODY1: &[u8] = b"Subject: one\r\n\r\nHello\r\n.dot\r\n";
+    const BODY2: &[u8] = b"Subject: two\r\n\r\nBye\r\n";
+
+    fn entry(id: u64, body: &[u8], return_path: Option<&str>) -> MailboxEntry {
+        let mut e = MailboxEntry {
+            id: EntryId(id),
+            body: BodyHash::of(body),
+            return_path: return_path.map(str::to_string),
+            size: 0,
+            received_at: 0,
+            queue_id: QueueId(id),
+        };
+        e.size = (e.return_path_line().len() + body.len()) as u64;
+        e
+    }
+
+    fn entries() -> Vec<MailboxEntry> {
+        vec![entry(1, BODY1, Some("a@example.com")), entry(0x2a, BODY2, None)]
+    }
+
+    fn alice() -> Address {
+        Address::parse("alice@example.org").unwrap()
+    }
+
+    fn config(plaintext: bool, tls_available: bool) -> Arc<Pop3Config> {
+        Arc::new(Pop3Config { plaintext_auth_allowed: plaintext, tls_available, ..Pop3Config::default() })
+    }
+
+    fn session(plaintext: bool, tls_available: bool, tls: bool) -> Session {
+        let peer = PeerInfo { addr: "192.0.2.1:40000".parse().unwrap(), tls };
+        Session::new(config(plaintext, tls_available), peer)
+    }
+
+    fn text(out: &Output) -> &str {
+        std::str::from_utf8(&out.reply).unwrap()
+    }
+
+    /// A session in TRANSACTION with [`entries`], logged in by USER/PASS.
+    fn transaction() -> Session {
+        let mut s = session(true, false, false);
+        let out = s.handle(b"USER alice@example.org\r\nPASS secret\r\n");
+        assert_eq!(text(&out), "+OK send PASS\r\n");
+        assert_eq!(
+            out.next,
+            Next::Authenticate(Credentials { username: "alice@example.org".into(), password: "secret".into() })
+        );
+        let out = s.authenticated(AuthResult::Success(alice()));
+        assert_eq!(out.next, Next::OpenMaildrop(alice()));
+        assert_eq!(text(&out), "");
+        let out = s.maildrop_opened(MaildropResult::Opened(entries()));
+        assert_eq!(text(&out), "+OK maildrop has 2 messages (100 octets)\r\n");
+        assert_eq!(out.next, Next::NeedInput);
+        assert_eq!(s.user(), Some(&alice()));
+        s
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Setup {
+        /// Plaintext allowed, STLS available, not TLS.
+        AuthPlainOk,
+        /// Plaintext not allowed, STLS available, not TLS.
+        AuthNoPlain,
+        /// Plaintext not allowed (but TLS makes it fine), already TLS.
+        AuthTls,
+        /// Plaintext allowed, USER already given.
+        AuthAfterUser,
+        /// TRANSACTION with two messages.
+        Trans,
+        /// TRANSACTION with message 1 marked as deleted.
+        TransDeleted,
+    }
+
+    fn setup(which: Setup) -> Session {
+        match which {
+            Setup::AuthPlainOk => session(true, true, false),
+            Setup::AuthNoPlain => session(false, true, false),
+            Setup::AuthTls => session(false, true, true),
+            Setup::AuthAfterUser => {
+                let mut s = session(true, true, false);
+                assert_eq!(text(&s.handle(b"USER bob@example.org\r\n")), "+OK send PASS\r\n");
+                s
+            }
+            Setup::Trans => transaction(),
+            Setup::TransDeleted => {
+                let mut s = transaction();
+                assert_eq!(text(&s.handle(b"DELE 1\r\n")), "+OK message 1 deleted\r\n");
+                s
+            }
+        }
+    }
+
+    const CAPA_PLAIN_STLS: &str = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\nIMPLEMENTATION hamail\r\n.\r\n";
+    const CAPA_STLS: &str = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nSTLS\r\nIMPLEMENTATION hamail\r\n.\r\n";
+    const CAPA_TLS: &str = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\nIMPLEMENTATION hamail\r\n.\r\n";
+    const CAPA_TRANS: &str = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION hamail\r\n.\r\n";
+    const PLAIN_NO: &str = "-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n";
+    const WRONG_STATE: &str = "-ERR command not valid in this state\r\n";
+    const NO_MSG: &str = "-ERR no such message\r\n";
+    const SYNTAX: &str = "-ERR syntax error\r\n";
+    const UNKNOWN: &str = "-ERR unknown command\r\n";
+
+    fn creds(user: &str, pass: &str) -> Next {
+        Next::Authenticate(Credentials { username: user.into(), password: pass.into() })
+    }
+
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn every_command_in_every_state() {
+        use Next::*;
+        use Setup::*;
+        let plain = format!("AUTH PLAIN {}\r\n", b64(b"\0alice@example.org\0pw d"));
+        let plain_self = format!("AUTH plain {}\r\n", b64(b"alice@example.org\0alice@example.org\0pw"));
+        let plain_other = format!("AUTH PLAIN {}\r\n", b64(b"root\0alice@example.org\0pw"));
+        let plain_two = format!("AUTH PLAIN {}\r\n", b64(b"alice\0pw"));
+        let plain_empty_pw = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0"));
+        let retr1 = Fetch(BodyHash::of(BODY1));
+        let retr2 = Fetch(BodyHash::of(BODY2));
+        let update = |ids: &[u64]| Update { user: alice(), delete: ids.iter().map(|&i| EntryId(i)).collect() };
+        let list_all = "+OK 2 messages (100 octets)\r\n1 56\r\n2 44\r\n.\r\n";
+        let list_one = "+OK 1 messages (44 octets)\r\n2 44\r\n.\r\n";
+        let uidl_all = "+OK\r\n1 0000000000000001\r\n2 000000000000002a\r\n.\r\n";
+        let rows: Vec<(Setup, &str, &str, Next)> = vec![
+            // AUTHORIZATION, plaintext allowed.
+            (AuthPlainOk, "CAPA\r\n", CAPA_PLAIN_STLS, NeedInput),
+            (AuthPlainOk, "capa\r\n", CAPA_PLAIN_STLS, NeedInput),
+            (AuthPlainOk, "USER alice@example.org\r\n", "+OK send PASS\r\n", NeedInput),
+            (AuthPlainOk, "user alice\n", "+OK send PASS\r\n", NeedInput),
+            (AuthPlainOk, "USER\r\n", SYNTAX, NeedInput),
+            (AuthPlainOk, "USER a b\r\n", SYNTAX, NeedInput),
+            (AuthPlainOk, "PASS secret\r\n", "-ERR send USER first\r\n", NeedInput),
+            (AuthPlainOk, "AUTH\r\n", "+OK\r\nPLAIN\r\n.\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN\r\n", "+ \r\n", NeedInput),
+            (AuthPlainOk, &plain, "", creds("alice@example.org", "pw d")),
+            (AuthPlainOk, &plain_self, "", creds("alice@example.org", "pw")),
+            (AuthPlainOk, &plain_other, "-ERR [AUTH] Authorization identity not supported\r\n", NeedInput),
+            (AuthPlainOk, &plain_two, "-ERR invalid PLAIN response\r\n", NeedInput),
+            (AuthPlainOk, &plain_empty_pw, "-ERR invalid PLAIN response\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN =\r\n", "-ERR invalid PLAIN response\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN !!!\r\n", "-ERR invalid base64\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN *\r\n", "-ERR authentication cancelled\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN a b\r\n", SYNTAX, NeedInput),
+            (AuthPlainOk, "AUTH CRAM-MD5\r\n", "-ERR unsupported authentication mechanism\r\n", NeedInput),
+            (AuthPlainOk, "STLS\r\n", "+OK Begin TLS negotiation\r\n", StartTls),
+            (AuthPlainOk, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
+            (AuthPlainOk, "APOP alice 0123456789abcdef\r\n", "-ERR APOP not supported\r\n", NeedInput),
+            (AuthPlainOk, "NOOP\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "STAT\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "LIST\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "UIDL\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "RETR 1\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "TOP 1 0\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "DELE 1\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "RSET\r\n", WRONG_STATE, NeedInput),
+            (AuthPlainOk, "HELO x\r\n", UNKNOWN, NeedInput),
+            (AuthPlainOk, "\r\n", UNKNOWN, NeedInput),
+            // AUTHORIZATION, plaintext not allowed.
+            (AuthNoPlain, "CAPA\r\n", CAPA_STLS, NeedInput),
+            (AuthNoPlain, "USER alice\r\n", PLAIN_NO, NeedInput),
+            (AuthNoPlain, "PASS secret\r\n", PLAIN_NO, NeedInput),
+            (AuthNoPlain, "AUTH\r\n", "+OK\r\n.\r\n", NeedInput),
+            (AuthNoPlain, "AUTH PLAIN\r\n", PLAIN_NO, NeedInput),
+            (AuthNoPlain, &plain, PLAIN_NO, NeedInput),
+            (AuthNoPlain, "STLS\r\n", "+OK Begin TLS negotiation\r\n", StartTls),
+            (AuthNoPlain, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
+            (AuthNoPlain, "NOOP\r\n", WRONG_STATE, NeedInput),
+            // AUTHORIZATION over TLS.
+            (AuthTls, "CAPA\r\n", CAPA_TLS, NeedInput),
+            (AuthTls, "STLS\r\n", "-ERR already using TLS\r\n", NeedInput),
+            (AuthTls, "USER alice\r\n", "+OK send PASS\r\n", NeedInput),
+            (AuthTls, &plain, "", creds("alice@example.org", "pw d")),
+            (AuthTls, "AUTH\r\n", "+OK\r\nPLAIN\r\n.\r\n", NeedInput),
+            // AUTHORIZATION after USER.
+            (AuthAfterUser, "PASS secret\r\n", "", creds("bob@example.org", "secret")),
+            (AuthAfterUser, "pass  two  spaces \r\n", "", creds("bob@example.org", " two  spaces ")),
+            (AuthAfterUser, "PASS\r\n", SYNTAX, NeedInput),
+            (AuthAfterUser, "USER carol\r\nPASS x\r\n", "+OK send PASS\r\n", creds("carol", "x")),
+            (AuthAfterUser, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
+            // TRANSACTION.
+            (Trans, "STAT\r\n", "+OK 2 100\r\n", NeedInput),
+            (Trans, "stat\r\n", "+OK 2 100\r\n", NeedInput),
+            (Trans, "LIST\r\n", list_all, NeedInput),
+            (Trans, "LIST 2\r\n", "+OK 2 44\r\n", NeedInput),
+            (Trans, "LIST 3\r\n", NO_MSG, NeedInput),
+            (Trans, "LIST 0\r\n", NO_MSG, NeedInput),
+            (Trans, "LIST x\r\n", NO_MSG, NeedInput),
+            (Trans, "LIST +1\r\n", NO_MSG, NeedInput),
+            (Trans, "LIST 1 2\r\n", SYNTAX, NeedInput),
+            (Trans, "UIDL\r\n", uidl_all, NeedInput),
+            (Trans, "UIDL 2\r\n", "+OK 2 000000000000002a\r\n", NeedInput),
+            (Trans, "UIDL 9\r\n", NO_MSG, NeedInput),
+            (Trans, "RETR 1\r\n", "", retr1.clone()),
+            (Trans, "RETR 2\r\n", "", retr2.clone()),
+            (Trans, "RETR 3\r\n", NO_MSG, NeedInput),
+            (Trans, "RETR\r\n", SYNTAX, NeedInput),
+            (Trans, "TOP 1 0\r\n", "", retr1.clone()),
+            (Trans, "TOP 1\r\n", SYNTAX, NeedInput),
+            (Trans, "TOP 1 x\r\n", SYNTAX, NeedInput),
+            (Trans, "TOP 5 1\r\n", NO_MSG, NeedInput),
+            (Trans, "DELE 1\r\n", "+OK message 1 deleted\r\n", NeedInput),
+            (Trans, "DELE 3\r\n", NO_MSG, NeedInput),
+            (Trans, "DELE\r\n", SYNTAX, NeedInput),
+            (Trans, "RSET\r\n", "+OK maildrop has 2 messages (100 octets)\r\n", NeedInput),
+            (Trans, "NOOP\r\n", "+OK\r\n", NeedInput),
+            (Trans, "CAPA\r\n", CAPA_TRANS, NeedInput),
+            (Trans, "QUIT\r\n", "", update(&[])),
+            (Trans, "USER alice\r\n", WRONG_STATE, NeedInput),
+            (Trans, "PASS x\r\n", WRONG_STATE, NeedInput),
+            (Trans, "AUTH PLAIN\r\n", WRONG_STATE, NeedInput),
+            (Trans, "STLS\r\n", WRONG_STATE, NeedInput),
+            (Trans, "APOP a b\r\n", WRONG_STATE, NeedInput),
+            (Trans, "XYZZY\r\n", UNKNOWN, NeedInput),
+            // TRANSACTION with message 1 marked as deleted.
+            (TransDeleted, "STAT\r\n", "+OK 1 44\r\n", NeedInput),
+            (TransDeleted, "LIST\r\n", list_one, NeedInput),
+            (TransDeleted, "LIST 1\r\n", NO_MSG, NeedInput),
+            (TransDeleted, "UIDL\r\n", "+OK\r\n2 000000000000002a\r\n.\r\n", NeedInput),
+            (TransDeleted, "UIDL 1\r\n", NO_MSG, NeedInput),
+            (TransDeleted, "RETR 1\r\n", NO_MSG, NeedInput),
+            (TransDeleted, "TOP 1 1\r\n", NO_MSG, NeedInput),
+            (TransDeleted, "DELE 1\r\n", NO_MSG, NeedInput),
+            (TransDeleted, "RSET\r\nSTAT\r\n", "+OK maildrop has 2 messages (100 octets)\r\n+OK 2 100\r\n", NeedInput),
+            (TransDeleted, "QUIT\r\n", "", update(&[1])),
+            (TransDeleted, "DELE 2\r\nQUIT\r\n", "+OK message 2 deleted\r\n", update(&[1, 0x2a])),
+        ];
+        for (which, input, reply, next) in rows {
+            let mut s = setup(which);
+            let out = s.handle(input.as_bytes());
+            assert_eq!((text(&out), &out.next), (reply, &next), "{which:?} {input:?}");
+        }
+    }
+
+    #[test]
+    fn sasl_continuation() {
+        let mut s = session(true, false, false);
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\n")), "+ \r\n");
+        let out = s.handle(format!("{}\r\n", b64(b"\0alice\0pw")).as_bytes());
+        assert_eq!((text(&out), out.next), ("", creds("alice", "pw")));
+
+        // "*" cancels, and the next line is a command again.
+        let mut s = session(true, false, false);
+        let out = s.handle(b"AUTH PLAIN\r\n*\r\nCAPA\r\n");
+        assert!(text(&out).starts_with("+ \r\n-ERR authentication cancelled\r\n+OK Capability"));
+        // An empty response is invalid.
+        let mut s = session(true, false, false);
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\n\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
+        // The response line is not a command.
+        let mut s = session(true, false, false);
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")), "+ \r\n-ERR invalid base64\r\n");
+    }
+
+    #[test]
+    fn greeting_and_timeout() {
+        let mut s = session(true, false, false);
+        assert_eq!(s.greeting(), b"+OK hamail POP3 ready\r\n");
+        assert_eq!(s.timeout(), b"-ERR autologout; idle for too long\r\n");
+        assert_eq!(s.handle(b"CAPA\r\n").next, Next::Close);
+    }
+
+    #[test]
+    fn auth_failure_and_temporary_failure_return_to_authorization() {
+        let mut s = session(true, false, false);
+        assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
+        // Input pipelined while the driver verifies waits for the answer.
+        let out = s.handle(b"PASS c\r\n");
+        assert_eq!((text(&out), out.next), ("", Next::NeedInput));
+        let out = s.authenticated(AuthResult::Failure);
+        // USER is forgotten after a failed PASS.
+        assert_eq!(text(&out), "-ERR [AUTH] Invalid credentials\r\n-ERR send USER first\r\n");
+        assert_eq!(s.user(), None);
+        assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
+        let out = s.authenticated(AuthResult::TemporaryFailure("directory\r\ndown".into()));
+        assert_eq!((text(&out), out.next), ("-ERR [SYS/TEMP] directory  down\r\n", Next::NeedInput));
+        assert_eq!(text(&s.handle(b"NOOP\r\n")), WRONG_STATE);
+    }
+
+    #[test]
+    fn maildrop_in_use_or_failed() {
+        for (result, reply) in [
+            (MaildropResult::InUse, "-ERR [IN-USE] Maildrop is locked by another session\r\n"),
+            (
+                MaildropResult::Failed(StoreError::Temporary("disk".into())),
+                "-ERR [SYS/TEMP] Unable to open maildrop\r\n",
+            ),
+            (
+                MaildropResult::Failed(StoreError::Internal("bad".into())),
+                "-ERR [SYS/PERM] Unable to open maildrop\r\n",
+            ),
+        ] {
+            let mut s = session(true, false, false);
+            s.handle(b"USER alice@example.org\r\nPASS x\r\n");
+            assert_eq!(s.authenticated(AuthResult::Success(alice())).next, Next::OpenMaildrop(alice()));
+            let out = s.maildrop_opened(result);
+            assert_eq!((text(&out), out.next), (reply, Next::NeedInput));
+            assert_eq!(s.user(), None);
+            // Back in AUTHORIZATION.
+            assert_eq!(text(&s.handle(b"STAT\r\n")), WRONG_STATE);
+            assert_eq!(text(&s.handle(b"USER a\r\n")), "+OK send PASS\r\n");
+        }
+    }
+
+    #[test]
+    fn retr_and_top_replies() {
+        let mut s = transaction();
+        assert_eq!(s.handle(b"RETR 1\r\n").next, Next::Fetch(BodyHash::of(BODY1)));
+        let out = s.fetched(Ok(Arc::new(BODY1.to_vec())));
+        assert_eq!(
+            text(&out),
+            "+OK 56 octets\r\nReturn-Path: <a@example.com>\r\nSubject: one\r\n\r\nHello\r\n..dot\r\n.\r\n"
+        );
+        assert_eq!(out.next, Next::NeedInput);
+        assert_eq!(s.handle(b"TOP 2 0\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
+        let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
+        assert_eq!(text(&out), "+OK top of message follows\r\nReturn-Path: <>\r\nSubject: two\r\n\r\n.\r\n");
+        // A store error leaves the session in TRANSACTION.
+        assert_eq!(s.handle(b"RETR 2\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
+        let out = s.fetched(Err(StoreError::Unavailable("x".into())));
+        assert_eq!(text(&out), "-ERR [SYS/TEMP] Unable to read message\r\n");
+        assert_eq!(s.handle(b"RETR 2\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
+        let out = s.fetched(Err(StoreError::Permanent("gone".into())));
+        assert_eq!(text(&out), "-ERR [SYS/PERM] Unable to read message\r\n");
+        assert_eq!(text(&s.handle(b"NOOP\r\n")), "+OK\r\n");
+    }
+
+    #[test]
+    fn pipelined_retr_waits_for_each_fetch() {
+        let mut s = transaction();
+        let out = s.handle(b"RETR 2\r\nRETR 2\r\nNOOP\r\n");
+        assert_eq!((text(&out), out.next), ("", Next::Fetch(BodyHash::of(BODY2))));
+        let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
+        assert_eq!(out.next, Next::Fetch(BodyHash::of(BODY2)));
+        let first = out.reply;
+        let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
+        assert_eq!(out.reply, [first.as_slice(), b"+OK\r\n"].concat());
+        assert_eq!(out.next, Next::NeedInput);
+    }
+
+    #[test]
+    fn quit_updates_then_closes() {
+        let mut s = transaction();
+        let out = s.handle(b"DELE 2\r\nQUIT\r\nNOOP\r\n");
+        assert_eq!(text(&out), "+OK message 2 deleted\r\n");
+        assert_eq!(out.next, Next::Update { user: alice(), delete: vec![EntryId(0x2a)] });
+        assert_eq!(s.user(), Some(&alice()));
+        let out = s.updated(Ok(()));
+        // The NOOP pipelined after QUIT is never answered.
+        assert_eq!((text(&out), out.next), ("+OK hamail signing off (1 messages left)\r\n", Next::Close));
+        assert_eq!(s.handle(b"NOOP\r\n").next, Next::Close);
+
+        let mut s = transaction();
+        s.handle(b"DELE 1\r\nQUIT\r\n");
+        let out = s.updated(Err(StoreError::Temporary("disk".into())));
+        assert_eq!(
+            (text(&out), out.next),
+            ("-ERR [SYS/TEMP] some deleted messages not removed\r\n", Next::Close)
+        );
+    }
+
+    #[test]
+    fn resume_in_wrong_state_is_an_internal_error() {
+        let internal = "-ERR [SYS/TEMP] internal error\r\n";
+        type Resume = fn(&mut Session) -> Output;
+        let resumes: [Resume; 5] = [
+            |s| s.authenticated(AuthResult::Success(alice())),
+            |s| s.maildrop_opened(MaildropResult::Opened(vec![])),
+            |s| s.fetched(Ok(Arc::new(vec![]))),
+            |s| s.updated(Ok(())),
+            |s| s.tls_established(),
+        ];
+        for (i, resume) in resumes.iter().enumerate() {
+            for mut s in [session(true, true, false), transaction()] {
+                let out = resume(&mut s);
+                assert_eq!((text(&out), &out.next), (internal, &Next::Close), "resume {i}");
+            }
+        }
+        // The right resume in another waiting state is still wrong.
+        let mut s = transaction();
+        s.handle(b"RETR 1\r\n");
+        assert_eq!(text(&s.authenticated(AuthResult::Failure)), internal);
+    }
+
+    #[test]
+    fn stls_discards_pipelined_input() {
+        let mut s = session(false, true, false);
+        let out = s.handle(b"STLS\r\nUSER evil\r\nPASS evil\r\n");
+        assert_eq!((text(&out), out.next), ("+OK Begin TLS negotiation\r\n", Next::StartTls));
+        // Clear-text input before the handshake finishes is dropped too.
+        let out = s.handle(b"PASS evil2\r\n");
+        assert_eq!((text(&out), out.next), ("", Next::NeedInput));
+        let out = s.tls_established();
+        assert_eq!((text(&out), out.next), ("", Next::NeedInput));
+        // Nothing of the above runs: PASS has no USER, STLS is now refused.
+        assert_eq!(text(&s.handle(b"PASS x\r\n")), "-ERR send USER first\r\n");
+        assert_eq!(text(&s.handle(b"STLS\r\n")), "-ERR already using TLS\r\n");
+        assert_eq!(text(&s.handle(b"CAPA\r\n")), CAPA_TLS);
+        assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
+    }
+
+    #[test]
+    fn stls_forgets_user() {
+        let mut s = session(true, true, false);
+        s.handle(b"USER a\r\n");
+        assert_eq!(s.handle(b"STLS\r\n").next, Next::StartTls);
+        s.tls_established();
+        assert_eq!(text(&s.handle(b"PASS b\r\n")), "-ERR send USER first\r\n");
+    }
+
+    #[test]
+    fn stls_unavailable() {
+        let mut s = session(true, false, false);
+        assert_eq!(text(&s.handle(b"STLS\r\n")), "-ERR STLS not available\r\n");
+    }
+
+    #[test]
+    fn long_lines_are_refused_and_skipped() {
+        let mut s = session(true, false, false);
+        // Exactly max_line octets is fine.
+        let ok = format!("USER {}\r\n", "a".repeat(507));
+        assert_eq!(text(&s.handle(ok.as_bytes())), "+OK send PASS\r\n");
+        // One more is not, complete or not.
+        let long = format!("USER {}\r\nCAPA\r\n", "a".repeat(508));
+        assert!(text(&s.handle(long.as_bytes())).starts_with("-ERR line too long\r\n+OK Capability"));
+        // A long line arriving in pieces: one error, then the rest of it up
+        // to LF is dropped.
+        let mut s = session(true, false, false);
+        assert_eq!(text(&s.handle("x".repeat(600).as_bytes())), "-ERR line too long\r\n");
+        assert_eq!(text(&s.handle("PASS x".repeat(100).as_bytes())), "");
+        assert_eq!(text(&s.handle(b"QUIT\r\nNOOP\r\n")), WRONG_STATE);
+        // CRLF split after the CR of a max-length line is not too long.
+        let mut s = session(true, false, false);
+        let line = format!("USER {}\r", "b".repeat(507));
+        assert_eq!(text(&s.handle(line.as_bytes())), "");
+        assert_eq!(text(&s.handle(b"\n")), "+OK send PASS\r\n");
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let mut s = session(true, false, false);
+        let mut input = Vec::new();
+        for _ in 0..30 {
+            input.extend_from_slice(b"BOGUS\r\n");
+        }
+        let out = s.handle(&input);
+        let expected = format!("{}-ERR too many errors\r\n", UNKNOWN.repeat(19));
+        assert_eq!((text(&out), out.next), (expected.as_str(), Next::Close));
+        assert_eq!(s.handle(b"CAPA\r\n").next, Next::Close);
+    }
+
+    #[test]
+    fn credentials_debug_hides_password() {
+        let c = Credentials { username: "u".into(), password: "hunter2".into() };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn odd_input_never_panics() {
+        let inputs: [&[u8]; 8] = [
+            b"\xff\xfe\r\n",
+            b"RETR 99999999999999999999\r\n",
+            b"TOP 1 99999999999999999999\r\n",
+            b"LIST -1\r\n",
+            b"\0\0\0\n",
+            b"\r\r\r\n",
+            b"    \r\n",
+            b"DELE \xff\r\n",
+        ];
+        for input in inputs {
+            for setup_kind in [Setup::AuthPlainOk, Setup::Trans, Setup::TransDeleted] {
+                let mut s = setup(setup_kind);
+                let out = s.handle(input);
+                assert!(out.reply.starts_with(b"-ERR"), "{input:?}");
+            }
+        }
+    }
+}

@@ -953,3 +953,276 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A fake driver: `@local.example` users exist (except `nobody`),
+    /// `alias@local.example` expands to two users, other domains are remote;
+    /// the password is `secret`; commits get queue ids 1, 2, 3...
+    pub(crate) struct Harness {
+        pub s: Session,
+        pub replies: String,
+        pub txns: Vec<Transaction>,
+        pub closed: bool,
+        pub starttls: usize,
+    }
+
+    pub(crate) fn verdict(a: &Address) -> RcptVerdict {
+        match (a.local_part(), a.domain()) {
+            ("nobody", "local.example") => RcptVerdict::UnknownUser,
+            ("tempfail", _) => RcptVerdict::TemporaryFailure("db\r\ndown".into()),
+            ("alias", "local.example") => RcptVerdict::Local(vec![
+                Address::parse("u1@local.example").unwrap(),
+                Address::parse("u2@local.example").unwrap(),
+            ]),
+            (_, "local.example" | "localhost") => RcptVerdict::Local(vec![a.clone()]),
+            _ => RcptVerdict::Remote,
+        }
+    }
+
+    impl Harness {
+        pub fn new(config: SmtpConfig) -> Self {
+            let peer = PeerInfo { addr: "192.0.2.7:5000".parse().unwrap(), tls: false };
+            Harness {
+                s: Session::new(Arc::new(config), peer),
+                replies: String::new(),
+                txns: Vec::new(),
+                closed: false,
+                starttls: 0,
+            }
+        }
+        pub fn feed(&mut self, input: &[u8]) {
+            let mut out = self.s.handle(input);
+            loop {
+                self.replies.push_str(&String::from_utf8(out.reply).unwrap());
+                out = match out.next {
+                    Next::NeedInput => return,
+                    Next::Close => {
+                        self.closed = true;
+                        return;
+                    }
+                    Next::CheckRecipient(a) => self.s.recipient_checked(verdict(&a)),
+                    Next::Authenticate(c) => self.s.authenticated(if c.password == "secret" {
+                        AuthResult::Success
+                    } else {
+                        AuthResult::Failure
+                    }),
+                    Next::Deliver(t) => {
+                        self.txns.push(t);
+                        self.s.finish_delivery(Ok(QueueId(self.txns.len() as u64)))
+                    }
+                    Next::StartTls => {
+                        self.starttls += 1;
+                        self.s.tls_established()
+                    }
+                };
+            }
+        }
+        pub fn lines(&self) -> Vec<&str> {
+            self.replies.split("\r\n").filter(|l| !l.is_empty()).collect()
+        }
+        pub fn last(&self) -> &str {
+            self.lines().last().copied().unwrap_or("")
+        }
+        pub fn clear(&mut self) {
+            self.replies.clear();
+        }
+    }
+
+    const EHLO: &str = "EHLO client.example\r\n";
+    const MAIL: &str = "EHLO client.example\r\nMAIL FROM:<s@remote.example>\r\n";
+    const RCPT: &str =
+        "EHLO client.example\r\nMAIL FROM:<s@remote.example>\r\nRCPT TO:<u@local.example>\r\n";
+
+    /// Every command in every state: (state script, command, expected start
+    /// of the last reply line).
+    #[test]
+    fn command_state_table() {
+        let table: &[(&str, &str, &str)] = &[
+            // Connected
+            ("", "EHLO c.example", "250 HELP"),
+            ("", "HELO c.example", "250 localhost"),
+            ("", "EHLO", "501 5.5.4"),
+            ("", "MAIL FROM:<a@b.example>", "503 5.5.1"),
+            ("", "RCPT TO:<u@local.example>", "503 5.5.1"),
+            ("", "DATA", "503 5.5.1"),
+            ("", "RSET", "250 2.0.0"),
+            ("", "NOOP", "250 2.0.0"),
+            ("", "QUIT", "221 2.0.0"),
+            ("", "VRFY u", "252 2.5.0"),
+            ("", "HELP", "214 2.0.0"),
+            ("", "STARTTLS", "220 2.0.0"),
+            ("", "AUTH PLAIN", "503 5.5.1"),
+            ("", "EXPN list", "502 5.5.1"),
+            ("", "BDAT 10 LAST", "502 5.5.1"),
+            ("", "FOO bar", "500 5.5.1"),
+            ("", "LHLO c.example", "500 5.5.1"),
+            // Greeted
+            (EHLO, "EHLO c.example", "250 HELP"),
+            (EHLO, "HELO c.example", "250 localhost"),
+            (EHLO, "MAIL FROM:<a@b.example>", "250 2.1.0"),
+            (EHLO, "MAIL FROM:<>", "250 2.1.0"),
+            (EHLO, "MAIL FROM:<a@b.example> BODY=8BITMIME SIZE=1000", "250 2.1.0"),
+            (EHLO, "MAIL FROM:<a@b.example> SIZE=999999999999", "552 5.3.4"),
+            (EHLO, "MAIL FROM:<a@b.example> SMTPUTF8", "555 5.5.4"),
+            (EHLO, "MAIL FROM:<a@b.example> FOO=BAR", "555 5.5.4"),
+            (EHLO, "MAIL FROM:<not an address>", "501"),
+            (EHLO, "MAIL FROM:a@b.example", "501 5.5.4"),
+            (EHLO, "RCPT TO:<u@local.example>", "503 5.5.1"),
+            (EHLO, "DATA", "503 5.5.1"),
+            (EHLO, "RSET", "250 2.0.0"),
+            (EHLO, "NOOP", "250 2.0.0"),
+            (EHLO, "QUIT", "221 2.0.0"),
+            (EHLO, "VRFY u", "252 2.5.0"),
+            (EHLO, "HELP", "214 2.0.0"),
+            (EHLO, "STARTTLS", "220 2.0.0"),
+            (EHLO, "AUTH PLAIN", "503 5.5.1"),
+            (EHLO, "FOO", "500 5.5.1"),
+            // Mail (no recipient yet)
+            (MAIL, "EHLO c.example", "250 HELP"),
+            (MAIL, "MAIL FROM:<a@b.example>", "503 5.5.1"),
+            (MAIL, "RCPT TO:<u@local.example>", "250 2.1.5"),
+            (MAIL, "RCPT TO:<Postmaster>", "250 2.1.5"),
+            (MAIL, "RCPT TO:<nobody@local.example>", "550 5.1.1"),
+            (MAIL, "RCPT TO:<x@remote.example>", "554 5.7.1"),
+            (MAIL, "RCPT TO:<tempfail@local.example>", "451 4.3.0"),
+            (MAIL, "RCPT TO:<a b>", "501"),
+            (MAIL, "RCPT TO:<>", "501 5.1.3"),
+            (MAIL, "RCPT TO:<u@local.example> NOTIFY=NEVER", "555 5.5.4"),
+            (MAIL, "DATA", "554 5.5.1"),
+            (MAIL, "RSET", "250 2.0.0"),
+            (MAIL, "NOOP", "250 2.0.0"),
+            (MAIL, "QUIT", "221 2.0.0"),
+            (MAIL, "VRFY u", "252 2.5.0"),
+            (MAIL, "HELP", "214 2.0.0"),
+            (MAIL, "STARTTLS", "503 5.5.1"),
+            (MAIL, "AUTH PLAIN", "503 5.5.1"),
+            (MAIL, "FOO", "500 5.5.1"),
+            // Rcpt (one recipient accepted)
+            (RCPT, "EHLO c.example", "250 HELP"),
+            (RCPT, "MAIL FROM:<a@b.example>", "503 5.5.1"),
+            (RCPT, "RCPT TO:<u2@local.example>", "250 2.1.5"),
+            (RCPT, "DATA", "354"),
+            (RCPT, "RSET", "250 2.0.0"),
+            (RCPT, "NOOP", "250 2.0.0"),
+            (RCPT, "QUIT", "221 2.0.0"),
+            (RCPT, "VRFY u", "252 2.5.0"),
+            (RCPT, "HELP", "214 2.0.0"),
+            (RCPT, "STARTTLS", "503 5.5.1"),
+            (RCPT, "AUTH PLAIN", "503 5.5.1"),
+            (RCPT, "FOO", "500 5.5.1"),
+        ];
+        let config = SmtpConfig { tls_available: true, ..SmtpConfig::default() };
+        for (script, cmd, want) in table {
+            let mut h = Harness::new(config.clone());
+            h.feed(script.as_bytes());
+            h.clear();
+            h.feed(format!("{cmd}\r\n").as_bytes());
+            assert!(h.last().starts_with(want), "after {script:?} {cmd:?}: got {:?}", h.replies);
+            assert_eq!(h.closed, *cmd == "QUIT");
+        }
+    }
+
+    /// State after a command: the reply to a probe that depends on it.
+    #[test]
+    fn transitions() {
+        let table: &[(&str, &str, &str)] = &[
+            (RCPT, "RSET", "503 5.5.1"),       // envelope gone
+            (RCPT, "EHLO c.example", "503 5.5.1"), // EHLO resets too
+            (RCPT, "NOOP", "354"),             // NOOP keeps it
+            (RCPT, "VRFY x", "354"),
+            (RCPT, "RCPT TO:<nobody@local.example>", "354"), // one still good
+            (MAIL, "RCPT TO:<nobody@local.example>", "554 5.5.1"),
+            (MAIL, "RCPT TO:<u@local.example>", "354"),
+        ];
+        for (script, cmd, want) in table {
+            let mut h = Harness::new(SmtpConfig::default());
+            h.feed(format!("{script}{cmd}\r\n").as_bytes());
+            h.clear();
+            h.feed(b"DATA\r\n");
+            assert!(h.last().starts_with(want), "after {script:?} {cmd:?}: {:?}", h.replies);
+        }
+    }
+
+    #[test]
+    fn data_in_data_state_is_not_a_command() {
+        let mut h = Harness::new(SmtpConfig::default());
+        h.feed(RCPT.as_bytes());
+        h.feed(b"DATA\r\nQUIT\r\nRSET\r\n..\r\n.\r\nNOOP\r\n");
+        assert_eq!(h.txns.len(), 1);
+        assert_eq!(h.txns[0].body, b"QUIT\r\nRSET\r\n.\r\n");
+        assert!(!h.closed);
+        let lines = h.lines();
+        let n = lines.len();
+        assert_eq!(&lines[n - 3..], &["354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 Ok: queued as 000000000001", "250 2.0.0 Ok"]);
+    }
+
+    #[test]
+    fn transaction_contents_and_dedup() {
+        let mut h = Harness::new(SmtpConfig::default());
+        h.feed(b"EHLO c.example\r\nMAIL FROM:<S@Remote.example>\r\nRCPT TO:<alias@local.example>\r\nRCPT TO:<U1@local.example>\r\nRCPT TO:<alias@local.example>\r\nDATA\r\nhi\r\n.\r\n");
+        assert_eq!(h.txns.len(), 1);
+        let t = &h.txns[0];
+        assert_eq!(t.return_path.as_deref(), Some("S@Remote.example"));
+        let local: Vec<&str> = t.local.iter().map(|a| a.as_str()).collect();
+        assert_eq!(local, ["u1@local.example", "u2@local.example"]);
+        assert_eq!(t.recipients.len(), 3);
+        assert!(t.remote.is_empty());
+        assert_eq!(t.helo, "c.example");
+        assert!(t.esmtp && !t.tls && t.authenticated.is_none());
+        // The session is back to Greeted: a new MAIL is fine.
+        h.feed(b"MAIL FROM:<>\r\n");
+        assert_eq!(h.last(), "250 2.1.0 Ok");
+    }
+
+    #[test]
+    fn store_failures() {
+        for (err, want) in [
+            (StoreError::Temporary("x".into()), "451 4.3.0"),
+            (StoreError::Permanent("x".into()), "554 5.0.0"),
+        ] {
+            let mut s = Session::new(
+                Arc::new(SmtpConfig::default()),
+                PeerInfo { addr: "[::1]:25".parse().unwrap(), tls: false },
+            );
+            let mut out = s.handle(format!("{RCPT}").as_bytes());
+            let Next::CheckRecipient(a) = out.next else { panic!() };
+            out = s.recipient_checked(verdict(&a));
+            assert!(matches!(out.next, Next::NeedInput));
+            out = s.handle(b"DATA\r\nx\r\n.\r\nNOOP\r\n");
+            assert!(matches!(out.next, Next::Deliver(_)));
+            out = s.finish_delivery(Err(err));
+            let reply = String::from_utf8(out.reply).unwrap();
+            assert!(reply.starts_with(want), "{reply}");
+            assert!(reply.ends_with("250 2.0.0 Ok\r\n"), "pipelined NOOP runs after");
+        }
+    }
+
+    #[test]
+    fn resume_in_wrong_state() {
+        let mut s = Session::new(
+            Arc::new(SmtpConfig::default()),
+            PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false },
+        );
+        for out in [
+            s.recipient_checked(RcptVerdict::Remote),
+            s.authenticated(AuthResult::Success),
+            s.finish_delivery(Ok(QueueId(1))),
+            s.tls_established(),
+        ] {
+            assert!(String::from_utf8(out.reply).unwrap().starts_with("451 4.3.0 Internal error"));
+        }
+        assert!(s.authenticated_user().is_none());
+        // Still usable.
+        let out = s.handle(b"NOOP\r\n");
+        assert_eq!(out.reply, b"250 2.0.0 Ok\r\n");
+        // Input while the driver owes us an answer is a driver bug: 421.
+        let out = s.handle(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@local.example>\r\n");
+        assert!(matches!(out.next, Next::CheckRecipient(_)));
+        let out = s.handle(b"NOOP\r\n");
+        assert!(matches!(out.next, Next::Close));
+        assert!(out.reply.starts_with(b"421 4.3.0"));
+    }
+}

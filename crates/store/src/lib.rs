@@ -15,7 +15,10 @@
 //! higher crate), or deliver mail to other hosts (it only keeps the queue).
 
 mod error;
+mod local;
+mod tables;
 mod types;
 
 pub use error::{StoreError, StoreResult};
+pub use local::{LocalStore, RecoveryReport, StoreOptions};
 pub use types::*;

@@ -217,6 +217,10 @@ pub enum Resolution {
     /// Delivered into these local maildrops (one for a user, several for an
     /// alias with several targets).
     Local(Vec<Address>),
+    /// An alias whose expansion reaches other domains too: deliver into
+    /// the `local` maildrops and queue a copy for the `remote` addresses.
+    /// Never returned without at least one remote address (that is `Local`).
+    Mixed { local: Vec<Address>, remote: Vec<Address> },
     /// A local domain, but no such user or alias: `550 5.1.1`.
     UnknownUser,
     /// Not one of our domains: relay (only for authenticated clients).

@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use redb::ReadableTable;
 use tokio::sync::oneshot;
 
 use super::bodies::StagedBody;

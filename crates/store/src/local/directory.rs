@@ -1,0 +1,488 @@
+//! The [`Directory`] of a [`LocalStore`]: domains, users, aliases.
+//!
+//! Why here: the directory lives in the same redb file as the mail, so that
+//! removing a user and its maildrop is one atomic commit. Password hashing
+//! is argon2 (slow on purpose) and runs on blocking threads; verification of
+//! an unknown user still spends the time of one verification, so that the
+//! answer time does not tell whether an account exists.
+
+use std::sync::OnceLock;
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use redb::{ReadableTable, ReadOnlyTable};
+
+use super::{blocking, Inner, LocalStore};
+use crate::tables::{db_err, decode, encode, unix_now, UserRecord, ALIASES, DOMAINS, MAILBOX, USERS};
+use crate::{Address, Directory, Domain, MailboxEntry, Resolution, StoreError, StoreResult, UserInfo};
+
+/// How many aliases deep an expansion may go before it is cut off.
+const MAX_ALIAS_DEPTH: usize = 8;
+
+fn hash_password(password: &str) -> StoreResult<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| StoreError::Internal(format!("hashing a password: {e}")))
+}
+
+fn check_password(phc: &str, password: &str) -> StoreResult<bool> {
+    let parsed =
+        PasswordHash::new(phc).map_err(|e| StoreError::Internal(format!("stored password hash unreadable: {e}")))?;
+    match Argon2::default().verify_password(password.as_bytes(), &parsed) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(StoreError::Internal(format!("verifying a password: {e}"))),
+    }
+}
+
+/// A hash of a random password, verified against when the user is unknown
+/// (computed once per process, on first need).
+fn dummy_hash() -> StoreResult<&'static str> {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    if let Some(h) = DUMMY.get() {
+        return Ok(h);
+    }
+    let random = SaltString::generate(&mut OsRng);
+    let h = hash_password(random.as_str())?;
+    Ok(DUMMY.get_or_init(|| h))
+}
+
+fn check_new_password(password: &str) -> StoreResult<()> {
+    if password.is_empty() {
+        return Err(StoreError::Permanent("the password must not be empty".into()));
+    }
+    Ok(())
+}
+
+/// The directory tables of one read transaction, with the resolution rules.
+struct Resolver<'a> {
+    domains: ReadOnlyTable<&'static str, ()>,
+    users: ReadOnlyTable<&'static str, &'static [u8]>,
+    aliases: ReadOnlyTable<&'static str, &'static [u8]>,
+    hostnames: &'a [Domain],
+}
+
+/// What one address found in the directory is.
+enum Found {
+    User(Address),
+    Alias(Address, Vec<Address>),
+}
+
+#[derive(Default)]
+struct Expansion {
+    local: Vec<Address>,
+    remote: Vec<Address>,
+    /// An alias was reached again through itself, or the chain too deep.
+    cut: bool,
+}
+
+fn push_unique(v: &mut Vec<Address>, a: Address) {
+    if !v.contains(&a) {
+        v.push(a);
+    }
+}
+
+impl<'a> Resolver<'a> {
+    fn new(inner: &'a Inner, txn: &redb::ReadTransaction) -> StoreResult<Self> {
+        Ok(Resolver {
+            domains: txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?,
+            users: txn.open_table(USERS).map_err(|e| db_err("opening users", e))?,
+            aliases: txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?,
+            hostnames: &inner.options.hostnames,
+        })
+    }
+
+    fn is_domain(&self, d: &str) -> StoreResult<bool> {
+        Ok(self.domains.get(d).map_err(|e| db_err("reading domains", e))?.is_some())
+    }
+
+    fn is_hostname(&self, d: &str) -> bool {
+        self.hostnames.iter().any(|h| h.as_str() == d)
+    }
+
+    fn is_local(&self, d: &str) -> StoreResult<bool> {
+        Ok(self.is_hostname(d) || self.is_domain(d)?)
+    }
+
+    /// Configured domains in name order (redb keeps keys sorted).
+    fn domain_list(&self) -> StoreResult<Vec<String>> {
+        let mut out = Vec::new();
+        for row in self.domains.iter().map_err(|e| db_err("reading domains", e))? {
+            let (k, _) = row.map_err(|e| db_err("reading domains", e))?;
+            out.push(k.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Exactly this address as a user or an alias.
+    fn exact(&self, addr: &str) -> StoreResult<Option<Found>> {
+        let a = || Address::parse(addr);
+        if self.users.get(addr).map_err(|e| db_err("reading users", e))?.is_some() {
+            return Ok(Some(Found::User(a()?)));
+        }
+        if let Some(v) = self.aliases.get(addr).map_err(|e| db_err("reading aliases", e))? {
+            let targets: Vec<Address> = decode("alias targets", v.value())?;
+            return Ok(Some(Found::Alias(a()?, targets)));
+        }
+        Ok(None)
+    }
+
+    /// The user or alias `addr` (in a local domain or a host name) means.
+    fn lookup(&self, addr: &Address) -> StoreResult<Option<Found>> {
+        let local = addr.local_part();
+        if self.is_domain(addr.domain())? {
+            if let Some(f) = self.exact(addr.as_str())? {
+                return Ok(Some(f));
+            }
+        } else if self.is_hostname(addr.domain()) {
+            // The hostname rule: x@hostname is x@d for the first configured
+            // domain d (in name order) that has an x.
+            for d in self.domain_list()? {
+                if let Some(f) = self.exact(&format!("{local}@{d}"))? {
+                    return Ok(Some(f));
+                }
+            }
+        }
+        // RFC 5321 4.5.1: every domain we accept mail for must accept
+        // postmaster. When this domain has none, the postmaster of the first
+        // domain that has one stands in. Only for postmaster: there is no
+        // catch-all for any other local part.
+        if local == "postmaster" {
+            for d in self.domain_list()? {
+                if let Some(f) = self.exact(&format!("postmaster@{d}"))? {
+                    return Ok(Some(f));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn expand(&self, addr: &Address, depth: usize, path: &mut Vec<Address>, out: &mut Expansion) -> StoreResult<bool> {
+        match self.lookup(addr)? {
+            None => Ok(false),
+            Some(Found::User(u)) => {
+                push_unique(&mut out.local, u);
+                Ok(true)
+            }
+            Some(Found::Alias(a, targets)) => {
+                if path.contains(&a) {
+                    tracing::warn!(alias = %a, "alias loop detected; that branch is ignored");
+                    out.cut = true;
+                    return Ok(false);
+                }
+                if depth >= MAX_ALIAS_DEPTH {
+                    tracing::warn!(alias = %a, "aliases nested too deep; that branch is ignored");
+                    out.cut = true;
+                    return Ok(false);
+                }
+                path.push(a.clone());
+                for t in targets {
+                    if self.is_local(t.domain())? {
+                        if !self.expand(&t, depth + 1, path, out)? {
+                            tracing::warn!(alias = %a, target = %t, "alias target is not a user or alias; skipped");
+                        }
+                    } else {
+                        push_unique(&mut out.remote, t);
+                    }
+                }
+                path.pop();
+                Ok(true)
+            }
+        }
+    }
+
+    fn resolve(&self, rcpt: &Address) -> StoreResult<Resolution> {
+        if !self.is_local(rcpt.domain())? {
+            return Ok(Resolution::Remote);
+        }
+        let mut out = Expansion::default();
+        if !self.expand(rcpt, 0, &mut Vec::new(), &mut out)? {
+            return Ok(Resolution::UnknownUser);
+        }
+        match (out.local.is_empty(), out.remote.is_empty()) {
+            (true, true) if out.cut => {
+                Err(StoreError::Permanent(format!("{rcpt}: alias loop or aliases nested too deep")))
+            }
+            (true, true) => Ok(Resolution::UnknownUser),
+            (_, true) => Ok(Resolution::Local(out.local)),
+            _ => Ok(Resolution::Mixed { local: out.local, remote: out.remote }),
+        }
+    }
+}
+
+impl Inner {
+    fn add_domain(&self, domain: &Domain) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+            if t.insert(domain.as_str(), ()).map_err(|e| db_err("writing domains", e))?.is_some() {
+                return Err(StoreError::Permanent(format!("domain {domain} already exists")));
+            }
+        }
+        txn.commit().map_err(|e| db_err("committing domain", e))
+    }
+
+    fn remove_domain(&self, domain: &Domain) -> StoreResult<()> {
+        let suffix = format!("@{}", domain.as_str());
+        let txn = self.begin_write()?;
+        {
+            let users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+            let aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+            let count = |t: &redb::Table<&'static str, &'static [u8]>| -> StoreResult<usize> {
+                let mut n = 0;
+                for row in t.iter().map_err(|e| db_err("reading directory", e))? {
+                    let (k, _) = row.map_err(|e| db_err("reading directory", e))?;
+                    n += usize::from(k.value().ends_with(&suffix));
+                }
+                Ok(n)
+            };
+            let (u, a) = (count(&users)?, count(&aliases)?);
+            if u + a > 0 {
+                return Err(StoreError::Permanent(format!(
+                    "domain {domain} still has {u} user(s) and {a} alias(es); remove them first"
+                )));
+            }
+            let mut t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+            if t.remove(domain.as_str()).map_err(|e| db_err("writing domains", e))?.is_none() {
+                return Err(StoreError::Permanent(format!("no domain {domain}")));
+            }
+        }
+        txn.commit().map_err(|e| db_err("committing domain removal", e))
+    }
+
+    fn domains(&self) -> StoreResult<Vec<Domain>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| db_err("reading domains", e))? {
+            let (k, _) = row.map_err(|e| db_err("reading domains", e))?;
+            out.push(Domain::parse(k.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Inserts or replaces a user record; `new` says which is expected.
+    fn put_user(&self, user: &Address, password_hash: String, new: bool) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        {
+            let domains = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+            let aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+            let mut users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+            let existing: Option<UserRecord> = match users.get(user.as_str()).map_err(|e| db_err("reading users", e))? {
+                Some(v) => Some(decode("user record", v.value())?),
+                None => None,
+            };
+            let created_at = match (new, existing) {
+                (true, Some(_)) => return Err(StoreError::Permanent(format!("user {user} already exists"))),
+                (false, None) => return Err(StoreError::Permanent(format!("no user {user}"))),
+                (false, Some(rec)) => rec.created_at,
+                (true, None) => {
+                    if domains.get(user.domain()).map_err(|e| db_err("reading domains", e))?.is_none() {
+                        return Err(StoreError::Permanent(format!(
+                            "{} is not a configured domain; add it first",
+                            user.domain()
+                        )));
+                    }
+                    if aliases.get(user.as_str()).map_err(|e| db_err("reading aliases", e))?.is_some() {
+                        return Err(StoreError::Permanent(format!("{user} is already an alias")));
+                    }
+                    unix_now()
+                }
+            };
+            let rec = UserRecord { password_hash, created_at };
+            users.insert(user.as_str(), encode("user record", &rec)?.as_slice()).map_err(|e| db_err("writing users", e))?;
+        }
+        txn.commit().map_err(|e| db_err("committing user", e))
+    }
+
+    fn user_record(&self, user: &Address) -> StoreResult<Option<UserRecord>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+        let rec = match users.get(user.as_str()).map_err(|e| db_err("reading users", e))? {
+            Some(v) => Some(decode("user record", v.value())?),
+            None => None,
+        };
+        Ok(rec)
+    }
+
+    fn remove_user(&self, user: &Address) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+            if users.remove(user.as_str()).map_err(|e| db_err("writing users", e))?.is_none() {
+                return Err(StoreError::Permanent(format!("no user {user}")));
+            }
+        }
+        // The maildrop goes in the same commit: no mail of a removed user
+        // can show up for a later user of the same name.
+        let freed = self.remove_entries(&txn, user, None)?;
+        txn.commit().map_err(|e| db_err("committing user removal", e))?;
+        self.unlink_freed(&freed);
+        Ok(())
+    }
+
+    fn users(&self) -> StoreResult<Vec<UserInfo>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+        let mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
+        let mut out = Vec::new();
+        for row in users.iter().map_err(|e| db_err("reading users", e))? {
+            let (k, v) = row.map_err(|e| db_err("reading users", e))?;
+            let rec: UserRecord = decode("user record", v.value())?;
+            let name = k.value();
+            let (mut messages, mut bytes) = (0u64, 0u64);
+            for row in mailbox.range((name, 0u64)..=(name, u64::MAX)).map_err(|e| db_err("reading mailbox", e))? {
+                let (_, v) = row.map_err(|e| db_err("reading mailbox", e))?;
+                let entry: MailboxEntry = decode("mailbox entry", v.value())?;
+                messages += 1;
+                bytes += entry.size;
+            }
+            out.push(UserInfo { address: Address::parse(name)?, created_at: rec.created_at, messages, bytes });
+        }
+        Ok(out)
+    }
+
+    fn add_alias(&self, alias: &Address, targets: &[Address]) -> StoreResult<()> {
+        if targets.is_empty() {
+            return Err(StoreError::Permanent(format!("alias {alias} needs at least one target")));
+        }
+        if targets.contains(alias) {
+            return Err(StoreError::Permanent(format!("alias {alias} cannot point to itself")));
+        }
+        let txn = self.begin_write()?;
+        {
+            let domains = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+            let users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+            let mut aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+            if domains.get(alias.domain()).map_err(|e| db_err("reading domains", e))?.is_none() {
+                return Err(StoreError::Permanent(format!(
+                    "{} is not a configured domain; add it first",
+                    alias.domain()
+                )));
+            }
+            if users.get(alias.as_str()).map_err(|e| db_err("reading users", e))?.is_some() {
+                return Err(StoreError::Permanent(format!("{alias} is already a user")));
+            }
+            if aliases.get(alias.as_str()).map_err(|e| db_err("reading aliases", e))?.is_some() {
+                return Err(StoreError::Permanent(format!("alias {alias} already exists")));
+            }
+            let targets = super::dedup(targets.to_vec());
+            aliases
+                .insert(alias.as_str(), encode("alias targets", &targets)?.as_slice())
+                .map_err(|e| db_err("writing aliases", e))?;
+        }
+        txn.commit().map_err(|e| db_err("committing alias", e))
+    }
+
+    fn remove_alias(&self, alias: &Address) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+            if aliases.remove(alias.as_str()).map_err(|e| db_err("writing aliases", e))?.is_none() {
+                return Err(StoreError::Permanent(format!("no alias {alias}")));
+            }
+        }
+        txn.commit().map_err(|e| db_err("committing alias removal", e))
+    }
+
+    fn aliases(&self) -> StoreResult<Vec<(Address, Vec<Address>)>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let t = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| db_err("reading aliases", e))? {
+            let (k, v) = row.map_err(|e| db_err("reading aliases", e))?;
+            out.push((Address::parse(k.value())?, decode("alias targets", v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn resolve(&self, rcpt: &Address) -> StoreResult<Resolution> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        Resolver::new(self, &txn)?.resolve(rcpt)
+    }
+}
+
+#[async_trait::async_trait]
+impl Directory for LocalStore {
+    async fn add_domain(&self, domain: &Domain) -> StoreResult<()> {
+        let (inner, domain) = (self.inner().clone(), domain.clone());
+        blocking(move || inner.add_domain(&domain)).await
+    }
+
+    async fn remove_domain(&self, domain: &Domain) -> StoreResult<()> {
+        let (inner, domain) = (self.inner().clone(), domain.clone());
+        blocking(move || inner.remove_domain(&domain)).await
+    }
+
+    async fn domains(&self) -> StoreResult<Vec<Domain>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.domains()).await
+    }
+
+    async fn add_user(&self, user: &Address, password: &str) -> StoreResult<()> {
+        check_new_password(password)?;
+        let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
+        blocking(move || {
+            let hash = hash_password(&password)?;
+            inner.put_user(&user, hash, true)
+        })
+        .await
+    }
+
+    async fn set_password(&self, user: &Address, password: &str) -> StoreResult<()> {
+        check_new_password(password)?;
+        let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
+        blocking(move || {
+            let hash = hash_password(&password)?;
+            inner.put_user(&user, hash, false)
+        })
+        .await
+    }
+
+    async fn remove_user(&self, user: &Address) -> StoreResult<()> {
+        let (inner, user) = (self.inner().clone(), user.clone());
+        blocking(move || inner.remove_user(&user)).await
+    }
+
+    async fn users(&self) -> StoreResult<Vec<UserInfo>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.users()).await
+    }
+
+    async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool> {
+        let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
+        blocking(move || match inner.user_record(&user)? {
+            Some(rec) => check_password(&rec.password_hash, &password),
+            None => {
+                // Same work as for a real user, same answer as a wrong
+                // password.
+                let _ = check_password(dummy_hash()?, &password)?;
+                Ok(false)
+            }
+        })
+        .await
+    }
+
+    async fn add_alias(&self, alias: &Address, targets: &[Address]) -> StoreResult<()> {
+        let (inner, alias, targets) = (self.inner().clone(), alias.clone(), targets.to_vec());
+        blocking(move || inner.add_alias(&alias, &targets)).await
+    }
+
+    async fn remove_alias(&self, alias: &Address) -> StoreResult<()> {
+        let (inner, alias) = (self.inner().clone(), alias.clone());
+        blocking(move || inner.remove_alias(&alias)).await
+    }
+
+    async fn aliases(&self) -> StoreResult<Vec<(Address, Vec<Address>)>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.aliases()).await
+    }
+
+    async fn resolve(&self, rcpt: &Address) -> StoreResult<Resolution> {
+        let (inner, rcpt) = (self.inner().clone(), rcpt.clone());
+        blocking(move || inner.resolve(&rcpt)).await
+    }
+}
+

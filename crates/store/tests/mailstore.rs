@@ -1,0 +1,337 @@
+//! Behaviour of the mail side of `LocalStore`: accept, mailbox, delete,
+//! queue, ids and recovery, observed through the public API and the files.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use hamail_store::*;
+
+fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap()
+}
+
+fn open(dir: &Path) -> Arc<LocalStore> {
+    LocalStore::open(dir, StoreOptions::default()).unwrap()
+}
+
+/// The body files on disk, by hash.
+fn body_files(dir: &Path) -> BTreeSet<BodyHash> {
+    let mut out = BTreeSet::new();
+    for sub in std::fs::read_dir(dir.join("bodies")).unwrap() {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let name = f.unwrap().file_name().into_string().unwrap();
+            out.insert(BodyHash::from_hex(&name).expect("only hashes in bodies/"));
+        }
+    }
+    out
+}
+
+async fn incoming(store: &LocalStore, local: &[&str], remote: &[&str], body: &[u8]) -> Incoming {
+    Incoming {
+        return_path: Some("sender@example.org".into()),
+        local: local.iter().map(|s| addr(s)).collect(),
+        remote: remote.iter().map(|s| s.to_string()).collect(),
+        body: Arc::new(body.to_vec()),
+        queue_id: store.next_queue_id().await.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn one_body_for_three_recipients_and_exact_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let body = b"Subject: hi\r\n\r\nhello\r\n";
+    let msg = incoming(&store, &["a@x.test", "b@x.test", "c@x.test"], &[], body).await;
+    let qid = msg.queue_id;
+    let c = store.accept(msg).await.unwrap();
+    assert_eq!(c.queue_id(), qid);
+    assert_eq!(c.body(), BodyHash::of(body));
+    assert_eq!(c.size(), body.len() as u64);
+
+    assert_eq!(body_files(dir.path()), BTreeSet::from([c.body()]));
+    assert_eq!(store.body_refs(&c.body()).await.unwrap(), 3);
+
+    for u in ["a@x.test", "b@x.test", "c@x.test"] {
+        let mb = store.mailbox(&addr(u)).await.unwrap();
+        assert_eq!(mb.len(), 1);
+        let e = &mb[0];
+        assert_eq!(e.body, c.body());
+        assert_eq!(e.queue_id, qid);
+        assert_eq!(e.return_path_line(), "Return-Path: <sender@example.org>\r\n");
+        assert_eq!(e.size, ("Return-Path: <sender@example.org>\r\n".len() + body.len()) as u64);
+    }
+    assert_eq!(*store.body(&c.body()).await.unwrap(), body.to_vec());
+    // Three different entries, never the same id.
+    let ids: BTreeSet<EntryId> = [
+        store.mailbox(&addr("a@x.test")).await.unwrap()[0].id,
+        store.mailbox(&addr("b@x.test")).await.unwrap()[0].id,
+        store.mailbox(&addr("c@x.test")).await.unwrap()[0].id,
+    ]
+    .into();
+    assert_eq!(ids.len(), 3);
+}
+
+#[tokio::test]
+async fn null_sender_size_and_duplicate_recipients() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut msg = incoming(&store, &["a@x.test", "a@x.test"], &[], b"bounce\r\n").await;
+    msg.return_path = None;
+    let c = store.accept(msg).await.unwrap();
+    let mb = store.mailbox(&addr("a@x.test")).await.unwrap();
+    assert_eq!(mb.len(), 1, "duplicate recipients are delivered once");
+    assert_eq!(mb[0].size, ("Return-Path: <>\r\n".len() + 8) as u64);
+    assert_eq!(store.body_refs(&c.body()).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn no_recipients_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let msg = incoming(&store, &[], &[], b"x").await;
+    assert!(matches!(store.accept(msg).await, Err(StoreError::Permanent(_))));
+}
+
+#[tokio::test]
+async fn mailbox_is_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut hashes = Vec::new();
+    for i in 0..20 {
+        let msg = incoming(&store, &["a@x.test"], &[], format!("message {i}\r\n").as_bytes()).await;
+        hashes.push(store.accept(msg).await.unwrap().body());
+    }
+    let mb = store.mailbox(&addr("a@x.test")).await.unwrap();
+    assert_eq!(mb.iter().map(|e| e.body).collect::<Vec<_>>(), hashes);
+    assert!(mb.windows(2).all(|w| w[0].id < w[1].id));
+}
+
+#[tokio::test]
+async fn delete_frees_body_only_at_last_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let body = b"shared body\r\n";
+    let c = store.accept(incoming(&store, &["a@x.test", "b@x.test"], &["r@remote.test"], body).await).await.unwrap();
+    let h = c.body();
+    assert_eq!(store.body_refs(&h).await.unwrap(), 3);
+
+    let a = addr("a@x.test");
+    let ida = store.mailbox(&a).await.unwrap()[0].id;
+    store.delete(&a, &[ida]).await.unwrap();
+    assert!(store.mailbox(&a).await.unwrap().is_empty());
+    assert_eq!(store.body_refs(&h).await.unwrap(), 2);
+    assert!(body_files(dir.path()).contains(&h));
+
+    // Deleting again (id already gone) is ignored and changes nothing.
+    store.delete(&a, &[ida]).await.unwrap();
+    assert_eq!(store.body_refs(&h).await.unwrap(), 2);
+    // Another user's id given for the wrong user is not found either.
+    let b = addr("b@x.test");
+    let idb = store.mailbox(&b).await.unwrap()[0].id;
+    store.delete(&a, &[idb]).await.unwrap();
+    assert_eq!(store.mailbox(&b).await.unwrap().len(), 1);
+
+    store.delete(&b, &[idb]).await.unwrap();
+    assert_eq!(store.body_refs(&h).await.unwrap(), 1);
+    assert!(body_files(dir.path()).contains(&h));
+
+    // The queue entry holds the last reference.
+    let q = store.queue().await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].recipients, vec!["r@remote.test".to_string()]);
+    assert_eq!(q[0].body, h);
+    assert!(store.dequeue(c.queue_id()).await.unwrap());
+    assert!(!store.dequeue(c.queue_id()).await.unwrap());
+    assert_eq!(store.body_refs(&h).await.unwrap(), 0);
+    assert!(body_files(dir.path()).is_empty());
+    assert!(matches!(store.body(&h).await, Err(StoreError::Permanent(_))));
+}
+
+#[tokio::test]
+async fn same_body_accepted_again_after_free_is_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = addr("a@x.test");
+    let body = b"again\r\n";
+    store.accept(incoming(&store, &["a@x.test"], &[], body).await).await.unwrap();
+    let id = store.mailbox(&a).await.unwrap()[0].id;
+    store.delete(&a, &[id]).await.unwrap();
+    assert!(body_files(dir.path()).is_empty());
+    let c = store.accept(incoming(&store, &["a@x.test"], &[], body).await).await.unwrap();
+    assert_eq!(*store.body(&c.body()).await.unwrap(), body.to_vec());
+    assert_eq!(store.body_refs(&c.body()).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn ids_are_never_reused_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = addr("a@x.test");
+    let mut queue_ids = BTreeSet::new();
+    let mut entry_ids = BTreeSet::new();
+    for round in 0..3 {
+        let store = open(dir.path());
+        for i in 0..5 {
+            let msg = incoming(&store, &["a@x.test"], &[], format!("r{round} m{i}").as_bytes()).await;
+            assert!(queue_ids.insert(msg.queue_id), "queue id reused");
+            store.accept(msg).await.unwrap();
+        }
+        // Delete everything: the highest ids are gone, and must still not
+        // come back.
+        let mb = store.mailbox(&a).await.unwrap();
+        for e in &mb {
+            assert!(entry_ids.insert(e.id), "entry id reused");
+        }
+        let ids: Vec<EntryId> = mb.iter().map(|e| e.id).collect();
+        store.delete(&a, &ids).await.unwrap();
+        drop(store);
+    }
+    assert_eq!(entry_ids.len(), 15);
+}
+
+#[tokio::test]
+async fn a_thousand_local_recipients_in_one_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let users: Vec<String> = (0..1000).map(|i| format!("user{i}@x.test")).collect();
+    let refs: Vec<&str> = users.iter().map(|s| s.as_str()).collect();
+    let c = store.accept(incoming(&store, &refs, &["far@away.test"], b"to everyone\r\n").await).await.unwrap();
+    assert_eq!(store.body_refs(&c.body()).await.unwrap(), 1001);
+    for u in [&users[0], &users[500], &users[999]] {
+        let mb = store.mailbox(&addr(u)).await.unwrap();
+        assert_eq!(mb.len(), 1);
+        assert_eq!(mb[0].body, c.body());
+    }
+    assert_eq!(body_files(dir.path()).len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_accepts_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..25 {
+                // Every fifth message shares its body with other tasks.
+                let body = if i % 5 == 0 { "shared".to_string() } else { format!("t{t} i{i}") };
+                let msg = incoming(&store, &["a@x.test", "b@x.test"], &[], body.as_bytes()).await;
+                out.push(store.accept(msg).await.unwrap());
+            }
+            out
+        }));
+    }
+    let mut committed = Vec::new();
+    for t in tasks {
+        committed.extend(t.await.unwrap());
+    }
+    assert_eq!(committed.len(), 200);
+    let mb = store.mailbox(&addr("a@x.test")).await.unwrap();
+    assert_eq!(mb.len(), 200);
+    let shared = BodyHash::of(b"shared");
+    assert_eq!(store.body_refs(&shared).await.unwrap(), 8 * 5 * 2);
+    let hashes: BTreeSet<BodyHash> = committed.iter().map(|c| c.body()).collect();
+    assert_eq!(body_files(dir.path()), hashes);
+}
+
+#[tokio::test]
+async fn concurrent_delete_and_accept_of_same_body_never_lose_it() {
+    // A delete freeing a body while an accept of the same content is on its
+    // way must not unlink the file under the accept.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = addr("a@x.test");
+    let b = addr("b@x.test");
+    let body = b"ping-pong body\r\n";
+    let h = BodyHash::of(body);
+    for _ in 0..100 {
+        store.accept(incoming(&store, &["a@x.test"], &[], body).await).await.unwrap();
+        let ids: Vec<EntryId> = store.mailbox(&a).await.unwrap().iter().map(|e| e.id).collect();
+        let (s1, s2) = (store.clone(), store.clone());
+        let a2 = a.clone();
+        let del = tokio::spawn(async move { s1.delete(&a2, &ids).await.unwrap() });
+        let msg = incoming(&store, &["b@x.test"], &[], body).await;
+        let acc = tokio::spawn(async move { s2.accept(msg).await.unwrap() });
+        del.await.unwrap();
+        acc.await.unwrap();
+        assert_eq!(store.body_refs(&h).await.unwrap(), 1);
+        assert_eq!(*store.body(&h).await.unwrap(), body.to_vec(), "body lost");
+        let idb: Vec<EntryId> = store.mailbox(&b).await.unwrap().iter().map(|e| e.id).collect();
+        store.delete(&b, &idb).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn recovery_removes_leftovers_and_keeps_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = {
+        let store = open(dir.path());
+        store.accept(incoming(&store, &["a@x.test"], &[], b"committed\r\n").await).await.unwrap().body()
+    };
+    // What a crash can leave: a half-written temp file, and a renamed body
+    // whose metadata commit never happened.
+    std::fs::write(dir.path().join("tmp/123.4.deadbeef"), b"half a bo").unwrap();
+    let orphan = BodyHash::of(b"orphan");
+    let orphan_path = dir.path().join("bodies").join(format!("{:02x}", orphan.0[0])).join(orphan.to_hex());
+    std::fs::write(&orphan_path, b"orphan").unwrap();
+    std::fs::write(dir.path().join("bodies/00/not-a-hash"), b"junk").unwrap();
+
+    let store = open(dir.path());
+    let r = store.recovery_report();
+    assert_eq!(r.tmp_removed, 1);
+    assert_eq!(r.orphans_removed, 2);
+    assert_eq!(r.missing_bodies, 0);
+    assert_eq!(r.refcounts_repaired, 0);
+    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(body_files(dir.path()), BTreeSet::from([kept]));
+    assert_eq!(*store.body(&kept).await.unwrap(), b"committed\r\n".to_vec());
+    assert_eq!(store.mailbox(&addr("a@x.test")).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn recovery_reports_a_missing_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = {
+        let store = open(dir.path());
+        store.accept(incoming(&store, &["a@x.test"], &[], b"will vanish").await).await.unwrap().body()
+    };
+    std::fs::remove_file(dir.path().join("bodies").join(format!("{:02x}", h.0[0])).join(h.to_hex())).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.recovery_report().missing_bodies, 1);
+}
+
+#[tokio::test]
+async fn damaged_body_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let c = store.accept(incoming(&store, &["a@x.test"], &[], b"pristine").await).await.unwrap();
+    std::fs::write(store.body_path(&c.body()), b"pristinf").unwrap();
+    assert!(matches!(store.body(&c.body()).await, Err(StoreError::Internal(_))));
+}
+
+#[tokio::test]
+async fn queue_lists_remote_recipients() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let c = store.accept(incoming(&store, &[], &["x@far.test", "y@far.test"], b"out").await).await.unwrap();
+    let q = store.queue().await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].queue_id, c.queue_id());
+    assert_eq!(q[0].recipients.len(), 2);
+    assert_eq!(q[0].size, 3);
+    assert_eq!(q[0].return_path.as_deref(), Some("sender@example.org"));
+    // The same queue id cannot be queued twice.
+    let mut again = incoming(&store, &[], &["z@far.test"], b"other").await;
+    again.queue_id = c.queue_id();
+    assert!(matches!(store.accept(again).await, Err(StoreError::Permanent(_))));
+}
+
+#[test]
+fn store_is_locked_while_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path());
+    let second = LocalStore::open(dir.path(), StoreOptions::default());
+    assert!(matches!(second, Err(StoreError::Unavailable(_))), "{second:?}");
+}
