@@ -849,7 +849,7 @@ mod tests {
         assert_eq!(out.next, Next::OpenMaildrop(alice()));
         assert_eq!(text(&out), "");
         let out = s.maildrop_opened(MaildropResult::Opened(entries()));
-        assert_eq!(text(&out), "+OK maildrop has 2 messages (100 octets)\r\n");
+        assert_eq!(text(&out), "+OK maildrop has 2 messages (97 octets)\r\n");
         assert_eq!(out.next, Next::NeedInput);
         assert_eq!(s.user(), Some(&alice()));
         s
@@ -920,8 +920,8 @@ mod tests {
         let retr1 = Fetch(BodyHash::of(BODY1));
         let retr2 = Fetch(BodyHash::of(BODY2));
         let update = |ids: &[u64]| Update { user: alice(), delete: ids.iter().map(|&i| EntryId(i)).collect() };
-        let list_all = "+OK 2 messages (100 octets)\r\n1 56\r\n2 44\r\n.\r\n";
-        let list_one = "+OK 1 messages (44 octets)\r\n2 44\r\n.\r\n";
+        let list_all = "+OK 2 messages (97 octets)\r\n1 59\r\n2 38\r\n.\r\n";
+        let list_one = "+OK 1 messages (38 octets)\r\n2 38\r\n.\r\n";
         let uidl_all = "+OK\r\n1 0000000000000001\r\n2 000000000000002a\r\n.\r\n";
         let rows: Vec<(Setup, &str, &str, Next)> = vec![
             // AUTHORIZATION, plaintext allowed.
@@ -980,10 +980,10 @@ mod tests {
             (AuthAfterUser, "USER carol\r\nPASS x\r\n", "+OK send PASS\r\n", creds("carol", "x")),
             (AuthAfterUser, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
             // TRANSACTION.
-            (Trans, "STAT\r\n", "+OK 2 100\r\n", NeedInput),
-            (Trans, "stat\r\n", "+OK 2 100\r\n", NeedInput),
+            (Trans, "STAT\r\n", "+OK 2 97\r\n", NeedInput),
+            (Trans, "stat\r\n", "+OK 2 97\r\n", NeedInput),
             (Trans, "LIST\r\n", list_all, NeedInput),
-            (Trans, "LIST 2\r\n", "+OK 2 44\r\n", NeedInput),
+            (Trans, "LIST 2\r\n", "+OK 2 38\r\n", NeedInput),
             (Trans, "LIST 3\r\n", NO_MSG, NeedInput),
             (Trans, "LIST 0\r\n", NO_MSG, NeedInput),
             (Trans, "LIST x\r\n", NO_MSG, NeedInput),
@@ -1003,7 +1003,7 @@ mod tests {
             (Trans, "DELE 1\r\n", "+OK message 1 deleted\r\n", NeedInput),
             (Trans, "DELE 3\r\n", NO_MSG, NeedInput),
             (Trans, "DELE\r\n", SYNTAX, NeedInput),
-            (Trans, "RSET\r\n", "+OK maildrop has 2 messages (100 octets)\r\n", NeedInput),
+            (Trans, "RSET\r\n", "+OK maildrop has 2 messages (97 octets)\r\n", NeedInput),
             (Trans, "NOOP\r\n", "+OK\r\n", NeedInput),
             (Trans, "CAPA\r\n", CAPA_TRANS, NeedInput),
             (Trans, "QUIT\r\n", "", update(&[])),
@@ -1014,7 +1014,7 @@ mod tests {
             (Trans, "APOP a b\r\n", WRONG_STATE, NeedInput),
             (Trans, "XYZZY\r\n", UNKNOWN, NeedInput),
             // TRANSACTION with message 1 marked as deleted.
-            (TransDeleted, "STAT\r\n", "+OK 1 44\r\n", NeedInput),
+            (TransDeleted, "STAT\r\n", "+OK 1 38\r\n", NeedInput),
             (TransDeleted, "LIST\r\n", list_one, NeedInput),
             (TransDeleted, "LIST 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "UIDL\r\n", "+OK\r\n2 000000000000002a\r\n.\r\n", NeedInput),
@@ -1022,7 +1022,7 @@ mod tests {
             (TransDeleted, "RETR 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "TOP 1 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "DELE 1\r\n", NO_MSG, NeedInput),
-            (TransDeleted, "RSET\r\nSTAT\r\n", "+OK maildrop has 2 messages (100 octets)\r\n+OK 2 100\r\n", NeedInput),
+            (TransDeleted, "RSET\r\nSTAT\r\n", "+OK maildrop has 2 messages (97 octets)\r\n+OK 2 97\r\n", NeedInput),
             (TransDeleted, "QUIT\r\n", "", update(&[1])),
             (TransDeleted, "DELE 2\r\nQUIT\r\n", "+OK message 2 deleted\r\n", update(&[1, 0x2a])),
         ];
@@ -1038,7 +1038,7 @@ mod tests {
         let mut s = session(true, false, false);
         assert_eq!(text(&s.handle(b"AUTH PLAIN\r\n")), "+ \r\n");
         let out = s.handle(format!("{}\r\n", b64(b"\0alice\0pw")).as_bytes());
-        assert_eq!((text(&out), out.next), ("", creds("alice", "pw")));
+        assert_eq!((text(&out), &out.next), ("", &creds("alice", "pw")));
 
         // "*" cancels, and the next line is a command again.
         let mut s = session(true, false, false);
@@ -1049,7 +1049,9 @@ mod tests {
         assert_eq!(text(&s.handle(b"AUTH PLAIN\r\n\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
         // The response line is not a command.
         let mut s = session(true, false, false);
-        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")), "+ \r\n-ERR invalid base64\r\n");
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
+        let mut s = session(true, false, false);
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nNOOP!\r\n")), "+ \r\n-ERR invalid base64\r\n");
     }
 
     #[test]
@@ -1066,14 +1068,14 @@ mod tests {
         assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
         // Input pipelined while the driver verifies waits for the answer.
         let out = s.handle(b"PASS c\r\n");
-        assert_eq!((text(&out), out.next), ("", Next::NeedInput));
+        assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
         let out = s.authenticated(AuthResult::Failure);
         // USER is forgotten after a failed PASS.
         assert_eq!(text(&out), "-ERR [AUTH] Invalid credentials\r\n-ERR send USER first\r\n");
         assert_eq!(s.user(), None);
         assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
         let out = s.authenticated(AuthResult::TemporaryFailure("directory\r\ndown".into()));
-        assert_eq!((text(&out), out.next), ("-ERR [SYS/TEMP] directory  down\r\n", Next::NeedInput));
+        assert_eq!((text(&out), &out.next), ("-ERR [SYS/TEMP] directory  down\r\n", &Next::NeedInput));
         assert_eq!(text(&s.handle(b"NOOP\r\n")), WRONG_STATE);
     }
 
@@ -1094,7 +1096,7 @@ mod tests {
             s.handle(b"USER alice@example.org\r\nPASS x\r\n");
             assert_eq!(s.authenticated(AuthResult::Success(alice())).next, Next::OpenMaildrop(alice()));
             let out = s.maildrop_opened(result);
-            assert_eq!((text(&out), out.next), (reply, Next::NeedInput));
+            assert_eq!((text(&out), &out.next), (reply, &Next::NeedInput));
             assert_eq!(s.user(), None);
             // Back in AUTHORIZATION.
             assert_eq!(text(&s.handle(b"STAT\r\n")), WRONG_STATE);
@@ -1109,7 +1111,7 @@ mod tests {
         let out = s.fetched(Ok(Arc::new(BODY1.to_vec())));
         assert_eq!(
             text(&out),
-            "+OK 56 octets\r\nReturn-Path: <a@example.com>\r\nSubject: one\r\n\r\nHello\r\n..dot\r\n.\r\n"
+            "+OK 59 octets\r\nReturn-Path: <a@example.com>\r\nSubject: one\r\n\r\nHello\r\n..dot\r\n.\r\n"
         );
         assert_eq!(out.next, Next::NeedInput);
         assert_eq!(s.handle(b"TOP 2 0\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
@@ -1129,7 +1131,7 @@ mod tests {
     fn pipelined_retr_waits_for_each_fetch() {
         let mut s = transaction();
         let out = s.handle(b"RETR 2\r\nRETR 2\r\nNOOP\r\n");
-        assert_eq!((text(&out), out.next), ("", Next::Fetch(BodyHash::of(BODY2))));
+        assert_eq!((text(&out), &out.next), ("", &Next::Fetch(BodyHash::of(BODY2))));
         let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
         assert_eq!(out.next, Next::Fetch(BodyHash::of(BODY2)));
         let first = out.reply;
@@ -1147,15 +1149,15 @@ mod tests {
         assert_eq!(s.user(), Some(&alice()));
         let out = s.updated(Ok(()));
         // The NOOP pipelined after QUIT is never answered.
-        assert_eq!((text(&out), out.next), ("+OK hamail signing off (1 messages left)\r\n", Next::Close));
+        assert_eq!((text(&out), &out.next), ("+OK hamail signing off (1 messages left)\r\n", &Next::Close));
         assert_eq!(s.handle(b"NOOP\r\n").next, Next::Close);
 
         let mut s = transaction();
         s.handle(b"DELE 1\r\nQUIT\r\n");
         let out = s.updated(Err(StoreError::Temporary("disk".into())));
         assert_eq!(
-            (text(&out), out.next),
-            ("-ERR [SYS/TEMP] some deleted messages not removed\r\n", Next::Close)
+            (text(&out), &out.next),
+            ("-ERR [SYS/TEMP] some deleted messages not removed\r\n", &Next::Close)
         );
     }
 
@@ -1186,12 +1188,12 @@ mod tests {
     fn stls_discards_pipelined_input() {
         let mut s = session(false, true, false);
         let out = s.handle(b"STLS\r\nUSER evil\r\nPASS evil\r\n");
-        assert_eq!((text(&out), out.next), ("+OK Begin TLS negotiation\r\n", Next::StartTls));
+        assert_eq!((text(&out), &out.next), ("+OK Begin TLS negotiation\r\n", &Next::StartTls));
         // Clear-text input before the handshake finishes is dropped too.
         let out = s.handle(b"PASS evil2\r\n");
-        assert_eq!((text(&out), out.next), ("", Next::NeedInput));
+        assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
         let out = s.tls_established();
-        assert_eq!((text(&out), out.next), ("", Next::NeedInput));
+        assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
         // Nothing of the above runs: PASS has no USER, STLS is now refused.
         assert_eq!(text(&s.handle(b"PASS x\r\n")), "-ERR send USER first\r\n");
         assert_eq!(text(&s.handle(b"STLS\r\n")), "-ERR already using TLS\r\n");
@@ -1245,7 +1247,7 @@ mod tests {
         }
         let out = s.handle(&input);
         let expected = format!("{}-ERR too many errors\r\n", UNKNOWN.repeat(19));
-        assert_eq!((text(&out), out.next), (expected.as_str(), Next::Close));
+        assert_eq!((text(&out), &out.next), (expected.as_str(), &Next::Close));
         assert_eq!(s.handle(b"CAPA\r\n").next, Next::Close);
     }
 

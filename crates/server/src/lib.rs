@@ -136,7 +136,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
     let pop3_limit = Arc::new(tokio::sync::Semaphore::new(c.pop3.max_connections));
-    let mut bound = |addrs: &[SocketAddr], what: &str| -> Result<Vec<(TcpListener, SocketAddr)>, ServerError> {
+    let bound = |addrs: &[SocketAddr], what: &str| -> Result<Vec<(TcpListener, SocketAddr)>, ServerError> {
         addrs
             .iter()
             .map(|a| {

@@ -1187,7 +1187,7 @@ pub(crate) mod tests {
                 Arc::new(SmtpConfig::default()),
                 PeerInfo { addr: "[::1]:25".parse().unwrap(), tls: false },
             );
-            let mut out = s.handle(format!("{RCPT}").as_bytes());
+            let mut out = s.handle(RCPT.as_bytes());
             let Next::CheckRecipient(a) = out.next else { panic!() };
             out = s.recipient_checked(verdict(&a));
             assert!(matches!(out.next, Next::NeedInput));

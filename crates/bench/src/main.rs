@@ -1,0 +1,400 @@
+//! `hamail-bench`: throughput and memory benchmark of a `hamail` server,
+//! measured the same way as the Postfix / Dovecot baseline in
+//! `../shared/peers` (bench.py, smtp-source, pop3load.py) so that the
+//! ratios it prints are fair.
+//!
+//! It starts its own server (`hamail serve`) with a fresh data directory on
+//! the disk under the current directory (fsync cost matters, so not tmpfs),
+//! creates the domain `bench.test` and `--users` users, then measures:
+//!
+//! * **SMTP acceptance**: for every message size (`--sizes`, payload bytes
+//!   like smtp-source `-l`) and concurrency (`--concurrency`), that many
+//!   sessions send for `--seconds`: greeting, EHLO, MAIL, RCPT (one
+//!   recipient, round-robin over the users), DATA, payload, QUIT; one
+//!   connection per message like smtp-source, or many with RSET with
+//!   `--reuse` (smtp-source `-d`). Lock-step, no pipelining. Only messages
+//!   answered 250 (i.e. fsynced by the server) count. The mailboxes are
+//!   emptied (POP3 DELE) between cells, as bench.py empties the maildirs.
+//! * **POP3 retrieval**: `--users` mailboxes with `--pop3-msgs` 1 KiB
+//!   messages each; after one unmeasured warm-up pass, C clients
+//!   (`--pop3-concurrency`) each own distinct users and loop USER/PASS,
+//!   LIST, RETR every message, QUIT (no DELE) for `--seconds`.
+//! * **Server memory and CPU** per cell: VmRSS sampled from /proc every
+//!   `--sample-ms` (and VmHWM, reset at the start of each cell), PSS, and
+//!   the server's CPU time.
+//!
+//! Each cell prints one `key=value` line (msgs_per_s, mb_per_s with MB =
+//! 10^6 bytes, peak_rss_mb, errors, and the reference figure and ratio where
+//! the peers have one), and a table follows at the end.
+//!
+//! Run it from the workspace root:
+//!
+//! ```sh
+//! cargo build --release -p hamail -p hamail-bench
+//! cargo run --release -p hamail-bench -- --seconds 10
+//! cargo run --release -p hamail-bench -- --sizes 1k --concurrency 10 --reuse --no-pop3
+//! ```
+
+mod pop3;
+mod procfs;
+mod report;
+mod server;
+mod smtp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::Parser;
+
+use report::Cell;
+use server::{Admin, Server};
+
+const DOMAIN: &str = "bench.test";
+const PASSWORD: &str = "benchpass";
+
+#[derive(Parser, Debug)]
+#[command(name = "hamail-bench", about = "SMTP acceptance and POP3 retrieval benchmark of a hamail server")]
+struct Cli {
+    /// The hamail binary [default: `hamail` next to this executable].
+    #[arg(long)]
+    hamail: Option<PathBuf>,
+    /// Directory in which the temporary server directory is made (keep it on
+    /// a real disk: fsync cost is part of the measurement) [default: .].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep the server's directory (config, data, log) at the end.
+    #[arg(long)]
+    keep: bool,
+    /// SMTP message payload sizes in bytes; k / m suffixes mean KiB / MiB.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1k,100k,1m")]
+    sizes: Vec<usize>,
+    /// SMTP concurrent sessions.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    concurrency: Vec<usize>,
+    /// Duration of each cell, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Send many messages per SMTP connection (RSET between them), like
+    /// smtp-source -d.
+    #[arg(long)]
+    reuse: bool,
+    /// Users to create: the SMTP recipients and the POP3 mailboxes.
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// POP3 concurrent clients.
+    #[arg(long, value_delimiter = ',', default_value = "1,10")]
+    pop3_concurrency: Vec<usize>,
+    /// Messages per POP3 mailbox (the Dovecot figure used 20).
+    #[arg(long, default_value_t = 20)]
+    pop3_msgs: usize,
+    /// Size of the POP3 test messages (payload bytes).
+    #[arg(long, value_parser = parse_size, default_value = "1k")]
+    pop3_size: usize,
+    /// Skip the SMTP matrix.
+    #[arg(long)]
+    no_smtp: bool,
+    /// Skip the POP3 test.
+    #[arg(long)]
+    no_pop3: bool,
+    /// Do not empty the mailboxes between SMTP cells.
+    #[arg(long)]
+    no_purge: bool,
+    /// Memory sampling interval, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    sample_ms: u64,
+    /// `hamail user add` run in parallel while creating users.
+    #[arg(long, default_value_t = 4)]
+    admin_parallel: usize,
+}
+
+/// "1024", "1k", "100K", "1m", "1MiB".
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k')) => (&t[..i], 1024),
+        Some((i, 'm')) => (&t[..i], 1024 * 1024),
+        _ => (t, 1),
+    };
+    let n: usize = num.trim().parse().map_err(|_| format!("not a size: {s}"))?;
+    let size = n.checked_mul(mult).ok_or_else(|| format!("too large: {s}"))?;
+    if size < 16 {
+        return Err(format!("sizes below 16 bytes are not supported: {s}"));
+    }
+    Ok(size)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hamail-bench: cannot start the runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("hamail-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("hamail-bench: {msg}");
+}
+
+fn find_hamail(given: Option<PathBuf>) -> Result<PathBuf> {
+    let path = match given {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .parent()
+            .context("this executable has no directory")?
+            .join("hamail"),
+    };
+    if !path.is_file() {
+        bail!("{} not found: build it with `cargo build --release -p hamail` or pass --hamail", path.display());
+    }
+    Ok(path)
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn config_text(data_dir: &Path, admin_socket: Option<&Path>, max_connections: usize) -> String {
+    let mut cfg = format!(
+        "[server]\nhostname = \"mx.bench.test\"\ndata_dir = {}\nauth_failure_delay_ms = 1000\n\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\nmax_recipients = 1000\nmax_connections = {max_connections}\n\n\
+         [pop3]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {max_connections}\n",
+        toml_str(&data_dir.to_string_lossy())
+    );
+    if let Some(sock) = admin_socket {
+        cfg.push_str(&format!("\n[admin]\nsocket = {}\n", toml_str(&sock.to_string_lossy())));
+    }
+    cfg
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if cli.seconds <= 0.0 || !cli.seconds.is_finite() {
+        bail!("--seconds must be positive");
+    }
+    if cli.users == 0 || cli.concurrency.contains(&0) || cli.pop3_concurrency.contains(&0) {
+        bail!("--users and the concurrencies must be at least 1");
+    }
+    if !cli.no_pop3 {
+        if let Some(&c) = cli.pop3_concurrency.iter().max().filter(|&&c| c > cli.users) {
+            bail!("--pop3-concurrency {c} needs at least as many --users");
+        }
+    }
+    let hamail = find_hamail(cli.hamail.clone())?;
+    if hamail.components().any(|c| c.as_os_str() == "debug") {
+        log(format!("warning: {} looks like a debug build", hamail.display()));
+    }
+
+    // The server's directory: config, data, log.
+    let base = match &cli.data_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let base = base.canonicalize()?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let dir = base.join(format!("hamail-bench-{}-{stamp}", std::process::id()));
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let data = dir.join("data");
+    // Unix socket paths are limited to ~108 bytes.
+    let admin_socket = (data.join("admin.sock").as_os_str().len() > 100)
+        .then(|| std::env::temp_dir().join(format!("hamail-bench-{}.sock", std::process::id())));
+    let max_conn = 500.max(2 * cli.concurrency.iter().chain(&cli.pop3_concurrency).copied().max().unwrap_or(1));
+    let config = dir.join("hamail.toml");
+    std::fs::write(&config, config_text(&data, admin_socket.as_deref(), max_conn))?;
+    let log_path = dir.join("server.log");
+    log(format!("server directory {} (binary {})", dir.display(), hamail.display()));
+
+    let admin = Admin { hamail, config };
+    let outcome = match Server::start(&admin, &log_path).await {
+        Ok(mut server) => {
+            let result = tokio::select! {
+                r = bench(&cli, &admin, &mut server) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+            };
+            let stopped = server.stop().await;
+            result.and_then(|cells| stopped.map(|()| cells))
+        }
+        Err(e) => Err(e),
+    };
+    if outcome.is_err() {
+        print_log_tail(&log_path);
+    }
+    if cli.keep {
+        log(format!("kept {}", dir.display()));
+    } else {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            log(format!("could not remove {}: {e}", dir.display()));
+        }
+        if let Some(sock) = &admin_socket {
+            let _ = std::fs::remove_file(sock);
+        }
+    }
+    let cells = outcome?;
+    println!();
+    print!("{}", report::table(&cells));
+    Ok(())
+}
+
+fn print_log_tail(log_path: &Path) {
+    if let Ok(text) = std::fs::read_to_string(log_path) {
+        let lines: Vec<&str> = text.lines().collect();
+        if !lines.is_empty() {
+            log(format!("last lines of {}:", log_path.display()));
+            for line in &lines[lines.len().saturating_sub(20)..] {
+                eprintln!("    {line}");
+            }
+        }
+    }
+}
+
+/// Sets the server up and runs every cell; prints each cell's line as it ends.
+async fn bench(cli: &Cli, admin: &Admin, server: &mut Server) -> Result<Vec<Cell>> {
+    log(format!("server pid {} smtp {} pop3 {}", server.pid, server.smtp, server.pop3));
+    admin.run(&["domain", "add", DOMAIN], None).await?;
+    let users: Vec<String> = (0..cli.users).map(|i| format!("user{i:04}@{DOMAIN}")).collect();
+    let t = Instant::now();
+    admin.add_users(&users, PASSWORD, cli.admin_parallel).await?;
+    log(format!("created {} users in {:.1} s", users.len(), t.elapsed().as_secs_f64()));
+
+    let duration = Duration::from_secs_f64(cli.seconds);
+    let interval = Duration::from_millis(cli.sample_ms.max(10));
+    let mut cells = Vec::new();
+
+    if !cli.no_pop3 {
+        let t = Instant::now();
+        smtp::populate(server.smtp, &users, cli.pop3_msgs, cli.pop3_size, 4).await?;
+        log(format!(
+            "populated {} mailboxes x {} msgs of {} bytes in {:.1} s",
+            users.len(),
+            cli.pop3_msgs,
+            cli.pop3_size,
+            t.elapsed().as_secs_f64()
+        ));
+        let warm = pop3::run(server.pop3, &users, PASSWORD, 4.min(users.len()), None).await?;
+        if warm.errors > 0 || warm.msgs != (users.len() * cli.pop3_msgs) as u64 {
+            bail!("POP3 warm-up pass: {} messages read, {} expected, {} errors", warm.msgs, users.len() * cli.pop3_msgs, warm.errors);
+        }
+        for &conc in &cli.pop3_concurrency {
+            let mon = procfs::Monitor::start(server.pid, interval);
+            let r = pop3::run(server.pop3, &users, PASSWORD, conc, Some(duration)).await?;
+            let usage = mon.finish().await;
+            let cell = Cell {
+                test: "pop3",
+                size: cli.pop3_size,
+                conc,
+                reuse: false,
+                msgs: r.msgs,
+                bytes: r.octets,
+                secs: r.secs,
+                errors: r.errors,
+                usage,
+                extra: vec![
+                    ("users", users.len().to_string()),
+                    ("msgs_per_user", cli.pop3_msgs.to_string()),
+                    ("sessions", r.sessions.to_string()),
+                    ("sess_per_s", format!("{:.1}", r.sessions as f64 / r.secs.max(1e-9))),
+                    ("sess_p50_ms", format!("{:.1}", r.session_pct_ms(0.5))),
+                    ("sess_p99_ms", format!("{:.1}", r.session_pct_ms(0.99))),
+                ],
+            };
+            println!("{}", cell.line());
+            cells.push(cell);
+            ensure_alive(server)?;
+        }
+    }
+
+    if !cli.no_smtp {
+        let recipients = Arc::new(users.clone());
+        let mut dirty = !cli.no_pop3;
+        for &size in &cli.sizes {
+            for &conc in &cli.concurrency {
+                if dirty && !cli.no_purge {
+                    let t = Instant::now();
+                    let n = pop3::purge(server.pop3, &users, PASSWORD, 4).await.context("emptying the mailboxes")?;
+                    log(format!("emptied the mailboxes ({n} messages) in {:.1} s", t.elapsed().as_secs_f64()));
+                }
+                let mon = procfs::Monitor::start(server.pid, interval);
+                let r = smtp::run(smtp::Load {
+                    addr: server.smtp,
+                    recipients: recipients.clone(),
+                    size,
+                    conc,
+                    reuse: cli.reuse,
+                    duration,
+                })
+                .await?;
+                let usage = mon.finish().await;
+                let cell = Cell {
+                    test: "smtp",
+                    size,
+                    conc,
+                    reuse: cli.reuse,
+                    msgs: r.msgs,
+                    bytes: r.msgs * size as u64,
+                    secs: r.secs,
+                    errors: r.errors,
+                    usage,
+                    extra: vec![],
+                };
+                println!("{}", cell.line());
+                cells.push(cell);
+                dirty = true;
+                ensure_alive(server)?;
+            }
+        }
+    }
+    Ok(cells)
+}
+
+fn ensure_alive(server: &mut Server) -> Result<()> {
+    if !server.alive() {
+        bail!("the server process has exited");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert_eq!(parse_size("100K"), Ok(102_400));
+        assert_eq!(parse_size("1m"), Ok(1_048_576));
+        assert_eq!(parse_size("1MiB"), Ok(1_048_576));
+        assert_eq!(parse_size("2KB"), Ok(2048));
+        assert!(parse_size("8").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn config_is_valid_toml_shape() {
+        let cfg = config_text(Path::new("/tmp/a \"b\"/data"), Some(Path::new("/tmp/s.sock")), 500);
+        assert!(cfg.contains("data_dir = \"/tmp/a \\\"b\\\"/data\"\n"), "{cfg}");
+        assert!(cfg.contains("[admin]\nsocket = \"/tmp/s.sock\"\n"));
+        assert!(cfg.contains("listen = [\"127.0.0.1:0\"]"));
+    }
+}

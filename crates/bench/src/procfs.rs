@@ -1,0 +1,178 @@
+//! Memory and CPU of the server process, read from /proc while a cell runs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+/// Clock ticks per second of /proc/<pid>/stat (USER_HZ; 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// A `kB` field of /proc/<pid>/status or smaps_rollup ("VmRSS:  1234 kB").
+pub fn kb_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn read_kb(path: &str, key: &str) -> Option<u64> {
+    kb_field(&std::fs::read_to_string(path).ok()?, key)
+}
+
+/// utime + stime of a process, in ticks.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// (total, busy) ticks of the whole machine.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().sum();
+    Some((total, total - v[3] - v[4]))
+}
+
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Peaks {
+    rss_kb: u64,
+    pss_kb: u64,
+}
+
+/// What a cell cost on the server side.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Usage {
+    /// Peak of the sampled VmRSS, MB (10^6 bytes).
+    pub peak_rss_mb: f64,
+    /// VmHWM at the end (reset at the start when the kernel allows), MB.
+    pub hwm_mb: f64,
+    /// Peak of the sampled PSS (smaps_rollup), MB.
+    pub peak_pss_mb: f64,
+    /// Server CPU over the cell, % of one core (200 % = 2 cores).
+    pub srv_cpu_pct: f64,
+    pub srv_cpu_s: f64,
+    /// CPU of this load generator, % of one core.
+    pub cli_cpu_pct: f64,
+    /// Whole machine busy, % of one core.
+    pub sys_busy_pct: f64,
+    /// Busy minus server minus client: other load on the machine.
+    pub other_cpu_pct: f64,
+}
+
+/// Samples the server's memory every `interval` until `finish`.
+pub struct Monitor {
+    pid: String,
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Peaks>,
+    hwm_reset: bool,
+    t0: Instant,
+    srv0: Option<u64>,
+    cli0: Option<u64>,
+    sys0: Option<(u64, u64)>,
+}
+
+impl Monitor {
+    pub fn start(pid: u32, interval: Duration) -> Monitor {
+        let pid = pid.to_string();
+        // "5" resets VmHWM (peak RSS) to the current RSS: peak per cell.
+        let hwm_reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (pid, stop) = (pid.clone(), stop.clone());
+            tokio::spawn(async move {
+                let status = format!("/proc/{pid}/status");
+                let rollup = format!("/proc/{pid}/smaps_rollup");
+                let mut peaks = Peaks::default();
+                let mut n = 0u64;
+                loop {
+                    peaks.rss_kb = peaks.rss_kb.max(read_kb(&status, "VmRSS").unwrap_or(0));
+                    // PSS walks every mapping: sample it less often.
+                    if n % 5 == 0 {
+                        peaks.pss_kb = peaks.pss_kb.max(read_kb(&rollup, "Pss").unwrap_or(0));
+                    }
+                    n += 1;
+                    if stop.load(Ordering::Relaxed) {
+                        return peaks;
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            })
+        };
+        Monitor {
+            srv0: cpu_ticks(&pid),
+            cli0: cpu_ticks("self"),
+            sys0: machine_ticks(),
+            pid,
+            stop,
+            task,
+            hwm_reset,
+            t0: Instant::now(),
+        }
+    }
+
+    pub async fn finish(self) -> Usage {
+        let wall = self.t0.elapsed().as_secs_f64().max(1e-6);
+        let (srv1, cli1, sys1) = (cpu_ticks(&self.pid), cpu_ticks("self"), machine_ticks());
+        self.stop.store(true, Ordering::Relaxed);
+        let mut peaks = self.task.await.unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        peaks.rss_kb = peaks.rss_kb.max(kb_field(&status, "VmRSS").unwrap_or(0));
+        let hwm_kb = kb_field(&status, "VmHWM").unwrap_or(0);
+        if self.hwm_reset {
+            // VmHWM sees the spikes between samples.
+            peaks.rss_kb = peaks.rss_kb.max(hwm_kb);
+        }
+        let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => 100.0 * b.saturating_sub(a) as f64 / TICKS_PER_S / wall,
+            _ => 0.0,
+        };
+        let srv_cpu_pct = pct(self.srv0, srv1);
+        let cli_cpu_pct = pct(self.cli0, cli1);
+        let sys_busy_pct = match (self.sys0, sys1) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => 100.0 * cpus() * (b1 - b0) as f64 / (t1 - t0) as f64,
+            _ => 0.0,
+        };
+        let mb = |kb: u64| kb as f64 * 1024.0 / 1e6;
+        Usage {
+            peak_rss_mb: mb(peaks.rss_kb),
+            hwm_mb: mb(hwm_kb),
+            peak_pss_mb: mb(peaks.pss_kb),
+            srv_cpu_pct,
+            srv_cpu_s: srv_cpu_pct / 100.0 * wall,
+            cli_cpu_pct,
+            sys_busy_pct,
+            other_cpu_pct: (sys_busy_pct - srv_cpu_pct - cli_cpu_pct).max(0.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_kb_fields() {
+        let status = "Name:\thamail\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(kb_field(status, "VmRSS"), Some(10240));
+        assert_eq!(kb_field(status, "VmHWM"), Some(20480));
+        assert_eq!(kb_field(status, "VmSwap"), None);
+        assert_eq!(kb_field("Pss:   77 kB\nPss_Anon:  5 kB\n", "Pss"), Some(77));
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        assert!(cpu_ticks("self").is_some());
+        assert!(machine_ticks().is_some());
+    }
+}

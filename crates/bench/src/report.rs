@@ -1,0 +1,171 @@
+//! Result lines, the final table and the Postfix / Dovecot reference figures.
+
+use std::fmt::Write as _;
+
+use crate::procfs::Usage;
+
+/// Reference msgs/s measured on the same kind of 2-core machine with the
+/// same method (../shared/peers/RESULTS.md): (peer, msgs/s).
+pub fn reference(test: &str, size: usize, conc: usize, reuse: bool) -> Option<(&'static str, f64)> {
+    match (test, size, conc, reuse) {
+        ("smtp", 1024, 1, false) => Some(("postfix", 350.0)),
+        ("smtp", 1024, 10, false) => Some(("postfix", 640.0)),
+        ("smtp", 102_400, 10, false) => Some(("postfix", 500.0)),
+        ("smtp", 1_048_576, 10, false) => Some(("postfix", 137.0)),
+        // smtp-source -d (one connection for many messages)
+        ("smtp", 1024, 10, true) => Some(("postfix -d", 787.0)),
+        ("pop3", 1024, 10, _) => Some(("dovecot", 2650.0)),
+        _ => None,
+    }
+}
+
+/// "1 KiB", "100 KiB", "1 MiB", "1500 B".
+pub fn size_label(size: usize) -> String {
+    if size >= 1 << 20 && size % (1 << 20) == 0 {
+        format!("{} MiB", size >> 20)
+    } else if size >= 1024 && size % 1024 == 0 {
+        format!("{} KiB", size >> 10)
+    } else {
+        format!("{size} B")
+    }
+}
+
+/// One measured cell.
+pub struct Cell {
+    pub test: &'static str,
+    pub size: usize,
+    pub conc: usize,
+    pub reuse: bool,
+    pub msgs: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    pub errors: u64,
+    pub usage: Usage,
+    /// Test-specific key=value pairs, printed after the common ones.
+    pub extra: Vec<(&'static str, String)>,
+}
+
+impl Cell {
+    pub fn msgs_per_s(&self) -> f64 {
+        self.msgs as f64 / self.secs.max(1e-9)
+    }
+
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.secs.max(1e-9)
+    }
+
+    fn reference(&self) -> Option<(&'static str, f64)> {
+        reference(self.test, self.size, self.conc, self.reuse)
+    }
+
+    /// The one-line key=value form.
+    pub fn line(&self) -> String {
+        let u = &self.usage;
+        let mut s = format!(
+            "test={} size={} conc={} reuse={} msgs={} secs={:.3} msgs_per_s={:.1} mb_per_s={:.2} \
+             peak_rss_mb={:.1} hwm_mb={:.1} peak_pss_mb={:.1} srv_cpu_pct={:.0} srv_cpu_ms_per_msg={:.3} \
+             cli_cpu_pct={:.0} other_cpu_pct={:.0} errors={}",
+            self.test,
+            self.size,
+            self.conc,
+            u8::from(self.reuse),
+            self.msgs,
+            self.secs,
+            self.msgs_per_s(),
+            self.mb_per_s(),
+            u.peak_rss_mb,
+            u.hwm_mb,
+            u.peak_pss_mb,
+            u.srv_cpu_pct,
+            1000.0 * u.srv_cpu_s / self.msgs.max(1) as f64,
+            u.cli_cpu_pct,
+            u.other_cpu_pct,
+            self.errors,
+        );
+        for (k, v) in &self.extra {
+            let _ = write!(s, " {k}={v}");
+        }
+        match self.reference() {
+            Some((peer, r)) => {
+                let _ = write!(s, " ref={} ref_msgs_per_s={r:.0} ratio={:.2}", peer.replace(' ', ""), self.msgs_per_s() / r);
+            }
+            None => s.push_str(" ref=- ref_msgs_per_s=- ratio=-"),
+        }
+        s
+    }
+}
+
+/// The readable table of all cells.
+pub fn table(cells: &[Cell]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:>8} {:>5} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>7}  {:<18} {:>6}",
+        "test", "size", "conc", "msgs", "msgs/s", "MB/s", "peak RSS", "srv CPU", "other", "errors", "reference msgs/s", "ratio"
+    );
+    for c in cells {
+        let (reference, ratio) = match c.reference() {
+            Some((peer, r)) => (format!("{peer} {r:.0}"), format!("{:.2}", c.msgs_per_s() / r)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let test = if c.reuse && c.test == "smtp" { "smtp-d" } else { c.test };
+        let _ = writeln!(
+            out,
+            "{:<5} {:>8} {:>5} {:>9} {:>9.1} {:>8.2} {:>6.1} MB {:>7.0}% {:>6.0}% {:>7}  {:<18} {:>6}",
+            test,
+            size_label(c.size),
+            c.conc,
+            c.msgs,
+            c.msgs_per_s(),
+            c.mb_per_s(),
+            c.usage.peak_rss_mb,
+            c.usage.srv_cpu_pct,
+            c.usage.other_cpu_pct,
+            c.errors,
+            reference,
+            ratio
+        );
+    }
+    out.push_str(
+        "MB = 10^6 bytes (SMTP: payload only; POP3: RETR octets). CPU in % of one core; \
+         'other' = the rest of the machine's load (noise).\n",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_references() {
+        assert_eq!(size_label(1024), "1 KiB");
+        assert_eq!(size_label(102_400), "100 KiB");
+        assert_eq!(size_label(1_048_576), "1 MiB");
+        assert_eq!(size_label(1000), "1000 B");
+        assert_eq!(reference("smtp", 1024, 10, false), Some(("postfix", 640.0)));
+        assert_eq!(reference("smtp", 1024, 50, false), None);
+        assert_eq!(reference("pop3", 1024, 10, false), Some(("dovecot", 2650.0)));
+    }
+
+    #[test]
+    fn line_has_ratio_or_dash() {
+        let mut c = Cell {
+            test: "smtp",
+            size: 1024,
+            conc: 10,
+            reuse: false,
+            msgs: 1280,
+            bytes: 1280 * 1024,
+            secs: 1.0,
+            errors: 0,
+            usage: Usage::default(),
+            extra: vec![],
+        };
+        assert!(c.line().contains(" msgs_per_s=1280.0 "), "{}", c.line());
+        assert!(c.line().ends_with("ref=postfix ref_msgs_per_s=640 ratio=2.00"), "{}", c.line());
+        c.conc = 50;
+        assert!(c.line().ends_with("ratio=-"));
+        assert!(table(&[c]).contains("1 KiB"));
+    }
+}

@@ -1,0 +1,369 @@
+//! Drives `Session` through its public API only, with a fake driver, as the
+//! tokio driver will. (A `Committed` can only come from the store, so this
+//! fake answers deliveries with a temporary store error; the `250` path is
+//! covered by the crate's unit tests.)
+
+use std::sync::Arc;
+
+use base64::Engine;
+use hamail_smtp::*;
+use hamail_store::{Address, StoreError};
+
+struct Harness {
+    s: Session,
+    replies: String,
+    txns: Vec<Transaction>,
+    creds: Vec<Credentials>,
+    closed: bool,
+    starttls: usize,
+}
+
+fn verdict(a: &Address) -> RcptVerdict {
+    match (a.local_part(), a.domain()) {
+        ("nobody", "local.example") => RcptVerdict::UnknownUser,
+        (_, "local.example") => RcptVerdict::Local(vec![a.clone()]),
+        _ => RcptVerdict::Remote,
+    }
+}
+
+impl Harness {
+    fn new(config: SmtpConfig) -> Self {
+        Self::with_tls(config, false)
+    }
+    fn with_tls(config: SmtpConfig, tls: bool) -> Self {
+        let peer = PeerInfo { addr: "192.0.2.7:5000".parse().unwrap(), tls };
+        let s = Session::new(Arc::new(config), peer);
+        let replies = String::from_utf8(s.greeting()).unwrap();
+        Harness { s, replies, txns: vec![], creds: vec![], closed: false, starttls: 0 }
+    }
+    fn feed(&mut self, input: &[u8]) {
+        let mut out = self.s.handle(input);
+        loop {
+            self.replies.push_str(&String::from_utf8(out.reply).unwrap());
+            out = match out.next {
+                Next::NeedInput => return,
+                Next::Close => {
+                    self.closed = true;
+                    return;
+                }
+                Next::CheckRecipient(a) => self.s.recipient_checked(verdict(&a)),
+                Next::Authenticate(c) => {
+                    let ok = c.username == "user@local.example" && c.password == "secret";
+                    self.creds.push(c);
+                    self.s.authenticated(if ok { AuthResult::Success } else { AuthResult::Failure })
+                }
+                Next::Deliver(t) => {
+                    self.txns.push(t);
+                    self.s.delivered(Err(StoreError::Temporary("test".into())))
+                }
+                Next::StartTls => {
+                    self.starttls += 1;
+                    self.s.tls_established()
+                }
+            };
+        }
+    }
+    fn lines(&self) -> Vec<&str> {
+        self.replies.split("\r\n").filter(|l| !l.is_empty()).collect()
+    }
+    fn last(&self) -> &str {
+        self.lines().last().copied().unwrap_or("")
+    }
+    /// The 3-digit codes of all replies (last line of multi-line ones).
+    fn codes(&self) -> Vec<&str> {
+        self.lines().into_iter().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
+    }
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+const SCRIPT: &[u8] = b"EHLO client.example\r\n\
+MAIL FROM:<sender@remote.example> BODY=8BITMIME SIZE=100\r\n\
+RCPT TO:<a@local.example>\r\n\
+RCPT TO:<nobody@local.example>\r\n\
+RCPT TO:<b@local.example>\r\n\
+DATA\r\n\
+Subject: test\r\n\
+\r\n\
+..leading dot\r\n\
+...two dots\r\n\
+.\r\n\
+NOOP\r\n\
+QUIT\r\n";
+
+#[test]
+fn resumable_at_every_chunk_size() {
+    let mut whole = Harness::new(SmtpConfig::default());
+    whole.feed(SCRIPT);
+    assert!(whole.closed);
+    assert_eq!(whole.codes(), ["220", "250", "250", "250", "550", "250", "354", "451", "250", "221"]);
+    assert_eq!(whole.txns.len(), 1);
+    assert_eq!(whole.txns[0].body, b"Subject: test\r\n\r\n.leading dot\r\n..two dots\r\n");
+    assert_eq!(whole.txns[0].recipients, ["a@local.example", "b@local.example"]);
+
+    for size in 1..=SCRIPT.len() {
+        let mut h = Harness::new(SmtpConfig::default());
+        for chunk in SCRIPT.chunks(size) {
+            h.feed(chunk);
+        }
+        assert_eq!(h.replies, whole.replies, "chunk size {size}");
+        assert_eq!(h.txns.len(), 1, "chunk size {size}");
+        assert_eq!(h.txns[0].body, whole.txns[0].body, "chunk size {size}");
+        assert!(h.closed);
+    }
+}
+
+#[test]
+fn smuggling_is_rejected_and_never_splits_a_message() {
+    for end in ["\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\n", "\r\n.\r\r\n", "\r"] {
+        let mut h = Harness::new(SmtpConfig::default());
+        let input = format!(
+            "EHLO c.example\r\nMAIL FROM:<s@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n\
+             hello{end}MAIL FROM:<evil@remote.example>\r\nRCPT TO:<victim@local.example>\r\nDATA\r\n\
+             smuggled\r\n.\r\nNOOP\r\n"
+        );
+        h.feed(input.as_bytes());
+        assert!(h.txns.is_empty(), "{end:?}: a transaction was produced");
+        assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "554", "250"], "{end:?}: {}", h.replies);
+        assert!(h.replies.contains("554 5.6.0"), "{end:?}");
+        // Same byte by byte.
+        let mut h2 = Harness::new(SmtpConfig::default());
+        for b in input.as_bytes() {
+            h2.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(h2.replies, h.replies);
+        assert!(h2.txns.is_empty());
+    }
+}
+
+#[test]
+fn bare_cr_in_the_middle_rejects() {
+    let mut h = Harness::new(SmtpConfig::default());
+    h.feed(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a@local.example>\r\nDATA\r\na\rb\r\n.\r\n");
+    assert!(h.txns.is_empty());
+    assert!(h.last().starts_with("554 5.6.0"));
+}
+
+#[test]
+fn starttls_discards_pipelined_input() {
+    let config = SmtpConfig { tls_available: true, ..SmtpConfig::default() };
+    let mut h = Harness::new(config);
+    h.feed(b"EHLO c.example\r\n");
+    assert!(h.replies.contains("250-STARTTLS\r\n"));
+    h.replies.clear();
+    h.feed(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n");
+    assert_eq!(h.starttls, 1);
+    assert_eq!(h.replies, "220 2.0.0 Ready to start TLS\r\n", "junk after STARTTLS was executed");
+    // Back to "not greeted": the EHLO before TLS is forgotten (RFC 3207 4.2).
+    h.feed(b"MAIL FROM:<a@remote.example>\r\n");
+    assert!(h.last().starts_with("503 5.5.1"));
+    h.replies.clear();
+    h.feed(b"EHLO c.example\r\n");
+    assert!(!h.replies.contains("STARTTLS"));
+    h.feed(b"STARTTLS\r\n");
+    assert!(h.last().starts_with("503 5.5.1"));
+    assert_eq!(h.starttls, 1);
+    h.feed(b"MAIL FROM:<a@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\nx\r\n.\r\n");
+    assert!(h.txns[0].tls);
+}
+
+fn submission() -> SmtpConfig {
+    SmtpConfig { submission: true, plaintext_auth_allowed: true, ..SmtpConfig::default() }
+}
+
+#[test]
+fn auth_plain_with_initial_response_and_relay() {
+    let mut h = Harness::new(submission());
+    h.feed(b"EHLO c.example\r\n");
+    assert!(h.replies.contains("250-AUTH PLAIN LOGIN\r\n"));
+    h.feed(b"MAIL FROM:<user@local.example>\r\n");
+    assert!(h.last().starts_with("530 5.7.0"));
+    h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
+    assert!(h.last().starts_with("235 2.7.0"), "{}", h.replies);
+    assert_eq!(h.s.authenticated_user(), Some("user@local.example"));
+    assert_eq!(h.creds[0].authzid, None);
+    h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
+    assert!(h.last().starts_with("503 5.5.1"));
+    h.feed(b"MAIL FROM:<user@local.example>\r\nRCPT TO:<Far@Remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(h.txns.len(), 1);
+    assert_eq!(h.txns[0].remote, ["Far@Remote.example"]);
+    assert_eq!(h.txns[0].authenticated.as_deref(), Some("user@local.example"));
+    let stamped = stamp_message(&h.txns[0], hamail_store::QueueId(7), "mx.example", &rfc5322_date(0), "mx.example");
+    let text = String::from_utf8(stamped).unwrap();
+    assert!(text.starts_with("Received: from c.example ([192.0.2.7])\r\n\tby mx.example (hamail) with ESMTPA id 000000000007;"), "{text}");
+    assert!(text.contains("Message-ID: <000000000007."));
+}
+
+#[test]
+fn auth_plain_continuation_login_cancel_and_errors() {
+    let mut h = Harness::new(submission());
+    h.feed(b"EHLO c.example\r\nAUTH PLAIN\r\n");
+    assert_eq!(h.last(), "334 ");
+    h.feed(format!("{}\r\n", b64("admin\0user@local.example\0wrong")).as_bytes());
+    assert!(h.last().starts_with("535 5.7.8"));
+    assert_eq!(h.creds[0].authzid.as_deref(), Some("admin"));
+    h.feed(b"AUTH PLAIN =\r\n");
+    assert!(h.last().starts_with("501"), "{}", h.last());
+    h.feed(b"AUTH PLAIN !!!notbase64\r\n");
+    assert!(h.last().starts_with("501 5.5.2"));
+    h.feed(b"AUTH PLAIN\r\n*\r\n");
+    assert!(h.last().starts_with("501"));
+    h.feed(b"AUTH LOGIN\r\n");
+    assert_eq!(h.last(), "334 VXNlcm5hbWU6");
+    h.feed(b"*\r\n");
+    assert!(h.last().starts_with("501"));
+    h.feed(b"AUTH LOGIN\r\n");
+    h.feed(format!("{}\r\n", b64("user@local.example")).as_bytes());
+    assert_eq!(h.last(), "334 UGFzc3dvcmQ6");
+    h.feed(b"%%%\r\n");
+    assert!(h.last().starts_with("501 5.5.2"));
+    h.feed(b"AUTH CRAM-MD5\r\n");
+    assert!(h.last().starts_with("504 5.5.4"));
+    // LOGIN with the user name as initial response.
+    h.feed(format!("AUTH LOGIN {}\r\n", b64("user@local.example")).as_bytes());
+    assert_eq!(h.last(), "334 UGFzc3dvcmQ6");
+    h.feed(format!("{}\r\n", b64("secret")).as_bytes());
+    assert!(h.last().starts_with("235 2.7.0"));
+    assert!(!h.closed);
+}
+
+#[test]
+fn auth_requires_tls_unless_allowed() {
+    let config = SmtpConfig { submission: true, tls_available: true, ..SmtpConfig::default() };
+    let mut h = Harness::new(config.clone());
+    h.feed(b"EHLO c.example\r\n");
+    assert!(!h.replies.contains("AUTH"));
+    h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
+    assert!(h.last().starts_with("538 5.7.11"));
+    assert!(h.creds.is_empty());
+    let mut h = Harness::with_tls(config, true);
+    h.feed(b"EHLO c.example\r\n");
+    assert!(h.replies.contains("250-AUTH PLAIN LOGIN\r\n") && !h.replies.contains("STARTTLS"));
+    h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
+    assert!(h.last().starts_with("235"));
+    // Not offered at all on the MTA port.
+    let mut h = Harness::new(SmtpConfig { plaintext_auth_allowed: true, ..SmtpConfig::default() });
+    h.feed(b"EHLO c.example\r\n");
+    assert!(!h.replies.contains("AUTH"));
+}
+
+#[test]
+fn a_thousand_recipients_and_one_more() {
+    let mut h = Harness::new(SmtpConfig::default());
+    let mut input = String::from("EHLO c.example\r\nMAIL FROM:<s@remote.example>\r\n");
+    for i in 0..1001 {
+        input.push_str(&format!("RCPT TO:<user{i}@local.example>\r\n"));
+    }
+    input.push_str("DATA\r\nhi\r\n.\r\n");
+    h.feed(input.as_bytes());
+    let codes = h.codes();
+    assert_eq!(codes.iter().filter(|c| **c == "250").count(), 1 + 1 + 1000);
+    assert_eq!(codes.iter().filter(|c| **c == "452").count(), 1);
+    assert!(h.replies.contains("452 4.5.3"));
+    assert_eq!(h.txns[0].local.len(), 1000);
+    assert_eq!(h.txns[0].recipients.len(), 1000);
+}
+
+#[test]
+fn size_limits() {
+    let config = SmtpConfig { max_message_size: 100, ..SmtpConfig::default() };
+    let mut h = Harness::new(config);
+    h.feed(b"EHLO c.example\r\n");
+    assert!(h.replies.contains("250-SIZE 100\r\n"));
+    h.feed(b"MAIL FROM:<s@remote.example> SIZE=101\r\n");
+    assert!(h.last().starts_with("552 5.3.4"));
+    h.feed(b"MAIL FROM:<s@remote.example> SIZE=100\r\nRCPT TO:<a@local.example>\r\nDATA\r\n");
+    let line = "x".repeat(78) + "\r\n";
+    for _ in 0..10 {
+        h.feed(line.as_bytes());
+    }
+    h.feed(b".\r\nNOOP\r\n");
+    assert!(h.txns.is_empty());
+    let n = h.lines().len();
+    assert!(h.lines()[n - 2].starts_with("552 5.3.4"), "{}", h.replies);
+    assert_eq!(h.last(), "250 2.0.0 Ok");
+}
+
+#[test]
+fn long_lines() {
+    let config = SmtpConfig { max_data_line: 50, ..SmtpConfig::default() };
+    let mut h = Harness::new(config);
+    // A 600-octet command, fed in pieces so the buffer overflows before LF.
+    h.feed(b"EHLO c.example\r\n");
+    h.feed(&[b'N'; 300]);
+    h.feed(&[b'N'; 300]);
+    h.feed(b"\r\nNOOP\r\n");
+    let n = h.lines().len();
+    assert!(h.lines()[n - 2].starts_with("500 5.5.2"), "{}", h.replies);
+    assert_eq!(h.last(), "250 2.0.0 Ok");
+    // One of exactly 512 octets with CRLF is fine (RFC 5321 4.5.3.1.4).
+    let ok = format!("NOOP {}\r\n", "a".repeat(512 - 7));
+    h.feed(ok.as_bytes());
+    assert_eq!(h.last(), "250 2.0.0 Ok");
+    let bad = format!("NOOP {}\r\n", "a".repeat(513 - 7));
+    h.feed(bad.as_bytes());
+    assert!(h.last().starts_with("500 5.5.2"));
+    // A data line over max_data_line.
+    h.feed(b"MAIL FROM:<>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n");
+    h.feed(format!("{}\r\n.\r\n", "y".repeat(51)).as_bytes());
+    assert!(h.last().starts_with("554 5.6.0"));
+    assert!(h.txns.is_empty());
+    assert!(!h.closed);
+}
+
+#[test]
+fn too_many_errors_close() {
+    let mut h = Harness::new(SmtpConfig::default());
+    for _ in 0..19 {
+        h.feed(b"BOGUS\r\n");
+    }
+    assert!(!h.closed);
+    h.feed(b"BOGUS\r\nNOOP\r\n");
+    assert!(h.closed);
+    assert!(h.last().starts_with("421 4.7.0"));
+    assert_eq!(h.lines().iter().filter(|l| l.starts_with("500 5.5.1")).count(), 20);
+    // Nothing after close.
+    let out = h.s.handle(b"NOOP\r\n");
+    assert!(out.reply.is_empty() && matches!(out.next, Next::Close));
+}
+
+#[test]
+fn timeout_and_greeting() {
+    let mut h = Harness::new(SmtpConfig { hostname: "mx.example".into(), ..SmtpConfig::default() });
+    assert_eq!(h.replies, "220 mx.example ESMTP hamail\r\n");
+    assert!(h.s.timeout().starts_with(b"421 4.4.2 mx.example"));
+    let out = h.s.handle(b"NOOP\r\n");
+    assert!(matches!(out.next, Next::Close));
+}
+
+#[test]
+fn garbage_never_panics() {
+    // Pseudo-random bytes with many protocol characters in every state.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let alphabet = b"\r\n.:<>@ =\0\xffEHLOMAILRCPTDATAQUITAUTHPLAINSTARTTLS";
+    for round in 0..200 {
+        let mut h = Harness::new(SmtpConfig {
+            submission: round % 2 == 0,
+            plaintext_auth_allowed: true,
+            tls_available: true,
+            max_errors: 1000,
+            ..SmtpConfig::default()
+        });
+        h.feed(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a@local.example>\r\n");
+        for _ in 0..50 {
+            let mut chunk = Vec::new();
+            for _ in 0..(x % 64) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            h.feed(&chunk);
+            if h.closed {
+                break;
+            }
+        }
+    }
+}
