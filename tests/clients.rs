@@ -178,7 +178,7 @@ fn swaks_plain_and_submission_with_tls_auth() {
     let (ok, out, err) = run_tool(
         "swaks",
         &[
-            "--server", &s.submission.to_string(), "--tls", "--tls-verify=0",
+            "--server", &s.submission.to_string(), "--tls",
             "-au", "alice@example.org", "-ap", "alice-pw",
             "--from", "alice@example.org", "--to", "bob@example.org", "--body", "authenticated",
         ],

@@ -51,7 +51,7 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
 /// Starts (or restarts) a server whose data lives in `dir`.
 pub fn start_in(dir: &Path, extra: &str) -> Server {
     let config = write_config(dir, extra);
-    let stderr_log = dir.join(format!("stderr-{}.log", Instant::now().elapsed().as_nanos() ^ rand_u64()));
+    let stderr_log = dir.join(format!("stderr-{}.log", rand_u64()));
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(&config)

@@ -64,7 +64,7 @@ impl Cell {
         let mut s = format!(
             "test={} size={} conc={} reuse={} msgs={} secs={:.3} msgs_per_s={:.1} mb_per_s={:.2} \
              peak_rss_mb={:.1} hwm_mb={:.1} peak_pss_mb={:.1} srv_cpu_pct={:.0} srv_cpu_ms_per_msg={:.3} \
-             cli_cpu_pct={:.0} other_cpu_pct={:.0} errors={}",
+             cli_cpu_pct={:.0} sys_busy_pct={:.0} other_cpu_pct={:.0} errors={}",
             self.test,
             self.size,
             self.conc,
@@ -79,6 +79,7 @@ impl Cell {
             u.srv_cpu_pct,
             1000.0 * u.srv_cpu_s / self.msgs.max(1) as f64,
             u.cli_cpu_pct,
+            u.sys_busy_pct,
             u.other_cpu_pct,
             self.errors,
         );

@@ -133,11 +133,16 @@ struct Maildrop {
 impl Maildrop {
     fn new(user: Address, entries: Vec<MailboxEntry>) -> Self {
         let deleted = vec![false; entries.len()];
-        Maildrop { user, entries, deleted }
+        Maildrop {
+            user,
+            entries,
+            deleted,
+        }
     }
     /// Messages and octets not marked as deleted (STAT, RFC 1939 section 5).
     fn stat(&self) -> (usize, u64) {
-        self.live().fold((0, 0), |(n, size), (_, e)| (n + 1, size + e.size))
+        self.live()
+            .fold((0, 0), |(n, size), (_, e)| (n + 1, size + e.size))
     }
     /// (message number, entry) of every message not marked as deleted.
     fn live(&self) -> impl Iterator<Item = (usize, &MailboxEntry)> {
@@ -173,7 +178,11 @@ enum State {
     /// TRANSACTION.
     Transaction(Maildrop),
     /// TRANSACTION, waiting for [`Session::fetched`] for RETR or TOP.
-    Fetching { maildrop: Maildrop, index: usize, top: Option<usize> },
+    Fetching {
+        maildrop: Maildrop,
+        index: usize,
+        top: Option<usize>,
+    },
     /// UPDATE, waiting for [`Session::updated`].
     Updating { user: Address, remaining: usize },
     /// Waiting for [`Session::tls_established`].
@@ -196,6 +205,9 @@ pub struct Session {
     /// Input not yet processed: partial lines, and complete lines that
     /// arrived while waiting for the driver (PIPELINING, RFC 2449 6.6).
     buffer: Vec<u8>,
+    /// Octets at the start of `buffer` already taken as lines; removed when
+    /// `process` returns, so that a long pipeline is not moved line by line.
+    consumed: usize,
     /// A line was too long: drop input up to the next LF.
     discarding: bool,
     /// Client errors so far, for [`Pop3Config::max_errors`].
@@ -211,6 +223,7 @@ impl Session {
             peer,
             state: State::Authorization { user: None },
             buffer: Vec::new(),
+            consumed: 0,
             discarding: false,
             errors: 0,
         }
@@ -268,7 +281,9 @@ impl Session {
             }
             AuthResult::TemporaryFailure(why) => {
                 self.state = State::Authorization { user: None };
-                reply.extend_from_slice(format!("-ERR [SYS/TEMP] {}\r\n", sanitize(&why)).as_bytes());
+                reply.extend_from_slice(
+                    format!("-ERR [SYS/TEMP] {}\r\n", sanitize(&why)).as_bytes(),
+                );
             }
         }
         let next = self.process(&mut reply);
@@ -289,7 +304,9 @@ impl Session {
             MaildropResult::Opened(entries) => {
                 let maildrop = Maildrop::new(user, entries);
                 let (n, size) = maildrop.stat();
-                reply.extend_from_slice(format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes());
+                reply.extend_from_slice(
+                    format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes(),
+                );
                 self.state = State::Transaction(maildrop);
             }
             MaildropResult::InUse => {
@@ -300,8 +317,14 @@ impl Session {
                 self.state = State::Authorization { user: None };
                 // The error text may name paths or internals: it is for the
                 // driver's log, not for the client.
-                let code = if e.is_temporary() { "SYS/TEMP" } else { "SYS/PERM" };
-                reply.extend_from_slice(format!("-ERR [{code}] Unable to open maildrop\r\n").as_bytes());
+                let code = if e.is_temporary() {
+                    "SYS/TEMP"
+                } else {
+                    "SYS/PERM"
+                };
+                reply.extend_from_slice(
+                    format!("-ERR [{code}] Unable to open maildrop\r\n").as_bytes(),
+                );
             }
         }
         let next = self.process(&mut reply);
@@ -312,7 +335,11 @@ impl Session {
     /// `Return-Path:` line.
     pub fn fetched(&mut self, result: Result<Arc<Vec<u8>>, StoreError>) -> Output {
         let (maildrop, index, top) = match std::mem::replace(&mut self.state, State::Closed) {
-            State::Fetching { maildrop, index, top } => (maildrop, index, top),
+            State::Fetching {
+                maildrop,
+                index,
+                top,
+            } => (maildrop, index, top),
             other => {
                 self.state = other;
                 return self.internal_error();
@@ -325,7 +352,9 @@ impl Session {
                 match top {
                     // RFC 1939 section 7 suggests the size in the RETR answer;
                     // it is the size LIST gave, before byte-stuffing.
-                    None => reply.extend_from_slice(format!("+OK {} octets\r\n", entry.size).as_bytes()),
+                    None => {
+                        reply.extend_from_slice(format!("+OK {} octets\r\n", entry.size).as_bytes())
+                    }
                     Some(_) => reply.extend_from_slice(b"+OK top of message follows\r\n"),
                 }
                 reply.reserve(body.len() + 128);
@@ -336,8 +365,14 @@ impl Session {
                 reply.extend_from_slice(b".\r\n");
             }
             Err(e) => {
-                let code = if e.is_temporary() { "SYS/TEMP" } else { "SYS/PERM" };
-                reply.extend_from_slice(format!("-ERR [{code}] Unable to read message\r\n").as_bytes());
+                let code = if e.is_temporary() {
+                    "SYS/TEMP"
+                } else {
+                    "SYS/PERM"
+                };
+                reply.extend_from_slice(
+                    format!("-ERR [{code}] Unable to read message\r\n").as_bytes(),
+                );
             }
         }
         self.state = State::Transaction(maildrop);
@@ -352,7 +387,9 @@ impl Session {
             _ => return self.internal_error(),
         };
         let reply = match result {
-            Ok(()) => format!("+OK hamail signing off ({remaining} messages left)\r\n").into_bytes(),
+            Ok(()) => {
+                format!("+OK hamail signing off ({remaining} messages left)\r\n").into_bytes()
+            }
             // RFC 1939 section 6: report that some deleted messages were not
             // removed. The delete is atomic, so in fact none were.
             Err(_) => b"-ERR [SYS/TEMP] some deleted messages not removed\r\n".to_vec(),
@@ -370,8 +407,7 @@ impl Session {
         }
         self.peer.tls = true;
         self.state = State::Authorization { user: None };
-        self.buffer.clear();
-        self.discarding = false;
+        self.drop_input();
         self.output(Vec::new(), Next::NeedInput)
     }
 
@@ -415,6 +451,13 @@ impl Session {
     /// Runs every complete line in the buffer (PIPELINING, RFC 2449 6.6)
     /// until the buffer holds no complete line or the driver must act.
     fn process(&mut self, reply: &mut Vec<u8>) -> Next {
+        let next = self.run_lines(reply);
+        self.buffer.drain(..self.consumed);
+        self.consumed = 0;
+        next
+    }
+
+    fn run_lines(&mut self, reply: &mut Vec<u8>) -> Next {
         loop {
             match self.state {
                 State::Closed => return Next::Close,
@@ -439,39 +482,51 @@ impl Session {
     /// of it, up to the next LF, is dropped unread.
     fn next_line(&mut self) -> Option<Line> {
         if self.discarding {
-            match self.buffer.iter().position(|&b| b == b'\n') {
+            match self.buffer[self.consumed..]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
                 Some(lf) => {
-                    self.buffer.drain(..=lf);
+                    self.consumed += lf + 1;
                     self.discarding = false;
                 }
                 None => {
-                    self.buffer.clear();
+                    self.drop_input();
+                    self.discarding = true;
                     return None;
                 }
             }
         }
         let max = self.config.max_line;
-        match self.buffer.iter().position(|&b| b == b'\n') {
+        let pending = &self.buffer[self.consumed..];
+        match pending.iter().position(|&b| b == b'\n') {
             Some(lf) => {
-                let mut line: Vec<u8> = self.buffer.drain(..=lf).collect();
-                line.pop();
+                let mut line = &pending[..lf];
+                self.consumed += lf + 1;
                 if line.last() == Some(&b'\r') {
-                    line.pop();
+                    line = &line[..line.len() - 1];
                 }
                 if line.len() > max {
                     Some(Line::TooLong)
                 } else {
-                    Some(Line::Ok(line))
+                    Some(Line::Ok(line.to_vec()))
                 }
             }
             // +1: the line may be complete but for its LF after a CR.
-            None if self.buffer.len() > max + 1 => {
-                self.buffer.clear();
+            None if pending.len() > max + 1 => {
+                self.drop_input();
                 self.discarding = true;
                 Some(Line::TooLong)
             }
             None => None,
         }
+    }
+
+    /// Forgets all buffered input.
+    fn drop_input(&mut self) {
+        self.buffer.clear();
+        self.consumed = 0;
+        self.discarding = false;
     }
 
     /// Runs one line in the current state; `Some` when the driver must act.
@@ -510,7 +565,9 @@ impl Session {
                 } else {
                     // Not "valid mailbox" (RFC 1939's example): the answer must
                     // not tell whether the user exists.
-                    self.state = State::Authorization { user: Some(args[0].to_string()) };
+                    self.state = State::Authorization {
+                        user: Some(args[0].to_string()),
+                    };
                     reply.extend_from_slice(b"+OK send PASS\r\n");
                 }
             }
@@ -551,8 +608,7 @@ impl Session {
                     // servers): anything the client pipelined after STLS came
                     // in clear text and must never run as if it had come
                     // over TLS.
-                    self.buffer.clear();
-                    self.discarding = false;
+                    self.drop_input();
                     self.state = State::StartingTls;
                     return Some(Next::StartTls);
                 }
@@ -638,16 +694,19 @@ impl Session {
             return None;
         };
         let mut parts = decoded.split(|&b| b == 0);
-        let (Some(authzid), Some(authcid), Some(passwd), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(authzid), Some(authcid), Some(passwd), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             self.client_error(reply, "-ERR invalid PLAIN response");
             return None;
         };
         // RFC 4616 section 2: all three are UTF-8, and authcid and passwd
         // are not empty.
-        let (Ok(authzid), Ok(authcid), Ok(passwd)) =
-            (std::str::from_utf8(authzid), std::str::from_utf8(authcid), std::str::from_utf8(passwd))
-        else {
+        let (Ok(authzid), Ok(authcid), Ok(passwd)) = (
+            std::str::from_utf8(authzid),
+            std::str::from_utf8(authcid),
+            std::str::from_utf8(passwd),
+        ) else {
             self.client_error(reply, "-ERR invalid PLAIN response");
             return None;
         };
@@ -661,7 +720,10 @@ impl Session {
             return None;
         }
         self.state = State::Authenticating;
-        Some(Next::Authenticate(Credentials { username: authcid.to_string(), password: passwd.to_string() }))
+        Some(Next::Authenticate(Credentials {
+            username: authcid.to_string(),
+            password: passwd.to_string(),
+        }))
     }
 
     /// A command in TRANSACTION state (RFC 1939 sections 5 and 7).
@@ -691,7 +753,9 @@ impl Session {
                             reply.extend_from_slice(b"+OK\r\n");
                         } else {
                             let (n, size) = maildrop.stat();
-                            reply.extend_from_slice(format!("+OK {n} messages ({size} octets)\r\n").as_bytes());
+                            reply.extend_from_slice(
+                                format!("+OK {n} messages ({size} octets)\r\n").as_bytes(),
+                            );
                         }
                         for (n, e) in maildrop.live() {
                             reply.extend_from_slice(item(n, e).as_bytes());
@@ -724,8 +788,14 @@ impl Session {
                     return None;
                 };
                 let body = maildrop.entries[index].body;
-                if let State::Transaction(maildrop) = std::mem::replace(&mut self.state, State::Closed) {
-                    self.state = State::Fetching { maildrop, index, top };
+                if let State::Transaction(maildrop) =
+                    std::mem::replace(&mut self.state, State::Closed)
+                {
+                    self.state = State::Fetching {
+                        maildrop,
+                        index,
+                        top,
+                    };
                 }
                 return Some(Next::Fetch(body));
             }
@@ -733,7 +803,9 @@ impl Session {
                 [msg] => match maildrop.lookup(msg) {
                     Some(i) => {
                         maildrop.deleted[i] = true;
-                        reply.extend_from_slice(format!("+OK message {} deleted\r\n", i + 1).as_bytes());
+                        reply.extend_from_slice(
+                            format!("+OK message {} deleted\r\n", i + 1).as_bytes(),
+                        );
                     }
                     None => self.client_error(reply, NO_SUCH_MESSAGE),
                 },
@@ -742,7 +814,9 @@ impl Session {
             "RSET" => {
                 maildrop.deleted.iter_mut().for_each(|d| *d = false);
                 let (n, size) = maildrop.stat();
-                reply.extend_from_slice(format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes());
+                reply.extend_from_slice(
+                    format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes(),
+                );
             }
             "NOOP" => reply.extend_from_slice(b"+OK\r\n"),
             "CAPA" => self.capa(reply),
@@ -758,9 +832,12 @@ impl Session {
                     .map(|(e, _)| e.id)
                     .collect();
                 let user = maildrop.user.clone();
-                self.state = State::Updating { user: user.clone(), remaining };
+                self.state = State::Updating {
+                    user: user.clone(),
+                    remaining,
+                };
                 // Whatever the client pipelined after QUIT is never run.
-                self.buffer.clear();
+                self.drop_input();
                 return Some(Next::Update { user, delete });
             }
             "USER" | "PASS" | "AUTH" | "STLS" | "APOP" => {
@@ -786,7 +863,11 @@ fn parse_number(s: &str) -> Option<usize> {
 
 /// Text from the driver made safe for one reply line.
 fn sanitize(s: &str) -> String {
-    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
     if s.trim().is_empty() {
         "Temporary failure, try again later".to_string()
     } else {
@@ -816,7 +897,10 @@ mod tests {
     }
 
     fn entries() -> Vec<MailboxEntry> {
-        vec![entry(1, BODY1, Some("a@example.com")), entry(0x2a, BODY2, None)]
+        vec![
+            entry(1, BODY1, Some("a@example.com")),
+            entry(0x2a, BODY2, None),
+        ]
     }
 
     fn alice() -> Address {
@@ -824,11 +908,18 @@ mod tests {
     }
 
     fn config(plaintext: bool, tls_available: bool) -> Arc<Pop3Config> {
-        Arc::new(Pop3Config { plaintext_auth_allowed: plaintext, tls_available, ..Pop3Config::default() })
+        Arc::new(Pop3Config {
+            plaintext_auth_allowed: plaintext,
+            tls_available,
+            ..Pop3Config::default()
+        })
     }
 
     fn session(plaintext: bool, tls_available: bool, tls: bool) -> Session {
-        let peer = PeerInfo { addr: "192.0.2.1:40000".parse().unwrap(), tls };
+        let peer = PeerInfo {
+            addr: "192.0.2.1:40000".parse().unwrap(),
+            tls,
+        };
         Session::new(config(plaintext, tls_available), peer)
     }
 
@@ -843,7 +934,10 @@ mod tests {
         assert_eq!(text(&out), "+OK send PASS\r\n");
         assert_eq!(
             out.next,
-            Next::Authenticate(Credentials { username: "alice@example.org".into(), password: "secret".into() })
+            Next::Authenticate(Credentials {
+                username: "alice@example.org".into(),
+                password: "secret".into()
+            })
         );
         let out = s.authenticated(AuthResult::Success(alice()));
         assert_eq!(out.next, Next::OpenMaildrop(alice()));
@@ -878,7 +972,10 @@ mod tests {
             Setup::AuthTls => session(false, true, true),
             Setup::AuthAfterUser => {
                 let mut s = session(true, true, false);
-                assert_eq!(text(&s.handle(b"USER bob@example.org\r\n")), "+OK send PASS\r\n");
+                assert_eq!(
+                    text(&s.handle(b"USER bob@example.org\r\n")),
+                    "+OK send PASS\r\n"
+                );
                 s
             }
             Setup::Trans => transaction(),
@@ -901,7 +998,10 @@ mod tests {
     const UNKNOWN: &str = "-ERR unknown command\r\n";
 
     fn creds(user: &str, pass: &str) -> Next {
-        Next::Authenticate(Credentials { username: user.into(), password: pass.into() })
+        Next::Authenticate(Credentials {
+            username: user.into(),
+            password: pass.into(),
+        })
     }
 
     fn b64(s: &[u8]) -> String {
@@ -913,13 +1013,19 @@ mod tests {
         use Next::*;
         use Setup::*;
         let plain = format!("AUTH PLAIN {}\r\n", b64(b"\0alice@example.org\0pw d"));
-        let plain_self = format!("AUTH plain {}\r\n", b64(b"alice@example.org\0alice@example.org\0pw"));
+        let plain_self = format!(
+            "AUTH plain {}\r\n",
+            b64(b"alice@example.org\0alice@example.org\0pw")
+        );
         let plain_other = format!("AUTH PLAIN {}\r\n", b64(b"root\0alice@example.org\0pw"));
         let plain_two = format!("AUTH PLAIN {}\r\n", b64(b"alice\0pw"));
         let plain_empty_pw = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0"));
         let retr1 = Fetch(BodyHash::of(BODY1));
         let retr2 = Fetch(BodyHash::of(BODY2));
-        let update = |ids: &[u64]| Update { user: alice(), delete: ids.iter().map(|&i| EntryId(i)).collect() };
+        let update = |ids: &[u64]| Update {
+            user: alice(),
+            delete: ids.iter().map(|&i| EntryId(i)).collect(),
+        };
         let list_all = "+OK 2 messages (97 octets)\r\n1 59\r\n2 38\r\n.\r\n";
         let list_one = "+OK 1 messages (38 octets)\r\n2 38\r\n.\r\n";
         let uidl_all = "+OK\r\n1 0000000000000001\r\n2 000000000000002a\r\n.\r\n";
@@ -927,26 +1033,86 @@ mod tests {
             // AUTHORIZATION, plaintext allowed.
             (AuthPlainOk, "CAPA\r\n", CAPA_PLAIN_STLS, NeedInput),
             (AuthPlainOk, "capa\r\n", CAPA_PLAIN_STLS, NeedInput),
-            (AuthPlainOk, "USER alice@example.org\r\n", "+OK send PASS\r\n", NeedInput),
+            (
+                AuthPlainOk,
+                "USER alice@example.org\r\n",
+                "+OK send PASS\r\n",
+                NeedInput,
+            ),
             (AuthPlainOk, "user alice\n", "+OK send PASS\r\n", NeedInput),
             (AuthPlainOk, "USER\r\n", SYNTAX, NeedInput),
             (AuthPlainOk, "USER a b\r\n", SYNTAX, NeedInput),
-            (AuthPlainOk, "PASS secret\r\n", "-ERR send USER first\r\n", NeedInput),
+            (
+                AuthPlainOk,
+                "PASS secret\r\n",
+                "-ERR send USER first\r\n",
+                NeedInput,
+            ),
             (AuthPlainOk, "AUTH\r\n", "+OK\r\nPLAIN\r\n.\r\n", NeedInput),
             (AuthPlainOk, "AUTH PLAIN\r\n", "+ \r\n", NeedInput),
             (AuthPlainOk, &plain, "", creds("alice@example.org", "pw d")),
-            (AuthPlainOk, &plain_self, "", creds("alice@example.org", "pw")),
-            (AuthPlainOk, &plain_other, "-ERR [AUTH] Authorization identity not supported\r\n", NeedInput),
-            (AuthPlainOk, &plain_two, "-ERR invalid PLAIN response\r\n", NeedInput),
-            (AuthPlainOk, &plain_empty_pw, "-ERR invalid PLAIN response\r\n", NeedInput),
-            (AuthPlainOk, "AUTH PLAIN =\r\n", "-ERR invalid PLAIN response\r\n", NeedInput),
-            (AuthPlainOk, "AUTH PLAIN !!!\r\n", "-ERR invalid base64\r\n", NeedInput),
-            (AuthPlainOk, "AUTH PLAIN *\r\n", "-ERR authentication cancelled\r\n", NeedInput),
+            (
+                AuthPlainOk,
+                &plain_self,
+                "",
+                creds("alice@example.org", "pw"),
+            ),
+            (
+                AuthPlainOk,
+                &plain_other,
+                "-ERR [AUTH] Authorization identity not supported\r\n",
+                NeedInput,
+            ),
+            (
+                AuthPlainOk,
+                &plain_two,
+                "-ERR invalid PLAIN response\r\n",
+                NeedInput,
+            ),
+            (
+                AuthPlainOk,
+                &plain_empty_pw,
+                "-ERR invalid PLAIN response\r\n",
+                NeedInput,
+            ),
+            (
+                AuthPlainOk,
+                "AUTH PLAIN =\r\n",
+                "-ERR invalid PLAIN response\r\n",
+                NeedInput,
+            ),
+            (
+                AuthPlainOk,
+                "AUTH PLAIN !!!\r\n",
+                "-ERR invalid base64\r\n",
+                NeedInput,
+            ),
+            (
+                AuthPlainOk,
+                "AUTH PLAIN *\r\n",
+                "-ERR authentication cancelled\r\n",
+                NeedInput,
+            ),
             (AuthPlainOk, "AUTH PLAIN a b\r\n", SYNTAX, NeedInput),
-            (AuthPlainOk, "AUTH CRAM-MD5\r\n", "-ERR unsupported authentication mechanism\r\n", NeedInput),
-            (AuthPlainOk, "STLS\r\n", "+OK Begin TLS negotiation\r\n", StartTls),
+            (
+                AuthPlainOk,
+                "AUTH CRAM-MD5\r\n",
+                "-ERR unsupported authentication mechanism\r\n",
+                NeedInput,
+            ),
+            (
+                AuthPlainOk,
+                "STLS\r\n",
+                "+OK Begin TLS negotiation\r\n",
+                StartTls,
+            ),
             (AuthPlainOk, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
-            (AuthPlainOk, "APOP alice 0123456789abcdef\r\n", "-ERR APOP not supported\r\n", NeedInput),
+            (
+                AuthPlainOk,
+                "APOP alice 0123456789abcdef\r\n",
+                "-ERR APOP not supported\r\n",
+                NeedInput,
+            ),
             (AuthPlainOk, "NOOP\r\n", WRONG_STATE, NeedInput),
             (AuthPlainOk, "STAT\r\n", WRONG_STATE, NeedInput),
             (AuthPlainOk, "LIST\r\n", WRONG_STATE, NeedInput),
@@ -964,7 +1130,12 @@ mod tests {
             (AuthNoPlain, "AUTH\r\n", "+OK\r\n.\r\n", NeedInput),
             (AuthNoPlain, "AUTH PLAIN\r\n", PLAIN_NO, NeedInput),
             (AuthNoPlain, &plain, PLAIN_NO, NeedInput),
-            (AuthNoPlain, "STLS\r\n", "+OK Begin TLS negotiation\r\n", StartTls),
+            (
+                AuthNoPlain,
+                "STLS\r\n",
+                "+OK Begin TLS negotiation\r\n",
+                StartTls,
+            ),
             (AuthNoPlain, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
             (AuthNoPlain, "NOOP\r\n", WRONG_STATE, NeedInput),
             // AUTHORIZATION over TLS.
@@ -974,11 +1145,31 @@ mod tests {
             (AuthTls, &plain, "", creds("alice@example.org", "pw d")),
             (AuthTls, "AUTH\r\n", "+OK\r\nPLAIN\r\n.\r\n", NeedInput),
             // AUTHORIZATION after USER.
-            (AuthAfterUser, "PASS secret\r\n", "", creds("bob@example.org", "secret")),
-            (AuthAfterUser, "pass  two  spaces \r\n", "", creds("bob@example.org", " two  spaces ")),
+            (
+                AuthAfterUser,
+                "PASS secret\r\n",
+                "",
+                creds("bob@example.org", "secret"),
+            ),
+            (
+                AuthAfterUser,
+                "pass  two  spaces \r\n",
+                "",
+                creds("bob@example.org", " two  spaces "),
+            ),
             (AuthAfterUser, "PASS\r\n", SYNTAX, NeedInput),
-            (AuthAfterUser, "USER carol\r\nPASS x\r\n", "+OK send PASS\r\n", creds("carol", "x")),
-            (AuthAfterUser, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
+            (
+                AuthAfterUser,
+                "USER carol\r\nPASS x\r\n",
+                "+OK send PASS\r\n",
+                creds("carol", "x"),
+            ),
+            (
+                AuthAfterUser,
+                "QUIT\r\n",
+                "+OK hamail signing off\r\n",
+                Close,
+            ),
             // TRANSACTION.
             (Trans, "STAT\r\n", "+OK 2 97\r\n", NeedInput),
             (Trans, "stat\r\n", "+OK 2 97\r\n", NeedInput),
@@ -1003,7 +1194,12 @@ mod tests {
             (Trans, "DELE 1\r\n", "+OK message 1 deleted\r\n", NeedInput),
             (Trans, "DELE 3\r\n", NO_MSG, NeedInput),
             (Trans, "DELE\r\n", SYNTAX, NeedInput),
-            (Trans, "RSET\r\n", "+OK maildrop has 2 messages (97 octets)\r\n", NeedInput),
+            (
+                Trans,
+                "RSET\r\n",
+                "+OK maildrop has 2 messages (97 octets)\r\n",
+                NeedInput,
+            ),
             (Trans, "NOOP\r\n", "+OK\r\n", NeedInput),
             (Trans, "CAPA\r\n", CAPA_TRANS, NeedInput),
             (Trans, "QUIT\r\n", "", update(&[])),
@@ -1017,19 +1213,38 @@ mod tests {
             (TransDeleted, "STAT\r\n", "+OK 1 38\r\n", NeedInput),
             (TransDeleted, "LIST\r\n", list_one, NeedInput),
             (TransDeleted, "LIST 1\r\n", NO_MSG, NeedInput),
-            (TransDeleted, "UIDL\r\n", "+OK\r\n2 000000000000002a\r\n.\r\n", NeedInput),
+            (
+                TransDeleted,
+                "UIDL\r\n",
+                "+OK\r\n2 000000000000002a\r\n.\r\n",
+                NeedInput,
+            ),
             (TransDeleted, "UIDL 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "RETR 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "TOP 1 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "DELE 1\r\n", NO_MSG, NeedInput),
-            (TransDeleted, "RSET\r\nSTAT\r\n", "+OK maildrop has 2 messages (97 octets)\r\n+OK 2 97\r\n", NeedInput),
+            (
+                TransDeleted,
+                "RSET\r\nSTAT\r\n",
+                "+OK maildrop has 2 messages (97 octets)\r\n+OK 2 97\r\n",
+                NeedInput,
+            ),
             (TransDeleted, "QUIT\r\n", "", update(&[1])),
-            (TransDeleted, "DELE 2\r\nQUIT\r\n", "+OK message 2 deleted\r\n", update(&[1, 0x2a])),
+            (
+                TransDeleted,
+                "DELE 2\r\nQUIT\r\n",
+                "+OK message 2 deleted\r\n",
+                update(&[1, 0x2a]),
+            ),
         ];
         for (which, input, reply, next) in rows {
             let mut s = setup(which);
             let out = s.handle(input.as_bytes());
-            assert_eq!((text(&out), &out.next), (reply, &next), "{which:?} {input:?}");
+            assert_eq!(
+                (text(&out), &out.next),
+                (reply, &next),
+                "{which:?} {input:?}"
+            );
         }
     }
 
@@ -1046,12 +1261,21 @@ mod tests {
         assert!(text(&out).starts_with("+ \r\n-ERR authentication cancelled\r\n+OK Capability"));
         // An empty response is invalid.
         let mut s = session(true, false, false);
-        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\n\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
+        assert_eq!(
+            text(&s.handle(b"AUTH PLAIN\r\n\r\n")),
+            "+ \r\n-ERR invalid PLAIN response\r\n"
+        );
         // The response line is not a command.
         let mut s = session(true, false, false);
-        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
+        assert_eq!(
+            text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")),
+            "+ \r\n-ERR invalid PLAIN response\r\n"
+        );
         let mut s = session(true, false, false);
-        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nNOOP!\r\n")), "+ \r\n-ERR invalid base64\r\n");
+        assert_eq!(
+            text(&s.handle(b"AUTH PLAIN\r\nNOOP!\r\n")),
+            "+ \r\n-ERR invalid base64\r\n"
+        );
     }
 
     #[test]
@@ -1071,18 +1295,27 @@ mod tests {
         assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
         let out = s.authenticated(AuthResult::Failure);
         // USER is forgotten after a failed PASS.
-        assert_eq!(text(&out), "-ERR [AUTH] Invalid credentials\r\n-ERR send USER first\r\n");
+        assert_eq!(
+            text(&out),
+            "-ERR [AUTH] Invalid credentials\r\n-ERR send USER first\r\n"
+        );
         assert_eq!(s.user(), None);
         assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
         let out = s.authenticated(AuthResult::TemporaryFailure("directory\r\ndown".into()));
-        assert_eq!((text(&out), &out.next), ("-ERR [SYS/TEMP] directory  down\r\n", &Next::NeedInput));
+        assert_eq!(
+            (text(&out), &out.next),
+            ("-ERR [SYS/TEMP] directory  down\r\n", &Next::NeedInput)
+        );
         assert_eq!(text(&s.handle(b"NOOP\r\n")), WRONG_STATE);
     }
 
     #[test]
     fn maildrop_in_use_or_failed() {
         for (result, reply) in [
-            (MaildropResult::InUse, "-ERR [IN-USE] Maildrop is locked by another session\r\n"),
+            (
+                MaildropResult::InUse,
+                "-ERR [IN-USE] Maildrop is locked by another session\r\n",
+            ),
             (
                 MaildropResult::Failed(StoreError::Temporary("disk".into())),
                 "-ERR [SYS/TEMP] Unable to open maildrop\r\n",
@@ -1094,7 +1327,10 @@ mod tests {
         ] {
             let mut s = session(true, false, false);
             s.handle(b"USER alice@example.org\r\nPASS x\r\n");
-            assert_eq!(s.authenticated(AuthResult::Success(alice())).next, Next::OpenMaildrop(alice()));
+            assert_eq!(
+                s.authenticated(AuthResult::Success(alice())).next,
+                Next::OpenMaildrop(alice())
+            );
             let out = s.maildrop_opened(result);
             assert_eq!((text(&out), &out.next), (reply, &Next::NeedInput));
             assert_eq!(s.user(), None);
@@ -1107,21 +1343,36 @@ mod tests {
     #[test]
     fn retr_and_top_replies() {
         let mut s = transaction();
-        assert_eq!(s.handle(b"RETR 1\r\n").next, Next::Fetch(BodyHash::of(BODY1)));
+        assert_eq!(
+            s.handle(b"RETR 1\r\n").next,
+            Next::Fetch(BodyHash::of(BODY1))
+        );
         let out = s.fetched(Ok(Arc::new(BODY1.to_vec())));
         assert_eq!(
             text(&out),
             "+OK 59 octets\r\nReturn-Path: <a@example.com>\r\nSubject: one\r\n\r\nHello\r\n..dot\r\n.\r\n"
         );
         assert_eq!(out.next, Next::NeedInput);
-        assert_eq!(s.handle(b"TOP 2 0\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
+        assert_eq!(
+            s.handle(b"TOP 2 0\r\n").next,
+            Next::Fetch(BodyHash::of(BODY2))
+        );
         let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
-        assert_eq!(text(&out), "+OK top of message follows\r\nReturn-Path: <>\r\nSubject: two\r\n\r\n.\r\n");
+        assert_eq!(
+            text(&out),
+            "+OK top of message follows\r\nReturn-Path: <>\r\nSubject: two\r\n\r\n.\r\n"
+        );
         // A store error leaves the session in TRANSACTION.
-        assert_eq!(s.handle(b"RETR 2\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
+        assert_eq!(
+            s.handle(b"RETR 2\r\n").next,
+            Next::Fetch(BodyHash::of(BODY2))
+        );
         let out = s.fetched(Err(StoreError::Unavailable("x".into())));
         assert_eq!(text(&out), "-ERR [SYS/TEMP] Unable to read message\r\n");
-        assert_eq!(s.handle(b"RETR 2\r\n").next, Next::Fetch(BodyHash::of(BODY2)));
+        assert_eq!(
+            s.handle(b"RETR 2\r\n").next,
+            Next::Fetch(BodyHash::of(BODY2))
+        );
         let out = s.fetched(Err(StoreError::Permanent("gone".into())));
         assert_eq!(text(&out), "-ERR [SYS/PERM] Unable to read message\r\n");
         assert_eq!(text(&s.handle(b"NOOP\r\n")), "+OK\r\n");
@@ -1131,7 +1382,10 @@ mod tests {
     fn pipelined_retr_waits_for_each_fetch() {
         let mut s = transaction();
         let out = s.handle(b"RETR 2\r\nRETR 2\r\nNOOP\r\n");
-        assert_eq!((text(&out), &out.next), ("", &Next::Fetch(BodyHash::of(BODY2))));
+        assert_eq!(
+            (text(&out), &out.next),
+            ("", &Next::Fetch(BodyHash::of(BODY2)))
+        );
         let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
         assert_eq!(out.next, Next::Fetch(BodyHash::of(BODY2)));
         let first = out.reply;
@@ -1145,11 +1399,20 @@ mod tests {
         let mut s = transaction();
         let out = s.handle(b"DELE 2\r\nQUIT\r\nNOOP\r\n");
         assert_eq!(text(&out), "+OK message 2 deleted\r\n");
-        assert_eq!(out.next, Next::Update { user: alice(), delete: vec![EntryId(0x2a)] });
+        assert_eq!(
+            out.next,
+            Next::Update {
+                user: alice(),
+                delete: vec![EntryId(0x2a)]
+            }
+        );
         assert_eq!(s.user(), Some(&alice()));
         let out = s.updated(Ok(()));
         // The NOOP pipelined after QUIT is never answered.
-        assert_eq!((text(&out), &out.next), ("+OK hamail signing off (1 messages left)\r\n", &Next::Close));
+        assert_eq!(
+            (text(&out), &out.next),
+            ("+OK hamail signing off (1 messages left)\r\n", &Next::Close)
+        );
         assert_eq!(s.handle(b"NOOP\r\n").next, Next::Close);
 
         let mut s = transaction();
@@ -1157,7 +1420,10 @@ mod tests {
         let out = s.updated(Err(StoreError::Temporary("disk".into())));
         assert_eq!(
             (text(&out), &out.next),
-            ("-ERR [SYS/TEMP] some deleted messages not removed\r\n", &Next::Close)
+            (
+                "-ERR [SYS/TEMP] some deleted messages not removed\r\n",
+                &Next::Close
+            )
         );
     }
 
@@ -1175,7 +1441,11 @@ mod tests {
         for (i, resume) in resumes.iter().enumerate() {
             for mut s in [session(true, true, false), transaction()] {
                 let out = resume(&mut s);
-                assert_eq!((text(&out), &out.next), (internal, &Next::Close), "resume {i}");
+                assert_eq!(
+                    (text(&out), &out.next),
+                    (internal, &Next::Close),
+                    "resume {i}"
+                );
             }
         }
         // The right resume in another waiting state is still wrong.
@@ -1188,7 +1458,10 @@ mod tests {
     fn stls_discards_pipelined_input() {
         let mut s = session(false, true, false);
         let out = s.handle(b"STLS\r\nUSER evil\r\nPASS evil\r\n");
-        assert_eq!((text(&out), &out.next), ("+OK Begin TLS negotiation\r\n", &Next::StartTls));
+        assert_eq!(
+            (text(&out), &out.next),
+            ("+OK Begin TLS negotiation\r\n", &Next::StartTls)
+        );
         // Clear-text input before the handshake finishes is dropped too.
         let out = s.handle(b"PASS evil2\r\n");
         assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
@@ -1224,11 +1497,16 @@ mod tests {
         assert_eq!(text(&s.handle(ok.as_bytes())), "+OK send PASS\r\n");
         // One more is not, complete or not.
         let long = format!("USER {}\r\nCAPA\r\n", "a".repeat(508));
-        assert!(text(&s.handle(long.as_bytes())).starts_with("-ERR line too long\r\n+OK Capability"));
+        assert!(
+            text(&s.handle(long.as_bytes())).starts_with("-ERR line too long\r\n+OK Capability")
+        );
         // A long line arriving in pieces: one error, then the rest of it up
         // to LF is dropped.
         let mut s = session(true, false, false);
-        assert_eq!(text(&s.handle("x".repeat(600).as_bytes())), "-ERR line too long\r\n");
+        assert_eq!(
+            text(&s.handle("x".repeat(600).as_bytes())),
+            "-ERR line too long\r\n"
+        );
         assert_eq!(text(&s.handle("PASS x".repeat(100).as_bytes())), "");
         assert_eq!(text(&s.handle(b"QUIT\r\nNOOP\r\n")), WRONG_STATE);
         // CRLF split after the CR of a max-length line is not too long.
@@ -1253,7 +1531,10 @@ mod tests {
 
     #[test]
     fn credentials_debug_hides_password() {
-        let c = Credentials { username: "u".into(), password: "hunter2".into() };
+        let c = Credentials {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 

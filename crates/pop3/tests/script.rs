@@ -20,7 +20,11 @@ impl FakeDriver {
         let bodies: Vec<(u64, Option<&str>, &[u8])> = vec![
             // Bare LF, a leading dot and no final newline: the session must
             // send proper CRLF lines, stuffed.
-            (7, Some("bob@example.net"), b"Subject: first\nX: y\n\nline one\n.line two\nlast"),
+            (
+                7,
+                Some("bob@example.net"),
+                b"Subject: first\nX: y\n\nline one\n.line two\nlast",
+            ),
             (9, None, b"Subject: second\r\n\r\nbody\r\n"),
         ];
         let mut entries = Vec::new();
@@ -49,7 +53,11 @@ impl FakeDriver {
     /// Feeds `chunks` one by one, answering every request of the session
     /// like the real driver would. Returns everything written and every
     /// `Next` except `NeedInput` (whose number depends on the chunking).
-    fn run(&self, session: &mut Session, chunks: impl IntoIterator<Item = Vec<u8>>) -> (Vec<u8>, Vec<Next>) {
+    fn run(
+        &self,
+        session: &mut Session,
+        chunks: impl IntoIterator<Item = Vec<u8>>,
+    ) -> (Vec<u8>, Vec<Next>) {
         let mut written = session.greeting();
         let mut steps = Vec::new();
         for chunk in chunks {
@@ -65,7 +73,11 @@ impl FakeDriver {
                     Next::Authenticate(c) => {
                         let ok = Address::parse(&c.username).ok() == Some(self.user.clone())
                             && c.password == self.password;
-                        session.authenticated(if ok { AuthResult::Success(self.user.clone()) } else { AuthResult::Failure })
+                        session.authenticated(if ok {
+                            AuthResult::Success(self.user.clone())
+                        } else {
+                            AuthResult::Failure
+                        })
                     }
                     Next::OpenMaildrop(user) => {
                         assert_eq!(user, self.user);
@@ -90,8 +102,18 @@ impl FakeDriver {
 }
 
 fn new_session() -> Session {
-    let config = Pop3Config { plaintext_auth_allowed: true, tls_available: true, ..Pop3Config::default() };
-    Session::new(Arc::new(config), PeerInfo { addr: "127.0.0.1:50000".parse().unwrap(), tls: false })
+    let config = Pop3Config {
+        plaintext_auth_allowed: true,
+        tls_available: true,
+        ..Pop3Config::default()
+    };
+    Session::new(
+        Arc::new(config),
+        PeerInfo {
+            addr: "127.0.0.1:50000".parse().unwrap(),
+            tls: false,
+        },
+    )
 }
 
 /// Runs `script` whole, then cut into chunks of every size from 1 octet to
@@ -103,7 +125,11 @@ fn same_for_every_chunking(script: &[u8]) -> (String, Vec<Next>) {
     for size in 1..=script.len() {
         let chunks = script.chunks(size).map(<[u8]>::to_vec);
         let (written, steps) = driver.run(&mut new_session(), chunks);
-        assert_eq!(String::from_utf8_lossy(&written), String::from_utf8_lossy(&whole), "chunk size {size}");
+        assert_eq!(
+            String::from_utf8_lossy(&written),
+            String::from_utf8_lossy(&whole),
+            "chunk size {size}"
+        );
         assert_eq!(steps, whole_steps, "chunk size {size}");
     }
     (String::from_utf8(whole).unwrap(), whole_steps)
@@ -133,7 +159,13 @@ fn full_script_in_every_chunking() {
     let (written, steps) = same_for_every_chunking(SCRIPT);
     assert_eq!(written, EXPECTED);
     let driver = FakeDriver::new();
-    let first = BodyHash::of(&driver.bodies.values().find(|b| b.starts_with(b"Subject: first")).unwrap()[..]);
+    let first = BodyHash::of(
+        &driver
+            .bodies
+            .values()
+            .find(|b| b.starts_with(b"Subject: first"))
+            .unwrap()[..],
+    );
     assert_eq!(
         steps,
         vec![
@@ -144,7 +176,10 @@ fn full_script_in_every_chunking() {
             Next::OpenMaildrop(driver.user.clone()),
             Next::Fetch(first),
             Next::Fetch(first),
-            Next::Update { user: driver.user.clone(), delete: vec![EntryId(7)] },
+            Next::Update {
+                user: driver.user.clone(),
+                delete: vec![EntryId(7)]
+            },
             Next::Close,
         ]
     );
@@ -177,7 +212,13 @@ fn failed_login_then_sasl_plain_with_continuation() {
         )
     );
     assert_eq!(steps.len(), 5, "{steps:?}");
-    assert_eq!(steps[3], Next::Update { user: FakeDriver::new().user, delete: vec![] });
+    assert_eq!(
+        steps[3],
+        Next::Update {
+            user: FakeDriver::new().user,
+            delete: vec![]
+        }
+    );
 }
 
 #[test]
@@ -194,9 +235,67 @@ fn stls_then_login_over_tls() {
         ],
     );
     let written = String::from_utf8(written).unwrap();
-    assert!(written.starts_with("+OK hamail POP3 ready\r\n+OK Begin TLS negotiation\r\n+OK Capability"));
-    assert!(!written.contains("STLS\r\nIMPLEMENTATION"), "STLS is not offered over TLS");
+    assert!(
+        written.starts_with("+OK hamail POP3 ready\r\n+OK Begin TLS negotiation\r\n+OK Capability")
+    );
+    assert!(
+        !written.contains("STLS\r\nIMPLEMENTATION"),
+        "STLS is not offered over TLS"
+    );
     assert!(written.ends_with("+OK send PASS\r\n+OK maildrop has 2 messages (118 octets)\r\n+OK hamail signing off (2 messages left)\r\n"));
     assert_eq!(steps[0], Next::StartTls);
     assert_eq!(steps.last(), Some(&Next::Close));
+}
+
+#[test]
+fn garbage_never_panics() {
+    // A small deterministic generator (xorshift): no dependency needed.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let words: [&[u8]; 22] = [
+        b"USER alice@example.org",
+        b"PASS secret",
+        b"PASS",
+        b"AUTH PLAIN",
+        b"AUTH",
+        b"*",
+        b"AGFsaWNlAHB3",
+        b"STAT",
+        b"LIST",
+        b"LIST 1",
+        b"UIDL 2",
+        b"RETR 1",
+        b"RETR 0",
+        b"TOP 2 3",
+        b"TOP 1 99999999999",
+        b"DELE 1",
+        b"RSET",
+        b"NOOP",
+        b"CAPA",
+        b"STLS",
+        b"\xff\x00.",
+        b"QUIT",
+    ];
+    let driver = FakeDriver::new();
+    for _ in 0..300 {
+        let mut input = Vec::new();
+        for _ in 0..(next() % 40) {
+            match next() % 10 {
+                0 => input.extend((0..next() % 700).map(|_| next() as u8)),
+                1 => input.push(b'\n'),
+                _ => {
+                    input.extend_from_slice(words[(next() % words.len() as u64) as usize]);
+                    input.extend_from_slice(if next() % 2 == 0 { b"\r\n" } else { b"\n" });
+                }
+            }
+        }
+        let size = 1 + (next() % 64) as usize;
+        let (written, _) = driver.run(&mut new_session(), input.chunks(size).map(<[u8]>::to_vec));
+        assert!(written.ends_with(b"\r\n"));
+    }
 }

@@ -177,15 +177,30 @@ enum SaslStep {
 enum State {
     /// No (valid) HELO/EHLO yet, or just after STARTTLS.
     Connected,
-    Greeted { helo: Helo },
+    Greeted {
+        helo: Helo,
+    },
     /// MAIL accepted, no recipient accepted yet.
-    Mail { helo: Helo, env: Envelope },
+    Mail {
+        helo: Helo,
+        env: Envelope,
+    },
     /// At least one recipient accepted.
-    Rcpt { helo: Helo, env: Envelope },
+    Rcpt {
+        helo: Helo,
+        env: Envelope,
+    },
     /// After `354`, reading the message.
-    Data { helo: Helo, env: Envelope, decoder: DataDecoder },
+    Data {
+        helo: Helo,
+        env: Envelope,
+        decoder: DataDecoder,
+    },
     /// An AUTH exchange (RFC 4954 4): lines are SASL responses, not commands.
-    Sasl { helo: Helo, step: SaslStep },
+    Sasl {
+        helo: Helo,
+        step: SaslStep,
+    },
     Closed,
 }
 
@@ -220,7 +235,10 @@ pub struct Session {
 /// Replaces controls so that text from the peer or the driver can never
 /// break a reply line.
 fn clean(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect()
 }
 
 impl Session {
@@ -311,7 +329,10 @@ impl Session {
                 false
             }
             RcptVerdict::TemporaryFailure(why) => {
-                self.reply(&format!("451 4.3.0 Temporary lookup failure: {}", clean(&why)));
+                self.reply(&format!(
+                    "451 4.3.0 Temporary lookup failure: {}",
+                    clean(&why)
+                ));
                 false
             }
         };
@@ -341,9 +362,10 @@ impl Session {
             // RFC 4954 6: 535 5.7.8, counted against the error limit to
             // slow password guessing down.
             AuthResult::Failure => self.error("535 5.7.8 Authentication credentials invalid"),
-            AuthResult::TemporaryFailure(why) => {
-                self.reply(&format!("454 4.7.0 Temporary authentication failure: {}", clean(&why)))
-            }
+            AuthResult::TemporaryFailure(why) => self.reply(&format!(
+                "454 4.7.0 Temporary authentication failure: {}",
+                clean(&why)
+            )),
         }
         self.run()
     }
@@ -389,7 +411,11 @@ impl Session {
     pub fn timeout(&mut self) -> Vec<u8> {
         self.state = State::Closed;
         self.waiting = None;
-        format!("421 4.4.2 {} Error: timeout exceeded\r\n", self.config.hostname).into_bytes()
+        format!(
+            "421 4.4.2 {} Error: timeout exceeded\r\n",
+            self.config.hostname
+        )
+        .into_bytes()
     }
 
     // ---- internals ----
@@ -408,7 +434,10 @@ impl Session {
     }
 
     fn finish(&mut self, next: Next) -> Output {
-        Output { reply: std::mem::take(&mut self.out), next }
+        Output {
+            reply: std::mem::take(&mut self.out),
+            next,
+        }
     }
 
     fn reply(&mut self, line: &str) {
@@ -416,7 +445,12 @@ impl Session {
         self.out.extend_from_slice(b"\r\n");
     }
 
-    /// A reply that counts against `max_errors`.
+    /// A reply that counts against `max_errors`: protocol errors (unknown
+    /// command, bad syntax, bad sequence, over-long lines), failed AUTH
+    /// (slows password guessing), rejected recipients (slows address
+    /// harvesting; Postfix's hard error limit counts them too) and rejected
+    /// smuggling attempts. Limits (552, 452) and temporary failures do not
+    /// count: a well-behaved client meets them.
     fn error(&mut self, line: &str) {
         self.errors += 1;
         self.reply(line);
@@ -428,7 +462,10 @@ impl Session {
                 return self.finish(Next::Close);
             }
             if self.errors > 0 && self.errors >= self.config.max_errors {
-                self.reply(&format!("421 4.7.0 {} Error: too many errors", self.config.hostname));
+                self.reply(&format!(
+                    "421 4.7.0 {} Error: too many errors",
+                    self.config.hostname
+                ));
                 self.state = State::Closed;
                 return self.finish(Next::Close);
             }
@@ -453,7 +490,11 @@ impl Session {
             };
         }
         let in_sasl = matches!(self.state, State::Sasl { .. });
-        let limit = if in_sasl {
+        // RFC 4954 4: SASL responses may be 12288 octets; we allow the same
+        // for an AUTH command line, whose initial response (a long
+        // password) can exceed 512 octets.
+        let auth_line = self.inbuf.len() >= 5 && self.inbuf[..5].eq_ignore_ascii_case(b"AUTH ");
+        let limit = if in_sasl || auth_line {
             SASL_LINE.max(self.config.max_command_line)
         } else {
             self.config.max_command_line
@@ -501,7 +542,9 @@ impl Session {
             // usable (Postfix instead answers 521 and hangs up), but it
             // counts as an error.
             Some(DataProblem::BareCrOrLf) => {
-                self.error("554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)");
+                self.error(
+                    "554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)",
+                );
                 None
             }
             Some(DataProblem::LineTooLong) => {
@@ -559,7 +602,10 @@ impl Session {
     }
 
     fn in_transaction(&self) -> bool {
-        matches!(self.state, State::Mail { .. } | State::Rcpt { .. } | State::Data { .. })
+        matches!(
+            self.state,
+            State::Mail { .. } | State::Rcpt { .. } | State::Data { .. }
+        )
     }
 
     fn auth_offered(&self) -> bool {
@@ -584,7 +630,8 @@ impl Session {
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            self.out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+            self.out
+                .extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
         }
     }
 
@@ -621,12 +668,22 @@ impl Session {
             }
             Request::Ehlo { host } => {
                 // RFC 5321 4.1.4: EHLO mid-session resets like RSET.
-                self.state = State::Greeted { helo: Helo { name: clean(&host), esmtp: true } };
+                self.state = State::Greeted {
+                    helo: Helo {
+                        name: clean(&host),
+                        esmtp: true,
+                    },
+                };
                 self.ehlo_reply();
                 None
             }
             Request::Helo { host } => {
-                self.state = State::Greeted { helo: Helo { name: clean(&host), esmtp: false } };
+                self.state = State::Greeted {
+                    helo: Helo {
+                        name: clean(&host),
+                        esmtp: false,
+                    },
+                };
                 let text = format!("250 {}", self.config.hostname);
                 self.reply(&text);
                 None
@@ -651,7 +708,9 @@ impl Session {
                     // failed is answered 554 "no valid recipients".
                     State::Mail { helo, env } => {
                         self.state = State::Mail { helo, env };
-                        self.error("554 5.5.1 Error: no valid recipients");
+                        // Not counted as an error: a pipelining client
+                        // (RFC 2920) sends DATA before it knows.
+                        self.reply("554 5.5.1 Error: no valid recipients");
                     }
                     other => {
                         self.state = other;
@@ -676,7 +735,9 @@ impl Session {
             }
             // RFC 5321 3.5.3: 252 when we will not verify.
             Request::Vrfy { .. } => {
-                self.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+                self.reply(
+                    "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+                );
                 None
             }
             Request::Help { .. } => {
@@ -684,7 +745,10 @@ impl Session {
                 None
             }
             Request::StartTls => self.starttls(),
-            Request::Auth { mechanism, initial_response } => self.auth(mechanism, &initial_response),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response),
             // LMTP is not spoken here.
             Request::Lhlo { .. } => {
                 self.error("500 5.5.1 Command unrecognized");
@@ -745,7 +809,12 @@ impl Session {
         };
         self.state = State::Mail {
             helo,
-            env: Envelope { return_path, local: Vec::new(), remote: Vec::new(), recipients: Vec::new() },
+            env: Envelope {
+                return_path,
+                local: Vec::new(),
+                remote: Vec::new(),
+                recipients: Vec::new(),
+            },
         };
         self.reply("250 2.1.0 Ok");
     }
@@ -771,7 +840,10 @@ impl Session {
         let given = if to.address.is_empty() {
             // smtp-proto turns <Postmaster> into "": RFC 5321 4.5.1 requires
             // accepting it without a domain; it means our postmaster.
-            if String::from_utf8_lossy(line).to_ascii_lowercase().contains("<postmaster>") {
+            if String::from_utf8_lossy(line)
+                .to_ascii_lowercase()
+                .contains("<postmaster>")
+            {
                 format!("postmaster@{}", self.config.hostname)
             } else {
                 self.error("501 5.1.3 Bad recipient address syntax");
@@ -922,7 +994,9 @@ impl Session {
 
     fn ask_auth(&mut self, creds: Credentials) -> Next {
         self.leave_sasl();
-        self.waiting = Some(Waiting::Auth { username: creds.username.clone() });
+        self.waiting = Some(Waiting::Auth {
+            username: creds.username.clone(),
+        });
         Next::Authenticate(creds)
     }
 
@@ -948,7 +1022,11 @@ impl Session {
             }
             SaslStep::LoginPassword { user } => {
                 let password = self.decode(text)?;
-                Some(self.ask_auth(Credentials { authzid: None, username: user, password }))
+                Some(self.ask_auth(Credentials {
+                    authzid: None,
+                    username: user,
+                    password,
+                }))
             }
         }
     }
@@ -984,7 +1062,10 @@ pub(crate) mod tests {
 
     impl Harness {
         pub fn new(config: SmtpConfig) -> Self {
-            let peer = PeerInfo { addr: "192.0.2.7:5000".parse().unwrap(), tls: false };
+            let peer = PeerInfo {
+                addr: "192.0.2.7:5000".parse().unwrap(),
+                tls: false,
+            };
             Harness {
                 s: Session::new(Arc::new(config), peer),
                 replies: String::new(),
@@ -996,7 +1077,8 @@ pub(crate) mod tests {
         pub fn feed(&mut self, input: &[u8]) {
             let mut out = self.s.handle(input);
             loop {
-                self.replies.push_str(&String::from_utf8(out.reply).unwrap());
+                self.replies
+                    .push_str(&String::from_utf8(out.reply).unwrap());
                 out = match out.next {
                     Next::NeedInput => return,
                     Next::Close => {
@@ -1021,7 +1103,10 @@ pub(crate) mod tests {
             }
         }
         pub fn lines(&self) -> Vec<&str> {
-            self.replies.split("\r\n").filter(|l| !l.is_empty()).collect()
+            self.replies
+                .split("\r\n")
+                .filter(|l| !l.is_empty())
+                .collect()
         }
         pub fn last(&self) -> &str {
             self.lines().last().copied().unwrap_or("")
@@ -1064,8 +1149,16 @@ pub(crate) mod tests {
             (EHLO, "HELO c.example", "250 localhost"),
             (EHLO, "MAIL FROM:<a@b.example>", "250 2.1.0"),
             (EHLO, "MAIL FROM:<>", "250 2.1.0"),
-            (EHLO, "MAIL FROM:<a@b.example> BODY=8BITMIME SIZE=1000", "250 2.1.0"),
-            (EHLO, "MAIL FROM:<a@b.example> SIZE=999999999999", "552 5.3.4"),
+            (
+                EHLO,
+                "MAIL FROM:<a@b.example> BODY=8BITMIME SIZE=1000",
+                "250 2.1.0",
+            ),
+            (
+                EHLO,
+                "MAIL FROM:<a@b.example> SIZE=999999999999",
+                "552 5.3.4",
+            ),
             (EHLO, "MAIL FROM:<a@b.example> SMTPUTF8", "555 5.5.4"),
             (EHLO, "MAIL FROM:<a@b.example> FOO=BAR", "555 5.5.4"),
             (EHLO, "MAIL FROM:<not an address>", "501"),
@@ -1114,13 +1207,20 @@ pub(crate) mod tests {
             (RCPT, "AUTH PLAIN", "503 5.5.1"),
             (RCPT, "FOO", "500 5.5.1"),
         ];
-        let config = SmtpConfig { tls_available: true, ..SmtpConfig::default() };
+        let config = SmtpConfig {
+            tls_available: true,
+            ..SmtpConfig::default()
+        };
         for (script, cmd, want) in table {
             let mut h = Harness::new(config.clone());
             h.feed(script.as_bytes());
             h.clear();
             h.feed(format!("{cmd}\r\n").as_bytes());
-            assert!(h.last().starts_with(want), "after {script:?} {cmd:?}: got {:?}", h.replies);
+            assert!(
+                h.last().starts_with(want),
+                "after {script:?} {cmd:?}: got {:?}",
+                h.replies
+            );
             assert_eq!(h.closed, *cmd == "QUIT");
         }
     }
@@ -1129,9 +1229,9 @@ pub(crate) mod tests {
     #[test]
     fn transitions() {
         let table: &[(&str, &str, &str)] = &[
-            (RCPT, "RSET", "503 5.5.1"),       // envelope gone
+            (RCPT, "RSET", "503 5.5.1"),           // envelope gone
             (RCPT, "EHLO c.example", "503 5.5.1"), // EHLO resets too
-            (RCPT, "NOOP", "354"),             // NOOP keeps it
+            (RCPT, "NOOP", "354"),                 // NOOP keeps it
             (RCPT, "VRFY x", "354"),
             (RCPT, "RCPT TO:<nobody@local.example>", "354"), // one still good
             (MAIL, "RCPT TO:<nobody@local.example>", "554 5.5.1"),
@@ -1142,7 +1242,11 @@ pub(crate) mod tests {
             h.feed(format!("{script}{cmd}\r\n").as_bytes());
             h.clear();
             h.feed(b"DATA\r\n");
-            assert!(h.last().starts_with(want), "after {script:?} {cmd:?}: {:?}", h.replies);
+            assert!(
+                h.last().starts_with(want),
+                "after {script:?} {cmd:?}: {:?}",
+                h.replies
+            );
         }
     }
 
@@ -1156,7 +1260,14 @@ pub(crate) mod tests {
         assert!(!h.closed);
         let lines = h.lines();
         let n = lines.len();
-        assert_eq!(&lines[n - 3..], &["354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 Ok: queued as 000000000001", "250 2.0.0 Ok"]);
+        assert_eq!(
+            &lines[n - 3..],
+            &[
+                "354 End data with <CR><LF>.<CR><LF>",
+                "250 2.0.0 Ok: queued as 000000000001",
+                "250 2.0.0 Ok"
+            ]
+        );
     }
 
     #[test]
@@ -1185,10 +1296,15 @@ pub(crate) mod tests {
         ] {
             let mut s = Session::new(
                 Arc::new(SmtpConfig::default()),
-                PeerInfo { addr: "[::1]:25".parse().unwrap(), tls: false },
+                PeerInfo {
+                    addr: "[::1]:25".parse().unwrap(),
+                    tls: false,
+                },
             );
             let mut out = s.handle(RCPT.as_bytes());
-            let Next::CheckRecipient(a) = out.next else { panic!() };
+            let Next::CheckRecipient(a) = out.next else {
+                panic!()
+            };
             out = s.recipient_checked(verdict(&a));
             assert!(matches!(out.next, Next::NeedInput));
             out = s.handle(b"DATA\r\nx\r\n.\r\nNOOP\r\n");
@@ -1196,7 +1312,10 @@ pub(crate) mod tests {
             out = s.finish_delivery(Err(err));
             let reply = String::from_utf8(out.reply).unwrap();
             assert!(reply.starts_with(want), "{reply}");
-            assert!(reply.ends_with("250 2.0.0 Ok\r\n"), "pipelined NOOP runs after");
+            assert!(
+                reply.ends_with("250 2.0.0 Ok\r\n"),
+                "pipelined NOOP runs after"
+            );
         }
     }
 
@@ -1204,7 +1323,10 @@ pub(crate) mod tests {
     fn resume_in_wrong_state() {
         let mut s = Session::new(
             Arc::new(SmtpConfig::default()),
-            PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false },
+            PeerInfo {
+                addr: "127.0.0.1:25".parse().unwrap(),
+                tls: false,
+            },
         );
         for out in [
             s.recipient_checked(RcptVerdict::Remote),
@@ -1212,7 +1334,9 @@ pub(crate) mod tests {
             s.finish_delivery(Ok(QueueId(1))),
             s.tls_established(),
         ] {
-            assert!(String::from_utf8(out.reply).unwrap().starts_with("451 4.3.0 Internal error"));
+            assert!(String::from_utf8(out.reply)
+                .unwrap()
+                .starts_with("451 4.3.0 Internal error"));
         }
         assert!(s.authenticated_user().is_none());
         // Still usable.

@@ -26,8 +26,9 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// An RFC 5322 3.3 date-time in UTC, e.g. `Thu, 01 Jan 1970 00:00:00 +0000`.
 pub fn rfc5322_date(unix_secs: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -124,7 +125,8 @@ pub fn stamp_message(
         if !has_field(headers, "Message-ID") {
             let random: u64 = rand::random();
             out.extend_from_slice(
-                format!("Message-ID: <{queue_id}.{random:016x}@{message_id_domain}>\r\n").as_bytes(),
+                format!("Message-ID: <{queue_id}.{random:016x}@{message_id_domain}>\r\n")
+                    .as_bytes(),
             );
         }
         if !has_field(headers, "Date") {
@@ -158,14 +160,18 @@ mod tests {
     fn dates() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 +0000");
+        assert_eq!(
+            rfc5322_date(1_700_000_000),
+            "Tue, 14 Nov 2023 22:13:20 +0000"
+        );
         assert_eq!(rfc5322_date(-1), "Wed, 31 Dec 1969 23:59:59 +0000");
     }
 
     #[test]
     fn received_only_for_relay() {
         let t = txn(b"Subject: x\r\n\r\nhi\r\n", false, &["r@x.example"]);
-        let out = String::from_utf8(stamp_message(&t, QueueId(255), "mx.example", "DATE", "d")).unwrap();
+        let out =
+            String::from_utf8(stamp_message(&t, QueueId(255), "mx.example", "DATE", "d")).unwrap();
         assert_eq!(
             out,
             "Received: from client.example ([192.0.2.1])\r\n\tby mx.example (hamail) with ESMTPS id 0000000000FF\r\n\tfor <r@x.example>;\r\n\tDATE\r\nSubject: x\r\n\r\nhi\r\n"
@@ -174,14 +180,23 @@ mod tests {
 
     #[test]
     fn submission_gets_message_id_and_date() {
-        let t = txn(b"Subject: x\r\n\r\nMessage-ID: not a header\r\n", true, &["a@x", "b@x"]);
-        let out = String::from_utf8(stamp_message(&t, QueueId(1), "mx", "DATE", "d.example")).unwrap();
+        let t = txn(
+            b"Subject: x\r\n\r\nMessage-ID: not a header\r\n",
+            true,
+            &["a@x", "b@x"],
+        );
+        let out =
+            String::from_utf8(stamp_message(&t, QueueId(1), "mx", "DATE", "d.example")).unwrap();
         assert!(out.contains("with ESMTPSA id 000000000001;\r\n"), "{out}");
         assert!(!out.contains("for <"));
         assert!(out.contains("\r\nMessage-ID: <000000000001."));
         assert!(out.contains("@d.example>\r\nDate: DATE\r\nSubject: x"));
 
-        let t = txn(b"message-id: <x@y>\r\nDATE: now\r\n\r\nhi\r\n", true, &["a@x"]);
+        let t = txn(
+            b"message-id: <x@y>\r\nDATE: now\r\n\r\nhi\r\n",
+            true,
+            &["a@x"],
+        );
         let out = String::from_utf8(stamp_message(&t, QueueId(1), "mx", "DATE", "d")).unwrap();
         assert_eq!(out.matches("essage-").count(), 1);
         assert!(!out.contains("Date: DATE"));

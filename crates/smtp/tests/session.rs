@@ -31,15 +31,26 @@ impl Harness {
         Self::with_tls(config, false)
     }
     fn with_tls(config: SmtpConfig, tls: bool) -> Self {
-        let peer = PeerInfo { addr: "192.0.2.7:5000".parse().unwrap(), tls };
+        let peer = PeerInfo {
+            addr: "192.0.2.7:5000".parse().unwrap(),
+            tls,
+        };
         let s = Session::new(Arc::new(config), peer);
         let replies = String::from_utf8(s.greeting()).unwrap();
-        Harness { s, replies, txns: vec![], creds: vec![], closed: false, starttls: 0 }
+        Harness {
+            s,
+            replies,
+            txns: vec![],
+            creds: vec![],
+            closed: false,
+            starttls: 0,
+        }
     }
     fn feed(&mut self, input: &[u8]) {
         let mut out = self.s.handle(input);
         loop {
-            self.replies.push_str(&String::from_utf8(out.reply).unwrap());
+            self.replies
+                .push_str(&String::from_utf8(out.reply).unwrap());
             out = match out.next {
                 Next::NeedInput => return,
                 Next::Close => {
@@ -50,7 +61,11 @@ impl Harness {
                 Next::Authenticate(c) => {
                     let ok = c.username == "user@local.example" && c.password == "secret";
                     self.creds.push(c);
-                    self.s.authenticated(if ok { AuthResult::Success } else { AuthResult::Failure })
+                    self.s.authenticated(if ok {
+                        AuthResult::Success
+                    } else {
+                        AuthResult::Failure
+                    })
                 }
                 Next::Deliver(t) => {
                     self.txns.push(t);
@@ -64,14 +79,21 @@ impl Harness {
         }
     }
     fn lines(&self) -> Vec<&str> {
-        self.replies.split("\r\n").filter(|l| !l.is_empty()).collect()
+        self.replies
+            .split("\r\n")
+            .filter(|l| !l.is_empty())
+            .collect()
     }
     fn last(&self) -> &str {
         self.lines().last().copied().unwrap_or("")
     }
     /// The 3-digit codes of all replies (last line of multi-line ones).
     fn codes(&self) -> Vec<&str> {
-        self.lines().into_iter().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
+        self.lines()
+            .into_iter()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
     }
 }
 
@@ -98,10 +120,19 @@ fn resumable_at_every_chunk_size() {
     let mut whole = Harness::new(SmtpConfig::default());
     whole.feed(SCRIPT);
     assert!(whole.closed);
-    assert_eq!(whole.codes(), ["220", "250", "250", "250", "550", "250", "354", "451", "250", "221"]);
+    assert_eq!(
+        whole.codes(),
+        ["220", "250", "250", "250", "550", "250", "354", "451", "250", "221"]
+    );
     assert_eq!(whole.txns.len(), 1);
-    assert_eq!(whole.txns[0].body, b"Subject: test\r\n\r\n.leading dot\r\n..two dots\r\n");
-    assert_eq!(whole.txns[0].recipients, ["a@local.example", "b@local.example"]);
+    assert_eq!(
+        whole.txns[0].body,
+        b"Subject: test\r\n\r\n.leading dot\r\n..two dots\r\n"
+    );
+    assert_eq!(
+        whole.txns[0].recipients,
+        ["a@local.example", "b@local.example"]
+    );
 
     for size in 1..=SCRIPT.len() {
         let mut h = Harness::new(SmtpConfig::default());
@@ -117,7 +148,14 @@ fn resumable_at_every_chunk_size() {
 
 #[test]
 fn smuggling_is_rejected_and_never_splits_a_message() {
-    for end in ["\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\n", "\r\n.\r\r\n", "\r"] {
+    for end in [
+        "\n.\n",
+        "\n.\r\n",
+        "\r.\r\n",
+        "\r\n.\n",
+        "\r\n.\r\r\n",
+        "\r",
+    ] {
         let mut h = Harness::new(SmtpConfig::default());
         let input = format!(
             "EHLO c.example\r\nMAIL FROM:<s@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n\
@@ -126,7 +164,12 @@ fn smuggling_is_rejected_and_never_splits_a_message() {
         );
         h.feed(input.as_bytes());
         assert!(h.txns.is_empty(), "{end:?}: a transaction was produced");
-        assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "554", "250"], "{end:?}: {}", h.replies);
+        assert_eq!(
+            h.codes(),
+            ["220", "250", "250", "250", "354", "554", "250"],
+            "{end:?}: {}",
+            h.replies
+        );
         assert!(h.replies.contains("554 5.6.0"), "{end:?}");
         // Same byte by byte.
         let mut h2 = Harness::new(SmtpConfig::default());
@@ -148,14 +191,20 @@ fn bare_cr_in_the_middle_rejects() {
 
 #[test]
 fn starttls_discards_pipelined_input() {
-    let config = SmtpConfig { tls_available: true, ..SmtpConfig::default() };
+    let config = SmtpConfig {
+        tls_available: true,
+        ..SmtpConfig::default()
+    };
     let mut h = Harness::new(config);
     h.feed(b"EHLO c.example\r\n");
     assert!(h.replies.contains("250-STARTTLS\r\n"));
     h.replies.clear();
     h.feed(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n");
     assert_eq!(h.starttls, 1);
-    assert_eq!(h.replies, "220 2.0.0 Ready to start TLS\r\n", "junk after STARTTLS was executed");
+    assert_eq!(
+        h.replies, "220 2.0.0 Ready to start TLS\r\n",
+        "junk after STARTTLS was executed"
+    );
     // Back to "not greeted": the EHLO before TLS is forgotten (RFC 3207 4.2).
     h.feed(b"MAIL FROM:<a@remote.example>\r\n");
     assert!(h.last().starts_with("503 5.5.1"));
@@ -170,7 +219,11 @@ fn starttls_discards_pipelined_input() {
 }
 
 fn submission() -> SmtpConfig {
-    SmtpConfig { submission: true, plaintext_auth_allowed: true, ..SmtpConfig::default() }
+    SmtpConfig {
+        submission: true,
+        plaintext_auth_allowed: true,
+        ..SmtpConfig::default()
+    }
 }
 
 #[test]
@@ -189,8 +242,17 @@ fn auth_plain_with_initial_response_and_relay() {
     h.feed(b"MAIL FROM:<user@local.example>\r\nRCPT TO:<Far@Remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\nx\r\n.\r\n");
     assert_eq!(h.txns.len(), 1);
     assert_eq!(h.txns[0].remote, ["Far@Remote.example"]);
-    assert_eq!(h.txns[0].authenticated.as_deref(), Some("user@local.example"));
-    let stamped = stamp_message(&h.txns[0], hamail_store::QueueId(7), "mx.example", &rfc5322_date(0), "mx.example");
+    assert_eq!(
+        h.txns[0].authenticated.as_deref(),
+        Some("user@local.example")
+    );
+    let stamped = stamp_message(
+        &h.txns[0],
+        hamail_store::QueueId(7),
+        "mx.example",
+        &rfc5322_date(0),
+        "mx.example",
+    );
     let text = String::from_utf8(stamped).unwrap();
     assert!(text.starts_with("Received: from c.example ([192.0.2.7])\r\n\tby mx.example (hamail) with ESMTPA id 000000000007;"), "{text}");
     assert!(text.contains("Message-ID: <000000000007."));
@@ -231,7 +293,11 @@ fn auth_plain_continuation_login_cancel_and_errors() {
 
 #[test]
 fn auth_requires_tls_unless_allowed() {
-    let config = SmtpConfig { submission: true, tls_available: true, ..SmtpConfig::default() };
+    let config = SmtpConfig {
+        submission: true,
+        tls_available: true,
+        ..SmtpConfig::default()
+    };
     let mut h = Harness::new(config.clone());
     h.feed(b"EHLO c.example\r\n");
     assert!(!h.replies.contains("AUTH"));
@@ -244,7 +310,10 @@ fn auth_requires_tls_unless_allowed() {
     h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
     assert!(h.last().starts_with("235"));
     // Not offered at all on the MTA port.
-    let mut h = Harness::new(SmtpConfig { plaintext_auth_allowed: true, ..SmtpConfig::default() });
+    let mut h = Harness::new(SmtpConfig {
+        plaintext_auth_allowed: true,
+        ..SmtpConfig::default()
+    });
     h.feed(b"EHLO c.example\r\n");
     assert!(!h.replies.contains("AUTH"));
 }
@@ -268,7 +337,10 @@ fn a_thousand_recipients_and_one_more() {
 
 #[test]
 fn size_limits() {
-    let config = SmtpConfig { max_message_size: 100, ..SmtpConfig::default() };
+    let config = SmtpConfig {
+        max_message_size: 100,
+        ..SmtpConfig::default()
+    };
     let mut h = Harness::new(config);
     h.feed(b"EHLO c.example\r\n");
     assert!(h.replies.contains("250-SIZE 100\r\n"));
@@ -288,7 +360,10 @@ fn size_limits() {
 
 #[test]
 fn long_lines() {
-    let config = SmtpConfig { max_data_line: 50, ..SmtpConfig::default() };
+    let config = SmtpConfig {
+        max_data_line: 50,
+        ..SmtpConfig::default()
+    };
     let mut h = Harness::new(config);
     // A 600-octet command, fed in pieces so the buffer overflows before LF.
     h.feed(b"EHLO c.example\r\n");
@@ -323,7 +398,13 @@ fn too_many_errors_close() {
     h.feed(b"BOGUS\r\nNOOP\r\n");
     assert!(h.closed);
     assert!(h.last().starts_with("421 4.7.0"));
-    assert_eq!(h.lines().iter().filter(|l| l.starts_with("500 5.5.1")).count(), 20);
+    assert_eq!(
+        h.lines()
+            .iter()
+            .filter(|l| l.starts_with("500 5.5.1"))
+            .count(),
+        20
+    );
     // Nothing after close.
     let out = h.s.handle(b"NOOP\r\n");
     assert!(out.reply.is_empty() && matches!(out.next, Next::Close));
@@ -331,7 +412,10 @@ fn too_many_errors_close() {
 
 #[test]
 fn timeout_and_greeting() {
-    let mut h = Harness::new(SmtpConfig { hostname: "mx.example".into(), ..SmtpConfig::default() });
+    let mut h = Harness::new(SmtpConfig {
+        hostname: "mx.example".into(),
+        ..SmtpConfig::default()
+    });
     assert_eq!(h.replies, "220 mx.example ESMTP hamail\r\n");
     assert!(h.s.timeout().starts_with(b"421 4.4.2 mx.example"));
     let out = h.s.handle(b"NOOP\r\n");
@@ -366,4 +450,75 @@ fn garbage_never_panics() {
             }
         }
     }
+}
+
+#[test]
+fn auth_plain_with_a_long_initial_response() {
+    let mut h = Harness::new(submission());
+    let password = "p".repeat(600);
+    h.feed(
+        format!(
+            "EHLO c.example\r\nAUTH PLAIN {}\r\n",
+            b64(&format!("\0user@local.example\0{password}"))
+        )
+        .as_bytes(),
+    );
+    assert!(h.last().starts_with("535 5.7.8"), "{}", h.replies);
+    assert_eq!(h.creds[0].password, password);
+    // A SASL line over 12288 octets: 500 5.5.6, session kept.
+    h.feed(b"AUTH LOGIN\r\n");
+    h.feed(&vec![b'A'; 13000]);
+    h.feed(b"\r\nNOOP\r\n");
+    let n = h.lines().len();
+    assert!(h.lines()[n - 2].starts_with("500 5.5.6"), "{}", h.replies);
+    assert_eq!(h.last(), "250 2.0.0 Ok");
+}
+
+#[test]
+fn credentials_debug_hides_the_password() {
+    let c = Credentials {
+        authzid: None,
+        username: "u".into(),
+        password: "hunter2".into(),
+    };
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+/// In the middle of an AUTH exchange every line is a SASL response, never a
+/// command (RFC 4954 4): none of these may run.
+#[test]
+fn commands_inside_a_sasl_exchange_are_responses() {
+    for cmd in [
+        "QUIT",
+        "NOOP",
+        "RSET",
+        "EHLO c.example",
+        "MAIL FROM:<a@b.example>",
+        "DATA",
+        "STARTTLS",
+        "HELP",
+    ] {
+        let mut h = Harness::new(SmtpConfig {
+            tls_available: true,
+            ..submission()
+        });
+        h.feed(format!("EHLO c.example\r\nAUTH PLAIN\r\n{cmd}\r\n").as_bytes());
+        assert!(h.last().starts_with("501 5.5.2"), "{cmd}: {}", h.replies);
+        assert!(!h.closed && h.starttls == 0 && h.creds.is_empty(), "{cmd}");
+        // Back to Greeted: AUTH can start again.
+        h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
+        assert!(h.last().starts_with("235"), "{cmd}");
+    }
+}
+
+#[test]
+fn helo_gives_plain_smtp_in_received() {
+    let mut h = Harness::new(SmtpConfig::default());
+    h.feed(b"HELO old.example\r\nMAIL FROM:<>\r\nRCPT TO:<a@local.example>\r\nDATA\r\nx\r\n.\r\n");
+    let t = &h.txns[0];
+    assert!(!t.esmtp);
+    let out = stamp_message(t, hamail_store::QueueId(1), "mx", "D", "mx");
+    assert!(String::from_utf8(out)
+        .unwrap()
+        .contains("with SMTP id 000000000001\r\n\tfor <a@local.example>;\r\n\tD\r\nx\r\n"));
 }
