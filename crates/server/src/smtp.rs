@@ -101,8 +101,10 @@ async fn serve(ctx: &Context, tcp: TcpStream, peer: SocketAddr, role: SmtpRole) 
                 let verdict = match ctx.directory.resolve(&rcpt).await {
                     Ok(Resolution::Local(users)) => RcptVerdict::Local(users),
                     Ok(Resolution::Remote) => RcptVerdict::Remote,
-                    // FIXME(lead): forward remote alias targets once the session has a verdict for it.
-                    Ok(Resolution::Mixed { .. }) => RcptVerdict::TemporaryFailure("alias with remote targets".into()),
+                    Ok(Resolution::Mixed { local, remote }) => RcptVerdict::Forward {
+                        local,
+                        remote: remote.iter().map(|a| a.to_string()).collect(),
+                    },
                     Ok(Resolution::UnknownUser) => RcptVerdict::UnknownUser,
                     Err(e) => {
                         tracing::warn!(client = %peer, rcpt = %rcpt, error = %e, "recipient lookup failed");

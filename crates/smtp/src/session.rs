@@ -92,6 +92,10 @@ pub enum RcptVerdict {
     Local(Vec<Address>),
     /// Not one of our domains: relayed only for authenticated clients.
     Remote,
+    /// One of our aliases whose targets include other domains: accepted
+    /// from anyone (the alias is ours, so this is forwarding, not relaying);
+    /// `local` go to maildrops, `remote` to the outbound queue.
+    Forward { local: Vec<Address>, remote: Vec<String> },
     /// One of our domains, no such user.
     UnknownUser,
     /// The lookup failed; the client should retry.
@@ -310,6 +314,19 @@ impl Session {
                 for t in targets {
                     if !env.local.contains(&t) {
                         env.local.push(t);
+                    }
+                }
+                true
+            }
+            RcptVerdict::Forward { local, remote } => {
+                for t in local {
+                    if !env.local.contains(&t) {
+                        env.local.push(t);
+                    }
+                }
+                for r in remote {
+                    if !env.remote.contains(&r) {
+                        env.remote.push(r);
                     }
                 }
                 true
@@ -1050,6 +1067,10 @@ pub(crate) mod tests {
     pub(crate) fn verdict(a: &Address) -> RcptVerdict {
         match (a.local_part(), a.domain()) {
             ("nobody", "local.example") => RcptVerdict::UnknownUser,
+            ("fwd", "local.example") => RcptVerdict::Forward {
+                local: vec![Address::parse("carol@local.example").unwrap()],
+                remote: vec!["far@remote.example".into()],
+            },
             ("tempfail", _) => RcptVerdict::TemporaryFailure("db\r\ndown".into()),
             ("alias", "local.example") => RcptVerdict::Local(vec![
                 Address::parse("u1@local.example").unwrap(),
@@ -1248,6 +1269,18 @@ pub(crate) mod tests {
                 h.replies
             );
         }
+    }
+
+    #[test]
+    fn alias_forwarding_to_other_domains_is_not_relaying() {
+        let mut h = Harness::new(SmtpConfig::default());
+        h.feed(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<fwd@local.example>\r\nRCPT TO:<x@elsewhere.example>\r\nDATA\r\nhi\r\n.\r\n");
+        assert!(h.replies.contains("554 5.7.1"), "a plain remote rcpt is still relaying: {}", h.replies);
+        assert_eq!(h.txns.len(), 1, "{}", h.replies);
+        let t = &h.txns[0];
+        assert_eq!(t.local, vec![Address::parse("carol@local.example").unwrap()]);
+        assert_eq!(t.remote, vec!["far@remote.example".to_string()]);
+        assert_eq!(t.recipients, vec!["fwd@local.example".to_string()]);
     }
 
     #[test]
