@@ -237,3 +237,47 @@ fn config_error_names_file_and_line() {
     assert!(!ok);
     assert!(out.contains("bad.toml:3"), "{out}");
 }
+
+#[test]
+fn implicit_tls_ports_465_and_995() {
+    let s = setup();
+    let file = write_tmp(&s, "t.eml", b"Subject: over tls\r\n\r\nimplicit tls\r\n");
+    let port = s.submissions.expect("submissions port").port().to_string();
+    let r = py(
+        "smtp_send.py",
+        &["127.0.0.1", &port, "alice@example.org", "bob@example.org", &file, "--ssl", "--user", "alice@example.org", "--password", "alice-pw"],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let pop3s = s.pop3s.expect("pop3s port").port().to_string();
+    let v = py("pop3_fetch.py", &["127.0.0.1", &pop3s, "bob@example.org", "bob-pw", "--ssl"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let m = messages(&v);
+    assert_eq!(m.len(), 1);
+    assert_delivered(&m[0], b"Subject: over tls\r\n\r\nimplicit tls\r\n", "alice@example.org");
+}
+
+#[test]
+fn submission_without_message_id_gets_one_and_a_date() {
+    let s = setup();
+    let sent = b"Subject: bare\r\n\r\nno id here\r\n";
+    let file = write_tmp(&s, "b.eml", sent);
+    let url = format!("smtp://{}", s.submission);
+    let (ok, _, err) = run_tool(
+        "curl",
+        &["-sS", &url, "--ssl-reqd", "-k", "-u", "alice@example.org:alice-pw", "--mail-from", "alice@example.org", "--mail-rcpt", "bob@example.org", "--upload-file", &file],
+        None,
+    );
+    assert!(ok, "curl submission with STARTTLS: {err}");
+    let m = messages(&fetch(&s, "bob@example.org", "bob-pw", &[]));
+    let text = String::from_utf8_lossy(&m[0]);
+    let headers = text.split("\r\n\r\n").next().unwrap();
+    assert!(headers.contains("\r\nMessage-ID: <"), "{text}");
+    assert!(headers.contains("\r\nDate: "), "{text}");
+    // The MTA port adds neither: it relays others' messages unchanged.
+    let mta = s.smtp.port().to_string();
+    let r = py("smtp_send.py", &["127.0.0.1", &mta, "x@elsewhere.test", "bob@example.org", &file]);
+    assert_eq!(r["ok"], true);
+    let m = messages(&fetch(&s, "bob@example.org", "bob-pw", &[]));
+    assert_delivered(&m[1], sent, "x@elsewhere.test");
+    assert!(!String::from_utf8_lossy(&m[1]).contains("Message-ID:"));
+}

@@ -268,3 +268,25 @@ fn pop3_second_login_is_in_use_and_bad_password_is_auth() {
         c.line().starts_with("+OK").then_some(())
     });
 }
+
+#[test]
+fn idle_timeout_is_421_and_connection_limit_is_421() {
+    let s = setup("idle_timeout_secs = 1\nmax_connections = 2");
+    let mut a = Line::connect(s.smtp);
+    assert!(a.reply().starts_with("220"));
+    let mut b = Line::connect(s.smtp);
+    assert!(b.reply().starts_with("220"));
+    let mut c = Line::connect(s.smtp);
+    let r = c.reply();
+    assert!(r.starts_with("421 4.7.0"), "third connection over the limit: {r}");
+    // Idle sessions are told why they are closed (RFC 5321 4.5.3.2).
+    let r = a.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(a.closed());
+    drop(b);
+    // A slot is free again once the idle ones are gone.
+    eventually(std::time::Duration::from_secs(10), "a free connection slot", || {
+        let mut d = Line::connect(s.smtp);
+        d.reply().starts_with("220").then_some(())
+    });
+}
