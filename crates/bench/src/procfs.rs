@@ -47,7 +47,17 @@ fn cpus() -> f64 {
 #[derive(Debug, Default, Clone, Copy)]
 struct Peaks {
     rss_kb: u64,
+    anon_kb: u64,
+    file_kb: u64,
     pss_kb: u64,
+}
+
+impl Peaks {
+    fn add_status(&mut self, status: &str) {
+        self.rss_kb = self.rss_kb.max(kb_field(status, "VmRSS").unwrap_or(0));
+        self.anon_kb = self.anon_kb.max(kb_field(status, "RssAnon").unwrap_or(0));
+        self.file_kb = self.file_kb.max(kb_field(status, "RssFile").unwrap_or(0));
+    }
 }
 
 /// What a cell cost on the server side.
@@ -55,6 +65,9 @@ struct Peaks {
 pub struct Usage {
     /// Peak of the sampled VmRSS, MB (10^6 bytes).
     pub peak_rss_mb: f64,
+    /// Peaks of the sampled RssAnon (heap) and RssFile (mapped files), MB.
+    pub peak_anon_mb: f64,
+    pub peak_file_mb: f64,
     /// VmHWM at the end (reset at the start when the kernel allows), MB.
     pub hwm_mb: f64,
     /// Peak of the sampled PSS (smaps_rollup), MB.
@@ -96,9 +109,9 @@ impl Monitor {
                 let mut peaks = Peaks::default();
                 let mut n = 0u64;
                 loop {
-                    peaks.rss_kb = peaks.rss_kb.max(read_kb(&status, "VmRSS").unwrap_or(0));
+                    peaks.add_status(&std::fs::read_to_string(&status).unwrap_or_default());
                     // PSS walks every mapping: sample it less often.
-                    if n % 5 == 0 {
+                    if n.is_multiple_of(5) {
                         peaks.pss_kb = peaks.pss_kb.max(read_kb(&rollup, "Pss").unwrap_or(0));
                     }
                     n += 1;
@@ -127,7 +140,7 @@ impl Monitor {
         self.stop.store(true, Ordering::Relaxed);
         let mut peaks = self.task.await.unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        peaks.rss_kb = peaks.rss_kb.max(kb_field(&status, "VmRSS").unwrap_or(0));
+        peaks.add_status(&status);
         let hwm_kb = kb_field(&status, "VmHWM").unwrap_or(0);
         if self.hwm_reset {
             // VmHWM sees the spikes between samples.
@@ -147,6 +160,8 @@ impl Monitor {
         Usage {
             peak_rss_mb: mb(peaks.rss_kb),
             hwm_mb: mb(hwm_kb),
+            peak_anon_mb: mb(peaks.anon_kb),
+            peak_file_mb: mb(peaks.file_kb),
             peak_pss_mb: mb(peaks.pss_kb),
             srv_cpu_pct,
             srv_cpu_s: srv_cpu_pct / 100.0 * wall,

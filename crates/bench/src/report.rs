@@ -21,9 +21,9 @@ pub fn reference(test: &str, size: usize, conc: usize, reuse: bool) -> Option<(&
 
 /// "1 KiB", "100 KiB", "1 MiB", "1500 B".
 pub fn size_label(size: usize) -> String {
-    if size >= 1 << 20 && size % (1 << 20) == 0 {
+    if size >= 1 << 20 && size.is_multiple_of(1 << 20) {
         format!("{} MiB", size >> 20)
-    } else if size >= 1024 && size % 1024 == 0 {
+    } else if size >= 1024 && size.is_multiple_of(1024) {
         format!("{} KiB", size >> 10)
     } else {
         format!("{size} B")
@@ -63,7 +63,7 @@ impl Cell {
         let u = &self.usage;
         let mut s = format!(
             "test={} size={} conc={} reuse={} msgs={} secs={:.3} msgs_per_s={:.1} mb_per_s={:.2} \
-             peak_rss_mb={:.1} hwm_mb={:.1} peak_pss_mb={:.1} srv_cpu_pct={:.0} srv_cpu_ms_per_msg={:.3} \
+             peak_rss_mb={:.1} hwm_mb={:.1} peak_anon_mb={:.1} peak_file_mb={:.1} peak_pss_mb={:.1} srv_cpu_pct={:.0} srv_cpu_ms_per_msg={:.3} \
              cli_cpu_pct={:.0} sys_busy_pct={:.0} other_cpu_pct={:.0} errors={}",
             self.test,
             self.size,
@@ -75,6 +75,8 @@ impl Cell {
             self.mb_per_s(),
             u.peak_rss_mb,
             u.hwm_mb,
+            u.peak_anon_mb,
+            u.peak_file_mb,
             u.peak_pss_mb,
             u.srv_cpu_pct,
             1000.0 * u.srv_cpu_s / self.msgs.max(1) as f64,

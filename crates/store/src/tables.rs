@@ -94,3 +94,36 @@ pub(crate) fn duplicate_error(e: &StoreError) -> StoreError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_internal() {
+        let rec = UserRecord { password_hash: "$argon2id$x".into(), created_at: 42 };
+        let bytes = encode("user", &rec).unwrap();
+        let back: UserRecord = decode("user", &bytes).unwrap();
+        assert_eq!(back.created_at, 42);
+        assert_eq!(back.password_hash, rec.password_hash);
+        assert!(matches!(decode::<UserRecord>("user", &[0xff, 0xff, 0xff]), Err(StoreError::Internal(_))));
+    }
+
+    #[test]
+    fn redb_errors_are_classified() {
+        let io = std::io::Error::other("disk on fire");
+        assert!(matches!(db_err("x", redb::Error::Io(io)), StoreError::Io { .. }));
+        assert!(matches!(db_err("x", redb::Error::DatabaseAlreadyOpen), StoreError::Unavailable(_)));
+        assert!(matches!(db_err("x", redb::Error::PreviousIo), StoreError::Temporary(_)));
+        assert!(matches!(db_err("x", redb::Error::Corrupted("bad".into())), StoreError::Internal(_)));
+    }
+
+    #[test]
+    fn duplicated_errors_keep_class_and_text() {
+        let e = StoreError::io("fsyncing", std::io::Error::new(std::io::ErrorKind::StorageFull, "full"));
+        let d = duplicate_error(&e);
+        assert!(d.is_temporary());
+        assert_eq!(d.to_string(), e.to_string());
+        assert!(matches!(duplicate_error(&StoreError::Permanent("p".into())), StoreError::Permanent(p) if p == "p"));
+    }
+}

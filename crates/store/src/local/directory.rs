@@ -486,3 +486,22 @@ impl Directory for LocalStore {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hashes_verify_and_are_salted() {
+        let a = hash_password("secret").unwrap();
+        let b = hash_password("secret").unwrap();
+        assert_ne!(a, b, "random salt");
+        assert!(a.starts_with("$argon2id$"));
+        assert!(check_password(&a, "secret").unwrap());
+        assert!(!check_password(&a, "Secret").unwrap());
+        assert!(matches!(check_password("not a phc string", "x"), Err(StoreError::Internal(_))));
+        let dummy = dummy_hash().unwrap();
+        assert!(!check_password(dummy, "").unwrap());
+        assert_eq!(dummy_hash().unwrap(), dummy, "computed once");
+    }
+}

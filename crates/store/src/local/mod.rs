@@ -408,3 +408,41 @@ impl MailStore for LocalStore {
         blocking(move || inner.queue()).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keeps_first_occurrence_in_order() {
+        assert_eq!(dedup(vec![3, 1, 3, 2, 1]), vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn queue_id_blocks_are_disjoint_and_persistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let store = LocalStore::open(dir.path(), StoreOptions::default()).unwrap();
+            let a = store.inner.reserve_queue_ids().unwrap();
+            let b = store.inner.reserve_queue_ids().unwrap();
+            assert_eq!(a.1, b.0);
+            assert_eq!(b.1 - b.0, QUEUE_ID_BLOCK);
+            b
+        };
+        let store = LocalStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(store.inner.reserve_queue_ids().unwrap().0, first.1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = LocalStore::open(dir.path(), StoreOptions::default()).unwrap();
+            let txn = store.inner.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION + 1).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = LocalStore::open(dir.path(), StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, StoreError::Internal(ref m) if m.contains("schema")), "{err}");
+    }
+}
