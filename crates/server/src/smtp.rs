@@ -106,9 +106,15 @@ async fn serve(ctx: &Context, tcp: TcpStream, peer: SocketAddr, role: SmtpRole) 
                         remote: remote.iter().map(|a| a.to_string()).collect(),
                     },
                     Ok(Resolution::UnknownUser) => RcptVerdict::UnknownUser,
-                    Err(e) => {
+                    Err(e) if e.is_temporary() => {
                         tracing::warn!(client = %peer, rcpt = %rcpt, error = %e, "recipient lookup failed");
                         RcptVerdict::TemporaryFailure(e.to_string())
+                    }
+                    // A permanent error (an alias that only loops) will not
+                    // heal by retrying: 550, not days of 451.
+                    Err(e) => {
+                        tracing::warn!(client = %peer, rcpt = %rcpt, error = %e, "recipient cannot be delivered");
+                        RcptVerdict::UnknownUser
                     }
                 };
                 chain(out.reply, session.recipient_checked(verdict))

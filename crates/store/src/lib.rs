@@ -15,6 +15,7 @@
 //! higher crate), or deliver mail to other hosts (it only keeps the queue).
 
 mod error;
+pub mod password;
 mod local;
 mod tables;
 mod types;

@@ -6,10 +6,7 @@
 //! an unknown user still spends the time of one verification, so that the
 //! answer time does not tell whether an account exists.
 
-use std::sync::OnceLock;
-
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use crate::password::Passwords;
 use redb::{ReadableTable, ReadOnlyTable};
 
 use super::{blocking, Inner, LocalStore};
@@ -18,36 +15,6 @@ use crate::{Address, Directory, Domain, MailboxEntry, Resolution, StoreError, St
 
 /// How many aliases deep an expansion may go before it is cut off.
 const MAX_ALIAS_DEPTH: usize = 8;
-
-fn hash_password(password: &str) -> StoreResult<String> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| StoreError::Internal(format!("hashing a password: {e}")))
-}
-
-fn check_password(phc: &str, password: &str) -> StoreResult<bool> {
-    let parsed =
-        PasswordHash::new(phc).map_err(|e| StoreError::Internal(format!("stored password hash unreadable: {e}")))?;
-    match Argon2::default().verify_password(password.as_bytes(), &parsed) {
-        Ok(()) => Ok(true),
-        Err(argon2::password_hash::Error::Password) => Ok(false),
-        Err(e) => Err(StoreError::Internal(format!("verifying a password: {e}"))),
-    }
-}
-
-/// A hash of a random password, verified against when the user is unknown
-/// (computed once per process, on first need).
-fn dummy_hash() -> StoreResult<&'static str> {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    if let Some(h) = DUMMY.get() {
-        return Ok(h);
-    }
-    let random = SaltString::generate(&mut OsRng);
-    let h = hash_password(random.as_str())?;
-    Ok(DUMMY.get_or_init(|| h))
-}
 
 fn check_new_password(password: &str) -> StoreResult<()> {
     if password.is_empty() {
@@ -424,21 +391,15 @@ impl Directory for LocalStore {
     async fn add_user(&self, user: &Address, password: &str) -> StoreResult<()> {
         check_new_password(password)?;
         let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
-        blocking(move || {
-            let hash = hash_password(&password)?;
-            inner.put_user(&user, hash, true)
-        })
-        .await
+        let hash = Passwords::global().hash(&password).await?;
+        blocking(move || inner.put_user(&user, hash, true)).await
     }
 
     async fn set_password(&self, user: &Address, password: &str) -> StoreResult<()> {
         check_new_password(password)?;
         let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
-        blocking(move || {
-            let hash = hash_password(&password)?;
-            inner.put_user(&user, hash, false)
-        })
-        .await
+        let hash = Passwords::global().hash(&password).await?;
+        blocking(move || inner.put_user(&user, hash, false)).await
     }
 
     async fn remove_user(&self, user: &Address) -> StoreResult<()> {
@@ -452,17 +413,17 @@ impl Directory for LocalStore {
     }
 
     async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool> {
-        let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
-        blocking(move || match inner.user_record(&user)? {
-            Some(rec) => check_password(&rec.password_hash, &password),
+        let (inner, u) = (self.inner().clone(), user.clone());
+        let passwords = Passwords::global();
+        match blocking(move || inner.user_record(&u)).await? {
+            Some(rec) => passwords.check(&rec.password_hash, password).await,
             None => {
                 // Same work as for a real user, same answer as a wrong
                 // password.
-                let _ = check_password(dummy_hash()?, &password)?;
+                let _ = passwords.check_uncached(passwords.dummy_hash().await?, password).await?;
                 Ok(false)
             }
-        })
-        .await
+        }
     }
 
     async fn add_alias(&self, alias: &Address, targets: &[Address]) -> StoreResult<()> {
@@ -483,25 +444,5 @@ impl Directory for LocalStore {
     async fn resolve(&self, rcpt: &Address) -> StoreResult<Resolution> {
         let (inner, rcpt) = (self.inner().clone(), rcpt.clone());
         blocking(move || inner.resolve(&rcpt)).await
-    }
-}
-
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn password_hashes_verify_and_are_salted() {
-        let a = hash_password("secret").unwrap();
-        let b = hash_password("secret").unwrap();
-        assert_ne!(a, b, "random salt");
-        assert!(a.starts_with("$argon2id$"));
-        assert!(check_password(&a, "secret").unwrap());
-        assert!(!check_password(&a, "Secret").unwrap());
-        assert!(matches!(check_password("not a phc string", "x"), Err(StoreError::Internal(_))));
-        let dummy = dummy_hash().unwrap();
-        assert!(!check_password(dummy, "").unwrap());
-        assert_eq!(dummy_hash().unwrap(), dummy, "computed once");
     }
 }
