@@ -134,11 +134,9 @@ fn parse_line(line: &str, acks: &mut BTreeMap<u64, Ack>, dequeued: &mut BTreeSet
 
 fn body_files(dir: &Path) -> BTreeSet<BodyHash> {
     let mut out = BTreeSet::new();
-    for sub in std::fs::read_dir(dir.join("bodies")).unwrap() {
-        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-            let name = f.unwrap().file_name().into_string().unwrap();
-            out.insert(BodyHash::from_hex(&name).expect("only hashes in bodies/"));
-        }
+    for f in std::fs::read_dir(dir.join("bodies")).unwrap() {
+        let name = f.unwrap().file_name().into_string().unwrap();
+        out.insert(BodyHash::from_hex(&name).expect("only hashes in bodies/"));
     }
     out
 }

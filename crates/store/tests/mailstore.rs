@@ -18,11 +18,9 @@ fn open(dir: &Path) -> Arc<LocalStore> {
 /// The body files on disk, by hash.
 fn body_files(dir: &Path) -> BTreeSet<BodyHash> {
     let mut out = BTreeSet::new();
-    for sub in std::fs::read_dir(dir.join("bodies")).unwrap() {
-        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-            let name = f.unwrap().file_name().into_string().unwrap();
-            out.insert(BodyHash::from_hex(&name).expect("only hashes in bodies/"));
-        }
+    for f in std::fs::read_dir(dir.join("bodies")).unwrap() {
+        let name = f.unwrap().file_name().into_string().unwrap();
+        out.insert(BodyHash::from_hex(&name).expect("only hashes in bodies/"));
     }
     out
 }
@@ -274,9 +272,9 @@ async fn recovery_removes_leftovers_and_keeps_committed() {
     // whose metadata commit never happened.
     std::fs::write(dir.path().join("tmp/123.4.deadbeef"), b"half a bo").unwrap();
     let orphan = BodyHash::of(b"orphan");
-    let orphan_path = dir.path().join("bodies").join(format!("{:02x}", orphan.0[0])).join(orphan.to_hex());
+    let orphan_path = dir.path().join("bodies").join(orphan.to_hex());
     std::fs::write(&orphan_path, b"orphan").unwrap();
-    std::fs::write(dir.path().join("bodies/00/not-a-hash"), b"junk").unwrap();
+    std::fs::write(dir.path().join("bodies/not-a-hash"), b"junk").unwrap();
 
     let store = open(dir.path());
     let r = store.recovery_report();
@@ -297,7 +295,7 @@ async fn recovery_reports_a_missing_body() {
         let store = open(dir.path());
         store.accept(incoming(&store, &["a@x.test"], &[], b"will vanish").await).await.unwrap().body()
     };
-    std::fs::remove_file(dir.path().join("bodies").join(format!("{:02x}", h.0[0])).join(h.to_hex())).unwrap();
+    std::fs::remove_file(dir.path().join("bodies").join(h.to_hex())).unwrap();
     let store = open(dir.path());
     assert_eq!(store.recovery_report().missing_bodies, 1);
 }

@@ -239,12 +239,6 @@ impl LocalStore {
         for d in [dir, &bodies_dir, &tmp_dir] {
             fs::create_dir_all(d).map_err(|e| StoreError::io(format!("creating {}", d.display()), e))?;
         }
-        // All 256 fan-out directories exist from the start, so that an
-        // accept never has to create (and fsync the parent of) a directory.
-        for b in 0..=255u8 {
-            let d = bodies_dir.join(format!("{b:02x}"));
-            fs::create_dir_all(&d).map_err(|e| StoreError::io(format!("creating {}", d.display()), e))?;
-        }
         if options.fsync {
             for d in [&bodies_dir, &tmp_dir, &dir.to_path_buf()] {
                 fs::File::open(d)

@@ -102,24 +102,21 @@ pub(crate) fn recover(inner: &Inner) -> StoreResult<RecoveryReport> {
 
     // Files versus records.
     let mut seen = 0usize;
-    for sub in fs::read_dir(&inner.bodies_dir).map_err(|e| StoreError::io("listing bodies/", e))? {
-        let sub = sub.map_err(|e| StoreError::io("listing bodies/", e))?;
-        if !sub.file_type().map_err(|e| StoreError::io("listing bodies/", e))?.is_dir() {
-            tracing::warn!(path = %sub.path().display(), "stray file in bodies/ removed");
-            remove_path(&sub.path())?;
+    for file in fs::read_dir(&inner.bodies_dir).map_err(|e| StoreError::io("listing bodies/", e))? {
+        let file = file.map_err(|e| StoreError::io("listing bodies/", e))?;
+        if file.file_type().map_err(|e| StoreError::io("listing bodies/", e))?.is_dir() {
+            // Not ours to delete: it could hold someone's mail.
+            tracing::warn!(path = %file.path().display(), "unexpected directory in bodies/ left alone");
             continue;
         }
-        for file in fs::read_dir(sub.path()).map_err(|e| StoreError::io("listing a bodies/ directory", e))? {
-            let file = file.map_err(|e| StoreError::io("listing a bodies/ directory", e))?;
-            let name = file.file_name();
-            let hash = name.to_str().and_then(BodyHash::from_hex);
-            match hash {
-                Some(h) if refs.contains_key(&h.0) => seen += 1,
-                _ => {
-                    tracing::info!(path = %file.path().display(), "unreferenced body file removed");
-                    remove_path(&file.path())?;
-                    report.orphans_removed += 1;
-                }
+        let name = file.file_name();
+        let hash = name.to_str().and_then(BodyHash::from_hex);
+        match hash {
+            Some(h) if refs.contains_key(&h.0) => seen += 1,
+            _ => {
+                tracing::info!(path = %file.path().display(), "unreferenced body file removed");
+                remove_path(&file.path())?;
+                report.orphans_removed += 1;
             }
         }
     }
