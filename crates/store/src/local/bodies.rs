@@ -1,8 +1,9 @@
 //! Body files: content-addressed, written with "fsync then rename".
 //!
-//! Why this shape: a body is written once to `tmp/`, made durable, then
-//! renamed to `bodies/<sha256>`; a reader therefore never sees a partial
-//! body under its final name. Identical bodies (one message to many
+//! Why this shape: a body is written once to `tmp/`, then renamed to
+//! `bodies/<sha256>`, so a reader never sees a partial body under its final
+//! name; it is made durable (fdatasync of the file, fsync of the directory)
+//! before the metadata commit that references it. Identical bodies (one message to many
 //! recipients, or resent mail) share one file, counted in the `bodies`
 //! table. Freeing a body happens after the metadata commit that dropped its
 //! last reference, and must not race with an accept of the same content
@@ -20,13 +21,16 @@ use super::Inner;
 use crate::tables::{db_err, BODIES};
 use crate::{BodyHash, StoreError, StoreResult};
 
-/// A body that is durable in `bodies/` (modulo its directory entry, which
-/// the committer fsyncs) and protected from being freed until dropped.
+/// A body renamed into `bodies/`, not yet durable: the caller fdatasyncs it
+/// and the committer fsyncs its directory, both before the metadata commit
+/// that references it. Protected from being freed until dropped.
 pub(crate) struct StagedBody {
     pub hash: BodyHash,
     pub size: u64,
     /// The `bodies/` directory whose entry must be fsynced before commit.
     pub dir: PathBuf,
+    /// The body file itself, fdatasynced by the caller before the commit.
+    pub path: PathBuf,
     pub _guard: InFlight,
 }
 
@@ -97,7 +101,7 @@ impl Inner {
         if !exists {
             let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
             let tmp = self.tmp_dir.join(format!("{}.{}.{}", std::process::id(), seq, &hash.to_hex()[..16]));
-            if let Err(e) = self.write_durably(&tmp, body) {
+            if let Err(e) = write_new(&tmp, body) {
                 let _ = fs::remove_file(&tmp);
                 return Err(StoreError::io(format!("writing body {hash} to {}", tmp.display()), e));
             }
@@ -106,18 +110,20 @@ impl Inner {
                 return Err(StoreError::io(format!("renaming body {hash} into place"), e));
             }
         }
-        Ok(StagedBody { hash, size, dir, _guard: guard })
+        Ok(StagedBody { hash, size, dir, path, _guard: guard })
     }
 
-    fn write_durably(&self, tmp: &std::path::Path, body: &[u8]) -> io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
-        f.write_all(body)?;
-        if self.options.fsync {
-            // fdatasync covers the data and the file size, which is all a
-            // reader needs; the name is made durable by the directory fsync.
-            f.sync_data()?;
+    /// Makes a staged body's data durable (fdatasync). Runs in the caller's
+    /// blocking task while the committer fsyncs the directory: the two are
+    /// independent, and the metadata commit waits for both, so a
+    /// single session pays two sequential syncs per message instead of
+    /// three. Also done for a body that was already there: its writer may
+    /// not have synced it yet.
+    pub(crate) fn sync_body(&self, staged_path: &std::path::Path) -> io::Result<()> {
+        if !self.options.fsync {
+            return Ok(());
         }
-        Ok(())
+        File::open(staged_path)?.sync_data()
     }
 
     /// Makes the directory entries of renamed bodies durable. Called by the
@@ -191,4 +197,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// Writes a new file (never an existing one). Durability comes later, from
+/// [`Inner::sync_body`]; a crash before the metadata commit leaves at most an
+/// unreferenced (maybe torn) file, which recovery removes at the next open
+/// before anything can reference it.
+fn write_new(path: &std::path::Path, body: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(body)
 }

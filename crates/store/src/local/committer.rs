@@ -4,11 +4,12 @@
 //! directories need an fsync too. Doing that per message caps throughput at
 //! a few hundred messages per second; doing it once for every message that
 //! arrived while the previous commit was running lets the cost be shared.
-//! Callers write and fsync their own bodies in parallel, then hand a small
-//! request to this thread and wait for its answer; the thread drains all
-//! pending requests, fsyncs the touched body directories once, applies them
-//! in one transaction, commits once and answers everyone. Nothing is
-//! answered before the commit returned.
+//! Callers write their own bodies in parallel, hand a small request to this
+//! thread, fdatasync their body and wait for the answer; the thread drains
+//! all pending requests, fsyncs the body directory once (while the callers'
+//! fdatasyncs run), waits for those, applies the batch in one transaction,
+//! commits once and answers everyone. Nothing is answered before the commit
+//! returned, and nothing is committed before its body is durable.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ pub(crate) struct AcceptJob {
     pub local: Vec<Address>,
     pub remote: Vec<String>,
     pub body: StagedBody,
+    /// The caller's fdatasync of the body, running while this thread
+    /// fsyncs the directory; the commit waits for it.
+    pub data_synced: mpsc::Receiver<std::io::Result<()>>,
     pub reply: oneshot::Sender<StoreResult<Committed>>,
 }
 
@@ -84,6 +88,34 @@ fn run(inner: &Inner, rx: mpsc::Receiver<AcceptJob>) {
                 Err(_) => break,
             }
         }
+        // Directory entries first (one fsync for the batch), then the
+        // bodies' own fdatasyncs, which ran meanwhile in the callers.
+        let dirs: Vec<&PathBuf> = batch.iter().map(|j| &j.body.dir).collect::<BTreeSet<_>>().into_iter().collect();
+        if let Err(e) = inner.sync_dirs(&dirs) {
+            tracing::error!(error = %e, messages = batch.len(), "fsync of bodies/ failed: batch refused");
+            for job in batch {
+                let _ = job.reply.send(Err(duplicate_error(&e)));
+            }
+            continue;
+        }
+        let mut durable = Vec::with_capacity(batch.len());
+        for job in batch {
+            match job.data_synced.recv() {
+                Ok(Ok(())) => durable.push(job),
+                Ok(Err(e)) => {
+                    let e = StoreError::io(format!("fdatasync of body {}", job.body.hash), e);
+                    tracing::error!(error = %e, "message refused: its body is not durable");
+                    let _ = job.reply.send(Err(e));
+                }
+                Err(_) => {
+                    let _ = job.reply.send(Err(StoreError::Internal("body sync was abandoned".into())));
+                }
+            }
+        }
+        let batch = durable;
+        if batch.is_empty() {
+            continue;
+        }
         match commit_batch(inner, &batch) {
             Ok(results) => {
                 for (job, result) in batch.into_iter().zip(results) {
@@ -105,9 +137,6 @@ fn run(inner: &Inner, rx: mpsc::Receiver<AcceptJob>) {
 /// Applies a batch in one transaction; per-message rejections are returned
 /// in the vector, a failure of the transaction itself as the outer error.
 fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResult<Committed>>> {
-    let dirs: Vec<&PathBuf> = batch.iter().map(|j| &j.body.dir).collect::<BTreeSet<_>>().into_iter().collect();
-    inner.sync_dirs(&dirs)?;
-
     let now = unix_now();
     let txn = inner.begin_write()?;
     let mut results = Vec::with_capacity(batch.len());

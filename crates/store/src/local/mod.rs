@@ -363,15 +363,25 @@ impl MailStore for LocalStore {
         let inner = self.inner.clone();
         let body = msg.body.clone();
         let staged = blocking(move || inner.stage_body(&body)).await?;
+        let body_path = staged.path.clone();
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let (synced, data_synced) = std::sync::mpsc::sync_channel(1);
         self.committer.submit(AcceptJob {
             queue_id: msg.queue_id,
             return_path: msg.return_path,
             local: dedup(msg.local),
             remote: dedup(msg.remote),
             body: staged,
+            data_synced,
             reply,
         })?;
+        // The committer fsyncs the directory meanwhile and waits for this.
+        let inner = self.inner.clone();
+        blocking(move || {
+            let _ = synced.send(inner.sync_body(&body_path));
+            Ok(())
+        })
+        .await?;
         answer.await.map_err(|_| StoreError::Unavailable("the committer stopped before answering".into()))?
     }
 
