@@ -160,7 +160,7 @@ fn sigkill_under_load_loses_and_doubles_nothing() {
                     let id = base + n;
                     n += 1;
                     let token = format!("r{round}t{t}m{id}");
-                    let recipients: Vec<usize> = (0..USERS).filter(|u| (id as usize + u) % 3 != 0).collect();
+                    let recipients: Vec<usize> = (0..USERS).filter(|u| !(id as usize + u).is_multiple_of(3)).collect();
                     let size = [300, 5_000, 70_000][(id % 3) as usize];
                     if send_one(addr, &token, &recipients, size, &log).is_err() {
                         // The server died: stop like a client whose MTA went away.

@@ -38,6 +38,7 @@ impl PlaintextAuth {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerSection,
     pub smtp: SmtpSection,
@@ -149,17 +150,6 @@ impl Default for Pop3Section {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerSection::default(),
-            smtp: SmtpSection::default(),
-            pop3: Pop3Section::default(),
-            tls: TlsSection::default(),
-            admin: AdminSection::default(),
-        }
-    }
-}
 
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

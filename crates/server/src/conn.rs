@@ -34,7 +34,7 @@ impl Conn {
             }
             other => {
                 *self = other;
-                Err(io::Error::new(io::ErrorKind::Other, "TLS already active"))
+                Err(io::Error::other("TLS already active"))
             }
         }
     }

@@ -167,17 +167,74 @@ pub async fn start(
     };
     for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
         for (l, _) in listeners {
-            tasks.push(tokio::spawn(smtp::accept_loop(context.clone(), l, role, smtp_limit.clone())));
+            let ctx = context.clone();
+            // RFC 5321 3.8: 421 when the service is not available.
+            let refusal =
+                format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname).into_bytes();
+            tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
+                smtp::serve(ctx.clone(), tcp, peer, role)
+            })));
         }
     }
     for (implicit_tls, listeners) in [(false, pop3_l), (true, pop3s_l)] {
         for (l, _) in listeners {
-            tasks.push(tokio::spawn(pop3::accept_loop(context.clone(), l, implicit_tls, pop3_limit.clone())));
+            let ctx = context.clone();
+            let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
+            tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
+                pop3::serve(ctx.clone(), tcp, peer, implicit_tls)
+            })));
         }
     }
     tasks.push(admin::serve(context.clone(), &running.admin_socket)?);
     running.tasks = tasks;
     Ok(running)
+}
+
+/// Accepts connections for one listener: each gets a task while a slot of
+/// `limit` is free; over the limit the client gets `refusal` (a 421 or an
+/// -ERR, so it retries later) and is closed.
+pub(crate) async fn accept_loop<F, Fut>(
+    protocol: &'static str,
+    listener: TcpListener,
+    limit: Arc<tokio::sync::Semaphore>,
+    refusal: Vec<u8>,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "{protocol} accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let session = serve(tcp, peer);
+                tokio::spawn(async move {
+                    if let Err(e) = session.await {
+                        tracing::debug!(client = %peer, error = %e, "{protocol} connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                let refusal = refusal.clone();
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    let _ = tcp.write_all(&refusal).await;
+                    tracing::warn!(client = %peer, "{protocol} connection refused: connection limit reached");
+                });
+            }
+        }
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {

@@ -9,45 +9,11 @@ use std::time::Duration;
 use hamail_pop3::{AuthResult, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session};
 use hamail_store::Address;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
 
 use crate::conn::Conn;
 use crate::limits::MaildropGuard;
 use crate::{bump, Context};
-
-pub(crate) async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, implicit_tls: bool, limit: Arc<Semaphore>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "POP3 accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let ctx = ctx.clone();
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(async move {
-                    bump(&ctx.stats.pop3_connections);
-                    if let Err(e) = serve(&ctx, tcp, peer, implicit_tls).await {
-                        tracing::debug!(client = %peer, error = %e, "POP3 connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(async move {
-                    let mut tcp = tcp;
-                    let _ = tcp.write_all(b"-ERR [SYS/TEMP] too many connections, try again later\r\n").await;
-                    tracing::warn!(client = %peer, "POP3 connection refused: connection limit reached");
-                });
-            }
-        }
-    }
-}
 
 fn chain(mut pending: Vec<u8>, out: Output) -> Output {
     pending.extend_from_slice(&out.reply);
@@ -64,7 +30,9 @@ struct Tally {
     result: &'static str,
 }
 
-async fn serve(ctx: &Context, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) -> std::io::Result<()> {
+pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) -> std::io::Result<()> {
+    bump(&ctx.stats.pop3_connections);
+    let ctx = &*ctx;
     let mut conn = Conn::Plain(tcp);
     if implicit_tls {
         conn.upgrade(&ctx.tls).await?;

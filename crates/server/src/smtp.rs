@@ -9,47 +9,10 @@ use std::time::Duration;
 use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
 use hamail_store::{Address, Incoming, Resolution, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
 
 use crate::conn::Conn;
 use crate::{bump, Context, SmtpRole};
-
-pub(crate) async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, role: SmtpRole, limit: Arc<Semaphore>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "SMTP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let ctx = ctx.clone();
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(async move {
-                    bump(&ctx.stats.smtp_connections);
-                    if let Err(e) = serve(&ctx, tcp, peer, role).await {
-                        tracing::debug!(client = %peer, error = %e, "SMTP connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(async move {
-                    // RFC 5321 3.8: 421 when the service is not available.
-                    let mut tcp = tcp;
-                    let msg = format!("421 4.7.0 {} Error: too many connections, try again later\r\n", ctx.config.server.hostname);
-                    let _ = tcp.write_all(msg.as_bytes()).await;
-                    tracing::warn!(client = %peer, "SMTP connection refused: connection limit reached");
-                });
-            }
-        }
-    }
-}
 
 fn session_config(ctx: &Context, role: SmtpRole, peer: &SocketAddr) -> SmtpConfig {
     let c = &ctx.config.smtp;
@@ -70,7 +33,9 @@ fn chain(mut pending: Vec<u8>, out: Output) -> Output {
     Output { reply: pending, next: out.next }
 }
 
-async fn serve(ctx: &Context, tcp: TcpStream, peer: SocketAddr, role: SmtpRole) -> std::io::Result<()> {
+pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, role: SmtpRole) -> std::io::Result<()> {
+    bump(&ctx.stats.smtp_connections);
+    let ctx = &*ctx;
     let mut conn = Conn::Plain(tcp);
     if role == SmtpRole::Submissions {
         conn.upgrade(&ctx.tls).await?;
