@@ -1,0 +1,106 @@
+//! The cluster's vocabulary: node ids and roles, the commands that go
+//! through the Raft log, and the openraft type configuration.
+
+use std::fmt;
+use std::io::Cursor;
+
+use hamail_store::{Address, Domain};
+use serde::{Deserialize, Serialize};
+
+/// A node's id in the cluster, allocated by the leader at join (1 for the
+/// node that ran `cluster init`). Never reused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What a node does besides voting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs mail services and holds mail.
+    #[default]
+    Data,
+    /// Votes and holds the control-plane state only: the third vote that
+    /// lets two data nodes survive the loss of either (like CLUSTERPRO's
+    /// witness server or Pacemaker's qdevice).
+    Witness,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Data => "data",
+            Role::Witness => "witness",
+        })
+    }
+}
+
+/// What the cluster knows of a node (openraft's `Node`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Where its cluster (Raft) listener is, `host:port`.
+    pub addr: String,
+    pub role: Role,
+    /// The node's host name, for humans.
+    pub name: String,
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}, {})", self.name, self.addr, self.role)
+    }
+}
+
+/// A change to the replicated state. Deterministic: everything a node
+/// needs to apply it is in the command (the password hash is computed by
+/// the node that proposes it, timestamps come from the proposer), so every
+/// node's state is the same after the same log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    AddDomain { domain: Domain },
+    RemoveDomain { domain: Domain },
+    AddUser { user: Address, password_hash: String, at: u64 },
+    SetPassword { user: Address, password_hash: String },
+    RemoveUser { user: Address },
+    AddAlias { alias: Address, targets: Vec<Address> },
+    RemoveAlias { alias: Address },
+    /// Allocates the next node id (for a join); the answer carries it.
+    AllocateNodeId,
+}
+
+/// The state machine's answer to one command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    #[default]
+    Done,
+    /// The command was valid Raft-wise but refused by the state (user exists,
+    /// unknown domain...): every node refuses it the same way.
+    Refused(String),
+    NodeId(NodeId),
+}
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for hamail.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
+pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
+pub type StorageError = openraft::StorageError<NodeId>;
