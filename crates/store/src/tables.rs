@@ -26,6 +26,11 @@ pub(crate) const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("use
 /// address → postcard `Vec<Address>` (the alias targets).
 pub(crate) const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
 
+/// Opaque consensus state saved with the changes it describes (the
+/// cluster's last applied log id and membership), under [`CONSENSUS_APPLIED`].
+pub(crate) const CONSENSUS: TableDefinition<&str, &[u8]> = TableDefinition::new("consensus");
+pub(crate) const CONSENSUS_APPLIED: &str = "applied";
+
 /// META key: the next mailbox entry id to hand out.
 pub(crate) const NEXT_ENTRY_ID: &str = "next_entry_id";
 /// META key: the first queue id not covered by any block reserved so far.

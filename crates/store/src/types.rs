@@ -236,6 +236,31 @@ pub struct UserInfo {
     pub bytes: u64,
 }
 
+/// One change to the directory, as a state machine applies it. Carries
+/// everything needed (the password hash, not the password; the creation
+/// time), so that every node of a cluster applying the same changes ends up
+/// with the same state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectoryChange {
+    AddDomain { domain: Domain },
+    RemoveDomain { domain: Domain },
+    AddUser { user: Address, password_hash: String, created_at: u64 },
+    SetPassword { user: Address, password_hash: String },
+    /// Removes the user and its maildrop.
+    RemoveUser { user: Address },
+    AddAlias { alias: Address, targets: Vec<Address> },
+    RemoveAlias { alias: Address },
+}
+
+/// The whole directory, for a consensus snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectorySnapshot {
+    pub domains: Vec<Domain>,
+    /// (address, argon2 PHC hash, created_at)
+    pub users: Vec<(Address, String, u64)>,
+    pub aliases: Vec<(Address, Vec<Address>)>,
+}
+
 /// The mail store: accepted messages, maildrops and the outbound queue.
 #[async_trait::async_trait]
 pub trait MailStore: Send + Sync + 'static {

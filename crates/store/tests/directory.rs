@@ -184,3 +184,51 @@ async fn directory_survives_reopen() {
     assert!(s.verify_password(&addr("joe@a.test"), "pw").await.unwrap());
     assert_eq!(s.resolve(&addr("j@a.test")).await.unwrap(), local(&["joe@a.test"]));
 }
+
+/// The directory as a replicated state machine: batches with refusals,
+/// consensus state saved in the same commit, snapshot export and import.
+#[tokio::test]
+async fn applied_changes_snapshots_and_consensus_state() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = open(dir_a.path());
+    let hash = hamail_store::password::Passwords::global().hash("pw").await.unwrap();
+    let results = a
+        .apply_directory(
+            vec![
+                DirectoryChange::AddDomain { domain: dom("a.test") },
+                DirectoryChange::AddUser { user: addr("u@a.test"), password_hash: hash.clone(), created_at: 7 },
+                // Refused: already there. The batch goes on.
+                DirectoryChange::AddUser { user: addr("u@a.test"), password_hash: hash.clone(), created_at: 8 },
+                DirectoryChange::AddAlias { alias: addr("postmaster@a.test"), targets: vec![addr("u@a.test")] },
+            ],
+            Some(b"log-3".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok());
+    assert!(matches!(results[2], Err(StoreError::Permanent(_))));
+    assert_eq!(a.consensus_state().await.unwrap(), Some(b"log-3".to_vec()));
+    assert!(a.verify_password(&addr("u@a.test"), "pw").await.unwrap());
+    let snap = a.export_directory().await.unwrap();
+    assert_eq!(snap.users, vec![(addr("u@a.test"), hash.clone(), 7)]);
+
+    // A node that had another user with mail takes the snapshot: the user
+    // and its maildrop go, the snapshot's state comes.
+    let dir_b = tempfile::tempdir().unwrap();
+    let b = open(dir_b.path());
+    b.add_domain(&dom("a.test")).await.unwrap();
+    b.add_user(&addr("old@a.test"), "x").await.unwrap();
+    let qid = b.next_queue_id().await.unwrap();
+    let body = Arc::new(b"Subject: x\r\n\r\nx\r\n".to_vec());
+    let hash_b = BodyHash::of(&body);
+    b.accept(Incoming { return_path: None, local: vec![addr("old@a.test")], remote: vec![], body, queue_id: qid })
+        .await
+        .unwrap();
+    b.import_directory(snap.clone(), b"log-9".to_vec()).await.unwrap();
+    assert_eq!(b.export_directory().await.unwrap(), snap);
+    assert_eq!(b.body_refs(&hash_b).await.unwrap(), 0, "the removed user's mail is freed");
+    assert_eq!(b.resolve(&addr("postmaster@a.test")).await.unwrap(), local(&["u@a.test"]));
+    drop(b);
+    let b = open(dir_b.path());
+    assert_eq!(b.consensus_state().await.unwrap(), Some(b"log-9".to_vec()), "durable across reopen");
+}

@@ -7,11 +7,16 @@
 //! answer time does not tell whether an account exists.
 
 use crate::password::Passwords;
-use redb::{ReadableTable, ReadOnlyTable};
+use redb::{ReadOnlyTable, ReadableTable, WriteTransaction};
 
 use super::{blocking, Inner, LocalStore};
-use crate::tables::{db_err, decode, encode, unix_now, UserRecord, ALIASES, DOMAINS, MAILBOX, USERS};
-use crate::{Address, Directory, Domain, MailboxEntry, Resolution, StoreError, StoreResult, UserInfo};
+use crate::tables::{
+    db_err, decode, encode, unix_now, UserRecord, ALIASES, CONSENSUS, CONSENSUS_APPLIED, DOMAINS, MAILBOX, USERS,
+};
+use crate::{
+    Address, BodyHash, Directory, DirectoryChange, DirectorySnapshot, Domain, MailboxEntry, Resolution, StoreError,
+    StoreResult, UserInfo,
+};
 
 /// How many aliases deep an expansion may go before it is cut off.
 const MAX_ALIAS_DEPTH: usize = 8;
@@ -180,20 +185,143 @@ impl<'a> Resolver<'a> {
 }
 
 impl Inner {
-    fn add_domain(&self, domain: &Domain) -> StoreResult<()> {
-        let txn = self.begin_write()?;
-        {
-            let mut t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
-            if t.insert(domain.as_str(), ()).map_err(|e| db_err("writing domains", e))?.is_some() {
-                return Err(StoreError::Permanent(format!("domain {domain} already exists")));
+    /// Applies one change inside `txn`. A refusal (`Permanent`) is
+    /// decided before anything is written, so the transaction stays usable
+    /// for the other changes of a batch. Returns bodies freed by it.
+    fn apply_change(&self, txn: &WriteTransaction, change: &DirectoryChange) -> StoreResult<Vec<BodyHash>> {
+        match change {
+            DirectoryChange::AddDomain { domain } => self.add_domain(txn, domain).map(|()| Vec::new()),
+            DirectoryChange::RemoveDomain { domain } => self.remove_domain(txn, domain).map(|()| Vec::new()),
+            DirectoryChange::AddUser { user, password_hash, created_at } => {
+                self.put_user(txn, user, password_hash.clone(), Some(*created_at)).map(|()| Vec::new())
             }
+            DirectoryChange::SetPassword { user, password_hash } => {
+                self.put_user(txn, user, password_hash.clone(), None).map(|()| Vec::new())
+            }
+            DirectoryChange::RemoveUser { user } => self.remove_user(txn, user),
+            DirectoryChange::AddAlias { alias, targets } => self.add_alias(txn, alias, targets).map(|()| Vec::new()),
+            DirectoryChange::RemoveAlias { alias } => self.remove_alias(txn, alias).map(|()| Vec::new()),
         }
-        txn.commit().map_err(|e| db_err("committing domain", e))
     }
 
-    fn remove_domain(&self, domain: &Domain) -> StoreResult<()> {
-        let suffix = format!("@{}", domain.as_str());
+    /// Applies a batch of changes in one commit, with the consensus state
+    /// (opaque to the store: the cluster's last applied log id) saved in the
+    /// same commit, so the two can never disagree after a crash.
+    pub(crate) fn apply_changes(
+        &self,
+        changes: &[DirectoryChange],
+        consensus_state: Option<&[u8]>,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
         let txn = self.begin_write()?;
+        let mut results = Vec::with_capacity(changes.len());
+        let mut freed = Vec::new();
+        for change in changes {
+            match self.apply_change(&txn, change) {
+                Ok(f) => {
+                    freed.extend(f);
+                    results.push(Ok(()));
+                }
+                Err(e @ StoreError::Permanent(_)) => results.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(state) = consensus_state {
+            let mut t = txn.open_table(CONSENSUS).map_err(|e| db_err("opening consensus", e))?;
+            t.insert(CONSENSUS_APPLIED, state).map_err(|e| db_err("writing consensus state", e))?;
+        }
+        txn.commit().map_err(|e| db_err("committing directory changes", e))?;
+        self.unlink_freed(&freed);
+        Ok(results)
+    }
+
+    pub(crate) fn consensus_state(&self) -> StoreResult<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let t = match txn.open_table(CONSENSUS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db_err("opening consensus", e)),
+        };
+        let v = t.get(CONSENSUS_APPLIED).map_err(|e| db_err("reading consensus state", e))?.map(|g| g.value().to_vec());
+        Ok(v)
+    }
+
+    /// The whole directory, for a consensus snapshot.
+    pub(crate) fn export_directory(&self) -> StoreResult<DirectorySnapshot> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let mut snap = DirectorySnapshot::default();
+        {
+            let t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+            for row in t.iter().map_err(|e| db_err("reading domains", e))? {
+                let (k, _) = row.map_err(|e| db_err("reading domains", e))?;
+                snap.domains.push(Domain::parse(k.value())?);
+            }
+        }
+        {
+            let t = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+            for row in t.iter().map_err(|e| db_err("reading users", e))? {
+                let (k, v) = row.map_err(|e| db_err("reading users", e))?;
+                let rec: UserRecord = decode("user record", v.value())?;
+                snap.users.push((Address::parse(k.value())?, rec.password_hash, rec.created_at));
+            }
+        }
+        snap.aliases = self.aliases_in(&txn)?;
+        Ok(snap)
+    }
+
+    /// Replaces the directory with a snapshot (a node catching up). Users
+    /// that the snapshot no longer has lose their maildrop, as if their
+    /// removal had been applied.
+    pub(crate) fn import_directory(&self, snap: &DirectorySnapshot, consensus_state: &[u8]) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        let mut freed = Vec::new();
+        {
+            let keep: std::collections::HashSet<&str> = snap.users.iter().map(|(u, _, _)| u.as_str()).collect();
+            let old_users: Vec<String> = {
+                let t = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+                let mut v = Vec::new();
+                for row in t.iter().map_err(|e| db_err("reading users", e))? {
+                    v.push(row.map_err(|e| db_err("reading users", e))?.0.value().to_string());
+                }
+                v
+            };
+            for old in old_users.iter().filter(|u| !keep.contains(u.as_str())) {
+                freed.extend(self.remove_entries(&txn, &Address::parse(old)?, None)?);
+            }
+            let mut domains = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+            domains.retain(|_, _| false).map_err(|e| db_err("clearing domains", e))?;
+            for d in &snap.domains {
+                domains.insert(d.as_str(), ()).map_err(|e| db_err("writing domains", e))?;
+            }
+            let mut users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
+            users.retain(|_, _| false).map_err(|e| db_err("clearing users", e))?;
+            for (u, hash, created_at) in &snap.users {
+                let rec = UserRecord { password_hash: hash.clone(), created_at: *created_at };
+                users.insert(u.as_str(), encode("user record", &rec)?.as_slice()).map_err(|e| db_err("writing users", e))?;
+            }
+            let mut aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+            aliases.retain(|_, _| false).map_err(|e| db_err("clearing aliases", e))?;
+            for (a, targets) in &snap.aliases {
+                aliases.insert(a.as_str(), encode("alias targets", targets)?.as_slice()).map_err(|e| db_err("writing aliases", e))?;
+            }
+            let mut t = txn.open_table(CONSENSUS).map_err(|e| db_err("opening consensus", e))?;
+            t.insert(CONSENSUS_APPLIED, consensus_state).map_err(|e| db_err("writing consensus state", e))?;
+        }
+        txn.commit().map_err(|e| db_err("committing snapshot", e))?;
+        self.unlink_freed(&freed);
+        Ok(())
+    }
+
+    fn add_domain(&self, txn: &WriteTransaction, domain: &Domain) -> StoreResult<()> {
+        let mut t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
+        if t.get(domain.as_str()).map_err(|e| db_err("reading domains", e))?.is_some() {
+            return Err(StoreError::Permanent(format!("domain {domain} already exists")));
+        }
+        t.insert(domain.as_str(), ()).map_err(|e| db_err("writing domains", e))?;
+        Ok(())
+    }
+
+    fn remove_domain(&self, txn: &WriteTransaction, domain: &Domain) -> StoreResult<()> {
+        let suffix = format!("@{}", domain.as_str());
         {
             let users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
             let aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
@@ -216,7 +344,7 @@ impl Inner {
                 return Err(StoreError::Permanent(format!("no domain {domain}")));
             }
         }
-        txn.commit().map_err(|e| db_err("committing domain removal", e))
+        Ok(())
     }
 
     fn domains(&self) -> StoreResult<Vec<Domain>> {
@@ -230,9 +358,9 @@ impl Inner {
         Ok(out)
     }
 
-    /// Inserts or replaces a user record; `new` says which is expected.
-    fn put_user(&self, user: &Address, password_hash: String, new: bool) -> StoreResult<()> {
-        let txn = self.begin_write()?;
+    /// Inserts (`created_at` given) or replaces (`None`) a user record.
+    fn put_user(&self, txn: &WriteTransaction, user: &Address, password_hash: String, created_at: Option<u64>) -> StoreResult<()> {
+        let new = created_at.is_some();
         {
             let domains = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
             let aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
@@ -255,13 +383,13 @@ impl Inner {
                     if aliases.get(user.as_str()).map_err(|e| db_err("reading aliases", e))?.is_some() {
                         return Err(StoreError::Permanent(format!("{user} is already an alias")));
                     }
-                    unix_now()
+                    created_at.unwrap_or_default()
                 }
             };
             let rec = UserRecord { password_hash, created_at };
             users.insert(user.as_str(), encode("user record", &rec)?.as_slice()).map_err(|e| db_err("writing users", e))?;
         }
-        txn.commit().map_err(|e| db_err("committing user", e))
+        Ok(())
     }
 
     fn user_record(&self, user: &Address) -> StoreResult<Option<UserRecord>> {
@@ -274,8 +402,7 @@ impl Inner {
         Ok(rec)
     }
 
-    fn remove_user(&self, user: &Address) -> StoreResult<()> {
-        let txn = self.begin_write()?;
+    fn remove_user(&self, txn: &WriteTransaction, user: &Address) -> StoreResult<Vec<BodyHash>> {
         {
             let mut users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
             if users.remove(user.as_str()).map_err(|e| db_err("writing users", e))?.is_none() {
@@ -284,10 +411,7 @@ impl Inner {
         }
         // The maildrop goes in the same commit: no mail of a removed user
         // can show up for a later user of the same name.
-        let freed = self.remove_entries(&txn, user, None)?;
-        txn.commit().map_err(|e| db_err("committing user removal", e))?;
-        self.unlink_freed(&freed);
-        Ok(())
+        self.remove_entries(txn, user, None)
     }
 
     fn users(&self) -> StoreResult<Vec<UserInfo>> {
@@ -311,14 +435,13 @@ impl Inner {
         Ok(out)
     }
 
-    fn add_alias(&self, alias: &Address, targets: &[Address]) -> StoreResult<()> {
+    fn add_alias(&self, txn: &WriteTransaction, alias: &Address, targets: &[Address]) -> StoreResult<()> {
         if targets.is_empty() {
             return Err(StoreError::Permanent(format!("alias {alias} needs at least one target")));
         }
         if targets.contains(alias) {
             return Err(StoreError::Permanent(format!("alias {alias} cannot point to itself")));
         }
-        let txn = self.begin_write()?;
         {
             let domains = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
             let users = txn.open_table(USERS).map_err(|e| db_err("opening users", e))?;
@@ -340,22 +463,24 @@ impl Inner {
                 .insert(alias.as_str(), encode("alias targets", &targets)?.as_slice())
                 .map_err(|e| db_err("writing aliases", e))?;
         }
-        txn.commit().map_err(|e| db_err("committing alias", e))
+        Ok(())
     }
 
-    fn remove_alias(&self, alias: &Address) -> StoreResult<()> {
-        let txn = self.begin_write()?;
-        {
-            let mut aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
-            if aliases.remove(alias.as_str()).map_err(|e| db_err("writing aliases", e))?.is_none() {
-                return Err(StoreError::Permanent(format!("no alias {alias}")));
-            }
+    fn remove_alias(&self, txn: &WriteTransaction, alias: &Address) -> StoreResult<()> {
+        let mut aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
+        if aliases.get(alias.as_str()).map_err(|e| db_err("reading aliases", e))?.is_none() {
+            return Err(StoreError::Permanent(format!("no alias {alias}")));
         }
-        txn.commit().map_err(|e| db_err("committing alias removal", e))
+        aliases.remove(alias.as_str()).map_err(|e| db_err("writing aliases", e))?;
+        Ok(())
     }
 
     fn aliases(&self) -> StoreResult<Vec<(Address, Vec<Address>)>> {
         let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        self.aliases_in(&txn)
+    }
+
+    fn aliases_in(&self, txn: &redb::ReadTransaction) -> StoreResult<Vec<(Address, Vec<Address>)>> {
         let t = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| db_err("reading aliases", e))? {
@@ -371,16 +496,63 @@ impl Inner {
     }
 }
 
+/// The directory as a state machine: changes decided elsewhere (a Raft log)
+/// are applied here in order, with the consensus state in the same commit.
+impl LocalStore {
+    /// Applies `changes` in one commit; each gets its own result (a refusal
+    /// such as "user exists" does not stop the others). `consensus_state`,
+    /// if given, is saved in the same commit.
+    pub async fn apply_directory(
+        &self,
+        changes: Vec<DirectoryChange>,
+        consensus_state: Option<Vec<u8>>,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.apply_changes(&changes, consensus_state.as_deref())).await
+    }
+
+    /// The consensus state saved by the last [`Self::apply_directory`] or
+    /// [`Self::import_directory`].
+    pub async fn consensus_state(&self) -> StoreResult<Option<Vec<u8>>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.consensus_state()).await
+    }
+
+    pub async fn export_directory(&self) -> StoreResult<DirectorySnapshot> {
+        let inner = self.inner().clone();
+        blocking(move || inner.export_directory()).await
+    }
+
+    /// Replaces the whole directory (and drops the maildrops of users the
+    /// snapshot does not have), saving `consensus_state` in the same commit.
+    pub async fn import_directory(&self, snapshot: DirectorySnapshot, consensus_state: Vec<u8>) -> StoreResult<()> {
+        let inner = self.inner().clone();
+        blocking(move || inner.import_directory(&snapshot, &consensus_state)).await
+    }
+
+    /// The stored argon2 hash of a user (for a proposer that checks a
+    /// password against the replicated state).
+    pub async fn password_hash(&self, user: &Address) -> StoreResult<Option<String>> {
+        let (inner, user) = (self.inner().clone(), user.clone());
+        Ok(blocking(move || inner.user_record(&user)).await?.map(|r| r.password_hash))
+    }
+
+    async fn apply_one(&self, change: DirectoryChange) -> StoreResult<()> {
+        self.apply_directory(vec![change], None)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("no result for a directory change".into())))
+    }
+}
+
 #[async_trait::async_trait]
 impl Directory for LocalStore {
     async fn add_domain(&self, domain: &Domain) -> StoreResult<()> {
-        let (inner, domain) = (self.inner().clone(), domain.clone());
-        blocking(move || inner.add_domain(&domain)).await
+        self.apply_one(DirectoryChange::AddDomain { domain: domain.clone() }).await
     }
 
     async fn remove_domain(&self, domain: &Domain) -> StoreResult<()> {
-        let (inner, domain) = (self.inner().clone(), domain.clone());
-        blocking(move || inner.remove_domain(&domain)).await
+        self.apply_one(DirectoryChange::RemoveDomain { domain: domain.clone() }).await
     }
 
     async fn domains(&self) -> StoreResult<Vec<Domain>> {
@@ -390,21 +562,18 @@ impl Directory for LocalStore {
 
     async fn add_user(&self, user: &Address, password: &str) -> StoreResult<()> {
         check_new_password(password)?;
-        let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
-        let hash = Passwords::global().hash(&password).await?;
-        blocking(move || inner.put_user(&user, hash, true)).await
+        let password_hash = Passwords::global().hash(password).await?;
+        self.apply_one(DirectoryChange::AddUser { user: user.clone(), password_hash, created_at: unix_now() }).await
     }
 
     async fn set_password(&self, user: &Address, password: &str) -> StoreResult<()> {
         check_new_password(password)?;
-        let (inner, user, password) = (self.inner().clone(), user.clone(), password.to_string());
-        let hash = Passwords::global().hash(&password).await?;
-        blocking(move || inner.put_user(&user, hash, false)).await
+        let password_hash = Passwords::global().hash(password).await?;
+        self.apply_one(DirectoryChange::SetPassword { user: user.clone(), password_hash }).await
     }
 
     async fn remove_user(&self, user: &Address) -> StoreResult<()> {
-        let (inner, user) = (self.inner().clone(), user.clone());
-        blocking(move || inner.remove_user(&user)).await
+        self.apply_one(DirectoryChange::RemoveUser { user: user.clone() }).await
     }
 
     async fn users(&self) -> StoreResult<Vec<UserInfo>> {
@@ -427,13 +596,11 @@ impl Directory for LocalStore {
     }
 
     async fn add_alias(&self, alias: &Address, targets: &[Address]) -> StoreResult<()> {
-        let (inner, alias, targets) = (self.inner().clone(), alias.clone(), targets.to_vec());
-        blocking(move || inner.add_alias(&alias, &targets)).await
+        self.apply_one(DirectoryChange::AddAlias { alias: alias.clone(), targets: targets.to_vec() }).await
     }
 
     async fn remove_alias(&self, alias: &Address) -> StoreResult<()> {
-        let (inner, alias) = (self.inner().clone(), alias.clone());
-        blocking(move || inner.remove_alias(&alias)).await
+        self.apply_one(DirectoryChange::RemoveAlias { alias: alias.clone() }).await
     }
 
     async fn aliases(&self) -> StoreResult<Vec<(Address, Vec<Address>)>> {
