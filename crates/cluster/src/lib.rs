@@ -5,6 +5,7 @@
 //! What it does not do: carry message bodies (they travel beside the log,
 //! issue 4), speak SMTP/POP3, or start mail services (the server does).
 
+pub mod rpc;
 pub mod types;
 
 pub use types::*;

@@ -1,0 +1,152 @@
+//! The messages nodes exchange, and the two traits that carry them.
+//!
+//! Every node-to-node exchange is one [`Request`] answered by one
+//! [`Response`]. A [`Transport`] delivers a request to a node and brings
+//! back the answer (over mutual TLS in production, through a fault-injecting
+//! in-process switchboard in the logic tests); a [`Handler`] is what a node
+//! runs for each request it receives. The Raft network of openraft is built
+//! on a `Transport`, so Raft, write forwarding and joins share one channel
+//! and one authentication.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Command, CommandResult, NodeId, NodeInfo, Role, TypeConfig};
+
+/// A request from one node (or a joining process) to another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A write proposed on a follower, forwarded to the leader.
+    Write(Command),
+    /// A process that knows the cluster secret asks to become a member.
+    /// The only request accepted from a peer without a cluster certificate.
+    Join(JoinRequest),
+    /// A node's view of the cluster (for `hamail cluster status`).
+    Status,
+}
+
+/// The answer to a [`Request`], same variant.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    Write(Result<CommandResult, WriteError>),
+    Join(Result<JoinResponse, JoinError>),
+    Status(NodeStatus),
+    /// The request was refused before it was looked at (not authenticated,
+    /// or a request this peer may not make).
+    Refused(String),
+}
+
+/// Why a (possibly forwarded) write did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum WriteError {
+    /// No leader right now (election in progress, or no quorum): retry.
+    #[error("no leader (election in progress or no quorum): try again")]
+    NoLeader,
+    /// The write may or may not have been committed (leader lost in the
+    /// middle): the caller must check before retrying.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    #[error("cluster error: {0}")]
+    Other(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The cluster secret from the join token.
+    pub secret: String,
+    /// The joining node's cluster address, `host:port`.
+    pub addr: String,
+    pub role: Role,
+    pub name: String,
+}
+
+/// What a new member needs: its id, its certificate and key signed by the
+/// cluster CA, the CA certificate, and the current members.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub node_id: NodeId,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub members: Vec<(NodeId, NodeInfo)>,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never log a private key.
+        f.debug_struct("JoinResponse").field("node_id", &self.node_id).field("members", &self.members).finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum JoinError {
+    #[error("wrong cluster secret")]
+    WrongSecret,
+    #[error("this cluster has not been initialised")]
+    NotInitialised,
+    #[error("no leader: try again")]
+    NoLeader,
+    #[error("join failed: {0}")]
+    Failed(String),
+}
+
+/// One node's view, as `hamail cluster status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub role: Role,
+    /// "leader", "follower", "candidate", "learner", "shutdown".
+    pub state: String,
+    pub current_term: u64,
+    pub current_leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub members: Vec<(NodeId, NodeInfo)>,
+    /// On the leader: per follower, its matched log index and the
+    /// milliseconds since its last acknowledgement.
+    pub replication: Vec<PeerProgress>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerProgress {
+    pub id: NodeId,
+    pub matched: Option<u64>,
+    /// Log entries the follower is behind the leader.
+    pub lag: Option<u64>,
+    pub last_contact_ms: Option<u64>,
+}
+
+/// Runs the requests a node receives. `from` is the authenticated peer's
+/// node id (from its certificate), `None` for a peer without one: then only
+/// `Join` may be served.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, from: Option<NodeId>, request: Request) -> Response;
+}
+
+/// Why a request did not get an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// Could not reach the node (refused, timed out, partitioned).
+    #[error("node {node} unreachable: {reason}")]
+    Unreachable { node: String, reason: String },
+    /// Reached it, but the answer was lost or malformed.
+    #[error("exchange with node {node} failed: {reason}")]
+    Failed { node: String, reason: String },
+}
+
+/// Delivers requests to other nodes.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    async fn call(&self, target: NodeId, node: &NodeInfo, request: Request) -> Result<Response, TransportError>;
+}
