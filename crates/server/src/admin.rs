@@ -223,7 +223,7 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
                                 other => format!("{other:?}"),
                             };
                             tracing::info!(request = %logged, "admin request");
-                            execute(ctx.store.as_ref(), ctx.directory.as_ref(), Some(&ctx), req).await
+                            execute(ctx.store.as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
                         }
                         Err(e) => Response::bad_request(format!("malformed admin request: {e}")),
                     };

@@ -45,6 +45,7 @@ pub struct Config {
     pub pop3: Pop3Section,
     pub tls: TlsSection,
     pub admin: AdminSection,
+    pub cluster: ClusterSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +103,47 @@ pub struct TlsSection {
     /// certificate is generated at first start under `<data_dir>/tls/`.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+/// The node's part in a cluster. Without `listen` the node never talks to
+/// others: a one-node cluster of itself (the store is local).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// The cluster (Raft, replication) listener, mutual TLS. Required for
+    /// `hamail cluster init` and `join`.
+    pub listen: Option<SocketAddr>,
+    /// The address other nodes use to reach this one (default: `listen`).
+    pub advertise: Option<String>,
+    /// "data" (mail services and mail) or "witness" (votes only: no mail
+    /// listeners, no mail).
+    pub role: ClusterRole,
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing for a random time in this range starts
+    /// an election. See the README for the trade-off.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterRole {
+    Data,
+    Witness,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            listen: None,
+            advertise: None,
+            role: ClusterRole::Data,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -195,6 +237,13 @@ impl Config {
         if self.smtp.max_message_size < 1024 {
             return Err(bad("[smtp] max_message_size must be at least 1024 bytes".into()));
         }
+        let k = &self.cluster;
+        if k.heartbeat_ms == 0 || k.election_timeout_min_ms <= k.heartbeat_ms * 2 {
+            return Err(bad("[cluster] election_timeout_min_ms must be more than twice heartbeat_ms".into()));
+        }
+        if k.election_timeout_max_ms <= k.election_timeout_min_ms {
+            return Err(bad("[cluster] election_timeout_max_ms must be above election_timeout_min_ms".into()));
+        }
         if self.server.hostname.trim().is_empty() {
             return Err(bad("[server] hostname must not be empty".into()));
         }
@@ -207,6 +256,11 @@ impl Config {
 
     pub fn store_dir(&self) -> PathBuf {
         self.server.data_dir.join("store")
+    }
+
+    /// Where the node keeps its cluster identity, credentials and Raft log.
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.server.data_dir.join("cluster")
     }
 }
 

@@ -67,12 +67,25 @@ pub struct Stats {
 pub struct Context {
     pub config: Config,
     pub store: Arc<dyn MailStore>,
-    pub directory: Arc<dyn Directory>,
+    /// Swapped from the local directory to the replicated one when the
+    /// node initialises or joins a cluster while running.
+    directory: std::sync::RwLock<Arc<dyn Directory>>,
     pub tls: TlsAcceptor,
     pub stats: Stats,
     pub started: Instant,
     pub(crate) maildrop_locks: limits::MaildropLocks,
     pub(crate) auth_failures: limits::AuthFailures,
+}
+
+impl Context {
+    /// The directory in force (local, or replicated once in a cluster).
+    pub fn directory(&self) -> Arc<dyn Directory> {
+        self.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set_directory(&self, directory: Arc<dyn Directory>) {
+        *self.directory.write().unwrap_or_else(std::sync::PoisonError::into_inner) = directory;
+    }
 }
 
 /// A running server: its bound addresses (useful with port 0).
@@ -127,7 +140,7 @@ pub async fn start(
         auth_failures: limits::AuthFailures::default(),
         config,
         store,
-        directory,
+        directory: std::sync::RwLock::new(directory),
         tls,
         stats: Stats::default(),
         started: Instant::now(),

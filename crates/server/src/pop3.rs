@@ -145,7 +145,7 @@ async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str)
             return AuthResult::Failure;
         }
     };
-    match ctx.directory.verify_password(&user, password).await {
+    match ctx.directory().verify_password(&user, password).await {
         Ok(true) => {
             ctx.auth_failures.succeeded(peer.ip());
             AuthResult::Success(user)

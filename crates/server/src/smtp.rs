@@ -63,7 +63,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, r
                 session.handle(&buf[..n])
             }
             Next::CheckRecipient(rcpt) => {
-                let verdict = match ctx.directory.resolve(&rcpt).await {
+                let verdict = match ctx.directory().resolve(&rcpt).await {
                     Ok(Resolution::Local(users)) => RcptVerdict::Local(users),
                     Ok(Resolution::Remote) => RcptVerdict::Remote,
                     Ok(Resolution::Mixed { local, remote }) => RcptVerdict::Forward {
@@ -116,7 +116,7 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, username: &str, password
             return AuthResult::Failure;
         }
     };
-    match ctx.directory.verify_password(&user, password).await {
+    match ctx.directory().verify_password(&user, password).await {
         Ok(true) => {
             ctx.auth_failures.succeeded(peer.ip());
             AuthResult::Success
