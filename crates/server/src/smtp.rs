@@ -82,6 +82,16 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, r
                         RcptVerdict::UnknownUser
                     }
                 };
+                // Postfix's "NOQUEUE: reject" lines: refused recipients
+                // never reach a transaction log line, so log them here.
+                let refused = match &verdict {
+                    RcptVerdict::UnknownUser => Some("550 5.1.1 user unknown"),
+                    RcptVerdict::Remote if session.authenticated_user().is_none() => Some("554 5.7.1 relay access denied"),
+                    _ => None,
+                };
+                if let Some(why) = refused {
+                    tracing::info!(target: "hamail::mail", "NOQUEUE: reject: RCPT from [{}]: {why}; to=<{rcpt}>", peer.ip());
+                }
                 chain(out.reply, session.recipient_checked(verdict))
             }
             Next::Authenticate(creds) => {
