@@ -1,4 +1,6 @@
-//! Memory and CPU of the server process, read from /proc while a cell runs.
+//! Memory and CPU of the server process (hamail: one process) or of a
+//! server's whole process tree (Postfix / Dovecot: master + children), read
+//! from /proc while a cell runs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +31,60 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// utime + stime + cutime + cstime: the process and its reaped children.
+fn cpu_ticks_with_children(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    (11..15).map(|i| fields.get(i)?.parse::<u64>().ok()).sum()
+}
+
+/// The parent pid of a /proc/<pid>/stat line.
+fn ppid_of(stat: &str) -> Option<u32> {
+    stat.get(stat.rfind(')')? + 2..)?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every process: pid -> (ppid, stat line).
+fn proc_table() -> Vec<(u32, u32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some(ppid) = ppid_of(&stat) {
+                out.push((pid, ppid, stat));
+            }
+        }
+    }
+    out
+}
+
+/// The process tree under `root` (empty if root is gone): (pid, stat line).
+fn tree_of(root: u32) -> Vec<(u32, String)> {
+    let table = proc_table();
+    if !table.iter().any(|(pid, _, _)| *pid == root) {
+        return Vec::new();
+    }
+    let mut members = std::collections::HashSet::from([root]);
+    let mut todo = vec![root];
+    while let Some(parent) = todo.pop() {
+        for (pid, ppid, _) in &table {
+            if *ppid == parent && *pid != root && members.insert(*pid) {
+                todo.push(*pid);
+            }
+        }
+    }
+    table.into_iter().filter(|(pid, _, _)| members.contains(pid)).map(|(pid, _, stat)| (pid, stat)).collect()
+}
+
+/// CPU ticks of a process tree, children that exited during the window
+/// included (through their parents' cutime / cstime), like bench.py.
+fn tree_ticks(root: u32) -> Option<u64> {
+    let tree = tree_of(root);
+    if tree.is_empty() {
+        return None;
+    }
+    Some(tree.iter().filter_map(|(_, stat)| cpu_ticks_with_children(stat)).sum())
+}
+
 /// (total, busy) ticks of the whole machine.
 fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -50,6 +106,7 @@ struct Peaks {
     anon_kb: u64,
     file_kb: u64,
     pss_kb: u64,
+    procs: u64,
 }
 
 impl Peaks {
@@ -81,11 +138,16 @@ pub struct Usage {
     pub sys_busy_pct: f64,
     /// Busy minus server minus client: other load on the machine.
     pub other_cpu_pct: f64,
+    /// Process-tree mode (peers): the memory figures are sums over the
+    /// tree, and this is the largest number of processes seen. 0: one process.
+    pub procs_peak: u64,
 }
 
 /// Samples the server's memory every `interval` until `finish`.
 pub struct Monitor {
     pid: String,
+    /// Some(root): measure the process tree under root (no VmHWM).
+    tree: Option<u32>,
     stop: Arc<AtomicBool>,
     task: JoinHandle<Peaks>,
     hwm_reset: bool,
@@ -127,6 +189,7 @@ impl Monitor {
             cli0: cpu_ticks("self"),
             sys0: machine_ticks(),
             pid,
+            tree: None,
             stop,
             task,
             hwm_reset,
@@ -134,14 +197,58 @@ impl Monitor {
         }
     }
 
+    /// Samples the whole process tree under `root` (a daemon's master):
+    /// memory figures are sums over the tree (RSS counts shared pages once
+    /// per process; PSS divides them among the sharers), CPU includes the
+    /// children that exited during the cell. The sampling runs on a blocking
+    /// thread: walking /proc takes a few ms. PSS every second sample.
+    pub fn start_tree(root: u32, interval: Duration) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let stop = stop.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut peaks = Peaks::default();
+                let mut n = 0u64;
+                loop {
+                    sample_tree(root, n.is_multiple_of(2), &mut peaks);
+                    n += 1;
+                    if stop.load(Ordering::Relaxed) {
+                        return peaks;
+                    }
+                    std::thread::sleep(interval);
+                }
+            })
+        };
+        Monitor {
+            srv0: tree_ticks(root),
+            cli0: cpu_ticks("self"),
+            sys0: machine_ticks(),
+            pid: root.to_string(),
+            tree: Some(root),
+            stop,
+            task,
+            hwm_reset: false,
+            t0: Instant::now(),
+        }
+    }
+
     pub async fn finish(self) -> Usage {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-6);
-        let (srv1, cli1, sys1) = (cpu_ticks(&self.pid), cpu_ticks("self"), machine_ticks());
+        let srv1 = match self.tree {
+            Some(root) => tree_ticks(root),
+            None => cpu_ticks(&self.pid),
+        };
+        let (cli1, sys1) = (cpu_ticks("self"), machine_ticks());
         self.stop.store(true, Ordering::Relaxed);
         let mut peaks = self.task.await.unwrap_or_default();
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        peaks.add_status(&status);
-        let hwm_kb = kb_field(&status, "VmHWM").unwrap_or(0);
+        let hwm_kb = if let Some(root) = self.tree {
+            sample_tree(root, true, &mut peaks);
+            0
+        } else {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+            peaks.add_status(&status);
+            kb_field(&status, "VmHWM").unwrap_or(0)
+        };
         if self.hwm_reset {
             // VmHWM sees the spikes between samples.
             peaks.rss_kb = peaks.rss_kb.max(hwm_kb);
@@ -168,8 +275,35 @@ impl Monitor {
             cli_cpu_pct,
             sys_busy_pct,
             other_cpu_pct: (sys_busy_pct - srv_cpu_pct - cli_cpu_pct).max(0.0),
+            procs_peak: peaks.procs,
         }
     }
+}
+
+/// One sample of a process tree: sums of VmRSS / RssAnon / RssFile (and
+/// PSS when `pss`) over the tree, kept if larger than the peaks so far.
+fn sample_tree(root: u32, pss: bool, peaks: &mut Peaks) {
+    let tree = tree_of(root);
+    let (mut rss, mut anon, mut file, mut pss_sum) = (0, 0, 0, 0);
+    for (pid, _) in &tree {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        rss += kb_field(&status, "VmRSS").unwrap_or(0);
+        anon += kb_field(&status, "RssAnon").unwrap_or(0);
+        file += kb_field(&status, "RssFile").unwrap_or(0);
+        if pss {
+            pss_sum += read_kb(&format!("/proc/{pid}/smaps_rollup"), "Pss").unwrap_or(0);
+        }
+    }
+    peaks.rss_kb = peaks.rss_kb.max(rss);
+    peaks.anon_kb = peaks.anon_kb.max(anon);
+    peaks.file_kb = peaks.file_kb.max(file);
+    peaks.pss_kb = peaks.pss_kb.max(pss_sum);
+    peaks.procs = peaks.procs.max(tree.len() as u64);
+}
+
+/// Number of processes in the tree under `root` (0 if root is gone).
+pub fn tree_size(root: u32) -> usize {
+    tree_of(root).len()
 }
 
 #[cfg(test)]
@@ -189,5 +323,16 @@ mod tests {
     fn own_process_is_readable() {
         assert!(cpu_ticks("self").is_some());
         assert!(machine_ticks().is_some());
+        let me = std::process::id();
+        assert!(tree_ticks(me).is_some());
+        assert!(tree_of(me).iter().any(|(p, _)| *p == me));
+        assert!(tree_of(1).len() >= tree_of(me).len());
+    }
+
+    #[test]
+    fn stat_fields_after_the_command_name() {
+        let stat = "42 (a) b (c)) S 7 42 42 0 -1 4194560 1 2 3 4 10 20 30 40 20 0 1 0";
+        assert_eq!(ppid_of(stat), Some(7));
+        assert_eq!(cpu_ticks_with_children(stat), Some(100));
     }
 }

@@ -30,9 +30,22 @@ pub fn size_label(size: usize) -> String {
     }
 }
 
+/// What a cell's line is compared with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Compare {
+    /// The static reference figures (no peer measured in this run).
+    Static,
+    /// A peer measured in this run: (peer, its msgs/s).
+    Peer(&'static str, f64),
+    /// Nothing (the peer's own lines).
+    Nothing,
+}
+
 /// One measured cell.
 pub struct Cell {
     pub test: &'static str,
+    /// "hamail", "postfix" or "dovecot".
+    pub server: &'static str,
     pub size: usize,
     pub conc: usize,
     pub reuse: bool,
@@ -43,6 +56,7 @@ pub struct Cell {
     pub usage: Usage,
     /// Test-specific key=value pairs, printed after the common ones.
     pub extra: Vec<(&'static str, String)>,
+    pub compare: Compare,
 }
 
 impl Cell {
@@ -62,10 +76,11 @@ impl Cell {
     pub fn line(&self) -> String {
         let u = &self.usage;
         let mut s = format!(
-            "test={} size={} conc={} reuse={} msgs={} secs={:.3} msgs_per_s={:.1} mb_per_s={:.2} \
+            "test={} server={} size={} conc={} reuse={} msgs={} secs={:.3} msgs_per_s={:.1} mb_per_s={:.2} \
              peak_rss_mb={:.1} hwm_mb={:.1} peak_anon_mb={:.1} peak_file_mb={:.1} peak_pss_mb={:.1} srv_cpu_pct={:.0} srv_cpu_ms_per_msg={:.3} \
              cli_cpu_pct={:.0} sys_busy_pct={:.0} other_cpu_pct={:.0} errors={}",
             self.test,
+            self.server,
             self.size,
             self.conc,
             u8::from(self.reuse),
@@ -85,14 +100,21 @@ impl Cell {
             u.other_cpu_pct,
             self.errors,
         );
+        if u.procs_peak > 0 {
+            let _ = write!(s, " procs_peak={}", u.procs_peak);
+        }
         for (k, v) in &self.extra {
             let _ = write!(s, " {k}={v}");
         }
-        match self.reference() {
-            Some((peer, r)) => {
+        match (self.compare, self.reference()) {
+            (Compare::Static, Some((peer, r))) => {
                 let _ = write!(s, " ref={} ref_msgs_per_s={r:.0} ratio={:.2}", peer.replace(' ', ""), self.msgs_per_s() / r);
             }
-            None => s.push_str(" ref=- ref_msgs_per_s=- ratio=-"),
+            (Compare::Static, None) => s.push_str(" ref=- ref_msgs_per_s=- ratio=-"),
+            (Compare::Peer(peer, r), _) => {
+                let _ = write!(s, " peer={peer} peer_msgs_per_s={r:.1} ratio={:.2}", self.msgs_per_s() / r.max(1e-9));
+            }
+            (Compare::Nothing, _) => {}
         }
         s
     }
@@ -136,6 +158,78 @@ pub fn table(cells: &[Cell]) -> String {
     out
 }
 
+/// One cell measured against hamail and a peer in the same run.
+pub struct Pair {
+    pub hamail: Cell,
+    pub peer: Option<Cell>,
+    /// Postfix: messages delivered into the maildirs / (time from the
+    /// start of the load until the queue was empty).
+    pub delivered_per_s: Option<f64>,
+    /// Postfix: (landed in the maildirs, accepted).
+    pub landed: Option<(u64, u64)>,
+}
+
+/// The side-by-side table.
+pub fn pair_table(pairs: &[Pair]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<6} {:>8} {:>4} {:>9} {:<7} {:>9} {:>6} {:>9} {:>6} {:>15} {:>9} {:>5} {:>11} {:>6} {:>5}",
+        "test",
+        "size",
+        "conc",
+        "hamail/s",
+        "peer",
+        "peer/s",
+        "ratio",
+        "deliv/s",
+        "ratio",
+        "hamail PSS/RSS",
+        "peer PSS",
+        "procs",
+        "landed",
+        "errors",
+        "other"
+    );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for p in pairs {
+        let h = &p.hamail;
+        let test = if h.reuse && h.test == "smtp" { "smtp-d" } else { h.test };
+        let peer_rate = p.peer.as_ref().map(|c| c.msgs_per_s());
+        let ratio = peer_rate.map(|r| h.msgs_per_s() / r.max(1e-9));
+        let dratio = p.delivered_per_s.map(|r| h.msgs_per_s() / r.max(1e-9));
+        let errors = h.errors + p.peer.as_ref().map_or(0, |c| c.errors);
+        let other = p.peer.as_ref().map_or(h.usage.other_cpu_pct, |c| c.usage.other_cpu_pct.max(h.usage.other_cpu_pct));
+        let _ = writeln!(
+            out,
+            "{:<6} {:>8} {:>4} {:>9.1} {:<7} {:>9} {:>6} {:>9} {:>6} {:>15} {:>9} {:>5} {:>11} {:>6} {:>4.0}%",
+            test,
+            size_label(h.size),
+            h.conc,
+            h.msgs_per_s(),
+            p.peer.as_ref().map_or("-", |c| c.server),
+            opt(peer_rate, 1),
+            opt(ratio, 2),
+            opt(p.delivered_per_s, 1),
+            opt(dratio, 2),
+            format!("{:.1}/{:.1} MB", h.usage.peak_pss_mb, h.usage.peak_rss_mb),
+            p.peer.as_ref().map_or("-".to_string(), |c| format!("{:.1} MB", c.usage.peak_pss_mb)),
+            p.peer.as_ref().map_or("-".to_string(), |c| c.usage.procs_peak.to_string()),
+            p.landed.map_or("-".to_string(), |(l, a)| format!("{l}/{a}")),
+            errors,
+            other,
+        );
+    }
+    out.push_str(
+        "Measured in one run with the same client. ratio = hamail msgs/s / peer msgs/s (SMTP: messages answered 250; \
+         POP3: messages retrieved). deliv/s = Postfix messages in the maildirs / time until its queue was empty, \
+         and the ratio next to it compares hamail with that. PSS of the peer = sum over its process tree \
+         (master + children; 'procs' = most processes seen). landed = maildir files / messages Postfix accepted. \
+         MB = 10^6 bytes; 'other' = the largest load from the rest of the machine in the two runs (% of one core).\n",
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,11 +258,42 @@ mod tests {
             errors: 0,
             usage: Usage::default(),
             extra: vec![],
+            server: "hamail",
+            compare: Compare::Static,
         };
         assert!(c.line().contains(" msgs_per_s=1280.0 "), "{}", c.line());
         assert!(c.line().ends_with("ref=postfix ref_msgs_per_s=640 ratio=2.00"), "{}", c.line());
         c.conc = 50;
         assert!(c.line().ends_with("ratio=-"));
+        c.compare = Compare::Peer("postfix", 640.0);
+        assert!(c.line().ends_with("peer=postfix peer_msgs_per_s=640.0 ratio=2.00"), "{}", c.line());
         assert!(table(&[c]).contains("1 KiB"));
+    }
+
+    #[test]
+    fn pair_table_shows_both_servers() {
+        let cell = |server, msgs| Cell {
+            test: "smtp",
+            server,
+            size: 1024,
+            conc: 10,
+            reuse: false,
+            msgs,
+            bytes: msgs * 1024,
+            secs: 2.0,
+            errors: 0,
+            usage: Usage { peak_pss_mb: 12.5, peak_rss_mb: 14.0, procs_peak: 3, ..Usage::default() },
+            extra: vec![],
+            compare: Compare::Nothing,
+        };
+        let pairs = [
+            Pair { hamail: cell("hamail", 3000), peer: Some(cell("postfix", 1000)), delivered_per_s: Some(480.0), landed: Some((1000, 1000)) },
+            Pair { hamail: cell("hamail", 100), peer: None, delivered_per_s: None, landed: None },
+        ];
+        let t = pair_table(&pairs);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].contains("postfix") && lines[1].contains(" 3.00 ") && lines[1].contains(" 3.12 "), "{t}");
+        assert!(lines[1].contains("1000/1000") && lines[1].contains("12.5/14.0 MB"), "{t}");
+        assert!(lines[2].contains(" - "), "{t}");
     }
 }
