@@ -30,6 +30,11 @@ pub enum Request {
     Join(JoinRequest),
     /// A node's view of the cluster (for `hamail cluster status`).
     Status,
+    /// A follower's linearizable read: the leader confirms it still leads
+    /// (a heartbeat round to a quorum) and answers its commit index; the
+    /// follower then waits until it has applied that far (Raft paper §8,
+    /// "read-only operations"; the ReadIndex of Ongaro's thesis §6.4).
+    ReadIndex,
 }
 
 /// The answer to a [`Request`], same variant.
@@ -41,6 +46,8 @@ pub enum Response {
     Write(Result<CommandResult, WriteError>),
     Join(Result<JoinResponse, JoinError>),
     Status(NodeStatus),
+    /// The log index a read must wait for (`None`: nothing committed yet).
+    ReadIndex(Result<Option<u64>, WriteError>),
     /// The request was refused before it was looked at (not authenticated,
     /// or a request this peer may not make).
     Refused(String),

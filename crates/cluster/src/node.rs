@@ -1,0 +1,487 @@
+//! A cluster node: the openraft [`Raft`] of this process, with its log, its
+//! state machine (the mail store's directory) and its network.
+//!
+//! Role: the one entry point the server uses for the replicated state —
+//! propose a change from any node ([`ClusterNode::write`], forwarded to the
+//! leader as Raft requires, paper §8 "Client interaction"), make a read
+//! linearizable ([`ClusterNode::linearizable`]), change the membership, report
+//! status, and serve the requests other nodes send ([`Handler`]).
+//!
+//! Writes and retries: a write proposed while there is no leader, or to a
+//! node that turns out not to be the leader, is retried until
+//! [`Timing::write_timeout_ms`] — only when it is known *not* to have been
+//! appended to a leader's log (openraft answers `ForwardToLeader` both before
+//! appending and when it truncates an uncommitted entry, and a committed entry
+//! is never truncated, paper §5.4). Once a write may have been appended, a
+//! failure is reported as [`WriteError::Unknown`], never retried: retrying
+//! could apply it twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hamail_store::LocalStore;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+
+use crate::error::ClusterError;
+use crate::log_store::LogStore;
+use crate::network::{Network, PeerContacts};
+use crate::rpc::{Handler, JoinError, NodeStatus, PeerProgress, Request, Response, Transport, TransportError, WriteError};
+use crate::state_machine::StateMachine;
+use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft};
+
+/// How long a new member may take to catch up (receive the snapshot and
+/// the log) before it is made a voter.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The Raft timings and log-compaction policy of a node.
+///
+/// Raft needs `heartbeat << election timeout << mean time between
+/// failures` (paper §5.6); the election timeout is randomised in
+/// `[election_min_ms, election_max_ms)` so that split votes are rare (§5.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How often the leader sends heartbeats (AppendEntries).
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing for a random time in
+    /// `[election_min_ms, election_max_ms)` starts an election.
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// How long `write` and `linearizable` keep trying (waiting for a leader,
+    /// for a commit) before giving up.
+    pub write_timeout_ms: u64,
+    /// A snapshot is built after this many log entries since the last one.
+    pub snapshot_every: u64,
+    /// Log entries kept behind the last snapshot (a follower that lags by
+    /// less catches up from the log; by more, it gets the snapshot).
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_ms: 50,
+            election_min_ms: 150,
+            election_max_ms: 300,
+            write_timeout_ms: 5000,
+            snapshot_every: 1000,
+            logs_kept_after_snapshot: 1000,
+        }
+    }
+}
+
+impl Timing {
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    fn raft_config(&self) -> Result<Config, ClusterError> {
+        let config = Config {
+            cluster_name: "hamail".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            ..Config::default()
+        };
+        config.validate().map_err(|e| ClusterError::Config(e.to_string()))
+    }
+}
+
+/// The result of sending a request to the leader.
+enum Forwarded {
+    /// It answered.
+    Answer(Response),
+    /// It certainly did not get the request (unreachable): safe to retry.
+    NotDelivered,
+    /// It may have got it, the answer was lost.
+    Lost(String),
+}
+
+/// One member of the cluster. See the module documentation.
+pub struct ClusterNode {
+    id: NodeId,
+    info: NodeInfo,
+    raft: Raft,
+    store: Arc<LocalStore>,
+    transport: Arc<dyn Transport>,
+    timing: Timing,
+    contacts: PeerContacts,
+    /// Our handle on the log, to know when openraft's tasks released theirs.
+    log: LogStore,
+}
+
+impl ClusterNode {
+    /// Starts the node: opens `<dir>/raft-log.redb` and the state machine
+    /// (over `store`, snapshot file `<dir>/snapshot.bin`) and starts Raft.
+    /// A node that was never initialised nor added to a cluster waits (as a
+    /// learner without a leader) until one of those happens.
+    pub async fn start(
+        id: NodeId,
+        info: NodeInfo,
+        dir: &Path,
+        store: Arc<LocalStore>,
+        transport: Arc<dyn Transport>,
+        timing: Timing,
+    ) -> Result<Arc<ClusterNode>, ClusterError> {
+        let config = Arc::new(timing.raft_config()?);
+        let log_store = LogStore::open(&dir.join("raft-log.redb"))?;
+        let state_machine = StateMachine::open(store.clone(), dir).await?;
+        let network = Network::new(transport.clone());
+        let contacts = network.contacts();
+        let log = log_store.clone();
+        let raft = Raft::new(id, config, network, log_store, state_machine)
+            .await
+            .map_err(|e| ClusterError::Internal(format!("starting raft: {e}")))?;
+        tracing::info!(%id, node = %info, "cluster node started");
+        Ok(Arc::new(ClusterNode { id, info, raft, store, transport, timing, contacts, log }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// The openraft handle (metrics, waits).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The local store the replicated state is applied to.
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
+    /// Makes this node a one-member cluster (`hamail cluster init`).
+    /// Does nothing if it is already part of a cluster.
+    pub async fn initialize(&self) -> Result<(), ClusterError> {
+        let initialized = self.raft.is_initialized().await.map_err(|e| ClusterError::Internal(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        let members = BTreeMap::from([(self.id, self.info.clone())]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            // Raced with a log arriving from a leader: already in a cluster.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(ClusterError::Config(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(ClusterError::Internal(e.to_string())),
+        }
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied here (if
+    /// this node leads) or on the leader (forwarded). See the module
+    /// documentation for what is retried.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        let deadline = Instant::now() + self.timing.write_timeout();
+        let mut metrics = self.raft.metrics();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(WriteError::NoLeader);
+            }
+            match tokio::time::timeout(remaining, self.raft.client_write(cmd.clone())).await {
+                Err(_) => {
+                    return Err(WriteError::Unknown(format!(
+                        "proposed but not committed within {} ms",
+                        self.timing.write_timeout_ms
+                    )))
+                }
+                Ok(Ok(resp)) => return Ok(resp.data),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    if let (Some(leader), Some(node)) = (f.leader_id, f.leader_node) {
+                        if leader != self.id {
+                            match self.forward(leader, &node, Request::Write(cmd.clone()), remaining).await {
+                                Forwarded::Answer(Response::Write(Ok(r))) => return Ok(r),
+                                Forwarded::Answer(Response::Write(Err(WriteError::NoLeader))) | Forwarded::NotDelivered => {}
+                                Forwarded::Answer(Response::Write(Err(e))) => return Err(e),
+                                Forwarded::Answer(other) => {
+                                    return Err(WriteError::Other(format!("leader {leader} answered {other:?}")))
+                                }
+                                Forwarded::Lost(why) => return Err(WriteError::Unknown(why)),
+                            }
+                        }
+                    }
+                }
+                Ok(Err(RaftError::APIError(e))) => return Err(WriteError::Other(e.to_string())),
+                Ok(Err(RaftError::Fatal(e))) => return Err(WriteError::Other(e.to_string())),
+            }
+            self.wait_change(&mut metrics, deadline).await?;
+        }
+    }
+
+    /// A write forwarded by another node: proposed here, never forwarded
+    /// again (no loops); `NoLeader` tells the proposer to look again.
+    async fn write_here(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        match tokio::time::timeout(self.timing.write_timeout(), self.raft.client_write(cmd)).await {
+            Err(_) => Err(WriteError::Unknown(format!(
+                "proposed but not committed within {} ms",
+                self.timing.write_timeout_ms
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(WriteError::NoLeader),
+            Ok(Err(RaftError::APIError(e))) => Err(WriteError::Other(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Other(e.to_string())),
+        }
+    }
+
+    /// Waits until this node's state machine reflects every write committed
+    /// before the call: then a local read is linearizable.
+    ///
+    /// On the leader: openraft's read index (`get_read_log_id`: a heartbeat
+    /// round confirms that no newer leader exists, openraft docs
+    /// `docs::protocol::read`), then waits to have applied up to it. On a
+    /// follower: asks the leader for that read index ([`Request::ReadIndex`];
+    /// the leader confirms its leadership before answering), then waits to
+    /// have applied up to it locally. Any entry at or below the index is
+    /// committed and identical on every node, so the local state then
+    /// includes every write acknowledged before the call.
+    pub async fn linearizable(&self) -> Result<(), WriteError> {
+        let deadline = Instant::now() + self.timing.write_timeout();
+        let mut metrics = self.raft.metrics();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(WriteError::NoLeader);
+            }
+            match tokio::time::timeout(remaining, self.raft.get_read_log_id()).await {
+                Err(_) => return Err(WriteError::NoLeader),
+                Ok(Ok((read, _))) => return self.wait_applied(read.map(|l| l.index), deadline).await,
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    if let (Some(leader), Some(node)) = (f.leader_id, f.leader_node) {
+                        if leader != self.id {
+                            match self.forward(leader, &node, Request::ReadIndex, remaining).await {
+                                Forwarded::Answer(Response::ReadIndex(Ok(index))) => {
+                                    return self.wait_applied(index, deadline).await
+                                }
+                                Forwarded::Answer(Response::ReadIndex(Err(WriteError::NoLeader)))
+                                | Forwarded::NotDelivered
+                                | Forwarded::Lost(_) => {} // a read can always be retried
+                                Forwarded::Answer(Response::ReadIndex(Err(e))) => return Err(e),
+                                Forwarded::Answer(other) => {
+                                    return Err(WriteError::Other(format!("leader {leader} answered {other:?}")))
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {}
+                Ok(Err(RaftError::Fatal(e))) => return Err(WriteError::Other(e.to_string())),
+            }
+            self.wait_change(&mut metrics, deadline).await?;
+        }
+    }
+
+    /// The leader's side of [`Request::ReadIndex`].
+    async fn read_index_here(&self) -> Result<Option<u64>, WriteError> {
+        match tokio::time::timeout(self.timing.write_timeout(), self.raft.get_read_log_id()).await {
+            Err(_) => Err(WriteError::NoLeader),
+            Ok(Ok((read, _))) => Ok(read.map(|l| l.index)),
+            Ok(Err(RaftError::APIError(_))) => Err(WriteError::NoLeader),
+            Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Other(e.to_string())),
+        }
+    }
+
+    async fn wait_applied(&self, index: Option<u64>, deadline: Instant) -> Result<(), WriteError> {
+        let Some(index) = index else { return Ok(()) };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| WriteError::Other(format!("not caught up with the leader: {e}")))
+    }
+
+    /// Waits for news (a metrics change: new term, leader, commit) or a
+    /// heartbeat-scaled step, whichever first; not past `deadline`.
+    async fn wait_change(
+        &self,
+        metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, NodeInfo>>,
+        deadline: Instant,
+    ) -> Result<(), WriteError> {
+        let step = Duration::from_millis(self.timing.heartbeat_ms.max(1) * 2);
+        let wait = step.min(deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(wait, metrics.changed()).await {
+            Ok(Err(_)) => Err(WriteError::Other("the node is shutting down".into())),
+            _ => Ok(()),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, node: &NodeInfo, request: Request, within: Duration) -> Forwarded {
+        match tokio::time::timeout(within, self.transport.call(leader, node, request)).await {
+            Err(_) => Forwarded::Lost(format!("no answer from leader {leader} within {} ms", within.as_millis())),
+            Ok(Ok(resp)) => Forwarded::Answer(resp),
+            Ok(Err(TransportError::Unreachable { .. })) => Forwarded::NotDelivered,
+            Ok(Err(e @ TransportError::Failed { .. })) => Forwarded::Lost(e.to_string()),
+        }
+    }
+
+    /// Allocates a node id (a replicated counter: never reused).
+    pub async fn allocate_node_id(&self) -> Result<NodeId, ClusterError> {
+        match self.write(Command::AllocateNodeId).await {
+            Ok(CommandResult::NodeId(id)) => Ok(id),
+            Ok(other) => Err(ClusterError::Internal(format!("AllocateNodeId answered {other:?}"))),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    /// Allocates an id and adds the node with it as a voting member (data
+    /// and witness nodes both vote); returns the id. Must run on the
+    /// leader, and the node must already be running with the id this
+    /// returns (it is the next one of the replicated counter). A join, where
+    /// the node learns its id from the answer, uses
+    /// [`Self::allocate_node_id`], starts the node, then
+    /// [`Self::add_member_with_id`].
+    pub async fn add_member(&self, info: NodeInfo) -> Result<NodeId, ClusterError> {
+        let id = self.allocate_node_id().await?;
+        self.add_member_with_id(id, info).await?;
+        Ok(id)
+    }
+
+    /// Adds node `id` as a learner, waits until it has caught up with the
+    /// log, then makes it a voter (openraft's two-step, joint-consensus
+    /// membership change, paper §6). Must run on the leader.
+    pub async fn add_member_with_id(&self, id: NodeId, info: NodeInfo) -> Result<(), ClusterError> {
+        tracing::info!(%id, node = %info, "adding a cluster member");
+        match tokio::time::timeout(CATCH_UP_TIMEOUT, self.raft.add_learner(id, info, true)).await {
+            Ok(res) => res.map_err(membership_error)?,
+            Err(_) => {
+                return Err(ClusterError::Unavailable(format!(
+                    "node {id} did not catch up with the log within {} s (unreachable?)",
+                    CATCH_UP_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// Removes node `id` from the voters and from the cluster. Must run on
+    /// the leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+        tracing::info!(%id, "removing a cluster member");
+        self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await.map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let members = m.membership_config.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let mut replication = Vec::new();
+        if let Some(rep) = &m.replication {
+            for (peer, matched) in rep.iter() {
+                if *peer == self.id {
+                    continue;
+                }
+                let matched = matched.map(|l| l.index);
+                let lag = m.last_log_index.map(|last| last.saturating_sub(matched.unwrap_or(0)));
+                replication.push(PeerProgress {
+                    id: *peer,
+                    matched,
+                    lag,
+                    last_contact_ms: self.contacts.millis_since(*peer),
+                });
+            }
+        }
+        NodeStatus {
+            id: self.id,
+            role: self.info.role,
+            state: state.into(),
+            current_term: m.current_term,
+            current_leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            members,
+            replication,
+        }
+    }
+
+    /// Stops Raft, and waits (up to 5 s) until openraft's background tasks
+    /// have released the log: once the `ClusterNode` is dropped too, the log
+    /// file is closed and the node can be started again in this process.
+    /// (The state machine's handle on the store is released the same way.)
+    pub async fn shutdown(&self) -> Result<(), ClusterError> {
+        self.raft.shutdown().await.map_err(|e| ClusterError::Internal(format!("shutting raft down: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.log.handles() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+/// A failed write as the crate's error.
+pub fn write_error(e: WriteError) -> ClusterError {
+    match e {
+        WriteError::NoLeader => ClusterError::Unavailable(e.to_string()),
+        WriteError::Unknown(_) => ClusterError::Unavailable(e.to_string()),
+        WriteError::Other(m) => ClusterError::Internal(m),
+    }
+}
+
+fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ClusterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader { leader: f.leader_id },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => match e {
+            openraft::error::ChangeMembershipError::InProgress(_) => ClusterError::Unavailable(e.to_string()),
+            _ => ClusterError::Config(e.to_string()),
+        },
+        RaftError::Fatal(e) => ClusterError::Internal(e.to_string()),
+    }
+}
+
+fn refused(what: &str) -> Response {
+    Response::Refused(format!("{what} requires an authenticated cluster member"))
+}
+
+#[async_trait::async_trait]
+impl Handler for ClusterNode {
+    async fn handle(&self, from: Option<NodeId>, request: Request) -> Response {
+        match request {
+            Request::AppendEntries(rpc) => match from {
+                Some(_) => Response::AppendEntries(self.raft.append_entries(rpc).await),
+                None => refused("AppendEntries"),
+            },
+            Request::Vote(rpc) => match from {
+                Some(_) => Response::Vote(self.raft.vote(rpc).await),
+                None => refused("Vote"),
+            },
+            Request::InstallSnapshot(rpc) => match from {
+                Some(_) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
+                None => refused("InstallSnapshot"),
+            },
+            Request::Write(cmd) => match from {
+                Some(_) => Response::Write(self.write_here(cmd).await),
+                None => refused("Write"),
+            },
+            Request::ReadIndex => match from {
+                Some(_) => Response::ReadIndex(self.read_index_here().await),
+                None => refused("ReadIndex"),
+            },
+            Request::Status => match from {
+                Some(_) => Response::Status(self.status()),
+                None => refused("Status"),
+            },
+            Request::Join(_) => Response::Join(Err(JoinError::Failed("not implemented here".into()))),
+        }
+    }
+}

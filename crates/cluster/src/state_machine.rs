@@ -1,0 +1,322 @@
+//! The replicated state machine: openraft's [`RaftStateMachine`] over the
+//! node's mail store.
+//!
+//! Role: turn committed log entries into directory changes (domains, users,
+//! aliases) in the node's [`LocalStore`], in log order, identically on
+//! every node (Raft paper §5.3, "State Machine Safety").
+//!
+//! Why it is safe across crashes: the Raft bookkeeping of the state machine
+//! (last applied log id, last membership, the node-id counter: a
+//! [`ConsensusState`]) is saved by `LocalStore::apply_directory` in the
+//! *same* redb commit as the directory changes of the entries it covers. So
+//! after a crash the store is exactly "the state after entry
+//! `last_applied`", and openraft re-applies from there (openraft docs,
+//! `docs::components::state_machine`: a persistent state machine persists
+//! before `apply()` returns, then snapshots need not be persisted — we still
+//! keep the last snapshot on disk so that it can be sent to a lagging
+//! follower after a restart without rebuilding it).
+//!
+//! A snapshot is `postcard((DirectorySnapshot, ConsensusState))`; it is also
+//! written to `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir).
+
+// openraft's StorageError is large, and the traits impose it.
+#![allow(clippy::result_large_err)]
+
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hamail_store::{DirectoryChange, DirectorySnapshot, LocalStore, StoreError};
+use openraft::storage::RaftStateMachine;
+use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{
+    Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+/// The first id `AllocateNodeId` hands out (node 1 is the initializer).
+pub const FIRST_ALLOCATED_NODE_ID: u64 = 2;
+
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+/// The Raft bookkeeping saved with the directory, in the same commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsensusState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// The id the next `AllocateNodeId` returns.
+    pub next_node_id: u64,
+}
+
+impl Default for ConsensusState {
+    fn default() -> Self {
+        ConsensusState { last_applied: None, membership: StoredMembership::default(), next_node_id: FIRST_ALLOCATED_NODE_ID }
+    }
+}
+
+/// The last snapshot built or installed, with its bytes.
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    StorageError::IO { source: StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::error(e.to_string())) }
+}
+
+fn snap_err(meta: Option<&SnapshotMeta>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    StorageError::IO {
+        source: StorageIOError::new(
+            ErrorSubject::Snapshot(meta.map(|m| m.signature())),
+            verb,
+            AnyError::error(e.to_string()),
+        ),
+    }
+}
+
+/// Shared between the state machine and its snapshot builders.
+struct Shared {
+    store: Arc<LocalStore>,
+    dir: PathBuf,
+    /// The applied state. Held (async lock) while a batch is applied or a
+    /// snapshot is exported or installed, so that a snapshot's directory
+    /// export and its `ConsensusState` always describe the same point of
+    /// the log (the builder runs concurrently with `apply`).
+    state: tokio::sync::Mutex<ConsensusState>,
+    current: std::sync::Mutex<Option<StoredSnapshot>>,
+}
+
+impl Shared {
+    fn current(&self) -> Option<StoredSnapshot> {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_current(&self, s: StoredSnapshot) {
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(s);
+    }
+
+    /// Saves `snap` as `<dir>/snapshot.bin`: tmp file, fsync, rename, fsync
+    /// of the directory (so that a crash leaves the old or the new one).
+    async fn persist(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
+        let bytes = postcard::to_allocvec(snap).map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Write, e))?;
+        let dir = self.dir.clone();
+        let meta = snap.meta.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+            {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?
+        .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))
+    }
+}
+
+/// The state machine of one node. See the module documentation.
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+/// Builds a snapshot of the state machine (runs beside `apply`).
+pub struct SnapshotBuilder {
+    shared: Arc<Shared>,
+}
+
+impl StateMachine {
+    /// Opens the state machine of `store`, with its snapshot file in `dir`.
+    /// The applied state comes from the store (saved with the directory).
+    pub async fn open(store: Arc<LocalStore>, dir: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let state = match store.consensus_state().await.map_err(|e| sm_err(ErrorVerb::Read, e))? {
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| sm_err(ErrorVerb::Read, format!("consensus state: {e}")))?,
+            None => ConsensusState::default(),
+        };
+        let path = dir.join(SNAPSHOT_FILE);
+        let current = match std::fs::read(&path) {
+            Ok(bytes) => Some(
+                postcard::from_bytes::<StoredSnapshot>(&bytes)
+                    .map_err(|e| snap_err(None, ErrorVerb::Read, format!("{}: {e}", path.display())))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(snap_err(None, ErrorVerb::Read, format!("{}: {e}", path.display()))),
+        };
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                store,
+                dir: dir.to_path_buf(),
+                state: tokio::sync::Mutex::new(state),
+                current: std::sync::Mutex::new(current),
+            }),
+        })
+    }
+
+    /// The applied state (for status and tests).
+    pub async fn consensus_state(&self) -> ConsensusState {
+        self.shared.state.lock().await.clone()
+    }
+}
+
+/// The directory change a command makes, `None` for commands that only
+/// touch the consensus state.
+fn change_of(cmd: Command) -> Option<DirectoryChange> {
+    Some(match cmd {
+        Command::AddDomain { domain } => DirectoryChange::AddDomain { domain },
+        Command::RemoveDomain { domain } => DirectoryChange::RemoveDomain { domain },
+        Command::AddUser { user, password_hash, at } => DirectoryChange::AddUser { user, password_hash, created_at: at },
+        Command::SetPassword { user, password_hash } => DirectoryChange::SetPassword { user, password_hash },
+        Command::RemoveUser { user } => DirectoryChange::RemoveUser { user },
+        Command::AddAlias { alias, targets } => DirectoryChange::AddAlias { alias, targets },
+        Command::RemoveAlias { alias } => DirectoryChange::RemoveAlias { alias },
+        Command::AllocateNodeId => return None,
+    })
+}
+
+/// What an entry answers: decided now, or by the store's result for the
+/// change at this position in the batch.
+enum Pending {
+    Ready(CommandResult),
+    Change(usize),
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let s = self.shared.state.lock().await;
+        Ok((s.last_applied, s.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut guard = self.shared.state.lock().await;
+        // Work on a copy: the in-memory state changes only once the commit
+        // that records it has succeeded.
+        let mut next = guard.clone();
+        let mut changes = Vec::new();
+        let mut pending = Vec::new();
+        for entry in entries {
+            next.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => pending.push(Pending::Ready(CommandResult::Done)),
+                EntryPayload::Membership(m) => {
+                    next.membership = StoredMembership::new(Some(entry.log_id), m);
+                    pending.push(Pending::Ready(CommandResult::Done));
+                }
+                EntryPayload::Normal(Command::AllocateNodeId) => {
+                    let id = NodeId(next.next_node_id);
+                    next.next_node_id += 1;
+                    pending.push(Pending::Ready(CommandResult::NodeId(id)));
+                }
+                EntryPayload::Normal(cmd) => match change_of(cmd) {
+                    Some(change) => {
+                        pending.push(Pending::Change(changes.len()));
+                        changes.push(change);
+                    }
+                    None => pending.push(Pending::Ready(CommandResult::Done)),
+                },
+            }
+        }
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let state_bytes = postcard::to_allocvec(&next).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let last = next.last_applied;
+        let results = self.shared.store.apply_directory(changes, Some(state_bytes)).await.map_err(|e| match last {
+            // Not a refusal: the store could not commit. openraft stops the
+            // node (it cannot skip an entry and stay deterministic).
+            Some(id) => StorageError::IO {
+                source: StorageIOError::new(ErrorSubject::Apply(id), ErrorVerb::Write, AnyError::error(e.to_string())),
+            },
+            None => sm_err(ErrorVerb::Write, e),
+        })?;
+        *guard = next;
+        drop(guard);
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Pending::Ready(r) => r,
+                Pending::Change(i) => match results.get(i) {
+                    Some(Ok(())) => CommandResult::Done,
+                    Some(Err(StoreError::Permanent(msg))) => CommandResult::Refused(msg.clone()),
+                    // apply_directory returns only Ok or Permanent per change.
+                    Some(Err(e)) => CommandResult::Refused(e.to_string()),
+                    None => return Err(sm_err(ErrorVerb::Write, "the store returned too few results")),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { shared: self.shared.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let (dir_snap, mut state): (DirectorySnapshot, ConsensusState) =
+            postcard::from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        // The meta is what openraft trusts; they agree for our snapshots.
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        let state_bytes = postcard::to_allocvec(&state).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        let mut guard = self.shared.state.lock().await;
+        self.shared
+            .store
+            .import_directory(dir_snap, state_bytes)
+            .await
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        *guard = state;
+        drop(guard);
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.shared.persist(&stored).await?;
+        self.shared.set_current(stored);
+        tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        Ok(self.shared.current().map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (dir_snap, state) = {
+            let guard = self.shared.state.lock().await;
+            let dir_snap = self.shared.store.export_directory().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+            (dir_snap, guard.clone())
+        };
+        let data = postcard::to_allocvec(&(&dir_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        let snapshot_id = match state.last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
+            None => format!("none-{}", unique_suffix()),
+        };
+        let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership.clone(), snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        self.shared.persist(&stored).await?;
+        self.shared.set_current(stored);
+        tracing::debug!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built a snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+/// Distinguishes two snapshots of the same log id (openraft's advice).
+fn unique_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
