@@ -42,6 +42,9 @@ enum Command {
     /// The outbound queue.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// The cluster: init, join, status, remove.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Counters and state of the server.
     Status {
         #[arg(long)]
@@ -77,6 +80,23 @@ enum AliasCmd {
     },
     Del { alias: String },
     List,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Make this (running) node a one-node cluster; prints the join token.
+    /// Needs `[cluster] listen` in the config.
+    Init,
+    /// Join the cluster of TOKEN (from `cluster init` on a member). This
+    /// node's users and domains are replaced by the cluster's.
+    Join { token: String },
+    /// Every member: role, state, leader, term, log, lag, last contact.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove node NODE (its id, from `cluster status`) from the cluster.
+    Remove { node: u64 },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +156,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Alias(AliasCmd::Del { alias }) => Request::AliasDel { alias },
         Command::Alias(AliasCmd::List) => Request::AliasList,
         Command::Queue(QueueCmd::List) => Request::QueueList,
+        Command::Cluster(ClusterCmd::Init) => Request::ClusterInit,
+        Command::Cluster(ClusterCmd::Join { token }) => Request::ClusterJoin { token },
+        Command::Cluster(ClusterCmd::Remove { node }) => Request::ClusterRemove { node },
+        Command::Cluster(ClusterCmd::Status { json }) => {
+            let response = admin(&config, Request::ClusterStatus).await?;
+            return print_response(&Request::ClusterStatus, response, json);
+        }
         Command::Status { json } => {
             let response = admin(&config, Request::Status).await?;
             return print_response(&Request::Status, response, json);
@@ -149,7 +176,7 @@ async fn serve(config: Config) -> Result<()> {
     let store_dir = config.store_dir();
     let store = LocalStore::open(&store_dir, store_options(&config)?)
         .with_context(|| format!("opening the store in {}", store_dir.display()))?;
-    let running = hamail_server::start(config.clone(), store.clone(), store.clone()).await?;
+    let running = hamail_server::start(config.clone(), store.clone()).await?;
     let show = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
     // Machine-readable lines first (tests and scripts read them), then help.
     println!("hamail: smtp listening on {}", show(&running.smtp));
@@ -160,6 +187,9 @@ async fn serve(config: Config) -> Result<()> {
     println!("hamail: pop3 listening on {}", show(&running.pop3));
     if !running.pop3s.is_empty() {
         println!("hamail: pop3s listening on {}", show(&running.pop3s));
+    }
+    if let Some(addr) = running.cluster_address() {
+        println!("hamail: cluster listening on {addr}");
     }
     println!("hamail: admin socket {}", running.admin_socket.display());
     println!("hamail: store in {}", store_dir.display());
@@ -278,6 +308,31 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                 for (k, v) in map {
                     println!("{k:<20} {v}");
                 }
+            }
+        }
+        Request::ClusterInit => {
+            println!("this node is now node 1 of a new cluster. To add a node, run on it:");
+            println!("    hamail cluster join {}", s(&d["token"]));
+            println!("(the token contains the cluster secret: keep it like a password)");
+        }
+        Request::ClusterJoin { .. } => println!("joined the cluster as node {}", d["node_id"]),
+        Request::ClusterRemove { node } => println!("node {node} removed from the cluster"),
+        Request::ClusterStatus => {
+            println!(
+                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9}  {}",
+                "id", "name", "address", "role", "state", "term", "leader", "last_log", "applied", "lag", "contact", "health"
+            );
+            let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
+            for m in d.as_array().into_iter().flatten() {
+                let healthy = m["healthy"].as_bool().unwrap_or(false);
+                let contact = if m["last_contact_ms"].is_null() { "-".into() } else { format!("{}ms", m["last_contact_ms"]) };
+                println!(
+                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9}  {}",
+                    opt(&m["id"]), s(&m["name"]), s(&m["addr"]), s(&m["role"]),
+                    s(&m["state"]).chars().take(10).collect::<String>(),
+                    opt(&m["term"]), opt(&m["leader"]), opt(&m["last_log_index"]), opt(&m["last_applied"]),
+                    opt(&m["lag"]), contact, if healthy { "ok".to_string() } else { s(&m["state"]) }
+                );
             }
         }
         Request::DomainAdd { domain } => println!("domain {domain} added"),

@@ -375,6 +375,53 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Whether `id` is in the current membership (voter or learner).
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.raft.metrics().borrow().membership_config.nodes().any(|(n, _)| *n == id)
+    }
+
+    /// Whether this node has received a membership (a new node has not).
+    pub fn knows_membership(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.nodes().next().is_some()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// The current leader and where it is, if known.
+    pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let info = m.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone())?;
+        Some((leader, info))
+    }
+
+    /// Builds a snapshot now and drops the log behind it, so that nodes
+    /// that join later get the state from the snapshot. Used at `init`:
+    /// the directory a node had before it became a cluster is in no log
+    /// entry, only in the state (and so in snapshots).
+    pub async fn compact(&self) -> Result<(), ClusterError> {
+        let before = self.raft.metrics().borrow().snapshot.map(|l| l.index);
+        self.raft.trigger().snapshot().await.map_err(|e| ClusterError::Internal(format!("snapshot: {e}")))?;
+        let deadline = std::time::Duration::from_millis(self.timing.write_timeout_ms);
+        let snap = self
+            .raft
+            .wait(Some(deadline))
+            .metrics(|m| m.snapshot.map(|l| l.index) != before && m.snapshot.is_some(), "snapshot built")
+            .await
+            .map_err(|e| ClusterError::Internal(format!("waiting for the snapshot: {e}")))?
+            .snapshot;
+        if let Some(log_id) = snap {
+            self.raft
+                .trigger()
+                .purge_log(log_id.index)
+                .await
+                .map_err(|e| ClusterError::Internal(format!("purge: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// This node's view of the cluster.
     pub fn status(&self) -> NodeStatus {
         let m = self.raft.metrics().borrow().clone();

@@ -32,6 +32,7 @@ use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, Ra
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
+    ClusterSecrets,
     Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
@@ -40,6 +41,8 @@ pub const FIRST_ALLOCATED_NODE_ID: u64 = 2;
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
+pub use crate::types::ClusterSecrets as Secrets;
+
 /// The Raft bookkeeping saved with the directory, in the same commit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsensusState {
@@ -47,11 +50,18 @@ pub struct ConsensusState {
     pub membership: StoredMembership,
     /// The id the next `AllocateNodeId` returns.
     pub next_node_id: u64,
+    /// Set by `ConfigureCluster` at `cluster init`.
+    pub cluster: Option<ClusterSecrets>,
 }
 
 impl Default for ConsensusState {
     fn default() -> Self {
-        ConsensusState { last_applied: None, membership: StoredMembership::default(), next_node_id: FIRST_ALLOCATED_NODE_ID }
+        ConsensusState {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            next_node_id: FIRST_ALLOCATED_NODE_ID,
+            cluster: None,
+        }
     }
 }
 
@@ -175,7 +185,7 @@ fn change_of(cmd: Command) -> Option<DirectoryChange> {
         Command::RemoveUser { user } => DirectoryChange::RemoveUser { user },
         Command::AddAlias { alias, targets } => DirectoryChange::AddAlias { alias, targets },
         Command::RemoveAlias { alias } => DirectoryChange::RemoveAlias { alias },
-        Command::AllocateNodeId => return None,
+        Command::AllocateNodeId | Command::ConfigureCluster { .. } => return None,
     })
 }
 
@@ -217,6 +227,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let id = NodeId(next.next_node_id);
                     next.next_node_id += 1;
                     pending.push(Pending::Ready(CommandResult::NodeId(id)));
+                }
+                EntryPayload::Normal(Command::ConfigureCluster { secrets }) => {
+                    next.cluster = Some(secrets);
+                    pending.push(Pending::Ready(CommandResult::Done));
                 }
                 EntryPayload::Normal(cmd) => match change_of(cmd) {
                     Some(change) => {

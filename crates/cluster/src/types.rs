@@ -77,6 +77,28 @@ pub enum Command {
     RemoveAlias { alias: Address },
     /// Allocates the next node id (for a join); the answer carries it.
     AllocateNodeId,
+    /// Stores the cluster CA and the hash of the join secret (once, at
+    /// `cluster init`), so that whichever node leads can admit new nodes.
+    ConfigureCluster { secrets: ClusterSecrets },
+}
+
+/// The cluster's CA and join secret, in the replicated state. Every member
+/// can sign node certificates: members are equally trusted, and a cluster
+/// must keep admitting nodes when the node that ran `init` is gone.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSecrets {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    /// SHA-256 (hex) of the join secret; the secret itself is only in
+    /// join tokens.
+    pub secret_hash: String,
+}
+
+impl fmt::Debug for ClusterSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never log the CA key.
+        f.write_str("ClusterSecrets { .. }")
+    }
 }
 
 /// The state machine's answer to one command.

@@ -37,6 +37,17 @@ pub enum Request {
     AliasList,
     QueueList,
     Status,
+    ClusterInit,
+    ClusterJoin { token: String },
+    ClusterStatus,
+    ClusterRemove { node: u64 },
+}
+
+impl Request {
+    /// Cluster requests need the running server.
+    fn is_cluster(&self) -> bool {
+        matches!(self, Request::ClusterInit | Request::ClusterJoin { .. } | Request::ClusterStatus | Request::ClusterRemove { .. })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,9 +89,30 @@ pub async fn execute(
     status: Option<&Context>,
     request: Request,
 ) -> Response {
+    if request.is_cluster() {
+        return Response::bad_request("cluster commands need the running server: start `hamail serve` first".into());
+    }
     match run(store, directory, status, request).await {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
+    }
+}
+
+/// Cluster requests, on the running server.
+async fn execute_cluster(ctx: &Arc<Context>, request: Request) -> Response {
+    let result: Result<Value, ServerError> = match request {
+        Request::ClusterInit => crate::cluster::init(ctx, &ctx.local).await.map(|token| json!({ "token": token })),
+        Request::ClusterJoin { token } => {
+            crate::cluster::join(ctx, &ctx.local, &token).await.map(|id| json!({ "node_id": id.0 }))
+        }
+        Request::ClusterStatus => crate::cluster::status(ctx).await.map(|r| json!(r)),
+        Request::ClusterRemove { node } => crate::cluster::remove(ctx, hamail_cluster::NodeId(node)).await.map(|()| Value::Null),
+        _ => return Response::bad_request("not a cluster request".into()),
+    };
+    match result {
+        Ok(v) => Response::ok(v),
+        Err(ServerError::Store(e)) => Response::err(e),
+        Err(e) => Response::bad_request(e.to_string()),
     }
 }
 
@@ -150,6 +182,9 @@ async fn run(
                 "queued_at": q.queued_at,
             }))
             .collect::<Vec<_>>()),
+        Request::ClusterInit | Request::ClusterJoin { .. } | Request::ClusterStatus | Request::ClusterRemove { .. } => {
+            return Err(StoreError::Permanent("cluster commands need the running server".into()))
+        }
         Request::Status => {
             let domains = dir.domains().await?.len();
             let users = dir.users().await?.len();
@@ -220,10 +255,15 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
                             let logged = match &req {
                                 Request::UserAdd { user, .. } => format!("user_add {user}"),
                                 Request::UserPasswd { user, .. } => format!("user_passwd {user}"),
+                                Request::ClusterJoin { .. } => "cluster_join".to_string(),
                                 other => format!("{other:?}"),
                             };
                             tracing::info!(request = %logged, "admin request");
-                            execute(ctx.store.as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
+                            if req.is_cluster() {
+                                execute_cluster(&ctx, req).await
+                            } else {
+                                execute(ctx.store.as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
+                            }
                         }
                         Err(e) => Response::bad_request(format!("malformed admin request: {e}")),
                     };

@@ -10,6 +10,7 @@
 //! DATA itself: it hands the store's `Committed` proof to the session.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 mod conn;
 mod limits;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hamail_store::{Directory, Domain, MailStore};
+use hamail_store::{Directory, Domain, LocalStore, MailStore};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -67,6 +68,9 @@ pub struct Stats {
 pub struct Context {
     pub config: Config,
     pub store: Arc<dyn MailStore>,
+    /// The same store, as the cluster's state machine needs it.
+    pub local: Arc<LocalStore>,
+    pub cluster: cluster::ClusterRuntime,
     /// Swapped from the local directory to the replicated one when the
     /// node initialises or joins a cluster while running.
     directory: std::sync::RwLock<Arc<dyn Directory>>,
@@ -106,6 +110,12 @@ impl Running {
         for t in &self.tasks {
             t.abort();
         }
+        self.context.cluster.stop();
+    }
+
+    /// The cluster address this node advertises, when one is configured.
+    pub fn cluster_address(&self) -> Option<&str> {
+        self.context.cluster.advertised()
     }
 }
 
@@ -121,30 +131,34 @@ pub(crate) enum SmtpRole {
 
 /// Binds every listener and starts serving. Creates the configured domains
 /// if missing.
-pub async fn start(
-    config: Config,
-    store: Arc<dyn MailStore>,
-    directory: Arc<dyn Directory>,
-) -> Result<Running, ServerError> {
+pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, ServerError> {
     let tls = tls::acceptor(&config)?;
+    let store: Arc<dyn MailStore> = local.clone();
+    let directory: Arc<dyn Directory> = local.clone();
+    let cluster = cluster::ClusterRuntime::bind(&config)?;
+    let context = Arc::new(Context {
+        maildrop_locks: limits::MaildropLocks::default(),
+        auth_failures: limits::AuthFailures::default(),
+        config,
+        store,
+        local: local.clone(),
+        cluster,
+        directory: std::sync::RwLock::new(directory),
+        tls,
+        stats: Stats::default(),
+        started: Instant::now(),
+    });
+    cluster::resume(&context, &local).await?;
+    // After resuming: in a cluster, the config's domains go through the log.
+    let directory = context.directory();
     let existing = directory.domains().await?;
-    for d in &config.server.domains {
+    for d in &context.config.server.domains {
         let d = Domain::parse(d)?;
         if !existing.contains(&d) {
             directory.add_domain(&d).await?;
             tracing::info!(domain = %d, "domain from the config file added");
         }
     }
-    let context = Arc::new(Context {
-        maildrop_locks: limits::MaildropLocks::default(),
-        auth_failures: limits::AuthFailures::default(),
-        config,
-        store,
-        directory: std::sync::RwLock::new(directory),
-        tls,
-        stats: Stats::default(),
-        started: Instant::now(),
-    });
     let c = &context.config;
     let mut tasks = Vec::new();
     let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
@@ -162,11 +176,16 @@ pub async fn start(
             })
             .collect()
     };
-    let smtp_l = bound(&c.smtp.listen, "SMTP")?;
-    let sub_l = bound(&c.smtp.submission, "submission")?;
-    let subs_l = bound(&c.smtp.submissions, "submissions")?;
-    let pop3_l = bound(&c.pop3.listen, "POP3")?;
-    let pop3s_l = bound(&c.pop3.pop3s, "POP3S")?;
+    // A witness votes and keeps the control-plane state: no mail listeners.
+    let none: &[SocketAddr] = &[];
+    let mail = |a: &'_ Vec<SocketAddr>| -> Vec<SocketAddr> {
+        if c.cluster.role == config::ClusterRole::Witness { none.to_vec() } else { a.clone() }
+    };
+    let smtp_l = bound(&mail(&c.smtp.listen), "SMTP")?;
+    let sub_l = bound(&mail(&c.smtp.submission), "submission")?;
+    let subs_l = bound(&mail(&c.smtp.submissions), "submissions")?;
+    let pop3_l = bound(&mail(&c.pop3.listen), "POP3")?;
+    let pop3s_l = bound(&mail(&c.pop3.pop3s), "POP3S")?;
     let addrs = |v: &Vec<(TcpListener, SocketAddr)>| v.iter().map(|(_, a)| *a).collect::<Vec<_>>();
     let mut running = Running {
         smtp: addrs(&smtp_l),

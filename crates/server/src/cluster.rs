@@ -1,0 +1,418 @@
+//! The node's cluster membership at run time: `cluster init`, `cluster
+//! join`, resuming membership at start, serving the cluster listener, and
+//! answering joins.
+//!
+//! Why here and not in `hamail-cluster`: this is wiring. It decides which
+//! files a node keeps (`<data_dir>/cluster/`), which address it advertises,
+//! and swaps the server's directory from the local one to the replicated
+//! one; the consensus itself is `hamail_cluster::ClusterNode`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hamail_cluster::pki::{self, ClusterCa, JoinToken, NodeCredentials};
+use hamail_cluster::rpc::{Handler, JoinError, JoinRequest, JoinResponse, Request, Response};
+use hamail_cluster::state_machine::ConsensusState;
+use hamail_cluster::tcp::{self, TlsTransport, TransportConfig};
+use hamail_cluster::{
+    ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role, Timing,
+};
+use hamail_store::{LocalStore, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::config::{ClusterRole, Config};
+use crate::{Context, ServerError};
+
+/// Who this node is in its cluster, saved as `<cluster_dir>/node.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
+    id: NodeId,
+    info: NodeInfo,
+}
+
+/// The cluster side of a running server.
+pub struct ClusterRuntime {
+    dir: PathBuf,
+    role: Role,
+    name: String,
+    timing: Timing,
+    /// Bound at start when `[cluster] listen` is set; taken when the node
+    /// starts serving (at start if it is a member, else at init/join).
+    listener: tokio::sync::Mutex<Option<TcpListener>>,
+    advertise: Option<String>,
+    node: std::sync::RwLock<Option<Arc<ClusterNode>>>,
+    transport: std::sync::RwLock<Option<Arc<TlsTransport>>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Serialises init/join.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl ClusterRuntime {
+    /// Binds the cluster listener if one is configured.
+    pub(crate) fn bind(config: &Config) -> Result<ClusterRuntime, ServerError> {
+        let c = &config.cluster;
+        let (listener, advertise) = match c.listen {
+            Some(addr) => {
+                let std = std::net::TcpListener::bind(addr)
+                    .map_err(|e| ServerError::io(format!("binding the cluster listener {addr}"), e))?;
+                std.set_nonblocking(true).map_err(|e| ServerError::io("cluster listener setup", e))?;
+                let bound: SocketAddr = std.local_addr().map_err(|e| ServerError::io("cluster listener address", e))?;
+                let l = TcpListener::from_std(std).map_err(|e| ServerError::io("cluster listener setup", e))?;
+                (Some(l), Some(c.advertise.clone().unwrap_or_else(|| bound.to_string())))
+            }
+            None => (None, None),
+        };
+        Ok(ClusterRuntime {
+            dir: config.cluster_dir(),
+            role: match c.role {
+                ClusterRole::Data => Role::Data,
+                ClusterRole::Witness => Role::Witness,
+            },
+            name: config.server.hostname.clone(),
+            timing: Timing {
+                heartbeat_ms: c.heartbeat_ms,
+                election_min_ms: c.election_timeout_min_ms,
+                election_max_ms: c.election_timeout_max_ms,
+                ..Timing::default()
+            },
+            listener: tokio::sync::Mutex::new(listener),
+            advertise,
+            node: std::sync::RwLock::new(None),
+            transport: std::sync::RwLock::new(None),
+            tasks: std::sync::Mutex::new(Vec::new()),
+            changing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The cluster address other nodes use for this one.
+    pub fn advertised(&self) -> Option<&str> {
+        self.advertise.as_deref()
+    }
+
+    pub fn node(&self) -> Option<Arc<ClusterNode>> {
+        self.node.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn stop(&self) {
+        for t in self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            t.abort();
+        }
+    }
+
+    fn identity_path(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    fn load_identity(&self) -> Result<Option<Identity>, ServerError> {
+        let path = self.identity_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| ServerError::Config {
+                file: path.display().to_string(),
+                line: None,
+                message: format!("damaged cluster identity: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ServerError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    fn save_identity(&self, identity: &Identity) -> Result<(), ServerError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| ServerError::io(format!("creating {}", self.dir.display()), e))?;
+        let path = self.identity_path();
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(identity).map_err(|e| ServerError::Tls(e.to_string()))?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| ServerError::io(format!("writing {}", path.display()), e))
+    }
+}
+
+fn cluster_err(e: impl std::fmt::Display) -> ServerError {
+    ServerError::Store(StoreError::Unavailable(e.to_string()))
+}
+
+/// At start: a node that is a member resumes its membership.
+pub(crate) async fn resume(ctx: &Arc<Context>, store: &Arc<LocalStore>) -> Result<(), ServerError> {
+    let rt = &ctx.cluster;
+    let Some(identity) = rt.load_identity()? else { return Ok(()) };
+    let creds = NodeCredentials::load(&rt.dir).map_err(cluster_err)?;
+    start_node(ctx, store, identity, creds).await?;
+    tracing::info!("cluster membership resumed");
+    Ok(())
+}
+
+async fn start_node(
+    ctx: &Arc<Context>,
+    store: &Arc<LocalStore>,
+    identity: Identity,
+    creds: NodeCredentials,
+) -> Result<Arc<ClusterNode>, ServerError> {
+    let rt = &ctx.cluster;
+    let listener = rt.listener.lock().await.take().ok_or_else(|| {
+        cluster_err("no [cluster] listen address is configured (or it is already in use by this node)")
+    })?;
+    let transport = Arc::new(TlsTransport::new(&creds, TransportConfig::default()).map_err(cluster_err)?);
+    let node = ClusterNode::start(identity.id, identity.info.clone(), &rt.dir, store.clone(), transport.clone(), rt.timing.clone())
+        .await
+        .map_err(cluster_err)?;
+    let server_config = hamail_cluster::tls::server_config(&creds).map_err(cluster_err)?;
+    *rt.transport.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(transport.clone());
+    let handler = Arc::new(MemberHandler { node: node.clone(), transport });
+    let task = tcp::serve(listener, server_config, handler);
+    rt.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(task);
+    *rt.node.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(node.clone());
+    ctx.set_directory(Arc::new(ReplicatedDirectory::new(node.clone())));
+    Ok(node)
+}
+
+/// `hamail cluster init`: this node becomes a one-node cluster whose
+/// directory is the node's current one. Returns the join token.
+pub(crate) async fn init(ctx: &Arc<Context>, store: &Arc<LocalStore>) -> Result<String, ServerError> {
+    let rt = &ctx.cluster;
+    let _one_at_a_time = rt.changing.lock().await;
+    if rt.node().is_some() || rt.load_identity()?.is_some() {
+        return Err(cluster_err("this node is already a cluster member"));
+    }
+    let addr = rt.advertised().ok_or_else(|| cluster_err("set [cluster] listen in the config file first"))?.to_string();
+    let ca = ClusterCa::generate(&rt.name).map_err(cluster_err)?;
+    let id = NodeId(1);
+    let creds = ca.issue_node_cert(id, &rt.name).map_err(cluster_err)?;
+    creds.save(&rt.dir).map_err(cluster_err)?;
+    ca.save(&rt.dir).map_err(cluster_err)?;
+    let identity = Identity { id, info: NodeInfo { addr: addr.clone(), role: rt.role, name: rt.name.clone() } };
+    let node = start_node(ctx, store, identity.clone(), creds).await?;
+    node.initialize().await.map_err(cluster_err)?;
+    let secret = pki::generate_secret();
+    let secrets = ClusterSecrets {
+        ca_cert_pem: ca.cert_pem().to_string(),
+        ca_key_pem: ca.key_pem().to_string(),
+        secret_hash: pki::secret_hash(&secret),
+    };
+    match node.write(Command::ConfigureCluster { secrets }).await {
+        Ok(CommandResult::Done) => {}
+        other => return Err(cluster_err(format!("storing the cluster secrets: {other:?}"))),
+    }
+    // The node's existing users and domains are not in the log: a snapshot
+    // taken now carries them to every node that joins later.
+    node.compact().await.map_err(cluster_err)?;
+    // Saved last: a crash before this point leaves a node that is no member.
+    rt.save_identity(&identity)?;
+    let token = JoinToken { addr, ca_fingerprint: ca.fingerprint(), secret }.encode();
+    tracing::info!("cluster initialised: this node is node 1");
+    Ok(token)
+}
+
+/// `hamail cluster join TOKEN`: becomes a member of the cluster the token
+/// names. This node's own directory is replaced by the cluster's.
+pub(crate) async fn join(ctx: &Arc<Context>, store: &Arc<LocalStore>, token: &str) -> Result<NodeId, ServerError> {
+    let rt = &ctx.cluster;
+    let _one_at_a_time = rt.changing.lock().await;
+    if rt.node().is_some() || rt.load_identity()?.is_some() {
+        return Err(cluster_err("this node is already a cluster member"));
+    }
+    let addr = rt.advertised().ok_or_else(|| cluster_err("set [cluster] listen in the config file first"))?.to_string();
+    let token = JoinToken::decode(token).map_err(|e| cluster_err(format!("bad join token: {e}")))?;
+    let request = JoinRequest { secret: token.secret.clone(), addr: addr.clone(), role: rt.role, name: rt.name.clone() };
+    let response = tcp::join(&token, request).await.map_err(cluster_err)?;
+    let creds = NodeCredentials::from(&response);
+    creds.save(&rt.dir).map_err(cluster_err)?;
+    let identity = Identity { id: response.node_id, info: NodeInfo { addr, role: rt.role, name: rt.name.clone() } };
+    rt.save_identity(&identity)?;
+    start_node(ctx, store, identity, creds).await?;
+    tracing::info!(id = %response.node_id, "joined the cluster");
+    Ok(response.node_id)
+}
+
+/// Serves a member's requests, and joins: a join needs the cluster secrets
+/// from the replicated state, so any leader can answer it.
+struct MemberHandler {
+    node: Arc<ClusterNode>,
+    transport: Arc<TlsTransport>,
+}
+
+#[async_trait::async_trait]
+impl Handler for MemberHandler {
+    async fn handle(&self, from: Option<NodeId>, request: Request) -> Response {
+        match request {
+            Request::Join(join) => Response::Join(self.join(join).await),
+            other => {
+                // A removed node's certificate stays valid (no revocation):
+                // only current members are served.
+                // A node that has not received any membership yet (it has
+                // just joined) cannot tell; it accepts its first leader.
+                if let Some(peer) = from {
+                    if self.node.knows_membership() && !self.node.is_member(peer) {
+                        tracing::warn!(%peer, "request from a node that is no member refused");
+                        return Response::Refused(format!("node {peer} is not a member of this cluster"));
+                    }
+                }
+                self.node.handle(from, other).await
+            }
+        }
+    }
+}
+
+impl MemberHandler {
+    async fn join(&self, request: JoinRequest) -> Result<JoinResponse, JoinError> {
+        let state = consensus_state(self.node.store()).await?;
+        let Some(secrets) = state.cluster else { return Err(JoinError::NotInitialised) };
+        if !pki::secret_matches(&request.secret, &secrets.secret_hash) {
+            tracing::warn!(addr = %request.addr, "join refused: wrong cluster secret");
+            return Err(JoinError::WrongSecret);
+        }
+        if !self.node.is_leader() {
+            // Forward to the leader (it adds the member).
+            let (leader, info) = self.node.leader().ok_or(JoinError::NoLeader)?;
+            return match hamail_cluster::rpc::Transport::call(&*self.transport, leader, &info, Request::Join(request)).await {
+                Ok(Response::Join(r)) => r,
+                Ok(other) => Err(JoinError::Failed(format!("unexpected answer from the leader: {other:?}"))),
+                Err(e) => Err(JoinError::Failed(e.to_string())),
+            };
+        }
+        let ca = ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem).map_err(|e| JoinError::Failed(e.to_string()))?;
+        let id = self.node.allocate_node_id().await.map_err(|e| JoinError::Failed(e.to_string()))?;
+        let creds = ca.issue_node_cert(id, &request.name).map_err(|e| JoinError::Failed(e.to_string()))?;
+        let info = NodeInfo { addr: request.addr.clone(), role: request.role, name: request.name.clone() };
+        let members = self.node.status().members;
+        // The new node starts only when it has our answer, so its catch-up
+        // (and promotion to voter) happens after we reply.
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.add_member_with_id(id, info).await {
+                tracing::error!(%id, error = %e, "adding the joined node failed");
+            }
+        });
+        tracing::info!(%id, addr = %request.addr, role = %request.role, "node joined");
+        Ok(JoinResponse { node_id: id, cert_pem: creds.cert_pem, key_pem: creds.key_pem, ca_pem: creds.ca_pem, members })
+    }
+}
+
+async fn consensus_state(store: &Arc<LocalStore>) -> Result<ConsensusState, JoinError> {
+    let bytes = store.consensus_state().await.map_err(|e| JoinError::Failed(e.to_string()))?;
+    match bytes {
+        None => Ok(ConsensusState::default()),
+        Some(b) => postcard::from_bytes(&b).map_err(|e| JoinError::Failed(format!("consensus state: {e}"))),
+    }
+}
+
+/// One line of `hamail cluster status`: a member as it sees itself, and
+/// as the leader sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: String,
+    pub role: Role,
+    /// Its own answer, or why there is none.
+    pub state: String,
+    pub term: Option<u64>,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    /// From the leader: entries behind, and ms since its last answer.
+    pub lag: Option<u64>,
+    pub last_contact_ms: Option<u64>,
+    pub healthy: bool,
+}
+
+/// Every member's view (asked over the cluster channel, in parallel).
+pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, ServerError> {
+    let rt = &ctx.cluster;
+    let node = rt.node().ok_or_else(|| cluster_err("this node is not in a cluster (hamail cluster init / join)"))?;
+    let transport = rt.transport.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let here = node.status();
+    // The leader's replication view (lag, last contact).
+    let leader_view = if here.current_leader == Some(here.id) {
+        Some(here.clone())
+    } else if let (Some((lid, linfo)), Some(t)) = (node.leader(), &transport) {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), hamail_cluster::rpc::Transport::call(&**t, lid, &linfo, Request::Status)).await {
+            Ok(Ok(Response::Status(s))) => Some(s),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let mut reports = Vec::new();
+    let mut asks = Vec::new();
+    for (id, info) in here.members.clone() {
+        let t = transport.clone();
+        let here = here.clone();
+        asks.push(tokio::spawn(async move {
+            if id == here.id {
+                return (id, info, Ok(here));
+            }
+            let Some(t) = t else { return (id, info, Err("no transport".to_string())) };
+            let answer = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                hamail_cluster::rpc::Transport::call(&*t, id, &info, Request::Status),
+            )
+            .await;
+            let r = match answer {
+                Ok(Ok(Response::Status(s))) => Ok(s),
+                Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 2 s".to_string()),
+            };
+            (id, info, r)
+        }));
+    }
+    for ask in asks {
+        let Ok((id, info, answer)) = ask.await else { continue };
+        let progress = leader_view.as_ref().and_then(|l| l.replication.iter().find(|p| p.id == id).cloned());
+        let mut r = MemberReport {
+            id,
+            name: info.name.clone(),
+            addr: info.addr.clone(),
+            role: info.role,
+            state: String::new(),
+            term: None,
+            leader: None,
+            last_log_index: None,
+            last_applied: None,
+            lag: progress.as_ref().and_then(|p| p.lag),
+            last_contact_ms: progress.as_ref().and_then(|p| p.last_contact_ms),
+            healthy: false,
+        };
+        match answer {
+            Ok(s) => {
+                r.state = s.state.clone();
+                r.term = Some(s.current_term);
+                r.leader = s.current_leader;
+                r.last_log_index = s.last_log_index;
+                r.last_applied = s.last_applied;
+                r.healthy = s.current_leader.is_some() && s.state != "shutdown";
+                if s.current_leader == Some(id) {
+                    r.lag = Some(0);
+                }
+            }
+            Err(e) => r.state = format!("unreachable: {e}"),
+        }
+        reports.push(r);
+    }
+    reports.sort_by_key(|r| r.id);
+    Ok(reports)
+}
+
+/// `hamail cluster remove NODE`, run on the leader (forwarded if needed by
+/// the caller's retry on the leader's admin socket is not possible, so we
+/// refuse with the leader's name instead).
+pub(crate) async fn remove(ctx: &Arc<Context>, id: NodeId) -> Result<(), ServerError> {
+    let node = ctx.cluster.node().ok_or_else(|| cluster_err("this node is not in a cluster"))?;
+    if !node.is_member(id) {
+        return Err(cluster_err(format!("node {id} is not a member")));
+    }
+    match node.remove_member(id).await {
+        Ok(()) => Ok(()),
+        Err(hamail_cluster::ClusterError::NotLeader { leader }) => {
+            let at = node.leader().map(|(l, i)| format!("node {l} ({})", i.name)).or(leader.map(|l| format!("node {l}")));
+            Err(cluster_err(format!(
+                "membership changes run on the leader: run this on {}",
+                at.unwrap_or_else(|| "the leader (none right now)".into())
+            )))
+        }
+        Err(e) => Err(cluster_err(e)),
+    }
+}
