@@ -112,6 +112,8 @@ pub struct ClusterNode {
     contacts: PeerContacts,
     /// Our handle on the log, to know when openraft's tasks released theirs.
     log: LogStore,
+    /// Serialises membership changes made through this node.
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 impl ClusterNode {
@@ -137,7 +139,17 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Internal(format!("starting raft: {e}")))?;
         tracing::info!(%id, node = %info, "cluster node started");
-        Ok(Arc::new(ClusterNode { id, info, raft, store, transport, timing, contacts, log }))
+        Ok(Arc::new(ClusterNode {
+            id,
+            info,
+            raft,
+            store,
+            transport,
+            timing,
+            contacts,
+            log,
+            membership_changes: tokio::sync::Mutex::new(()),
+        }))
     }
 
     pub fn id(&self) -> NodeId {
@@ -354,17 +366,39 @@ impl ClusterNode {
     /// membership change, paper §6). Must run on the leader.
     pub async fn add_member_with_id(&self, id: NodeId, info: NodeInfo) -> Result<(), ClusterError> {
         tracing::info!(%id, node = %info, "adding a cluster member");
-        match tokio::time::timeout(CATCH_UP_TIMEOUT, self.raft.add_learner(id, info, true)).await {
-            Ok(res) => res.map_err(membership_error)?,
-            Err(_) => {
-                return Err(ClusterError::Unavailable(format!(
-                    "node {id} did not catch up with the log within {} s (unreachable?)",
-                    CATCH_UP_TIMEOUT.as_secs()
-                )))
+        // One membership change at a time (Raft §6 allows one joint
+        // configuration in flight); joins that arrive together wait here,
+        // and a change still committing is waited for, not failed.
+        let _one_at_a_time = self.membership_changes.lock().await;
+        let deadline = std::time::Instant::now() + CATCH_UP_TIMEOUT;
+        loop {
+            let r = self.raft.add_learner(id, info.clone(), true).await;
+            match r {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(self.timing.heartbeat_ms)).await;
+                }
+                other => {
+                    other.map_err(membership_error)?;
+                    break;
+                }
             }
-        };
-        self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(membership_error)?;
-        Ok(())
+        }
+        loop {
+            let r = self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await;
+            match r {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(self.timing.heartbeat_ms)).await;
+                }
+                other => {
+                    other.map_err(membership_error)?;
+                    return Ok(());
+                }
+            }
+        }
     }
 
     /// Removes node `id` from the voters and from the cluster. Must run on

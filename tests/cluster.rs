@@ -1,0 +1,198 @@
+//! Real `hamail` processes forming a cluster on loopback: one user database
+//! for every node, leader failover by SIGKILL, catch-up after a restart, a
+//! witness, and refusal of a peer without the cluster secret.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+struct Node {
+    dir: PathBuf,
+    server: Option<Server>,
+}
+
+impl Node {
+    fn new(root: &Path, name: &str, role: &str) -> Node {
+        let dir = root.join(name);
+        write_node_config(&dir, name, free_port(), role);
+        let server = Some(start_in(&dir, ""));
+        Node { dir, server }
+    }
+    fn s(&self) -> &Server {
+        self.server.as_ref().expect("node is running")
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.join("hamail.toml")
+    }
+    fn cli(&self, args: &[&str], stdin: &str) -> (bool, String) {
+        cli(&self.config(), args, stdin)
+    }
+    fn kill9(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill9();
+        }
+    }
+    fn restart(&mut self) {
+        assert!(self.server.is_none());
+        self.server = Some(start_in(&self.dir, ""));
+    }
+    fn status(&self) -> Option<Vec<Value>> {
+        let (ok, out) = self.cli(&["cluster", "status", "--json"], "");
+        if !ok {
+            return None;
+        }
+        serde_json::from_str::<Value>(&out).ok()?.as_array().cloned()
+    }
+    /// The leader as this node sees it, when every listed member agrees.
+    fn leader(&self) -> Option<u64> {
+        let st = self.status()?;
+        let me = st.iter().find(|m| m["state"] == "leader")?;
+        me["id"].as_u64()
+    }
+}
+
+fn pop3_login(s: &Server, user: &str, pass: &str) -> bool {
+    let mut c = Line::connect(s.pop3);
+    c.line();
+    c.send(&format!("USER {user}\r\nPASS {pass}\r\n"));
+    c.line();
+    let ok = c.line().starts_with("+OK");
+    c.send("QUIT\r\n");
+    ok
+}
+
+/// Node 1 inits (with a user it already had), the others join.
+fn form(root: &Path, roles: &[&str]) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for (i, role) in roles.iter().enumerate() {
+        nodes.push(Node::new(root, &format!("node{}", i + 1), role));
+    }
+    let n1 = &nodes[0];
+    assert!(n1.cli(&["domain", "add", "example.org"], "").0);
+    let (ok, out) = n1.cli(&["user", "add", "alice@example.org"], "alice-pw\n");
+    assert!(ok, "{out}");
+    let (ok, out) = n1.cli(&["cluster", "init"], "");
+    assert!(ok, "cluster init: {out}");
+    let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).expect("token").to_string();
+    for n in &nodes[1..] {
+        let (ok, out) = n.cli(&["cluster", "join", &token], "");
+        assert!(ok, "join: {out}");
+    }
+    let mut last = None;
+    let formed = poll(Duration::from_secs(30), || {
+        let st = nodes[0].status();
+        last = st.clone();
+        let st = st?;
+        (st.len() == roles.len() && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0)).then_some(())
+    });
+    if formed.is_none() {
+        let logs: Vec<String> = nodes.iter().map(|n| n.s().log()).collect();
+        panic!("the cluster did not form; last status: {last:#?}\nlogs:\n{}", logs.join("\n=====\n"));
+    }
+    nodes
+}
+
+#[test]
+fn three_nodes_one_user_database_and_leader_failover() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), &["data", "data", "data"]);
+
+    // The user node 1 had before the cluster existed reached node 3 (by the
+    // snapshot taken at init); a user added on node 3 logs in on node 1 at
+    // once (logins are linearizable reads).
+    assert!(pop3_login(nodes[2].s(), "alice@example.org", "alice-pw"));
+    let (ok, out) = nodes[2].cli(&["user", "add", "bob@example.org"], "bob-pw\n");
+    assert!(ok, "{out}");
+    assert!(pop3_login(nodes[0].s(), "bob@example.org", "bob-pw"), "a user added on node 3 must log in on node 1 at once");
+    let (ok, out) = nodes[1].cli(&["user", "passwd", "bob@example.org"], "bob-pw2\n");
+    assert!(ok, "{out}");
+    assert!(pop3_login(nodes[2].s(), "bob@example.org", "bob-pw2"));
+    assert!(!pop3_login(nodes[2].s(), "bob@example.org", "bob-pw"), "the old password is gone everywhere");
+
+    // SIGKILL the leader: another is elected and writes continue.
+    let leader = nodes[0].leader().expect("a leader") as usize;
+    nodes[leader - 1].kill9();
+    let survivor = if leader == 1 { 1 } else { 0 };
+    let new_leader = eventually(Duration::from_secs(20), "a new leader", || {
+        nodes[survivor].leader().filter(|l| *l as usize != leader)
+    });
+    assert_ne!(new_leader as usize, leader);
+    let (ok, out) = nodes[survivor].cli(&["user", "add", "carol@example.org"], "carol-pw\n");
+    assert!(ok, "writes continue after the leader died: {out}");
+
+    // The old leader comes back and catches up.
+    nodes[leader - 1].restart();
+    eventually(Duration::from_secs(30), "the restarted node caught up", || {
+        let (ok, out) = nodes[leader - 1].cli(&["user", "list"], "");
+        (ok && out.contains("carol@example.org")).then_some(())
+    });
+    assert!(pop3_login(nodes[leader - 1].s(), "carol@example.org", "carol-pw"));
+}
+
+#[test]
+fn two_data_nodes_and_a_witness_survive_the_loss_of_either_data_node() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), &["data", "data", "witness"]);
+    assert_eq!(nodes[2].s().smtp, UNBOUND, "a witness runs no mail service");
+    for lost in [0usize, 1] {
+        let other = 1 - lost;
+        nodes[lost].kill9();
+        let user = format!("after-loss-of-{}@example.org", lost + 1);
+        eventually(Duration::from_secs(20), "a write with one data node down", || {
+            nodes[other].cli(&["user", "add", &user], "pw\n").0.then_some(())
+        });
+        assert!(pop3_login(nodes[other].s(), &user, "pw"));
+        nodes[lost].restart();
+        eventually(Duration::from_secs(30), "the data node caught up", || {
+            let (ok, out) = nodes[lost].cli(&["user", "list"], "");
+            (ok && out.contains(&user)).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_node_without_the_secret_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), &["data"]);
+    let (_, out) = nodes[0].cli(&["cluster", "status", "--json"], "");
+    assert!(out.contains("leader"), "{out}");
+    // Forge a token: right address and CA, wrong secret.
+    let intruder = Node::new(root.path(), "intruder", "data");
+    let init = std::fs::read_to_string(nodes[0].dir.join("data/cluster/node.json")).unwrap();
+    let addr = serde_json::from_str::<Value>(&init).unwrap()["info"]["addr"].as_str().unwrap().to_string();
+    let (ok, out) = intruder.cli(&["cluster", "join", "hamail1-AAAA"], "");
+    assert!(!ok && out.contains("token"), "a malformed token is a clear error: {out}");
+    let ca = std::fs::read_to_string(nodes[0].dir.join("data/cluster/ca.crt")).unwrap();
+    let der = rustls_pemfile_first(&ca);
+    let token = forge_token(&addr, &hex::encode(sha2::Sha256::digest_bytes(&der)), "not-the-secret");
+    let (ok, out) = intruder.cli(&["cluster", "join", &token], "");
+    assert!(!ok, "{out}");
+    assert!(out.contains("wrong cluster secret"), "{out}");
+    let st = nodes[0].status().unwrap();
+    assert_eq!(st.len(), 1, "the intruder is no member");
+    assert!(nodes[0].s().log().contains("wrong cluster secret"), "the refusal is logged");
+}
+
+trait DigestBytes {
+    fn digest_bytes(data: &[u8]) -> Vec<u8>;
+}
+impl DigestBytes for sha2::Sha256 {
+    fn digest_bytes(data: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(data).to_vec()
+    }
+}
+
+fn rustls_pemfile_first(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).expect("pem")
+}
+
+fn forge_token(addr: &str, fingerprint: &str, secret: &str) -> String {
+    hamail_cluster::pki::JoinToken { addr: addr.into(), ca_fingerprint: fingerprint.into(), secret: secret.into() }.encode()
+}
