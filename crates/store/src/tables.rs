@@ -31,6 +31,11 @@ pub(crate) const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("a
 pub(crate) const CONSENSUS: TableDefinition<&str, &[u8]> = TableDefinition::new("consensus");
 pub(crate) const CONSENSUS_APPLIED: &str = "applied";
 
+/// queue id → postcard (body hash, size): every committed message, so that
+/// a replicated accept applied twice delivers once, and so that a commit can
+/// be proven after the fact.
+pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+
 /// META key: the next mailbox entry id to hand out.
 pub(crate) const NEXT_ENTRY_ID: &str = "next_entry_id";
 /// META key: the first queue id not covered by any block reserved so far.

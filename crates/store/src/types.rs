@@ -252,6 +252,38 @@ pub enum DirectoryChange {
     RemoveAlias { alias: Address },
 }
 
+/// One change to the mail metadata, as a cluster's state machine applies it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailChange {
+    /// A message accepted by some node: one maildrop entry per local
+    /// recipient (entry ids allocated by the applying store, the same on
+    /// every node since all apply the same log), a queue entry for remote
+    /// ones. Applying the same queue id twice does nothing. The body file
+    /// may be absent on this node: the message is recorded anyway, and the
+    /// body is listed by `missing_bodies` until it is fetched.
+    Accept {
+        queue_id: QueueId,
+        return_path: Option<String>,
+        local: Vec<Address>,
+        remote: Vec<String>,
+        body: BodyHash,
+        size: u64,
+        at: u64,
+    },
+    /// POP3 UPDATE: these entries of this user go (ids already gone are
+    /// ignored).
+    Delete { user: Address, ids: Vec<EntryId> },
+    /// An outbound queue entry is done.
+    Dequeue { queue_id: QueueId },
+}
+
+/// A change to anything the cluster's state machine owns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateChange {
+    Directory(DirectoryChange),
+    Mail(MailChange),
+}
+
 /// The whole directory, for a consensus snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectorySnapshot {

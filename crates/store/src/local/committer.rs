@@ -17,15 +17,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use redb::ReadableTable;
 use tokio::sync::oneshot;
 
 use super::bodies::StagedBody;
 use super::Inner;
-use crate::tables::{
-    db_err, duplicate_error, encode, unix_now, BODIES, MAILBOX, META, NEXT_ENTRY_ID, QUEUE,
-};
-use crate::{Address, Committed, MailboxEntry, QueueEntry, QueueId, StoreError, StoreResult};
+use super::state::{MailTables, NewMessage};
+use crate::tables::{db_err, duplicate_error, unix_now};
+use crate::{Address, Committed, QueueId, StoreError, StoreResult};
 
 /// Upper bound of messages per transaction, so one commit stays short and
 /// the callers at the head of the batch are not kept waiting too long.
@@ -141,60 +139,24 @@ fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResu
     let txn = inner.begin_write()?;
     let mut results = Vec::with_capacity(batch.len());
     {
-        let mut meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
-        let mut mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
-        let mut bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
-        let mut queue = txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?;
-        let mut next_id = meta
-            .get(NEXT_ENTRY_ID)
-            .map_err(|e| db_err("reading entry counter", e))?
-            .map(|g| g.value())
-            .unwrap_or(1);
-
+        let mut tables = MailTables::open(&txn)?;
         for job in batch {
-            let hash = job.body.hash;
-            if !job.remote.is_empty()
-                && queue.get(job.queue_id.0).map_err(|e| db_err("reading queue", e))?.is_some()
-            {
-                results.push(Err(StoreError::Permanent(format!("queue id {} already queued", job.queue_id))));
-                continue;
-            }
-            let mut refs = 0u64;
-            for user in &job.local {
-                let mut entry = MailboxEntry {
-                    id: crate::EntryId(next_id),
-                    body: hash,
-                    return_path: job.return_path.clone(),
-                    size: 0,
-                    received_at: now,
-                    queue_id: job.queue_id,
-                };
-                entry.size = entry.return_path_line().len() as u64 + job.body.size;
-                mailbox
-                    .insert((user.as_str(), next_id), encode("mailbox entry", &entry)?.as_slice())
-                    .map_err(|e| db_err("inserting mailbox entry", e))?;
-                next_id += 1;
-                refs += 1;
-            }
-            if !job.remote.is_empty() {
-                let entry = QueueEntry {
-                    queue_id: job.queue_id,
-                    body: hash,
-                    return_path: job.return_path.clone(),
-                    recipients: job.remote.clone(),
-                    size: job.body.size,
-                    queued_at: now,
-                };
-                queue
-                    .insert(job.queue_id.0, encode("queue entry", &entry)?.as_slice())
-                    .map_err(|e| db_err("inserting queue entry", e))?;
-                refs += 1;
-            }
-            let old = bodies.get(&hash.0).map_err(|e| db_err("reading refcount", e))?.map(|g| g.value()).unwrap_or(0);
-            bodies.insert(&hash.0, old + refs).map_err(|e| db_err("writing refcount", e))?;
-            results.push(Ok(Committed::new(job.queue_id, hash, job.body.size)));
+            let inserted = tables.insert_message(&NewMessage {
+                queue_id: job.queue_id,
+                return_path: &job.return_path,
+                local: &job.local,
+                remote: &job.remote,
+                body: job.body.hash,
+                size: job.body.size,
+                at: now,
+            })?;
+            results.push(if inserted {
+                Ok(Committed::new(job.queue_id, job.body.hash, job.body.size))
+            } else {
+                Err(StoreError::Permanent(format!("queue id {} already used", job.queue_id)))
+            });
         }
-        meta.insert(NEXT_ENTRY_ID, next_id).map_err(|e| db_err("writing entry counter", e))?;
+        tables.finish()?;
     }
     txn.commit().map_err(|e| db_err("committing accepted messages", e))?;
     Ok(results)

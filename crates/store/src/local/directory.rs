@@ -188,7 +188,7 @@ impl Inner {
     /// Applies one change inside `txn`. A refusal (`Permanent`) is
     /// decided before anything is written, so the transaction stays usable
     /// for the other changes of a batch. Returns bodies freed by it.
-    fn apply_change(&self, txn: &WriteTransaction, change: &DirectoryChange) -> StoreResult<Vec<BodyHash>> {
+    pub(crate) fn apply_change(&self, txn: &WriteTransaction, change: &DirectoryChange) -> StoreResult<Vec<BodyHash>> {
         match change {
             DirectoryChange::AddDomain { domain } => self.add_domain(txn, domain).map(|()| Vec::new()),
             DirectoryChange::RemoveDomain { domain } => self.remove_domain(txn, domain).map(|()| Vec::new()),

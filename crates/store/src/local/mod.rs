@@ -12,6 +12,8 @@ mod bodies;
 mod committer;
 mod directory;
 mod recovery;
+mod state;
+pub use state::{StateSnapshot, VerifyReport};
 
 use std::collections::HashMap;
 use std::fs;
@@ -48,11 +50,14 @@ pub struct StoreOptions {
     /// for tests or benchmarks: without it an acknowledged message can be
     /// lost on power failure.
     pub fsync: bool,
+    /// Put in the top 16 bits of every queue id this store hands out: in a
+    /// cluster, the node id, so that ids are unique cluster-wide.
+    pub node_prefix: u16,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { hostnames: Vec::new(), fsync: true }
+        StoreOptions { hostnames: Vec::new(), fsync: true, node_prefix: 0 }
     }
 }
 
@@ -353,7 +358,10 @@ impl MailStore for LocalStore {
         }
         let id = block.0;
         block.0 += 1;
-        Ok(QueueId(id))
+        if id >= 1 << 48 {
+            return Err(StoreError::Internal("queue ids exhausted".into()));
+        }
+        Ok(QueueId((u64::from(self.inner.options.node_prefix) << 48) | id))
     }
 
     async fn accept(&self, msg: Incoming) -> StoreResult<Committed> {

@@ -1,0 +1,402 @@
+//! The store as the state machine of a cluster: mail changes decided by
+//! consensus (accept, delete, dequeue) applied in log order, snapshots of
+//! the whole state, bodies written for replication, the proof of a commit,
+//! and verification of every body file.
+//!
+//! Why the message table: a replicated accept may be proposed again when
+//! its first proposal's outcome was lost with a leader; keyed by queue id,
+//! the second application finds the first and does nothing, so no
+//! recipient ever gets a message twice. The same table proves a commit after
+//! the fact (`committed`), so only the store creates `Committed` values.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, release_body, Inner, LocalStore};
+use crate::tables::{
+    db_err, decode, encode, BODIES, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
+};
+use crate::{
+    Address, BodyHash, Committed, DirectorySnapshot, EntryId, MailChange, MailboxEntry, QueueEntry, QueueId,
+    StateChange, StoreError, StoreResult,
+};
+
+/// A message to record: the fields of an accept.
+pub(crate) struct NewMessage<'a> {
+    pub queue_id: QueueId,
+    pub return_path: &'a Option<String>,
+    pub local: &'a [Address],
+    pub remote: &'a [String],
+    pub body: BodyHash,
+    pub size: u64,
+    pub at: u64,
+}
+
+/// The mail tables of one write transaction, opened once for a batch.
+pub(crate) struct MailTables<'t> {
+    meta: redb::Table<'t, &'static str, u64>,
+    mailbox: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    bodies: redb::Table<'t, &'static [u8; 32], u64>,
+    queue: redb::Table<'t, u64, &'static [u8]>,
+    messages: redb::Table<'t, u64, &'static [u8]>,
+    next_id: u64,
+}
+
+impl<'t> MailTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        let meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
+        let next_id = meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
+        Ok(MailTables {
+            meta,
+            mailbox: txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?,
+            bodies: txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?,
+            queue: txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?,
+            messages: txn.open_table(MESSAGES).map_err(|e| db_err("opening messages", e))?,
+            next_id,
+        })
+    }
+
+    /// Records a message: maildrop entries, queue entry, references.
+    /// `Ok(false)` if this queue id is already recorded (nothing done).
+    pub(crate) fn insert_message(&mut self, m: &NewMessage<'_>) -> StoreResult<bool> {
+        if self.messages.get(m.queue_id.0).map_err(|e| db_err("reading messages", e))?.is_some() {
+            return Ok(false);
+        }
+        let mut refs = 0u64;
+        for user in m.local {
+            let mut entry = MailboxEntry {
+                id: EntryId(self.next_id),
+                body: m.body,
+                return_path: m.return_path.clone(),
+                size: 0,
+                received_at: m.at,
+                queue_id: m.queue_id,
+            };
+            entry.size = entry.return_path_line().len() as u64 + m.size;
+            self.mailbox
+                .insert((user.as_str(), self.next_id), encode("mailbox entry", &entry)?.as_slice())
+                .map_err(|e| db_err("inserting mailbox entry", e))?;
+            self.next_id += 1;
+            refs += 1;
+        }
+        if !m.remote.is_empty() {
+            let entry = QueueEntry {
+                queue_id: m.queue_id,
+                body: m.body,
+                return_path: m.return_path.clone(),
+                recipients: m.remote.to_vec(),
+                size: m.size,
+                queued_at: m.at,
+            };
+            self.queue
+                .insert(m.queue_id.0, encode("queue entry", &entry)?.as_slice())
+                .map_err(|e| db_err("inserting queue entry", e))?;
+            refs += 1;
+        }
+        let old = self.bodies.get(&m.body.0).map_err(|e| db_err("reading refcount", e))?.map(|g| g.value()).unwrap_or(0);
+        self.bodies.insert(&m.body.0, old + refs).map_err(|e| db_err("writing refcount", e))?;
+        self.messages
+            .insert(m.queue_id.0, encode("message", &(m.body, m.size))?.as_slice())
+            .map_err(|e| db_err("recording message", e))?;
+        Ok(true)
+    }
+
+    /// Removes a queue entry; returns the body if that freed it.
+    fn dequeue(&mut self, queue_id: QueueId) -> StoreResult<Option<BodyHash>> {
+        let removed = self.queue.remove(queue_id.0).map_err(|e| db_err("removing queue entry", e))?;
+        let Some(removed) = removed else { return Ok(None) };
+        let entry: QueueEntry = decode("queue entry", removed.value())?;
+        drop(removed);
+        Ok(release_body(&mut self.bodies, &entry.body)?.then_some(entry.body))
+    }
+
+    pub(crate) fn finish(mut self) -> StoreResult<()> {
+        self.meta.insert(NEXT_ENTRY_ID, self.next_id).map_err(|e| db_err("writing entry counter", e))?;
+        Ok(())
+    }
+}
+
+/// Everything the cluster's state machine owns, for a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSnapshot {
+    pub directory: DirectorySnapshot,
+    /// (user, entry)
+    pub mailbox: Vec<(Address, MailboxEntry)>,
+    pub queue: Vec<QueueEntry>,
+    /// (queue id, body, size) of every committed message.
+    pub messages: Vec<(QueueId, BodyHash, u64)>,
+    pub next_entry_id: u64,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Body files read and hashed.
+    pub checked: usize,
+    /// Files whose content did not match their name: removed.
+    pub damaged: Vec<BodyHash>,
+    /// Referenced bodies with no (good) file here.
+    pub missing: Vec<BodyHash>,
+}
+
+impl Inner {
+    /// Applies state changes in one commit (see `LocalStore::apply_state`).
+    fn apply_state(&self, changes: &[StateChange], consensus_state: Option<&[u8]>) -> StoreResult<Vec<StoreResult<()>>> {
+        let txn = self.begin_write()?;
+        let mut results = Vec::with_capacity(changes.len());
+        let mut freed = Vec::new();
+        for change in changes {
+            let r = match change {
+                StateChange::Directory(d) => self.apply_change(&txn, d).map(|f| freed.extend(f)),
+                StateChange::Mail(m) => self.apply_mail(&txn, m).map(|f| freed.extend(f)),
+            };
+            match r {
+                Ok(()) => results.push(Ok(())),
+                Err(e @ StoreError::Permanent(_)) => results.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(state) = consensus_state {
+            let mut t = txn.open_table(CONSENSUS).map_err(|e| db_err("opening consensus", e))?;
+            t.insert(CONSENSUS_APPLIED, state).map_err(|e| db_err("writing consensus state", e))?;
+        }
+        txn.commit().map_err(|e| db_err("committing state changes", e))?;
+        self.unlink_freed(&freed);
+        Ok(results)
+    }
+
+    fn apply_mail(&self, txn: &WriteTransaction, change: &MailChange) -> StoreResult<Vec<BodyHash>> {
+        match change {
+            MailChange::Accept { queue_id, return_path, local, remote, body, size, at } => {
+                if local.is_empty() && remote.is_empty() {
+                    return Err(StoreError::Permanent(format!("message {queue_id} has no recipients")));
+                }
+                let mut t = MailTables::open(txn)?;
+                t.insert_message(&NewMessage {
+                    queue_id: *queue_id,
+                    return_path,
+                    local,
+                    remote,
+                    body: *body,
+                    size: *size,
+                    at: *at,
+                })?;
+                t.finish()?;
+                Ok(Vec::new())
+            }
+            MailChange::Delete { user, ids } => self.remove_entries(txn, user, Some(ids)),
+            MailChange::Dequeue { queue_id } => {
+                let mut t = MailTables::open(txn)?;
+                let freed = t.dequeue(*queue_id)?;
+                t.finish()?;
+                Ok(freed.into_iter().collect())
+            }
+        }
+    }
+
+    fn export_state(&self) -> StoreResult<StateSnapshot> {
+        let directory = self.export_directory()?;
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let mut snap = StateSnapshot { directory, ..StateSnapshot::default() };
+        let mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
+        for row in mailbox.iter().map_err(|e| db_err("reading mailbox", e))? {
+            let (k, v) = row.map_err(|e| db_err("reading mailbox", e))?;
+            snap.mailbox.push((Address::parse(k.value().0)?, decode("mailbox entry", v.value())?));
+        }
+        let queue = txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?;
+        for row in queue.iter().map_err(|e| db_err("reading queue", e))? {
+            let (_, v) = row.map_err(|e| db_err("reading queue", e))?;
+            snap.queue.push(decode("queue entry", v.value())?);
+        }
+        let messages = match txn.open_table(MESSAGES) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(db_err("opening messages", e)),
+        };
+        if let Some(messages) = messages {
+            for row in messages.iter().map_err(|e| db_err("reading messages", e))? {
+                let (k, v) = row.map_err(|e| db_err("reading messages", e))?;
+                let (body, size): (BodyHash, u64) = decode("message", v.value())?;
+                snap.messages.push((QueueId(k.value()), body, size));
+            }
+        }
+        let meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
+        snap.next_entry_id = meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
+        Ok(snap)
+    }
+
+    /// Replaces the whole state with a snapshot. Reference counts are
+    /// recomputed from the snapshot's entries; body files no longer
+    /// referenced are removed, referenced ones that are absent here show up
+    /// in `missing_bodies`.
+    fn import_state(&self, snap: &StateSnapshot, consensus_state: &[u8]) -> StoreResult<()> {
+        self.import_directory(&snap.directory, consensus_state)?;
+        let txn = self.begin_write()?;
+        let old_bodies: Vec<BodyHash>;
+        {
+            let mut bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+            let mut old = Vec::new();
+            for row in bodies.iter().map_err(|e| db_err("reading bodies", e))? {
+                old.push(BodyHash(*row.map_err(|e| db_err("reading bodies", e))?.0.value()));
+            }
+            old_bodies = old;
+            bodies.retain(|_, _| false).map_err(|e| db_err("clearing bodies", e))?;
+            let mut mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
+            mailbox.retain(|_, _| false).map_err(|e| db_err("clearing mailbox", e))?;
+            let mut queue = txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?;
+            queue.retain(|_, _| false).map_err(|e| db_err("clearing queue", e))?;
+            let mut messages = txn.open_table(MESSAGES).map_err(|e| db_err("opening messages", e))?;
+            messages.retain(|_, _| false).map_err(|e| db_err("clearing messages", e))?;
+            let mut refs: std::collections::HashMap<BodyHash, u64> = std::collections::HashMap::new();
+            for (user, entry) in &snap.mailbox {
+                mailbox
+                    .insert((user.as_str(), entry.id.0), encode("mailbox entry", entry)?.as_slice())
+                    .map_err(|e| db_err("writing mailbox", e))?;
+                *refs.entry(entry.body).or_default() += 1;
+            }
+            for q in &snap.queue {
+                queue.insert(q.queue_id.0, encode("queue entry", q)?.as_slice()).map_err(|e| db_err("writing queue", e))?;
+                *refs.entry(q.body).or_default() += 1;
+            }
+            for (qid, body, size) in &snap.messages {
+                messages.insert(qid.0, encode("message", &(*body, *size))?.as_slice()).map_err(|e| db_err("writing messages", e))?;
+            }
+            for (hash, n) in &refs {
+                bodies.insert(&hash.0, *n).map_err(|e| db_err("writing bodies", e))?;
+            }
+            let mut meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
+            meta.insert(NEXT_ENTRY_ID, snap.next_entry_id).map_err(|e| db_err("writing entry counter", e))?;
+            let mut t = txn.open_table(CONSENSUS).map_err(|e| db_err("opening consensus", e))?;
+            t.insert(CONSENSUS_APPLIED, consensus_state).map_err(|e| db_err("writing consensus state", e))?;
+            let keep: HashSet<BodyHash> = refs.keys().copied().collect();
+            let freed: Vec<BodyHash> = old_bodies.into_iter().filter(|h| !keep.contains(h)).collect();
+            drop((bodies, mailbox, queue, messages, meta, t));
+            txn.commit().map_err(|e| db_err("committing snapshot", e))?;
+            self.unlink_freed(&freed);
+        }
+        Ok(())
+    }
+
+    fn referenced_bodies(&self) -> StoreResult<Vec<BodyHash>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+        let mut out = Vec::new();
+        for row in bodies.iter().map_err(|e| db_err("reading bodies", e))? {
+            out.push(BodyHash(*row.map_err(|e| db_err("reading bodies", e))?.0.value()));
+        }
+        Ok(out)
+    }
+
+    fn committed(&self, queue_id: QueueId) -> StoreResult<Option<Committed>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let messages = match txn.open_table(MESSAGES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db_err("opening messages", e)),
+        };
+        let found = messages.get(queue_id.0).map_err(|e| db_err("reading messages", e))?;
+        match found {
+            Some(v) => {
+                let (body, size): (BodyHash, u64) = decode("message", v.value())?;
+                Ok(Some(Committed::new(queue_id, body, size)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+impl LocalStore {
+    /// Applies changes decided by consensus, in order, in one commit, with
+    /// `consensus_state` (opaque here) saved in the same commit. Each change
+    /// gets its own result: a refusal (`Permanent`) does not stop the others.
+    pub async fn apply_state(
+        &self,
+        changes: Vec<StateChange>,
+        consensus_state: Option<Vec<u8>>,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.apply_state(&changes, consensus_state.as_deref())).await
+    }
+
+    /// The whole replicated state (directory and mail metadata).
+    pub async fn export_state(&self) -> StoreResult<StateSnapshot> {
+        let inner = self.inner().clone();
+        blocking(move || inner.export_state()).await
+    }
+
+    /// Replaces the whole replicated state (a node catching up).
+    pub async fn import_state(&self, snapshot: StateSnapshot, consensus_state: Vec<u8>) -> StoreResult<()> {
+        let inner = self.inner().clone();
+        blocking(move || inner.import_state(&snapshot, &consensus_state)).await
+    }
+
+    /// Writes a body durably (file fsync, rename, directory fsync) without
+    /// referencing it: a copy received from a peer before the metadata that
+    /// will reference it is committed. An unreferenced body is removed at
+    /// the next start if nothing came to reference it.
+    pub async fn put_body(&self, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
+        let inner = self.inner().clone();
+        blocking(move || {
+            let staged = inner.stage_body(&body)?;
+            inner
+                .sync_body(&staged.path)
+                .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
+            inner.sync_dirs(&[&staged.dir])?;
+            Ok(staged.hash)
+        })
+        .await
+    }
+
+    pub async fn has_body(&self, hash: &BodyHash) -> StoreResult<bool> {
+        let path = self.inner().body_path(hash);
+        Ok(tokio::fs::metadata(&path).await.is_ok())
+    }
+
+    /// Bodies that metadata references but that have no file here.
+    pub async fn missing_bodies(&self) -> StoreResult<Vec<BodyHash>> {
+        let inner = self.inner().clone();
+        blocking(move || {
+            let refs = inner.referenced_bodies()?;
+            Ok(refs.into_iter().filter(|h| !inner.body_path(h).exists()).collect())
+        })
+        .await
+    }
+
+    /// The proof that `queue_id` is committed in this store, if it is.
+    pub async fn committed(&self, queue_id: QueueId) -> StoreResult<Option<Committed>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.committed(queue_id)).await
+    }
+
+    /// Reads and hashes every referenced body. A file whose content does not
+    /// match its name is removed (it then counts as missing, and a cluster
+    /// fetches a good copy from a peer).
+    pub async fn verify(&self) -> StoreResult<VerifyReport> {
+        let inner = self.inner().clone();
+        blocking(move || {
+            let mut report = VerifyReport::default();
+            for hash in inner.referenced_bodies()? {
+                let path = inner.body_path(&hash);
+                match std::fs::read(&path) {
+                    Ok(bytes) => {
+                        report.checked += 1;
+                        if BodyHash::of(&bytes) != hash {
+                            tracing::error!(%hash, "damaged body file removed");
+                            std::fs::remove_file(&path)
+                                .map_err(|e| StoreError::io(format!("removing damaged {}", path.display()), e))?;
+                            report.damaged.push(hash);
+                            report.missing.push(hash);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.missing.push(hash),
+                    Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+                }
+            }
+            Ok(report)
+        })
+        .await
+    }
+}

@@ -1,0 +1,117 @@
+//! The store as a cluster's state machine: replicated accepts (idempotent,
+//! body possibly absent), deletes, dequeues, snapshots, commit proofs, and
+//! body verification.
+
+use std::sync::Arc;
+
+use hamail_store::*;
+
+fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap()
+}
+
+async fn store_with_users(dir: &std::path::Path) -> Arc<LocalStore> {
+    let s = LocalStore::open(dir, StoreOptions { node_prefix: 3, ..StoreOptions::default() }).unwrap();
+    s.add_domain(&Domain::parse("a.test").unwrap()).await.unwrap();
+    s.add_user(&addr("u@a.test"), "pw").await.unwrap();
+    s.add_user(&addr("v@a.test"), "pw").await.unwrap();
+    s
+}
+
+fn accept(qid: u64, body: &[u8]) -> StateChange {
+    StateChange::Mail(MailChange::Accept {
+        queue_id: QueueId(qid),
+        return_path: Some("x@b.test".into()),
+        local: vec![addr("u@a.test"), addr("v@a.test")],
+        remote: vec!["far@c.test".into()],
+        body: BodyHash::of(body),
+        size: body.len() as u64,
+        at: 1_700_000_000,
+    })
+}
+
+#[tokio::test]
+async fn replicated_accept_is_idempotent_and_tolerates_a_missing_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    let body = b"Subject: r\r\n\r\nreplicated\r\n".to_vec();
+    let hash = BodyHash::of(&body);
+    // The metadata arrives before the body (the body is fetched later).
+    let r = s.apply_state(vec![accept(7, &body), accept(7, &body)], Some(b"s1".to_vec())).await.unwrap();
+    assert!(r.iter().all(|x| x.is_ok()));
+    assert_eq!(s.mailbox(&addr("u@a.test")).await.unwrap().len(), 1, "applied twice, delivered once");
+    assert_eq!(s.body_refs(&hash).await.unwrap(), 3, "two maildrops and the queue");
+    assert_eq!(s.missing_bodies().await.unwrap(), vec![hash]);
+    let proof = s.committed(QueueId(7)).await.unwrap().expect("committed");
+    assert_eq!((proof.queue_id(), proof.body(), proof.size()), (QueueId(7), hash, body.len() as u64));
+    assert!(s.committed(QueueId(8)).await.unwrap().is_none());
+    assert_eq!(s.put_body(Arc::new(body.clone())).await.unwrap(), hash);
+    assert!(s.missing_bodies().await.unwrap().is_empty());
+    assert_eq!(s.body(&hash).await.unwrap().as_slice(), body.as_slice());
+}
+
+#[tokio::test]
+async fn delete_and_dequeue_free_the_body_and_snapshots_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    let body = b"Subject: d\r\n\r\nto delete\r\n".to_vec();
+    let hash = s.put_body(Arc::new(body.clone())).await.unwrap();
+    s.apply_state(vec![accept(9, &body)], None).await.unwrap();
+    let snap = s.export_state().await.unwrap();
+    let u = s.mailbox(&addr("u@a.test")).await.unwrap();
+    let v = s.mailbox(&addr("v@a.test")).await.unwrap();
+
+    // Another node imports the snapshot: same entries, same ids.
+    let dir2 = tempfile::tempdir().unwrap();
+    let t = LocalStore::open(dir2.path(), StoreOptions::default()).unwrap();
+    t.import_state(snap.clone(), b"c".to_vec()).await.unwrap();
+    assert_eq!(t.export_state().await.unwrap(), snap);
+    assert_eq!(t.mailbox(&addr("u@a.test")).await.unwrap(), u);
+    assert_eq!(t.missing_bodies().await.unwrap(), vec![hash], "the body is still to be fetched there");
+    assert!(t.verify_password(&addr("u@a.test"), "pw").await.unwrap());
+
+    let r = s
+        .apply_state(
+            vec![
+                StateChange::Mail(MailChange::Delete { user: addr("u@a.test"), ids: vec![u[0].id] }),
+                StateChange::Mail(MailChange::Delete { user: addr("v@a.test"), ids: vec![v[0].id] }),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(r.iter().all(|x| x.is_ok()));
+    assert!(s.has_body(&hash).await.unwrap(), "the queue still holds it");
+    s.apply_state(vec![StateChange::Mail(MailChange::Dequeue { queue_id: QueueId(9) })], None).await.unwrap();
+    assert!(!s.has_body(&hash).await.unwrap(), "last reference gone: body freed");
+    assert!(s.queue().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn verify_finds_damaged_and_missing_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    let (a, b) = (b"Subject: a\r\n\r\na\r\n".to_vec(), b"Subject: b\r\n\r\nb\r\n".to_vec());
+    let ha = s.put_body(Arc::new(a.clone())).await.unwrap();
+    let hb = s.put_body(Arc::new(b.clone())).await.unwrap();
+    s.apply_state(vec![accept(1, &a), accept(2, &b)], None).await.unwrap();
+    std::fs::write(dir.path().join("bodies").join(ha.to_hex()), b"bit rot").unwrap();
+    std::fs::remove_file(dir.path().join("bodies").join(hb.to_hex())).unwrap();
+    let report = s.verify().await.unwrap();
+    assert_eq!(report.checked, 1);
+    assert_eq!(report.damaged, vec![ha]);
+    let mut missing = report.missing.clone();
+    missing.sort();
+    let mut want = vec![ha, hb];
+    want.sort();
+    assert_eq!(missing, want);
+    assert!(s.body(&ha).await.is_err(), "a damaged body is never served");
+}
+
+#[tokio::test]
+async fn queue_ids_carry_the_node_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    let q = s.next_queue_id().await.unwrap();
+    assert_eq!(q.0 >> 48, 3);
+}
