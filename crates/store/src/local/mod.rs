@@ -18,7 +18,7 @@ pub use state::{StateSnapshot, VerifyReport};
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
@@ -72,6 +72,9 @@ pub(crate) struct Inner {
     pub(crate) in_flight: Mutex<HashMap<BodyHash, usize>>,
     /// Makes temp file names unique within this process.
     pub(crate) tmp_seq: AtomicU64,
+    /// Top 16 bits of queue ids (the node id in a cluster); starts as
+    /// `options.node_prefix`, set when the node joins a cluster.
+    pub(crate) node_prefix: std::sync::atomic::AtomicU16,
 }
 
 impl Inner {
@@ -235,6 +238,12 @@ impl std::fmt::Debug for LocalStore {
 }
 
 impl LocalStore {
+    /// Sets the top 16 bits of the queue ids handed out from now on (the
+    /// node id, once this node is in a cluster).
+    pub fn set_node_prefix(&self, prefix: u16) {
+        self.inner.node_prefix.store(prefix, Ordering::Relaxed);
+    }
+
     /// Opens (creating if needed) the store in `dir`, runs recovery and
     /// starts the committer. Blocking: call it before serving, or from a
     /// blocking context.
@@ -253,6 +262,7 @@ impl LocalStore {
         }
 
         let db = Database::create(dir.join("meta.redb")).map_err(|e| db_err("opening meta.redb", e))?;
+        let options_prefix = options.node_prefix;
         let inner = Arc::new(Inner {
             db,
             bodies_dir,
@@ -260,6 +270,7 @@ impl LocalStore {
             options,
             in_flight: Mutex::new(HashMap::new()),
             tmp_seq: AtomicU64::new(0),
+            node_prefix: std::sync::atomic::AtomicU16::new(options_prefix),
         });
         init_schema(&inner)?;
         let recovery = recovery::recover(&inner)?;
@@ -361,7 +372,8 @@ impl MailStore for LocalStore {
         if id >= 1 << 48 {
             return Err(StoreError::Internal("queue ids exhausted".into()));
         }
-        Ok(QueueId((u64::from(self.inner.options.node_prefix) << 48) | id))
+        let prefix = self.inner.node_prefix.load(Ordering::Relaxed);
+        Ok(QueueId((u64::from(prefix) << 48) | id))
     }
 
     async fn accept(&self, msg: Incoming) -> StoreResult<Committed> {
