@@ -262,7 +262,7 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
                             if req.is_cluster() {
                                 execute_cluster(&ctx, req).await
                             } else {
-                                execute(ctx.store.as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
+                                execute(ctx.store().as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
                             }
                         }
                         Err(e) => Response::bad_request(format!("malformed admin request: {e}")),

@@ -67,8 +67,10 @@ pub struct Stats {
 /// What every connection handler shares.
 pub struct Context {
     pub config: Config,
-    pub store: Arc<dyn MailStore>,
-    /// The same store, as the cluster's state machine needs it.
+    /// Swapped from the local store to the replicated one when a data node
+    /// initialises or joins a cluster.
+    store: std::sync::RwLock<Arc<dyn MailStore>>,
+    /// The local store, as the cluster's state machine needs it.
     pub local: Arc<LocalStore>,
     pub cluster: cluster::ClusterRuntime,
     /// Swapped from the local directory to the replicated one when the
@@ -85,6 +87,15 @@ impl Context {
     /// The directory in force (local, or replicated once in a cluster).
     pub fn directory(&self) -> Arc<dyn Directory> {
         self.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The mail store in force (local, or replicated once in a cluster).
+    pub fn store(&self) -> Arc<dyn MailStore> {
+        self.store.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set_store(&self, store: Arc<dyn MailStore>) {
+        *self.store.write().unwrap_or_else(std::sync::PoisonError::into_inner) = store;
     }
 
     pub fn set_directory(&self, directory: Arc<dyn Directory>) {
@@ -140,7 +151,7 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
         maildrop_locks: limits::MaildropLocks::default(),
         auth_failures: limits::AuthFailures::default(),
         config,
-        store,
+        store: std::sync::RwLock::new(store),
         local: local.clone(),
         cluster,
         directory: std::sync::RwLock::new(directory),

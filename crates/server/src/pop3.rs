@@ -75,7 +75,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, i
                 Next::OpenMaildrop(user) => {
                     let result = match ctx.maildrop_locks.try_lock(&user) {
                         None => MaildropResult::InUse,
-                        Some(guard) => match ctx.store.mailbox(&user).await {
+                        Some(guard) => match ctx.store().mailbox(&user).await {
                             Ok(entries) => {
                                 lock = Some(guard);
                                 bump(&ctx.stats.pop3_logins);
@@ -88,7 +88,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, i
                     chain(out.reply, session.maildrop_opened(result))
                 }
                 Next::Fetch(hash) => {
-                    let result = ctx.store.body(&hash).await;
+                    let result = ctx.store().body(&hash).await;
                     if let Ok(b) = &result {
                         tally.retrieved += 1;
                         tally.retrieved_bytes += b.len();
@@ -96,7 +96,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, i
                     chain(out.reply, session.fetched(result))
                 }
                 Next::Update { user, delete } => {
-                    let result = ctx.store.delete(&user, &delete).await;
+                    let result = ctx.store().delete(&user, &delete).await;
                     tally.deleted = if result.is_ok() { delete.len() } else { 0 };
                     tally.result = if result.is_ok() { "quit" } else { "update failed" };
                     if let Err(e) = &result {

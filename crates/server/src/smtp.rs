@@ -147,7 +147,7 @@ async fn failure_delay(ctx: &Context, peer: &SocketAddr) {
 
 async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
     let started = std::time::Instant::now();
-    let queue_id = ctx.store.next_queue_id().await?;
+    let queue_id = ctx.store().next_queue_id().await?;
     let hostname = &ctx.config.server.hostname;
     let date = hamail_smtp::rfc5322_date(crate::unix_now() as i64);
     let body = hamail_smtp::stamp_message(txn, queue_id, hostname, &date, hostname);
@@ -159,7 +159,7 @@ async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Commi
         body: Arc::new(body),
         queue_id,
     };
-    let result = ctx.store.accept(incoming).await;
+    let result = ctx.store().accept(incoming).await;
     let to = summarize_recipients(&txn.recipients);
     let from = txn.return_path.as_deref().unwrap_or("");
     let auth = txn.authenticated.as_deref().unwrap_or("-");
