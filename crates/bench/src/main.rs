@@ -34,6 +34,10 @@
 //! and the peers' memory is the PSS summed over their process trees. See
 //! README.md and `peer.rs`.
 //!
+//! `hamail-bench cluster` (module `cluster`) instead forms a local cluster
+//! of `hamail` processes and measures the election time after a SIGKILL of
+//! the leader and the commit latency / throughput of control-plane writes.
+//!
 //! Run it from the workspace root:
 //!
 //! ```sh
@@ -42,6 +46,7 @@
 //! cargo run --release -p hamail-bench -- --sizes 1k --concurrency 10 --reuse --no-pop3
 //! ```
 
+mod cluster;
 mod peer;
 mod pop3;
 mod procfs;
@@ -65,8 +70,16 @@ const DOMAIN: &str = "bench.test";
 const PASSWORD: &str = "benchpass";
 
 #[derive(Parser, Debug)]
-#[command(name = "hamail-bench", about = "SMTP acceptance and POP3 retrieval benchmark of a hamail server")]
+#[command(
+    name = "hamail-bench",
+    about = "SMTP acceptance and POP3 retrieval benchmark of a hamail server",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    /// `cluster`: election time and control-plane writes of a local cluster
+    /// (see `hamail-bench cluster --help`). Without it: the SMTP / POP3 load.
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// The hamail binary [default: `hamail` next to this executable].
     #[arg(long)]
     hamail: Option<PathBuf>,
@@ -155,6 +168,14 @@ struct Cli {
     peer_no_reload: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Forms a cluster of real hamail processes on loopback and measures the
+    /// election time after a SIGKILL of the leader, and the commit latency
+    /// and throughput of small control-plane writes (domain_add).
+    Cluster(cluster::ClusterArgs),
+}
+
 impl Cli {
     fn peers(&self) -> Option<Peers> {
         if self.peer_smtp.is_none() && self.peer_pop3.is_none() {
@@ -196,7 +217,7 @@ fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -204,7 +225,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli)) {
+    let result = match cli.command.take() {
+        Some(Sub::Cluster(args)) => runtime.block_on(cluster::run(args)),
+        None => runtime.block_on(run(cli)),
+    };
+    if let Err(e) = result {
         eprintln!("hamail-bench: {e:#}");
         std::process::exit(1);
     }

@@ -24,7 +24,7 @@ fn read_kb(path: &str, key: &str) -> Option<u64> {
 }
 
 /// utime + stime of a process, in ticks.
-fn cpu_ticks(pid: &str) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
@@ -86,7 +86,7 @@ fn tree_ticks(root: u32) -> Option<u64> {
 }
 
 /// (total, busy) ticks of the whole machine.
-fn machine_ticks() -> Option<(u64, u64)> {
+pub(crate) fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
     if v.len() < 5 {
