@@ -42,6 +42,9 @@ enum Command {
     /// The outbound queue.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// The mail store: verify (and repair) every body file.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// The cluster: init, join, status, remove.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -80,6 +83,14 @@ enum AliasCmd {
     },
     Del { alias: String },
     List,
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Re-hash every body on every data node; damaged or missing ones are
+    /// fetched again from a node that has a good copy. Needs the running
+    /// server.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -156,6 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Alias(AliasCmd::Del { alias }) => Request::AliasDel { alias },
         Command::Alias(AliasCmd::List) => Request::AliasList,
         Command::Queue(QueueCmd::List) => Request::QueueList,
+        Command::Store(StoreCmd::Verify) => Request::StoreVerify,
         Command::Cluster(ClusterCmd::Init) => Request::ClusterInit,
         Command::Cluster(ClusterCmd::Join { token }) => Request::ClusterJoin { token },
         Command::Cluster(ClusterCmd::Remove { node }) => Request::ClusterRemove { node },
@@ -317,6 +329,25 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::ClusterJoin { .. } => println!("joined the cluster as node {}", d["node_id"]),
         Request::ClusterRemove { node } => println!("node {node} removed from the cluster"),
+        Request::StoreVerify => {
+            let mut bad = false;
+            for r in d.as_array().into_iter().flatten() {
+                if let Some(e) = r["error"].as_str() {
+                    bad = true;
+                    println!("node {}: verify failed: {e}", r["node"]);
+                    continue;
+                }
+                let unrepaired = r["unrepaired"].as_u64().unwrap_or(0);
+                bad |= unrepaired > 0;
+                println!(
+                    "node {}: {} bodies checked, {} damaged, {} missing, {} repaired, {} unrepaired",
+                    r["node"], r["checked"], r["damaged"], r["missing"], r["repaired"], unrepaired
+                );
+            }
+            if bad {
+                bail!("some bodies could not be verified or repaired");
+            }
+        }
         Request::ClusterStatus => {
             println!(
                 "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9}  {}",

@@ -2,13 +2,18 @@
 //! control-plane state (domains, users and password hashes, aliases), by
 //! Raft consensus (openraft 0.9).
 //!
-//! What it does not do: carry message bodies (they travel beside the log,
-//! issue 4), speak SMTP/POP3, or start mail services (the server does).
+//! The mail itself is replicated too ([`mailstore`]): message metadata
+//! through the log, bodies beside it, copied to every data node before a
+//! message is acknowledged.
+//!
+//! What it does not do: speak SMTP/POP3, or start mail services (the
+//! server does).
 
 pub mod pki;
 pub mod directory;
 pub mod error;
 pub mod log_store;
+pub mod mailstore;
 pub mod network;
 pub mod node;
 pub mod rpc;
@@ -19,5 +24,6 @@ pub mod types;
 
 pub use directory::ReplicatedDirectory;
 pub use error::ClusterError;
+pub use mailstore::{RepairReport, ReplicatedStore, Replication};
 pub use node::{ClusterNode, Timing};
 pub use types::*;

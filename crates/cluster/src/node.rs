@@ -5,7 +5,10 @@
 //! propose a change from any node ([`ClusterNode::write`], forwarded to the
 //! leader as Raft requires, paper §8 "Client interaction"), make a read
 //! linearizable ([`ClusterNode::linearizable`]), change the membership, report
-//! status, and serve the requests other nodes send ([`Handler`]).
+//! status, and serve the requests other nodes send ([`Handler`]): Raft's,
+//! forwarded writes and read indexes, and the mail bodies that travel
+//! beside the log (`PutBody`, `GetBody`, `Verify`: see
+//! [`crate::mailstore`]; a witness refuses them, it holds no mail).
 //!
 //! Writes and retries: a write proposed while there is no leader, or to a
 //! node that turns out not to be the leader, is retried until
@@ -27,10 +30,11 @@ use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 
 use crate::error::ClusterError;
 use crate::log_store::LogStore;
+use crate::mailstore::{verify_and_repair, MailEvents, Replication};
 use crate::network::{Network, PeerContacts};
 use crate::rpc::{Handler, JoinError, NodeStatus, PeerProgress, Request, Response, Transport, TransportError, WriteError};
 use crate::state_machine::StateMachine;
-use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft};
+use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft, Role};
 
 /// How long a new member may take to catch up (receive the snapshot and
 /// the log) before it is made a voter.
@@ -114,6 +118,9 @@ pub struct ClusterNode {
     log: LogStore,
     /// Serialises membership changes made through this node.
     membership_changes: tokio::sync::Mutex<()>,
+    /// Applied accepts and mail counters, shared with the state machine
+    /// and the node's [`crate::mailstore::ReplicatedStore`].
+    mail: Arc<MailEvents>,
 }
 
 impl ClusterNode {
@@ -132,6 +139,7 @@ impl ClusterNode {
         let config = Arc::new(timing.raft_config()?);
         let log_store = LogStore::open(&dir.join("raft-log.redb"))?;
         let state_machine = StateMachine::open(store.clone(), dir).await?;
+        let mail = state_machine.mail_events();
         let network = Network::new(transport.clone());
         let contacts = network.contacts();
         let log = log_store.clone();
@@ -149,6 +157,7 @@ impl ClusterNode {
             contacts,
             log,
             membership_changes: tokio::sync::Mutex::new(()),
+            mail,
         }))
     }
 
@@ -172,6 +181,24 @@ impl ClusterNode {
 
     pub fn timing(&self) -> &Timing {
         &self.timing
+    }
+
+    /// The transport this node talks to the others with.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    pub(crate) fn mail_events(&self) -> Arc<MailEvents> {
+        self.mail.clone()
+    }
+
+    /// The other data members (they hold mail bodies), by id.
+    pub fn data_peers(&self) -> Vec<(NodeId, NodeInfo)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.nodes()
+            .filter(|(id, n)| **id != self.id && n.role == Role::Data)
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
     }
 
     /// Makes this node a one-member cluster (`hamail cluster init`).
@@ -493,6 +520,7 @@ impl ClusterNode {
             last_applied: m.last_applied.map(|l| l.index),
             members,
             replication,
+            mail: self.mail.health(),
         }
     }
 
@@ -507,6 +535,36 @@ impl ClusterNode {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+}
+
+impl ClusterNode {
+    /// [`Request::PutBody`]: checks the hash, writes the body durably,
+    /// answers after the fsync. A witness holds no mail.
+    async fn put_body_here(&self, hash: hamail_store::BodyHash, data: Vec<u8>) -> Result<(), String> {
+        if self.info.role != Role::Data {
+            return Err(format!("node {} is a witness: it holds no mail", self.id));
+        }
+        if hamail_store::BodyHash::of(&data) != hash {
+            return Err(format!("the body does not match its hash {hash}"));
+        }
+        match self.store.put_body(Arc::new(data)).await {
+            Ok(stored) if stored == hash => Ok(()),
+            Ok(stored) => Err(format!("stored as {stored}, expected {hash}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// [`Request::GetBody`]: the body if it is here and sound.
+    async fn get_body_here(&self, hash: hamail_store::BodyHash) -> Result<Vec<u8>, String> {
+        if self.info.role != Role::Data {
+            return Err(format!("node {} is a witness: it holds no mail", self.id));
+        }
+        if !self.store.has_body(&hash).await.map_err(|e| e.to_string())? {
+            return Err(format!("body {hash} is not on node {}", self.id));
+        }
+        let body = hamail_store::MailStore::body(self.store.as_ref(), &hash).await.map_err(|e| e.to_string())?;
+        Ok(Arc::try_unwrap(body).unwrap_or_else(|shared| shared.as_ref().clone()))
     }
 }
 
@@ -561,6 +619,23 @@ impl Handler for ClusterNode {
             Request::Status => match from {
                 Some(_) => Response::Status(self.status()),
                 None => refused("Status"),
+            },
+            Request::PutBody { hash, data } => match from {
+                Some(_) => Response::PutBody(self.put_body_here(hash, data).await),
+                None => refused("PutBody"),
+            },
+            Request::GetBody(hash) => match from {
+                Some(_) => Response::GetBody(self.get_body_here(hash).await),
+                None => refused("GetBody"),
+            },
+            Request::Verify => match from {
+                Some(_) if self.info.role != Role::Data => {
+                    Response::Verify(Err(format!("node {} is a witness: it holds no mail", self.id)))
+                }
+                Some(_) => Response::Verify(
+                    verify_and_repair(self, Replication::default().fetch_timeout).await.map_err(|e| e.to_string()),
+                ),
+                None => refused("Verify"),
             },
             Request::Join(_) => Response::Join(Err(JoinError::Failed("not implemented here".into()))),
         }

@@ -13,8 +13,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use hamail_store::BodyHash;
 use serde::{Deserialize, Serialize};
 
+use crate::mailstore::RepairReport;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, Role, TypeConfig};
 
 /// A request from one node (or a joining process) to another.
@@ -35,6 +37,18 @@ pub enum Request {
     /// follower then waits until it has applied that far (Raft paper §8,
     /// "read-only operations"; the ReadIndex of Ongaro's thesis §6.4).
     ReadIndex,
+    /// Store this message body durably (answered after the fsync). Sent by
+    /// the node accepting a message to every other data node *before* it
+    /// proposes the message's metadata: bodies travel beside the log, so
+    /// that the log stays small and a body is written once per node. The
+    /// receiver checks `hash` against `data`. A witness refuses it.
+    PutBody { hash: BodyHash, data: Vec<u8> },
+    /// Send me this body (one this node misses or found damaged). A
+    /// witness refuses it: it holds no mail.
+    GetBody(BodyHash),
+    /// Re-hash every body here and fetch the missing or damaged ones from
+    /// the other data nodes (`hamail store verify`, run cluster-wide).
+    Verify,
 }
 
 /// The answer to a [`Request`], same variant.
@@ -48,6 +62,11 @@ pub enum Response {
     Status(NodeStatus),
     /// The log index a read must wait for (`None`: nothing committed yet).
     ReadIndex(Result<Option<u64>, WriteError>),
+    /// The body is durable on the receiver.
+    PutBody(Result<(), String>),
+    /// The body's bytes (the caller verifies their hash again).
+    GetBody(Result<Vec<u8>, String>),
+    Verify(Result<RepairReport, String>),
     /// The request was refused before it was looked at (not authenticated,
     /// or a request this peer may not make).
     Refused(String),
@@ -122,6 +141,22 @@ pub struct NodeStatus {
     /// On the leader: per follower, its matched log index and the
     /// milliseconds since its last acknowledgement.
     pub replication: Vec<PeerProgress>,
+    /// The replication health of the mail on this node.
+    pub mail: MailHealth,
+}
+
+/// How well this node's mail is replicated (a data node running a
+/// [`crate::mailstore::ReplicatedStore`]; all zero elsewhere).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailHealth {
+    /// Bodies this node's metadata references but its disk lacks, at the
+    /// last check (they are being fetched from the other data nodes).
+    pub bodies_missing: u64,
+    /// Messages accepted through this node with fewer copies than there
+    /// are data nodes (a data node was down or slow), since it started.
+    pub degraded_accepts: u64,
+    /// Bodies fetched from another data node since it started.
+    pub bodies_fetched: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

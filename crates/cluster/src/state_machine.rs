@@ -1,14 +1,20 @@
 //! The replicated state machine: openraft's [`RaftStateMachine`] over the
 //! node's mail store.
 //!
-//! Role: turn committed log entries into directory changes (domains, users,
-//! aliases) in the node's [`LocalStore`], in log order, identically on
-//! every node (Raft paper §5.3, "State Machine Safety").
+//! Role: turn committed log entries into changes of the node's
+//! [`LocalStore`] — the directory (domains, users, aliases) and the mail
+//! metadata (accepted messages, deletions, the outbound queue) — in log
+//! order, identically on every node (Raft paper §5.3, "State Machine
+//! Safety"). Message bodies are not in the log: they are copied beside it
+//! before their `Accept` is proposed ([`crate::mailstore`]); an `Accept`
+//! whose body is not here is recorded anyway and its body fetched from a
+//! peer afterwards (the state machine tells the node's repair task).
 //!
 //! Why it is safe across crashes: the Raft bookkeeping of the state machine
 //! (last applied log id, last membership, the node-id counter: a
-//! [`ConsensusState`]) is saved by `LocalStore::apply_directory` in the
-//! *same* redb commit as the directory changes of the entries it covers. So
+//! [`ConsensusState`]) is saved by `LocalStore::apply_state` in the
+//! *same* redb commit as the directory and mail changes of the entries it
+//! covers (so a crash can never apply an `Accept` twice or lose one). So
 //! after a crash the store is exactly "the state after entry
 //! `last_applied`", and openraft re-applies from there (openraft docs,
 //! `docs::components::state_machine`: a persistent state machine persists
@@ -16,7 +22,7 @@
 //! keep the last snapshot on disk so that it can be sent to a lagging
 //! follower after a restart without rebuilding it).
 //!
-//! A snapshot is `postcard((DirectorySnapshot, ConsensusState))`; it is also
+//! A snapshot is `postcard((StateSnapshot, ConsensusState))`; it is also
 //! written to `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir).
 
 // openraft's StorageError is large, and the traits impose it.
@@ -26,11 +32,12 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hamail_store::{DirectoryChange, DirectorySnapshot, LocalStore, StoreError};
+use hamail_store::{BodyHash, DirectoryChange, LocalStore, MailChange, StateChange, StateSnapshot, StoreError};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use crate::mailstore::MailEvents;
 use crate::types::{
     ClusterSecrets,
     Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -96,6 +103,8 @@ struct Shared {
     /// the log (the builder runs concurrently with `apply`).
     state: tokio::sync::Mutex<ConsensusState>,
     current: std::sync::Mutex<Option<StoredSnapshot>>,
+    /// Tells the node's body repair task about applied accepts.
+    events: Arc<MailEvents>,
 }
 
 impl Shared {
@@ -164,8 +173,15 @@ impl StateMachine {
                 dir: dir.to_path_buf(),
                 state: tokio::sync::Mutex::new(state),
                 current: std::sync::Mutex::new(current),
+                events: Arc::new(MailEvents::default()),
             }),
         })
+    }
+
+    /// The events of this state machine's mail (applied accepts, installed
+    /// snapshots) for the node's body repair task.
+    pub(crate) fn mail_events(&self) -> Arc<MailEvents> {
+        self.shared.events.clone()
     }
 
     /// The applied state (for status and tests).
@@ -174,10 +190,10 @@ impl StateMachine {
     }
 }
 
-/// The directory change a command makes, `None` for commands that only
-/// touch the consensus state.
-fn change_of(cmd: Command) -> Option<DirectoryChange> {
-    Some(match cmd {
+/// The store change a command makes, `None` for commands that only touch
+/// the consensus state.
+fn change_of(cmd: Command) -> Option<StateChange> {
+    Some(StateChange::Directory(match cmd {
         Command::AddDomain { domain } => DirectoryChange::AddDomain { domain },
         Command::RemoveDomain { domain } => DirectoryChange::RemoveDomain { domain },
         Command::AddUser { user, password_hash, at } => DirectoryChange::AddUser { user, password_hash, created_at: at },
@@ -185,8 +201,9 @@ fn change_of(cmd: Command) -> Option<DirectoryChange> {
         Command::RemoveUser { user } => DirectoryChange::RemoveUser { user },
         Command::AddAlias { alias, targets } => DirectoryChange::AddAlias { alias, targets },
         Command::RemoveAlias { alias } => DirectoryChange::RemoveAlias { alias },
+        Command::Mail(change) => return Some(StateChange::Mail(change)),
         Command::AllocateNodeId | Command::ConfigureCluster { .. } => return None,
-    })
+    }))
 }
 
 /// What an entry answers: decided now, or by the store's result for the
@@ -215,6 +232,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut next = guard.clone();
         let mut changes = Vec::new();
         let mut pending = Vec::new();
+        let mut accepted: Vec<BodyHash> = Vec::new();
         for entry in entries {
             next.last_applied = Some(entry.log_id);
             match entry.payload {
@@ -234,6 +252,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(cmd) => match change_of(cmd) {
                     Some(change) => {
+                        if let StateChange::Mail(MailChange::Accept { body, .. }) = &change {
+                            accepted.push(*body);
+                        }
                         pending.push(Pending::Change(changes.len()));
                         changes.push(change);
                     }
@@ -246,7 +267,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let state_bytes = postcard::to_allocvec(&next).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let last = next.last_applied;
-        let results = self.shared.store.apply_directory(changes, Some(state_bytes)).await.map_err(|e| match last {
+        let results = self.shared.store.apply_state(changes, Some(state_bytes)).await.map_err(|e| match last {
             // Not a refusal: the store could not commit. openraft stops the
             // node (it cannot skip an entry and stay deterministic).
             Some(id) => StorageError::IO {
@@ -256,6 +277,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })?;
         *guard = next;
         drop(guard);
+        self.shared.events.applied(accepted);
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {
             out.push(match p {
@@ -263,7 +285,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Pending::Change(i) => match results.get(i) {
                     Some(Ok(())) => CommandResult::Done,
                     Some(Err(StoreError::Permanent(msg))) => CommandResult::Refused(msg.clone()),
-                    // apply_directory returns only Ok or Permanent per change.
+                    // apply_state returns only Ok or Permanent per change.
                     Some(Err(e)) => CommandResult::Refused(e.to_string()),
                     None => return Err(sm_err(ErrorVerb::Write, "the store returned too few results")),
                 },
@@ -282,7 +304,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let (dir_snap, mut state): (DirectorySnapshot, ConsensusState) =
+        let (state_snap, mut state): (StateSnapshot, ConsensusState) =
             postcard::from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         // The meta is what openraft trusts; they agree for our snapshots.
         state.last_applied = meta.last_log_id;
@@ -291,11 +313,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut guard = self.shared.state.lock().await;
         self.shared
             .store
-            .import_directory(dir_snap, state_bytes)
+            .import_state(state_snap, state_bytes)
             .await
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         *guard = state;
         drop(guard);
+        // The mail of the snapshot may reference bodies this node lacks.
+        self.shared.events.rescan();
         let stored = StoredSnapshot { meta: meta.clone(), data };
         self.shared.persist(&stored).await?;
         self.shared.set_current(stored);
@@ -310,12 +334,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (dir_snap, state) = {
+        let (state_snap, state) = {
             let guard = self.shared.state.lock().await;
-            let dir_snap = self.shared.store.export_directory().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-            (dir_snap, guard.clone())
+            let state_snap = self.shared.store.export_state().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+            (state_snap, guard.clone())
         };
-        let data = postcard::to_allocvec(&(&dir_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        let data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         let snapshot_id = match state.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
             None => format!("none-{}", unique_suffix()),

@@ -466,6 +466,9 @@ fn request_kind(request: &Request) -> &'static str {
         Request::Join(_) => "Join",
         Request::Status => "Status",
         Request::ReadIndex => "ReadIndex",
+        Request::PutBody { .. } => "PutBody",
+        Request::GetBody(_) => "GetBody",
+        Request::Verify => "Verify",
     }
 }
 

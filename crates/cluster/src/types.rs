@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io::Cursor;
 
-use hamail_store::{Address, Domain};
+use hamail_store::{Address, Domain, MailChange};
 use serde::{Deserialize, Serialize};
 
 /// A node's id in the cluster, allocated by the leader at join (1 for the
@@ -80,6 +80,12 @@ pub enum Command {
     /// Stores the cluster CA and the hash of the join secret (once, at
     /// `cluster init`), so that whichever node leads can admit new nodes.
     ConfigureCluster { secrets: ClusterSecrets },
+    /// A change to the mail: an accepted message (its metadata only: the
+    /// body travels beside the log, [`crate::rpc::Request::PutBody`]), a
+    /// POP3 deletion, a finished queue entry. Entry ids are allocated by
+    /// the applying store, deterministically, so every node's maildrops are
+    /// identical.
+    Mail(MailChange),
 }
 
 /// The cluster's CA and join secret, in the replicated state. Every member

@@ -41,12 +41,20 @@ pub enum Request {
     ClusterJoin { token: String },
     ClusterStatus,
     ClusterRemove { node: u64 },
+    StoreVerify,
 }
 
 impl Request {
     /// Cluster requests need the running server.
     fn is_cluster(&self) -> bool {
-        matches!(self, Request::ClusterInit | Request::ClusterJoin { .. } | Request::ClusterStatus | Request::ClusterRemove { .. })
+        matches!(
+            self,
+            Request::ClusterInit
+                | Request::ClusterJoin { .. }
+                | Request::ClusterStatus
+                | Request::ClusterRemove { .. }
+                | Request::StoreVerify
+        )
     }
 }
 
@@ -107,6 +115,16 @@ async fn execute_cluster(ctx: &Arc<Context>, request: Request) -> Response {
         }
         Request::ClusterStatus => crate::cluster::status(ctx).await.map(|r| json!(r)),
         Request::ClusterRemove { node } => crate::cluster::remove(ctx, hamail_cluster::NodeId(node)).await.map(|()| Value::Null),
+        Request::StoreVerify => crate::cluster::verify(ctx).await.map(|reports| {
+            json!(reports
+                .into_iter()
+                .map(|(node, r)| match r {
+                    Ok(r) => json!({"node": node.0, "checked": r.checked, "damaged": r.damaged.len(),
+                        "missing": r.missing.len(), "repaired": r.repaired.len(), "unrepaired": r.unrepaired.len()}),
+                    Err(e) => json!({"node": node.0, "error": e}),
+                })
+                .collect::<Vec<_>>())
+        }),
         _ => return Response::bad_request("not a cluster request".into()),
     };
     match result {
@@ -182,7 +200,11 @@ async fn run(
                 "queued_at": q.queued_at,
             }))
             .collect::<Vec<_>>()),
-        Request::ClusterInit | Request::ClusterJoin { .. } | Request::ClusterStatus | Request::ClusterRemove { .. } => {
+        Request::ClusterInit
+        | Request::ClusterJoin { .. }
+        | Request::ClusterStatus
+        | Request::ClusterRemove { .. }
+        | Request::StoreVerify => {
             return Err(StoreError::Permanent("cluster commands need the running server".into()))
         }
         Request::Status => {

@@ -16,6 +16,7 @@ use hamail_cluster::rpc::{Handler, JoinError, JoinRequest, JoinResponse, Request
 use hamail_cluster::state_machine::ConsensusState;
 use hamail_cluster::tcp::{self, TlsTransport, TransportConfig};
 use hamail_cluster::{
+    mailstore::{RepairReport, Replication, ReplicatedStore},
     ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role, Timing,
 };
 use hamail_store::{LocalStore, StoreError};
@@ -38,6 +39,9 @@ pub struct ClusterRuntime {
     role: Role,
     name: String,
     timing: Timing,
+    replication: Replication,
+    /// The replicated mail store of a data node.
+    mail: std::sync::RwLock<Option<Arc<ReplicatedStore>>>,
     /// Bound at start when `[cluster] listen` is set; taken when the node
     /// starts serving (at start if it is a member, else at init/join).
     listener: tokio::sync::Mutex<Option<TcpListener>>,
@@ -77,6 +81,8 @@ impl ClusterRuntime {
                 election_max_ms: c.election_timeout_max_ms,
                 ..Timing::default()
             },
+            replication: Replication { required_copies: c.required_copies, ..Replication::default() },
+            mail: std::sync::RwLock::new(None),
             listener: tokio::sync::Mutex::new(listener),
             advertise,
             node: std::sync::RwLock::new(None),
@@ -155,7 +161,8 @@ async fn start_node(
         cluster_err("no [cluster] listen address is configured (or it is already in use by this node)")
     })?;
     let transport = Arc::new(TlsTransport::new(&creds, TransportConfig::default()).map_err(cluster_err)?);
-    let node = ClusterNode::start(identity.id, identity.info.clone(), &rt.dir, store.clone(), transport.clone(), rt.timing.clone())
+    let id = identity.id;
+    let node = ClusterNode::start(id, identity.info.clone(), &rt.dir, store.clone(), transport.clone(), rt.timing.clone())
         .await
         .map_err(cluster_err)?;
     let server_config = hamail_cluster::tls::server_config(&creds).map_err(cluster_err)?;
@@ -165,6 +172,13 @@ async fn start_node(
     rt.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(task);
     *rt.node.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(node.clone());
     ctx.set_directory(Arc::new(ReplicatedDirectory::new(node.clone())));
+    // Queue ids carry the node id: unique across the cluster.
+    store.set_node_prefix(u16::try_from(identity.id.0).map_err(|_| cluster_err("node id above 65535"))?);
+    if rt.role == Role::Data {
+        let mail = Arc::new(ReplicatedStore::new(node.clone(), rt.replication.clone()).map_err(cluster_err)?);
+        *rt.mail.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mail.clone());
+        ctx.set_store(mail);
+    }
     Ok(node)
 }
 
@@ -414,5 +428,29 @@ pub(crate) async fn remove(ctx: &Arc<Context>, id: NodeId) -> Result<(), ServerE
             )))
         }
         Err(e) => Err(cluster_err(e)),
+    }
+}
+
+/// `hamail store verify`: every data node re-hashes its bodies and fetches
+/// good copies of damaged or missing ones from a peer.
+pub(crate) async fn verify(ctx: &Arc<Context>) -> Result<Vec<(NodeId, Result<RepairReport, String>)>, ServerError> {
+    let mail = ctx.cluster.mail.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    match mail {
+        Some(m) => Ok(m.verify_everywhere().await),
+        None => {
+            // A single node (or a witness): its own bodies only, no repair source.
+            let r = ctx.local.verify().await?;
+            Ok(vec![(
+                ctx.cluster.node().map(|n| n.id()).unwrap_or(NodeId(0)),
+                Ok(RepairReport {
+                    node: NodeId(0),
+                    checked: r.checked,
+                    damaged: r.damaged,
+                    unrepaired: r.missing.clone(),
+                    missing: r.missing,
+                    repaired: Vec::new(),
+                }),
+            )])
+        }
     }
 }

@@ -124,6 +124,11 @@ pub struct ClusterSection {
     /// an election. See the README for the trade-off.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// Durable copies of a message (on distinct data nodes, this one
+    /// included) required before `250`. Default: every live data node, at
+    /// least one (mail keeps flowing while a node is down; `cluster status`
+    /// shows degraded accepts). More than that: refused with 451 instead.
+    pub required_copies: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -142,6 +147,7 @@ impl Default for ClusterSection {
             heartbeat_ms: 50,
             election_timeout_min_ms: 150,
             election_timeout_max_ms: 300,
+            required_copies: None,
         }
     }
 }

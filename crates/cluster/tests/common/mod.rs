@@ -191,14 +191,24 @@ pub struct TestCluster {
     _root: tempfile::TempDir,
 }
 
-fn open_store(dir: &std::path::Path) -> Result<Arc<LocalStore>, hamail_store::StoreError> {
-    LocalStore::open(&dir.join("store"), StoreOptions { fsync: false, ..StoreOptions::default() })
+/// The node's store; queue ids carry the node id (unique cluster-wide).
+fn open_store(dir: &std::path::Path, id: NodeId) -> Result<Arc<LocalStore>, hamail_store::StoreError> {
+    let node_prefix = u16::try_from(id.0).unwrap_or(u16::MAX);
+    LocalStore::open(&dir.join("store"), StoreOptions { fsync: false, node_prefix, ..StoreOptions::default() })
 }
 
 impl TestCluster {
     /// A cluster of `n` voters: node 1 initialises, the others are added by
     /// the leader with ids allocated through the log (2, 3, ...).
     pub async fn start(n: u64, timing: Timing, seed: u64) -> TestCluster {
+        let roles: Vec<Role> =
+            (1..=n).map(|i| if i == 3 && n == 3 { Role::Witness } else { Role::Data }).collect();
+        Self::start_with_roles(&roles, timing, seed).await
+    }
+
+    /// A cluster of voters with these roles (node `i + 1` has `roles[i]`).
+    pub async fn start_with_roles(roles: &[Role], timing: Timing, seed: u64) -> TestCluster {
+        let n = roles.len() as u64;
         let root = tempfile::tempdir().unwrap();
         let mut c = TestCluster {
             board: Switchboard::new(seed),
@@ -211,7 +221,7 @@ impl TestCluster {
             let id = NodeId(i);
             let info = NodeInfo {
                 addr: format!("node{i}.test:7000"),
-                role: if i == 3 && n == 3 { Role::Witness } else { Role::Data },
+                role: roles[(i - 1) as usize],
                 name: format!("node{i}"),
             };
             let dir = c._root.path().join(format!("node{i}"));
@@ -251,7 +261,7 @@ impl TestCluster {
         // that are winding down: try again for a while.
         let store = eventually("the store to reopen", Duration::from_secs(10), || {
             let dir = dir.clone();
-            async move { open_store(&dir).ok() }
+            async move { open_store(&dir, id).ok() }
         })
         .await;
         let node = ClusterNode::start(id, info, &dir, store, self.board.endpoint(id), self.timing.clone()).await.unwrap();

@@ -1,0 +1,617 @@
+//! The replicated mail store: [`MailStore`] for a data node of a cluster.
+//!
+//! Role: accept a message so that no single node's death loses it or
+//! delivers it twice, without a shared disk. A message is two things:
+//!
+//! - its **body**, a content-addressed file (SHA-256). Bodies travel
+//!   *beside* the Raft log ([`Request::PutBody`]), once per data node:
+//!   putting megabytes into the log would multiply its size and the cost of
+//!   every snapshot, and the witness would have to store them.
+//! - its **metadata** ([`MailChange::Accept`]: recipients, queue id, body
+//!   hash), committed through the Raft log ([`Command::Mail`]), so every
+//!   node applies the same accepts, deletions and dequeues in the same
+//!   order and allocates the same maildrop entry ids.
+//!
+//! The order is what makes it safe. `accept` first makes the body durable
+//! here and on the other data nodes (each answers `PutBody` after its
+//! fsync), waits until at least [`Replication::required_copies`] hold it,
+//! and only then proposes the metadata; only the committed metadata yields
+//! the [`Committed`] that lets SMTP answer `250`. So an acknowledged message
+//! has its body on at least that many nodes and its metadata on a majority:
+//! whichever node takes over serves it. A proposal whose outcome is unknown
+//! (the leader died mid-way) is checked after a linearizable barrier and,
+//! if absent, proposed again: an `Accept` is idempotent by queue id, so a
+//! retry can never deliver twice.
+//!
+//! A data node that was down or cut off gets the metadata from the log (or
+//! a snapshot) when it comes back; the bodies it missed are then fetched
+//! from the other data nodes ([`Request::GetBody`]) by a repair task,
+//! woken when an applied `Accept` names a body that is not here and every
+//! [`Replication::repair_interval`]. `verify` re-hashes every body and
+//! fetches the damaged and missing ones the same way.
+//!
+//! Reads: `mailbox` and `queue` first pass a linearizable barrier
+//! ([`ClusterNode::linearizable`]), so a node that just took over serves
+//! exactly what was committed; a body is read locally, or fetched from a
+//! peer if this node lacks it (yet).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use hamail_store::{
+    BodyHash, Committed, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, StoreError,
+    StoreResult,
+};
+use hamail_store::Address;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+use crate::error::ClusterError;
+use crate::node::ClusterNode;
+use crate::rpc::{MailHealth, Request, Response, WriteError};
+use crate::types::{Command, CommandResult, NodeId, Role};
+
+/// Applied-accept notices kept for the repair task before it falls back
+/// to a full scan (bounds the memory of a node whose task is slow).
+const MAX_PENDING_NOTICES: usize = 100_000;
+
+/// Bodies fetched at the same time by the repair task.
+const PARALLEL_FETCHES: usize = 8;
+
+/// How many copies make a message safe, and the patience for them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replication {
+    /// Durable copies of a body (this node's included) needed before a
+    /// message is accepted. `None` (the default): every live data node, and
+    /// at least one — a cluster keeps taking mail while a data node is down,
+    /// and reports it (degraded). Every data node that answers within
+    /// [`Self::put_timeout`] gets a copy anyway; fewer copies than data
+    /// nodes is counted as a degraded accept ([`MailHealth`]). Fewer than
+    /// this refuses the message with a temporary error (SMTP 451): the
+    /// client retries, nothing is lost.
+    pub required_copies: Option<usize>,
+    /// How long `accept` waits for the other data nodes to store a body.
+    pub put_timeout: Duration,
+    /// How long fetching a body from one peer may take.
+    pub fetch_timeout: Duration,
+    /// How often the repair task checks for missing bodies (it is also
+    /// woken at once when an applied accept names a body not here).
+    pub repair_interval: Duration,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication {
+            required_copies: None,
+            put_timeout: Duration::from_secs(2),
+            fetch_timeout: Duration::from_secs(10),
+            repair_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Replication {
+    /// The copies needed before a message is accepted.
+    pub fn min_copies(&self) -> usize {
+        self.required_copies.unwrap_or(1).max(1)
+    }
+}
+
+/// What a verification of one node's bodies found and repaired.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    pub node: NodeId,
+    /// Bodies re-hashed.
+    pub checked: usize,
+    /// Bodies whose file did not match its hash (removed, then fetched).
+    pub damaged: Vec<BodyHash>,
+    /// Referenced bodies that were not here.
+    pub missing: Vec<BodyHash>,
+    /// Damaged or missing bodies fetched again from a peer.
+    pub repaired: Vec<BodyHash>,
+    /// Damaged or missing bodies no peer could provide (yet).
+    pub unrepaired: Vec<BodyHash>,
+}
+
+/// What the state machine tells the repair task, and the node's mail
+/// counters (shown in [`crate::rpc::NodeStatus::mail`]).
+#[derive(Default)]
+pub(crate) struct MailEvents {
+    /// Whether a [`ReplicatedStore`] runs on this node (a witness, or a
+    /// data node not serving mail, keeps no notices).
+    watching: AtomicBool,
+    /// Bodies of accepts applied since the repair task last looked.
+    applied: Mutex<Vec<BodyHash>>,
+    /// Look at every referenced body (a snapshot was installed, or the
+    /// notices overflowed).
+    rescan: AtomicBool,
+    wake: tokio::sync::Notify,
+    degraded_accepts: AtomicU64,
+    bodies_missing: AtomicU64,
+    bodies_fetched: AtomicU64,
+}
+
+impl MailEvents {
+    /// Accepts naming these bodies were applied.
+    pub(crate) fn applied(&self, bodies: Vec<BodyHash>) {
+        if bodies.is_empty() || !self.watching.load(Ordering::Relaxed) {
+            return;
+        }
+        {
+            let mut pending = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+            if pending.len() + bodies.len() > MAX_PENDING_NOTICES {
+                pending.clear();
+                self.rescan.store(true, Ordering::Relaxed);
+            } else {
+                pending.extend(bodies);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// The mail was replaced wholesale (snapshot installed).
+    pub(crate) fn rescan(&self) {
+        self.rescan.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> (Vec<BodyHash>, bool) {
+        let pending = std::mem::take(&mut *self.applied.lock().unwrap_or_else(PoisonError::into_inner));
+        (pending, self.rescan.swap(false, Ordering::Relaxed))
+    }
+
+    pub(crate) fn health(&self) -> MailHealth {
+        MailHealth {
+            bodies_missing: self.bodies_missing.load(Ordering::Relaxed),
+            degraded_accepts: self.degraded_accepts.load(Ordering::Relaxed),
+            bodies_fetched: self.bodies_fetched.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// [`MailStore`] of a data node. See the module documentation.
+pub struct ReplicatedStore {
+    node: Arc<ClusterNode>,
+    replication: Replication,
+    /// The body repair task (stopped when the store is dropped).
+    repair: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ReplicatedStore {
+    fn drop(&mut self) {
+        self.repair.abort();
+    }
+}
+
+impl ReplicatedStore {
+    /// The mail store of `node`, which must be a data node, and starts its
+    /// body repair task (must be called within a Tokio runtime). The task
+    /// holds no strong reference on the node: it ends with the store, or
+    /// once the node is dropped.
+    pub fn new(node: Arc<ClusterNode>, replication: Replication) -> Result<ReplicatedStore, ClusterError> {
+        if node.info().role != Role::Data {
+            return Err(ClusterError::Config(format!(
+                "node {} is a {}: only data nodes hold mail",
+                node.id(),
+                node.info().role
+            )));
+        }
+        let events = node.mail_events();
+        events.watching.store(true, Ordering::Relaxed);
+        // Bodies may be missing from before this start (a crash, a restore).
+        events.rescan.store(true, Ordering::Relaxed);
+        let repair = tokio::spawn(repair_loop(Arc::downgrade(&node), events, replication.clone()));
+        Ok(ReplicatedStore { node, replication, repair })
+    }
+
+    pub fn node(&self) -> &Arc<ClusterNode> {
+        &self.node
+    }
+
+    pub fn replication(&self) -> &Replication {
+        &self.replication
+    }
+
+    /// Removes a queue entry once it was delivered or bounced (on every
+    /// node). Not an error if it was not queued.
+    pub async fn dequeue(&self, queue_id: QueueId) -> StoreResult<()> {
+        self.propose(MailChange::Dequeue { queue_id }).await
+    }
+
+    /// Re-hashes every body of this node (damaged files are removed), then
+    /// fetches each damaged or missing body from another data node.
+    pub async fn verify_cluster(&self) -> StoreResult<RepairReport> {
+        verify_and_repair(&self.node, self.replication.fetch_timeout).await
+    }
+
+    /// [`Self::verify_cluster`] on every data node (this one included, each
+    /// asked by a [`Request::Verify`]), in node id order.
+    pub async fn verify_everywhere(&self) -> Vec<(NodeId, Result<RepairReport, String>)> {
+        let mut out = vec![(self.node.id(), self.verify_cluster().await.map_err(|e| e.to_string()))];
+        for (id, info) in self.node.data_peers() {
+            let answer = self.node.transport().call(id, &info, Request::Verify).await;
+            out.push((
+                id,
+                match answer {
+                    Ok(Response::Verify(r)) => r,
+                    Ok(other) => Err(format!("node {id} answered {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                },
+            ));
+        }
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// One pass of the repair task now: fetches every body referenced here
+    /// but missing. Returns how many are still missing.
+    pub async fn repair_now(&self) -> StoreResult<usize> {
+        repair_missing(&self.node, &self.replication).await
+    }
+
+    /// Copies the body to the other data nodes; `Ok((copies, data nodes))`
+    /// (this node's copy counted: the caller writes it meanwhile) once every
+    /// peer answered or timed out, if enough of them hold it durably.
+    async fn replicate(&self, hash: BodyHash, body: &Arc<Vec<u8>>) -> StoreResult<(usize, usize)> {
+        let peers = self.node.data_peers();
+        let data_nodes = peers.len() + 1;
+        let needed = self.replication.min_copies();
+        let mut puts = JoinSet::new();
+        for (id, info) in peers {
+            let transport = self.node.transport().clone();
+            let request = Request::PutBody { hash, data: body.to_vec() };
+            let within = self.replication.put_timeout;
+            puts.spawn(async move { (id, tokio::time::timeout(within, transport.call(id, &info, request)).await) });
+        }
+        let mut copies = 1;
+        while let Some(done) = puts.join_next().await {
+            let (id, answer) = match done {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a body copy task failed");
+                    continue;
+                }
+            };
+            match answer {
+                Ok(Ok(Response::PutBody(Ok(())))) => copies += 1,
+                Ok(Ok(Response::PutBody(Err(why)))) => tracing::warn!(peer = %id, %hash, %why, "peer refused a body"),
+                Ok(Ok(other)) => tracing::warn!(peer = %id, %hash, answer = ?other, "peer answered PutBody wrongly"),
+                Ok(Err(e)) => tracing::warn!(peer = %id, %hash, error = %e, "body not copied"),
+                Err(_) => tracing::warn!(
+                    peer = %id,
+                    %hash,
+                    "body not copied within {} ms",
+                    self.replication.put_timeout.as_millis()
+                ),
+            }
+        }
+        if copies < needed {
+            return Err(StoreError::Temporary(format!(
+                "the message body is durable on {copies} of {data_nodes} data nodes, {needed} needed: try again later"
+            )));
+        }
+        Ok((copies, data_nodes))
+    }
+
+    /// Commits an `Accept` through the log. An unknown outcome is checked
+    /// after a linearizable barrier and the (idempotent) accept proposed
+    /// again if it is not there.
+    async fn commit_accept(&self, change: MailChange, queue_id: QueueId) -> StoreResult<()> {
+        let store = self.node.store();
+        let deadline = Instant::now() + self.node.timing().write_timeout() * 2;
+        loop {
+            match self.node.write(Command::Mail(change.clone())).await {
+                Ok(CommandResult::Done) => return Ok(()),
+                Ok(CommandResult::Refused(msg)) => return Err(StoreError::Permanent(msg)),
+                Ok(other) => return Err(StoreError::Internal(format!("an accept answered {other:?}"))),
+                Err(WriteError::Unknown(why)) => {
+                    tracing::warn!(%queue_id, %why, "accept outcome unknown: checking");
+                    if self.node.linearizable().await.is_ok() && store.committed(queue_id).await?.is_some() {
+                        return Ok(());
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(StoreError::Temporary(format!("message {queue_id} not committed: {why}")));
+                    }
+                    // Not committed as of the barrier: propose again. Should
+                    // the first proposal commit after all, the second one is
+                    // a no-op (same queue id).
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+    }
+
+    /// The proof of a committed accept, once this node applied it. A
+    /// forwarded write is applied on the leader first; this node applies
+    /// it as soon as it learns the new commit index (the next
+    /// AppendEntries), which is watched for before falling back to a
+    /// linearizable barrier (a round trip to the leader and a heartbeat
+    /// round there).
+    async fn applied_here(&self, queue_id: QueueId) -> StoreResult<Committed> {
+        let store = self.node.store();
+        let mut metrics = self.node.raft().metrics();
+        let deadline = Instant::now() + Duration::from_millis(self.node.timing().heartbeat_ms.max(1) * 4);
+        loop {
+            metrics.borrow_and_update();
+            if let Some(c) = store.committed(queue_id).await? {
+                return Ok(c);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // A timeout or a closed channel: look once more, then fall back.
+            let _ = tokio::time::timeout(left, metrics.changed()).await;
+        }
+        self.read_barrier().await?;
+        store.committed(queue_id).await?.ok_or_else(|| {
+            StoreError::Internal(format!("message {queue_id} was committed but is not applied here"))
+        })
+    }
+
+    async fn propose(&self, change: MailChange) -> StoreResult<()> {
+        match self.node.write(Command::Mail(change)).await {
+            Ok(CommandResult::Refused(msg)) => Err(StoreError::Permanent(msg)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    async fn read_barrier(&self) -> StoreResult<()> {
+        self.node.linearizable().await.map_err(store_error)
+    }
+}
+
+fn store_error(e: WriteError) -> StoreError {
+    match e {
+        WriteError::NoLeader => StoreError::Unavailable(e.to_string()),
+        WriteError::Unknown(_) => StoreError::Temporary(e.to_string()),
+        WriteError::Other(_) => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Keeps the first occurrence of each element, in order.
+fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl MailStore for ReplicatedStore {
+    /// Local: queue ids carry the node id in their top bits, so they are
+    /// unique in the cluster without a round trip.
+    async fn next_queue_id(&self) -> StoreResult<QueueId> {
+        self.node.store().next_queue_id().await
+    }
+
+    async fn accept(&self, msg: Incoming) -> StoreResult<Committed> {
+        if msg.local.is_empty() && msg.remote.is_empty() {
+            return Err(StoreError::Permanent("message has no recipients".into()));
+        }
+        let store = self.node.store();
+        let queue_id = msg.queue_id;
+        // This node's copy and the others' are written at the same time:
+        // the accept waits for one fsync round, not two.
+        let hash = {
+            let body = msg.body.clone();
+            tokio::task::spawn_blocking(move || BodyHash::of(&body))
+                .await
+                .map_err(|e| StoreError::Internal(format!("hashing the body: {e}")))?
+        };
+        let (here, there) = tokio::join!(store.put_body(msg.body.clone()), self.replicate(hash, &msg.body));
+        let stored = here?;
+        if stored != hash {
+            return Err(StoreError::Internal(format!("body stored as {stored}, hashed as {hash}")));
+        }
+        let (copies, data_nodes) = there?;
+        let change = MailChange::Accept {
+            queue_id,
+            return_path: msg.return_path,
+            local: dedup(msg.local),
+            remote: dedup(msg.remote),
+            body: hash,
+            size: msg.body.len() as u64,
+            at: unix_now(),
+        };
+        self.commit_accept(change, queue_id).await?;
+        if copies < data_nodes {
+            self.node.mail_events().degraded_accepts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%queue_id, copies, data_nodes, "message accepted with fewer copies than data nodes");
+        }
+        let committed = self.applied_here(queue_id).await?;
+        // A deletion freeing an identical body between our put_body and
+        // the apply could have unlinked it: we still have the bytes.
+        if !store.has_body(&hash).await? {
+            store.put_body(msg.body.clone()).await?;
+        }
+        Ok(committed)
+    }
+
+    async fn mailbox(&self, user: &Address) -> StoreResult<Vec<MailboxEntry>> {
+        self.read_barrier().await?;
+        self.node.store().mailbox(user).await
+    }
+
+    async fn body(&self, hash: &BodyHash) -> StoreResult<Arc<Vec<u8>>> {
+        match self.node.store().body(hash).await {
+            Ok(body) => Ok(body),
+            Err(local) => match fetch_body(&self.node, hash, self.replication.fetch_timeout).await {
+                Ok(body) => Ok(body),
+                Err(why) => Err(StoreError::Temporary(format!(
+                    "body {hash} is not readable here ({local}) and no peer sent it: {why}"
+                ))),
+            },
+        }
+    }
+
+    async fn delete(&self, user: &Address, ids: &[EntryId]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.propose(MailChange::Delete { user: user.clone(), ids: ids.to_vec() }).await
+    }
+
+    async fn queue(&self) -> StoreResult<Vec<QueueEntry>> {
+        self.read_barrier().await?;
+        self.node.store().queue().await
+    }
+}
+
+/// Fetches `hash` from the other data nodes (each in turn), checks it and
+/// stores it durably here.
+pub(crate) async fn fetch_body(node: &ClusterNode, hash: &BodyHash, within: Duration) -> Result<Arc<Vec<u8>>, String> {
+    let mut failures = Vec::new();
+    for (id, info) in node.data_peers() {
+        let answer = tokio::time::timeout(within, node.transport().call(id, &info, Request::GetBody(*hash))).await;
+        match answer {
+            Ok(Ok(Response::GetBody(Ok(data)))) => {
+                if BodyHash::of(&data) != *hash {
+                    failures.push(format!("node {id} sent a damaged copy"));
+                    continue;
+                }
+                let data = Arc::new(data);
+                node.store().put_body(data.clone()).await.map_err(|e| format!("storing body {hash}: {e}"))?;
+                node.mail_events().bodies_fetched.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%hash, from = %id, "fetched a missing body");
+                return Ok(data);
+            }
+            Ok(Ok(Response::GetBody(Err(why)))) => failures.push(format!("node {id}: {why}")),
+            Ok(Ok(other)) => failures.push(format!("node {id} answered {other:?}")),
+            Ok(Err(e)) => failures.push(e.to_string()),
+            Err(_) => failures.push(format!("node {id}: no answer within {} ms", within.as_millis())),
+        }
+    }
+    if failures.is_empty() {
+        failures.push("no other data node".into());
+    }
+    Err(failures.join("; "))
+}
+
+/// Fetches every body referenced here but missing; returns how many are
+/// still missing, and records it for the status.
+async fn repair_missing(node: &ClusterNode, replication: &Replication) -> StoreResult<usize> {
+    let missing = node.store().missing_bodies().await?;
+    let left = fetch_all(node, missing, replication.fetch_timeout).await;
+    node.mail_events().bodies_missing.store(left as u64, Ordering::Relaxed);
+    Ok(left)
+}
+
+/// Fetches these bodies, a few at a time; returns how many failed.
+async fn fetch_all(node: &ClusterNode, hashes: Vec<BodyHash>, within: Duration) -> usize {
+    let mut failed = 0;
+    for chunk in hashes.chunks(PARALLEL_FETCHES) {
+        let results = futures_join(chunk.iter().map(|h| fetch_body(node, h, within))).await;
+        for (hash, r) in chunk.iter().zip(results) {
+            if let Err(why) = r {
+                tracing::warn!(%hash, %why, "missing body not fetched yet");
+                failed += 1;
+            }
+        }
+    }
+    failed
+}
+
+/// Runs futures concurrently (on this task) and collects their outputs in
+/// order.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.map(|f| Some(Box::pin(f))).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// The node's side of `verify`: re-hash, then fetch what is damaged or
+/// missing.
+pub(crate) async fn verify_and_repair(node: &ClusterNode, within: Duration) -> StoreResult<RepairReport> {
+    let verified = node.store().verify().await?;
+    let todo: BTreeSet<BodyHash> = verified.damaged.iter().chain(verified.missing.iter()).copied().collect();
+    let mut report = RepairReport {
+        node: node.id(),
+        checked: verified.checked,
+        damaged: verified.damaged,
+        missing: verified.missing,
+        ..RepairReport::default()
+    };
+    for hash in todo {
+        match fetch_body(node, &hash, within).await {
+            Ok(_) => report.repaired.push(hash),
+            Err(why) => {
+                tracing::error!(%hash, %why, "damaged or missing body could not be repaired");
+                report.unrepaired.push(hash);
+            }
+        }
+    }
+    node.mail_events().bodies_missing.store(report.unrepaired.len() as u64, Ordering::Relaxed);
+    Ok(report)
+}
+
+/// The repair task: on each applied accept whose body is not here, and on
+/// every tick, fetches the missing bodies from peers.
+async fn repair_loop(node: Weak<ClusterNode>, events: Arc<MailEvents>, replication: Replication) {
+    let mut tick = tokio::time::interval(replication.repair_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let full = tokio::select! {
+            _ = tick.tick() => true,
+            _ = events.wake.notified() => false,
+        };
+        let Some(node) = node.upgrade() else { return };
+        if node.raft().metrics().borrow().state == openraft::ServerState::Shutdown {
+            return;
+        }
+        let (applied, rescan) = events.take();
+        if full || rescan {
+            if let Err(e) = repair_missing(&node, &replication).await {
+                tracing::warn!(error = %e, "looking for missing bodies failed");
+                if rescan {
+                    events.rescan.store(true, Ordering::Relaxed);
+                }
+            }
+            continue;
+        }
+        let mut missing = Vec::new();
+        for hash in applied.into_iter().collect::<BTreeSet<_>>() {
+            match node.store().has_body(&hash).await {
+                Ok(true) => {}
+                Ok(false) => missing.push(hash),
+                Err(e) => tracing::warn!(%hash, error = %e, "checking a body failed"),
+            }
+        }
+        if !missing.is_empty() {
+            let failed = fetch_all(&node, missing, replication.fetch_timeout).await;
+            if failed > 0 {
+                events.bodies_missing.fetch_add(failed as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
