@@ -87,7 +87,9 @@ impl Default for Replication {
             required_copies: None,
             put_timeout: Duration::from_secs(2),
             fetch_timeout: Duration::from_secs(10),
-            repair_interval: Duration::from_secs(1),
+            // A full scan of the referenced bodies: not too often. Applied
+            // accepts whose body is absent wake the task at once anyway.
+            repair_interval: Duration::from_secs(10),
         }
     }
 }

@@ -115,3 +115,17 @@ async fn queue_ids_carry_the_node_prefix() {
     let q = s.next_queue_id().await.unwrap();
     assert_eq!(q.0 >> 48, 3);
 }
+
+#[tokio::test]
+async fn put_body_replaces_a_damaged_file_of_the_same_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    let body = b"Subject: same length\r\n\r\nabc\r\n".to_vec();
+    let hash = s.put_body(Arc::new(body.clone())).await.unwrap();
+    let path = dir.path().join("bodies").join(hash.to_hex());
+    let mut rot = body.clone();
+    rot[0] ^= 0x20;
+    std::fs::write(&path, &rot).unwrap();
+    s.put_body(Arc::new(body.clone())).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+}

@@ -340,6 +340,15 @@ impl LocalStore {
     pub async fn put_body(&self, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
         let inner = self.inner().clone();
         blocking(move || {
+            // A damaged file under this name (same length, other content)
+            // would be kept by `stage_body`: a repair must replace it.
+            let path = inner.body_path(&BodyHash::of(&body));
+            if let Ok(existing) = std::fs::read(&path) {
+                if existing.len() == body.len() && existing != *body {
+                    tracing::warn!(path = %path.display(), "damaged body file replaced by a good copy");
+                    std::fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing damaged {}", path.display()), e))?;
+                }
+            }
             let staged = inner.stage_body(&body)?;
             inner
                 .sync_body(&staged.path)
