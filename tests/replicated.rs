@@ -76,6 +76,10 @@ fn run(roles: &[&str], rounds: usize) {
         wait_healthy(&nodes);
     }
     check(&nodes, &data, &log.lock().unwrap());
+    // Mail accepted while a data node was down is reported as degraded.
+    let st = nodes[data[0]].status().expect("status");
+    let degraded: u64 = st.iter().filter_map(|m| m["degraded_accepts"].as_u64()).sum();
+    assert!(degraded > 0, "degraded accepts must show in cluster status: {st:?}");
     // Every data node holds every body, and all are intact.
     let (ok, out) = nodes[data[0]].cli(&["store", "verify"], "");
     assert!(ok, "store verify: {out}");

@@ -330,6 +330,10 @@ pub struct MemberReport {
     pub lag: Option<u64>,
     pub last_contact_ms: Option<u64>,
     pub healthy: bool,
+    /// Mail: bodies this node still has to fetch, and messages it accepted
+    /// with fewer copies than there are data nodes (a data node was down).
+    pub bodies_missing: Option<u64>,
+    pub degraded_accepts: Option<u64>,
 }
 
 /// Every member's view (asked over the cluster channel, in parallel).
@@ -389,6 +393,8 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
             lag: progress.as_ref().and_then(|p| p.lag),
             last_contact_ms: progress.as_ref().and_then(|p| p.last_contact_ms),
             healthy: false,
+            bodies_missing: None,
+            degraded_accepts: None,
         };
         match answer {
             Ok(s) => {
@@ -398,6 +404,10 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
                 r.last_log_index = s.last_log_index;
                 r.last_applied = s.last_applied;
                 r.healthy = s.current_leader.is_some() && s.state != "shutdown";
+                if info.role == Role::Data {
+                    r.bodies_missing = Some(s.mail.bodies_missing);
+                    r.degraded_accepts = Some(s.mail.degraded_accepts);
+                }
                 if s.current_leader == Some(id) {
                     r.lag = Some(0);
                 }
