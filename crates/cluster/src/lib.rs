@@ -12,6 +12,7 @@
 pub mod pki;
 pub mod directory;
 pub mod error;
+pub mod groups;
 pub mod log_store;
 pub mod mailstore;
 pub mod network;
