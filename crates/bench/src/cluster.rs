@@ -15,6 +15,7 @@
 //! Every request goes straight to the nodes' admin sockets (one JSON line
 //! each way), so no process start-up is measured.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -78,20 +79,20 @@ pub struct ClusterArgs {
 }
 
 /// One admin-socket connection: one JSON request line, one JSON answer line.
-struct AdminConn {
+pub(crate) struct AdminConn {
     lines: Lines<BufReader<OwnedReadHalf>>,
     writer: OwnedWriteHalf,
 }
 
 impl AdminConn {
-    async fn connect(path: &Path) -> Result<AdminConn> {
+    pub(crate) async fn connect(path: &Path) -> Result<AdminConn> {
         let stream = UnixStream::connect(path).await.with_context(|| format!("connecting to {}", path.display()))?;
         let (r, w) = stream.into_split();
         Ok(AdminConn { lines: BufReader::new(r).lines(), writer: w })
     }
 
     /// Sends one request; returns the whole answer ({"ok":..., "data":...}).
-    async fn call(&mut self, request: &Value, within: Duration) -> Result<Value> {
+    pub(crate) async fn call(&mut self, request: &Value, within: Duration) -> Result<Value> {
         let mut line = request.to_string();
         line.push('\n');
         let exchange = async {
@@ -104,7 +105,7 @@ impl AdminConn {
     }
 
     /// A request that must succeed: its `data`.
-    async fn ok(&mut self, request: &Value, within: Duration) -> Result<Value> {
+    pub(crate) async fn ok(&mut self, request: &Value, within: Duration) -> Result<Value> {
         let v = self.call(request, within).await?;
         if v["ok"] != true {
             bail!("{} failed: {}", request["op"], v["error"]);
@@ -115,7 +116,7 @@ impl AdminConn {
 
 /// One member as a node reports it.
 #[derive(Debug, Clone)]
-struct Member {
+pub(crate) struct Member {
     id: u64,
     name: String,
     state: String,
@@ -150,23 +151,47 @@ fn domain_req(domain: &str) -> Value {
     json!({"op": "domain_add", "domain": domain})
 }
 
-const CALL: Duration = Duration::from_secs(10);
+pub(crate) const CALL: Duration = Duration::from_secs(10);
 
 /// A cluster member's process and files.
-struct Node {
-    name: String,
-    role: &'static str,
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) role: &'static str,
     config: PathBuf,
-    log: PathBuf,
-    socket: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Raft id (from the status, by name) once it is in the cluster.
     id: u64,
     child: Option<Child>,
-    pid: u32,
+    pub(crate) pid: u32,
+    /// The SMTP / POP3 listeners it announced on stdout.
+    pub(crate) smtp: Option<SocketAddr>,
+    pub(crate) pop3: Option<SocketAddr>,
+}
+
+/// What goes into every node's config besides its name, role and port.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NodeSettings {
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) election_min_ms: u64,
+    pub(crate) election_max_ms: u64,
+    /// [smtp] / [pop3] max_connections (None: hamail's default).
+    pub(crate) max_connections: Option<usize>,
+}
+
+impl From<&ClusterArgs> for NodeSettings {
+    fn from(a: &ClusterArgs) -> Self {
+        NodeSettings {
+            heartbeat_ms: a.heartbeat_ms,
+            election_min_ms: a.election_min_ms,
+            election_max_ms: a.election_max_ms,
+            max_connections: None,
+        }
+    }
 }
 
 impl Node {
-    fn new(root: &Path, name: &str, role: &'static str, cluster_port: u16, args: &ClusterArgs) -> Result<Node> {
+    pub(crate) fn new(root: &Path, name: &str, role: &'static str, cluster_port: u16, settings: NodeSettings) -> Result<Node> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let data = dir.join("data");
@@ -178,21 +203,33 @@ impl Node {
         } else {
             String::new()
         };
+        let limit = settings.max_connections.map(|n| format!("max_connections = {n}\n")).unwrap_or_default();
         let text = format!(
             "[server]\nhostname = {}\ndata_dir = {}\n\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n\n\
-             [pop3]\nlisten = [\"127.0.0.1:0\"]\n\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n{limit}\n\
+             [pop3]\nlisten = [\"127.0.0.1:0\"]\n{limit}\n\
              [cluster]\nlisten = \"127.0.0.1:{cluster_port}\"\nrole = \"{role}\"\n\
              heartbeat_ms = {}\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{admin}",
             toml_str(name),
             toml_str(&data.to_string_lossy()),
-            args.heartbeat_ms,
-            args.election_min_ms,
-            args.election_max_ms,
+            settings.heartbeat_ms,
+            settings.election_min_ms,
+            settings.election_max_ms,
         );
         let config = dir.join("hamail.toml");
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-        Ok(Node { name: name.to_string(), role, config, log: dir.join("server.log"), socket, id: 0, child: None, pid: 0 })
+        Ok(Node {
+            name: name.to_string(),
+            role,
+            config,
+            log: dir.join("server.log"),
+            socket,
+            id: 0,
+            child: None,
+            pid: 0,
+            smtp: None,
+            pop3: None,
+        })
     }
 
     /// Starts `hamail serve` (stderr appended to server.log) and waits for
@@ -235,6 +272,8 @@ impl Node {
         if let Some(s) = banner.admin_socket {
             self.socket = s;
         }
+        self.smtp = banner.smtp;
+        self.pop3 = banner.pop3;
         self.child = Some(child);
         self.pid = pid;
         Ok(())
@@ -257,11 +296,16 @@ impl Node {
         }
     }
 
-    fn running(&self) -> bool {
+    /// True if the node was started and its process has exited since.
+    pub(crate) fn exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub(crate) fn running(&self) -> bool {
         self.child.is_some()
     }
 
-    async fn conn(&self) -> Result<AdminConn> {
+    pub(crate) async fn conn(&self) -> Result<AdminConn> {
         AdminConn::connect(&self.socket).await.with_context(|| format!("admin socket of {}", self.name))
     }
 
@@ -271,9 +315,9 @@ impl Node {
     }
 }
 
-struct Cluster {
-    nodes: Vec<Node>,
-    hamail: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) hamail: PathBuf,
 }
 
 impl Cluster {
@@ -282,7 +326,7 @@ impl Cluster {
     }
 
     /// The leader and its term, as the first running node that knows sees it.
-    async fn leader(&self) -> Result<(usize, u64)> {
+    pub(crate) async fn leader(&self) -> Result<(usize, u64)> {
         let mut last = anyhow!("no running node");
         for n in self.nodes.iter().filter(|n| n.running()) {
             match n.status().await {
@@ -304,7 +348,7 @@ impl Cluster {
 
     /// Waits until every member is healthy with lag 0 (as the leader sees
     /// it); returns the status.
-    async fn wait_healthy(&self, within: Duration) -> Result<Vec<Member>> {
+    pub(crate) async fn wait_healthy(&self, within: Duration) -> Result<Vec<Member>> {
         let t = Instant::now();
         let mut last = String::from("no status yet");
         while t.elapsed() < within {
@@ -329,10 +373,43 @@ impl Cluster {
         bail!("the cluster was not healthy with lag 0 within {within:?}; last status: {last}")
     }
 
-    async fn stop_all(&mut self) {
+    pub(crate) async fn stop_all(&mut self) {
         for n in &mut self.nodes {
             n.kill_and_wait().await;
         }
+    }
+
+    /// Starts every node, runs `cluster_init` on the first and
+    /// `cluster_join` on the others, and waits until every member is healthy
+    /// with lag 0.
+    pub(crate) async fn form(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let hamail = self.hamail.clone();
+        for n in &mut self.nodes {
+            n.start(&hamail).await?;
+        }
+        let token = {
+            let mut c = self.nodes[0].conn().await?;
+            let d = c.ok(&json!({"op": "cluster_init"}), Duration::from_secs(60)).await?;
+            d["token"].as_str().filter(|t| t.starts_with("hamail1-")).ok_or_else(|| anyhow!("cluster_init: no token in {d}"))?.to_string()
+        };
+        for n in &self.nodes[1..] {
+            let mut c = n.conn().await?;
+            c.ok(&json!({"op": "cluster_join", "token": token}), Duration::from_secs(60))
+                .await
+                .with_context(|| format!("{} joining", n.name))?;
+        }
+        let st = self.wait_healthy(Duration::from_secs(60)).await?;
+        for n in &mut self.nodes {
+            n.id = st.iter().find(|m| m.name == n.name).map(|m| m.id).ok_or_else(|| anyhow!("{} is not in the status", n.name))?;
+        }
+        log(format!(
+            "formed a cluster of {} in {:.1} s: {}",
+            self.nodes.len(),
+            t.elapsed().as_secs_f64(),
+            self.nodes.iter().map(|n| format!("{}=id{}/{}/pid{}", n.name, n.id, n.role, n.pid)).collect::<Vec<_>>().join(" ")
+        ));
+        Ok(())
     }
 }
 
@@ -417,7 +494,7 @@ impl Drop for Burner {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }
@@ -499,7 +576,7 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
     let mut cluster = Cluster { nodes: Vec::new(), hamail };
     let outcome = async {
         for (i, role) in roles.iter().enumerate() {
-            let node = Node::new(&dir, &format!("node{}", i + 1), role, free_port()?, &args)?;
+            let node = Node::new(&dir, &format!("node{}", i + 1), role, free_port()?, NodeSettings::from(&args))?;
             cluster.nodes.push(node);
         }
         tokio::select! {
@@ -533,7 +610,7 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_log_tail(path: &Path, name: &str) {
+pub(crate) fn print_log_tail(path: &Path, name: &str) {
     if let Ok(text) = std::fs::read_to_string(path) {
         let lines: Vec<&str> = text.lines().collect();
         if !lines.is_empty() {
@@ -548,32 +625,7 @@ fn print_log_tail(path: &Path, name: &str) {
 /// Forms the cluster, then the elections and the write cells. Returns the
 /// final summary text.
 async fn bench(args: &ClusterArgs, cluster: &mut Cluster) -> Result<String> {
-    let t = Instant::now();
-    let hamail = cluster.hamail.clone();
-    for n in &mut cluster.nodes {
-        n.start(&hamail).await?;
-    }
-    let token = {
-        let mut c = cluster.nodes[0].conn().await?;
-        let d = c.ok(&json!({"op": "cluster_init"}), Duration::from_secs(60)).await?;
-        d["token"].as_str().filter(|t| t.starts_with("hamail1-")).ok_or_else(|| anyhow!("cluster_init: no token in {d}"))?.to_string()
-    };
-    for n in &cluster.nodes[1..] {
-        let mut c = n.conn().await?;
-        c.ok(&json!({"op": "cluster_join", "token": token}), Duration::from_secs(60))
-            .await
-            .with_context(|| format!("{} joining", n.name))?;
-    }
-    let st = cluster.wait_healthy(Duration::from_secs(60)).await?;
-    for n in &mut cluster.nodes {
-        n.id = st.iter().find(|m| m.name == n.name).map(|m| m.id).ok_or_else(|| anyhow!("{} is not in the status", n.name))?;
-    }
-    log(format!(
-        "formed a cluster of {} in {:.1} s: {}",
-        cluster.nodes.len(),
-        t.elapsed().as_secs_f64(),
-        cluster.nodes.iter().map(|n| format!("{}=id{}/{}/pid{}", n.name, n.id, n.role, n.pid)).collect::<Vec<_>>().join(" ")
-    ));
+    cluster.form().await?;
 
     let mut out = String::new();
     let mut spurious_total = 0u64;

@@ -38,6 +38,10 @@
 //! of `hamail` processes and measures the election time after a SIGKILL of
 //! the leader and the commit latency / throughput of control-plane writes.
 //!
+//! `hamail-bench replicated` (module `replicated`) measures SMTP acceptance
+//! of a single node and of a cluster of data nodes in the same run, cell by
+//! cell, and prints the ratio.
+//!
 //! Run it from the workspace root:
 //!
 //! ```sh
@@ -50,6 +54,7 @@ mod cluster;
 mod peer;
 mod pop3;
 mod procfs;
+mod replicated;
 mod report;
 mod server;
 mod smtp;
@@ -174,6 +179,10 @@ enum Sub {
     /// election time after a SIGKILL of the leader, and the commit latency
     /// and throughput of small control-plane writes (domain_add).
     Cluster(cluster::ClusterArgs),
+    /// SMTP acceptance of a single node and of a cluster of data nodes
+    /// (bodies replicated and fsynced on every data node, metadata through
+    /// Raft), cell by cell in one run, as a ratio.
+    Replicated(replicated::ReplicatedArgs),
 }
 
 impl Cli {
@@ -227,6 +236,7 @@ fn main() {
     };
     let result = match cli.command.take() {
         Some(Sub::Cluster(args)) => runtime.block_on(cluster::run(args)),
+        Some(Sub::Replicated(args)) => runtime.block_on(replicated::run(args)),
         None => runtime.block_on(run(cli)),
     };
     if let Err(e) = result {
@@ -475,7 +485,7 @@ async fn bench(cli: &Cli, peers: Option<&Peers>, admin: &Admin, server: &mut Ser
                 }
                 dirty = true;
                 let load = |addr: SocketAddr, recipients: Arc<Vec<String>>| smtp::Load {
-                    addr,
+                    addrs: Arc::new(vec![addr]),
                     recipients,
                     size,
                     conc,

@@ -143,11 +143,21 @@ pub struct Usage {
     pub procs_peak: u64,
 }
 
+/// What a monitor measures.
+enum Target {
+    /// One process.
+    One,
+    /// The process tree under root (no VmHWM).
+    Tree(u32),
+    /// A fixed set of processes (a cluster's nodes): memory figures are
+    /// sums, VmHWM is the sum of the per-process peaks.
+    Set(Vec<u32>),
+}
+
 /// Samples the server's memory every `interval` until `finish`.
 pub struct Monitor {
     pid: String,
-    /// Some(root): measure the process tree under root (no VmHWM).
-    tree: Option<u32>,
+    target: Target,
     stop: Arc<AtomicBool>,
     task: JoinHandle<Peaks>,
     hwm_reset: bool,
@@ -189,7 +199,7 @@ impl Monitor {
             cli0: cpu_ticks("self"),
             sys0: machine_ticks(),
             pid,
-            tree: None,
+            target: Target::One,
             stop,
             task,
             hwm_reset,
@@ -224,7 +234,7 @@ impl Monitor {
             cli0: cpu_ticks("self"),
             sys0: machine_ticks(),
             pid: root.to_string(),
-            tree: Some(root),
+            target: Target::Tree(root),
             stop,
             task,
             hwm_reset: false,
@@ -232,24 +242,73 @@ impl Monitor {
         }
     }
 
+    /// Samples a fixed set of processes (e.g. a cluster's nodes): VmRSS,
+    /// RssAnon, RssFile and PSS summed over the set at each sample (PSS
+    /// every fifth); CPU summed; VmHWM reset in each process at the start,
+    /// and `hwm_mb` is the sum of the per-process peaks at the end (an upper
+    /// bound of the summed peak, as the peaks need not coincide).
+    pub fn start_set(pids: Vec<u32>, interval: Duration) -> Monitor {
+        let hwm_reset = pids.iter().all(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok());
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (pids, stop) = (pids.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut peaks = Peaks::default();
+                let mut n = 0u64;
+                loop {
+                    sample_set(&pids, n.is_multiple_of(5), &mut peaks);
+                    n += 1;
+                    if stop.load(Ordering::Relaxed) {
+                        return peaks;
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            })
+        };
+        Monitor {
+            srv0: set_ticks(&pids),
+            cli0: cpu_ticks("self"),
+            sys0: machine_ticks(),
+            pid: pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            target: Target::Set(pids),
+            stop,
+            task,
+            hwm_reset,
+            t0: Instant::now(),
+        }
+    }
+
     pub async fn finish(self) -> Usage {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-6);
-        let srv1 = match self.tree {
-            Some(root) => tree_ticks(root),
-            None => cpu_ticks(&self.pid),
+        let srv1 = match &self.target {
+            Target::Tree(root) => tree_ticks(*root),
+            Target::Set(pids) => set_ticks(pids),
+            Target::One => cpu_ticks(&self.pid),
         };
         let (cli1, sys1) = (cpu_ticks("self"), machine_ticks());
         self.stop.store(true, Ordering::Relaxed);
         let mut peaks = self.task.await.unwrap_or_default();
-        let hwm_kb = if let Some(root) = self.tree {
-            sample_tree(root, true, &mut peaks);
-            0
-        } else {
-            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-            peaks.add_status(&status);
-            kb_field(&status, "VmHWM").unwrap_or(0)
+        let hwm_kb = match &self.target {
+            Target::Tree(root) => {
+                sample_tree(*root, true, &mut peaks);
+                0
+            }
+            Target::Set(pids) => {
+                sample_set(pids, true, &mut peaks);
+                pids.iter()
+                    .map(|p| {
+                        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+                        kb_field(&status, "VmHWM").unwrap_or(0)
+                    })
+                    .sum()
+            }
+            Target::One => {
+                let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+                peaks.add_status(&status);
+                kb_field(&status, "VmHWM").unwrap_or(0)
+            }
         };
-        if self.hwm_reset {
+        if self.hwm_reset && matches!(self.target, Target::One) {
             // VmHWM sees the spikes between samples.
             peaks.rss_kb = peaks.rss_kb.max(hwm_kb);
         }
@@ -299,6 +358,33 @@ fn sample_tree(root: u32, pss: bool, peaks: &mut Peaks) {
     peaks.file_kb = peaks.file_kb.max(file);
     peaks.pss_kb = peaks.pss_kb.max(pss_sum);
     peaks.procs = peaks.procs.max(tree.len() as u64);
+}
+
+/// CPU ticks summed over a set of processes (None if none is readable).
+fn set_ticks(pids: &[u32]) -> Option<u64> {
+    let v: Vec<u64> = pids.iter().filter_map(|p| cpu_ticks(&p.to_string())).collect();
+    (!v.is_empty()).then(|| v.iter().sum())
+}
+
+/// One sample of a set of processes: sums over the set, kept if larger
+/// than the peaks so far.
+fn sample_set(pids: &[u32], pss: bool, peaks: &mut Peaks) {
+    let (mut rss, mut anon, mut file, mut pss_sum, mut alive) = (0, 0, 0, 0, 0u64);
+    for pid in pids {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        alive += 1;
+        rss += kb_field(&status, "VmRSS").unwrap_or(0);
+        anon += kb_field(&status, "RssAnon").unwrap_or(0);
+        file += kb_field(&status, "RssFile").unwrap_or(0);
+        if pss {
+            pss_sum += read_kb(&format!("/proc/{pid}/smaps_rollup"), "Pss").unwrap_or(0);
+        }
+    }
+    peaks.rss_kb = peaks.rss_kb.max(rss);
+    peaks.anon_kb = peaks.anon_kb.max(anon);
+    peaks.file_kb = peaks.file_kb.max(file);
+    peaks.pss_kb = peaks.pss_kb.max(pss_sum);
+    peaks.procs = peaks.procs.max(alive);
 }
 
 /// Number of processes in the tree under `root` (0 if root is gone).

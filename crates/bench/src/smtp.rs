@@ -169,7 +169,8 @@ pub struct SmtpResult {
 /// Settings of one cell.
 #[derive(Clone)]
 pub struct Load {
-    pub addr: SocketAddr,
+    /// Session `w` connects to `addrs[w % addrs.len()]`.
+    pub addrs: Arc<Vec<SocketAddr>>,
     pub recipients: Arc<Vec<String>>,
     pub size: usize,
     pub conc: usize,
@@ -181,6 +182,9 @@ pub struct Load {
 /// each message to the next recipient (round-robin). Only messages the
 /// server answered 250 to are counted.
 pub async fn run(load: Load) -> Result<SmtpResult> {
+    if load.addrs.is_empty() {
+        bail!("no SMTP address to send to");
+    }
     let body: Arc<Vec<u8>> = Arc::new(data_encode(&payload(load.size)));
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -215,7 +219,7 @@ async fn worker(w: usize, load: &Load, body: &[u8], next: &AtomicUsize, deadline
                     c.rset().await?;
                     c
                 }
-                None => Client::connect(load.addr).await?,
+                None => Client::connect(load.addrs[w % load.addrs.len()]).await?,
             };
             c.send(rcpt, &head, body).await?;
             Ok::<Client, anyhow::Error>(c)

@@ -38,8 +38,11 @@ pub enum Failback {
 }
 
 /// One resource of a group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+///
+/// Serialized with a `type` tag in human-readable formats (configuration
+/// files, JSON), externally tagged in compact ones (postcard: the Raft log
+/// and snapshots), which cannot read internally tagged enums.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResourceSpec {
     /// An address/prefix on an interface, added with netlink and announced
     /// with gratuitous ARP (IPv4) or unsolicited neighbour advertisements
@@ -57,6 +60,46 @@ pub enum ResourceSpec {
     /// A shared block device checked, mounted and used as the mail store
     /// (shared-disk mode), released on stop.
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ResourceSpec", tag = "type", rename_all = "snake_case")]
+enum TaggedResource {
+    FloatingIp { name: String, address: String, interface: String },
+    LoopbackIp { name: String, address: String },
+    MailService { name: String },
+    Exec { name: String, start: String, stop: String, timeout_secs: u64 },
+    Disk { name: String, device: String, mount_point: String, fs_type: String },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ResourceSpec")]
+enum CompactResource {
+    FloatingIp { name: String, address: String, interface: String },
+    LoopbackIp { name: String, address: String },
+    MailService { name: String },
+    Exec { name: String, start: String, stop: String, timeout_secs: u64 },
+    Disk { name: String, device: String, mount_point: String, fs_type: String },
+}
+
+impl Serialize for ResourceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            TaggedResource::serialize(self, s)
+        } else {
+            CompactResource::serialize(self, s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            TaggedResource::deserialize(d)
+        } else {
+            CompactResource::deserialize(d)
+        }
+    }
 }
 
 impl ResourceSpec {
@@ -120,4 +163,186 @@ pub trait ResourceDriver: Send + Sync + 'static {
     /// group from moving (it must never run in two places).
     async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError>;
     async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError>;
+}
+
+/// Where the operator wants a group (`group start|stop|move`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupTarget {
+    /// Run it on the best live node of its list (`group start`).
+    #[default]
+    Auto,
+    /// Do not run it anywhere (`group stop`).
+    Stopped,
+    /// Run it on this node while it is live (`group move GROUP NODE`);
+    /// elsewhere, by priority, while it is not.
+    Node(NodeId),
+}
+
+/// Where a group is in its life cycle (replicated).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupState {
+    /// Runs nowhere (certainly: its last owner stopped it or was fenced).
+    #[default]
+    Offline,
+    /// Assigned to `owner`, which is starting it.
+    Starting,
+    /// Running on `owner`.
+    Online,
+    /// `owner` was asked to stop it (move, stop, failback).
+    Stopping,
+    /// A resource failed on `owner` beyond its restarts; `owner` stopped
+    /// the rest. The leader moves it on.
+    Failed,
+    /// `owner` could not stop a resource: the group may still run there,
+    /// so it is started nowhere else until an operator acts.
+    StopFailed,
+}
+
+impl fmt::Display for GroupState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GroupState::Offline => "offline",
+            GroupState::Starting => "starting",
+            GroupState::Online => "online",
+            GroupState::Stopping => "stopping",
+            GroupState::Failed => "failed",
+            GroupState::StopFailed => "stop-failed",
+        })
+    }
+}
+
+/// Who runs a group, as decided through the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub owner: Option<NodeId>,
+    pub target: GroupTarget,
+    pub state: GroupState,
+    /// Bumped by every leader decision ([`crate::Command::AssignGroup`]);
+    /// reports of older epochs are ignored.
+    pub epoch: u64,
+    /// Why the owner starts it (for the current or the next start).
+    pub event: Option<StartEvent>,
+    /// Nodes where it failed since the operator last started or moved it
+    /// (not chosen again by failover).
+    pub failed_on: Vec<NodeId>,
+}
+
+/// What an agent reports about the group it owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupReport {
+    Online,
+    /// Stopped after a `Stopping` request.
+    Offline,
+    Failed,
+    StopFailed,
+}
+
+/// A group's configuration with its placement (`group status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub spec: GroupSpec,
+    pub placement: Placement,
+}
+
+/// What an event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    NodeLost,
+    NodeBack,
+    GroupStart,
+    GroupStop,
+    GroupMove,
+    GroupFailover,
+    GroupFailed,
+    ResourceStart,
+    ResourceStop,
+    ResourceFailure,
+    /// Output of a start or stop script.
+    Script,
+    /// Written by an operator or a script (`hamail log write`, `armlog`).
+    Note,
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EventKind::NodeLost => "node-lost",
+            EventKind::NodeBack => "node-back",
+            EventKind::GroupStart => "group-start",
+            EventKind::GroupStop => "group-stop",
+            EventKind::GroupMove => "group-move",
+            EventKind::GroupFailover => "group-failover",
+            EventKind::GroupFailed => "group-failed",
+            EventKind::ResourceStart => "resource-start",
+            EventKind::ResourceStop => "resource-stop",
+            EventKind::ResourceFailure => "resource-failure",
+            EventKind::Script => "script",
+            EventKind::Note => "note",
+        })
+    }
+}
+
+/// One entry of the cluster event log (`hamail log`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEvent {
+    /// Position in the log (given when applied; 0 in a proposal).
+    pub seq: u64,
+    /// Unix time in milliseconds, from the proposer's clock.
+    pub at_ms: u64,
+    /// The node it happened on.
+    pub node: NodeId,
+    pub group: Option<String>,
+    pub resource: Option<String>,
+    pub kind: EventKind,
+    pub text: String,
+}
+
+impl fmt::Display for ClusterEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{} {} node {} {}", self.seq, self.at_ms, self.node, self.kind)?;
+        if let Some(g) = &self.group {
+            write!(f, " group={g}")?;
+        }
+        if let Some(r) = &self.resource {
+            write!(f, " resource={r}")?;
+        }
+        write!(f, ": {}", self.text)
+    }
+}
+
+/// The replicated group configuration and placements (in the consensus
+/// state, so in every snapshot).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupTable {
+    pub groups: std::collections::BTreeMap<String, GroupSpec>,
+    pub placement: std::collections::BTreeMap<String, Placement>,
+    /// The sequence number of the next event of the cluster log.
+    pub next_event_seq: u64,
+}
+
+/// Events kept in the cluster log.
+pub const EVENTS_KEPT: u64 = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_tagged_for_humans_and_compact_for_the_log() {
+        let spec = GroupSpec {
+            name: "mail".into(),
+            nodes: vec![NodeId(1), NodeId(2)],
+            failback: Failback::Manual,
+            resources: vec![
+                ResourceSpec::FloatingIp { name: "ip".into(), address: "10.0.0.9/24".into(), interface: "eth0".into() },
+                ResourceSpec::MailService { name: "mail".into() },
+            ],
+            max_restarts: 2,
+        };
+        let bytes = postcard::to_allocvec(&spec).unwrap();
+        assert_eq!(postcard::from_bytes::<GroupSpec>(&bytes).unwrap(), spec);
+        let json = serde_json::to_value(&spec.resources[0]).unwrap();
+        assert_eq!(json["type"], "floating_ip");
+        assert_eq!(serde_json::from_value::<ResourceSpec>(json).unwrap(), spec.resources[0]);
+    }
 }

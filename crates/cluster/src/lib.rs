@@ -12,6 +12,7 @@
 pub mod pki;
 pub mod directory;
 pub mod error;
+pub mod failover;
 pub mod groups;
 pub mod log_store;
 pub mod mailstore;
@@ -25,6 +26,7 @@ pub mod types;
 
 pub use directory::ReplicatedDirectory;
 pub use error::ClusterError;
+pub use failover::GroupTiming;
 pub use mailstore::{RepairReport, ReplicatedStore, Replication};
 pub use node::{ClusterNode, Timing};
 pub use types::*;

@@ -56,6 +56,8 @@ pub struct Timing {
     /// How long `write` and `linearizable` keep trying (waiting for a leader,
     /// for a commit) before giving up.
     pub write_timeout_ms: u64,
+    /// Failover groups: lease, fencing and monitor timings.
+    pub groups: crate::failover::GroupTiming,
     /// A snapshot is built after this many log entries since the last one.
     pub snapshot_every: u64,
     /// Log entries kept behind the last snapshot (a follower that lags by
@@ -72,6 +74,7 @@ impl Default for Timing {
             write_timeout_ms: 5000,
             snapshot_every: 1000,
             logs_kept_after_snapshot: 1000,
+            groups: crate::failover::GroupTiming::default(),
         }
     }
 }
@@ -121,6 +124,12 @@ pub struct ClusterNode {
     /// Applied accepts and mail counters, shared with the state machine
     /// and the node's [`crate::mailstore::ReplicatedStore`].
     mail: Arc<MailEvents>,
+    /// The applied failover groups (from the state machine).
+    pub(crate) group_table: tokio::sync::watch::Receiver<crate::groups::GroupTable>,
+    /// This node's quorum lease, and the lease requests it received.
+    pub(crate) leases: crate::failover::LeaseBook,
+    /// The group agent and manager tasks, once started.
+    pub(crate) group_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl ClusterNode {
@@ -140,6 +149,7 @@ impl ClusterNode {
         let log_store = LogStore::open(&dir.join("raft-log.redb"))?;
         let state_machine = StateMachine::open(store.clone(), dir).await?;
         let mail = state_machine.mail_events();
+        let group_table = state_machine.group_watch();
         let network = Network::new(transport.clone());
         let contacts = network.contacts();
         let log = log_store.clone();
@@ -158,6 +168,9 @@ impl ClusterNode {
             log,
             membership_changes: tokio::sync::Mutex::new(()),
             mail,
+            group_table,
+            leases: crate::failover::LeaseBook::default(),
+            group_tasks: std::sync::Mutex::new(Vec::new()),
         }))
     }
 
@@ -319,6 +332,30 @@ impl ClusterNode {
             }
             self.wait_change(&mut metrics, deadline).await?;
         }
+    }
+
+    /// Renews this node's quorum lease (see [`crate::failover`]): confirms,
+    /// by a heartbeat round to a quorum started after `t0`, that the leader
+    /// this node follows (or this node) still leads; then the lease runs
+    /// from `t0`. Returns whether it was renewed.
+    pub(crate) async fn renew_lease(&self, within: Duration) -> bool {
+        let t0 = Instant::now();
+        let m = self.raft.metrics().borrow().clone();
+        let ok = match m.current_leader {
+            Some(l) if l == self.id => matches!(tokio::time::timeout(within, self.raft.get_read_log_id()).await, Ok(Ok(_))),
+            Some(l) => match m.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n.clone()) {
+                Some(node) => matches!(
+                    self.forward(l, &node, Request::ReadIndex, within).await,
+                    Forwarded::Answer(Response::ReadIndex(Ok(_)))
+                ),
+                None => false,
+            },
+            None => false,
+        };
+        if ok {
+            self.leases.renewed(t0);
+        }
+        ok
     }
 
     /// The leader's side of [`Request::ReadIndex`].
@@ -529,6 +566,7 @@ impl ClusterNode {
     /// file is closed and the node can be started again in this process.
     /// (The state machine's handle on the store is released the same way.)
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
+        self.stop_group_tasks();
         self.raft.shutdown().await.map_err(|e| ClusterError::Internal(format!("shutting raft down: {e}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.log.handles() > 1 && Instant::now() < deadline {
@@ -613,7 +651,12 @@ impl Handler for ClusterNode {
                 None => refused("Write"),
             },
             Request::ReadIndex => match from {
-                Some(_) => Response::ReadIndex(self.read_index_here().await),
+                Some(peer) => {
+                    // Also a lease renewal: record when it arrived, before
+                    // confirming leadership (see crate::failover).
+                    self.leases.request_from(peer);
+                    Response::ReadIndex(self.read_index_here().await)
+                }
                 None => refused("ReadIndex"),
             },
             Request::Status => match from {

@@ -22,8 +22,15 @@
 //! keep the last snapshot on disk so that it can be sent to a lagging
 //! follower after a restart without rebuilding it).
 //!
-//! A snapshot is `postcard((StateSnapshot, ConsensusState))`; it is also
-//! written to `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir).
+//! A snapshot is `postcard((StateSnapshot, ConsensusState))` followed by
+//! `postcard(Vec<(seq, event record)>)`, the cluster event log (absent in
+//! snapshots made before it existed); it is also written to
+//! `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir).
+//!
+//! The failover groups and their placements are in the `ConsensusState`
+//! (small); the cluster event log is a store table written by
+//! [`StateChange::ClusterLog`] in the same commit (one insert per event,
+//! the oldest beyond [`EVENTS_KEPT`] dropped).
 
 // openraft's StorageError is large, and the traits impose it.
 #![allow(clippy::result_large_err)]
@@ -37,6 +44,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use crate::groups::{GroupReport, GroupState, GroupTable, GroupTarget, EVENTS_KEPT};
 use crate::mailstore::MailEvents;
 use crate::types::{
     ClusterSecrets,
@@ -59,6 +67,42 @@ pub struct ConsensusState {
     pub next_node_id: u64,
     /// Set by `ConfigureCluster` at `cluster init`.
     pub cluster: Option<ClusterSecrets>,
+    /// The failover groups and where they run (small: rewritten with every
+    /// apply, like the rest of this state; the event log is not here, it
+    /// is a store table).
+    pub groups: GroupTable,
+}
+
+/// [`ConsensusState`] as saved before failover groups existed.
+#[derive(Deserialize)]
+struct LegacyConsensusState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    next_node_id: u64,
+    cluster: Option<ClusterSecrets>,
+}
+
+impl ConsensusState {
+    /// Decodes a saved state (current or pre-groups format), with the bytes
+    /// that follow it.
+    fn decode_prefix(bytes: &[u8]) -> Result<(ConsensusState, &[u8]), postcard::Error> {
+        match postcard::take_from_bytes::<ConsensusState>(bytes) {
+            Ok(v) => Ok(v),
+            Err(e) => match postcard::take_from_bytes::<LegacyConsensusState>(bytes) {
+                Ok((l, rest)) => Ok((
+                    ConsensusState {
+                        last_applied: l.last_applied,
+                        membership: l.membership,
+                        next_node_id: l.next_node_id,
+                        cluster: l.cluster,
+                        groups: GroupTable::default(),
+                    },
+                    rest,
+                )),
+                Err(_) => Err(e),
+            },
+        }
+    }
 }
 
 impl Default for ConsensusState {
@@ -68,6 +112,7 @@ impl Default for ConsensusState {
             membership: StoredMembership::default(),
             next_node_id: FIRST_ALLOCATED_NODE_ID,
             cluster: None,
+            groups: GroupTable::default(),
         }
     }
 }
@@ -105,6 +150,8 @@ struct Shared {
     current: std::sync::Mutex<Option<StoredSnapshot>>,
     /// Tells the node's body repair task about applied accepts.
     events: Arc<MailEvents>,
+    /// The applied group table, for the node's group agent and manager.
+    groups: tokio::sync::watch::Sender<GroupTable>,
 }
 
 impl Shared {
@@ -155,7 +202,9 @@ impl StateMachine {
     pub async fn open(store: Arc<LocalStore>, dir: &Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let state = match store.consensus_state().await.map_err(|e| sm_err(ErrorVerb::Read, e))? {
-            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| sm_err(ErrorVerb::Read, format!("consensus state: {e}")))?,
+            Some(bytes) => {
+                ConsensusState::decode_prefix(&bytes).map_err(|e| sm_err(ErrorVerb::Read, format!("consensus state: {e}")))?.0
+            }
             None => ConsensusState::default(),
         };
         let path = dir.join(SNAPSHOT_FILE);
@@ -167,8 +216,10 @@ impl StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(snap_err(None, ErrorVerb::Read, format!("{}: {e}", path.display()))),
         };
+        let (groups, _) = tokio::sync::watch::channel(state.groups.clone());
         Ok(StateMachine {
             shared: Arc::new(Shared {
+                groups,
                 store,
                 dir: dir.to_path_buf(),
                 state: tokio::sync::Mutex::new(state),
@@ -182,6 +233,11 @@ impl StateMachine {
     /// snapshots) for the node's body repair task.
     pub(crate) fn mail_events(&self) -> Arc<MailEvents> {
         self.shared.events.clone()
+    }
+
+    /// The applied group table, updated after every apply.
+    pub(crate) fn group_watch(&self) -> tokio::sync::watch::Receiver<GroupTable> {
+        self.shared.groups.subscribe()
     }
 
     /// The applied state (for status and tests).
@@ -202,7 +258,14 @@ fn change_of(cmd: Command) -> Option<StateChange> {
         Command::AddAlias { alias, targets } => DirectoryChange::AddAlias { alias, targets },
         Command::RemoveAlias { alias } => DirectoryChange::RemoveAlias { alias },
         Command::Mail(change) => return Some(StateChange::Mail(change)),
-        Command::AllocateNodeId | Command::ConfigureCluster { .. } => return None,
+        Command::AllocateNodeId
+        | Command::ConfigureCluster { .. }
+        | Command::PutGroup { .. }
+        | Command::RemoveGroup { .. }
+        | Command::SetGroupTarget { .. }
+        | Command::AssignGroup { .. }
+        | Command::GroupReport { .. }
+        | Command::LogEvent { .. } => return None,
     }))
 }
 
@@ -250,6 +313,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     next.cluster = Some(secrets);
                     pending.push(Pending::Ready(CommandResult::Done));
                 }
+                EntryPayload::Normal(Command::LogEvent { mut event }) => {
+                    let seq = next.groups.next_event_seq.max(1);
+                    next.groups.next_event_seq = seq + 1;
+                    event.seq = seq;
+                    let record = postcard::to_allocvec(&event).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+                    pending.push(Pending::Change(changes.len()));
+                    changes.push(StateChange::ClusterLog { seq, record, keep: EVENTS_KEPT });
+                }
+                EntryPayload::Normal(cmd @ (Command::PutGroup { .. }
+                | Command::RemoveGroup { .. }
+                | Command::SetGroupTarget { .. }
+                | Command::AssignGroup { .. }
+                | Command::GroupReport { .. })) => {
+                    pending.push(Pending::Ready(apply_group_command(&mut next.groups, cmd)));
+                }
                 EntryPayload::Normal(cmd) => match change_of(cmd) {
                     Some(change) => {
                         if let StateChange::Mail(MailChange::Accept { body, .. }) = &change {
@@ -275,7 +353,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             },
             None => sm_err(ErrorVerb::Write, e),
         })?;
+        let groups_changed = guard.groups != next.groups;
         *guard = next;
+        if groups_changed {
+            self.shared.groups.send_replace(guard.groups.clone());
+        }
         drop(guard);
         self.shared.events.applied(accepted);
         let mut out = Vec::with_capacity(pending.len());
@@ -304,8 +386,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let (state_snap, mut state): (StateSnapshot, ConsensusState) =
-            postcard::from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let (state_snap, rest): (StateSnapshot, &[u8]) =
+            postcard::take_from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let (mut state, rest) = ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let events: Option<Vec<(u64, Vec<u8>)>> = if rest.is_empty() {
+            None
+        } else {
+            Some(postcard::from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?)
+        };
         // The meta is what openraft trusts; they agree for our snapshots.
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
@@ -316,7 +404,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .import_state(state_snap, state_bytes)
             .await
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        // The event log in its own commit: a crash in between leaves an
+        // older log with a newer state (only the log of events is behind).
+        if let Some(events) = events {
+            self.shared
+                .store
+                .import_cluster_log(events)
+                .await
+                .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        }
         *guard = state;
+        self.shared.groups.send_replace(guard.groups.clone());
         drop(guard);
         // The mail of the snapshot may reference bodies this node lacks.
         self.shared.events.rescan();
@@ -334,12 +432,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (state_snap, state) = {
+        let (state_snap, state, events) = {
             let guard = self.shared.state.lock().await;
             let state_snap = self.shared.store.export_state().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-            (state_snap, guard.clone())
+            let events = self.shared.store.cluster_log(usize::MAX).await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+            (state_snap, guard.clone(), events)
         };
-        let data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        let mut data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        data.extend(postcard::to_allocvec(&events).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         let snapshot_id = match state.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
             None => format!("none-{}", unique_suffix()),
@@ -358,3 +458,98 @@ fn unique_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
+
+/// Applies a group command to the table: the same answer on every node.
+fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
+    let refuse = |m: String| CommandResult::Refused(m);
+    match cmd {
+        Command::PutGroup { spec } => {
+            if spec.name.is_empty() || spec.nodes.is_empty() {
+                return refuse("a group needs a name and at least one node".into());
+            }
+            let mut names = std::collections::BTreeSet::new();
+            if !spec.resources.iter().all(|r| names.insert(r.name().to_string())) {
+                return refuse(format!("group {}: resource names must be unique", spec.name));
+            }
+            let mut nodes = std::collections::BTreeSet::new();
+            if !spec.nodes.iter().all(|n| nodes.insert(*n)) {
+                return refuse(format!("group {}: a node is listed twice", spec.name));
+            }
+            let placement = t.placement.entry(spec.name.clone()).or_default();
+            if let Some(old) = t.groups.get(&spec.name) {
+                let structural = old.nodes != spec.nodes || old.resources != spec.resources;
+                if structural && placement.state != GroupState::Offline {
+                    return refuse(format!(
+                        "group {} is {}: stop it before changing its nodes or resources",
+                        spec.name, placement.state
+                    ));
+                }
+            }
+            if let GroupTarget::Node(n) = placement.target {
+                if !spec.nodes.contains(&n) {
+                    placement.target = GroupTarget::Auto;
+                }
+            }
+            t.groups.insert(spec.name.clone(), spec);
+            CommandResult::Done
+        }
+        Command::RemoveGroup { name } => match t.placement.get(&name) {
+            None => refuse(format!("no group {name}")),
+            Some(p) if p.state != GroupState::Offline => {
+                refuse(format!("group {name} is {}: stop it first", p.state))
+            }
+            Some(_) => {
+                t.placement.remove(&name);
+                t.groups.remove(&name);
+                CommandResult::Done
+            }
+        },
+        Command::SetGroupTarget { group, target } => {
+            let Some(spec) = t.groups.get(&group) else { return refuse(format!("no group {group}")) };
+            if let GroupTarget::Node(n) = target {
+                if !spec.nodes.contains(&n) {
+                    return refuse(format!("node {n} is not in the node list of group {group}"));
+                }
+            }
+            let p = t.placement.entry(group).or_default();
+            p.target = target;
+            p.failed_on.clear();
+            CommandResult::Done
+        }
+        Command::AssignGroup { group, epoch, owner, state, event, failed } => {
+            let Some(p) = t.placement.get_mut(&group) else { return refuse(format!("no group {group}")) };
+            if p.epoch != epoch {
+                return refuse(format!("group {group} is at epoch {}, not {epoch}", p.epoch));
+            }
+            p.epoch += 1;
+            p.owner = owner;
+            p.state = state;
+            p.event = event;
+            if let Some(n) = failed {
+                if !p.failed_on.contains(&n) {
+                    p.failed_on.push(n);
+                }
+            }
+            CommandResult::Done
+        }
+        Command::GroupReport { group, node, epoch, report } => {
+            let Some(p) = t.placement.get_mut(&group) else { return refuse(format!("no group {group}")) };
+            if p.owner != Some(node) || p.epoch != epoch {
+                return refuse(format!("stale report on group {group} from node {node}"));
+            }
+            let next = match (report, p.state) {
+                (GroupReport::Online, GroupState::Starting | GroupState::Online) => GroupState::Online,
+                (GroupReport::Offline, GroupState::Stopping | GroupState::StopFailed) => GroupState::Offline,
+                (GroupReport::Failed, GroupState::Starting | GroupState::Online) => GroupState::Failed,
+                (GroupReport::StopFailed, _) => GroupState::StopFailed,
+                (r, s) => return refuse(format!("group {group} is {s}: report {r:?} ignored")),
+            };
+            p.state = next;
+            if next == GroupState::Offline {
+                p.owner = None;
+            }
+            CommandResult::Done
+        }
+        other => refuse(format!("not a group command: {other:?}")),
+    }
+}

@@ -86,6 +86,31 @@ pub enum Command {
     /// the applying store, deterministically, so every node's maildrops are
     /// identical.
     Mail(MailChange),
+    /// Adds or replaces a failover group's configuration (`Refused` if it
+    /// is invalid, or changes the node list or resources of a group that
+    /// is not offline).
+    PutGroup { spec: crate::groups::GroupSpec },
+    /// Removes a group (`Refused` unless it is offline).
+    RemoveGroup { name: String },
+    /// `group start|stop|move`: where the operator wants it. Also forgets
+    /// the nodes it failed on.
+    SetGroupTarget { group: String, target: crate::groups::GroupTarget },
+    /// The leader's decision (owner and state), applied only if the
+    /// placement is still at `epoch` (else `Refused`): bumps the epoch.
+    AssignGroup {
+        group: String,
+        epoch: u64,
+        owner: Option<NodeId>,
+        state: crate::groups::GroupState,
+        event: Option<crate::groups::StartEvent>,
+        /// Adds this node to the nodes the group failed on.
+        failed: Option<NodeId>,
+    },
+    /// An agent's report on a group it owns at `epoch` (ignored, as
+    /// `Refused`, if it no longer does).
+    GroupReport { group: String, node: NodeId, epoch: u64, report: crate::groups::GroupReport },
+    /// Appends to the cluster event log.
+    LogEvent { event: crate::groups::ClusterEvent },
 }
 
 /// The cluster's CA and join secret, in the replicated state. Every member

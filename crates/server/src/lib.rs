@@ -15,6 +15,7 @@ pub mod config;
 mod conn;
 mod limits;
 mod pop3;
+pub mod resources;
 mod smtp;
 pub mod tls;
 

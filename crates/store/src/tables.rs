@@ -36,6 +36,12 @@ pub(crate) const CONSENSUS_APPLIED: &str = "applied";
 /// be proven after the fact.
 pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 
+/// sequence number → an opaque cluster event record (the cluster's event
+/// log, `hamail log`): written by the state machine, only the last few
+/// thousand kept. Apart from the consensus blob so that applying an event
+/// costs one small insert, not a rewrite of the whole log.
+pub(crate) const CLUSTER_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("cluster_log");
+
 /// META key: the next mailbox entry id to hand out.
 pub(crate) const NEXT_ENTRY_ID: &str = "next_entry_id";
 /// META key: the first queue id not covered by any block reserved so far.

@@ -282,6 +282,9 @@ pub enum MailChange {
 pub enum StateChange {
     Directory(DirectoryChange),
     Mail(MailChange),
+    /// Appends `record` (opaque here) to the cluster event log under `seq`
+    /// and drops the records older than the last `keep`.
+    ClusterLog { seq: u64, record: Vec<u8>, keep: u64 },
 }
 
 /// The whole directory, for a consensus snapshot.

@@ -129,3 +129,21 @@ async fn put_body_replaces_a_damaged_file_of_the_same_length() {
     s.put_body(Arc::new(body.clone())).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), body);
 }
+
+#[tokio::test]
+async fn cluster_log_keeps_the_last_records_in_order_and_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStore::open(dir.path(), StoreOptions::default()).unwrap();
+    assert!(s.cluster_log(10).await.unwrap().is_empty());
+    let changes: Vec<StateChange> =
+        (1..=7u64).map(|i| StateChange::ClusterLog { seq: i, record: vec![i as u8], keep: 5 }).collect();
+    let r = s.apply_state(changes, Some(b"c".to_vec())).await.unwrap();
+    assert!(r.iter().all(|r| r.is_ok()));
+    let log = s.cluster_log(100).await.unwrap();
+    assert_eq!(log.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![3, 4, 5, 6, 7]);
+    assert_eq!(log[0].1, vec![3u8]);
+    let last2 = s.cluster_log(2).await.unwrap();
+    assert_eq!(last2, vec![(6, vec![6u8]), (7, vec![7u8])]);
+    s.import_cluster_log(vec![(40, vec![1]), (41, vec![2])]).await.unwrap();
+    assert_eq!(s.cluster_log(10).await.unwrap(), vec![(40, vec![1u8]), (41, vec![2u8])]);
+}

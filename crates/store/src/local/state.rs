@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{blocking, release_body, Inner, LocalStore};
 use crate::tables::{
-    db_err, decode, encode, BODIES, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
+    db_err, decode, encode, BODIES, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
 };
 use crate::{
     Address, BodyHash, Committed, DirectorySnapshot, EntryId, MailChange, MailboxEntry, QueueEntry, QueueId,
@@ -142,7 +142,51 @@ pub struct VerifyReport {
     pub missing: Vec<BodyHash>,
 }
 
+/// See [`StateChange::ClusterLog`].
+fn append_cluster_log(txn: &WriteTransaction, seq: u64, record: &[u8], keep: u64) -> StoreResult<()> {
+    let mut t = txn.open_table(CLUSTER_LOG).map_err(|e| db_err("opening cluster log", e))?;
+    t.insert(seq, record).map_err(|e| db_err("writing cluster log", e))?;
+    let oldest_kept = seq.saturating_add(1).saturating_sub(keep.max(1));
+    loop {
+        let first = t.first().map_err(|e| db_err("reading cluster log", e))?.map(|(k, _)| k.value());
+        match first {
+            Some(k) if k < oldest_kept => {
+                t.remove(k).map_err(|e| db_err("trimming cluster log", e))?;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
 impl Inner {
+    fn cluster_log(&self, limit: usize) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let t = match txn.open_table(CLUSTER_LOG) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err("opening cluster log", e)),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| db_err("reading cluster log", e))?.rev().take(limit) {
+            let (k, v) = row.map_err(|e| db_err("reading cluster log", e))?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn import_cluster_log(&self, records: &[(u64, Vec<u8>)]) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(CLUSTER_LOG).map_err(|e| db_err("opening cluster log", e))?;
+            t.retain(|_, _| false).map_err(|e| db_err("clearing cluster log", e))?;
+            for (seq, record) in records {
+                t.insert(*seq, record.as_slice()).map_err(|e| db_err("writing cluster log", e))?;
+            }
+        }
+        txn.commit().map_err(|e| db_err("committing cluster log", e))
+    }
+
     /// Applies state changes in one commit (see `LocalStore::apply_state`).
     fn apply_state(&self, changes: &[StateChange], consensus_state: Option<&[u8]>) -> StoreResult<Vec<StoreResult<()>>> {
         let txn = self.begin_write()?;
@@ -152,6 +196,7 @@ impl Inner {
             let r = match change {
                 StateChange::Directory(d) => self.apply_change(&txn, d).map(|f| freed.extend(f)),
                 StateChange::Mail(m) => self.apply_mail(&txn, m).map(|f| freed.extend(f)),
+                StateChange::ClusterLog { seq, record, keep } => append_cluster_log(&txn, *seq, record, *keep),
             };
             match r {
                 Ok(()) => results.push(Ok(())),
@@ -319,6 +364,19 @@ impl LocalStore {
     ) -> StoreResult<Vec<StoreResult<()>>> {
         let inner = self.inner().clone();
         blocking(move || inner.apply_state(&changes, consensus_state.as_deref())).await
+    }
+
+    /// The last `limit` records of the cluster event log, oldest first, with
+    /// their sequence numbers.
+    pub async fn cluster_log(&self, limit: usize) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let inner = self.inner().clone();
+        blocking(move || inner.cluster_log(limit)).await
+    }
+
+    /// Replaces the cluster event log (a node installing a snapshot).
+    pub async fn import_cluster_log(&self, records: Vec<(u64, Vec<u8>)>) -> StoreResult<()> {
+        let inner = self.inner().clone();
+        blocking(move || inner.import_cluster_log(&records)).await
     }
 
     /// The whole replicated state (directory and mail metadata).

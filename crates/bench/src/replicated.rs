@@ -1,0 +1,417 @@
+//! `hamail-bench replicated`: SMTP acceptance of a single node against a
+//! cluster of data nodes (every message's body copied and fsynced on every
+//! data node and its metadata committed through Raft before the 250), in
+//! one run, as a ratio.
+//!
+//! Both systems run side by side for the whole run: one `hamail serve`
+//! without a `[cluster]` section, and `--nodes` data nodes formed as in
+//! `hamail-bench cluster`. Each cell (size x concurrency) runs the same SMTP
+//! load against one and then the other, the order alternating from cell to
+//! cell; the cluster gets every session on the leader's SMTP port, or with
+//! `--spread` the sessions spread over the data nodes' ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::Args;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::cluster::{free_port, print_log_tail, AdminConn, Cluster, Node, NodeSettings, CALL};
+use crate::report::{size_label, Cell, Compare};
+use crate::server::{Admin, Server};
+use crate::{config_text, find_hamail, log, parse_size, pop3, procfs, smtp, DOMAIN, PASSWORD};
+
+#[derive(Args, Debug, Clone)]
+pub struct ReplicatedArgs {
+    /// The hamail binary [default: `hamail` next to this executable].
+    #[arg(long)]
+    pub hamail: Option<PathBuf>,
+    /// Directory in which the temporary directory is made (keep it on a real
+    /// disk: fsync cost is part of the measurement) [default: .].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keep the directory (configs, data, logs) at the end.
+    #[arg(long)]
+    pub keep: bool,
+    /// SMTP message payload sizes in bytes; k / m suffixes mean KiB / MiB.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1k,100k,1m")]
+    pub sizes: Vec<usize>,
+    /// SMTP concurrent sessions.
+    #[arg(long, value_delimiter = ',', default_value = "10,50")]
+    pub concurrency: Vec<usize>,
+    /// Duration of each cell on each system, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Data nodes of the cluster (at least 3).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Spread the cluster's sessions over every data node's SMTP port
+    /// (session i to node i mod N) instead of sending all to the leader.
+    #[arg(long)]
+    pub spread: bool,
+    /// Users to create on both systems (the recipients, round-robin).
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    /// User creations in flight at a time (argon2 costs ~50 ms each).
+    #[arg(long, default_value_t = 4)]
+    pub admin_parallel: usize,
+    /// Do not empty the mailboxes between cells.
+    #[arg(long)]
+    pub no_purge: bool,
+    /// Before each cell, wait at most this long for the servers to go idle
+    /// (< 10 % of a core together) after the purge, seconds.
+    #[arg(long, default_value_t = 20)]
+    pub settle_secs: u64,
+    /// Memory sampling interval, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub sample_ms: u64,
+    /// [cluster] heartbeat_ms of every node.
+    #[arg(long, default_value_t = 50)]
+    pub heartbeat_ms: u64,
+    /// [cluster] election_timeout_min_ms of every node.
+    #[arg(long, default_value_t = 150)]
+    pub election_min_ms: u64,
+    /// [cluster] election_timeout_max_ms of every node.
+    #[arg(long, default_value_t = 300)]
+    pub election_max_ms: u64,
+}
+
+/// One cell, measured on both systems.
+struct Row {
+    single: Cell,
+    cluster: Cell,
+    term_moves: u64,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.cluster.msgs_per_s() / self.single.msgs_per_s().max(1e-9)
+    }
+}
+
+pub async fn run(args: ReplicatedArgs) -> Result<()> {
+    if args.seconds <= 0.0 || !args.seconds.is_finite() {
+        bail!("--seconds must be positive");
+    }
+    if args.nodes < 3 {
+        bail!("--nodes must be at least 3");
+    }
+    if args.users == 0 || args.concurrency.contains(&0) {
+        bail!("--users and the concurrencies must be at least 1");
+    }
+    if args.heartbeat_ms == 0 || args.election_min_ms <= 2 * args.heartbeat_ms || args.election_max_ms <= args.election_min_ms {
+        bail!("the timers need heartbeat_ms > 0, election_min_ms > 2 x heartbeat_ms and election_max_ms > election_min_ms");
+    }
+    let hamail = find_hamail(args.hamail.clone())?;
+    if hamail.components().any(|c| c.as_os_str() == "debug") {
+        log(format!("warning: {} looks like a debug build", hamail.display()));
+    }
+    let base = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let base = base.canonicalize()?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let dir = base.join(format!("hamail-bench-repl-{}-{stamp}", std::process::id()));
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    log(format!("directory {} (binary {})", dir.display(), hamail.display()));
+    let max_conn = 500.max(2 * args.concurrency.iter().copied().max().unwrap_or(1));
+
+    // The single node, configured as the plain SMTP bench does.
+    let single_dir = dir.join("single");
+    std::fs::create_dir(&single_dir).with_context(|| format!("creating {}", single_dir.display()))?;
+    let single_data = single_dir.join("data");
+    let single_socket = (single_data.join("admin.sock").as_os_str().len() > 100)
+        .then(|| std::env::temp_dir().join(format!("hamail-bench-{}-single.sock", std::process::id())));
+    let single_config = single_dir.join("hamail.toml");
+    std::fs::write(&single_config, config_text(&single_data, single_socket.as_deref(), max_conn))
+        .with_context(|| format!("writing {}", single_config.display()))?;
+    let single_log = single_dir.join("server.log");
+    let admin = Admin { hamail: hamail.clone(), config: single_config };
+
+    let settings = NodeSettings {
+        heartbeat_ms: args.heartbeat_ms,
+        election_min_ms: args.election_min_ms,
+        election_max_ms: args.election_max_ms,
+        max_connections: Some(max_conn),
+    };
+    let mut cluster = Cluster { nodes: Vec::new(), hamail };
+    let mut single: Option<Server> = None;
+    let outcome = async {
+        for i in 0..args.nodes {
+            cluster.nodes.push(Node::new(&dir, &format!("node{}", i + 1), "data", free_port()?, settings)?);
+        }
+        single = Some(Server::start(&admin, &single_log).await?);
+        let server = single.as_mut().context("no single node")?;
+        tokio::select! {
+            r = bench(&args, &admin, server, &mut cluster) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        }
+    }
+    .await;
+    let stopped = match single.take() {
+        Some(s) => s.stop().await,
+        None => Ok(()),
+    };
+    cluster.stop_all().await;
+    if outcome.is_err() {
+        print_log_tail(&single_log, "single");
+        for n in &cluster.nodes {
+            print_log_tail(&n.log, &n.name);
+        }
+    }
+    if args.keep {
+        log(format!("kept {}", dir.display()));
+    } else {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            log(format!("could not remove {}: {e}", dir.display()));
+        }
+        for sock in cluster.nodes.iter().map(|n| &n.socket).chain(single_socket.as_ref()) {
+            if !sock.starts_with(&dir) {
+                let _ = std::fs::remove_file(sock);
+            }
+        }
+    }
+    let rows = outcome?;
+    stopped?;
+    println!();
+    print!("{}", table(&args, &rows));
+    Ok(())
+}
+
+/// Creates the domain and the users on the cluster through the leader's
+/// admin socket, `parallel` connections at a time.
+async fn cluster_users(cluster: &Cluster, users: &[String], parallel: usize) -> Result<()> {
+    let (li, _) = cluster.leader().await?;
+    let leader = &cluster.nodes[li];
+    leader.conn().await?.ok(&json!({"op": "domain_add", "domain": DOMAIN}), CALL).await.context("domain_add on the cluster")?;
+    let parallel = parallel.clamp(1, users.len().max(1));
+    let mut set = JoinSet::new();
+    for w in 0..parallel {
+        let mine: Vec<String> = users.iter().skip(w).step_by(parallel).cloned().collect();
+        let socket = leader.socket.clone();
+        set.spawn(async move {
+            let mut c = AdminConn::connect(&socket).await?;
+            for user in &mine {
+                c.ok(&json!({"op": "user_add", "user": user, "password": PASSWORD}), Duration::from_secs(60))
+                    .await
+                    .with_context(|| format!("user_add {user} on the cluster"))?;
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.map_err(|e| anyhow!("user_add task: {e}"))??;
+    }
+    Ok(())
+}
+
+fn check_alive(server: &mut Server, cluster: &mut Cluster) -> Result<()> {
+    if !server.alive() {
+        bail!("the single node has exited");
+    }
+    if let Some(n) = cluster.nodes.iter_mut().find_map(|n| n.exited().then_some(n.name.clone())) {
+        bail!("cluster node {n} has exited");
+    }
+    Ok(())
+}
+
+async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluster: &mut Cluster) -> Result<Vec<Row>> {
+    log(format!("single node pid {} smtp {} pop3 {}", server.pid, server.smtp, server.pop3));
+    cluster.form().await?;
+    let users: Vec<String> = (0..args.users).map(|i| format!("user{i:04}@{DOMAIN}")).collect();
+    let t = Instant::now();
+    admin.run(&["domain", "add", DOMAIN], None).await?;
+    admin.add_users(&users, PASSWORD, args.admin_parallel).await?;
+    log(format!("single node: created {} users in {:.1} s", users.len(), t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    cluster_users(cluster, &users, args.admin_parallel).await?;
+    cluster.wait_healthy(Duration::from_secs(60)).await?;
+    log(format!("cluster: created {} users in {:.1} s", users.len(), t.elapsed().as_secs_f64()));
+    for n in &cluster.nodes {
+        let (smtp, pop3) = (n.smtp.context("a node did not print its smtp address")?, n.pop3.context("no pop3 address")?);
+        log(format!("{} pid {} smtp {smtp} pop3 {pop3}", n.name, n.pid));
+    }
+    let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid).collect();
+    let target = if args.spread { "spread" } else { "leader" };
+    println!(
+        "replicated nodes={} target={target} users={} seconds={} cpus={} heartbeat_ms={} election_timeout_ms={}-{}",
+        args.nodes,
+        args.users,
+        args.seconds,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        args.heartbeat_ms,
+        args.election_min_ms,
+        args.election_max_ms
+    );
+
+    let duration = Duration::from_secs_f64(args.seconds);
+    let interval = Duration::from_millis(args.sample_ms.max(10));
+    let recipients = Arc::new(users.clone());
+    let mut rows = Vec::new();
+    let mut k = 0usize;
+    for &size in &args.sizes {
+        for &conc in &args.concurrency {
+            let (li, term0) = cluster.leader().await?;
+            if k > 0 && !args.no_purge {
+                let t = Instant::now();
+                let a = pop3::purge(server.pop3, &users, PASSWORD, 4).await.context("emptying the single node's mailboxes")?;
+                let leader_pop3 = cluster.nodes[li].pop3.context("no pop3 address")?;
+                let b = pop3::purge(leader_pop3, &users, PASSWORD, 4).await.context("emptying the cluster's mailboxes")?;
+                log(format!("emptied the mailboxes ({a} + {b} messages) in {:.1} s", t.elapsed().as_secs_f64()));
+            }
+            // Anything still replicating or cleaning up after the purge (or
+            // the user creation) must not spill over into the cell.
+            cluster.wait_healthy(Duration::from_secs(60)).await?;
+            let all: Vec<u32> = std::iter::once(server.pid).chain(pids.iter().copied()).collect();
+            let (settled, quiet) = settle(&all, Duration::from_secs(args.settle_secs)).await;
+            if !quiet {
+                log(format!("the servers were still busy after {:.1} s; starting the cell anyway", settled.as_secs_f64()));
+            }
+            let addrs: Vec<SocketAddr> = if args.spread {
+                cluster.nodes.iter().filter(|n| n.role == "data").filter_map(|n| n.smtp).collect()
+            } else {
+                vec![cluster.nodes[li].smtp.context("the leader has no smtp address")?]
+            };
+            let single_first = k.is_multiple_of(2);
+            k += 1;
+            let mut s_cell = None;
+            let mut c_cell = None;
+            for turn in 0..2 {
+                let load = |addrs: Vec<SocketAddr>| smtp::Load {
+                    addrs: Arc::new(addrs),
+                    recipients: recipients.clone(),
+                    size,
+                    conc,
+                    reuse: false,
+                    duration,
+                };
+                if (turn == 0) == single_first {
+                    log(format!("{} x{conc}: single node (pid {})", size_label(size), server.pid));
+                    let mon = procfs::Monitor::start(server.pid, interval);
+                    let r = smtp::run(load(vec![server.smtp])).await?;
+                    s_cell = Some(cell("single", size, conc, &r, mon.finish().await));
+                } else {
+                    log(format!(
+                        "{} x{conc}: cluster, sessions to {target} (leader {} pid {})",
+                        size_label(size),
+                        cluster.nodes[li].name,
+                        cluster.nodes[li].pid
+                    ));
+                    let mon = procfs::Monitor::start_set(pids.clone(), interval);
+                    let r = smtp::run(load(addrs.clone())).await?;
+                    c_cell = Some(cell("cluster", size, conc, &r, mon.finish().await));
+                }
+                check_alive(server, cluster)?;
+            }
+            let (_, term1) = cluster.leader().await?;
+            let term_moves = term1.saturating_sub(term0);
+            if term_moves > 0 {
+                log(format!("the term moved by {term_moves} during the {} x{conc} cell", size_label(size)));
+            }
+            let (mut s, mut c) = (s_cell.context("no single cell")?, c_cell.context("no cluster cell")?);
+            let (so, co) = if single_first { ("1", "2") } else { ("2", "1") };
+            s.extra.push(("order", so.to_string()));
+            c.extra = vec![
+                ("order", co.to_string()),
+                ("nodes", args.nodes.to_string()),
+                ("target", target.to_string()),
+                ("leader", cluster.nodes[li].name.clone()),
+                ("term_moves", term_moves.to_string()),
+            ];
+            c.compare = Compare::Peer("single", s.msgs_per_s());
+            println!("{}", s.line());
+            println!("{}", c.line());
+            rows.push(Row { single: s, cluster: c, term_moves });
+        }
+    }
+    Ok(rows)
+}
+
+/// Waits until the processes together use less than 10 % of one core over
+/// 250 ms (background work of the previous cell or of the purge: body
+/// deletion, compaction, apply), at most `max`. Returns the time waited and
+/// whether they went quiet.
+async fn settle(pids: &[u32], max: Duration) -> (Duration, bool) {
+    let t = Instant::now();
+    let ticks = || pids.iter().filter_map(|p| procfs::cpu_ticks(&p.to_string())).sum::<u64>();
+    while t.elapsed() < max {
+        let a = ticks();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // 100 ticks per second: < 2.5 ticks in 250 ms is < 10 % of a core.
+        if ticks().saturating_sub(a) <= 2 {
+            return (t.elapsed(), true);
+        }
+    }
+    (t.elapsed(), false)
+}
+
+fn cell(server: &'static str, size: usize, conc: usize, r: &smtp::SmtpResult, usage: procfs::Usage) -> Cell {
+    Cell {
+        test: "smtp",
+        server,
+        size,
+        conc,
+        reuse: false,
+        msgs: r.msgs,
+        bytes: r.msgs * size as u64,
+        secs: r.secs,
+        errors: r.errors,
+        usage,
+        extra: vec![],
+        compare: Compare::Nothing,
+    }
+}
+
+fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:>9} {:>11} {:>6} {:>10} {:>12} {:>7} {:>8} {:>7} {:>6} {:>6}",
+        "cell", "single/s", "replicated/s", "ratio", "single RSS", "cluster RSS", "1 CPU", "N CPU", "errors", "terms", "other"
+    );
+    for r in rows {
+        let (s, c) = (&r.single, &r.cluster);
+        let _ = writeln!(
+            out,
+            "{:<14} {:>9.1} {:>12.1} {:>6.2} {:>7.1} MB {:>9.1} MB {:>6.0}% {:>7.0}% {:>7} {:>6} {:>5.0}%",
+            format!("{} x{}", size_label(s.size), s.conc),
+            s.msgs_per_s(),
+            c.msgs_per_s(),
+            r.ratio(),
+            s.usage.peak_rss_mb,
+            c.usage.peak_rss_mb,
+            s.usage.srv_cpu_pct,
+            c.usage.srv_cpu_pct,
+            format!("{}/{}", s.errors, c.errors),
+            r.term_moves,
+            s.usage.other_cpu_pct.max(c.usage.other_cpu_pct),
+        );
+    }
+    let one_k: Vec<f64> = rows.iter().filter(|r| r.single.size == 1024).map(Row::ratio).collect();
+    if let Some(worst) = one_k.iter().copied().reduce(f64::min) {
+        let _ = writeln!(
+            out,
+            "target: replicated >= 0.70 x single for 1 KiB: worst 1 KiB ratio {worst:.2} -> {}",
+            if worst >= 0.70 { "met" } else { "NOT met" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} data nodes, cluster sessions to {}. ratio = replicated msgs/s / single msgs/s (messages answered 250). \
+         single RSS = peak VmRSS of the single node (VmHWM included); cluster RSS = peak of the VmRSS summed over the {} \
+         node processes (sampled every {} ms). CPU in % of one core (N CPU: all the nodes); errors single/cluster; \
+         terms = Raft term moves during the cell; other = the rest of the machine's load. MB = 10^6 bytes.",
+        args.nodes,
+        if args.spread { "every data node (round-robin)" } else { "the leader" },
+        args.nodes,
+        args.sample_ms.max(10),
+    );
+    out
+}

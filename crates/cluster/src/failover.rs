@@ -1,0 +1,946 @@
+//! The failover-group engine: who runs each group, and never two nodes at
+//! once.
+//!
+//! # Pieces
+//!
+//! - The replicated state ([`crate::groups::GroupTable`], in the consensus
+//!   state and so in every snapshot): each group's [`GroupSpec`] and its
+//!   [`Placement`] (owner, state, epoch, operator target). It changes only
+//!   through the log: the operator's commands (`PutGroup`, `RemoveGroup`,
+//!   `SetGroupTarget`), the leader's decisions (`AssignGroup`, applied only
+//!   at the epoch it was decided at, so a stale decision is refused) and
+//!   the owner's reports (`GroupReport`, applied only from the current
+//!   owner at the current epoch).
+//! - The **manager** (a task on every node, acting only while the node
+//!   leads): assigns offline groups to the first live node of their
+//!   priority list (or the operator's target), asks owners to stop (move,
+//!   stop, automatic failback), moves failed groups on, and takes a group
+//!   away from an owner it has not heard from — only after the fencing
+//!   delay below.
+//! - The **agent** (one worker task per group on every node): starts the
+//!   group's resources in order through the [`ResourceDriver`] when this
+//!   node owns it and holds its quorum lease, monitors them every
+//!   `monitor_interval_ms` (a failure: stop, restart locally up to
+//!   `max_restarts` times with event RECOVER, then report `Failed` and the
+//!   manager moves the group), and stops them in reverse order when the
+//!   node is no longer the owner or loses its lease.
+//! - The **cluster event log** (`hamail log`): `Command::LogEvent`, kept in
+//!   a store table (the last [`crate::groups::EVENTS_KEPT`]), readable on
+//!   every node.
+//!
+//! # Fencing: at no instant do two nodes run one group
+//!
+//! A node may run a group only while it holds a *quorum lease*. Every node
+//! renews its lease every `renew_ms`: it notes the time `t0`, then asks the
+//! leader to confirm its leadership with a heartbeat round to a quorum
+//! started after the request arrived (a [`crate::rpc::Request::ReadIndex`];
+//! on the leader itself, `Raft::is_leader`). If confirmed, the lease runs
+//! until `t0 + lease_ms` on the node's own monotonic clock. When the lease
+//! runs out the agent stops every group at once, and each stop must finish
+//! within `stop_timeout_ms` (a driver contract: stop scripts must be
+//! bounded by it). So a node that renewed last at `t0` runs nothing after
+//! `t0 + lease + stop_timeout`.
+//!
+//! The leader records, for each node, when its last lease request *arrived*
+//! (`r >= t0`: the arrival follows the sending, whatever the network
+//! delay). It takes a group away from a silent owner only once
+//! `lease + stop_timeout + margin` have passed since `max(r, leader_since)`
+//! where `leader_since` is when it noticed it became leader. Why
+//! `leader_since` covers renewals confirmed by earlier leaders: such a
+//! renewal needed a quorum to acknowledge the old leader after `t0`; any
+//! node of that quorum acknowledged it before voting for the new leader
+//! (after voting it rejects the old term), so the new leader was elected
+//! after `t0`. Why a stale leader's renewal cannot fool this: it cannot be
+//! confirmed (no quorum). Neither rule needs bounded message delays; they
+//! need clocks that run at nearly the same rate (the `margin` absorbs
+//! drift over the delay and the agents' polling, `tick_ms`).
+//!
+//! A group is only *started* after a linearizable read (so the node has
+//! applied every decision committed before it) showing that it still owns
+//! it: a node whose lease lapsed and came back cannot restart a group from
+//! a stale placement that was meanwhile given to another node.
+//!
+//! A stop that fails (or exceeds `stop_timeout_ms`) is reported as
+//! `StopFailed`: the group is then started nowhere else (it may still run
+//! there) while the agent keeps trying to stop it; once it succeeds the
+//! group goes offline and can start elsewhere. A node that cannot stop a
+//! resource *and* is cut from the cluster breaks the assumption above
+//! (nothing short of power fencing helps then); `stop_timeout_ms` must be
+//! chosen above the slowest resource's stop.
+//!
+//! # Failover time
+//!
+//! With the defaults (lease 600 ms = 2 × election max, stop timeout 2 s,
+//! margin 100 ms), an owner that loses power is replaced after
+//! `lease + stop_timeout + margin` = 2.7 s from its last lease renewal
+//! (renewed every 100 ms), plus the commit of the decision and the start of
+//! the resources; if the dead owner was also the leader, add the election
+//! (≤ ~election max + a heartbeat: 0.35 s). The detection itself is the
+//! lease; it does not depend on the Raft election timeouts. For groups of
+//! resources that stop fast (addresses, the mail listeners: milliseconds),
+//! `stop_timeout_ms = 300` and `lease_ms = 400` give ≈ 0.8 s + start, below
+//! the 1 s client-visible target on a follower's power cut; a leader's power
+//! cut adds the election. The trade-off: a shorter lease stops the groups
+//! on a node that is briefly cut off (a lost renewal or two is fine, the
+//! lease covers `lease_ms / renew_ms` renewals) and a shorter stop timeout
+//! must still bound the slowest stop script.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::error::ClusterError;
+use crate::groups::{
+    ClusterEvent, EventKind, GroupReport, GroupSpec, GroupState, GroupStatus, GroupTarget, Placement,
+    ResourceDriver, ResourceError, ResourceSpec, StartContext, StartEvent,
+};
+use crate::node::{write_error, ClusterNode};
+use crate::types::{Command, CommandResult, NodeId, Role};
+
+/// The timings of the failover groups. See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupTiming {
+    /// How long a confirmed lease renewal lets a node run its groups.
+    pub lease_ms: u64,
+    /// How often a node renews its lease.
+    pub renew_ms: u64,
+    /// The longest a group's stop may take (a bound the resources must
+    /// respect).
+    pub stop_timeout_ms: u64,
+    /// Added to the fencing delay for clock drift and polling.
+    pub margin_ms: u64,
+    /// How often running resources are checked.
+    pub monitor_interval_ms: u64,
+    /// How often the agent and the manager look at the state.
+    pub tick_ms: u64,
+}
+
+impl Default for GroupTiming {
+    fn default() -> Self {
+        GroupTiming {
+            lease_ms: 600,
+            renew_ms: 100,
+            stop_timeout_ms: 2000,
+            margin_ms: 100,
+            monitor_interval_ms: 1000,
+            tick_ms: 20,
+        }
+    }
+}
+
+impl GroupTiming {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(self.stop_timeout_ms)
+    }
+
+    /// How long the leader waits, after it last heard from an owner, before
+    /// giving the owner's groups to another node.
+    pub fn fence_delay(&self) -> Duration {
+        Duration::from_millis(self.lease_ms + self.stop_timeout_ms + self.margin_ms)
+    }
+
+    fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms.max(1))
+    }
+}
+
+/// This node's quorum lease and the lease requests it received (as leader).
+#[derive(Default)]
+pub(crate) struct LeaseBook {
+    inner: Mutex<LeaseInner>,
+}
+
+#[derive(Default)]
+struct LeaseInner {
+    /// `t0` of the last confirmed renewal.
+    renewed_at: Option<Instant>,
+    /// When each peer's last lease request (read index) arrived here.
+    requests: HashMap<NodeId, Instant>,
+}
+
+impl LeaseBook {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn request_from(&self, peer: NodeId) {
+        self.lock().requests.insert(peer, Instant::now());
+    }
+
+    pub(crate) fn renewed(&self, t0: Instant) {
+        let mut l = self.lock();
+        if l.renewed_at.is_none_or(|r| r < t0) {
+            l.renewed_at = Some(t0);
+        }
+    }
+
+    fn holds(&self, lease: Duration) -> bool {
+        self.lock().renewed_at.is_some_and(|t| t.elapsed() < lease)
+    }
+
+    fn last_request(&self, peer: NodeId) -> Option<Instant> {
+        self.lock().requests.get(&peer).copied()
+    }
+
+    /// Forgets the lease (the node is shutting down).
+    fn drop_lease(&self) {
+        self.lock().renewed_at = None;
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn refused_err(r: CommandResult) -> Result<(), ClusterError> {
+    match r {
+        CommandResult::Done | CommandResult::NodeId(_) => Ok(()),
+        CommandResult::Refused(m) => Err(ClusterError::Config(m)),
+    }
+}
+
+/// The failover-group API of a node (`hamail group ...`, `hamail log`).
+impl ClusterNode {
+    /// Adds or replaces a group's configuration. A new group starts at once
+    /// (its target is `Auto`) if an agent runs.
+    pub async fn put_group(&self, spec: GroupSpec) -> Result<(), ClusterError> {
+        refused_err(self.write(Command::PutGroup { spec }).await.map_err(write_error)?)
+    }
+
+    /// Removes a group; it must be offline (`stop_group` first).
+    pub async fn remove_group(&self, name: &str) -> Result<(), ClusterError> {
+        refused_err(self.write(Command::RemoveGroup { name: name.into() }).await.map_err(write_error)?)
+    }
+
+    /// `group start`: run it on the best live node (and forget where it
+    /// failed).
+    pub async fn start_group(&self, name: &str) -> Result<(), ClusterError> {
+        self.set_group_target(name, GroupTarget::Auto).await
+    }
+
+    /// `group stop`: stop it wherever it runs.
+    pub async fn stop_group(&self, name: &str) -> Result<(), ClusterError> {
+        self.set_group_target(name, GroupTarget::Stopped).await
+    }
+
+    pub async fn set_group_target(&self, name: &str, target: GroupTarget) -> Result<(), ClusterError> {
+        refused_err(
+            self.write(Command::SetGroupTarget { group: name.into(), target }).await.map_err(write_error)?,
+        )
+    }
+
+    /// `group move GROUP [NODE]`: a switchover to `node`, or without one to
+    /// the next node of the group's list after its current owner. Returns
+    /// the destination. The move completes asynchronously (watch
+    /// [`Self::groups_status`]).
+    pub async fn move_group(&self, name: &str, node: Option<NodeId>) -> Result<NodeId, ClusterError> {
+        self.linearizable().await.map_err(write_error)?;
+        let table = self.group_table.borrow().clone();
+        let spec = table.groups.get(name).ok_or_else(|| ClusterError::Config(format!("no group {name}")))?;
+        let dest = match node {
+            Some(n) => n,
+            None => {
+                let current = table.placement.get(name).and_then(|p| p.owner);
+                next_after(&spec.nodes, current)
+                    .ok_or_else(|| ClusterError::Config(format!("group {name} has no other node to move to")))?
+            }
+        };
+        self.set_group_target(name, GroupTarget::Node(dest)).await?;
+        self.log_event(EventKind::GroupMove, Some(name), None, format!("move to node {dest} requested")).await?;
+        Ok(dest)
+    }
+
+    /// `node stop`: moves every group owned by (or targeted at) `node` to
+    /// the next node of its list; a group with no other node is stopped.
+    /// Returns (group, destination or `None` if stopped).
+    pub async fn drain_node(&self, node: NodeId) -> Result<Vec<(String, Option<NodeId>)>, ClusterError> {
+        self.linearizable().await.map_err(write_error)?;
+        let table = self.group_table.borrow().clone();
+        let mut out = Vec::new();
+        for (name, p) in &table.placement {
+            let Some(spec) = table.groups.get(name) else { continue };
+            let affected = p.owner == Some(node) || p.target == GroupTarget::Node(node);
+            if !affected || p.target == GroupTarget::Stopped {
+                continue;
+            }
+            let dest = next_after(&spec.nodes, Some(node));
+            let target = dest.map(GroupTarget::Node).unwrap_or(GroupTarget::Stopped);
+            self.set_group_target(name, target).await?;
+            out.push((name.clone(), dest));
+        }
+        self.log_event(EventKind::Note, None, None, format!("node {node} drained: {out:?}")).await?;
+        Ok(out)
+    }
+
+    /// Every group with its placement, as applied on this node (call
+    /// [`Self::linearizable`] first for an up-to-date view).
+    pub fn groups_status(&self) -> Vec<GroupStatus> {
+        let table = self.group_table.borrow().clone();
+        table
+            .groups
+            .into_iter()
+            .map(|(name, spec)| {
+                let placement = table.placement.get(&name).cloned().unwrap_or_default();
+                GroupStatus { spec, placement }
+            })
+            .collect()
+    }
+
+    /// Appends an event to the cluster log (`hamail log write` uses kind
+    /// `Note`). Returns once it is committed.
+    pub async fn log_event(
+        &self,
+        kind: EventKind,
+        group: Option<&str>,
+        resource: Option<&str>,
+        text: impl Into<String>,
+    ) -> Result<(), ClusterError> {
+        let event = ClusterEvent {
+            seq: 0,
+            at_ms: unix_ms(),
+            node: self.id(),
+            group: group.map(str::to_string),
+            resource: resource.map(str::to_string),
+            kind,
+            text: text.into(),
+        };
+        refused_err(self.write(Command::LogEvent { event }).await.map_err(write_error)?)
+    }
+
+    /// The last `limit` events of the cluster log as applied here, oldest
+    /// first.
+    pub async fn events(&self, limit: usize) -> Result<Vec<ClusterEvent>, ClusterError> {
+        let rows = self.store().cluster_log(limit).await.map_err(|e| ClusterError::Storage(e.to_string()))?;
+        rows.into_iter()
+            .map(|(_, bytes)| postcard::from_bytes(&bytes).map_err(|e| ClusterError::Internal(format!("event: {e}"))))
+            .collect()
+    }
+
+    /// Whether this node currently holds its quorum lease (may run groups).
+    pub fn holds_lease(&self) -> bool {
+        self.leases.holds(self.timing().groups.lease())
+    }
+
+    /// Starts this node's group agent (and its lease renewal and, while it
+    /// leads, the group manager) with `driver` running the resources. Call
+    /// once; [`Self::shutdown`] stops it (without stopping resources: a
+    /// crash does not either).
+    pub fn start_agent(self: &Arc<Self>, driver: Arc<dyn ResourceDriver>) {
+        let mut tasks = self.group_tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        if !tasks.is_empty() {
+            return;
+        }
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(renew_loop(Arc::downgrade(self))));
+        tasks.push(tokio::spawn(event_writer(Arc::downgrade(self), events_rx)));
+        tasks.push(tokio::spawn(manager_loop(Arc::downgrade(self), events_tx.clone())));
+        tasks.push(tokio::spawn(agent_loop(Arc::downgrade(self), driver, events_tx)));
+    }
+
+    pub(crate) fn stop_group_tasks(&self) {
+        let tasks: Vec<_> = self.group_tasks.lock().unwrap_or_else(PoisonError::into_inner).drain(..).collect();
+        for t in tasks {
+            t.abort();
+        }
+        self.leases.drop_lease();
+    }
+}
+
+/// The next node after `current` in `nodes` (cyclically), not `current`.
+fn next_after(nodes: &[NodeId], current: Option<NodeId>) -> Option<NodeId> {
+    let start = current.and_then(|c| nodes.iter().position(|n| *n == c)).map(|i| i + 1).unwrap_or(0);
+    (0..nodes.len()).map(|k| nodes[(start + k) % nodes.len()]).find(|n| Some(*n) != current)
+}
+
+/// An event to write to the cluster log, from a task that must not wait.
+type EventTx = mpsc::UnboundedSender<ClusterEvent>;
+
+fn event(node: NodeId, kind: EventKind, group: Option<&str>, resource: Option<&str>, text: String) -> ClusterEvent {
+    tracing::info!(%node, %kind, group, resource, "{text}");
+    ClusterEvent {
+        seq: 0,
+        at_ms: unix_ms(),
+        node,
+        group: group.map(str::to_string),
+        resource: resource.map(str::to_string),
+        kind,
+        text,
+    }
+}
+
+/// Writes queued events in order; drops one that cannot be written for a
+/// while (no quorum): the log is best effort, the decisions are not.
+async fn event_writer(node: Weak<ClusterNode>, mut rx: mpsc::UnboundedReceiver<ClusterEvent>) {
+    while let Some(ev) = rx.recv().await {
+        let Some(n) = node.upgrade() else { return };
+        for _ in 0..3 {
+            match n.write(Command::LogEvent { event: ev.clone() }).await {
+                Ok(_) => break,
+                Err(e) => tracing::debug!("cluster log write failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Renews this node's lease every `renew_ms`.
+async fn renew_loop(node: Weak<ClusterNode>) {
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        let t = n.timing().groups.clone();
+        let started = Instant::now();
+        n.renew_lease(t.lease()).await;
+        drop(n);
+        let period = Duration::from_millis(t.renew_ms.max(1));
+        tokio::time::sleep(period.saturating_sub(started.elapsed())).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The manager (leader only)
+
+struct Manager {
+    /// The term we noticed we lead, and when.
+    leading: Option<(u64, Instant)>,
+    /// Nodes live at the last look (for NodeLost / NodeBack events).
+    live: BTreeSet<NodeId>,
+}
+
+async fn manager_loop(node: Weak<ClusterNode>, events: EventTx) {
+    let mut m = Manager { leading: None, live: BTreeSet::new() };
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        let tick = n.timing().groups.tick();
+        m.step(&n, &events).await;
+        drop(n);
+        tokio::time::sleep(tick).await;
+    }
+}
+
+impl Manager {
+    async fn step(&mut self, n: &Arc<ClusterNode>, events: &EventTx) {
+        let metrics = n.raft().metrics().borrow().clone();
+        if metrics.current_leader != Some(n.id()) || metrics.state != openraft::ServerState::Leader {
+            self.leading = None;
+            self.live.clear();
+            return;
+        }
+        let term = metrics.current_term;
+        let since = match self.leading {
+            Some((t, since)) if t == term => since,
+            _ => {
+                let now = Instant::now();
+                self.leading = Some((term, now));
+                now
+            }
+        };
+        let timing = n.timing().groups.clone();
+        let me = n.id();
+        let data: BTreeSet<NodeId> =
+            metrics.membership_config.nodes().filter(|(_, i)| i.role == Role::Data).map(|(id, _)| *id).collect();
+        let members: BTreeSet<NodeId> = metrics.membership_config.nodes().map(|(id, _)| *id).collect();
+        // Live: renewing its lease with us (or us).
+        let live: BTreeSet<NodeId> = members
+            .iter()
+            .copied()
+            .filter(|id| *id == me || n.leases.last_request(*id).is_some_and(|r| r.elapsed() < timing.lease()))
+            .collect();
+        // Events only once we have led for a lease (before that, nodes
+        // simply have not asked us yet).
+        if since.elapsed() > timing.lease() {
+            for lost in self.live.difference(&live) {
+                let _ = events.send(event(me, EventKind::NodeLost, None, None, format!("node {lost} lost")));
+            }
+            for back in live.difference(&self.live) {
+                if !self.live.is_empty() {
+                    let _ = events.send(event(me, EventKind::NodeBack, None, None, format!("node {back} is back")));
+                }
+            }
+            self.live = live.clone();
+        }
+        // Silent: possibly running, but certainly stopped by now.
+        let fenced = |id: NodeId| -> bool {
+            if id == me {
+                return false;
+            }
+            let last = n.leases.last_request(id).map_or(since, |r| r.max(since));
+            last.elapsed() > timing.fence_delay()
+        };
+        let table = n.group_table.borrow().clone();
+        for (name, p) in &table.placement {
+            let Some(spec) = table.groups.get(name) else { continue };
+            let eligible = |id: &NodeId| data.contains(id) && live.contains(id);
+            let Some((cmd, ev)) = decide(spec, p, &eligible, &fenced) else { continue };
+            match n.write(cmd).await {
+                Ok(CommandResult::Done) => {
+                    if let Some((kind, text)) = ev {
+                        let _ = events.send(event(me, kind, Some(name), None, text));
+                    }
+                }
+                Ok(other) => tracing::debug!(group = %name, "decision not applied: {other:?}"),
+                Err(e) => {
+                    tracing::debug!(group = %name, "decision not written: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The best node for a group: its target if eligible, else the first
+/// eligible node of its list; never one in `excluded` or where it failed.
+fn pick(spec: &GroupSpec, p: &Placement, eligible: &dyn Fn(&NodeId) -> bool, excluded: &[NodeId]) -> Option<NodeId> {
+    let ok = |id: &NodeId| eligible(id) && !excluded.contains(id) && !p.failed_on.contains(id);
+    if let GroupTarget::Node(t) = p.target {
+        if spec.nodes.contains(&t) && ok(&t) {
+            return Some(t);
+        }
+    }
+    spec.nodes.iter().copied().find(|id| ok(id))
+}
+
+type Decision = (Command, Option<(EventKind, String)>);
+
+/// The leader's decision for one group, if any.
+fn decide(
+    spec: &GroupSpec,
+    p: &Placement,
+    eligible: &dyn Fn(&NodeId) -> bool,
+    fenced: &dyn Fn(NodeId) -> bool,
+) -> Option<Decision> {
+    let assign = |owner: Option<NodeId>, state: GroupState, event: Option<StartEvent>, failed: Option<NodeId>| {
+        Command::AssignGroup { group: spec.name.clone(), epoch: p.epoch, owner, state, event, failed }
+    };
+    let start_on = |n: Option<NodeId>, event: StartEvent, failed: Option<NodeId>| match n {
+        Some(n) => assign(Some(n), GroupState::Starting, Some(event), failed),
+        None => assign(None, GroupState::Offline, Some(event), failed),
+    };
+    match (p.state, p.owner) {
+        (GroupState::Offline, _) => {
+            if p.target == GroupTarget::Stopped {
+                return None;
+            }
+            let n = pick(spec, p, eligible, &[])?;
+            let event = p.event.unwrap_or(StartEvent::Start);
+            Some((start_on(Some(n), event, None), Some((EventKind::GroupStart, format!("starting on node {n} ({event})")))))
+        }
+        (GroupState::Starting | GroupState::Online | GroupState::Stopping, Some(o)) if fenced(o) => {
+            let n = pick(spec, p, eligible, &[o]);
+            let text = match n {
+                Some(n) => format!("node {o} silent beyond the fencing delay: failing over to node {n}"),
+                None => format!("node {o} silent beyond the fencing delay: no node to fail over to"),
+            };
+            Some((start_on(n, StartEvent::Failover, None), Some((EventKind::GroupFailover, text))))
+        }
+        (GroupState::Starting | GroupState::Online, Some(o)) => {
+            if p.target == GroupTarget::Stopped {
+                return Some((
+                    assign(Some(o), GroupState::Stopping, Some(StartEvent::Start), None),
+                    Some((EventKind::GroupStop, format!("stopping on node {o}"))),
+                ));
+            }
+            if let GroupTarget::Node(t) = p.target {
+                if t != o && eligible(&t) && !p.failed_on.contains(&t) {
+                    return Some((
+                        assign(Some(o), GroupState::Stopping, Some(StartEvent::Start), None),
+                        Some((EventKind::GroupMove, format!("moving from node {o} to node {t}"))),
+                    ));
+                }
+                return None;
+            }
+            if spec.failback == crate::groups::Failback::Auto {
+                let best = pick(spec, p, eligible, &[])?;
+                let rank = |id: NodeId| spec.nodes.iter().position(|x| *x == id).unwrap_or(usize::MAX);
+                if rank(best) < rank(o) {
+                    return Some((
+                        assign(Some(o), GroupState::Stopping, Some(StartEvent::Start), None),
+                        Some((EventKind::GroupMove, format!("failback from node {o} to node {best}"))),
+                    ));
+                }
+            }
+            None
+        }
+        (GroupState::Failed, Some(o)) => {
+            let n = pick(spec, p, eligible, &[o]);
+            let text = match n {
+                Some(n) => format!("failed on node {o}: failing over to node {n}"),
+                None => format!("failed on node {o}: no node to fail over to"),
+            };
+            Some((start_on(n, StartEvent::Failover, Some(o)), Some((EventKind::GroupFailover, text))))
+        }
+        // Inconsistent (no owner): offline.
+        (GroupState::Starting | GroupState::Online | GroupState::Stopping | GroupState::Failed, None) => {
+            Some((assign(None, GroupState::Offline, p.event, None), None))
+        }
+        // Stopping with a live owner: wait for its report. StopFailed:
+        // wait for the owner to manage the stop (see the module docs).
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent (every node)
+
+async fn agent_loop(node: Weak<ClusterNode>, driver: Arc<dyn ResourceDriver>, events: EventTx) {
+    let mut workers: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let mut rx = match node.upgrade() {
+        Some(n) => n.group_table.clone(),
+        None => return,
+    };
+    loop {
+        let names: Vec<String> = rx.borrow_and_update().groups.keys().cloned().collect();
+        workers.retain(|_, h| !h.is_finished());
+        for name in names {
+            if let std::collections::btree_map::Entry::Vacant(slot) = workers.entry(name) {
+                let w = Worker::new(node.clone(), driver.clone(), events.clone(), slot.key().clone());
+                slot.insert(tokio::spawn(w.run()));
+            }
+        }
+        // A worker exits by itself once its group is gone and stopped.
+        let tick = node.upgrade().map(|n| n.timing().groups.tick()).unwrap_or(Duration::from_millis(20));
+        let _ = tokio::time::timeout(tick * 10, rx.changed()).await;
+        if node.strong_count() == 0 {
+            for (_, h) in workers {
+                h.abort();
+            }
+            return;
+        }
+    }
+}
+
+/// One group's worker: starts, monitors and stops it on this node.
+struct Worker {
+    node: Weak<ClusterNode>,
+    driver: Arc<dyn ResourceDriver>,
+    events: EventTx,
+    name: String,
+    /// Resources started here and not stopped, in start order.
+    held: Vec<ResourceSpec>,
+    /// The spec the held resources were started with.
+    held_spec: Option<GroupSpec>,
+    /// Local restarts in `restarts_epoch`.
+    restarts: u32,
+    restarts_epoch: u64,
+    /// The next start is a local recovery.
+    recovering: bool,
+    /// The epoch this node gave up on (reported Failed).
+    failed_epoch: Option<u64>,
+    /// The last report written (epoch, report), and the last attempt.
+    reported: Option<(u64, GroupReport)>,
+    last_attempt: Option<Instant>,
+    next_monitor: Instant,
+}
+
+enum StartOutcome {
+    Started,
+    /// A resource failed (name, error).
+    Failed(ResourceError),
+    /// The lease ran out, or ownership changed, during the start.
+    Interrupted,
+}
+
+impl Worker {
+    fn new(node: Weak<ClusterNode>, driver: Arc<dyn ResourceDriver>, events: EventTx, name: String) -> Self {
+        Worker {
+            node,
+            driver,
+            events,
+            name,
+            held: Vec::new(),
+            held_spec: None,
+            restarts: 0,
+            restarts_epoch: u64::MAX,
+            recovering: false,
+            failed_epoch: None,
+            reported: None,
+            last_attempt: None,
+            next_monitor: Instant::now(),
+        }
+    }
+
+    fn log(&self, me: NodeId, kind: EventKind, resource: Option<&str>, text: String) {
+        let _ = self.events.send(event(me, kind, Some(&self.name), resource, text));
+    }
+
+    async fn run(mut self) {
+        loop {
+            let Some(n) = self.node.upgrade() else { return };
+            let tick = n.timing().groups.tick();
+            let done = self.step(&n).await;
+            drop(n);
+            if done {
+                return;
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    fn current(&self, n: &ClusterNode) -> (Option<GroupSpec>, Placement) {
+        let t = n.group_table.borrow();
+        (t.groups.get(&self.name).cloned(), t.placement.get(&self.name).cloned().unwrap_or_default())
+    }
+
+    fn wants(&self, n: &ClusterNode, p: &Placement) -> bool {
+        p.owner == Some(n.id())
+            && matches!(p.state, GroupState::Starting | GroupState::Online)
+            && self.failed_epoch != Some(p.epoch)
+            && n.holds_lease()
+    }
+
+    /// One look at the group; `true` when the worker can exit.
+    async fn step(&mut self, n: &Arc<ClusterNode>) -> bool {
+        let me = n.id();
+        let (spec, p) = self.current(n);
+        let want = spec.is_some() && self.wants(n, &p);
+        if !want && !self.held.is_empty() {
+            let why = if p.owner != Some(me) {
+                "no longer the owner".to_string()
+            } else if !n.holds_lease() {
+                "quorum lease lost".to_string()
+            } else {
+                format!("group {}", p.state)
+            };
+            if self.stop_all(n, &why).await {
+                if p.owner == Some(me) && matches!(p.state, GroupState::Stopping | GroupState::StopFailed) {
+                    self.report(n, &p, GroupReport::Offline).await;
+                }
+            } else if p.owner == Some(me) {
+                self.report(n, &p, GroupReport::StopFailed).await;
+            }
+            return false;
+        }
+        let Some(spec) = spec else { return self.held.is_empty() };
+        if p.owner == Some(me) && matches!(p.state, GroupState::Stopping | GroupState::StopFailed) {
+            self.report(n, &p, GroupReport::Offline).await;
+            return false;
+        }
+        if !want {
+            return false;
+        }
+        if self.restarts_epoch != p.epoch {
+            self.restarts_epoch = p.epoch;
+            self.restarts = 0;
+            self.recovering = false;
+        }
+        if self.held.is_empty() {
+            // Make sure no later decision took the group away (see the
+            // module documentation), then start.
+            if n.linearizable().await.is_err() {
+                return false;
+            }
+            let (spec2, p2) = self.current(n);
+            if spec2.as_ref() != Some(&spec) || p2.epoch != p.epoch || !self.wants(n, &p2) {
+                return false;
+            }
+            let event = if self.recovering { StartEvent::Recover } else { p.event.unwrap_or(StartEvent::Start) };
+            match self.start_all(n, &spec, &p, event).await {
+                StartOutcome::Started => {
+                    self.recovering = false;
+                    self.next_monitor = Instant::now() + Duration::from_millis(n.timing().groups.monitor_interval_ms);
+                    self.report(n, &p, GroupReport::Online).await;
+                }
+                StartOutcome::Interrupted => {}
+                StartOutcome::Failed(e) => self.resource_failed(n, &spec, &p, e).await,
+            }
+            return false;
+        }
+        if p.state == GroupState::Starting || self.reported != Some((p.epoch, GroupReport::Online)) {
+            self.report(n, &p, GroupReport::Online).await;
+        }
+        if Instant::now() >= self.next_monitor {
+            self.next_monitor = Instant::now() + Duration::from_millis(n.timing().groups.monitor_interval_ms);
+            for r in self.held.clone() {
+                if let Err(e) = self.driver.monitor(&spec, &r).await {
+                    self.resource_failed(n, &spec, &p, e).await;
+                    break;
+                }
+            }
+        }
+        false
+    }
+
+    /// A resource failed to start or its monitor failed: stop the group
+    /// here, then restart it locally or give it up.
+    async fn resource_failed(&mut self, n: &Arc<ClusterNode>, spec: &GroupSpec, p: &Placement, e: ResourceError) {
+        let me = n.id();
+        self.log(me, EventKind::ResourceFailure, Some(&e.resource), e.message.clone());
+        if !self.stop_all(n, "resource failure").await {
+            self.report(n, p, GroupReport::StopFailed).await;
+            return;
+        }
+        if !e.permanent && self.restarts < spec.max_restarts {
+            self.restarts += 1;
+            self.recovering = true;
+            self.log(
+                me,
+                EventKind::GroupStart,
+                None,
+                format!("restarting locally ({} of {})", self.restarts, spec.max_restarts),
+            );
+        } else {
+            self.failed_epoch = Some(p.epoch);
+            self.log(me, EventKind::GroupFailed, None, format!("failed on node {me}: {e}"));
+            self.report(n, p, GroupReport::Failed).await;
+        }
+    }
+
+    /// Starts the resources in order; stops at the first failure (the
+    /// resources started are left in `held`). Gives up at once if the lease
+    /// runs out or the placement changes meanwhile.
+    async fn start_all(&mut self, n: &Arc<ClusterNode>, spec: &GroupSpec, p: &Placement, event: StartEvent) -> StartOutcome {
+        let me = n.id();
+        let home = spec.nodes.first() == Some(&me);
+        // A failed resource (a disk included) fails the start, so every
+        // resource that starts comes after the group's disk started.
+        let disk_ok = true;
+        self.held_spec = Some(spec.clone());
+        for r in &spec.resources {
+            if !self.still_wanted(n, p) {
+                return StartOutcome::Interrupted;
+            }
+            let ctx = StartContext { event, home, disk_ok };
+            // The resource is held from the moment its start begins: if it
+            // is interrupted, it is stopped like the others.
+            self.held.push(r.clone());
+            let start = self.driver.start(spec, r, &ctx);
+            let result = tokio::select! {
+                r = start => Some(r),
+                _ = self.lost(n, p) => None,
+            };
+            match result {
+                None => return StartOutcome::Interrupted,
+                Some(Ok(())) => {
+                    self.log(me, EventKind::ResourceStart, Some(r.name()), format!("started ({event})"));
+                }
+                Some(Err(e)) => return StartOutcome::Failed(e),
+            }
+        }
+        StartOutcome::Started
+    }
+
+    fn still_wanted(&self, n: &ClusterNode, p: &Placement) -> bool {
+        let (_, now) = self.current(n);
+        now.epoch == p.epoch && self.wants(n, &now)
+    }
+
+    /// Resolves when the group must stop (lease lost or placement changed).
+    async fn lost(&self, n: &ClusterNode, p: &Placement) {
+        let tick = n.timing().groups.tick();
+        while self.still_wanted(n, p) {
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    /// Stops the held resources in reverse order, within the stop timeout.
+    /// `false` if one could not be stopped (it stays held).
+    async fn stop_all(&mut self, n: &Arc<ClusterNode>, why: &str) -> bool {
+        let me = n.id();
+        let Some(spec) = self.held_spec.clone() else {
+            self.held.clear();
+            return true;
+        };
+        let deadline = Instant::now() + n.timing().groups.stop_timeout();
+        while let Some(r) = self.held.last().cloned() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, self.driver.stop(&spec, &r)).await {
+                Ok(Ok(())) => {
+                    self.held.pop();
+                    self.log(me, EventKind::ResourceStop, Some(r.name()), format!("stopped ({why})"));
+                }
+                Ok(Err(e)) => {
+                    self.log(me, EventKind::ResourceFailure, Some(r.name()), format!("stop failed: {}", e.message));
+                    return false;
+                }
+                Err(_) => {
+                    self.log(me, EventKind::ResourceFailure, Some(r.name()), "stop timed out".into());
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Writes a report unless this one was written already (retried at
+    /// most every 200 ms while it does not go through).
+    async fn report(&mut self, n: &Arc<ClusterNode>, p: &Placement, report: GroupReport) {
+        if self.reported == Some((p.epoch, report)) && !matches!(report, GroupReport::Offline | GroupReport::StopFailed) {
+            return;
+        }
+        if self.last_attempt.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+            return;
+        }
+        self.last_attempt = Some(Instant::now());
+        let cmd = Command::GroupReport { group: self.name.clone(), node: n.id(), epoch: p.epoch, report };
+        if let Ok(r) = n.write(cmd).await {
+            if r == CommandResult::Done {
+                self.last_attempt = None;
+            }
+            self.reported = Some((p.epoch, report));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::Failback;
+
+    fn spec(nodes: &[u64], failback: Failback) -> GroupSpec {
+        GroupSpec {
+            name: "g".into(),
+            nodes: nodes.iter().map(|n| NodeId(*n)).collect(),
+            failback,
+            resources: vec![],
+            max_restarts: 1,
+        }
+    }
+
+    #[test]
+    fn next_after_cycles_and_skips_the_current() {
+        let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+        assert_eq!(next_after(&nodes, Some(NodeId(1))), Some(NodeId(2)));
+        assert_eq!(next_after(&nodes, Some(NodeId(3))), Some(NodeId(1)));
+        assert_eq!(next_after(&nodes, None), Some(NodeId(1)));
+        assert_eq!(next_after(&[NodeId(1)], Some(NodeId(1))), None);
+    }
+
+    #[test]
+    fn decisions() {
+        let s = spec(&[1, 2, 3], Failback::Manual);
+        let all = |_: &NodeId| true;
+        let not1 = |id: &NodeId| *id != NodeId(1);
+        let never = |_: NodeId| false;
+        let always = |_: NodeId| true;
+        // Offline → the home node, START.
+        let p = Placement::default();
+        let (cmd, _) = decide(&s, &p, &all, &never).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(1)), state: GroupState::Starting, event: Some(StartEvent::Start), .. }));
+        // Online on 1, silent → node 2 with FAILOVER.
+        let p = Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
+        let (cmd, _) = decide(&s, &p, &not1, &always).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { epoch: 4, owner: Some(NodeId(2)), event: Some(StartEvent::Failover), .. }));
+        // Online on 2, node 1 back, manual failback: stays.
+        let p = Placement { owner: Some(NodeId(2)), state: GroupState::Online, ..Placement::default() };
+        assert!(decide(&s, &p, &all, &never).is_none());
+        // Auto failback: stop on 2.
+        let s2 = spec(&[1, 2, 3], Failback::Auto);
+        let (cmd, _) = decide(&s2, &p, &all, &never).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(2)), state: GroupState::Stopping, .. }));
+        // Move target.
+        let p = Placement { target: GroupTarget::Node(NodeId(3)), ..p };
+        let (cmd, _) = decide(&s, &p, &all, &never).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { state: GroupState::Stopping, .. }));
+        // Failed on 2 → 1 (not 2), remembered.
+        let p = Placement { owner: Some(NodeId(2)), state: GroupState::Failed, ..Placement::default() };
+        let (cmd, _) = decide(&s, &p, &all, &never).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(1)), failed: Some(NodeId(2)), .. }));
+        // Stop-failed: nothing, even if silent.
+        let p = Placement { owner: Some(NodeId(2)), state: GroupState::StopFailed, ..Placement::default() };
+        assert!(decide(&s, &p, &all, &always).is_none());
+    }
+}

@@ -1,0 +1,209 @@
+//! The mail listeners of a group, bound to the group's address.
+//!
+//! The node's own listeners (`[smtp] listen`, `submission`, `submissions`,
+//! `[pop3] listen`, `pop3s`) give the ports; the group binds the same ports
+//! on its floating (or loopback) address, so clients that use the group's
+//! address follow the group wherever it runs. Sessions are served exactly
+//! as on the node's own listeners (same `Context`, `accept_loop`,
+//! `smtp::serve`, `pop3::serve`); each listener kind has its own connection
+//! limit of the configured size.
+//!
+//! Port 0 in the config means "any port" here too; `MailAddresses` tells
+//! which ones were chosen.
+//!
+//! Note: a node listener on the wildcard address (`0.0.0.0:25`) already
+//! owns port 25 on every address, and binding the group's address then
+//! fails with "address in use": list the node's own addresses explicitly.
+//!
+//! On stop the accept loops end, the listeners close, and sessions still in
+//! progress are aborted (their connections close): a client in the middle
+//! of a transaction has not been told `250`, so it retries — on the node
+//! that now owns the group. Waiting for them instead could hold a failover
+//! up for the length of the idle timeout.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hamail_cluster::groups::ResourceError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::{env_error, run_error};
+use crate::{accept_loop, config::ClusterRole, pop3, smtp, Context, SmtpRole};
+
+/// The addresses a group's mail listeners are bound to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailAddresses {
+    pub smtp: Vec<SocketAddr>,
+    pub submission: Vec<SocketAddr>,
+    pub submissions: Vec<SocketAddr>,
+    pub pop3: Vec<SocketAddr>,
+    pub pop3s: Vec<SocketAddr>,
+}
+
+/// A running mail service: its accept loops and the switch that ends its
+/// sessions.
+pub(crate) struct MailRunning {
+    pub addresses: MailAddresses,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl MailRunning {
+    /// Whether every accept loop still runs.
+    pub fn alive(&self) -> bool {
+        self.tasks.iter().all(|t| !t.is_finished())
+    }
+
+    /// Closes the listeners and aborts the sessions.
+    pub fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The configured ports, each once, in order.
+fn ports(addrs: &[SocketAddr]) -> Vec<u16> {
+    let mut out = Vec::new();
+    for a in addrs {
+        if !out.contains(&a.port()) {
+            out.push(a.port());
+        }
+    }
+    out
+}
+
+fn bind(
+    resource: &str,
+    ip: IpAddr,
+    ports: &[u16],
+    what: &str,
+) -> Result<Vec<(TcpListener, SocketAddr)>, ResourceError> {
+    ports
+        .iter()
+        .map(|&port| {
+            let at = SocketAddr::new(ip, port);
+            let fail = |e: std::io::Error| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        " (in use: another group, another program, or a node listener on the wildcard address with this port)"
+                    }
+                    std::io::ErrorKind::AddrNotAvailable => " (the group's address is not on this node: start its address resource first)",
+                    std::io::ErrorKind::PermissionDenied => " (ports below 1024 need root/CAP_NET_BIND_SERVICE)",
+                    _ => "",
+                };
+                run_error(resource, format!("binding the {what} listener {at}: {e}{hint}"))
+            };
+            let std = std::net::TcpListener::bind(at).map_err(fail)?;
+            std.set_nonblocking(true).map_err(fail)?;
+            let local = std.local_addr().map_err(fail)?;
+            Ok((TcpListener::from_std(std).map_err(fail)?, local))
+        })
+        .collect()
+}
+
+/// Binds every listener on `ip` (all or none) and starts serving.
+pub(crate) async fn start(ctx: &Arc<Context>, resource: &str, ip: IpAddr) -> Result<MailRunning, ResourceError> {
+    let c = &ctx.config;
+    if c.cluster.role == ClusterRole::Witness {
+        return Err(env_error(
+            resource,
+            "this node is a witness: it serves no mail (remove it from the group's nodes)",
+        ));
+    }
+    // Any bind failure drops the listeners bound so far: all or nothing.
+    let smtp_l = bind(resource, ip, &ports(&c.smtp.listen), "SMTP")?;
+    let sub_l = bind(resource, ip, &ports(&c.smtp.submission), "submission")?;
+    let subs_l = bind(resource, ip, &ports(&c.smtp.submissions), "submissions")?;
+    let pop3_l = bind(resource, ip, &ports(&c.pop3.listen), "POP3")?;
+    let pop3s_l = bind(resource, ip, &ports(&c.pop3.pop3s), "POP3S")?;
+    let addrs = |v: &Vec<(TcpListener, SocketAddr)>| v.iter().map(|(_, a)| *a).collect::<Vec<_>>();
+    let addresses = MailAddresses {
+        smtp: addrs(&smtp_l),
+        submission: addrs(&sub_l),
+        submissions: addrs(&subs_l),
+        pop3: addrs(&pop3_l),
+        pop3s: addrs(&pop3s_l),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
+    let pop3_limit = Arc::new(tokio::sync::Semaphore::new(c.pop3.max_connections));
+    let mut tasks = Vec::new();
+    for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
+        for (l, _) in listeners {
+            let ctx = ctx.clone();
+            let stopped = stopped.clone();
+            // RFC 5321 3.8: 421 when the service is not available.
+            let refusal = format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname)
+                .into_bytes();
+            tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
+                until_stopped(stopped.clone(), smtp::serve(ctx.clone(), tcp, peer, role))
+            })));
+        }
+    }
+    for (implicit_tls, listeners) in [(false, pop3_l), (true, pop3s_l)] {
+        for (l, _) in listeners {
+            let ctx = ctx.clone();
+            let stopped = stopped.clone();
+            let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
+            tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
+                until_stopped(stopped.clone(), pop3::serve(ctx.clone(), tcp, peer, implicit_tls))
+            })));
+        }
+    }
+    tracing::info!(resource, %ip, ?addresses, "group mail listeners started");
+    Ok(MailRunning { addresses, tasks, stop })
+}
+
+/// Runs a session until it ends or the service stops (then the session's
+/// future is dropped, which closes its connection).
+async fn until_stopped<F>(mut stopped: tokio::sync::watch::Receiver<bool>, session: F) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    tokio::select! {
+        r = session => r,
+        // Err: the sender is gone, i.e. the service was dropped: stop too.
+        _ = stopped.wait_for(|s| *s) => Ok(()),
+    }
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to the first SMTP (else submission, else POP3) listener and
+/// expects its greeting (`220` / `+OK`) within 2 s. Implicit-TLS ports are
+/// not probed (the accept loops' liveness covers them).
+pub(crate) async fn probe(resource: &str, addresses: &MailAddresses) -> Result<(), ResourceError> {
+    let (at, expect, quit): (SocketAddr, &[u8], &[u8]) =
+        match (addresses.smtp.first(), addresses.submission.first(), addresses.pop3.first()) {
+            (Some(a), _, _) | (None, Some(a), _) => (*a, b"220", b"QUIT\r\n"),
+            (None, None, Some(a)) => (*a, b"+OK", b"QUIT\r\n"),
+            (None, None, None) => return Ok(()),
+        };
+    let attempt = async {
+        let mut tcp = tokio::net::TcpStream::connect(at).await.map_err(|e| format!("cannot connect to {at}: {e}"))?;
+        let mut greeting = Vec::new();
+        let mut buf = [0u8; 512];
+        while !greeting.contains(&b'\n') {
+            let n = tcp.read(&mut buf).await.map_err(|e| format!("reading the greeting from {at}: {e}"))?;
+            if n == 0 {
+                return Err(format!("{at} closed the connection before its greeting"));
+            }
+            greeting.extend_from_slice(&buf[..n]);
+        }
+        if !greeting.starts_with(expect) {
+            let line = String::from_utf8_lossy(&greeting);
+            return Err(format!("{at} greeted with `{}`", line.trim_end()));
+        }
+        let _ = tcp.write_all(quit).await;
+        Ok(())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(run_error(resource, message)),
+        Err(_) => Err(run_error(resource, format!("no greeting from {at} within {} s", PROBE_TIMEOUT.as_secs()))),
+    }
+}

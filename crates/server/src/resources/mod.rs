@@ -1,0 +1,345 @@
+//! The real failover-group resources of a node: what `ResourceDriver`
+//! (crates/cluster/src/groups.rs) does when the cluster tells this node to
+//! start, stop or check one resource of a group it owns.
+//!
+//! Role: the cluster decides *where* a group runs; this module makes it run
+//! *here* — a floating address added and announced (`ip`), a loopback
+//! address for rootless demos, the mail listeners bound to that address
+//! (`mail`), the operator's start/stop scripts with the seed's `CLP_*` /
+//! `ARMS_*` environment (`exec`), and a shared disk checked, mounted and
+//! released (`disk`).
+//!
+//! Why one `Driver` holding state: a resource's stop needs what its start
+//! made (the listeners to close, the event that started a script, the
+//! announcement still scheduled). The state is keyed by (group, resource);
+//! every operation is idempotent (start of a running resource, stop of a
+//! stopped one: Ok), so the engine may retry freely.
+//!
+//! Errors say whose fault they are: "configuration:" (the group's spec is
+//! wrong — `permanent`, a local retry cannot help), "environment:" (missing
+//! privilege, interface, device — also permanent), or what failed at run
+//! time (not permanent: worth a local restart).
+
+mod announce;
+mod disk;
+mod exec;
+mod ip;
+mod mail;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
+
+use hamail_cluster::groups::{GroupSpec, ResourceDriver, ResourceError, ResourceSpec, StartContext};
+
+use crate::Context;
+
+pub use mail::MailAddresses;
+
+/// Where the output lines of `Exec` scripts go: `(resource name, line)`.
+pub type LogSink = Arc<dyn Fn(String, String) + Send + Sync>;
+
+/// What a started resource holds until it is stopped.
+enum Held {
+    /// A floating address added here; `announcer` repeats the announcement
+    /// after a delay (aborted on stop).
+    Floating {
+        announcer: Option<tokio::task::JoinHandle<()>>,
+    },
+    Loopback,
+    Mail(mail::MailRunning),
+    /// The context the script was started with: its stop gets the same
+    /// `CLP_EVENT`/`CLP_SERVER`/`CLP_DISK`.
+    Exec(StartContext),
+    Disk,
+}
+
+type Key = (String, String);
+
+/// The server's `ResourceDriver`: real resources on this node.
+pub struct Driver {
+    /// Weak: the cluster engine holding this driver may itself be reachable
+    /// from the context; the mail listeners need the context only while the
+    /// server runs.
+    context: Weak<Context>,
+    log: LogSink,
+    held: Mutex<HashMap<Key, Held>>,
+}
+
+impl Driver {
+    /// `context`: the node's own (the group's mail listeners serve with it);
+    /// `log`: receives `Exec` scripts' stdout/stderr lines.
+    pub fn new(context: &Arc<Context>, log: LogSink) -> Driver {
+        Driver { context: Arc::downgrade(context), log, held: Mutex::new(HashMap::new()) }
+    }
+
+    /// The addresses the `MailService` resource `resource` of `group` is
+    /// listening on, while it runs (with port 0 in the config: the ports
+    /// the kernel chose).
+    pub fn mail_addresses(&self, group: &str, resource: &str) -> Option<MailAddresses> {
+        match self.lock().get(&(group.to_string(), resource.to_string())) {
+            Some(Held::Mail(m)) => Some(m.addresses.clone()),
+            _ => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Held>> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self, key: &Key) -> Option<Held> {
+        self.lock().remove(key)
+    }
+
+    fn put(&self, key: Key, held: Held) {
+        if let Some(old) = self.lock().insert(key, held) {
+            release(old);
+        }
+    }
+}
+
+/// Drops what a replaced or forgotten entry still runs.
+fn release(held: Held) {
+    match held {
+        Held::Floating { announcer: Some(task) } => task.abort(),
+        Held::Mail(m) => m.shutdown(),
+        _ => {}
+    }
+}
+
+fn key(group: &GroupSpec, resource: &ResourceSpec) -> Key {
+    (group.name.clone(), resource.name().to_string())
+}
+
+/// A failure of the spec: a local retry cannot help.
+pub(crate) fn config_error(resource: &str, message: impl Into<String>) -> ResourceError {
+    ResourceError {
+        resource: resource.to_string(),
+        message: format!("configuration: {}", message.into()),
+        permanent: true,
+    }
+}
+
+/// Something this node lacks (privilege, interface, device): permanent too.
+pub(crate) fn env_error(resource: &str, message: impl Into<String>) -> ResourceError {
+    ResourceError {
+        resource: resource.to_string(),
+        message: format!("environment: {}", message.into()),
+        permanent: true,
+    }
+}
+
+/// A run-time failure worth a local restart.
+pub(crate) fn run_error(resource: &str, message: impl Into<String>) -> ResourceError {
+    ResourceError { resource: resource.to_string(), message: message.into(), permanent: false }
+}
+
+/// `198.18.0.100/24` → (address, prefix). `prefix_required`: a floating
+/// address must say its prefix (a silent /32 would change routing); a
+/// loopback one may omit it.
+pub(crate) fn parse_address(resource: &str, text: &str, prefix_required: bool) -> Result<(IpAddr, u8), ResourceError> {
+    let (addr, prefix) = match text.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (text, None),
+    };
+    let ip: IpAddr = addr.trim().parse().map_err(|_| {
+        config_error(resource, format!("`{text}` is not an IP address (expected e.g. 198.18.0.100/24)"))
+    })?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| config_error(resource, format!("`{text}`: prefix length must be 0..={max}")))?,
+        None if prefix_required => {
+            return Err(config_error(resource, format!("`{text}` needs a prefix length (e.g. {addr}/24)")));
+        }
+        None => max,
+    };
+    Ok((ip, prefix))
+}
+
+/// The group's service address: its first floating or loopback address,
+/// without prefix.
+pub(crate) fn group_address(group: &GroupSpec, resource: &str) -> Result<IpAddr, ResourceError> {
+    for r in &group.resources {
+        match r {
+            ResourceSpec::FloatingIp { name, address, .. } => {
+                return parse_address(name, address, true).map(|(a, _)| a)
+            }
+            ResourceSpec::LoopbackIp { name, address } => return parse_address(name, address, false).map(|(a, _)| a),
+            _ => {}
+        }
+    }
+    Err(config_error(
+        resource,
+        format!("group `{}` has a mail service but no floating_ip or loopback_ip resource to bind it to", group.name),
+    ))
+}
+
+/// Binds a TCP socket to `ip` (port 0) and releases it: Ok when the address
+/// is local to this host (for 127.0.0.0/8, always on Linux).
+pub(crate) fn bind_test(ip: IpAddr) -> std::io::Result<()> {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).map(drop)
+}
+
+#[async_trait::async_trait]
+impl ResourceDriver for Driver {
+    async fn start(
+        &self,
+        group: &GroupSpec,
+        resource: &ResourceSpec,
+        context: &StartContext,
+    ) -> Result<(), ResourceError> {
+        let k = key(group, resource);
+        match resource {
+            ResourceSpec::FloatingIp { name, address, interface } => {
+                let ours = matches!(self.lock().get(&k), Some(Held::Floating { .. }));
+                // Already ours: fine if it is still on the interface.
+                if ours && ip::floating_present(name, address, interface).await? {
+                    return Ok(());
+                }
+                let announcer = ip::floating_start(name, address, interface).await?;
+                self.put(k, Held::Floating { announcer });
+                Ok(())
+            }
+            ResourceSpec::LoopbackIp { name, address } => {
+                ip::loopback_check(name, address)?;
+                self.put(k, Held::Loopback);
+                Ok(())
+            }
+            ResourceSpec::MailService { name } => {
+                if matches!(self.lock().get(&k), Some(Held::Mail(m)) if m.alive()) {
+                    return Ok(());
+                }
+                let ctx = self
+                    .context
+                    .upgrade()
+                    .ok_or_else(|| run_error(name, "the server is shutting down: no context to serve with"))?;
+                let addr = group_address(group, name)?;
+                let running = mail::start(&ctx, name, addr).await?;
+                self.put(k, Held::Mail(running));
+                Ok(())
+            }
+            ResourceSpec::Exec { name, start, timeout_secs, .. } => {
+                // Recorded before running: a failed start is still stopped
+                // with the event that tried to start it.
+                self.put(k, Held::Exec(context.clone()));
+                exec::run(&self.log, &group.name, name, start, context, *timeout_secs).await
+            }
+            ResourceSpec::Disk { name, device, mount_point, fs_type } => {
+                disk::start(&self.log, name, device, mount_point, fs_type).await?;
+                self.put(k, Held::Disk);
+                Ok(())
+            }
+        }
+    }
+
+    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
+        let k = key(group, resource);
+        let held = self.take(&k);
+        match resource {
+            ResourceSpec::FloatingIp { name, address, interface } => {
+                if let Some(Held::Floating { announcer: Some(task) }) = held {
+                    task.abort();
+                }
+                // Also when not recorded: after a crash the address may
+                // still be on the interface, and it must go.
+                ip::floating_stop(name, address, interface).await
+            }
+            ResourceSpec::LoopbackIp { .. } => Ok(()),
+            ResourceSpec::MailService { .. } => {
+                if let Some(Held::Mail(m)) = held {
+                    m.shutdown();
+                }
+                Ok(())
+            }
+            ResourceSpec::Exec { name, stop, timeout_secs, .. } => {
+                let context = match held {
+                    Some(Held::Exec(c)) => c,
+                    // Never started by this process (e.g. cleanup after a
+                    // restart): a plain START at home is the best guess.
+                    _ => StartContext { event: hamail_cluster::groups::StartEvent::Start, home: true, disk_ok: true },
+                };
+                let result = exec::run(&self.log, &group.name, name, stop, &context, *timeout_secs).await;
+                if result.is_err() {
+                    // Still held: a later stop retries with the same event.
+                    self.put(k, Held::Exec(context));
+                }
+                result
+            }
+            ResourceSpec::Disk { name, mount_point, .. } => {
+                let result = disk::stop(&self.log, name, mount_point).await;
+                if result.is_err() {
+                    self.put(k, Held::Disk);
+                }
+                result
+            }
+        }
+    }
+
+    async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
+        let k = key(group, resource);
+        let name = resource.name();
+        match resource {
+            ResourceSpec::FloatingIp { name, address, interface } => {
+                if ip::floating_present(name, address, interface).await? {
+                    Ok(())
+                } else {
+                    Err(run_error(
+                        name,
+                        format!("address {address} is no longer on {interface} (removed by someone else?)"),
+                    ))
+                }
+            }
+            ResourceSpec::LoopbackIp { name, address } => {
+                if !matches!(self.lock().get(&k), Some(Held::Loopback)) {
+                    return Err(run_error(name, "not started on this node"));
+                }
+                ip::loopback_check(name, address)
+            }
+            ResourceSpec::MailService { .. } => {
+                let (addresses, alive) = match self.lock().get(&k) {
+                    Some(Held::Mail(m)) => (m.addresses.clone(), m.alive()),
+                    _ => return Err(run_error(name, "not started on this node")),
+                };
+                if !alive {
+                    return Err(run_error(name, "a listener's accept loop has ended"));
+                }
+                mail::probe(name, &addresses).await
+            }
+            ResourceSpec::Exec { .. } => Ok(()),
+            ResourceSpec::Disk { name, device, mount_point, .. } => disk::monitor(name, device, mount_point),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Listeners and scheduled announcements do not outlive the driver.
+        let held = std::mem::take(&mut *self.lock());
+        for (_, h) in held {
+            release(h);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_with_clear_errors() {
+        assert_eq!(parse_address("r", "198.18.0.100/24", true).unwrap(), ("198.18.0.100".parse().unwrap(), 24));
+        assert_eq!(parse_address("r", "2001:db8::5/64", true).unwrap(), ("2001:db8::5".parse().unwrap(), 64));
+        assert_eq!(parse_address("r", "127.0.0.77", false).unwrap(), ("127.0.0.77".parse().unwrap(), 32));
+        let e = parse_address("vip", "198.18.0.100", true).unwrap_err();
+        assert!(e.permanent && e.message.contains("prefix"), "{e}");
+        let e = parse_address("vip", "198.18.0.100/33", true).unwrap_err();
+        assert!(e.message.contains("0..=32"), "{e}");
+        let e = parse_address("vip", "mail.example/24", true).unwrap_err();
+        assert!(e.message.starts_with("configuration:"), "{e}");
+    }
+}
