@@ -434,6 +434,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (state_snap, state, events) = {
             let guard = self.shared.state.lock().await;
+            // Applies are not fsynced (the log is the durable record); the
+            // snapshot lets the log be purged, so what it covers must be
+            // durable first.
+            self.shared.store.sync_state().await.map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
             let state_snap = self.shared.store.export_state().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
             let events = self.shared.store.cluster_log(usize::MAX).await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
             (state_snap, guard.clone(), events)

@@ -90,7 +90,9 @@ impl Default for TransportConfig {
             request_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
             pool_idle_max: Duration::from_secs(60),
-            max_idle_per_target: 4,
+            // Every concurrent SMTP session may replicate a body at once:
+            // a small pool made each one pay a TLS handshake (measured).
+            max_idle_per_target: 64,
             max_frame_len: MAX_FRAME_LEN,
             max_connections: 256,
         }

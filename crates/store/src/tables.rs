@@ -42,6 +42,9 @@ pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("m
 /// costs one small insert, not a rewrite of the whole log.
 pub(crate) const CLUSTER_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("cluster_log");
 
+/// META key: when state changes were last made durable (`sync_state`).
+pub(crate) const LAST_STATE_SYNC: &str = "last_state_sync";
+
 /// META key: the next mailbox entry id to hand out.
 pub(crate) const NEXT_ENTRY_ID: &str = "next_entry_id";
 /// META key: the first queue id not covered by any block reserved so far.

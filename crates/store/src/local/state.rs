@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{blocking, release_body, Inner, LocalStore};
 use crate::tables::{
-    db_err, decode, encode, BODIES, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
+    db_err, decode, encode, BODIES, LAST_STATE_SYNC, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
 };
 use crate::{
     Address, BodyHash, Committed, DirectorySnapshot, EntryId, MailChange, MailboxEntry, QueueEntry, QueueId,
@@ -189,7 +189,16 @@ impl Inner {
 
     /// Applies state changes in one commit (see `LocalStore::apply_state`).
     fn apply_state(&self, changes: &[StateChange], consensus_state: Option<&[u8]>) -> StoreResult<Vec<StoreResult<()>>> {
-        let txn = self.begin_write()?;
+        // Not fsynced: these changes come from the Raft log, which is
+        // already durable on a majority. After a crash the store is back
+        // at an earlier applied point (redb loses only a suffix of
+        // non-durable commits), and the log is applied again from there —
+        // which gives the same state, accepts being idempotent. `sync_state`
+        // makes it durable before a snapshot lets the log be purged.
+        // Measured: one fsync fewer in the sequential path of every
+        // replicated message.
+        let mut txn = self.db.begin_write().map_err(|e| db_err("beginning write", e))?;
+        txn.set_durability(redb::Durability::Eventual);
         let mut results = Vec::with_capacity(changes.len());
         let mut freed = Vec::new();
         for change in changes {
@@ -354,6 +363,22 @@ impl Inner {
 }
 
 impl LocalStore {
+    /// Makes every state change applied so far durable (one fsynced
+    /// commit). A cluster calls it before a snapshot allows purging the log
+    /// that could otherwise replay them.
+    pub async fn sync_state(&self) -> StoreResult<()> {
+        let inner = self.inner().clone();
+        blocking(move || {
+            let txn = inner.begin_write()?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
+                meta.insert(LAST_STATE_SYNC, crate::tables::unix_now()).map_err(|e| db_err("writing meta", e))?;
+            }
+            txn.commit().map_err(|e| db_err("committing state sync", e))
+        })
+        .await
+    }
+
     /// Applies changes decided by consensus, in order, in one commit, with
     /// `consensus_state` (opaque here) saved in the same commit. Each change
     /// gets its own result: a refusal (`Permanent`) does not stop the others.
