@@ -10,6 +10,7 @@
 
 mod bodies;
 mod committer;
+mod group_sync;
 mod directory;
 mod recovery;
 mod state;
@@ -75,6 +76,8 @@ pub(crate) struct Inner {
     /// Top 16 bits of queue ids (the node id in a cluster); starts as
     /// `options.node_prefix`, set when the node joins a cluster.
     pub(crate) node_prefix: std::sync::atomic::AtomicU16,
+    /// Shared fsyncs of `bodies/` for bodies written outside the committer.
+    pub(crate) dir_sync: group_sync::GroupSync,
 }
 
 impl Inner {
@@ -271,6 +274,7 @@ impl LocalStore {
             in_flight: Mutex::new(HashMap::new()),
             tmp_seq: AtomicU64::new(0),
             node_prefix: std::sync::atomic::AtomicU16::new(options_prefix),
+            dir_sync: group_sync::GroupSync::default(),
         });
         init_schema(&inner)?;
         let recovery = recovery::recover(&inner)?;

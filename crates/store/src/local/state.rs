@@ -436,7 +436,13 @@ impl LocalStore {
             inner
                 .sync_body(&staged.path)
                 .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
-            inner.sync_dirs(&[&staged.dir])?;
+            if inner.options.fsync {
+                let dir = staged.dir.clone();
+                inner
+                    .dir_sync
+                    .sync(|| std::fs::File::open(&dir)?.sync_all())
+                    .map_err(|e| StoreError::io(format!("fsyncing directory {}", staged.dir.display()), e))?;
+            }
             Ok(staged.hash)
         })
         .await
