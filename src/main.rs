@@ -45,6 +45,20 @@ enum Command {
     /// The mail store: verify (and repair) every body file.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Failover groups: apply a file, status, start, stop, move, del.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// This node in the cluster: `node stop` moves its groups away.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// The cluster log (events of every node); `log write TEXT` appends.
+    Log {
+        #[command(subcommand)]
+        write: Option<LogCmd>,
+        /// How many of the last events to show.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
     /// The cluster: init, join, status, remove.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -83,6 +97,41 @@ enum AliasCmd {
     },
     Del { alias: String },
     List,
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Adds or replaces the groups of a TOML file (`[[group]]` tables, see
+    /// the README).
+    Apply { file: PathBuf },
+    /// Every group: owner, state, target, epoch.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs the group on its best live node.
+    Start { name: String },
+    /// Stops the group wherever it runs.
+    Stop { name: String },
+    /// Switchover: to NODE, or to the next node of its list.
+    Move { name: String, node: Option<u64> },
+    /// Removes a stopped group.
+    Del { name: String },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Moves every group away from NODE (default: this node).
+    Stop { node: Option<u64> },
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// Appends a line to the cluster log (the seed's `armlog`).
+    Write {
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -168,6 +217,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Alias(AliasCmd::List) => Request::AliasList,
         Command::Queue(QueueCmd::List) => Request::QueueList,
         Command::Store(StoreCmd::Verify) => Request::StoreVerify,
+        Command::Group(GroupCmd::Apply { file }) => Request::GroupApply { groups: read_groups(&file)? },
+        Command::Group(GroupCmd::Status { json }) => {
+            let response = admin(&config, Request::GroupStatus).await?;
+            return print_response(&Request::GroupStatus, response, json);
+        }
+        Command::Group(GroupCmd::Start { name }) => Request::Group { command: "start".into(), name, node: None },
+        Command::Group(GroupCmd::Stop { name }) => Request::Group { command: "stop".into(), name, node: None },
+        Command::Group(GroupCmd::Move { name, node }) => Request::Group { command: "move".into(), name, node },
+        Command::Group(GroupCmd::Del { name }) => Request::Group { command: "del".into(), name, node: None },
+        Command::Node(NodeCmd::Stop { node }) => Request::NodeStop { node },
+        Command::Log { write: Some(LogCmd::Write { text }), .. } => Request::LogWrite { text: text.join(" ") },
+        Command::Log { write: None, lines } => Request::LogShow { limit: lines },
         Command::Cluster(ClusterCmd::Init) => Request::ClusterInit,
         Command::Cluster(ClusterCmd::Join { token }) => Request::ClusterJoin { token },
         Command::Cluster(ClusterCmd::Remove { node }) => Request::ClusterRemove { node },
@@ -253,6 +314,25 @@ async fn admin(config: &Config, request: Request) -> Result<Response> {
     }
 }
 
+/// The `[[group]]` tables of a groups file; errors name the file and line.
+fn read_groups(path: &Path) -> Result<Vec<hamail_cluster::groups::GroupSpec>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct GroupsFile {
+        #[serde(default)]
+        group: Vec<hamail_cluster::groups::GroupSpec>,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let parsed: GroupsFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        anyhow::anyhow!("{}{}: {}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default(), e.message())
+    })?;
+    if parsed.group.is_empty() {
+        bail!("{}: no [[group]] table", path.display());
+    }
+    Ok(parsed.group)
+}
+
 fn read_password(user: &str) -> Result<String> {
     if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password(format!("Password for {user}: "))?;
@@ -329,6 +409,37 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::ClusterJoin { .. } => println!("joined the cluster as node {}", d["node_id"]),
         Request::ClusterRemove { node } => println!("node {node} removed from the cluster"),
+        Request::GroupApply { groups } => println!("{} group(s) applied", groups.len()),
+        Request::Group { .. } => println!("{}", s(&d["message"])),
+        Request::NodeStop { .. } => {
+            for m in d.as_array().into_iter().flatten() {
+                match m["to"].as_u64() {
+                    Some(n) => println!("group {} moves to node {n}", s(&m["group"])),
+                    None => println!("group {} stopped (no other node)", s(&m["group"])),
+                }
+            }
+        }
+        Request::GroupStatus => {
+            println!("{:<16} {:>6} {:<10} {:<12} {:>6}  {}", "group", "owner", "state", "target", "epoch", "nodes");
+            for g in d.as_array().into_iter().flatten() {
+                let p = &g["placement"];
+                let nodes: Vec<String> = g["spec"]["nodes"].as_array().into_iter().flatten().map(|n| n.to_string()).collect();
+                let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string().trim_matches('"').to_string() };
+                println!(
+                    "{:<16} {:>6} {:<10} {:<12} {:>6}  {}",
+                    s(&g["spec"]["name"]), opt(&p["owner"]), opt(&p["state"]), opt(&p["target"]), opt(&p["epoch"]),
+                    nodes.join(",")
+                );
+            }
+        }
+        Request::LogShow { .. } => {
+            for e in d.as_array().into_iter().flatten() {
+                let secs = e["at_ms"].as_u64().unwrap_or(0) / 1000;
+                let what = [e["group"].as_str(), e["resource"].as_str()].iter().flatten().cloned().collect::<Vec<_>>().join("/");
+                println!("{secs} node{} {:?} {} {}", e["node"], e["kind"].as_str().unwrap_or(""), what, s(&e["text"]));
+            }
+        }
+        Request::LogWrite { .. } => {}
         Request::StoreVerify => {
             let mut bad = false;
             for r in d.as_array().into_iter().flatten() {

@@ -42,6 +42,14 @@ pub enum Request {
     ClusterStatus,
     ClusterRemove { node: u64 },
     StoreVerify,
+    /// Adds or replaces failover groups (parsed from a file by the CLI).
+    GroupApply { groups: Vec<hamail_cluster::groups::GroupSpec> },
+    /// `del`, `start`, `stop` or `move` (with an optional destination).
+    Group { command: String, name: String, node: Option<u64> },
+    GroupStatus,
+    NodeStop { node: Option<u64> },
+    LogShow { limit: usize },
+    LogWrite { text: String },
 }
 
 impl Request {
@@ -54,6 +62,12 @@ impl Request {
                 | Request::ClusterStatus
                 | Request::ClusterRemove { .. }
                 | Request::StoreVerify
+                | Request::GroupApply { .. }
+                | Request::Group { .. }
+                | Request::GroupStatus
+                | Request::NodeStop { .. }
+                | Request::LogShow { .. }
+                | Request::LogWrite { .. }
         )
     }
 }
@@ -115,6 +129,19 @@ async fn execute_cluster(ctx: &Arc<Context>, request: Request) -> Response {
         }
         Request::ClusterStatus => crate::cluster::status(ctx).await.map(|r| json!(r)),
         Request::ClusterRemove { node } => crate::cluster::remove(ctx, hamail_cluster::NodeId(node)).await.map(|()| Value::Null),
+        Request::GroupApply { groups } => {
+            let n = groups.len();
+            crate::cluster::put_groups(ctx, groups).await.map(|()| json!({ "groups": n }))
+        }
+        Request::Group { command, name, node } => {
+            crate::cluster::group_command(ctx, &command, &name, node).await.map(|msg| json!({ "message": msg }))
+        }
+        Request::GroupStatus => crate::cluster::groups_status(ctx).await.map(|g| json!(g)),
+        Request::NodeStop { node } => crate::cluster::drain(ctx, node).await.map(|moves| {
+            json!(moves.into_iter().map(|(g, to)| json!({"group": g, "to": to.map(|n| n.0)})).collect::<Vec<_>>())
+        }),
+        Request::LogShow { limit } => crate::cluster::log_show(ctx, limit).await.map(|e| json!(e)),
+        Request::LogWrite { text } => crate::cluster::log_write(ctx, text).await.map(|()| Value::Null),
         Request::StoreVerify => crate::cluster::verify(ctx).await.map(|reports| {
             json!(reports
                 .into_iter()
@@ -204,7 +231,13 @@ async fn run(
         | Request::ClusterJoin { .. }
         | Request::ClusterStatus
         | Request::ClusterRemove { .. }
-        | Request::StoreVerify => {
+        | Request::StoreVerify
+        | Request::GroupApply { .. }
+        | Request::Group { .. }
+        | Request::GroupStatus
+        | Request::NodeStop { .. }
+        | Request::LogShow { .. }
+        | Request::LogWrite { .. } => {
             return Err(StoreError::Permanent("cluster commands need the running server".into()))
         }
         Request::Status => {

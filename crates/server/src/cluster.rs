@@ -16,6 +16,7 @@ use hamail_cluster::rpc::{Handler, JoinError, JoinRequest, JoinResponse, Request
 use hamail_cluster::state_machine::ConsensusState;
 use hamail_cluster::tcp::{self, TlsTransport, TransportConfig};
 use hamail_cluster::{
+    groups::{EventKind, GroupSpec, GroupStatus},
     mailstore::{RepairReport, Replication, ReplicatedStore},
     ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role, Timing,
 };
@@ -174,6 +175,18 @@ async fn start_node(
     ctx.set_directory(Arc::new(ReplicatedDirectory::new(node.clone())));
     // Queue ids carry the node id: unique across the cluster.
     store.set_node_prefix(u16::try_from(identity.id.0).map_err(|_| cluster_err("node id above 65535"))?);
+    // The group agent: runs this node's share of the failover groups.
+    // Script output goes to the cluster log (written in the background: a
+    // log line must never hold up a resource).
+    let log_node = Arc::downgrade(&node);
+    let sink: crate::resources::LogSink = Arc::new(move |resource: String, line: String| {
+        if let Some(node) = log_node.upgrade() {
+            tokio::spawn(async move {
+                let _ = node.log_event(EventKind::Script, None, Some(&resource), line).await;
+            });
+        }
+    });
+    node.start_agent(Arc::new(crate::resources::Driver::new(ctx, sink)));
     if rt.role == Role::Data {
         let mail = Arc::new(ReplicatedStore::new(node.clone(), rt.replication.clone()).map_err(cluster_err)?);
         *rt.mail.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mail.clone());
@@ -463,4 +476,54 @@ pub(crate) async fn verify(ctx: &Arc<Context>) -> Result<Vec<(NodeId, Result<Rep
             )])
         }
     }
+}
+
+fn member(ctx: &Arc<Context>) -> Result<Arc<ClusterNode>, ServerError> {
+    ctx.cluster.node().ok_or_else(|| cluster_err("this node is not in a cluster (hamail cluster init / join)"))
+}
+
+/// `hamail group apply FILE`: adds or replaces groups.
+pub(crate) async fn put_groups(ctx: &Arc<Context>, specs: Vec<GroupSpec>) -> Result<(), ServerError> {
+    let node = member(ctx)?;
+    for spec in specs {
+        node.put_group(spec).await.map_err(cluster_err)?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn group_command(ctx: &Arc<Context>, op: &str, name: &str, to: Option<u64>) -> Result<String, ServerError> {
+    let node = member(ctx)?;
+    match op {
+        "del" => node.remove_group(name).await.map(|()| format!("group {name} removed")),
+        "start" => node.start_group(name).await.map(|()| format!("group {name} starting")),
+        "stop" => node.stop_group(name).await.map(|()| format!("group {name} stopping")),
+        "move" => node.move_group(name, to.map(NodeId)).await.map(|dest| format!("group {name} moving to node {dest}")),
+        other => return Err(cluster_err(format!("unknown group command {other}"))),
+    }
+    .map_err(cluster_err)
+}
+
+/// Every group and where it runs (a linearizable view).
+pub(crate) async fn groups_status(ctx: &Arc<Context>) -> Result<Vec<GroupStatus>, ServerError> {
+    let node = member(ctx)?;
+    node.linearizable().await.map_err(cluster_err)?;
+    Ok(node.groups_status())
+}
+
+/// `hamail node stop [NODE]`: moves its groups away.
+pub(crate) async fn drain(ctx: &Arc<Context>, which: Option<u64>) -> Result<Vec<(String, Option<NodeId>)>, ServerError> {
+    let node = member(ctx)?;
+    let target = which.map(NodeId).unwrap_or_else(|| node.id());
+    node.drain_node(target).await.map_err(cluster_err)
+}
+
+pub(crate) async fn log_show(ctx: &Arc<Context>, limit: usize) -> Result<Vec<hamail_cluster::groups::ClusterEvent>, ServerError> {
+    let node = member(ctx)?;
+    node.linearizable().await.map_err(cluster_err)?;
+    node.events(limit).await.map_err(cluster_err)
+}
+
+pub(crate) async fn log_write(ctx: &Arc<Context>, text: String) -> Result<(), ServerError> {
+    let node = member(ctx)?;
+    node.log_event(EventKind::Note, None, None, text).await.map_err(cluster_err)
 }

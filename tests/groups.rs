@@ -1,0 +1,132 @@
+//! Failover groups with real processes on loopback: a group with a
+//! loopback address, the mail listeners and a start/stop script runs on its
+//! home node, moves by command, and fails over when its owner is SIGKILLed;
+//! the scripts get the seed's variables; events reach the cluster log.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::cluster::*;
+use common::*;
+use serde_json::Value;
+
+/// The group's address: every node listens on its own 127.0.0.(10+i), the
+/// group's listeners on this one, same port everywhere.
+const GROUP_IP: &str = "127.0.0.77";
+
+fn node_with_ports(root: &Path, i: usize, smtp: u16, pop3: u16) -> Node {
+    let name = format!("node{i}");
+    let dir = root.join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ip = format!("127.0.0.{}", 10 + i);
+    let text = format!(
+        "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
+         [smtp]\nlisten = [\"{ip}:{smtp}\"]\nsubmission = []\n\n[pop3]\nlisten = [\"{ip}:{pop3}\"]\n\n\
+         [cluster]\nlisten = \"{ip}:{}\"\n",
+        dir.join("data").display(),
+        free_port()
+    );
+    std::fs::write(dir.join("hamail.toml"), text).unwrap();
+    let server = Some(start_in(&dir, ""));
+    Node { dir, server }
+}
+
+fn group_file(root: &Path) -> PathBuf {
+    let script = root.join("record.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"$1 $(hostname) CLP_EVENT=$CLP_EVENT CLP_SERVER=$CLP_SERVER CLP_DISK=$CLP_DISK \
+         CLP_GROUPNAME=$CLP_GROUPNAME CLP_RESOURCENAME=$CLP_RESOURCENAME ARMS_EVENT=$ARMS_EVENT \
+         ARMS_SERVER=$ARMS_SERVER\" >> \"$RECORD\"\necho script-said-$1\n",
+    )
+    .unwrap();
+    let record = root.join("record.txt");
+    let file = root.join("groups.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+             [[group.resources]]\ntype = \"loopback_ip\"\nname = \"vip\"\naddress = \"{GROUP_IP}\"\n\n\
+             [[group.resources]]\ntype = \"exec\"\nname = \"script\"\n\
+             start = \"RECORD={r} sh {s} start\"\nstop = \"RECORD={r} sh {s} stop\"\ntimeout_secs = 10\n\n\
+             [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n",
+            r = record.display(),
+            s = script.display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn owner(n: &Node) -> Option<(u64, String)> {
+    let (ok, out) = n.cli(&["group", "status", "--json"], "");
+    if !ok {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&out).ok()?;
+    let g = v.as_array()?.iter().find(|g| g["spec"]["name"] == "mail")?.clone();
+    Some((g["placement"]["owner"].as_u64()?, g["placement"]["state"].as_str()?.to_string()))
+}
+
+fn greeting_from(port: u16) -> Option<String> {
+    let s = std::net::TcpStream::connect_timeout(&format!("{GROUP_IP}:{port}").parse().ok()?, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut r, &mut line).ok()?;
+    line.starts_with("220 ").then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
+}
+
+#[test]
+fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
+    let root = tempfile::tempdir().unwrap();
+    let (smtp, pop3) = (free_port(), free_port());
+    let mut nodes: Vec<Node> = (1..=3).map(|i| node_with_ports(root.path(), i, smtp, pop3)).collect();
+    let (ok, out) = nodes[0].cli(&["cluster", "init"], "");
+    assert!(ok, "{out}");
+    let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).unwrap().to_string();
+    for n in &nodes[1..] {
+        assert!(n.cli(&["cluster", "join", &token], "").0);
+    }
+    let file = group_file(root.path());
+    let (ok, out) = nodes[1].cli(&["group", "apply", file.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+
+    // Home is node 1: the group's address greets as node1.
+    let host = eventually(Duration::from_secs(30), "the group online at home", || greeting_from(smtp).filter(|h| h == "node1"));
+    assert_eq!(host, "node1");
+    assert_eq!(owner(&nodes[2]).unwrap(), (1, "Online".to_string()));
+
+    // Switchover by command.
+    let (ok, out) = nodes[2].cli(&["group", "move", "mail", "3"], "");
+    assert!(ok, "{out}");
+    eventually(Duration::from_secs(30), "the group online on node 3", || greeting_from(smtp).filter(|h| h == "node3"));
+
+    // Power cut of the owner: the next live node in the list takes over.
+    nodes[2].kill9();
+    let t0 = std::time::Instant::now();
+    let host = eventually(Duration::from_secs(30), "failover", || greeting_from(smtp).filter(|h| h != "node3"));
+    eprintln!("failover to {host} after {:?}", t0.elapsed());
+    assert_eq!(host, "node1", "after node 3, the list wraps to node 1");
+
+    let record = std::fs::read_to_string(root.path().join("record.txt")).unwrap();
+    assert!(
+        record.contains("CLP_EVENT=START CLP_SERVER=HOME CLP_DISK=SUCCESS CLP_GROUPNAME=mail CLP_RESOURCENAME=script ARMS_EVENT=START ARMS_SERVER=HOME"),
+        "{record}"
+    );
+    assert!(record.contains("CLP_EVENT=START CLP_SERVER=OTHER"), "the move starts it as START on another node: {record}");
+    assert!(record.contains("stop"), "{record}");
+    assert!(record.contains("CLP_EVENT=FAILOVER CLP_SERVER=HOME"), "the takeover on node 1 is a FAILOVER: {record}");
+
+    // The cluster log, from any node, has the script output and the moves.
+    let (ok, out) = nodes[1].cli(&["log", "-n", "200"], "");
+    assert!(ok, "{out}");
+    assert!(out.contains("script-said-start"), "{out}");
+    let (ok, _) = nodes[1].cli(&["log", "write", "operator", "note"], "");
+    assert!(ok);
+    let (_, out) = nodes[0].cli(&["log", "-n", "5"], "");
+    assert!(out.contains("operator note"), "{out}");
+    nodes[2].restart();
+}
