@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod mail;
+pub mod netns;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

@@ -6,7 +6,8 @@
 //! default parameters). Run on tokio's blocking threads, every concurrent
 //! login allocated its own 19 MiB and the allocator kept them: the server
 //! grew to gigabytes under a POP3 load. Two workers with one buffer each
-//! bound that memory to about 40 MiB and the CPU to the two cores.
+//! bound that memory to about 40 MiB and the CPU to the two cores; an idle
+//! worker frees its buffer after a few seconds.
 //!
 //! Why a cache: POP3 clients log in every few minutes with the same
 //! password, and a mail server that spends 20 ms of CPU per login cannot
@@ -29,6 +30,8 @@ use crate::{StoreError, StoreResult};
 
 /// Threads doing argon2 work (one per core of the machines we aim at).
 const WORKERS: usize = 2;
+/// A worker idle this long frees its argon2 memory.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Entries in the login cache before it is cleared.
 const CACHE_CAPACITY: usize = 100_000;
 
@@ -134,9 +137,16 @@ fn worker(rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     // seen (stored hashes with other parameters still verify).
     let mut memory: Vec<Block> = Vec::new();
     loop {
-        let job = match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
+        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv_timeout(IDLE_RELEASE);
+        let job = match next {
             Ok(j) => j,
-            Err(_) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: give the 19 MiB back (logins come in bursts; the
+                // login cache serves the repeats).
+                memory = Vec::new();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         match job {
             Job::Hash { password, reply } => {

@@ -1,0 +1,323 @@
+//! A test bed of Linux network namespaces (needs root): a "switch"
+//! namespace holding a bridge, and one namespace per host, each joined to
+//! the bridge by a veth pair whose host end is called `eth0`. Addresses come
+//! from 198.18.0.0/15 (RFC 2544 benchmarking) only; there is no default
+//! route, so nothing can leave the bed. Every namespace (and with it every
+//! veth and the bridge) is deleted when the `Bed` is dropped — also when a
+//! test panics — after killing the processes still running in them (all of
+//! them ours: the namespaces are created here, with the test's pid in
+//! their names).
+//!
+//! Nothing is created in the root namespace: the bridge and the bridge-side
+//! veth ends live in the switch namespace.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+
+/// Every namespace of ours starts with this, then the creating pid.
+const PREFIX: &str = "hmt";
+
+/// The name of the interface inside each host namespace.
+pub const IFACE: &str = "eth0";
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// True when running as root; otherwise prints why the test is skipped.
+pub fn root_or_skip(test: &str) -> bool {
+    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.ok().as_deref() == Some("0") {
+        return true;
+    }
+    eprintln!("{test}: skipped: needs root for network namespaces");
+    false
+}
+
+/// Runs `ip ARGS`; panics with its stderr on failure.
+pub fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("cannot run `ip` (install iproute2)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs `ip ARGS`, ignoring failure (cleanup).
+fn ip_quiet(args: &[&str]) -> Option<String> {
+    let out = Command::new("ip").args(args).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes namespaces left by earlier test processes that died without
+/// cleaning up (SIGKILLed): ours by prefix, and their creator is gone.
+fn sweep_stale() {
+    let Some(list) = ip_quiet(&["netns", "list"]) else { return };
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !pid_alive(pid) {
+            kill_all_in(name);
+            ip_quiet(&["netns", "del", name]);
+        }
+    }
+}
+
+/// SIGKILLs the processes running in namespace `ns` (only ever one of ours).
+fn kill_all_in(ns: &str) {
+    if let Some(pids) = ip_quiet(&["netns", "pids", ns]) {
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").arg("-KILL").arg(pid).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+pub struct Host {
+    /// Short name: "n1", "cl".
+    pub name: String,
+    /// Its namespace.
+    pub ns: String,
+    pub ip: IpAddr,
+}
+
+pub struct Bed {
+    pub switch: String,
+    pub hosts: Vec<Host>,
+}
+
+impl Bed {
+    /// `hosts`: (short name, address in 198.18.0.0/15), all on one /24.
+    pub fn new(hosts: &[(&str, &str)]) -> Bed {
+        sweep_stale();
+        let tag = format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let switch = format!("{tag}-sw");
+        // Constructed first: whatever is created below is deleted on panic.
+        let mut bed = Bed { switch: switch.clone(), hosts: Vec::new() };
+        ip(&["netns", "add", &switch]);
+        ip(&["-n", &switch, "link", "set", "lo", "up"]);
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &switch, "link", "set", "br0", "up"]);
+        for (name, addr) in hosts {
+            let parsed: IpAddr = addr.parse().expect("address");
+            match parsed {
+                IpAddr::V4(v4) => assert!(
+                    v4.octets()[0] == 198 && (v4.octets()[1] & 0xfe) == 18,
+                    "test addresses must be in 198.18.0.0/15, not {addr}"
+                ),
+                IpAddr::V6(_) => panic!("IPv4 only"),
+            }
+            let ns = format!("{tag}-{name}");
+            ip(&["netns", "add", &ns]);
+            bed.hosts.push(Host { name: name.to_string(), ns: ns.clone(), ip: parsed });
+            let port = format!("p-{name}");
+            ip(&["-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", IFACE, "netns", &ns]);
+            ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", IFACE]);
+            ip(&["-n", &ns, "link", "set", IFACE, "up"]);
+        }
+        bed
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    pub fn ns(&self, name: &str) -> &str {
+        &self.host(name).ns
+    }
+
+    /// Pulls (false) or plugs back (true) the cable of `host`: its port on
+    /// the bridge goes down, and `eth0` inside loses its carrier.
+    pub fn set_link(&self, host: &str, up: bool) {
+        ip(&["-n", &self.switch, "link", "set", &format!("p-{host}"), if up { "up" } else { "down" }]);
+    }
+
+    /// The Ethernet address of `host`'s `eth0`.
+    pub fn mac(&self, host: &str) -> String {
+        let out = ip(&["-n", self.ns(host), "-j", "link", "show", "dev", IFACE]);
+        let v: Value = serde_json::from_str(&out).expect("ip -j link");
+        v[0]["address"].as_str().expect("mac").to_string()
+    }
+
+    /// Whether `addr` is configured on `host` (any interface).
+    pub fn has_addr(&self, host: &str, addr: &str) -> bool {
+        let out = ip(&["-n", self.ns(host), "-j", "addr", "show"]);
+        let v: Value = serde_json::from_str(&out).expect("ip -j addr");
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+            .any(|a| a["local"] == addr)
+    }
+
+    /// The hosts among `among` that have `addr`.
+    pub fn holders(&self, among: &[&str], addr: &str) -> Vec<String> {
+        among.iter().filter(|h| self.has_addr(h, addr)).map(|h| h.to_string()).collect()
+    }
+
+    /// `host`'s neighbour entry for `addr`: (MAC, state), if it has one.
+    pub fn neighbour(&self, host: &str, addr: &str) -> Option<(String, String)> {
+        let out = ip(&["-n", self.ns(host), "-j", "neigh", "show", "to", addr, "dev", IFACE]);
+        let v: Value = serde_json::from_str(&out).ok()?;
+        let e = v.as_array()?.first()?.clone();
+        let mac = e["lladdr"].as_str()?.to_string();
+        let state = e["state"].as_array().map(|s| s.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        Some((mac, state))
+    }
+
+    /// Runs `f` on a thread that has entered `host`'s network namespace:
+    /// every socket it opens is in that namespace.
+    pub fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from("/run/netns").join(self.ns(host));
+        std::thread::spawn(move || {
+            enter_netns(&path);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+extern "C" {
+    fn setns(fd: std::os::raw::c_int, nstype: std::os::raw::c_int) -> std::os::raw::c_int;
+}
+const CLONE_NEWNET: std::os::raw::c_int = 0x4000_0000;
+
+/// Moves the calling thread (only it) into the network namespace at `path`.
+fn enter_netns(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: a plain syscall on a valid descriptor; it changes only this
+    // thread's network namespace.
+    let r = unsafe { setns(f.as_raw_fd(), CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            kill_all_in(&h.ns);
+        }
+        for h in &self.hosts {
+            ip_quiet(&["netns", "del", &h.ns]);
+        }
+        kill_all_in(&self.switch);
+        ip_quiet(&["netns", "del", &self.switch]);
+    }
+}
+
+/// Writes the config of a cluster node listening on `ip` (smtp 2525, pop3
+/// 2110, cluster 7400) in `dir`.
+pub fn write_ns_node_config(dir: &Path, name: &str, ip: IpAddr) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("node dir");
+    let text = format!(
+        "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
+         [smtp]\nlisten = [\"{ip}:2525\"]\nsubmission = []\n\n\
+         [pop3]\nlisten = [\"{ip}:2110\"]\nplaintext_auth = \"always\"\n\n\
+         [cluster]\nlisten = \"{ip}:7400\"\n",
+        dir.join("data").display(),
+    );
+    let config = dir.join("hamail.toml");
+    std::fs::write(&config, text).expect("write config");
+    config
+}
+
+/// Starts `hamail serve` inside `ns` (`ip netns exec` execs it: the child's
+/// pid is hamail's own, so `kill9` is a real power cut of the process).
+pub fn start_in_ns(ns: &str, dir: &Path) -> Server {
+    let config = dir.join("hamail.toml");
+    let stderr_log = dir.join(format!("stderr-{}.log", rand_u64()));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, BIN, "--config"])
+        .arg(&config)
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&stderr_log).expect("log file")))
+        .spawn()
+        .expect("spawn ip netns exec hamail");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut addrs = std::collections::HashMap::new();
+    loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                panic!("hamail in {ns} exited before it was ready; stderr:\n{log}");
+            }
+        };
+        if let Some(rest) = line.strip_prefix("hamail: ") {
+            if rest.starts_with("ready") {
+                break;
+            }
+            if let Some((what, addr)) = rest.split_once(" listening on ") {
+                if let Some(first) = addr.split_whitespace().next() {
+                    if let Ok(a) = first.parse::<SocketAddr>() {
+                        addrs.insert(what.to_string(), a);
+                    }
+                }
+            }
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        dir: dir.to_path_buf(),
+        config,
+        child: Some(child),
+        smtp: addrs.get("smtp").copied().unwrap_or(UNBOUND),
+        submission: addrs.get("submission").copied().unwrap_or(UNBOUND),
+        submissions: addrs.get("submissions").copied(),
+        pop3: addrs.get("pop3").copied().unwrap_or(UNBOUND),
+        pop3s: addrs.get("pop3s").copied(),
+        _tmp: None,
+        stderr_log,
+    }
+}
+
+/// One SMTP transaction to `addr` with short timeouts (for polling during
+/// an outage): Ok(greeting host name) when the message got 250.
+pub fn smtp_send(addr: SocketAddr, to: &str, token: &str) -> std::io::Result<Result<String, String>> {
+    use std::io::Write;
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let greeting = mail::reply(&mut r)?;
+    if !greeting.starts_with("220 ") {
+        return Ok(Err(greeting));
+    }
+    let host = greeting.split_whitespace().nth(1).unwrap_or("").to_string();
+    w.write_all(format!("EHLO client.test\r\nMAIL FROM:<probe@client.test>\r\nRCPT TO:<{to}>\r\nDATA\r\n").as_bytes())?;
+    for expect in ["250", "250", "250", "354"] {
+        let l = mail::reply(&mut r)?;
+        if !l.starts_with(expect) {
+            return Ok(Err(l));
+        }
+    }
+    w.write_all(format!("Subject: {token}\r\nX-Token: {token}\r\n\r\nfailover probe {token}\r\n.\r\n").as_bytes())?;
+    let l = mail::reply(&mut r)?;
+    let _ = w.write_all(b"QUIT\r\n");
+    Ok(if l.starts_with("250") { Ok(host) } else { Err(l) })
+}
+
+/// The SMTP greeting's host name at `addr`, if it answers.
+pub fn greeting(addr: SocketAddr) -> Option<String> {
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut r = BufReader::new(s);
+    let l = mail::reply(&mut r).ok()?;
+    l.starts_with("220 ").then(|| l.split_whitespace().nth(1).unwrap_or("").to_string())
+}

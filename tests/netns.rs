@@ -1,0 +1,258 @@
+//! End-to-end failover with real processes in Linux network namespaces
+//! (needs root; skipped otherwise): three `hamail` nodes and a client, each
+//! in its own namespace on one bridge (198.18.0.0/24, no route out). A
+//! failover group holds the floating address 198.18.0.100/24 on `eth0` and
+//! the mail listeners on it. The owner's cable is pulled (and, for a power
+//! cut, its process SIGKILLed); the client must get its mail through the
+//! floating address again, from the node that now holds it — the only one
+//! that does — with its neighbour cache moved by gratuitous ARP.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::cluster::Node;
+use common::netns::*;
+use common::*;
+
+const VIP: &str = "198.18.0.100";
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+const USER: &str = "alice@example.org";
+/// Generous: a takeover normally takes lease + stop timeout + margin (2.7 s
+/// by default) plus an election.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), port)
+}
+
+/// Field order = drop order: processes first, then the namespaces, then the
+/// data directories.
+struct Cluster {
+    nodes: Vec<Node>,
+    bed: Bed,
+    root: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let log = n.server.as_ref().map(|s| s.log()).unwrap_or_else(|| {
+                    // Killed: its log files are still in its directory.
+                    std::fs::read_dir(&n.dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
+                        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                        .collect()
+                });
+                let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("===== node{} (last lines)\n{}", i + 1, tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Host name ("n2") of the node whose greeting says `hostname` ("node2").
+    fn host_of(hostname: &str) -> &'static str {
+        match hostname {
+            "node1" => "n1",
+            "node2" => "n2",
+            "node3" => "n3",
+            other => panic!("unexpected greeting host {other}"),
+        }
+    }
+
+    fn index(host: &str) -> usize {
+        NODES.iter().position(|h| *h == host).expect("node host")
+    }
+
+    fn greeting_from_client(&self) -> Option<String> {
+        self.bed.run_in("cl", || greeting(vip(2525)))
+    }
+
+    fn send_from_client(&self, token: &str) -> std::io::Result<Result<String, String>> {
+        let token = token.to_string();
+        self.bed.run_in("cl", move || smtp_send(vip(2525), USER, &token))
+    }
+
+    fn all_healthy(&self, via: usize) -> bool {
+        self.nodes[via]
+            .status()
+            .is_some_and(|st| st.len() == 3 && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0))
+    }
+}
+
+/// The bed, three nodes formed into a cluster with a user, and the group
+/// online at home (node 1) as seen from the client; one message sent.
+fn cluster_with_group() -> Cluster {
+    let bed = Bed::new(&[("n1", "198.18.0.1"), ("n2", "198.18.0.2"), ("n3", "198.18.0.3"), ("cl", "198.18.0.10")]);
+    let root = tempfile::tempdir().unwrap();
+    let mut c = Cluster { nodes: Vec::new(), bed, root };
+    for (i, host) in NODES.iter().enumerate() {
+        let dir = c.root.path().join(host);
+        write_ns_node_config(&dir, &format!("node{}", i + 1), c.bed.host(host).ip);
+        let server = start_in_ns(c.bed.ns(host), &dir);
+        c.nodes.push(Node { dir, server: Some(server) });
+    }
+    let n1 = &c.nodes[0];
+    let (ok, out) = n1.cli(&["domain", "add", "example.org"], "");
+    assert!(ok, "{out}");
+    let (ok, out) = n1.cli(&["user", "add", USER], "pw\n");
+    assert!(ok, "{out}");
+    let (ok, out) = n1.cli(&["cluster", "init"], "");
+    assert!(ok, "cluster init: {out}");
+    let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).expect("token").to_string();
+    for n in &c.nodes[1..] {
+        let (ok, out) = n.cli(&["cluster", "join", &token], "");
+        assert!(ok, "join: {out}\n{}", c.logs());
+    }
+    if poll(RECOVERY, || c.all_healthy(0).then_some(())).is_none() {
+        panic!("the cluster did not form: {:?}\n{}", c.nodes[0].status(), c.logs());
+    }
+
+    let file = c.root.path().join("groups.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+             [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
+             [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out) = c.nodes[1].cli(&["group", "apply", file.to_str().unwrap()], "");
+    assert!(ok, "group apply: {out}");
+
+    if poll(RECOVERY, || c.greeting_from_client().filter(|h| h == "node1")).is_none() {
+        let (_, st) = c.nodes[1].cli(&["group", "status"], "");
+        panic!("the group is not online at home (node 1) as seen from the client:\n{st}\n{}", c.logs());
+    }
+    assert_eq!(c.bed.holders(&NODES, VIP), vec!["n1".to_string()], "only the home node has {VIP}");
+    match c.send_from_client("before-the-cut") {
+        Ok(Ok(host)) => assert_eq!(host, "node1"),
+        other => panic!("a message before the cut: {other:?}\n{}", c.logs()),
+    }
+    // The client now has a neighbour entry for the address: the owner's MAC.
+    let (mac, _) = c.bed.neighbour("cl", VIP).expect("client neighbour entry");
+    assert_eq!(mac, c.bed.mac("n1"));
+    c
+}
+
+#[test]
+fn power_cut_of_the_owner_moves_the_floating_address() {
+    if !root_or_skip("power_cut_of_the_owner_moves_the_floating_address") {
+        return;
+    }
+    let mut c = cluster_with_group();
+    let owner = "n1";
+    let old_mac = c.bed.mac(owner);
+
+    // Power cut: cable out and process gone, at (nearly) the same instant.
+    let cut = Instant::now();
+    c.bed.set_link(owner, false);
+    c.nodes[Cluster::index(owner)].kill9();
+
+    // The client retries until a message gets 250 through the address.
+    let mut attempts = 0;
+    let mut last;
+    let (host, outage) = loop {
+        attempts += 1;
+        match c.send_from_client("after-the-cut") {
+            Ok(Ok(host)) => break (host, cut.elapsed()),
+            Ok(Err(reply)) => last = reply,
+            Err(e) => last = e.to_string(),
+        }
+        if cut.elapsed() > RECOVERY {
+            panic!("no 250 through {VIP} within {RECOVERY:?} of the power cut ({attempts} attempts, last: {last})\n{}", c.logs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("power cut of {owner}: client-observed outage {outage:?} ({attempts} attempts; served by {host})");
+    let new = Cluster::host_of(&host);
+    assert_ne!(new, owner);
+
+    // Exactly one survivor has the address: the one that answered.
+    let survivors: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+    assert_eq!(c.bed.holders(&survivors, VIP), vec![new.to_string()], "{VIP} on exactly one survivor");
+    // The client's neighbour entry points at it.
+    let (mac, state) = c.bed.neighbour("cl", VIP).expect("client neighbour entry");
+    assert_eq!(mac, c.bed.mac(new), "client's neighbour entry for {VIP} ({state}); old owner's MAC was {old_mac}");
+
+    // Both messages are there, read through the address from the new owner.
+    let msgs = c.bed.run_in("cl", || mail::maildrop(vip(2110), USER));
+    let tokens: Vec<String> = msgs.iter().map(|m| mail::token_of(m)).collect();
+    assert!(tokens.iter().any(|t| t == "before-the-cut"), "{tokens:?}");
+    assert!(tokens.iter().any(|t| t == "after-the-cut"), "{tokens:?}");
+    assert_eq!(tokens.len(), 2, "each message once: {tokens:?}");
+}
+
+#[test]
+fn a_partitioned_owner_drops_its_address() {
+    if !root_or_skip("a_partitioned_owner_drops_its_address") {
+        return;
+    }
+    let c = cluster_with_group();
+    let owner = "n1";
+    let others: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+
+    // Cable out; the process keeps running.
+    let cut = Instant::now();
+    c.bed.set_link(owner, false);
+
+    let (mut dropped, mut taken) = (None, None);
+    let new = loop {
+        if dropped.is_none() && !c.bed.has_addr(owner, VIP) {
+            dropped = Some(cut.elapsed());
+        }
+        let holders = c.bed.holders(&others, VIP);
+        assert!(holders.len() <= 1, "{VIP} on two nodes at once: {holders:?}");
+        if holders.len() == 1 {
+            assert!(dropped.is_some(), "{VIP} taken over by {holders:?} while the partitioned owner still has it");
+            taken.get_or_insert(cut.elapsed());
+        }
+        if let (Some(_), Some(_)) = (dropped, taken) {
+            break holders[0].clone();
+        }
+        if cut.elapsed() > RECOVERY {
+            panic!(
+                "within {RECOVERY:?}: partitioned owner dropped the address: {dropped:?}, taken over: {taken:?}\n{}",
+                c.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (dropped, taken) = (dropped.unwrap(), taken.unwrap());
+    eprintln!("partition of {owner}: it dropped {VIP} after {dropped:?}; {new} had it after {taken:?}");
+
+    // Gratuitous ARP alone (the client sends nothing) moves the client's
+    // neighbour entry to the new holder.
+    let new_mac = c.bed.mac(&new);
+    if poll(Duration::from_secs(10), || c.bed.neighbour("cl", VIP).filter(|(m, _)| *m == new_mac)).is_none() {
+        panic!("the client's neighbour entry for {VIP} is {:?}, not {new}'s {new_mac}", c.bed.neighbour("cl", VIP));
+    }
+    eprintln!("partition of {owner}: client's neighbour entry moved to {new} after {:?} (no client traffic)", cut.elapsed());
+
+    // Mail works through the address.
+    match c.send_from_client("during-the-partition") {
+        Ok(Ok(host)) => assert_eq!(Cluster::host_of(&host), new),
+        other => panic!("a message during the partition: {other:?}\n{}", c.logs()),
+    }
+
+    // The cable back: the old owner rejoins and does not take the address
+    // back (failback = manual).
+    c.bed.set_link(owner, true);
+    let via = Cluster::index(&new);
+    if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
+        panic!("node {owner} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());
+    }
+    assert_eq!(c.bed.holders(&NODES, VIP), vec![new.clone()], "{VIP} on exactly one node after the partition healed");
+    let msgs = c.bed.run_in("cl", || mail::maildrop(vip(2110), USER));
+    let tokens: Vec<String> = msgs.iter().map(|m| mail::token_of(m)).collect();
+    assert_eq!(tokens, vec!["before-the-cut".to_string(), "during-the-partition".to_string()]);
+}
