@@ -429,7 +429,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
             }
         }
         Request::GroupStatus => {
-            println!("{:<16} {:>6} {:<10} {:<12} {:>6}  {}", "group", "owner", "state", "target", "epoch", "nodes");
+            println!("{:<16} {:>6} {:<10} {:<12} {:>6}  nodes", "group", "owner", "state", "target", "epoch");
             for g in d.as_array().into_iter().flatten() {
                 let p = &g["placement"];
                 let nodes: Vec<String> = g["spec"]["nodes"].as_array().into_iter().flatten().map(|n| n.to_string()).collect();
@@ -470,9 +470,9 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::ClusterStatus => {
             println!(
-                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8}  {}",
+                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8}  health",
                 "id", "name", "address", "role", "state", "term", "leader", "last_log", "applied", "lag", "contact",
-                "missing", "degraded", "health"
+                "missing", "degraded"
             );
             let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
             for m in d.as_array().into_iter().flatten() {

@@ -48,7 +48,7 @@ fn run(roles: &[&str], rounds: usize) {
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let token = format!("r{round}t{t}m{n}");
-                    let recipients: Vec<usize> = (0..USERS).filter(|u| (n as usize + u) % 3 != 0).collect();
+                    let recipients: Vec<usize> = (0..USERS).filter(|u| !(n as usize + u).is_multiple_of(3)).collect();
                     let size = [400, 6_000, 60_000][(n % 3) as usize];
                     let addr = smtp.read().unwrap()[data[target % data.len()]];
                     let sent = addr.map(|a| send_one(a, &token, &recipients, size, &log));

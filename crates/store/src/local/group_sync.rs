@@ -85,7 +85,7 @@ mod tests {
             t.join().unwrap();
         }
         let n = syncs.load(Ordering::SeqCst);
-        assert!(n >= 20 && n < 320, "320 callers, {n} syncs: shared, and at least one per round of a caller");
+        assert!((20..320).contains(&n), "320 callers, {n} syncs: shared, and at least one per round of a caller");
     }
 
     #[test]
