@@ -33,11 +33,22 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// True when running as root; otherwise prints why the test is skipped.
 pub fn root_or_skip(test: &str) -> bool {
     let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if uid.ok().as_deref() == Some("0") {
-        return true;
+    if uid.ok().as_deref() != Some("0") {
+        eprintln!("{test}: skipped: needs root for network namespaces");
+        return false;
     }
-    eprintln!("{test}: skipped: needs root for network namespaces");
-    false
+    // Root without CAP_SYS_ADMIN (an unprivileged container) cannot either.
+    let probe = format!("{PREFIX}{}xprobe{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+    let out = Command::new("ip").args(["netns", "add", &probe]).output().expect("cannot run `ip` (install iproute2)");
+    if !out.status.success() {
+        eprintln!(
+            "{test}: skipped: needs root for network namespaces (root here, but `ip netns add` failed: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return false;
+    }
+    ip_quiet(&["netns", "del", &probe]);
+    true
 }
 
 /// Runs `ip ARGS`; panics with its stderr on failure.
@@ -171,7 +182,10 @@ impl Bed {
         let v: Value = serde_json::from_str(&out).ok()?;
         let e = v.as_array()?.first()?.clone();
         let mac = e["lladdr"].as_str()?.to_string();
-        let state = e["state"].as_array().map(|s| s.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let state = e["state"]
+            .as_array()
+            .map(|s| s.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+            .unwrap_or_default();
         Some((mac, state))
     }
 
