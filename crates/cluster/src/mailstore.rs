@@ -57,6 +57,9 @@ use crate::types::{Command, CommandResult, NodeId, Role};
 /// to a full scan (bounds the memory of a node whose task is slow).
 const MAX_PENDING_NOTICES: usize = 100_000;
 
+/// How long a data node that did not take a body copy is skipped.
+const PEER_RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// Bodies fetched at the same time by the repair task.
 const PARALLEL_FETCHES: usize = 8;
 
@@ -179,6 +182,8 @@ pub struct ReplicatedStore {
     replication: Replication,
     /// The body repair task (stopped when the store is dropped).
     repair: tokio::task::JoinHandle<()>,
+    /// Data nodes that failed to take a copy, skipped until then.
+    unreachable: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
 }
 
 impl Drop for ReplicatedStore {
@@ -205,7 +210,7 @@ impl ReplicatedStore {
         // Bodies may be missing from before this start (a crash, a restore).
         events.rescan.store(true, Ordering::Relaxed);
         let repair = tokio::spawn(repair_loop(Arc::downgrade(&node), events, replication.clone()));
-        Ok(ReplicatedStore { node, replication, repair })
+        Ok(ReplicatedStore { node, replication, repair, unreachable: Default::default() })
     }
 
     pub fn node(&self) -> &Arc<ClusterNode> {
@@ -261,7 +266,15 @@ impl ReplicatedStore {
         let data_nodes = peers.len() + 1;
         let needed = self.replication.min_copies();
         let mut puts = JoinSet::new();
+        let now = Instant::now();
         for (id, info) in peers {
+            // A peer that just failed to answer is skipped for a while
+            // instead of costing every message a connect timeout (measured:
+            // 1 s per message with a powered-off node). It gets its copies
+            // later: its repair task fetches what its log references.
+            if self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).is_some_and(|until| *until > now) {
+                continue;
+            }
             let transport = self.node.transport().clone();
             let request = Request::PutBody { hash, data: body.to_vec() };
             let within = self.replication.put_timeout;
@@ -276,6 +289,15 @@ impl ReplicatedStore {
                     continue;
                 }
             };
+            let reached = matches!(answer, Ok(Ok(_)));
+            {
+                let mut down = self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if reached {
+                    down.remove(&id);
+                } else {
+                    down.insert(id, Instant::now() + PEER_RETRY_AFTER);
+                }
+            }
             match answer {
                 Ok(Ok(Response::PutBody(Ok(())))) => copies += 1,
                 Ok(Ok(Response::PutBody(Err(why)))) => tracing::warn!(peer = %id, %hash, %why, "peer refused a body"),
