@@ -478,7 +478,8 @@ fn loop_disk() -> Result<LoopDisk, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let image = dir.path().join("disk.img").display().to_string();
     sh(&["truncate", "-s", "16M", &image])?;
-    sh(&["mkfs.ext4", "-q", "-F", &image])?;
+    // The device's last 1 MiB is the disk heartbeat lease area.
+    sh(&["mkfs.ext4", "-q", "-F", &image, "15M"])?;
     let device = sh(&["losetup", "--find", "--show", &image])?.trim().to_string();
     let mount_point = dir.path().join("mnt");
     Ok(LoopDisk { device, mount_point, _dir: dir })

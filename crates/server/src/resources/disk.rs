@@ -14,15 +14,18 @@
 //! holds files there (a store not yet closed) the unmount fails and says
 //! so.
 //!
-//! Monitor: the mount point is mounted, from the configured device.
+//! Monitor: the mount point is mounted, from the configured device, and
+//! the disk heartbeat lease is held and renewed.
 //!
-//! TODO (disk heartbeat lease): nothing here yet stops a node that lost
-//! the cluster but still has the disk from keeping it mounted while another
-//! mounts it. The planned fence is a lease in a small area reserved for it
-//! (a separate partition or the device's last MiB, never inside the
-//! filesystem — a lease file on the mounted filesystem cannot guard its own
-//! mount): the owner rewrites it periodically, and a taker waits for it to
-//! be stale for longer than the lease time before fsck/mount.
+//! Disk heartbeat lease (`disk_lease`): besides the cluster's quorum, the
+//! owner keeps a lease on the disk itself, in the device's LAST 1 MiB,
+//! outside the filesystem — so the filesystem must be created 1 MiB smaller
+//! than the device, e.g. `mkfs.ext4 /dev/drbd0 $(( $(blockdev --getsize64
+//! /dev/drbd0) / 1024 - 1024 ))k`. Start checks the superblock (ext2/3/4,
+//! XFS) and refuses, permanently, a filesystem that reaches into that area;
+//! then it acquires the lease (waiting out another node's stale lease,
+//! refusing while another node's heartbeat is alive) before fsck and mount.
+//! Stop releases the lease after the unmount.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use hamail_cluster::groups::ResourceError;
 
+use super::disk_lease::{self, AcquireError, Lease};
 use super::{config_error, env_error, run_error, LogSink};
 
 /// How long stop keeps killing users and retrying the unmount.
@@ -81,13 +85,55 @@ fn same_device(a: &str, b: &str) -> bool {
     canonical(a) == canonical(b)
 }
 
+/// Opens the device for the lease and checks that the filesystem leaves
+/// the lease area free.
+async fn open_lease_device(resource: &str, device: &str, fs_type: &str) -> Result<disk_lease::Device, ResourceError> {
+    let path = device.to_string();
+    let opened = tokio::task::spawn_blocking(move || {
+        let d = disk_lease::Device::open(&path)?;
+        let fs = d.filesystem_size()?;
+        Ok::<_, std::io::Error>((d, fs))
+    })
+    .await
+    .map_err(|e| run_error(resource, format!("lease check of {device}: {e}")))?;
+    let (dev, fs) = opened.map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => config_error(resource, e.to_string()),
+        std::io::ErrorKind::PermissionDenied => {
+            env_error(resource, format!("opening {device} for its disk lease: {e}: needs root"))
+        }
+        _ => run_error(resource, format!("reading {device} for its disk lease: {e}")),
+    })?;
+    let lease_kib = dev.offset / 1024;
+    match fs {
+        Some((_, size)) if size <= dev.offset => Ok(dev),
+        Some((kind, size)) => Err(config_error(
+            resource,
+            format!(
+                "the {kind} filesystem on {device} ({size} bytes) reaches into the disk lease area (the device's \
+                 last 1 MiB, from byte {}): re-create it 1 MiB smaller than the device, e.g. \
+                 `mkfs.{fs} {device} {lease_kib}k`; not mounted",
+                dev.offset,
+                fs = if kind == "ext" { "ext4" } else { "xfs" },
+            ),
+        )),
+        None => Err(config_error(
+            resource,
+            format!(
+                "no ext2/3/4 or XFS filesystem found on {device} (fs_type `{fs_type}`): its size cannot be checked \
+                 against the disk lease area (the device's last 1 MiB); not mounted"
+            ),
+        )),
+    }
+}
+
 pub(crate) async fn start(
     log: &LogSink,
     resource: &str,
     device: &str,
     mount_point: &str,
     fs_type: &str,
-) -> Result<(), ResourceError> {
+    holder: &str,
+) -> Result<Lease, ResourceError> {
     if !Path::new(mount_point).is_absolute() {
         return Err(config_error(resource, format!("mount point `{mount_point}` must be an absolute path")));
     }
@@ -97,13 +143,47 @@ pub(crate) async fn start(
     std::fs::create_dir_all(mount_point)
         .map_err(|e| env_error(resource, format!("cannot create mount point {mount_point}: {e}")))?;
     let mp = canonical(mount_point);
-    match mounted_device(&mp).map_err(|e| run_error(resource, format!("reading /proc/self/mounts: {e}")))? {
-        Some(dev) if same_device(&dev, device) => return Ok(()), // already ours
+    let mounted = match mounted_device(&mp)
+        .map_err(|e| run_error(resource, format!("reading /proc/self/mounts: {e}")))?
+    {
+        Some(dev) if same_device(&dev, device) => true, // already here: the lease is still needed
         Some(dev) => {
             return Err(env_error(resource, format!("{mount_point} already has {dev} mounted on it, not {device}")));
         }
-        None => {}
+        None => false,
+    };
+    let dev = open_lease_device(resource, device, fs_type).await?;
+    let sink = log.clone();
+    let name = resource.to_string();
+    let lease = disk_lease::acquire(dev, holder, disk_lease::INTERVAL, move |line| sink(name.clone(), line))
+        .await
+        .map_err(|e| match e {
+            AcquireError::Busy(m) => run_error(resource, format!("{device}: {m}; not mounted")),
+            AcquireError::Io(m) => run_error(resource, format!("{m}; not mounted")),
+        })?;
+    tracing::info!(resource, device, holder, "disk lease acquired");
+    if mounted {
+        return Ok(lease);
     }
+    match mount(log, resource, device, &mp, mount_point, fs_type).await {
+        Ok(()) => Ok(lease),
+        Err(e) => {
+            if let Err(r) = lease.release().await {
+                tracing::warn!(resource, device, "releasing the disk lease after a failed start: {r}");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn mount(
+    log: &LogSink,
+    resource: &str,
+    device: &str,
+    mp: &Path,
+    mount_point: &str,
+    fs_type: &str,
+) -> Result<(), ResourceError> {
     fsck(log, resource, device, fs_type).await?;
     let source = cstring(resource, "device", device)?;
     let target = cstring(resource, "mount point", &mp.to_string_lossy())?;
@@ -162,11 +242,15 @@ async fn fsck(log: &LogSink, resource: &str, device: &str, fs_type: &str) -> Res
 pub(crate) fn users(dev: u64) -> BTreeSet<i32> {
     let me = std::process::id() as i32;
     let mut pids = BTreeSet::new();
-    let Ok(proc) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     let on_fs = |p: &Path| std::fs::metadata(p).map(|m| m.dev() == dev).unwrap_or(false);
     let (major, minor) = (libc::major(dev as libc::dev_t) as u64, libc::minor(dev as libc::dev_t) as u64);
     for entry in proc.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
@@ -195,7 +279,39 @@ pub(crate) fn users(dev: u64) -> BTreeSet<i32> {
     pids
 }
 
-pub(crate) async fn stop(log: &LogSink, resource: &str, mount_point: &str) -> Result<(), ResourceError> {
+/// Unmounts (killing the users), then releases the lease: `lease` if this
+/// driver holds it (left in place when the unmount fails: the disk is
+/// still here), else the record on `device` if `holder`'s.
+pub(crate) async fn stop(
+    log: &LogSink,
+    resource: &str,
+    device: &str,
+    mount_point: &str,
+    lease: &mut Option<Lease>,
+    holder: Option<&str>,
+) -> Result<(), ResourceError> {
+    unmount(log, resource, mount_point).await?;
+    let released = match (lease.take(), holder) {
+        (Some(l), _) => l.release().await.map(|()| true),
+        (None, Some(h)) if Path::new(device).exists() => {
+            disk_lease::release_if_held_by(device, h).await.map_err(|e| e.to_string())
+        }
+        _ => Ok(false),
+    };
+    match released {
+        Ok(true) => tracing::info!(resource, device, "disk lease released"),
+        Ok(false) => {}
+        // Not fatal: the disk is unmounted; another node just waits out
+        // the lease instead of taking it at once.
+        Err(e) => {
+            tracing::warn!(resource, device, "disk lease not released: {e}");
+            log(resource.to_string(), format!("disk lease not released: {e}"));
+        }
+    }
+    Ok(())
+}
+
+async fn unmount(log: &LogSink, resource: &str, mount_point: &str) -> Result<(), ResourceError> {
     let mp = canonical(mount_point);
     if mounted_device(&mp).map_err(|e| run_error(resource, format!("reading /proc/self/mounts: {e}")))?.is_none() {
         return Ok(()); // not mounted: released already
@@ -248,10 +364,20 @@ pub(crate) async fn stop(log: &LogSink, resource: &str, mount_point: &str) -> Re
     }
 }
 
-pub(crate) fn monitor(resource: &str, device: &str, mount_point: &str) -> Result<(), ResourceError> {
+/// `lease`: the state of this driver's lease on the disk, if it holds one.
+pub(crate) fn monitor(
+    resource: &str,
+    device: &str,
+    mount_point: &str,
+    lease: Option<Result<(), String>>,
+) -> Result<(), ResourceError> {
     let mp = canonical(mount_point);
     match mounted_device(&mp).map_err(|e| run_error(resource, format!("reading /proc/self/mounts: {e}")))? {
-        Some(dev) if same_device(&dev, device) => Ok(()),
+        Some(dev) if same_device(&dev, device) => match lease {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(run_error(resource, format!("{device}: {e}"))),
+            None => Err(run_error(resource, format!("{device} is mounted but this node holds no disk lease on it"))),
+        },
         Some(dev) => Err(run_error(resource, format!("{mount_point} has {dev} mounted, not {device}"))),
         None => Err(run_error(resource, format!("{mount_point} is no longer mounted"))),
     }

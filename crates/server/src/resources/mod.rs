@@ -22,6 +22,7 @@
 
 mod announce;
 mod disk;
+mod disk_lease;
 mod exec;
 mod ip;
 mod mail;
@@ -51,7 +52,9 @@ enum Held {
     /// The context the script was started with: its stop gets the same
     /// `CLP_EVENT`/`CLP_SERVER`/`CLP_DISK`.
     Exec(StartContext),
-    Disk,
+    /// The disk's heartbeat lease (its task stops when dropped, leaving the
+    /// record held: only stop releases it).
+    Disk(disk_lease::Lease),
 }
 
 type Key = (String, String);
@@ -81,6 +84,11 @@ impl Driver {
             Some(Held::Mail(m)) => Some(m.addresses.clone()),
             _ => None,
         }
+    }
+
+    /// This node's name as a disk lease holder: the `[server] hostname`.
+    fn holder(&self) -> Option<String> {
+        self.context.upgrade().map(|c| c.config.server.hostname.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Held>> {
@@ -230,8 +238,19 @@ impl ResourceDriver for Driver {
                 exec::run(&self.log, &group.name, name, start, context, *timeout_secs).await
             }
             ResourceSpec::Disk { name, device, mount_point, fs_type } => {
-                disk::start(&self.log, name, device, mount_point, fs_type).await?;
-                self.put(k, Held::Disk);
+                if let Some(Held::Disk(lease)) = self.lock().get(&k) {
+                    if disk::monitor(name, device, mount_point, Some(lease.check())).is_ok() {
+                        return Ok(());
+                    }
+                }
+                // A lost or unmounted one: its heartbeat stops, the record
+                // (ours unless lost) is retaken below.
+                drop(self.take(&k));
+                let holder = self
+                    .holder()
+                    .ok_or_else(|| run_error(name, "the server is shutting down: no host name for the disk lease"))?;
+                let lease = disk::start(&self.log, name, device, mount_point, fs_type, &holder).await?;
+                self.put(k, Held::Disk(lease));
                 Ok(())
             }
         }
@@ -270,10 +289,16 @@ impl ResourceDriver for Driver {
                 }
                 result
             }
-            ResourceSpec::Disk { name, mount_point, .. } => {
-                let result = disk::stop(&self.log, name, mount_point).await;
-                if result.is_err() {
-                    self.put(k, Held::Disk);
+            ResourceSpec::Disk { name, device, mount_point, .. } => {
+                let mut lease = match held {
+                    Some(Held::Disk(l)) => Some(l),
+                    _ => None,
+                };
+                let holder = self.holder();
+                let result = disk::stop(&self.log, name, device, mount_point, &mut lease, holder.as_deref()).await;
+                if let Some(l) = lease {
+                    // Still mounted here: the heartbeat goes on.
+                    self.put(k, Held::Disk(l));
                 }
                 result
             }
@@ -311,7 +336,13 @@ impl ResourceDriver for Driver {
                 mail::probe(name, &addresses).await
             }
             ResourceSpec::Exec { .. } => Ok(()),
-            ResourceSpec::Disk { name, device, mount_point, .. } => disk::monitor(name, device, mount_point),
+            ResourceSpec::Disk { name, device, mount_point, .. } => {
+                let lease = match self.lock().get(&k) {
+                    Some(Held::Disk(l)) => Some(l.check()),
+                    _ => None,
+                };
+                disk::monitor(name, device, mount_point, lease)
+            }
         }
     }
 }
