@@ -216,7 +216,7 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
             let refusal =
                 format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname).into_bytes();
             tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
-                smtp::serve(ctx.clone(), tcp, peer, role)
+                smtp::serve(ctx.clone(), tcp, peer, role, None)
             })));
         }
     }
@@ -225,7 +225,7 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
             let ctx = context.clone();
             let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
             tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
-                pop3::serve(ctx.clone(), tcp, peer, implicit_tls)
+                pop3::serve(ctx.clone(), tcp, peer, implicit_tls, None)
             })));
         }
     }
@@ -278,6 +278,25 @@ pub(crate) async fn accept_loop<F, Fut>(
                 });
             }
         }
+    }
+}
+
+/// Tells sessions to end at their next safe point: a session that is
+/// waiting for the client's next command answers `421` (SMTP) or `-ERR`
+/// (POP3) and closes; one that is committing a message finishes, sends its
+/// `250`, and closes at the next command. Never cut between a commit and
+/// its reply (that would make the client send the message again).
+pub(crate) type Drain = tokio::sync::watch::Receiver<bool>;
+
+/// Resolves when `drain` says stop (never, for `None`).
+pub(crate) async fn drained(drain: &mut Option<Drain>) {
+    match drain {
+        Some(rx) => {
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                // The sender is gone: the service was dropped, stop too.
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

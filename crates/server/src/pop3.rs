@@ -30,7 +30,13 @@ struct Tally {
     result: &'static str,
 }
 
-pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    ctx: Arc<Context>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+    mut drain: Option<crate::Drain>,
+) -> std::io::Result<()> {
     bump(&ctx.stats.pop3_connections);
     let ctx = &*ctx;
     let mut conn = Conn::Plain(tcp);
@@ -55,7 +61,16 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, i
             out = match out.next {
                 Next::NeedInput => {
                     conn.write_all(&out.reply).await?;
-                    let n = match tokio::time::timeout(idle, conn.read(&mut buf)).await {
+                    let read = tokio::select! {
+                        r = tokio::time::timeout(idle, conn.read(&mut buf)) => r,
+                        () = crate::drained(&mut drain) => {
+                            // Nothing is deleted: UPDATE happens only at QUIT.
+                            let _ = conn.write_all(b"-ERR [SYS/TEMP] service moving, try again\r\n").await;
+                            tally.result = "service moving";
+                            break;
+                        }
+                    };
+                    let n = match read {
                         Ok(read) => read?,
                         Err(_) => {
                             let _ = conn.write_all(&session.timeout()).await;

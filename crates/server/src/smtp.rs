@@ -33,7 +33,13 @@ fn chain(mut pending: Vec<u8>, out: Output) -> Output {
     Output { reply: pending, next: out.next }
 }
 
-pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, role: SmtpRole) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    ctx: Arc<Context>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    role: SmtpRole,
+    mut drain: Option<crate::Drain>,
+) -> std::io::Result<()> {
     bump(&ctx.stats.smtp_connections);
     let ctx = &*ctx;
     let mut conn = Conn::Plain(tcp);
@@ -49,7 +55,17 @@ pub(crate) async fn serve(ctx: Arc<Context>, tcp: TcpStream, peer: SocketAddr, r
         out = match out.next {
             Next::NeedInput => {
                 conn.write_all(&out.reply).await?;
-                let n = match tokio::time::timeout(idle, conn.read(&mut buf)).await {
+                let read = tokio::select! {
+                    r = tokio::time::timeout(idle, conn.read(&mut buf)) => r,
+                    () = crate::drained(&mut drain) => {
+                        // RFC 5321 3.8: the service is going away; the
+                        // client retries (at the group's new owner).
+                        let bye = format!("421 4.3.2 {} Service moving, try again\r\n", ctx.config.server.hostname);
+                        let _ = conn.write_all(bye.as_bytes()).await;
+                        break;
+                    }
+                };
+                let n = match read {
                     Ok(read) => read?,
                     Err(_) => {
                         let _ = conn.write_all(&session.timeout()).await;

@@ -15,11 +15,14 @@
 //! owns port 25 on every address, and binding the group's address then
 //! fails with "address in use": list the node's own addresses explicitly.
 //!
-//! On stop the accept loops end, the listeners close, and sessions still in
-//! progress are aborted (their connections close): a client in the middle
-//! of a transaction has not been told `250`, so it retries — on the node
-//! that now owns the group. Waiting for them instead could hold a failover
-//! up for the length of the idle timeout.
+//! On stop the accept loops end and the listeners close; then sessions are
+//! drained: each ends at its next safe point (a session waiting for a
+//! command gets `421 4.3.2` and closes; one committing a message finishes
+//! and sends its `250` first). Cutting a session between its commit and its
+//! `250` would make the client send the message again (a duplicate, the
+//! seed's caveat 1: seen in the switchover-under-load test). Sessions still
+//! running after a grace period are cut: waiting longer could hold a
+//! failover up for the length of the idle timeout.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -42,13 +45,34 @@ pub struct MailAddresses {
     pub pop3s: Vec<SocketAddr>,
 }
 
-/// A running mail service: its accept loops and the switch that ends its
-/// sessions.
+/// A running mail service: its accept loops, and the switches that drain
+/// and then cut its sessions.
 pub(crate) struct MailRunning {
     pub addresses: MailAddresses,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    drain: tokio::sync::watch::Sender<bool>,
     stop: tokio::sync::watch::Sender<bool>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Counts a session while it lives.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Active {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Active(n.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How long stopping waits for sessions to reach a safe point.
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_millis(1500);
 
 impl MailRunning {
     /// Whether every accept loop still runs.
@@ -56,10 +80,30 @@ impl MailRunning {
         self.tasks.iter().all(|t| !t.is_finished())
     }
 
-    /// Closes the listeners and aborts the sessions.
+    /// Closes the listeners and cuts the sessions at once (the entry was
+    /// replaced or forgotten; no one waits).
     pub fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let _ = self.drain.send(true);
+        let _ = self.stop.send(true);
+    }
+
+    /// Closes the listeners, lets sessions end at a safe point (up to
+    /// `grace`), then cuts the rest.
+    pub async fn stop(self, grace: Duration) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.drain.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.active.load(std::sync::atomic::Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.active.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(sessions = left, "mail sessions still running after the drain grace: cut");
         }
         let _ = self.stop.send(true);
     }
@@ -129,33 +173,49 @@ pub(crate) async fn start(ctx: &Arc<Context>, resource: &str, ip: IpAddr) -> Res
         pop3s: addrs(&pop3s_l),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
     let pop3_limit = Arc::new(tokio::sync::Semaphore::new(c.pop3.max_connections));
     let mut tasks = Vec::new();
     for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
         for (l, _) in listeners {
             let ctx = ctx.clone();
-            let stopped = stopped.clone();
+            let (stopped, draining, active) = (stopped.clone(), draining.clone(), active.clone());
             // RFC 5321 3.8: 421 when the service is not available.
             let refusal = format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname)
                 .into_bytes();
             tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
-                until_stopped(stopped.clone(), smtp::serve(ctx.clone(), tcp, peer, role))
+                let counted = Active::new(&active);
+                let session = smtp::serve(ctx.clone(), tcp, peer, role, Some(draining.clone()));
+                let stopped = stopped.clone();
+                async move {
+                    let r = until_stopped(stopped, session).await;
+                    drop(counted);
+                    r
+                }
             })));
         }
     }
     for (implicit_tls, listeners) in [(false, pop3_l), (true, pop3s_l)] {
         for (l, _) in listeners {
             let ctx = ctx.clone();
-            let stopped = stopped.clone();
+            let (stopped, draining, active) = (stopped.clone(), draining.clone(), active.clone());
             let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
             tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
-                until_stopped(stopped.clone(), pop3::serve(ctx.clone(), tcp, peer, implicit_tls))
+                let counted = Active::new(&active);
+                let session = pop3::serve(ctx.clone(), tcp, peer, implicit_tls, Some(draining.clone()));
+                let stopped = stopped.clone();
+                async move {
+                    let r = until_stopped(stopped, session).await;
+                    drop(counted);
+                    r
+                }
             })));
         }
     }
     tracing::info!(resource, %ip, ?addresses, "group mail listeners started");
-    Ok(MailRunning { addresses, tasks, stop })
+    Ok(MailRunning { addresses, tasks, drain, stop, active })
 }
 
 /// Runs a session until it ends or the service stops (then the session's

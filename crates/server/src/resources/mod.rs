@@ -271,7 +271,7 @@ impl ResourceDriver for Driver {
             ResourceSpec::LoopbackIp { .. } => Ok(()),
             ResourceSpec::MailService { .. } => {
                 if let Some(Held::Mail(m)) = held {
-                    m.shutdown();
+                    m.stop(mail::DRAIN_GRACE).await;
                 }
                 Ok(())
             }
