@@ -79,13 +79,6 @@ impl Cluster {
         if poll(RECOVERY, || c.all_healthy(0).then_some(())).is_none() {
             panic!("the cluster did not form: {:?}\n{}", c.nodes[0].status(), c.logs());
         }
-        // Workaround: "healthy" in `cluster status` comes before a joined
-        // node renews its group lease with the leader; until then the
-        // leader does not count it as live, and a group applied in that
-        // window starts on the next node of its list instead of its home
-        // (and stays there with failback = "manual"). A few lease periods
-        // (600 ms) cover it; nothing outside tells when a node is live.
-        std::thread::sleep(Duration::from_secs(2));
         c
     }
 

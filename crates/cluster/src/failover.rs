@@ -409,10 +409,13 @@ struct Manager {
     leading: Option<(u64, Instant)>,
     /// Nodes live at the last look (for NodeLost / NodeBack events).
     live: BTreeSet<NodeId>,
+    /// When this leader first saw each member (a node that just joined has
+    /// not asked for its lease yet: it is not dead, only new).
+    first_seen: std::collections::BTreeMap<NodeId, Instant>,
 }
 
 async fn manager_loop(node: Weak<ClusterNode>, events: EventTx) {
-    let mut m = Manager { leading: None, live: BTreeSet::new() };
+    let mut m = Manager { leading: None, live: BTreeSet::new(), first_seen: Default::default() };
     loop {
         let Some(n) = node.upgrade() else { return };
         let tick = n.timing().groups.tick();
@@ -450,6 +453,21 @@ impl Manager {
             .copied()
             .filter(|id| *id == me || n.leases.last_request(*id).is_some_and(|r| r.elapsed() < timing.lease()))
             .collect();
+        let now = Instant::now();
+        self.first_seen.retain(|id, _| members.contains(id));
+        for id in &members {
+            self.first_seen.entry(*id).or_insert(now);
+        }
+        // Not live yet but too new to be called dead: a group whose home is
+        // such a node waits for it instead of starting on the next node
+        // (and staying there under manual failback).
+        let warm_up = timing.lease() * 2;
+        let pending: BTreeSet<NodeId> = members
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .filter(|id| since.elapsed() < warm_up || self.first_seen.get(id).is_some_and(|t| t.elapsed() < warm_up))
+            .collect();
         // Events only once we have led for a lease (before that, nodes
         // simply have not asked us yet).
         if since.elapsed() > timing.lease() {
@@ -475,7 +493,8 @@ impl Manager {
         for (name, p) in &table.placement {
             let Some(spec) = table.groups.get(name) else { continue };
             let eligible = |id: &NodeId| data.contains(id) && live.contains(id);
-            let Some((cmd, ev)) = decide(spec, p, &eligible, &fenced) else { continue };
+            let is_pending = |id: &NodeId| data.contains(id) && pending.contains(id);
+            let Some((cmd, ev)) = decide(spec, p, &eligible, &fenced, &is_pending) else { continue };
             match n.write(cmd).await {
                 Ok(CommandResult::Done) => {
                     if let Some((kind, text)) = ev {
@@ -512,6 +531,7 @@ fn decide(
     p: &Placement,
     eligible: &dyn Fn(&NodeId) -> bool,
     fenced: &dyn Fn(NodeId) -> bool,
+    pending: &dyn Fn(&NodeId) -> bool,
 ) -> Option<Decision> {
     let assign = |owner: Option<NodeId>, state: GroupState, event: Option<StartEvent>, failed: Option<NodeId>| {
         Command::AssignGroup { group: spec.name.clone(), epoch: p.epoch, owner, state, event, failed }
@@ -523,6 +543,16 @@ fn decide(
     match (p.state, p.owner) {
         (GroupState::Offline, _) => {
             if p.target == GroupTarget::Stopped {
+                return None;
+            }
+            // The node it should start on may be one that has not asked
+            // for its lease yet (just joined, or we just became leader):
+            // wait for it rather than start elsewhere.
+            let preferred = match p.target {
+                GroupTarget::Node(t) if spec.nodes.contains(&t) && !p.failed_on.contains(&t) => Some(t),
+                _ => spec.nodes.iter().copied().find(|id| !p.failed_on.contains(id) && (eligible(id) || pending(id))),
+            };
+            if preferred.is_some_and(|id| pending(&id)) {
                 return None;
             }
             let n = pick(spec, p, eligible, &[])?;
@@ -910,6 +940,23 @@ mod tests {
     }
 
     #[test]
+    fn a_new_group_waits_for_a_home_node_that_just_joined() {
+        let s = spec(&[1, 2, 3], Failback::Manual);
+        let not1 = |id: &NodeId| *id != NodeId(1);
+        let never = |_: NodeId| false;
+        let p = Placement::default();
+        // Node 1 (home) has not asked for its lease yet: no decision.
+        assert!(decide(&s, &p, &not1, &never, &|id: &NodeId| *id == NodeId(1)).is_none());
+        // Past its warm-up it counts as down: node 2.
+        let (cmd, _) = decide(&s, &p, &not1, &never, &|_| false).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(2)), .. }));
+        // A pending node further down the list does not hold it up.
+        let all = |_: &NodeId| true;
+        let (cmd, _) = decide(&s, &p, &all, &never, &|id: &NodeId| *id == NodeId(3)).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(1)), .. }));
+    }
+
+    #[test]
     fn decisions() {
         let s = spec(&[1, 2, 3], Failback::Manual);
         let all = |_: &NodeId| true;
@@ -918,29 +965,29 @@ mod tests {
         let always = |_: NodeId| true;
         // Offline → the home node, START.
         let p = Placement::default();
-        let (cmd, _) = decide(&s, &p, &all, &never).unwrap();
+        let (cmd, _) = decide(&s, &p, &all, &never, &|_| false).unwrap();
         assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(1)), state: GroupState::Starting, event: Some(StartEvent::Start), .. }));
         // Online on 1, silent → node 2 with FAILOVER.
         let p = Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
-        let (cmd, _) = decide(&s, &p, &not1, &always).unwrap();
+        let (cmd, _) = decide(&s, &p, &not1, &always, &|_| false).unwrap();
         assert!(matches!(cmd, Command::AssignGroup { epoch: 4, owner: Some(NodeId(2)), event: Some(StartEvent::Failover), .. }));
         // Online on 2, node 1 back, manual failback: stays.
         let p = Placement { owner: Some(NodeId(2)), state: GroupState::Online, ..Placement::default() };
-        assert!(decide(&s, &p, &all, &never).is_none());
+        assert!(decide(&s, &p, &all, &never, &|_| false).is_none());
         // Auto failback: stop on 2.
         let s2 = spec(&[1, 2, 3], Failback::Auto);
-        let (cmd, _) = decide(&s2, &p, &all, &never).unwrap();
+        let (cmd, _) = decide(&s2, &p, &all, &never, &|_| false).unwrap();
         assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(2)), state: GroupState::Stopping, .. }));
         // Move target.
         let p = Placement { target: GroupTarget::Node(NodeId(3)), ..p };
-        let (cmd, _) = decide(&s, &p, &all, &never).unwrap();
+        let (cmd, _) = decide(&s, &p, &all, &never, &|_| false).unwrap();
         assert!(matches!(cmd, Command::AssignGroup { state: GroupState::Stopping, .. }));
         // Failed on 2 → 1 (not 2), remembered.
         let p = Placement { owner: Some(NodeId(2)), state: GroupState::Failed, ..Placement::default() };
-        let (cmd, _) = decide(&s, &p, &all, &never).unwrap();
+        let (cmd, _) = decide(&s, &p, &all, &never, &|_| false).unwrap();
         assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(1)), failed: Some(NodeId(2)), .. }));
         // Stop-failed: nothing, even if silent.
         let p = Placement { owner: Some(NodeId(2)), state: GroupState::StopFailed, ..Placement::default() };
-        assert!(decide(&s, &p, &all, &always).is_none());
+        assert!(decide(&s, &p, &all, &always, &|_| false).is_none());
     }
 }
