@@ -238,8 +238,11 @@ pub fn write_ns_node_config(dir: &Path, name: &str, ip: IpAddr) -> PathBuf {
         "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
          [smtp]\nlisten = [\"{ip}:2525\"]\nsubmission = []\n\n\
          [pop3]\nlisten = [\"{ip}:2110\"]\nplaintext_auth = \"always\"\n\n\
-         [cluster]\nlisten = \"{ip}:7400\"\n",
+         [cluster]\nlisten = \"{ip}:7400\"\n{}\n",
         dir.join("data").display(),
+        // Extra `[cluster]` lines for a measurement with other timings,
+        // e.g. HAMAIL_TEST_CLUSTER_EXTRA="group_stop_timeout_ms = 300".
+        std::env::var("HAMAIL_TEST_CLUSTER_EXTRA").unwrap_or_default().replace("\\n", "\n"),
     );
     let config = dir.join("hamail.toml");
     std::fs::write(&config, text).expect("write config");

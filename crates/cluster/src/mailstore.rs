@@ -272,7 +272,9 @@ impl ReplicatedStore {
             // instead of costing every message a connect timeout (measured:
             // 1 s per message with a powered-off node). It gets its copies
             // later: its repair task fetches what its log references.
-            if self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).is_some_and(|until| *until > now) {
+            if self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).is_some_and(|until| *until > now)
+                || self.node.peer_silent(id)
+            {
                 continue;
             }
             let transport = self.node.transport().clone();

@@ -478,6 +478,13 @@ impl ClusterNode {
         self.raft.metrics().borrow().membership_config.nodes().any(|(n, _)| *n == id)
     }
 
+    /// On the leader: whether `id` has not answered a Raft RPC for longer
+    /// than two election timeouts (it is down or cut off). Elsewhere (no
+    /// heartbeats of our own to judge by) always false.
+    pub fn peer_silent(&self, id: NodeId) -> bool {
+        self.is_leader() && self.contacts.millis_since(id).is_some_and(|ms| ms > 2 * self.timing.election_max_ms)
+    }
+
     /// Whether this node has received a membership (a new node has not).
     pub fn knows_membership(&self) -> bool {
         self.raft.metrics().borrow().membership_config.nodes().next().is_some()

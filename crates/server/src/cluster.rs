@@ -80,6 +80,11 @@ impl ClusterRuntime {
                 heartbeat_ms: c.heartbeat_ms,
                 election_min_ms: c.election_timeout_min_ms,
                 election_max_ms: c.election_timeout_max_ms,
+                groups: hamail_cluster::failover::GroupTiming {
+                    lease_ms: c.group_lease_ms,
+                    stop_timeout_ms: c.group_stop_timeout_ms,
+                    ..Default::default()
+                },
                 ..Timing::default()
             },
             replication: Replication { required_copies: c.required_copies, ..Replication::default() },

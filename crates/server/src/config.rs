@@ -129,6 +129,14 @@ pub struct ClusterSection {
     /// least one (mail keeps flowing while a node is down; `cluster status`
     /// shows degraded accepts). More than that: refused with 451 instead.
     pub required_copies: Option<usize>,
+    /// Failover groups: a node runs its groups only while a quorum lease
+    /// renewed every ~100 ms is younger than this.
+    pub group_lease_ms: u64,
+    /// The longest a group's stop may take (scripts included); the leader
+    /// waits lease + this + a margin before giving a silent node's group to
+    /// another. Lower it (e.g. 300) for groups of addresses and listeners
+    /// only, for a sub-second takeover.
+    pub group_stop_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -148,6 +156,8 @@ impl Default for ClusterSection {
             election_timeout_min_ms: 150,
             election_timeout_max_ms: 300,
             required_copies: None,
+            group_lease_ms: 600,
+            group_stop_timeout_ms: 2000,
         }
     }
 }
@@ -249,6 +259,9 @@ impl Config {
         }
         if k.election_timeout_max_ms <= k.election_timeout_min_ms {
             return Err(bad("[cluster] election_timeout_max_ms must be above election_timeout_min_ms".into()));
+        }
+        if k.group_lease_ms < 2 * k.heartbeat_ms || k.group_stop_timeout_ms == 0 {
+            return Err(bad("[cluster] group_lease_ms must be at least twice heartbeat_ms, group_stop_timeout_ms above 0".into()));
         }
         if self.server.hostname.trim().is_empty() {
             return Err(bad("[server] hostname must not be empty".into()));

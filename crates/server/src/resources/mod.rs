@@ -271,7 +271,14 @@ impl ResourceDriver for Driver {
             ResourceSpec::LoopbackIp { .. } => Ok(()),
             ResourceSpec::MailService { .. } => {
                 if let Some(Held::Mail(m)) = held {
-                    m.stop(mail::DRAIN_GRACE).await;
+                    // Within the group's stop budget, leaving room for the
+                    // resources stopped after it (the address).
+                    let budget = self
+                        .context
+                        .upgrade()
+                        .map(|c| std::time::Duration::from_millis(c.config.cluster.group_stop_timeout_ms / 2))
+                        .unwrap_or(mail::DRAIN_GRACE);
+                    m.stop(budget.min(mail::DRAIN_GRACE)).await;
                 }
                 Ok(())
             }
