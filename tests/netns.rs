@@ -12,7 +12,6 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::Node;
 use common::netns::*;
 use common::*;
 
@@ -27,37 +26,9 @@ fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP.parse().unwrap(), port)
 }
 
-/// Field order = drop order: processes first, then the namespaces, then the
-/// data directories.
-struct Cluster {
-    nodes: Vec<Node>,
-    bed: Bed,
-    root: tempfile::TempDir,
-}
+type Cluster = NsCluster;
 
-impl Cluster {
-    fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let log = n.server.as_ref().map(|s| s.log()).unwrap_or_else(|| {
-                    // Killed: its log files are still in its directory.
-                    std::fs::read_dir(&n.dir)
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
-                        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                        .collect()
-                });
-                let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
-                format!("===== node{} (last lines)\n{}", i + 1, tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
+impl NsCluster {
     /// Host name ("n2") of the node whose greeting says `hostname` ("node2").
     fn host_of(hostname: &str) -> &'static str {
         match hostname {
@@ -81,40 +52,12 @@ impl Cluster {
         self.bed.run_in("cl", move || smtp_send(vip(2525), USER, &token))
     }
 
-    fn all_healthy(&self, via: usize) -> bool {
-        self.nodes[via]
-            .status()
-            .is_some_and(|st| st.len() == 3 && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0))
-    }
 }
 
 /// The bed, three nodes formed into a cluster with a user, and the group
 /// online at home (node 1) as seen from the client; one message sent.
 fn cluster_with_group() -> Cluster {
-    let bed = Bed::new(&[("n1", "198.18.0.1"), ("n2", "198.18.0.2"), ("n3", "198.18.0.3"), ("cl", "198.18.0.10")]);
-    let root = tempfile::tempdir().unwrap();
-    let mut c = Cluster { nodes: Vec::new(), bed, root };
-    for (i, host) in NODES.iter().enumerate() {
-        let dir = c.root.path().join(host);
-        write_ns_node_config(&dir, &format!("node{}", i + 1), c.bed.host(host).ip);
-        let server = start_in_ns(c.bed.ns(host), &dir);
-        c.nodes.push(Node { dir, server: Some(server) });
-    }
-    let n1 = &c.nodes[0];
-    let (ok, out) = n1.cli(&["domain", "add", "example.org"], "");
-    assert!(ok, "{out}");
-    let (ok, out) = n1.cli(&["user", "add", USER], "pw\n");
-    assert!(ok, "{out}");
-    let (ok, out) = n1.cli(&["cluster", "init"], "");
-    assert!(ok, "cluster init: {out}");
-    let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).expect("token").to_string();
-    for n in &c.nodes[1..] {
-        let (ok, out) = n.cli(&["cluster", "join", &token], "");
-        assert!(ok, "join: {out}\n{}", c.logs());
-    }
-    if poll(RECOVERY, || c.all_healthy(0).then_some(())).is_none() {
-        panic!("the cluster did not form: {:?}\n{}", c.nodes[0].status(), c.logs());
-    }
+    let c = NsCluster::form(USER, RECOVERY);
 
     let file = c.root.path().join("groups.toml");
     std::fs::write(

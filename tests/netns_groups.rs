@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::Node;
 use common::netns::*;
 use common::*;
 use serde_json::Value;
@@ -43,43 +42,13 @@ fn at(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
-/// Field order = drop order: processes first, then the namespaces, then the
-/// data directories.
-struct Cluster {
-    nodes: Vec<Node>,
-    bed: Bed,
-    root: tempfile::TempDir,
-}
+type Cluster = NsCluster;
 
-impl Cluster {
+impl NsCluster {
     /// The bed and three nodes formed into a cluster with one user; no
     /// groups yet.
     fn new() -> Cluster {
-        let bed = Bed::new(&[("n1", "198.18.0.1"), ("n2", "198.18.0.2"), ("n3", "198.18.0.3"), ("cl", "198.18.0.10")]);
-        let root = tempfile::tempdir().unwrap();
-        let mut c = Cluster { nodes: Vec::new(), bed, root };
-        for (i, host) in NODES.iter().enumerate() {
-            let dir = c.root.path().join(host);
-            write_ns_node_config(&dir, &format!("node{}", i + 1), c.bed.host(host).ip);
-            let server = start_in_ns(c.bed.ns(host), &dir);
-            c.nodes.push(Node { dir, server: Some(server) });
-        }
-        let n1 = &c.nodes[0];
-        let (ok, out) = n1.cli(&["domain", "add", "example.org"], "");
-        assert!(ok, "{out}");
-        let (ok, out) = n1.cli(&["user", "add", USER], "pw\n");
-        assert!(ok, "{out}");
-        let (ok, out) = n1.cli(&["cluster", "init"], "");
-        assert!(ok, "cluster init: {out}");
-        let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).expect("token").to_string();
-        for n in &c.nodes[1..] {
-            let (ok, out) = n.cli(&["cluster", "join", &token], "");
-            assert!(ok, "join: {out}\n{}", c.logs());
-        }
-        if poll(RECOVERY, || c.all_healthy(0).then_some(())).is_none() {
-            panic!("the cluster did not form: {:?}\n{}", c.nodes[0].status(), c.logs());
-        }
-        c
+        NsCluster::form(USER, RECOVERY)
     }
 
     fn apply(&self, via: usize, text: &str) {
@@ -87,33 +56,6 @@ impl Cluster {
         std::fs::write(&file, text).unwrap();
         let (ok, out) = self.nodes[via].cli(&["group", "apply", file.to_str().unwrap()], "");
         assert!(ok, "group apply: {out}");
-    }
-
-    fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let log = n.server.as_ref().map(|s| s.log()).unwrap_or_else(|| {
-                    std::fs::read_dir(&n.dir)
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
-                        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                        .collect()
-                });
-                let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
-                format!("===== node{} (last lines)\n{}", i + 1, tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn all_healthy(&self, via: usize) -> bool {
-        self.nodes[via]
-            .status()
-            .is_some_and(|st| st.len() == 3 && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0))
     }
 
     fn greeting_from_client(&self, ip: &'static str) -> Option<String> {

@@ -338,3 +338,77 @@ pub fn greeting(addr: SocketAddr) -> Option<String> {
     let l = mail::reply(&mut r).ok()?;
     l.starts_with("220 ").then(|| l.split_whitespace().nth(1).unwrap_or("").to_string())
 }
+
+/// The three cluster hosts of the bed.
+pub const NS_NODES: [&str; 3] = ["n1", "n2", "n3"];
+
+/// A bed with three hamail nodes (n1..n3) and a client (`cl`). Field order
+/// = drop order: processes first, then the namespaces, then the data
+/// directories.
+pub struct NsCluster {
+    pub nodes: Vec<super::cluster::Node>,
+    pub bed: Bed,
+    pub root: tempfile::TempDir,
+}
+
+impl NsCluster {
+    /// The bed and three nodes formed into a cluster (init on n1, the others
+    /// join), with the domain example.org and `user` (password "pw").
+    pub fn form(user: &str, within: Duration) -> NsCluster {
+        let bed = Bed::new(&[("n1", "198.18.0.1"), ("n2", "198.18.0.2"), ("n3", "198.18.0.3"), ("cl", "198.18.0.10")]);
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut c = NsCluster { nodes: Vec::new(), bed, root };
+        for (i, host) in NS_NODES.iter().enumerate() {
+            let dir = c.root.path().join(host);
+            write_ns_node_config(&dir, &format!("node{}", i + 1), c.bed.host(host).ip);
+            let server = start_in_ns(c.bed.ns(host), &dir);
+            c.nodes.push(super::cluster::Node { dir, server: Some(server) });
+        }
+        let n1 = &c.nodes[0];
+        let (ok, out) = n1.cli(&["domain", "add", "example.org"], "");
+        assert!(ok, "{out}");
+        let (ok, out) = n1.cli(&["user", "add", user], "pw\n");
+        assert!(ok, "{out}");
+        let (ok, out) = n1.cli(&["cluster", "init"], "");
+        assert!(ok, "cluster init: {out}");
+        let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).expect("token").to_string();
+        for n in &c.nodes[1..] {
+            let (ok, out) = n.cli(&["cluster", "join", &token], "");
+            assert!(ok, "join: {out}\n{}", c.logs());
+        }
+        if poll(within, || c.all_healthy(0).then_some(())).is_none() {
+            panic!("the cluster did not form: {:?}\n{}", c.nodes[0].status(), c.logs());
+        }
+        c
+    }
+
+    /// The last lines of every node's log (also of a killed node: its log
+    /// files are still in its directory).
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let log = n.server.as_ref().map(|s| s.log()).unwrap_or_else(|| {
+                    std::fs::read_dir(&n.dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
+                        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                        .collect()
+                });
+                let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("===== node{} (last lines)\n{}", i + 1, tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Every member healthy and caught up, as node `via` sees it.
+    pub fn all_healthy(&self, via: usize) -> bool {
+        self.nodes[via]
+            .status()
+            .is_some_and(|st| st.len() == 3 && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0))
+    }
+}
