@@ -78,15 +78,21 @@ pub fn write_node_config(dir: &Path, name: &str, cluster_port: u16, role: &str) 
 /// Starts (or restarts) a server whose data lives in `dir`.
 pub fn start_in(dir: &Path, extra: &str) -> Server {
     let config = write_config(dir, extra);
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(&config).arg("serve");
+    spawn_server(cmd, dir, config, "hamail")
+}
+
+/// Runs `cmd` (a `hamail serve`, possibly wrapped), reads the addresses it
+/// prints until `hamail: ready`, and keeps draining its stdout. `what`
+/// names it in the panic if it exits before it is ready.
+pub fn spawn_server(mut cmd: Command, dir: &Path, config: PathBuf, what: &str) -> Server {
     let stderr_log = dir.join(format!("stderr-{}.log", rand_u64()));
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(&stderr_log).expect("log file")))
         .spawn()
-        .expect("spawn hamail");
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut addrs = std::collections::HashMap::new();
@@ -94,17 +100,19 @@ pub fn start_in(dir: &Path, extra: &str) -> Server {
         let line = match lines.next() {
             Some(Ok(l)) => l,
             _ => {
+                let _ = child.kill();
+                let _ = child.wait();
                 let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
-                panic!("hamail exited before it was ready; stderr:\n{log}");
+                panic!("{what} exited before it was ready; stderr:\n{log}");
             }
         };
         if let Some(rest) = line.strip_prefix("hamail: ") {
             if rest.starts_with("ready") {
                 break;
             }
-            if let Some((what, addr)) = rest.split_once(" listening on ") {
-                if let Some(first) = addr.split_whitespace().next() {
-                    addrs.insert(what.to_string(), first.parse::<SocketAddr>().expect("address"));
+            if let Some((kind, addr)) = rest.split_once(" listening on ") {
+                if let Some(Ok(first)) = addr.split_whitespace().next().map(str::parse::<SocketAddr>) {
+                    addrs.insert(kind.to_string(), first);
                 }
             }
         }
@@ -125,7 +133,7 @@ pub fn start_in(dir: &Path, extra: &str) -> Server {
     }
 }
 
-fn rand_u64() -> u64 {
+pub fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0);

@@ -11,7 +11,7 @@
 //! Nothing is created in the root namespace: the bridge and the bridge-side
 //! veth ends live in the switch namespace.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -253,54 +253,9 @@ pub fn write_ns_node_config(dir: &Path, name: &str, ip: IpAddr) -> PathBuf {
 /// pid is hamail's own, so `kill9` is a real power cut of the process).
 pub fn start_in_ns(ns: &str, dir: &Path) -> Server {
     let config = dir.join("hamail.toml");
-    let stderr_log = dir.join(format!("stderr-{}.log", rand_u64()));
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, BIN, "--config"])
-        .arg(&config)
-        .arg("serve")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(&stderr_log).expect("log file")))
-        .spawn()
-        .expect("spawn ip netns exec hamail");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut addrs = std::collections::HashMap::new();
-    loop {
-        let line = match lines.next() {
-            Some(Ok(l)) => l,
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
-                panic!("hamail in {ns} exited before it was ready; stderr:\n{log}");
-            }
-        };
-        if let Some(rest) = line.strip_prefix("hamail: ") {
-            if rest.starts_with("ready") {
-                break;
-            }
-            if let Some((what, addr)) = rest.split_once(" listening on ") {
-                if let Some(first) = addr.split_whitespace().next() {
-                    if let Ok(a) = first.parse::<SocketAddr>() {
-                        addrs.insert(what.to_string(), a);
-                    }
-                }
-            }
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        dir: dir.to_path_buf(),
-        config,
-        child: Some(child),
-        smtp: addrs.get("smtp").copied().unwrap_or(UNBOUND),
-        submission: addrs.get("submission").copied().unwrap_or(UNBOUND),
-        submissions: addrs.get("submissions").copied(),
-        pop3: addrs.get("pop3").copied().unwrap_or(UNBOUND),
-        pop3s: addrs.get("pop3s").copied(),
-        _tmp: None,
-        stderr_log,
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, BIN, "--config"]).arg(&config).arg("serve");
+    spawn_server(cmd, dir, config, &format!("hamail in {ns}"))
 }
 
 /// One SMTP transaction to `addr` with short timeouts (for polling during

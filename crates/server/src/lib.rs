@@ -300,6 +300,43 @@ pub(crate) async fn drained(drain: &mut Option<Drain>) {
     }
 }
 
+/// Why a login did not succeed.
+pub(crate) enum LoginFailure {
+    /// Wrong user or password; the growing delay has already been waited.
+    Refused,
+    /// The directory could not answer (no quorum...): try again later.
+    Temporary(String),
+}
+
+/// Checks a login (SMTP AUTH, POP3) against the directory. A failure waits
+/// the per-address growing delay before returning, so that guessing stays
+/// slow whatever the protocol; a success clears the address's record.
+pub(crate) async fn check_login(
+    ctx: &Context,
+    protocol: &str,
+    peer: &SocketAddr,
+    username: &str,
+    password: &str,
+) -> Result<hamail_store::Address, LoginFailure> {
+    let refused = || async {
+        let base = std::time::Duration::from_millis(ctx.config.server.auth_failure_delay_ms);
+        tokio::time::sleep(ctx.auth_failures.failed(peer.ip(), base)).await;
+        Err(LoginFailure::Refused)
+    };
+    let Ok(user) = hamail_store::Address::parse(username) else { return refused().await };
+    match ctx.directory().verify_password(&user, password).await {
+        Ok(true) => {
+            ctx.auth_failures.succeeded(peer.ip());
+            Ok(user)
+        }
+        Ok(false) => {
+            tracing::info!(target: "hamail::mail", "{protocol} client=[{}] user={user} result=auth failed", peer.ip());
+            refused().await
+        }
+        Err(e) => Err(LoginFailure::Temporary(e.to_string())),
+    }
+}
+
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -149,27 +149,9 @@ pub(crate) async fn serve(
 }
 
 async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
-    let delay = |ctx: &Context| {
-        let base = Duration::from_millis(ctx.config.server.auth_failure_delay_ms);
-        ctx.auth_failures.failed(peer.ip(), base)
-    };
-    let user = match Address::parse(username) {
-        Ok(u) => u,
-        Err(_) => {
-            tokio::time::sleep(delay(ctx)).await;
-            return AuthResult::Failure;
-        }
-    };
-    match ctx.directory().verify_password(&user, password).await {
-        Ok(true) => {
-            ctx.auth_failures.succeeded(peer.ip());
-            AuthResult::Success(user)
-        }
-        Ok(false) => {
-            tracing::info!(target: "hamail::mail", "pop3 client=[{}] user={user} result=auth failed", peer.ip());
-            tokio::time::sleep(delay(ctx)).await;
-            AuthResult::Failure
-        }
-        Err(e) => AuthResult::TemporaryFailure(e.to_string()),
+    match crate::check_login(ctx, "pop3", peer, username, password).await {
+        Ok(user) => AuthResult::Success(user),
+        Err(crate::LoginFailure::Refused) => AuthResult::Failure,
+        Err(crate::LoginFailure::Temporary(e)) => AuthResult::TemporaryFailure(e),
     }
 }

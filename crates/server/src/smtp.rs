@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
-use hamail_store::{Address, Incoming, Resolution, StoreError};
+use hamail_store::{Incoming, Resolution, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -135,30 +135,11 @@ pub(crate) async fn serve(
 }
 
 async fn authenticate(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
-    let user = match Address::parse(username) {
-        Ok(u) => u,
-        Err(_) => {
-            failure_delay(ctx, peer).await;
-            return AuthResult::Failure;
-        }
-    };
-    match ctx.directory().verify_password(&user, password).await {
-        Ok(true) => {
-            ctx.auth_failures.succeeded(peer.ip());
-            AuthResult::Success
-        }
-        Ok(false) => {
-            tracing::info!(client = %peer, user = %user, "SMTP AUTH failed");
-            failure_delay(ctx, peer).await;
-            AuthResult::Failure
-        }
-        Err(e) => AuthResult::TemporaryFailure(e.to_string()),
+    match crate::check_login(ctx, "smtp", peer, username, password).await {
+        Ok(_) => AuthResult::Success,
+        Err(crate::LoginFailure::Refused) => AuthResult::Failure,
+        Err(crate::LoginFailure::Temporary(e)) => AuthResult::TemporaryFailure(e),
     }
-}
-
-async fn failure_delay(ctx: &Context, peer: &SocketAddr) {
-    let base = Duration::from_millis(ctx.config.server.auth_failure_delay_ms);
-    tokio::time::sleep(ctx.auth_failures.failed(peer.ip(), base)).await;
 }
 
 async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {

@@ -87,7 +87,12 @@ impl Inner {
     /// the caller's blocking task so that many bodies are written and
     /// fsynced in parallel.
     pub(crate) fn stage_body(self: &Arc<Self>, body: &[u8]) -> StoreResult<StagedBody> {
-        let hash = BodyHash::of(body);
+        self.stage_hashed_body(BodyHash::of(body), body)
+    }
+
+    /// [`Self::stage_body`] for a caller that has just computed the hash
+    /// (hashing a large body costs milliseconds: do it once).
+    pub(crate) fn stage_hashed_body(self: &Arc<Self>, hash: BodyHash, body: &[u8]) -> StoreResult<StagedBody> {
         // Register before looking at the file, so that a delete that frees
         // this hash from now on leaves the file alone.
         let guard = InFlight::register(self, hash);

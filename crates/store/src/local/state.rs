@@ -425,14 +425,15 @@ impl LocalStore {
         blocking(move || {
             // A damaged file under this name (same length, other content)
             // would be kept by `stage_body`: a repair must replace it.
-            let path = inner.body_path(&BodyHash::of(&body));
+            let hash = BodyHash::of(&body);
+            let path = inner.body_path(&hash);
             if let Ok(existing) = std::fs::read(&path) {
                 if existing.len() == body.len() && existing != *body {
                     tracing::warn!(path = %path.display(), "damaged body file replaced by a good copy");
                     std::fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing damaged {}", path.display()), e))?;
                 }
             }
-            let staged = inner.stage_body(&body)?;
+            let staged = inner.stage_hashed_body(hash, &body)?;
             inner
                 .sync_body(&staged.path)
                 .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
