@@ -118,13 +118,16 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
         });
         let mut attempts = 0;
         let mut last;
+        let mut timeline = Vec::new();
         let served = loop {
             attempts += 1;
+            let began = cut.elapsed();
             match c.send_from_client("after-the-cut") {
                 Ok(Ok(host)) => break Some((host, cut.elapsed(), attempts)),
                 Ok(Err(reply)) => last = reply,
                 Err(e) => last = e.to_string(),
             }
+            timeline.push(format!("{began:?}..{:?}: {last}", cut.elapsed()));
             if cut.elapsed() > RECOVERY {
                 eprintln!(
                     "no 250 through {VIP} within {RECOVERY:?} of the power cut ({attempts} attempts, last: {last})"
@@ -134,6 +137,7 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
             std::thread::sleep(Duration::from_millis(20));
         };
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("failed attempts:\n  {}", timeline.join("\n  "));
         let up = observer.join().unwrap();
         (up, served.unwrap_or_else(|| panic!("no recovery (address up on a survivor after {up:?})\n{}", c.logs())))
     });

@@ -97,6 +97,7 @@ use crate::groups::{
     ResourceDriver, ResourceError, ResourceSpec, StartContext, StartEvent,
 };
 use crate::node::{write_error, ClusterNode};
+use crate::rpc::{Request, Response};
 use crate::types::{Command, CommandResult, NodeId, Role};
 
 /// The timings of the failover groups. See the module documentation.
@@ -107,8 +108,13 @@ pub struct GroupTiming {
     /// How often a node renews its lease.
     pub renew_ms: u64,
     /// The longest a group's stop may take (a bound the resources must
-    /// respect).
+    /// respect), unless the group sets its own.
     pub stop_timeout_ms: u64,
+    /// The stop budget of a group whose resources all stop fast
+    /// ([`ResourceSpec::stops_fast`]) when its node loses its lease; a
+    /// voluntary stop (move, `group stop`) still gets `stop_timeout_ms`, so
+    /// that mail sessions can end at a safe point.
+    pub fast_stop_timeout_ms: u64,
     /// Added to the fencing delay for clock drift and polling.
     pub margin_ms: u64,
     /// How often running resources are checked.
@@ -123,6 +129,7 @@ impl Default for GroupTiming {
             lease_ms: 600,
             renew_ms: 100,
             stop_timeout_ms: 2000,
+            fast_stop_timeout_ms: 100,
             margin_ms: 100,
             monitor_interval_ms: 1000,
             tick_ms: 20,
@@ -139,10 +146,21 @@ impl GroupTiming {
         Duration::from_millis(self.stop_timeout_ms)
     }
 
+    /// The time `spec`'s stop may take: when its node loses the lease
+    /// (`fenced`), or when it stops by decision (move, stop, failure).
+    pub fn stop_budget(&self, spec: &GroupSpec, fenced: bool) -> Duration {
+        let ms = match spec.stop_timeout_ms {
+            Some(ms) => ms,
+            None if fenced && spec.resources.iter().all(ResourceSpec::stops_fast) => self.fast_stop_timeout_ms,
+            None => self.stop_timeout_ms,
+        };
+        Duration::from_millis(ms)
+    }
+
     /// How long the leader waits, after it last heard from an owner, before
-    /// giving the owner's groups to another node.
-    pub fn fence_delay(&self) -> Duration {
-        Duration::from_millis(self.lease_ms + self.stop_timeout_ms + self.margin_ms)
+    /// giving the owner's group `spec` to another node.
+    pub fn fence_delay(&self, spec: &GroupSpec) -> Duration {
+        self.lease() + self.stop_budget(spec, true) + Duration::from_millis(self.margin_ms)
     }
 
     fn tick(&self) -> Duration {
@@ -407,6 +425,10 @@ async fn renew_loop(node: Weak<ClusterNode>) {
 struct Manager {
     /// The term we noticed we lead, and when.
     leading: Option<(u64, Instant)>,
+    /// For the term we lead: the latest instant at which a leader of an
+    /// older term can have confirmed a lease renewal, once a majority has
+    /// testified (see [`crate::testimony`]); filled by a task.
+    older_terms: Arc<Mutex<Option<(u64, Instant)>>>,
     /// Nodes live at the last look (for NodeLost / NodeBack events).
     live: BTreeSet<NodeId>,
     /// When this leader first saw each member (a node that just joined has
@@ -415,7 +437,12 @@ struct Manager {
 }
 
 async fn manager_loop(node: Weak<ClusterNode>, events: EventTx) {
-    let mut m = Manager { leading: None, live: BTreeSet::new(), first_seen: Default::default() };
+    let mut m = Manager {
+        leading: None,
+        older_terms: Arc::new(Mutex::new(None)),
+        live: BTreeSet::new(),
+        first_seen: Default::default(),
+    };
     loop {
         let Some(n) = node.upgrade() else { return };
         let tick = n.timing().groups.tick();
@@ -439,8 +466,16 @@ impl Manager {
             _ => {
                 let now = Instant::now();
                 self.leading = Some((term, now));
+                let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+                tokio::spawn(gather_testimony(Arc::downgrade(n), term, voters, self.older_terms.clone()));
                 now
             }
+        };
+        // Renewals confirmed by older leaders end by `since` (see the module
+        // documentation) or, once a majority testified, by an earlier instant.
+        let older = match *self.older_terms.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some((t, at)) if t == term => at.min(since),
+            _ => since,
         };
         let timing = n.timing().groups.clone();
         let me = n.id();
@@ -481,17 +516,17 @@ impl Manager {
             }
             self.live = live.clone();
         }
-        // Silent: possibly running, but certainly stopped by now.
-        let fenced = |id: NodeId| -> bool {
-            if id == me {
-                return false;
-            }
-            let last = n.leases.last_request(id).map_or(since, |r| r.max(since));
-            last.elapsed() > timing.fence_delay()
-        };
         let table = n.group_table.borrow().clone();
         for (name, p) in &table.placement {
             let Some(spec) = table.groups.get(name) else { continue };
+            // Silent: possibly running, but certainly stopped by now.
+            let fenced = |id: NodeId| -> bool {
+                if id == me {
+                    return false;
+                }
+                let last = n.leases.last_request(id).map_or(older, |r| r.max(older));
+                last.elapsed() > timing.fence_delay(spec)
+            };
             let eligible = |id: &NodeId| data.contains(id) && live.contains(id);
             let is_pending = |id: &NodeId| data.contains(id) && pending.contains(id);
             let Some((cmd, ev)) = decide(spec, p, &eligible, &fenced, &is_pending) else { continue };
@@ -508,6 +543,59 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// Asks every voter of `term`'s membership when it last acknowledged, or
+/// stopped leading, an older term, until a majority (this node included)
+/// has answered; then records the latest of those instants (converted to
+/// this node's clock: the arrival of the answer minus the time it states,
+/// which can only make it later). Gives up when the node no longer leads
+/// `term`.
+async fn gather_testimony(node: Weak<ClusterNode>, term: u64, voters: Vec<NodeId>, out: Arc<Mutex<Option<(u64, Instant)>>>) {
+    let majority = voters.len() / 2 + 1;
+    let mut heard: BTreeMap<NodeId, Instant> = BTreeMap::new();
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        let m = n.raft().metrics().borrow().clone();
+        if m.current_term != term || m.current_leader != Some(n.id()) {
+            return;
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        let unheard: Vec<NodeId> = voters.iter().copied().filter(|id| !heard.contains_key(id)).collect();
+        for id in unheard {
+            if id == n.id() {
+                if let Some(at) = n.testimony.below(term) {
+                    heard.insert(id, at);
+                }
+                continue;
+            }
+            let Some(info) = m.membership_config.nodes().find(|(x, _)| **x == id).map(|(_, i)| i.clone()) else {
+                continue;
+            };
+            let transport = n.transport().clone();
+            let within = Duration::from_millis(n.timing().election_max_ms.max(50));
+            asks.spawn(async move {
+                let answer = tokio::time::timeout(within, transport.call(id, &info, Request::Testimony { term })).await;
+                (id, answer, Instant::now())
+            });
+        }
+        let heartbeat = Duration::from_millis(n.timing().heartbeat_ms.max(1));
+        drop(n);
+        while let Some(Ok((id, answer, arrived))) = asks.join_next().await {
+            if let Ok(Ok(Response::Testimony(Some(us)))) = answer {
+                heard.insert(id, arrived.checked_sub(Duration::from_micros(us)).unwrap_or(arrived));
+            }
+        }
+        if heard.len() >= majority {
+            let latest = heard.values().copied().max();
+            if let Some(at) = latest {
+                tracing::debug!(term, "older terms testified: last confirmation {:?} ago", at.elapsed());
+                *out.lock().unwrap_or_else(PoisonError::into_inner) = Some((term, at));
+            }
+            return;
+        }
+        tokio::time::sleep(heartbeat).await;
     }
 }
 
@@ -735,7 +823,7 @@ impl Worker {
             } else {
                 format!("group {}", p.state)
             };
-            if self.stop_all(n, &why).await {
+            if self.stop_all(n, &why, !n.holds_lease()).await {
                 if p.owner == Some(me) && matches!(p.state, GroupState::Stopping | GroupState::StopFailed) {
                     self.report(n, &p, GroupReport::Offline).await;
                 }
@@ -799,7 +887,7 @@ impl Worker {
     async fn resource_failed(&mut self, n: &Arc<ClusterNode>, spec: &GroupSpec, p: &Placement, e: ResourceError) {
         let me = n.id();
         self.log(me, EventKind::ResourceFailure, Some(&e.resource), e.message.clone());
-        if !self.stop_all(n, "resource failure").await {
+        if !self.stop_all(n, "resource failure", !n.holds_lease()).await {
             self.report(n, p, GroupReport::StopFailed).await;
             return;
         }
@@ -866,18 +954,20 @@ impl Worker {
         }
     }
 
-    /// Stops the held resources in reverse order, within the stop timeout.
+    /// Stops the held resources in reverse order, within the group's stop
+    /// budget (the short one when `fenced`: the lease is gone, and the
+    /// leader counts on that budget before it starts the group elsewhere).
     /// `false` if one could not be stopped (it stays held).
-    async fn stop_all(&mut self, n: &Arc<ClusterNode>, why: &str) -> bool {
+    async fn stop_all(&mut self, n: &Arc<ClusterNode>, why: &str, fenced: bool) -> bool {
         let me = n.id();
         let Some(spec) = self.held_spec.clone() else {
             self.held.clear();
             return true;
         };
-        let deadline = Instant::now() + n.timing().groups.stop_timeout();
+        let deadline = Instant::now() + n.timing().groups.stop_budget(&spec, fenced);
         while let Some(r) = self.held.last().cloned() {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(remaining, self.driver.stop(&spec, &r)).await {
+            match tokio::time::timeout(remaining, self.driver.stop(&spec, &r, remaining)).await {
                 Ok(Ok(())) => {
                     self.held.pop();
                     self.log(me, EventKind::ResourceStop, Some(r.name()), format!("stopped ({why})"));
@@ -927,6 +1017,7 @@ mod tests {
             failback,
             resources: vec![],
             max_restarts: 1,
+            stop_timeout_ms: None,
         }
     }
 

@@ -479,12 +479,19 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
             if !spec.nodes.iter().all(|n| nodes.insert(*n)) {
                 return refuse(format!("group {}: a node is listed twice", spec.name));
             }
+            if spec.stop_timeout_ms == Some(0) {
+                return refuse(format!("group {}: stop_timeout_ms must be above 0", spec.name));
+            }
             let placement = t.placement.entry(spec.name.clone()).or_default();
             if let Some(old) = t.groups.get(&spec.name) {
-                let structural = old.nodes != spec.nodes || old.resources != spec.resources;
+                // The stop budget too: the owner stops within the budget it
+                // started with, the leader fences with the current one.
+                let structural = old.nodes != spec.nodes
+                    || old.resources != spec.resources
+                    || old.stop_timeout_ms != spec.stop_timeout_ms;
                 if structural && placement.state != GroupState::Offline {
                     return refuse(format!(
-                        "group {} is {}: stop it before changing its nodes or resources",
+                        "group {} is {}: stop it before changing its nodes, resources or stop timeout",
                         spec.name, placement.state
                     ));
                 }

@@ -28,6 +28,7 @@ fn timing() -> Timing {
             lease_ms: 400,
             renew_ms: 50,
             stop_timeout_ms: 300,
+            fast_stop_timeout_ms: 100,
             margin_ms: 100,
             monitor_interval_ms: 100,
             tick_ms: 10,
@@ -126,7 +127,7 @@ impl ResourceDriver for SimDriver {
         Ok(())
     }
 
-    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
+    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec, _budget: Duration) -> Result<(), ResourceError> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let key = (group.name.clone(), resource.name().to_string());
         let mut h = self.world.holders.lock().unwrap();
@@ -163,6 +164,7 @@ fn group(name: &str, nodes: &[u64], failback: Failback, max_restarts: u32) -> Gr
             ResourceSpec::MailService { name: format!("{name}-mail") },
         ],
         max_restarts,
+        stop_timeout_ms: None,
     }
 }
 

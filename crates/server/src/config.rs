@@ -132,11 +132,16 @@ pub struct ClusterSection {
     /// Failover groups: a node runs its groups only while a quorum lease
     /// renewed every ~100 ms is younger than this.
     pub group_lease_ms: u64,
-    /// The longest a group's stop may take (scripts included); the leader
-    /// waits lease + this + a margin before giving a silent node's group to
-    /// another. Lower it (e.g. 300) for groups of addresses and listeners
-    /// only, for a sub-second takeover.
+    /// The longest a group's stop may take (scripts, unmount included),
+    /// unless the group sets its own `stop_timeout_ms`; the leader waits
+    /// lease + this + a margin before giving a silent node's group to
+    /// another.
     pub group_stop_timeout_ms: u64,
+    /// The same for a group of addresses and mail listeners only (they stop
+    /// in milliseconds) when its node loses the lease: what makes their
+    /// takeover sub-second. A move still drains for up to
+    /// `group_stop_timeout_ms`.
+    pub group_fast_stop_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -158,6 +163,7 @@ impl Default for ClusterSection {
             required_copies: None,
             group_lease_ms: 600,
             group_stop_timeout_ms: 2000,
+            group_fast_stop_timeout_ms: 100,
         }
     }
 }
@@ -260,8 +266,11 @@ impl Config {
         if k.election_timeout_max_ms <= k.election_timeout_min_ms {
             return Err(bad("[cluster] election_timeout_max_ms must be above election_timeout_min_ms".into()));
         }
-        if k.group_lease_ms < 2 * k.heartbeat_ms || k.group_stop_timeout_ms == 0 {
-            return Err(bad("[cluster] group_lease_ms must be at least twice heartbeat_ms, group_stop_timeout_ms above 0".into()));
+        if k.group_lease_ms < 2 * k.heartbeat_ms || k.group_stop_timeout_ms == 0 || k.group_fast_stop_timeout_ms == 0 {
+            return Err(bad(
+                "[cluster] group_lease_ms must be at least twice heartbeat_ms, group_stop_timeout_ms and group_fast_stop_timeout_ms above 0"
+                    .into(),
+            ));
         }
         if self.server.hostname.trim().is_empty() {
             return Err(bad("[server] hostname must not be empty".into()));

@@ -27,6 +27,7 @@ mod exec;
 mod ip;
 mod mail;
 
+use std::time::Duration;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
@@ -256,7 +257,7 @@ impl ResourceDriver for Driver {
         }
     }
 
-    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
+    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec, budget: Duration) -> Result<(), ResourceError> {
         let k = key(group, resource);
         let held = self.take(&k);
         match resource {
@@ -273,12 +274,7 @@ impl ResourceDriver for Driver {
                 if let Some(Held::Mail(m)) = held {
                     // Within the group's stop budget, leaving room for the
                     // resources stopped after it (the address).
-                    let budget = self
-                        .context
-                        .upgrade()
-                        .map(|c| std::time::Duration::from_millis(c.config.cluster.group_stop_timeout_ms / 2))
-                        .unwrap_or(mail::DRAIN_GRACE);
-                    m.stop(budget.min(mail::DRAIN_GRACE)).await;
+                    m.stop((budget / 2).min(mail::DRAIN_GRACE)).await;
                 }
                 Ok(())
             }
