@@ -786,6 +786,7 @@ impl Worker {
     }
 
     async fn run(mut self) {
+        self.clear_leftovers().await;
         loop {
             let Some(n) = self.node.upgrade() else { return };
             let tick = n.timing().groups.tick();
@@ -795,6 +796,24 @@ impl Worker {
                 return;
             }
             tokio::time::sleep(tick).await;
+        }
+    }
+
+    /// A process that died (crash, SIGKILL) leaves its floating addresses
+    /// on the interface, and it would answer ARP for an address that
+    /// another node now holds: before anything else, this node removes the
+    /// group's addresses (and whatever else stops fast and idempotently).
+    /// If it still owns the group, the start below adds them again.
+    async fn clear_leftovers(&self) {
+        let Some(n) = self.node.upgrade() else { return };
+        let (Some(spec), _) = self.current(&n) else { return };
+        let budget = n.timing().groups.stop_budget(&spec, true);
+        for r in spec.resources.iter().rev().filter(|r| r.stops_fast()) {
+            match tokio::time::timeout(budget, self.driver.stop(&spec, r, budget)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(group = %self.name, resource = r.name(), "clearing a leftover: {e}"),
+                Err(_) => tracing::warn!(group = %self.name, resource = r.name(), "clearing a leftover timed out"),
+            }
         }
     }
 

@@ -280,6 +280,51 @@ async fn partitioned_or_dead_owner_is_fenced_then_replaced_never_twice() {
     }
 }
 
+/// The owner is also the leader, and is cut off: the new leader fences it
+/// from what a majority testifies about the old term (not from its own
+/// election), so this is the case where a mistake would start the group
+/// while the old owner still runs it. Several rounds, each with a
+/// different leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_owner_cut_off_stops_before_anyone_starts() {
+    let (c, world) = cluster(23).await;
+    let all = c.ids();
+    let first = c.leader().await;
+    first.put_group(group("g", &[1, 2, 3], Failback::Manual, 1)).await.unwrap();
+    wait_runs(&world, "g", 1).await;
+    for round in 0..3 {
+        let leader = c.leader().await;
+        let l = leader.id();
+        leader.move_group("g", Some(l)).await.unwrap();
+        wait_runs(&world, "g", l.0).await;
+        wait_state(&leader, "g", Some(l.0), GroupState::Online).await;
+
+        let cut = Instant::now();
+        c.board.isolate(l, &all);
+        let w = world.clone();
+        let (taker, at) = eventually("the group to run on another node", LONG, || {
+            let w = w.clone();
+            async move { w.holder("g").filter(|h| *h != l && w.runs_on("g", 2, *h)).map(|h| (h, Instant::now())) }
+        })
+        .await;
+        let stopped_on_l = world.stops.lock().unwrap().iter().filter(|s| s.0 == l && s.1 == "g" && s.3 > cut).map(|s| s.3).max();
+        let started_on_taker =
+            world.starts.lock().unwrap().iter().filter(|s| s.node == taker && s.group == "g" && s.at > cut).map(|s| s.at).min();
+        match (stopped_on_l, started_on_taker) {
+            (Some(stop), Some(start)) => assert!(stop < start, "round {round}: node {l} stopped before node {taker} started"),
+            other => panic!("round {round}: stop/start not recorded: {other:?}"),
+        }
+        eprintln!("round {round}: leader-owner {l} cut off, group on node {taker} after {} ms", (at - cut).as_millis());
+        c.board.heal();
+        world.check();
+    }
+    world.check();
+    c.check_one_leader_per_term();
+    for n in c.running() {
+        n.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn move_under_writes_active_active_stop_start_and_drain() {
     let (c, world) = cluster(12).await;
