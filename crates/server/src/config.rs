@@ -224,6 +224,16 @@ fn system_hostname() -> String {
 }
 
 impl Config {
+    /// How this node opens a mail store (its own, or a group's on a shared
+    /// disk): its host names are local, bodies and commits are fsynced.
+    pub fn store_options(&self) -> Result<hamail_store::StoreOptions, ServerError> {
+        let mut hostnames = vec![hamail_store::Domain::parse(&self.server.hostname)?];
+        for h in &self.server.local_hostnames {
+            hostnames.push(hamail_store::Domain::parse(h)?);
+        }
+        Ok(hamail_store::StoreOptions { hostnames, ..hamail_store::StoreOptions::default() })
+    }
+
     /// Reads `path`; errors name the file and the line.
     pub fn load(path: &Path) -> Result<Config, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|e| ServerError::Config {

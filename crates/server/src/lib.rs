@@ -216,7 +216,7 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
             let refusal =
                 format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname).into_bytes();
             tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
-                smtp::serve(ctx.clone(), tcp, peer, role, None)
+                smtp::serve(ctx.clone(), ctx.store(), tcp, peer, role, None)
             })));
         }
     }
@@ -225,7 +225,7 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
             let ctx = context.clone();
             let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
             tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
-                pop3::serve(ctx.clone(), tcp, peer, implicit_tls, None)
+                pop3::serve(ctx.clone(), ctx.store(), tcp, peer, implicit_tls, None)
             })));
         }
     }

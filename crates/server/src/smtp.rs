@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
-use hamail_store::{Incoming, Resolution, StoreError};
+use hamail_store::{Incoming, MailStore, Resolution, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -33,8 +33,11 @@ fn chain(mut pending: Vec<u8>, out: Output) -> Output {
     Output { reply: pending, next: out.next }
 }
 
+/// Serves one SMTP connection; accepted mail goes to `store` (the node's,
+/// or a group's store on its shared disk).
 pub(crate) async fn serve(
     ctx: Arc<Context>,
+    store: Arc<dyn MailStore>,
     tcp: TcpStream,
     peer: SocketAddr,
     role: SmtpRole,
@@ -115,7 +118,7 @@ pub(crate) async fn serve(
                 chain(out.reply, session.authenticated(result))
             }
             Next::Deliver(txn) => {
-                let result = deliver(ctx, &txn).await;
+                let result = deliver(ctx, store.as_ref(), &txn).await;
                 chain(out.reply, session.delivered(result))
             }
             Next::StartTls => {
@@ -142,9 +145,9 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, username: &str, password
     }
 }
 
-async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
+async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
     let started = std::time::Instant::now();
-    let queue_id = ctx.store().next_queue_id().await?;
+    let queue_id = store.next_queue_id().await?;
     let hostname = &ctx.config.server.hostname;
     let date = hamail_smtp::rfc5322_date(crate::unix_now() as i64);
     let body = hamail_smtp::stamp_message(txn, queue_id, hostname, &date, hostname);
@@ -156,7 +159,7 @@ async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Commi
         body: Arc::new(body),
         queue_id,
     };
-    let result = ctx.store().accept(incoming).await;
+    let result = store.accept(incoming).await;
     let to = summarize_recipients(&txn.recipients);
     let from = txn.return_path.as_deref().unwrap_or("");
     let auth = txn.authenticated.as_deref().unwrap_or("-");

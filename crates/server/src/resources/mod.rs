@@ -143,6 +143,26 @@ pub(crate) fn run_error(resource: &str, message: impl Into<String>) -> ResourceE
     ResourceError { resource: resource.to_string(), message: message.into(), permanent: false }
 }
 
+/// The mount point of the group's shared disk, if it has one: the mail
+/// service `resource` then keeps the group's mail there. The disk must be
+/// started before (listed before) the mail service.
+fn group_disk<'g>(group: &'g GroupSpec, resource: &str) -> Result<Option<&'g str>, ResourceError> {
+    let position = |want: &dyn Fn(&ResourceSpec) -> bool| group.resources.iter().position(want);
+    let disk = position(&|r| matches!(r, ResourceSpec::Disk { .. }));
+    let mail = position(&|r| r.name() == resource);
+    match (disk, mail) {
+        (Some(d), Some(m)) if d > m => Err(config_error(
+            resource,
+            format!("group {}: list the disk resource before the mail service (its store is on the disk)", group.name),
+        )),
+        (Some(d), _) => match &group.resources[d] {
+            ResourceSpec::Disk { mount_point, .. } => Ok(Some(mount_point.as_str())),
+            _ => Ok(None),
+        },
+        (None, _) => Ok(None),
+    }
+}
+
 /// `198.18.0.100/24` → (address, prefix). `prefix_required`: a floating
 /// address must say its prefix (a silent /32 would change routing); a
 /// loopback one may omit it.
@@ -228,7 +248,11 @@ impl ResourceDriver for Driver {
                     .upgrade()
                     .ok_or_else(|| run_error(name, "the server is shutting down: no context to serve with"))?;
                 let addr = group_address(group, name)?;
-                let running = mail::start(&ctx, name, addr).await?;
+                let disk_store = match group_disk(group, name)? {
+                    Some(mount_point) => Some(mail::open_disk_store(&ctx, name, mount_point).await?),
+                    None => None,
+                };
+                let running = mail::start(&ctx, name, addr, disk_store).await?;
                 self.put(k, Held::Mail(running));
                 Ok(())
             }
@@ -274,7 +298,7 @@ impl ResourceDriver for Driver {
                 if let Some(Held::Mail(m)) = held {
                     // Within the group's stop budget, leaving room for the
                     // resources stopped after it (the address).
-                    m.stop((budget / 2).min(mail::DRAIN_GRACE)).await;
+                    m.stop((budget / 2).min(mail::DRAIN_GRACE)).await.map_err(|e| run_error(resource.name(), e))?;
                 }
                 Ok(())
             }
