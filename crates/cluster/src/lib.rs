@@ -21,7 +21,7 @@ pub mod node;
 pub mod rpc;
 pub mod state_machine;
 pub mod tcp;
-mod testimony;
+pub mod testimony;
 pub mod tls;
 pub mod types;
 
