@@ -243,9 +243,33 @@ fn a_partitioned_owner_drops_its_address() {
     assert_eq!(Cluster::host_of(&host), new);
     eprintln!("partition of {owner}: first 250 from {new} after {:?}", cut.elapsed());
 
+    // A host that followed the old owner while the cluster was split (its
+    // neighbour entry still has the old owner's MAC, and it sends nothing):
+    // once the cable is back, the new owner announces the address again.
+    let old_mac = c.bed.mac(owner);
+    ip(&["-n", c.bed.ns("cl"), "neigh", "replace", VIP, "lladdr", &old_mac, "dev", IFACE, "nud", "stale"]);
+    assert_eq!(c.bed.neighbour("cl", VIP).map(|(m, _)| m), Some(old_mac.clone()));
+
     // The cable back: the old owner rejoins and does not take the address
     // back (failback = manual).
+    let healed = Instant::now();
     c.bed.set_link(owner, true);
+    if poll(RECOVERY, || c.bed.neighbour("cl", VIP).filter(|(m, _)| *m == new_mac)).is_none() {
+        panic!(
+            "after the heal the client's neighbour entry for {VIP} is {:?}, not {new}'s {new_mac}\n{}",
+            c.bed.neighbour("cl", VIP),
+            c.logs()
+        );
+    }
+    eprintln!("partition of {owner} healed: {new} announced {VIP} again, client entry moved after {:?}", healed.elapsed());
+    // (The takeover's own repeated announcement could also have moved it:
+    // the cluster log says the return of the node was the reason.)
+    let via = Cluster::index(&new);
+    let said = poll(RECOVERY, || {
+        let (_, log) = c.nodes[via].cli(&["log", "-n", "200"], "");
+        log.contains("is back: announcing the group's addresses again").then_some(())
+    });
+    assert!(said.is_some(), "no re-announcement in the cluster log:\n{}", c.nodes[via].cli(&["log", "-n", "200"], "").1);
     let via = Cluster::index(&new);
     if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
         panic!("node {owner} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());

@@ -655,6 +655,17 @@ fn decide(
             Some((start_on(Some(n), event, None), Some((EventKind::GroupStart, format!("starting on node {n} ({event})")))))
         }
         (GroupState::Starting | GroupState::Online | GroupState::Stopping, Some(o)) if fenced(o) => {
+            // A new leader may fence a dead owner before the other nodes
+            // have renewed their leases with it: wait for a better-placed
+            // node that is only late, rather than pass it over.
+            let preferred = spec
+                .nodes
+                .iter()
+                .copied()
+                .find(|id| *id != o && !p.failed_on.contains(id) && (eligible(id) || pending(id)));
+            if preferred.is_some_and(|id| pending(&id)) {
+                return None;
+            }
             let n = pick(spec, p, eligible, &[o]);
             let text = match n {
                 Some(n) => format!("node {o} silent beyond the fencing delay: failing over to node {n}"),
@@ -759,6 +770,8 @@ struct Worker {
     reported: Option<(u64, GroupReport)>,
     last_attempt: Option<Instant>,
     next_monitor: Instant,
+    /// The members found silent at the last look while running the group.
+    silent: BTreeSet<NodeId>,
 }
 
 enum StartOutcome {
@@ -785,6 +798,7 @@ impl Worker {
             reported: None,
             last_attempt: None,
             next_monitor: Instant::now(),
+            silent: BTreeSet::new(),
         }
     }
 
@@ -896,6 +910,17 @@ impl Worker {
         if p.state == GroupState::Starting || self.reported != Some((p.epoch, GroupReport::Online)) {
             self.report(n, &p, GroupReport::Online).await;
         }
+        // A node that was cut off is back (a partition healed): hosts that
+        // followed it meanwhile learn again where the group's address is.
+        let members: Vec<NodeId> = n.raft().metrics().borrow().membership_config.nodes().map(|(id, _)| *id).collect();
+        let silent: BTreeSet<NodeId> = members.into_iter().filter(|id| *id != me && n.peer_silent(*id)).collect();
+        if let Some(back) = self.silent.iter().find(|id| !silent.contains(id)) {
+            self.log(me, EventKind::Note, None, format!("node {back} is back: announcing the group's addresses again"));
+            for r in self.held.clone() {
+                self.driver.reannounce(&spec, &r).await;
+            }
+        }
+        self.silent = silent;
         if Instant::now() >= self.next_monitor {
             self.next_monitor = Instant::now() + Duration::from_millis(n.timing().groups.monitor_interval_ms);
             for r in self.held.clone() {
@@ -1088,6 +1113,9 @@ mod tests {
         let p = Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
         let (cmd, _) = decide(&s, &p, &not1, &always, &|_| false).unwrap();
         assert!(matches!(cmd, Command::AssignGroup { epoch: 4, owner: Some(NodeId(2)), event: Some(StartEvent::Failover), .. }));
+        // ... but not while node 2 has yet to renew with a new leader.
+        let only3 = |id: &NodeId| *id == NodeId(3);
+        assert!(decide(&s, &p, &only3, &always, &|id: &NodeId| *id == NodeId(2)).is_none());
         // Online on 2, node 1 back, manual failback: stays.
         let p = Placement { owner: Some(NodeId(2)), state: GroupState::Online, ..Placement::default() };
         assert!(decide(&s, &p, &all, &never, &|_| false).is_none());

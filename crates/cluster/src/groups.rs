@@ -180,6 +180,12 @@ pub trait ResourceDriver: Send + Sync + 'static {
     /// within part of it; the caller gives up at its end).
     async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec, budget: std::time::Duration) -> Result<(), ResourceError>;
     async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError>;
+    /// A node that was cut off is back: announce the resource again if it
+    /// is something neighbours cache (a floating address: gratuitous ARP),
+    /// so that hosts that followed the old owner while the cluster was
+    /// split come back to this one. Best effort; most resources have
+    /// nothing to say.
+    async fn reannounce(&self, _group: &GroupSpec, _resource: &ResourceSpec) {}
 }
 
 /// Where the operator wants a group (`group start|stop|move`).

@@ -375,7 +375,8 @@ impl ClusterNode {
     /// The leader's side of [`Request::RenewLease`].
     async fn renew_lease_here(&self) -> Result<Vec<NodeId>, WriteError> {
         self.read_index_here().await?;
-        Ok(self.data_peers().into_iter().map(|(id, _)| id).filter(|id| self.peer_silent(*id)).collect())
+        let members: Vec<NodeId> = self.raft.metrics().borrow().membership_config.nodes().map(|(id, _)| *id).collect();
+        Ok(members.into_iter().filter(|id| *id != self.id && self.peer_silent(*id)).collect())
     }
 
     /// This node's answer to [`Request::Testimony`].
@@ -504,8 +505,9 @@ impl ClusterNode {
         self.raft.metrics().borrow().membership_config.nodes().any(|(n, _)| *n == id)
     }
 
-    /// Whether data node `id` is down or cut off, so that bodies are not
-    /// copied to it (a copy would only wait for its timeout). On the
+    /// Whether member `id` is down or cut off: bodies are not copied to it
+    /// (a copy would only wait for its timeout), and its return makes group
+    /// owners announce their addresses again. On the
     /// leader: it has not answered a Raft RPC for longer than two election
     /// timeouts. On a follower: the leader said so at our last lease
     /// renewal (a heartbeat or two ago).

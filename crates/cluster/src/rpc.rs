@@ -39,8 +39,8 @@ pub enum Request {
     ReadIndex,
     /// A lease renewal (see [`crate::failover`]): the leader notes when it
     /// arrived, confirms it still leads as for [`Request::ReadIndex`], and
-    /// answers with the data nodes it finds silent, so that followers, too,
-    /// stop copying bodies to a node that is down.
+    /// answers with the members it finds silent, so that followers, too,
+    /// stop copying bodies to a node that is down and notice its return.
     RenewLease,
     /// Asked by the new leader of term `term`: when did you last
     /// acknowledge, or stop leading, an older term? (See
@@ -71,7 +71,7 @@ pub enum Response {
     Status(NodeStatus),
     /// The log index a read must wait for (`None`: nothing committed yet).
     ReadIndex(Result<Option<u64>, WriteError>),
-    /// The renewal is confirmed; the data nodes the leader finds silent.
+    /// The renewal is confirmed; the members the leader finds silent.
     RenewLease(Result<Vec<NodeId>, WriteError>),
     /// Microseconds since that instant, when the answer was made; `None`
     /// while the asked node has not reached the term itself.

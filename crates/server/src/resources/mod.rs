@@ -332,6 +332,25 @@ impl ResourceDriver for Driver {
         }
     }
 
+    async fn reannounce(&self, group: &GroupSpec, resource: &ResourceSpec) {
+        let ResourceSpec::FloatingIp { name, address, interface } = resource else { return };
+        let k = key(group, resource);
+        if !matches!(self.lock().get(&k), Some(Held::Floating { .. })) {
+            return;
+        }
+        // Adding a present address does nothing; the announcement is sent.
+        match ip::floating_start(name, address, interface).await {
+            Ok(announcer) => {
+                if let Some(Held::Floating { announcer: Some(old) }) = self.take(&k) {
+                    old.abort();
+                }
+                self.put(k, Held::Floating { announcer });
+                tracing::info!(resource = %name, %address, "floating address announced again: a node is back");
+            }
+            Err(e) => tracing::warn!(resource = %name, %address, "announcing again: {e}"),
+        }
+    }
+
     async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
         let k = key(group, resource);
         let name = resource.name();
