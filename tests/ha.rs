@@ -124,6 +124,8 @@ struct Sent {
     /// A `250` that said "already delivered": the server recognised a
     /// resend of a transaction whose first `250` the client never got.
     recognised_resend: bool,
+    /// Why attempts failed (4xx reply or connection error), by kind.
+    failures: BTreeMap<String, u32>,
 }
 
 /// One message as a POP3 client found it.
@@ -330,6 +332,7 @@ fn send_until_accepted(j: &Journal, token: &str, rcpts: &[usize], data: &[u8], a
             attempts: 0,
             acked: false,
             recognised_resend: false,
+            failures: BTreeMap::new(),
         },
     );
     let started = Instant::now();
@@ -349,7 +352,12 @@ fn send_until_accepted(j: &Journal, token: &str, rcpts: &[usize], data: &[u8], a
                 j.problem(format!("{token}: refused: {line}"));
                 return;
             }
-            Outcome::Again(why) => last = why,
+            Outcome::Again(why) => {
+                // The kind: the reply code, or the error without details.
+                let kind: String = why.split([':', '(']).take(2).collect::<Vec<_>>().join(":").chars().take(60).collect();
+                *j.sent.lock().unwrap().get_mut(token).unwrap().failures.entry(kind).or_default() += 1;
+                last = why;
+            }
         }
         if started.elapsed() > RECOVERY {
             j.problem(format!("{token}: no 250 within {RECOVERY:?} (last: {last})"));
@@ -720,11 +728,12 @@ fn ha_power_cut_and_switchover_under_load() {
     text.push_str(&report.text());
     if let Some(b) = j.sent.lock().unwrap().get("big") {
         text.push_str(&format!(
-            "large message: {} recipients in one transaction, {} attempt(s), {}{}\n",
+            "large message: {} recipients in one transaction, {} attempt(s), {}{}; failed attempts: {:?}\n",
             b.recipients.len(),
             b.attempts,
             if b.acked { "acknowledged" } else { "NOT acknowledged" },
-            if b.recognised_resend { " (the last attempt recognised as a resend: delivered once)" } else { "" }
+            if b.recognised_resend { " (the last attempt recognised as a resend: delivered once)" } else { "" },
+            b.failures
         ));
     }
     let smtp_ok = j.smtp_ok.lock().unwrap().clone();
@@ -875,6 +884,7 @@ fn report_counts_losses_duplicates_damage_and_resends() {
         attempts: 1,
         acked,
         recognised_resend: resend,
+        failures: BTreeMap::new(),
     };
     let h = |b: u8| [b; 32];
     {
