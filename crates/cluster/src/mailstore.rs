@@ -449,6 +449,7 @@ impl MailStore for ReplicatedStore {
             body: hash,
             size: msg.body.len() as u64,
             at: unix_now(),
+            resend: msg.resend,
         };
         self.commit_accept(change, queue_id).await?;
         if copies < data_nodes {

@@ -258,6 +258,7 @@ async fn run(
                 v["pop3_connections"] = json!(s.pop3_connections.load(Ordering::Relaxed));
                 v["messages_accepted"] = json!(s.messages_accepted.load(Ordering::Relaxed));
                 v["messages_rejected"] = json!(s.messages_rejected.load(Ordering::Relaxed));
+                v["messages_resent"] = json!(s.messages_resent.load(Ordering::Relaxed));
                 v["pop3_logins"] = json!(s.pop3_logins.load(Ordering::Relaxed));
             }
             v

@@ -82,6 +82,10 @@ pub struct SmtpSection {
     /// RFC 5321 4.5.3.2.7 asks for at least 5 minutes.
     pub idle_timeout_secs: u64,
     pub plaintext_auth: PlaintextAuth,
+    /// RFC 1047: a transaction sent again within this many seconds (same
+    /// Message-ID, envelope and data: the client lost our `250`) is
+    /// answered `250` and delivered once. 0 turns it off.
+    pub resend_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,6 +202,7 @@ impl Default for SmtpSection {
             max_connections: 500,
             idle_timeout_secs: 300,
             plaintext_auth: PlaintextAuth::Loopback,
+            resend_window_secs: 3600,
         }
     }
 }

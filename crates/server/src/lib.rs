@@ -62,6 +62,8 @@ pub struct Stats {
     pub pop3_connections: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub messages_rejected: AtomicU64,
+    /// Resends recognised (RFC 1047): answered 250, not delivered again.
+    pub messages_resent: AtomicU64,
     pub pop3_logins: AtomicU64,
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
-use hamail_store::{Incoming, MailStore, Resolution, StoreError};
+use hamail_store::{Fingerprint, Incoming, MailStore, Resolution, ResendKey, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -158,6 +158,7 @@ async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Res
         remote: txn.remote.clone(),
         body: Arc::new(body),
         queue_id,
+        resend: resend_key(ctx.config.smtp.resend_window_secs, txn),
     };
     let result = store.accept(incoming).await;
     let to = summarize_recipients(&txn.recipients);
@@ -165,6 +166,12 @@ async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Res
     let auth = txn.authenticated.as_deref().unwrap_or("-");
     let ms = started.elapsed().as_millis();
     match &result {
+        Ok(c) if c.resend_of().is_some() => {
+            bump(&ctx.stats.messages_resent);
+            tracing::info!(target: "hamail::mail",
+                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result=250 already delivered as {} (resend)",
+                txn.peer.ip(), txn.helo, txn.recipients.len(), c.resend_of().map(|q| q.to_string()).unwrap_or_default())
+        }
         Ok(_) => {
             bump(&ctx.stats.messages_accepted);
             tracing::info!(target: "hamail::mail",
@@ -179,6 +186,20 @@ async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Res
         }
     }
     result
+}
+
+/// What recognises this transaction if the client sends it again (RFC
+/// 1047): over what the client sent, since the stored body carries our
+/// `Received:` line with a new queue id each time. Mail without a
+/// Message-ID is never taken for a resend (identical mail may be sent
+/// twice on purpose).
+fn resend_key(window_secs: u64, txn: &Transaction) -> Option<ResendKey> {
+    if window_secs == 0 {
+        return None;
+    }
+    let id = txn.message_id()?;
+    let fingerprint = Fingerprint::of(&id, txn.return_path.as_deref(), &txn.recipients, &txn.body);
+    Some(ResendKey { fingerprint, window_secs })
 }
 
 /// `<a>,<b>,<c>` for the log line; long lists are cut (1000 recipients are

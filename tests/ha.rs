@@ -1,0 +1,931 @@
+//! The seed's verification, automated (needs root; skipped otherwise): a
+//! cluster in network namespaces, one message with a large attachment to
+//! every user in one SMTP transaction, a stream of smaller messages from
+//! concurrent clients and POP3 clients retrieving and deleting, all
+//! through the group's floating address only — while the owner node loses
+//! its power (cable out + SIGKILL), comes back, and the group is moved by
+//! command; then the same with the other data node. At the end every
+//! maildrop is read by POP3 and checked against what the clients recorded.
+//!
+//! Run it with `tests/ha/run.sh` (README: "Verifying failover"); the
+//! environment variables below set the size. Without them it is the
+//! reduced run that CI does (100 users, 100 KiB).
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `HAMAIL_HA_USERS` | 100 | users, all recipients of the large message |
+//! | `HAMAIL_HA_SIZE` | 100K | attachment size (bytes, K or M suffix: KiB, MiB) |
+//! | `HAMAIL_HA_SENDERS` | 4 | concurrent clients sending small messages |
+//! | `HAMAIL_HA_POP3` | 2 | concurrent POP3 clients retrieving and deleting |
+//! | `HAMAIL_HA_TOPOLOGY` | `2+witness` | or `3` (three data nodes) |
+//! | `HAMAIL_HA_REPORT` | — | also write the report to this file |
+//!
+//! Clients behave as MTAs do: a 4xx reply, a broken connection or a
+//! timeout means "send the same message again later" (RFC 5321 4.5.4.1).
+//! A message whose `250` was lost in a failover is thus sent again with the
+//! same Message-ID, envelope and content, and hamail recognises it
+//! (RFC 1047): `250 ... already delivered as ...`; the report counts these
+//! apart from duplicates, which fail the run like losses and damage do.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::netns::*;
+use common::*;
+use sha2::{Digest, Sha256};
+
+const VIP: &str = "198.18.0.100";
+/// Generous: a takeover takes lease + stop timeout + margin (2.7 s by
+/// default) plus an election, on a machine busy with the load.
+const RECOVERY: Duration = Duration::from_secs(60);
+/// How long a client waits for a reply before it takes the connection for
+/// lost (an MTA waits minutes; the harness would only get slower).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+const BOUNDARY: &str = "HA-BOUNDARY-7f3a";
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), port)
+}
+
+fn user(u: usize) -> String {
+    format!("u{u}@example.org")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    TwoPlusWitness,
+    Three,
+}
+
+struct Params {
+    users: usize,
+    size: usize,
+    senders: usize,
+    pop3_clients: usize,
+    topology: Topology,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string())
+}
+
+fn parse_size(s: &str) -> usize {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().unwrap_or_else(|_| panic!("HAMAIL_HA_SIZE: '{s}' is not a size (e.g. 100K, 1M)")) * mult
+}
+
+impl Params {
+    fn from_env() -> Params {
+        let int = |name: &str, default: &str| -> usize {
+            let v = env_or(name, default);
+            v.parse().unwrap_or_else(|_| panic!("{name}: '{v}' is not a number"))
+        };
+        let topology = match env_or("HAMAIL_HA_TOPOLOGY", "2+witness").as_str() {
+            "2+witness" => Topology::TwoPlusWitness,
+            "3" => Topology::Three,
+            other => panic!("HAMAIL_HA_TOPOLOGY: '{other}' is not one of 2+witness, 3"),
+        };
+        let p = Params {
+            users: int("HAMAIL_HA_USERS", "100"),
+            size: parse_size(&env_or("HAMAIL_HA_SIZE", "100K")),
+            senders: int("HAMAIL_HA_SENDERS", "4"),
+            pop3_clients: int("HAMAIL_HA_POP3", "2"),
+            topology,
+        };
+        assert!((1..=1000).contains(&p.users), "HAMAIL_HA_USERS must be 1..=1000 (one transaction, [smtp] max_recipients)");
+        assert!(p.pop3_clients >= 1 && p.senders >= 1);
+        p
+    }
+}
+
+// ---------------------------------------------------------------- records
+
+/// A message as its sender recorded it (before the first attempt).
+struct Sent {
+    recipients: Vec<usize>,
+    /// SHA-256 of what the client sent as DATA (un-stuffed).
+    content: [u8; 32],
+    /// SHA-256 of the decoded attachment, for the large message.
+    attachment: Option<[u8; 32]>,
+    attempts: u32,
+    acked: bool,
+    /// A `250` that said "already delivered": the server recognised a
+    /// resend of a transaction whose first `250` the client never got.
+    recognised_resend: bool,
+    /// Why attempts failed (4xx reply or connection error), by kind.
+    failures: BTreeMap<String, u32>,
+}
+
+/// One message as a POP3 client found it.
+#[derive(Clone, Debug)]
+struct Found {
+    token: Option<String>,
+    /// SHA-256 from the client's first header on (our trace lines and
+    /// Return-Path before it are not what the client sent).
+    content: Option<[u8; 32]>,
+    attachment: Option<[u8; 32]>,
+}
+
+#[derive(Default)]
+struct Journal {
+    sent: Mutex<HashMap<String, Sent>>,
+    smtp_ok: Mutex<Vec<Instant>>,
+    pop3_ok: Mutex<Vec<Instant>>,
+    /// Retrieved, and the deletion confirmed by `+OK` to QUIT.
+    taken: Mutex<Vec<(usize, Found)>>,
+    /// Retrieved, but QUIT got no answer: deleted or not, unknown.
+    maybe_taken: Mutex<Vec<(usize, Found)>>,
+    problems: Mutex<Vec<String>>,
+}
+
+impl Journal {
+    fn problem(&self, p: String) {
+        eprintln!("ha: {p}");
+        self.problems.lock().unwrap().push(p);
+    }
+}
+
+// ---------------------------------------------------------------- messages
+
+/// A deterministic pseudo-random byte string (xorshift64*).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn headers(token: &str, subject: &str) -> String {
+    format!(
+        "X-HA-Token: {token}\r\nMessage-ID: <{token}.{}@client.ha.test>\r\nFrom: <sender@client.ha.test>\r\n\
+         To: <undisclosed-recipients:;>\r\nSubject: {subject}\r\nDate: Thu, 01 Jan 2026 00:00:00 +0000\r\n",
+        std::process::id()
+    )
+}
+
+/// The large message: text and a base64 attachment (RFC 2045 lines of 76).
+fn big_message(size: usize) -> (Vec<u8>, [u8; 32]) {
+    let blob = noise(size, 0x5eed);
+    let sum: [u8; 32] = Sha256::digest(&blob).into();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&blob);
+    let mut m = headers("big", &format!("attachment of {size} bytes"));
+    m.push_str(&format!(
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"{BOUNDARY}\"\r\n\r\n\
+         --{BOUNDARY}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThe attachment's SHA-256 is {}.\r\n\
+         --{BOUNDARY}\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\
+         Content-Disposition: attachment; filename=\"blob.bin\"\r\n\r\n",
+        hex::encode(sum)
+    ));
+    for line in b64.as_bytes().chunks(76) {
+        m.push_str(std::str::from_utf8(line).unwrap());
+        m.push_str("\r\n");
+    }
+    m.push_str(&format!("--{BOUNDARY}--\r\n"));
+    (m.into_bytes(), sum)
+}
+
+fn small_message(token: &str, len: usize) -> Vec<u8> {
+    let mut m = headers(token, &format!("small {token}")).into_bytes();
+    m.extend_from_slice(b"\r\n");
+    let mut i = 0;
+    while m.len() < len {
+        // A leading dot on some lines: the transparency (RFC 5321 4.5.2)
+        // is part of what must come back byte-identical.
+        m.extend_from_slice(format!("{}{token} line {i} {}\r\n", if i % 7 == 0 { "." } else { "" }, "x".repeat(i % 50)).as_bytes());
+        i += 1;
+    }
+    m
+}
+
+fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let mut at_line_start = true;
+    for &b in data {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
+/// What a retrieved message is, against what was sent.
+fn analyse(msg: &[u8]) -> Found {
+    let Some(start) = msg.windows(12).position(|w| w == b"X-HA-Token: ") else {
+        return Found { token: None, content: None, attachment: None };
+    };
+    let content = &msg[start..];
+    let token = content[12..].split(|&b| b == b'\r').next().map(|t| String::from_utf8_lossy(t).to_string());
+    let attachment = attachment_of(content);
+    Found { token, content: Some(Sha256::digest(content).into()), attachment }
+}
+
+fn attachment_of(content: &[u8]) -> Option<[u8; 32]> {
+    let text = std::str::from_utf8(content).ok()?;
+    let part = text.find("Content-Transfer-Encoding: base64")?;
+    let body_start = part + text[part..].find("\r\n\r\n")? + 4;
+    let end = body_start + text[body_start..].find(&format!("--{BOUNDARY}--"))?;
+    let b64: String = text[body_start..end].chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some(Sha256::digest(&blob).into())
+}
+
+// ---------------------------------------------------------------- SMTP client
+
+enum Outcome {
+    /// The `250` line.
+    Accepted(String),
+    /// 4xx, a broken connection or a timeout: send again later.
+    Again(String),
+    Refused(String),
+}
+
+fn classify(line: String) -> Outcome {
+    if line.starts_with('5') {
+        Outcome::Refused(line.trim_end().to_string())
+    } else {
+        Outcome::Again(line.trim_end().to_string())
+    }
+}
+
+/// One SMTP transaction through the floating address; `sent` is called
+/// once the whole message is written, before the final reply is read.
+fn smtp_transaction(rcpts: &[usize], data: &[u8], sent: &mut dyn FnMut()) -> Outcome {
+    match try_smtp(rcpts, data, sent) {
+        Ok(o) => o,
+        Err(e) => Outcome::Again(format!("connection: {e}")),
+    }
+}
+
+fn try_smtp(rcpts: &[usize], data: &[u8], sent: &mut dyn FnMut()) -> std::io::Result<Outcome> {
+    let s = TcpStream::connect_timeout(&vip(2525), Duration::from_secs(1))?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    s.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let greeting = mail::reply(&mut r)?;
+    if !greeting.starts_with("220") {
+        return Ok(classify(greeting));
+    }
+    // PIPELINING (RFC 2920): the whole envelope in one write.
+    let mut cmds = String::from("EHLO client.ha.test\r\nMAIL FROM:<sender@client.ha.test>\r\n");
+    for &u in rcpts {
+        cmds.push_str(&format!("RCPT TO:<{}>\r\n", user(u)));
+    }
+    cmds.push_str("DATA\r\n");
+    w.write_all(cmds.as_bytes())?;
+    let mut first_failure = None;
+    for _ in 0..rcpts.len() + 2 {
+        let l = mail::reply(&mut r)?;
+        if !l.starts_with('2') && first_failure.is_none() {
+            first_failure = Some(l);
+        }
+    }
+    let data_reply = mail::reply(&mut r)?;
+    if let Some(f) = first_failure {
+        // Dropping the connection abandons the transaction (no DATA sent).
+        return Ok(classify(f));
+    }
+    if !data_reply.starts_with("354") {
+        return Ok(classify(data_reply));
+    }
+    w.write_all(&dot_stuff(data))?;
+    w.write_all(b".\r\n")?;
+    sent();
+    let l = mail::reply(&mut r)?;
+    if l.starts_with("250") {
+        let _ = w.write_all(b"QUIT\r\n");
+        Ok(Outcome::Accepted(l.trim_end().to_string()))
+    } else {
+        Ok(classify(l))
+    }
+}
+
+/// Sends `data` to `rcpts` until it gets `250` (or a 5xx), as an MTA does.
+/// Gives up (a problem in the report) after `RECOVERY` without success.
+fn send_until_accepted(j: &Journal, token: &str, rcpts: &[usize], data: &[u8], attachment: Option<[u8; 32]>, mut sent: impl FnMut()) {
+    j.sent.lock().unwrap().insert(
+        token.to_string(),
+        Sent {
+            recipients: rcpts.to_vec(),
+            content: Sha256::digest(data).into(),
+            attachment,
+            attempts: 0,
+            acked: false,
+            recognised_resend: false,
+            failures: BTreeMap::new(),
+        },
+    );
+    let started = Instant::now();
+    let mut last: String;
+    loop {
+        j.sent.lock().unwrap().get_mut(token).unwrap().attempts += 1;
+        match smtp_transaction(rcpts, data, &mut sent) {
+            Outcome::Accepted(line) => {
+                j.smtp_ok.lock().unwrap().push(Instant::now());
+                let mut sent = j.sent.lock().unwrap();
+                let rec = sent.get_mut(token).unwrap();
+                rec.acked = true;
+                rec.recognised_resend = line.contains("already delivered");
+                return;
+            }
+            Outcome::Refused(line) => {
+                j.problem(format!("{token}: refused: {line}"));
+                return;
+            }
+            Outcome::Again(why) => {
+                // The kind: the reply code, or the error without details.
+                let kind: String = why.split([':', '(']).take(2).collect::<Vec<_>>().join(":").chars().take(60).collect();
+                *j.sent.lock().unwrap().get_mut(token).unwrap().failures.entry(kind).or_default() += 1;
+                last = why;
+            }
+        }
+        if started.elapsed() > RECOVERY {
+            j.problem(format!("{token}: no 250 within {RECOVERY:?} (last: {last})"));
+            return;
+        }
+        // An MTA's retry interval, shortened.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------- POP3 client
+
+fn pop3_line(r: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
+    let mut l = Vec::new();
+    r.read_until(b'\n', &mut l)?;
+    if l.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(l)
+}
+
+fn pop3_ok(r: &mut BufReader<TcpStream>, what: &str) -> std::io::Result<()> {
+    let l = pop3_line(r)?;
+    if l.starts_with(b"+OK") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("{what}: {}", String::from_utf8_lossy(&l).trim_end())))
+    }
+}
+
+/// The end of a POP3 session that retrieved messages.
+enum Quit {
+    /// `+OK`: the deletions are committed (RFC 1939 6).
+    Done,
+    /// No answer: committed or not, unknown.
+    Unknown,
+}
+
+/// One POP3 session for `u`: every message retrieved (and marked deleted
+/// when `delete`), then QUIT. `Err` before QUIT: nothing was deleted.
+fn pop3_session(j: Option<&Journal>, u: usize, delete: bool) -> std::io::Result<(Vec<Found>, Quit)> {
+    let s = TcpStream::connect_timeout(&vip(2110), Duration::from_secs(1))?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    s.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    pop3_ok(&mut r, "greeting")?;
+    w.write_all(format!("USER {}\r\nPASS pw\r\nSTAT\r\n", user(u)).as_bytes())?;
+    pop3_ok(&mut r, "USER")?;
+    pop3_ok(&mut r, "PASS")?;
+    if let Some(j) = j {
+        j.pop3_ok.lock().unwrap().push(Instant::now());
+    }
+    let stat = pop3_line(&mut r)?;
+    let n: usize = String::from_utf8_lossy(&stat)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("STAT: {}", String::from_utf8_lossy(&stat).trim_end())))?;
+    let mut found = Vec::with_capacity(n);
+    for i in 1..=n {
+        w.write_all(format!("RETR {i}\r\n").as_bytes())?;
+        pop3_ok(&mut r, "RETR")?;
+        let mut msg = Vec::new();
+        loop {
+            let l = pop3_line(&mut r)?;
+            if l == b".\r\n" {
+                break;
+            }
+            msg.extend_from_slice(if l.starts_with(b"..") { &l[1..] } else { &l });
+        }
+        found.push(analyse(&msg));
+        if delete {
+            w.write_all(format!("DELE {i}\r\n").as_bytes())?;
+            pop3_ok(&mut r, "DELE")?;
+        }
+    }
+    w.write_all(b"QUIT\r\n")?;
+    let quit = match pop3_line(&mut r) {
+        Ok(l) if l.starts_with(b"+OK") => Quit::Done,
+        Ok(l) => return Err(std::io::Error::other(format!("QUIT: {}", String::from_utf8_lossy(&l).trim_end()))),
+        Err(_) => Quit::Unknown,
+    };
+    if let (Some(j), Quit::Done) = (j, &quit) {
+        j.pop3_ok.lock().unwrap().push(Instant::now());
+    }
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    Ok((found, quit))
+}
+
+// ---------------------------------------------------------------- the bed
+
+type Ha = NsCluster;
+
+impl NsCluster {
+    /// The cluster (node 3 a witness or a data node), the users, and the
+    /// group online at node 1.
+    fn start(p: &Params) -> Ha {
+        let t = Instant::now();
+        let roles = match p.topology {
+            Topology::TwoPlusWitness => ["data", "data", "witness"],
+            Topology::Three => ["data"; 3],
+        };
+        let users: Vec<String> = (0..p.users).map(user).collect();
+        let ha = NsCluster::form_with(roles, &users, RECOVERY);
+        eprintln!("ha: cluster formed with {} users in {:.1} s", p.users, t.elapsed().as_secs_f64());
+        let members = if p.topology == Topology::TwoPlusWitness { "[1, 2]" } else { "[1, 2, 3]" };
+        let file = ha.root.path().join("groups.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[group]]\nname = \"mail\"\nnodes = {members}\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+                 [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
+                 [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
+            ),
+        )
+        .unwrap();
+        let (ok, out) = ha.nodes[0].cli(&["group", "apply", file.to_str().unwrap()], "");
+        assert!(ok, "group apply: {out}");
+        if poll(RECOVERY, || ha.greeting().filter(|h| h == "node1")).is_none() {
+            panic!("the group is not online at node 1:\n{}\n{}", ha.nodes[0].cli(&["group", "status"], "").1, ha.logs());
+        }
+        ha
+    }
+
+    fn greeting(&self) -> Option<String> {
+        self.bed.run_in("cl", || greeting(vip(2525)))
+    }
+
+    /// Power cut of node `v`: its cable out and its process SIGKILLed.
+    fn power_cut(&mut self, v: usize) {
+        self.bed.set_link(NS_NODES[v], false);
+        self.nodes[v].kill9();
+    }
+
+    /// Power back: cable in, process restarted; waits until it caught up.
+    fn power_back(&mut self, v: usize, via: usize) {
+        self.bed.set_link(NS_NODES[v], true);
+        let dir = self.nodes[v].dir.clone();
+        self.nodes[v].server = Some(start_in_ns(self.bed.ns(NS_NODES[v]), &dir));
+        if poll(RECOVERY, || self.all_healthy(via).then_some(())).is_none() {
+            panic!("node{} did not catch up after its restart: {:?}\n{}", v + 1, self.nodes[via].status(), self.logs());
+        }
+    }
+
+    fn switchover(&self, to: usize, via: usize) {
+        let (ok, out) = self.nodes[via].cli(&["group", "move", "mail", &(to + 1).to_string()], "");
+        assert!(ok, "group move mail {}: {out}", to + 1);
+    }
+
+    fn wait_owner(&self, v: usize, what: &str) -> Duration {
+        let t = Instant::now();
+        let host = format!("node{}", v + 1);
+        if poll(RECOVERY, || self.greeting().filter(|h| *h == host)).is_none() {
+            let via = if v == 0 { 1 } else { 0 };
+            panic!("{what}: the group did not come online at {host}:\n{}\n{}", self.nodes[via].cli(&["group", "status"], "").1, self.logs());
+        }
+        t.elapsed()
+    }
+}
+
+// ---------------------------------------------------------------- events
+
+struct Event {
+    what: String,
+    t0: Instant,
+    /// Until the client got the new owner's greeting.
+    takeover: Duration,
+    end: Instant,
+}
+
+/// The longest time without a success in [t0, end]: from t0 to the first
+/// success, or between two successes. `(outage, whether a success came)`.
+fn outage(successes: &[Instant], t0: Instant, end: Instant) -> (Duration, bool) {
+    let mut prev = t0;
+    let mut worst = Duration::ZERO;
+    let mut any = false;
+    for &s in successes.iter().filter(|s| **s > t0 && **s <= end) {
+        worst = worst.max(s - prev);
+        prev = s;
+        any = true;
+    }
+    if !any {
+        return (end - t0, false);
+    }
+    (worst, true)
+}
+
+fn fmt_outage((d, any): (Duration, bool)) -> String {
+    if any {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!(">= {:.2} s (no success before the next event)", d.as_secs_f64())
+    }
+}
+
+/// Waits until both protocols succeeded a few times since `since`: the
+/// load runs between events.
+fn steady(j: &Journal, since: Instant) {
+    let ok = poll(RECOVERY, || {
+        let smtp = j.smtp_ok.lock().unwrap().iter().filter(|t| **t > since).count();
+        let pop3 = j.pop3_ok.lock().unwrap().iter().filter(|t| **t > since).count();
+        (smtp >= 10 && pop3 >= 2).then_some(())
+    });
+    if ok.is_none() {
+        j.problem("the load made no progress after an event".into());
+    }
+}
+
+// ---------------------------------------------------------------- the test
+
+#[test]
+fn ha_power_cut_and_switchover_under_load() {
+    if !root_or_skip("ha_power_cut_and_switchover_under_load") {
+        return;
+    }
+    let p = Params::from_env();
+    let topo = match p.topology {
+        Topology::TwoPlusWitness => "2 data nodes + witness",
+        Topology::Three => "3 data nodes",
+    };
+    eprintln!(
+        "ha: {topo}, {} users, attachment {} bytes, {} senders, {} POP3 clients",
+        p.users, p.size, p.senders, p.pop3_clients
+    );
+    let started = Instant::now();
+    let mut ha = Ha::start(&p);
+    eprintln!("ha: group online at node1 after {:.1} s", started.elapsed().as_secs_f64());
+
+    let j = Arc::new(Journal::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let big_sent = Arc::new(AtomicBool::new(false));
+    let cl = ha.bed.netns_path("cl");
+    let (big, big_sum) = big_message(p.size);
+    let mut threads = Vec::new();
+
+    // The large message, to every user in one transaction.
+    {
+        let (j, cl, big_sent) = (j.clone(), cl.clone(), big_sent.clone());
+        let rcpts: Vec<usize> = (0..p.users).collect();
+        threads.push(std::thread::spawn(move || {
+            enter_netns(&cl);
+            send_until_accepted(&j, "big", &rcpts, &big, Some(big_sum), || big_sent.store(true, Ordering::SeqCst));
+        }));
+    }
+    // Small messages, each with its own token, to one to three users.
+    for k in 0..p.senders {
+        let (j, cl, stop) = (j.clone(), cl.clone(), stop.clone());
+        let users = p.users;
+        threads.push(std::thread::spawn(move || {
+            enter_netns(&cl);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let token = format!("s{k}-{i}");
+                let first = (k * 7919 + i * 104_729) % users;
+                let n = 1 + (i % 3).min(users - 1);
+                let rcpts: Vec<usize> = (0..n).map(|d| (first + d * 31) % users).collect::<HashSet<_>>().into_iter().collect();
+                let data = small_message(&token, 1024 + (i % 4) * 1024);
+                send_until_accepted(&j, &token, &rcpts, &data, None, || {});
+                i += 1;
+            }
+        }));
+    }
+    // POP3 clients, each for its own share of the users (one session per
+    // maildrop at a time: RFC 1939 lets a server lock it).
+    for c in 0..p.pop3_clients {
+        let (j, cl, stop) = (j.clone(), cl.clone(), stop.clone());
+        let (users, clients) = (p.users, p.pop3_clients);
+        threads.push(std::thread::spawn(move || {
+            enter_netns(&cl);
+            let mine: Vec<usize> = (0..users).filter(|u| u % clients == c).collect();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) && !mine.is_empty() {
+                let u = mine[(i * 13) % mine.len()];
+                i += 1;
+                match pop3_session(Some(&j), u, true) {
+                    Ok((found, Quit::Done)) => j.taken.lock().unwrap().extend(found.into_iter().map(|f| (u, f))),
+                    Ok((found, Quit::Unknown)) => j.maybe_taken.lock().unwrap().extend(found.into_iter().map(|f| (u, f))),
+                    // Nothing deleted: those messages are read again later.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }));
+    }
+
+    // The scenario. The first power cut comes while the large message
+    // waits for its 250 (or right after it got it, on a fast machine).
+    let mut events: Vec<Event> = Vec::new();
+    // Watched closely (not `poll`'s 20 ms): its commit may take only a few.
+    let deadline = Instant::now() + RECOVERY;
+    while !big_sent.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    if !big_sent.load(Ordering::SeqCst) {
+        j.problem("the large message was not sent".into());
+    }
+    for victim in [0usize, 1] {
+        let owner = ha.greeting().and_then(|h| h.strip_prefix("node")?.parse::<usize>().ok()).map(|n| n - 1);
+        let owner = owner.unwrap_or_else(|| panic!("no owner answers at {VIP}\n{}", ha.logs()));
+        if owner != victim {
+            let t0 = Instant::now();
+            ha.switchover(victim, victim);
+            let takeover = ha.wait_owner(victim, "switchover");
+            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: t0 });
+            steady(&j, Instant::now());
+        }
+        let survivor = 1 - victim;
+        let t0 = Instant::now();
+        ha.power_cut(victim);
+        let takeover = ha.wait_owner(survivor, "power cut");
+        events.push(Event { what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1), t0, takeover, end: t0 });
+        ha.power_back(victim, survivor);
+        steady(&j, Instant::now());
+        let t0 = Instant::now();
+        ha.switchover(victim, survivor);
+        let takeover = ha.wait_owner(victim, "switchover");
+        events.push(Event { what: format!("switchover node{} -> node{}", survivor + 1, victim + 1), t0, takeover, end: t0 });
+        steady(&j, Instant::now());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let load_end = Instant::now();
+    for t in threads {
+        t.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+    for i in 0..events.len() {
+        events[i].end = events.get(i + 1).map(|e| e.t0).unwrap_or(load_end);
+    }
+
+    // The audit: every maildrop through the floating address.
+    let audit_t = Instant::now();
+    let finals: Mutex<Vec<(usize, Found)>> = Mutex::new(Vec::new());
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                enter_netns(&cl);
+                loop {
+                    let u = next.fetch_add(1, Ordering::Relaxed);
+                    if u >= p.users {
+                        return;
+                    }
+                    let mut last = None;
+                    let found = poll(RECOVERY, || match pop3_session(None, u, false) {
+                        Ok((found, Quit::Done)) => Some(found),
+                        Ok((_, Quit::Unknown)) => None,
+                        Err(e) => {
+                            last = Some(e.to_string());
+                            None
+                        }
+                    });
+                    match found {
+                        Some(f) => finals.lock().unwrap().extend(f.into_iter().map(|f| (u, f))),
+                        None => j.problem(format!("audit: maildrop of {} not readable: {last:?}", user(u))),
+                    }
+                }
+            });
+        }
+    });
+    let finals = finals.into_inner().unwrap();
+    eprintln!("ha: audit of {} maildrops took {:.1} s", p.users, audit_t.elapsed().as_secs_f64());
+
+    let report = Report::build(&j, &finals);
+    let mut text = format!(
+        "hamail HA verification: {topo}, {} users, attachment {} bytes, {} small-message senders, {} POP3 clients\n",
+        p.users, p.size, p.senders, p.pop3_clients
+    );
+    text.push_str(&report.text());
+    if let Some(b) = j.sent.lock().unwrap().get("big") {
+        text.push_str(&format!(
+            "large message: {} recipients in one transaction, {} attempt(s), {}{}; failed attempts: {:?}\n",
+            b.recipients.len(),
+            b.attempts,
+            if b.acked { "acknowledged" } else { "NOT acknowledged" },
+            if b.recognised_resend { " (the last attempt recognised as a resend: delivered once)" } else { "" },
+            b.failures
+        ));
+    }
+    let smtp_ok = j.smtp_ok.lock().unwrap().clone();
+    let pop3_ok = j.pop3_ok.lock().unwrap().clone();
+    for (i, e) in events.iter().enumerate() {
+        text.push_str(&format!(
+            "event {}: {}: group online at the new owner after {:.2} s; client-observed outage SMTP {}, POP3 {}\n",
+            i + 1,
+            e.what,
+            e.takeover.as_secs_f64(),
+            fmt_outage(outage(&smtp_ok, e.t0, e.end)),
+            fmt_outage(outage(&pop3_ok, e.t0, e.end)),
+        ));
+    }
+    let problems = j.problems.lock().unwrap().clone();
+    for pr in &problems {
+        text.push_str(&format!("problem: {pr}\n"));
+    }
+    text.push_str(&format!("total time {:.1} s\n", started.elapsed().as_secs_f64()));
+    eprintln!("\n{text}");
+    if let Ok(path) = std::env::var("HAMAIL_HA_REPORT") {
+        std::fs::write(&path, &text).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+    }
+    assert!(report.clean() && problems.is_empty(), "the HA verification found faults:\n{text}\n{}", ha.logs());
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Default)]
+struct Report {
+    sent: usize,
+    attempts: u64,
+    acked: usize,
+    recognised_resends: usize,
+    delivered: usize,
+    delivered_without_250: usize,
+    copies: usize,
+    lost: Vec<String>,
+    duplicated: Vec<String>,
+    damaged: Vec<String>,
+    partial: Vec<String>,
+    stray: Vec<String>,
+}
+
+impl Report {
+    fn build(j: &Journal, finals: &[(usize, Found)]) -> Report {
+        let sent = j.sent.lock().unwrap();
+        let mut r = Report { sent: sent.len(), ..Report::default() };
+        // (user, token) -> copies found.
+        let mut seen: BTreeMap<(usize, String), Vec<Found>> = BTreeMap::new();
+        let taken = j.taken.lock().unwrap();
+        for (u, f) in taken.iter().chain(finals.iter()) {
+            match &f.token {
+                Some(t) => seen.entry((*u, t.clone())).or_default().push(f.clone()),
+                None => r.stray.push(format!("{}: a message without a token", user(*u))),
+            }
+        }
+        // A copy retrieved by a session whose QUIT went unanswered counts
+        // if (and only if) it is not found anywhere else: its deletion was
+        // then committed.
+        for (u, f) in j.maybe_taken.lock().unwrap().iter() {
+            if let Some(t) = &f.token {
+                seen.entry((*u, t.clone())).or_insert_with(|| vec![f.clone()]);
+            }
+        }
+        for (token, s) in sent.iter() {
+            r.attempts += u64::from(s.attempts);
+            r.acked += usize::from(s.acked);
+            r.recognised_resends += usize::from(s.recognised_resend);
+            let mut present = 0;
+            for &u in &s.recipients {
+                let copies = seen.get(&(u, token.clone())).map(|v| v.as_slice()).unwrap_or(&[]);
+                if !copies.is_empty() {
+                    present += 1;
+                }
+                r.copies += copies.len();
+                if copies.len() > 1 {
+                    r.duplicated.push(format!("{token} to {} x{}", user(u), copies.len()));
+                }
+                for c in copies {
+                    if c.content != Some(s.content) || c.attachment != s.attachment {
+                        r.damaged.push(format!("{token} to {}", user(u)));
+                    }
+                }
+            }
+            let all = present == s.recipients.len();
+            if s.acked && !all {
+                r.lost.push(format!("{token}: in {present} of {} maildrops", s.recipients.len()));
+            }
+            if !s.acked && present > 0 && !all {
+                r.partial.push(format!("{token} (no 250): in {present} of {} maildrops", s.recipients.len()));
+            }
+            if all {
+                r.delivered += 1;
+                if !s.acked {
+                    r.delivered_without_250 += 1;
+                }
+            }
+        }
+        for (u, t) in seen.keys() {
+            match sent.get(t) {
+                Some(s) if s.recipients.contains(u) => {}
+                _ => r.stray.push(format!("{t} in the maildrop of {}, not a recipient", user(*u))),
+            }
+        }
+        r
+    }
+
+    fn clean(&self) -> bool {
+        self.lost.is_empty() && self.duplicated.is_empty() && self.damaged.is_empty() && self.partial.is_empty() && self.stray.is_empty()
+    }
+
+    fn text(&self) -> String {
+        let list = |v: &[String]| if v.is_empty() { String::new() } else { format!(" {:?}", &v[..v.len().min(10)]) };
+        format!(
+            "messages: sent {} ({} SMTP attempts), acknowledged {}, delivered {} ({} maildrop copies), \
+             of which {} recognised re-sends (RFC 1047: 250 lost in a failover, sent again, delivered once)\n\
+             lost {}{}\nduplicated {}{}\ndamaged {}{}\nhalf-delivered without 250 {}{}\nunexpected {}{}\n\
+             delivered without a 250 reaching the client: {}\n",
+            self.sent,
+            self.attempts,
+            self.acked,
+            self.delivered,
+            self.copies,
+            self.recognised_resends,
+            self.lost.len(),
+            list(&self.lost),
+            self.duplicated.len(),
+            list(&self.duplicated),
+            self.damaged.len(),
+            list(&self.damaged),
+            self.partial.len(),
+            list(&self.partial),
+            self.stray.len(),
+            list(&self.stray),
+            self.delivered_without_250,
+        )
+    }
+}
+
+#[test]
+fn report_counts_losses_duplicates_damage_and_resends() {
+    let j = Journal::default();
+    let rec = |rcpts: Vec<usize>, content: [u8; 32], acked: bool, resend: bool| Sent {
+        recipients: rcpts,
+        content,
+        attachment: None,
+        attempts: 1,
+        acked,
+        recognised_resend: resend,
+        failures: BTreeMap::new(),
+    };
+    let h = |b: u8| [b; 32];
+    {
+        let mut s = j.sent.lock().unwrap();
+        s.insert("ok".into(), rec(vec![0, 1], h(1), true, true));
+        s.insert("lost".into(), rec(vec![0, 1], h(2), true, false));
+        s.insert("dup".into(), rec(vec![0], h(3), true, false));
+        s.insert("bad".into(), rec(vec![1], h(4), true, false));
+        s.insert("half".into(), rec(vec![0, 1], h(5), false, false));
+        s.insert("never".into(), rec(vec![0], h(6), false, false));
+    }
+    let f = |t: &str, c: u8| Found { token: Some(t.into()), content: Some(h(c)), attachment: None };
+    j.taken.lock().unwrap().push((0, f("ok", 1)));
+    j.maybe_taken.lock().unwrap().push((1, f("ok", 1)));
+    j.maybe_taken.lock().unwrap().push((0, f("dup", 3)));
+    let finals = vec![(0, f("lost", 2)), (0, f("dup", 3)), (0, f("dup", 3)), (1, f("bad", 9)), (1, f("half", 5)), (1, f("ok", 7))];
+    let r = Report::build(&j, &finals);
+    assert_eq!((r.sent, r.acked, r.recognised_resends), (6, 4, 1));
+    assert_eq!(r.lost, vec!["lost: in 1 of 2 maildrops".to_string()]);
+    assert_eq!(r.duplicated, vec!["dup to u0@example.org x2".to_string()], "a maybe-copy never adds to copies found elsewhere");
+    let mut damaged = r.damaged.clone();
+    damaged.sort();
+    assert_eq!(damaged, vec!["bad to u1@example.org".to_string(), "ok to u1@example.org".to_string()]);
+    assert_eq!(r.partial.len(), 1);
+    assert!(!r.clean());
+}
+
+#[test]
+fn messages_come_back_with_their_token_and_attachment() {
+    let (big, sum) = big_message(10_000);
+    let mut stored = b"Return-Path: <x>\r\nReceived: from a\r\n\tby b; date\r\n".to_vec();
+    stored.extend_from_slice(&big);
+    let f = analyse(&stored);
+    assert_eq!(f.token.as_deref(), Some("big"));
+    assert_eq!(f.content, Some(Sha256::digest(&big).into()));
+    assert_eq!(f.attachment, Some(sum));
+    let small = small_message("s1-2", 2000);
+    assert!(small.windows(3).any(|w| w == b"\n.s"), "some lines need dot-stuffing");
+    assert!(dot_stuff(&small).windows(4).any(|w| w == b"\n..s"));
+    assert_eq!(analyse(&small).attachment, None);
+    assert_eq!(parse_size("1M"), 1 << 20);
+    assert_eq!(parse_size("100K"), 102_400);
+    assert_eq!(parse_size("123"), 123);
+}
