@@ -343,6 +343,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
+        let t0 = std::time::Instant::now();
+        let n = pending.len();
         let state_bytes = postcard::to_allocvec(&next).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let last = next.last_applied;
         let results = self.shared.store.apply_state(changes, Some(state_bytes)).await.map_err(|e| match last {
@@ -353,6 +355,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             },
             None => sm_err(ErrorVerb::Write, e),
         })?;
+        tracing::debug!(entries = n, apply_us = t0.elapsed().as_micros() as u64, "state apply");
         let groups_changed = guard.groups != next.groups;
         *guard = next;
         if groups_changed {
