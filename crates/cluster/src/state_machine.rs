@@ -539,6 +539,12 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
             p.owner = owner;
             p.state = state;
             p.event = event;
+            // A failover ends an operator's move: the group now runs where
+            // the cluster put it, and with manual failback it must not go
+            // back to the move's destination by itself when that returns.
+            if event == Some(crate::groups::StartEvent::Failover) && matches!(p.target, GroupTarget::Node(_)) {
+                p.target = GroupTarget::Auto;
+            }
             if let Some(n) = failed {
                 if !p.failed_on.contains(&n) {
                     p.failed_on.push(n);
@@ -565,5 +571,57 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
             CommandResult::Done
         }
         other => refuse(format!("not a group command: {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::{Failback, GroupSpec, StartEvent};
+    use crate::types::NodeId;
+
+    fn table() -> GroupTable {
+        let mut t = GroupTable::default();
+        let spec = GroupSpec {
+            name: "g".into(),
+            nodes: vec![NodeId(1), NodeId(2), NodeId(3)],
+            failback: Failback::Manual,
+            resources: vec![],
+            max_restarts: 1,
+            stop_timeout_ms: None,
+        };
+        assert_eq!(apply_group_command(&mut t, Command::PutGroup { spec }), CommandResult::Done);
+        t
+    }
+
+    fn assign(t: &mut GroupTable, owner: u64, event: StartEvent) {
+        let epoch = t.placement["g"].epoch;
+        let cmd = Command::AssignGroup {
+            group: "g".into(),
+            epoch,
+            owner: Some(NodeId(owner)),
+            state: GroupState::Starting,
+            event: Some(event),
+            failed: None,
+        };
+        assert_eq!(apply_group_command(t, cmd), CommandResult::Done);
+    }
+
+    #[test]
+    fn a_failover_ends_the_operators_move() {
+        let mut t = table();
+        assign(&mut t, 1, StartEvent::Start);
+        let set = Command::SetGroupTarget { group: "g".into(), target: GroupTarget::Node(NodeId(2)) };
+        assert_eq!(apply_group_command(&mut t, set), CommandResult::Done);
+        assign(&mut t, 2, StartEvent::Start);
+        assert_eq!(t.placement["g"].target, GroupTarget::Node(NodeId(2)), "a move keeps its target");
+        // Node 2 dies: failover to 1; node 2 coming back must not pull it.
+        assign(&mut t, 1, StartEvent::Failover);
+        assert_eq!(t.placement["g"].target, GroupTarget::Auto);
+        // A stopped group stays stopped.
+        let stop = Command::SetGroupTarget { group: "g".into(), target: GroupTarget::Stopped };
+        assert_eq!(apply_group_command(&mut t, stop), CommandResult::Done);
+        assign(&mut t, 3, StartEvent::Failover);
+        assert_eq!(t.placement["g"].target, GroupTarget::Stopped);
     }
 }
