@@ -17,7 +17,7 @@
 //! | `HAMAIL_HA_SIZE` | 100K | attachment size (bytes, K or M suffix: KiB, MiB) |
 //! | `HAMAIL_HA_SENDERS` | 4 | concurrent clients sending small messages |
 //! | `HAMAIL_HA_POP3` | 2 | concurrent POP3 clients retrieving and deleting |
-//! | `HAMAIL_HA_TOPOLOGY` | `2+witness` | or `3` (three data nodes) |
+//! | `HAMAIL_HA_TOPOLOGY` | `2+witness` | or `3` (three data nodes), or `disk` (shared-disk mode, below) |
 //! | `HAMAIL_HA_REPORT` | — | also write the report to this file |
 //!
 //! Clients behave as MTAs do: a 4xx reply, a broken connection or a
@@ -26,17 +26,29 @@
 //! same Message-ID, envelope and content, and hamail recognises it
 //! (RFC 1047): `250 ... already delivered as ...`; the report counts these
 //! apart from duplicates, which fail the run like losses and damage do.
+//!
+//! Topology `disk`: 2 data nodes and a witness as in `2+witness`, and the
+//! group keeps its mail on a shared disk (an ext4 filesystem on a loop
+//! device, sized from users and attachment) instead of the replicated
+//! store: floating address, disk, mail service. A sampler reads, every
+//! [`MOUNT_SAMPLE`], which hamail processes have the disk mounted (each
+//! runs in its own mount namespace) and fails the run if two ever do.
+//! After a power cut of the disk's owner the survivor first waits until
+//! the dead holder's disk heartbeat is stale (3.5 heartbeats), so that
+//! takeover takes several seconds longer than with replication.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::disk::{mounted_in, LoopDisk};
 use common::netns::*;
 use common::*;
 use sha2::{Digest, Sha256};
@@ -62,6 +74,18 @@ fn user(u: usize) -> String {
 enum Topology {
     TwoPlusWitness,
     Three,
+    /// 2 data nodes + witness, the group's mail on a shared disk.
+    Disk,
+}
+
+impl Topology {
+    fn describe(self) -> &'static str {
+        match self {
+            Topology::TwoPlusWitness => "2 data nodes + witness",
+            Topology::Three => "3 data nodes",
+            Topology::Disk => "2 data nodes + witness, shared disk (ext4 on a loop device)",
+        }
+    }
 }
 
 struct Params {
@@ -95,7 +119,8 @@ impl Params {
         let topology = match env_or("HAMAIL_HA_TOPOLOGY", "2+witness").as_str() {
             "2+witness" => Topology::TwoPlusWitness,
             "3" => Topology::Three,
-            other => panic!("HAMAIL_HA_TOPOLOGY: '{other}' is not one of 2+witness, 3"),
+            "disk" => Topology::Disk,
+            other => panic!("HAMAIL_HA_TOPOLOGY: '{other}' is not one of 2+witness, 3, disk"),
         };
         let p = Params {
             users: int("HAMAIL_HA_USERS", "100"),
@@ -107,6 +132,14 @@ impl Params {
         assert!((1..=1000).contains(&p.users), "HAMAIL_HA_USERS must be 1..=1000 (one transaction, [smtp] max_recipients)");
         assert!(p.pop3_clients >= 1 && p.senders >= 1);
         p
+    }
+
+    /// The shared disk's size in MiB: the large message once (stored once,
+    /// base64 adds a third), small messages and metadata per user, and
+    /// headroom; at least 64 MiB.
+    fn disk_mib(&self) -> u32 {
+        let bytes = 4 * self.size + self.users * 64 * 1024;
+        u32::try_from(bytes.div_ceil(1 << 20).max(64)).expect("disk size")
     }
 }
 
@@ -455,23 +488,33 @@ type Ha = NsCluster;
 
 impl NsCluster {
     /// The cluster (node 3 a witness or a data node), the users, and the
-    /// group online at node 1.
-    fn start(p: &Params) -> Ha {
+    /// group online at node 1; with `disk` (topology `disk`) the group
+    /// mounts it on [`Self::spool`] and keeps its mail there.
+    fn start(p: &Params, disk: Option<&LoopDisk>) -> Ha {
         let t = Instant::now();
         let roles = match p.topology {
-            Topology::TwoPlusWitness => ["data", "data", "witness"],
+            Topology::TwoPlusWitness | Topology::Disk => ["data", "data", "witness"],
             Topology::Three => ["data"; 3],
         };
         let users: Vec<String> = (0..p.users).map(user).collect();
         let ha = NsCluster::form_with(roles, &users, RECOVERY);
         eprintln!("ha: cluster formed with {} users in {:.1} s", p.users, t.elapsed().as_secs_f64());
-        let members = if p.topology == Topology::TwoPlusWitness { "[1, 2]" } else { "[1, 2, 3]" };
+        let members = if p.topology == Topology::Three { "[1, 2, 3]" } else { "[1, 2]" };
+        // Before mail_service: the mail service opens its store on the disk.
+        let disk_resource = disk.map_or(String::new(), |d| {
+            format!(
+                "[[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"{}\"\nmount_point = \"{}\"\nfs_type = \"ext4\"\n\n",
+                d.device,
+                ha.spool().display()
+            )
+        });
         let file = ha.root.path().join("groups.toml");
         std::fs::write(
             &file,
             format!(
                 "[[group]]\nname = \"mail\"\nnodes = {members}\nfailback = \"manual\"\nmax_restarts = 1\n\n\
                  [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
+                 {disk_resource}\
                  [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
             ),
         )
@@ -486,6 +529,21 @@ impl NsCluster {
 
     fn greeting(&self) -> Option<String> {
         self.bed.run_in("cl", || greeting(vip(2525)))
+    }
+
+    /// The node (0-based) whose greeting answers at the floating address.
+    fn owner(&self) -> Option<usize> {
+        self.greeting().and_then(|h| h.strip_prefix("node")?.parse::<usize>().ok()).map(|n| n - 1)
+    }
+
+    /// The shared disk's mount point (in each node's own mount namespace).
+    fn spool(&self) -> PathBuf {
+        self.root.path().join("spool")
+    }
+
+    /// The pid of each node's running hamail process.
+    fn pids(&self) -> [Option<u32>; 3] {
+        std::array::from_fn(|i| self.nodes[i].server.as_ref().and_then(|s| s.child.as_ref()).map(|c| c.id()))
     }
 
     /// Power cut of node `v`: its cable out and its process SIGKILLed.
@@ -518,6 +576,129 @@ impl NsCluster {
         }
         t.elapsed()
     }
+}
+
+// ---------------------------------------------------------------- the shared disk
+
+/// How often the mount sampler looks: a takeover of the disk takes
+/// seconds (its stop, then the next node's heartbeat check), so two
+/// mounts at once would last far longer than this.
+const MOUNT_SAMPLE: Duration = Duration::from_millis(20);
+
+/// Which nodes' hamail processes have the disk mounted at `mount_point`.
+fn mounted_by(pids: &[Option<u32>; 3], mount_point: &Path) -> Vec<usize> {
+    (0..3).filter(|&i| pids[i].is_some_and(|pid| mounted_in(pid, mount_point))).collect()
+}
+
+fn node_list(nodes: &[usize]) -> String {
+    if nodes.is_empty() {
+        return "none".into();
+    }
+    nodes.iter().map(|n| format!("node{}", n + 1)).collect::<Vec<_>>().join("+")
+}
+
+/// A thread sampling, every [`MOUNT_SAMPLE`], which nodes have the shared
+/// disk mounted, for the whole run.
+struct MountWatch {
+    /// Each node's hamail pid, set again by the scenario after a power cut
+    /// and a restart.
+    pids: Arc<Mutex<[Option<u32>; 3]>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<MountLog>,
+}
+
+#[derive(Default)]
+struct MountLog {
+    samples: usize,
+    /// Samples with more than one node holding the mount: (seconds since
+    /// the watch started, nodes).
+    twice: Vec<(f64, Vec<usize>)>,
+    /// Who had it mounted, at each change.
+    holders: Vec<(f64, Vec<usize>)>,
+}
+
+impl MountWatch {
+    fn start(mount_point: PathBuf, pids: [Option<u32>; 3]) -> MountWatch {
+        let pids = Arc::new(Mutex::new(pids));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, st) = (pids.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut log = MountLog::default();
+            while !st.load(Ordering::Relaxed) {
+                let now = *p.lock().unwrap();
+                let m = mounted_by(&now, &mount_point);
+                let at = t0.elapsed().as_secs_f64();
+                log.samples += 1;
+                if m.len() > 1 {
+                    eprintln!("ha: the shared disk is mounted by {} at once ({at:.2} s)", node_list(&m));
+                    log.twice.push((at, m.clone()));
+                }
+                if log.holders.last().map(|(_, h)| h) != Some(&m) {
+                    log.holders.push((at, m));
+                }
+                std::thread::sleep(MOUNT_SAMPLE);
+            }
+            log
+        });
+        MountWatch { pids, stop, thread }
+    }
+
+    fn set_pids(&self, pids: [Option<u32>; 3]) {
+        *self.pids.lock().unwrap() = pids;
+    }
+
+    fn finish(self) -> MountLog {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl MountLog {
+    fn text(&self) -> String {
+        let turns: Vec<String> = self.holders.iter().map(|(t, h)| format!("{} at {t:.1} s", node_list(h))).collect();
+        let twice = match self.twice.first() {
+            None => "never by two nodes at once".to_string(),
+            Some((t, m)) => format!(
+                "MOUNTED BY TWO NODES AT ONCE in {} samples, first {} at {t:.2} s",
+                self.twice.len(),
+                node_list(m)
+            ),
+        };
+        format!(
+            "shared disk: mounts sampled {} times (every {} ms): {twice}; mounted by: {}\n",
+            self.samples,
+            MOUNT_SAMPLE.as_millis(),
+            turns.join(", ")
+        )
+    }
+}
+
+/// The filesystem's and the store's usage as the owner (`pid`) sees it, and whether the
+/// group's store is there: `(used KiB, size KiB, store KiB)`.
+fn disk_usage(pid: u32, mount_point: &Path) -> Result<(u64, u64, u64), String> {
+    // The owner's view: its mount namespace, through /proc/PID/root.
+    let at = Path::new(&format!("/proc/{pid}/root")).join(mount_point.strip_prefix("/").unwrap_or(mount_point));
+    let run = |args: &[&str], path: &Path| -> Result<String, String> {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).arg(path).output().map_err(|e| format!("{}: {e}", args[0]))?;
+        if !out.status.success() {
+            return Err(format!("{} {}: {}", args.join(" "), path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    // statfs(2) of the path itself (df would look the path up in its own
+    // mount table): block size, blocks, free blocks.
+    let st = run(&["stat", "-f", "-c", "%S %b %f"], &at)?;
+    let nums: Vec<u64> = st.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    let [bsize, blocks, free] = nums[..] else { return Err(format!("stat -f: {st}")) };
+    let (used, size) = ((blocks - free) * bsize / 1024, blocks * bsize / 1024);
+    let store = at.join("hamail-store");
+    if !store.is_dir() {
+        return Err(format!("no store on the disk ({} is not a directory)", store.display()));
+    }
+    let du = run(&["du", "-sk"], &store)?;
+    let kib = du.split_whitespace().next().and_then(|n| n.parse().ok()).ok_or_else(|| format!("du: {du}"))?;
+    Ok((used, size, kib))
 }
 
 // ---------------------------------------------------------------- events
@@ -577,16 +758,21 @@ fn ha_power_cut_and_switchover_under_load() {
     }
     let p = Params::from_env();
     let topo = match p.topology {
-        Topology::TwoPlusWitness => "2 data nodes + witness",
-        Topology::Three => "3 data nodes",
+        Topology::Disk => format!("{} of {} MiB", p.topology.describe(), p.disk_mib()),
+        t => t.describe().to_string(),
     };
     eprintln!(
         "ha: {topo}, {} users, attachment {} bytes, {} senders, {} POP3 clients",
         p.users, p.size, p.senders, p.pop3_clients
     );
     let started = Instant::now();
-    let mut ha = Ha::start(&p);
+    // Declared before the cluster: detached after its processes are gone.
+    let disk = (p.topology == Topology::Disk).then(|| {
+        LoopDisk::new(p.disk_mib()).unwrap_or_else(|| panic!("topology disk: no loop-device disk on this machine (see above)"))
+    });
+    let mut ha = Ha::start(&p, disk.as_ref());
     eprintln!("ha: group online at node1 after {:.1} s", started.elapsed().as_secs_f64());
+    let mounts = disk.as_ref().map(|_| MountWatch::start(ha.spool(), ha.pids()));
 
     let j = Arc::new(Journal::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -656,8 +842,7 @@ fn ha_power_cut_and_switchover_under_load() {
         j.problem("the large message was not sent".into());
     }
     for victim in [0usize, 1] {
-        let owner = ha.greeting().and_then(|h| h.strip_prefix("node")?.parse::<usize>().ok()).map(|n| n - 1);
-        let owner = owner.unwrap_or_else(|| panic!("no owner answers at {VIP}\n{}", ha.logs()));
+        let owner = ha.owner().unwrap_or_else(|| panic!("no owner answers at {VIP}\n{}", ha.logs()));
         if owner != victim {
             let t0 = Instant::now();
             ha.switchover(victim, victim);
@@ -668,9 +853,15 @@ fn ha_power_cut_and_switchover_under_load() {
         let survivor = 1 - victim;
         let t0 = Instant::now();
         ha.power_cut(victim);
+        if let Some(m) = &mounts {
+            m.set_pids(ha.pids());
+        }
         let takeover = ha.wait_owner(survivor, "power cut");
         events.push(Event { what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1), t0, takeover, end: t0 });
         ha.power_back(victim, survivor);
+        if let Some(m) = &mounts {
+            m.set_pids(ha.pids());
+        }
         steady(&j, Instant::now());
         let t0 = Instant::now();
         ha.switchover(victim, survivor);
@@ -719,6 +910,27 @@ fn ha_power_cut_and_switchover_under_load() {
     });
     let finals = finals.into_inner().unwrap();
     eprintln!("ha: audit of {} maildrops took {:.1} s", p.users, audit_t.elapsed().as_secs_f64());
+    let mount_log = mounts.map(MountWatch::finish);
+    let mut disk_text = String::new();
+    if let Some(log) = &mount_log {
+        disk_text.push_str(&log.text());
+        if !log.twice.is_empty() {
+            j.problem(format!("the shared disk was mounted by two nodes at once: {}", log.text().trim_end()));
+        }
+        match ha.owner().and_then(|o| ha.pids()[o].map(|pid| (o, pid))) {
+            Some((o, pid)) => match disk_usage(pid, &ha.spool()) {
+                Ok((used, size, store)) => disk_text.push_str(&format!(
+                    "shared disk at the end (node{}): {:.1} MiB used of {:.1} MiB, the group's store on it {:.1} MiB\n",
+                    o + 1,
+                    used as f64 / 1024.0,
+                    size as f64 / 1024.0,
+                    store as f64 / 1024.0
+                )),
+                Err(e) => j.problem(format!("shared disk at node{}: {e}", o + 1)),
+            },
+            None => j.problem("shared disk: no owner answers at the end".into()),
+        }
+    }
 
     let report = Report::build(&j, &finals);
     let mut text = format!(
@@ -726,6 +938,7 @@ fn ha_power_cut_and_switchover_under_load() {
         p.users, p.size, p.senders, p.pop3_clients
     );
     text.push_str(&report.text());
+    text.push_str(&disk_text);
     if let Some(b) = j.sent.lock().unwrap().get("big") {
         text.push_str(&format!(
             "large message: {} recipients in one transaction, {} attempt(s), {}{}; failed attempts: {:?}\n",
@@ -928,4 +1141,18 @@ fn messages_come_back_with_their_token_and_attachment() {
     assert_eq!(parse_size("1M"), 1 << 20);
     assert_eq!(parse_size("100K"), 102_400);
     assert_eq!(parse_size("123"), 123);
+}
+
+#[test]
+fn disk_size_and_mount_sampling() {
+    let p = |users, size| Params { users, size, senders: 4, pop3_clients: 2, topology: Topology::Disk };
+    assert_eq!(p(100, 100 << 10).disk_mib(), 64, "at least 64 MiB");
+    assert_eq!(p(1000, 1 << 20).disk_mib(), 67, "4 x 1 MiB + 1000 x 64 KiB, rounded up");
+    let me = Some(std::process::id());
+    assert_eq!(mounted_by(&[None, me, me], Path::new("/")), vec![1, 2]);
+    assert_eq!(mounted_by(&[me, None, None], Path::new("/no/such/mount")), Vec::<usize>::new());
+    let twice = MountLog { samples: 3, twice: vec![(1.5, vec![0, 1])], holders: vec![(0.0, vec![0]), (1.5, vec![0, 1])] };
+    assert!(twice.text().contains("MOUNTED BY TWO NODES AT ONCE in 1 samples, first node1+node2 at 1.50 s"), "{}", twice.text());
+    let once = MountLog { samples: 9, twice: vec![], holders: vec![(0.0, vec![0]), (2.0, vec![]), (9.0, vec![1])] };
+    assert!(once.text().contains("never by two nodes at once; mounted by: node1 at 0.0 s, none at 2.0 s, node2 at 9.0 s"), "{}", once.text());
 }
