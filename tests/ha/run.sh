@@ -6,7 +6,7 @@
 # tests/ha.rs and the README ("Verifying failover").
 #
 #   sudo tests/ha/run.sh                          # 1000 users, 1 MiB (the seed's run)
-#   sudo tests/ha/run.sh --users 100 --size 100K  # the reduced run CI does
+#   sudo tests/ha/run.sh --users 100 --size 100K  # the reduced run CI does (CI also with --topology disk)
 #   sudo tests/ha/run.sh --topology 3 --report /tmp/ha.txt
 #   sudo tests/ha/run.sh --topology disk        # shared-disk mode (loop device)
 #
