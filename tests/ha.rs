@@ -589,9 +589,37 @@ impl NsCluster {
 /// mounts at once would last far longer than this.
 const MOUNT_SAMPLE: Duration = Duration::from_millis(20);
 
-/// Which nodes' hamail processes have the disk mounted at `mount_point`.
-fn mounted_by(pids: &[Option<u32>; 3], mount_point: &Path) -> Vec<usize> {
-    (0..3).filter(|&i| pids[i].is_some_and(|pid| mounted_in(pid, mount_point))).collect()
+/// Whether `cmdline` (/proc/PID/cmdline: arguments ending in NUL) is
+/// `hamail --config CONFIG serve`, or the `ip netns exec ...` about to
+/// become it.
+fn serves_with(cmdline: &[u8], config: &Path) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+    let config = config.as_os_str().as_encoded_bytes();
+    args.last() == Some(&&b"serve"[..]) && args.windows(2).any(|w| w[0] == b"--config" && w[1] == config)
+}
+
+/// The processes serving each node's config, found in /proc at every
+/// sample: a node restarted after a power cut is seen from its first
+/// instant (no pid to hand over, no moment unwatched).
+fn node_processes(configs: &[PathBuf; 3]) -> [Vec<u32>; 3] {
+    let mut found: [Vec<u32>; 3] = Default::default();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        // Gone meanwhile: nothing to see.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        for (i, config) in configs.iter().enumerate() {
+            if serves_with(&cmdline, config) {
+                found[i].push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Which nodes have the disk mounted at `mount_point` in one of their
+/// processes (each `ip netns exec` has its own mount namespace).
+fn mounted_by(procs: &[Vec<u32>; 3], mount_point: &Path) -> Vec<usize> {
+    (0..3).filter(|&i| procs[i].iter().any(|&pid| mounted_in(pid, mount_point))).collect()
 }
 
 fn node_list(nodes: &[usize]) -> String {
@@ -604,9 +632,6 @@ fn node_list(nodes: &[usize]) -> String {
 /// A thread sampling, every [`MOUNT_SAMPLE`], which nodes have the shared
 /// disk mounted, for the whole run.
 struct MountWatch {
-    /// Each node's hamail pid, set again by the scenario after a power cut
-    /// and a restart.
-    pids: Arc<Mutex<[Option<u32>; 3]>>,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<MountLog>,
 }
@@ -622,15 +647,15 @@ struct MountLog {
 }
 
 impl MountWatch {
-    fn start(origin: Instant, mount_point: PathBuf, pids: [Option<u32>; 3]) -> MountWatch {
-        let pids = Arc::new(Mutex::new(pids));
+    /// `configs`: each node's config file, by which its server process is
+    /// found.
+    fn start(origin: Instant, mount_point: PathBuf, configs: [PathBuf; 3]) -> MountWatch {
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, st) = (pids.clone(), stop.clone());
+        let st = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut log = MountLog::default();
             while !st.load(Ordering::Relaxed) {
-                let now = *p.lock().unwrap();
-                let m = mounted_by(&now, &mount_point);
+                let m = mounted_by(&node_processes(&configs), &mount_point);
                 let at = origin.elapsed().as_secs_f64();
                 log.samples += 1;
                 if m.len() > 1 {
@@ -644,11 +669,7 @@ impl MountWatch {
             }
             log
         });
-        MountWatch { pids, stop, thread }
-    }
-
-    fn set_pids(&self, pids: [Option<u32>; 3]) {
-        *self.pids.lock().unwrap() = pids;
+        MountWatch { stop, thread }
     }
 
     fn finish(self) -> MountLog {
@@ -811,7 +832,7 @@ fn run(p: Params, disk: Option<LoopDisk>) {
     eprintln!("ha: group online at node1 after {:.1} s", started.elapsed().as_secs_f64());
     // Times in the report count from here (the events' and the mounts').
     let origin = Instant::now();
-    let mounts = disk.as_ref().map(|_| MountWatch::start(origin, ha.spool(), ha.pids()));
+    let mounts = disk.as_ref().map(|_| MountWatch::start(origin, ha.spool(), std::array::from_fn(|i| ha.nodes[i].config())));
 
     let j = Arc::new(Journal::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -892,9 +913,6 @@ fn run(p: Params, disk: Option<LoopDisk>) {
         let survivor = 1 - victim;
         let t0 = Instant::now();
         ha.power_cut(victim);
-        if let Some(m) = &mounts {
-            m.set_pids(ha.pids());
-        }
         let takeover = ha.wait_owner(survivor, "power cut");
         events.push(Event {
             what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1),
@@ -903,9 +921,6 @@ fn run(p: Params, disk: Option<LoopDisk>) {
             end: t0,
         });
         ha.power_back(victim, survivor);
-        if let Some(m) = &mounts {
-            m.set_pids(ha.pids());
-        }
         steady(&j, Instant::now());
         let t0 = Instant::now();
         let what = format!("switchover node{} -> node{}", survivor + 1, victim + 1);
@@ -1214,9 +1229,14 @@ fn disk_size_and_mount_sampling() {
     let p = |users, size| Params { users, size, senders: 4, pop3_clients: 2, topology: Topology::Disk };
     assert_eq!(p(100, 100 << 10).disk_mib(), 64, "at least 64 MiB");
     assert_eq!(p(1000, 1 << 20).disk_mib(), 67, "4 x 1 MiB + 1000 x 64 KiB, rounded up");
-    let me = Some(std::process::id());
-    assert_eq!(mounted_by(&[None, me, me], Path::new("/")), vec![1, 2]);
-    assert_eq!(mounted_by(&[me, None, None], Path::new("/no/such/mount")), Vec::<usize>::new());
+    let me = std::process::id();
+    assert_eq!(mounted_by(&[vec![], vec![me], vec![999_999_999, me]], Path::new("/")), vec![1, 2]);
+    assert_eq!(mounted_by(&[vec![me], vec![], vec![]], Path::new("/no/such/mount")), Vec::<usize>::new());
+    let cfg = Path::new("/tmp/x/n2/hamail.toml");
+    assert!(serves_with(b"/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0serve\0", cfg));
+    assert!(serves_with(b"ip\0netns\0exec\0hmt1-n2\0/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0serve\0", cfg));
+    assert!(!serves_with(b"/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0group\0move\0mail\0", cfg), "the CLI");
+    assert!(!serves_with(b"/bin/hamail\0--config\0/tmp/x/n1/hamail.toml\0serve\0", cfg), "another node");
     let twice = MountLog { samples: 3, twice: vec![(1.5, vec![0, 1])], holders: vec![(0.0, vec![0]), (1.5, vec![0, 1])] };
     assert!(twice.text().contains("MOUNTED BY TWO NODES AT ONCE in 1 samples, first node1+node2 at 1.50 s"), "{}", twice.text());
     let once = MountLog { samples: 9, twice: vec![], holders: vec![(0.0, vec![0]), (2.0, vec![]), (9.0, vec![1])] };
