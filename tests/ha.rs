@@ -535,6 +535,15 @@ impl NsCluster {
         self.bed.run_in("cl", || greeting(vip(2525)))
     }
 
+    /// The node (0-based) the operator last moved the group to, if that
+    /// is its target, as node `via` sees it.
+    fn target(&self, via: usize) -> Option<usize> {
+        let (ok, out) = self.nodes[via].cli(&["group", "status", "--json"], "");
+        let v: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| ok)?;
+        let g = v.as_array()?.iter().find(|g| g["spec"]["name"] == "mail")?;
+        g["placement"]["target"]["Node"].as_u64().map(|n| n as usize - 1)
+    }
+
     /// The node (0-based) whose greeting answers at the floating address.
     fn owner(&self) -> Option<usize> {
         self.greeting().and_then(|h| h.strip_prefix("node")?.parse::<usize>().ok()).map(|n| n - 1)
@@ -730,9 +739,8 @@ fn disk_usage(pid: u32, mount_point: &Path) -> Result<(u64, u64, u64), String> {
 struct Event {
     what: String,
     t0: Instant,
-    /// Until the client got the new owner's greeting; `None`: a switchover
-    /// not made, the group being at its destination already.
-    takeover: Option<Duration>,
+    /// Until the client got the new owner's greeting.
+    takeover: Duration,
     end: Instant,
 }
 
@@ -907,7 +915,7 @@ fn run(p: Params, disk: Option<LoopDisk>) {
             let t0 = Instant::now();
             ha.switchover(victim, victim);
             let takeover = ha.wait_owner(victim, "switchover");
-            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover: Some(takeover), end: t0 });
+            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: t0 });
             steady(&j, Instant::now());
         }
         let survivor = 1 - victim;
@@ -917,32 +925,27 @@ fn run(p: Params, disk: Option<LoopDisk>) {
         events.push(Event {
             what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1),
             t0,
-            takeover: Some(takeover),
+            takeover,
             end: t0,
         });
         ha.power_back(victim, survivor);
         steady(&j, Instant::now());
         let t0 = Instant::now();
-        let what = format!("switchover node{} -> node{}", survivor + 1, victim + 1);
-        if ha.owner() == Some(victim) {
-            // No command moved it: the target of an earlier `group move`
-            // outlives the failover and pulls the group back to the node
-            // when it returns, although failback is manual.
-            events.push(Event {
-                what: format!(
-                    "{what} not needed: the group had moved back to node{} by itself when it returned (failback manual; \
-                     the unrequested move falls in the previous event's outage window)",
-                    victim + 1
-                ),
-                t0,
-                takeover: None,
-                end: t0,
-            });
+        let what = if ha.target(survivor) == Some(victim) {
+            // Still the group's target from the move before the cut: the
+            // cluster moves it back by itself once the node is live again
+            // (GroupTarget::Node: "on this node while it is live"), maybe
+            // already during the restart.
+            format!(
+                "node{v} back: the group returns to node{v} with no command (its target since the last move; failback manual)",
+                v = victim + 1
+            )
         } else {
             ha.switchover(victim, survivor);
-            let takeover = ha.wait_owner(victim, "switchover");
-            events.push(Event { what, t0, takeover: Some(takeover), end: t0 });
-        }
+            format!("switchover node{} -> node{}", survivor + 1, victim + 1)
+        };
+        let takeover = ha.wait_owner(victim, "switchover");
+        events.push(Event { what, t0, takeover, end: t0 });
         steady(&j, Instant::now());
     }
     stop.store(true, Ordering::Relaxed);
@@ -1029,15 +1032,11 @@ fn run(p: Params, disk: Option<LoopDisk>) {
     let pop3_ok = j.pop3_ok.lock().unwrap().clone();
     for (i, e) in events.iter().enumerate() {
         let at = (e.t0 - origin).as_secs_f64();
-        let Some(takeover) = e.takeover else {
-            text.push_str(&format!("event {} (at {at:.1} s): {}\n", i + 1, e.what));
-            continue;
-        };
         text.push_str(&format!(
             "event {} (at {at:.1} s): {}: group online at the new owner after {:.2} s; client-observed outage SMTP {}, POP3 {}\n",
             i + 1,
             e.what,
-            takeover.as_secs_f64(),
+            e.takeover.as_secs_f64(),
             fmt_outage(outage(&smtp_ok, e.t0, e.end)),
             fmt_outage(outage(&pop3_ok, e.t0, e.end)),
         ));
