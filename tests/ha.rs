@@ -741,7 +741,9 @@ struct Event {
     t0: Instant,
     /// Until the client got the new owner's greeting.
     takeover: Duration,
-    end: Instant,
+    /// The end of the window for its outage; `None`: the next event's
+    /// start (or the end of the load).
+    end: Option<Instant>,
 }
 
 /// The longest time without a success in [t0, end]: from t0 to the first
@@ -915,7 +917,7 @@ fn run(p: Params, disk: Option<LoopDisk>) {
             let t0 = Instant::now();
             ha.switchover(victim, victim);
             let takeover = ha.wait_owner(victim, "switchover");
-            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: t0 });
+            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: None });
             steady(&j, Instant::now());
         }
         let survivor = 1 - victim;
@@ -926,26 +928,36 @@ fn run(p: Params, disk: Option<LoopDisk>) {
             what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1),
             t0,
             takeover,
-            end: t0,
+            end: None,
         });
+        let back = Instant::now();
         ha.power_back(victim, survivor);
         steady(&j, Instant::now());
-        let t0 = Instant::now();
-        let what = if ha.target(survivor) == Some(victim) {
+        // The cut's outage window runs until the load is steady again with
+        // the power back (clients hanging on a connection to the dead node
+        // fail fast only once its cable is in again).
+        events.last_mut().unwrap().end = Some(Instant::now());
+        if ha.target(survivor) == Some(victim) {
             // Still the group's target from the move before the cut: the
             // cluster moves it back by itself once the node is live again
-            // (GroupTarget::Node: "on this node while it is live"), maybe
-            // already during the restart.
-            format!(
-                "node{v} back: the group returns to node{v} with no command (its target since the last move; failback manual)",
-                v = victim + 1
-            )
+            // (GroupTarget::Node: "on this node while it is live"),
+            // usually while it restarts.
+            ha.wait_owner(victim, "return to the target");
+            events.push(Event {
+                what: format!(
+                    "power back at node{v}: the group returns to node{v} with no command (its target since the last move; failback manual)",
+                    v = victim + 1
+                ),
+                t0: back,
+                takeover: back.elapsed(),
+                end: None,
+            });
         } else {
+            let t0 = Instant::now();
             ha.switchover(victim, survivor);
-            format!("switchover node{} -> node{}", survivor + 1, victim + 1)
-        };
-        let takeover = ha.wait_owner(victim, "switchover");
-        events.push(Event { what, t0, takeover, end: t0 });
+            let takeover = ha.wait_owner(victim, "switchover");
+            events.push(Event { what: format!("switchover node{} -> node{}", survivor + 1, victim + 1), t0, takeover, end: None });
+        }
         steady(&j, Instant::now());
     }
     stop.store(true, Ordering::Relaxed);
@@ -953,9 +965,8 @@ fn run(p: Params, disk: Option<LoopDisk>) {
     for t in threads {
         t.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     }
-    for i in 0..events.len() {
-        events[i].end = events.get(i + 1).map(|e| e.t0).unwrap_or(load_end);
-    }
+    let ends: Vec<Instant> =
+        (0..events.len()).map(|i| events[i].end.unwrap_or_else(|| events.get(i + 1).map(|e| e.t0).unwrap_or(load_end))).collect();
 
     // The audit: every maildrop through the floating address.
     let audit_t = Instant::now();
@@ -1030,15 +1041,15 @@ fn run(p: Params, disk: Option<LoopDisk>) {
     }
     let smtp_ok = j.smtp_ok.lock().unwrap().clone();
     let pop3_ok = j.pop3_ok.lock().unwrap().clone();
-    for (i, e) in events.iter().enumerate() {
+    for (i, (e, &end)) in events.iter().zip(&ends).enumerate() {
         let at = (e.t0 - origin).as_secs_f64();
         text.push_str(&format!(
             "event {} (at {at:.1} s): {}: group online at the new owner after {:.2} s; client-observed outage SMTP {}, POP3 {}\n",
             i + 1,
             e.what,
             e.takeover.as_secs_f64(),
-            fmt_outage(outage(&smtp_ok, e.t0, e.end)),
-            fmt_outage(outage(&pop3_ok, e.t0, e.end)),
+            fmt_outage(outage(&smtp_ok, e.t0, end)),
+            fmt_outage(outage(&pop3_ok, e.t0, end)),
         ));
     }
     let problems = j.problems.lock().unwrap().clone();
