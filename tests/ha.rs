@@ -9,7 +9,11 @@
 //!
 //! Run it with `tests/ha/run.sh` (README: "Verifying failover"); the
 //! environment variables below set the size. Without them it is the
-//! reduced run that CI does (100 users, 100 KiB).
+//! reduced run that CI does (100 users, 100 KiB), twice: with 2 data nodes
+//! and a witness (`ha_power_cut_and_switchover_under_load`), then in
+//! shared-disk mode (`ha_shared_disk_under_load`; about 40 s for both on a
+//! busy 2-core machine). When `HAMAIL_HA_TOPOLOGY` is set, only the first
+//! runs, with that topology.
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
@@ -17,7 +21,7 @@
 //! | `HAMAIL_HA_SIZE` | 100K | attachment size (bytes, K or M suffix: KiB, MiB) |
 //! | `HAMAIL_HA_SENDERS` | 4 | concurrent clients sending small messages |
 //! | `HAMAIL_HA_POP3` | 2 | concurrent POP3 clients retrieving and deleting |
-//! | `HAMAIL_HA_TOPOLOGY` | `2+witness` | or `3` (three data nodes) |
+//! | `HAMAIL_HA_TOPOLOGY` | `2+witness` | or `3` (three data nodes), or `disk` (shared-disk mode, below) |
 //! | `HAMAIL_HA_REPORT` | — | also write the report to this file |
 //!
 //! Clients behave as MTAs do: a 4xx reply, a broken connection or a
@@ -26,17 +30,29 @@
 //! same Message-ID, envelope and content, and hamail recognises it
 //! (RFC 1047): `250 ... already delivered as ...`; the report counts these
 //! apart from duplicates, which fail the run like losses and damage do.
+//!
+//! Topology `disk`: 2 data nodes and a witness as in `2+witness`, and the
+//! group keeps its mail on a shared disk (an ext4 filesystem on a loop
+//! device, sized from users and attachment) instead of the replicated
+//! store: floating address, disk, mail service. A sampler reads, every
+//! [`MOUNT_SAMPLE`], which hamail processes have the disk mounted (each
+//! runs in its own mount namespace) and fails the run if two ever do.
+//! After a power cut of the disk's owner the survivor first waits until
+//! the dead holder's disk heartbeat is stale (3.5 heartbeats), so that
+//! takeover takes several seconds longer than with replication.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::disk::{mounted_in, LoopDisk};
 use common::netns::*;
 use common::*;
 use sha2::{Digest, Sha256};
@@ -62,6 +78,18 @@ fn user(u: usize) -> String {
 enum Topology {
     TwoPlusWitness,
     Three,
+    /// 2 data nodes + witness, the group's mail on a shared disk.
+    Disk,
+}
+
+impl Topology {
+    fn describe(self) -> &'static str {
+        match self {
+            Topology::TwoPlusWitness => "2 data nodes + witness",
+            Topology::Three => "3 data nodes",
+            Topology::Disk => "2 data nodes + witness, shared disk (ext4 on a loop device)",
+        }
+    }
 }
 
 struct Params {
@@ -95,7 +123,8 @@ impl Params {
         let topology = match env_or("HAMAIL_HA_TOPOLOGY", "2+witness").as_str() {
             "2+witness" => Topology::TwoPlusWitness,
             "3" => Topology::Three,
-            other => panic!("HAMAIL_HA_TOPOLOGY: '{other}' is not one of 2+witness, 3"),
+            "disk" => Topology::Disk,
+            other => panic!("HAMAIL_HA_TOPOLOGY: '{other}' is not one of 2+witness, 3, disk"),
         };
         let p = Params {
             users: int("HAMAIL_HA_USERS", "100"),
@@ -107,6 +136,14 @@ impl Params {
         assert!((1..=1000).contains(&p.users), "HAMAIL_HA_USERS must be 1..=1000 (one transaction, [smtp] max_recipients)");
         assert!(p.pop3_clients >= 1 && p.senders >= 1);
         p
+    }
+
+    /// The shared disk's size in MiB: the large message once (stored once,
+    /// base64 adds a third), small messages and metadata per user, and
+    /// headroom; at least 64 MiB.
+    fn disk_mib(&self) -> u32 {
+        let bytes = 4 * self.size + self.users * 64 * 1024;
+        u32::try_from(bytes.div_ceil(1 << 20).max(64)).expect("disk size")
     }
 }
 
@@ -455,23 +492,33 @@ type Ha = NsCluster;
 
 impl NsCluster {
     /// The cluster (node 3 a witness or a data node), the users, and the
-    /// group online at node 1.
-    fn start(p: &Params) -> Ha {
+    /// group online at node 1; with `disk` (topology `disk`) the group
+    /// mounts it on [`Self::spool`] and keeps its mail there.
+    fn start(p: &Params, disk: Option<&LoopDisk>) -> Ha {
         let t = Instant::now();
         let roles = match p.topology {
-            Topology::TwoPlusWitness => ["data", "data", "witness"],
+            Topology::TwoPlusWitness | Topology::Disk => ["data", "data", "witness"],
             Topology::Three => ["data"; 3],
         };
         let users: Vec<String> = (0..p.users).map(user).collect();
         let ha = NsCluster::form_with(roles, &users, RECOVERY);
         eprintln!("ha: cluster formed with {} users in {:.1} s", p.users, t.elapsed().as_secs_f64());
-        let members = if p.topology == Topology::TwoPlusWitness { "[1, 2]" } else { "[1, 2, 3]" };
+        let members = if p.topology == Topology::Three { "[1, 2, 3]" } else { "[1, 2]" };
+        // Before mail_service: the mail service opens its store on the disk.
+        let disk_resource = disk.map_or(String::new(), |d| {
+            format!(
+                "[[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"{}\"\nmount_point = \"{}\"\nfs_type = \"ext4\"\n\n",
+                d.device,
+                ha.spool().display()
+            )
+        });
         let file = ha.root.path().join("groups.toml");
         std::fs::write(
             &file,
             format!(
                 "[[group]]\nname = \"mail\"\nnodes = {members}\nfailback = \"manual\"\nmax_restarts = 1\n\n\
                  [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
+                 {disk_resource}\
                  [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
             ),
         )
@@ -486,6 +533,30 @@ impl NsCluster {
 
     fn greeting(&self) -> Option<String> {
         self.bed.run_in("cl", || greeting(vip(2525)))
+    }
+
+    /// The node (0-based) the operator last moved the group to, if that
+    /// is its target, as node `via` sees it.
+    fn target(&self, via: usize) -> Option<usize> {
+        let (ok, out) = self.nodes[via].cli(&["group", "status", "--json"], "");
+        let v: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| ok)?;
+        let g = v.as_array()?.iter().find(|g| g["spec"]["name"] == "mail")?;
+        g["placement"]["target"]["Node"].as_u64().map(|n| n as usize - 1)
+    }
+
+    /// The node (0-based) whose greeting answers at the floating address.
+    fn owner(&self) -> Option<usize> {
+        self.greeting().and_then(|h| h.strip_prefix("node")?.parse::<usize>().ok()).map(|n| n - 1)
+    }
+
+    /// The shared disk's mount point (in each node's own mount namespace).
+    fn spool(&self) -> PathBuf {
+        self.root.path().join("spool")
+    }
+
+    /// The pid of each node's running hamail process.
+    fn pids(&self) -> [Option<u32>; 3] {
+        std::array::from_fn(|i| self.nodes[i].server.as_ref().and_then(|s| s.child.as_ref()).map(|c| c.id()))
     }
 
     /// Power cut of node `v`: its cable out and its process SIGKILLed.
@@ -520,6 +591,149 @@ impl NsCluster {
     }
 }
 
+// ---------------------------------------------------------------- the shared disk
+
+/// How often the mount sampler looks: a takeover of the disk takes
+/// seconds (its stop, then the next node's heartbeat check), so two
+/// mounts at once would last far longer than this.
+const MOUNT_SAMPLE: Duration = Duration::from_millis(20);
+
+/// Whether `cmdline` (/proc/PID/cmdline: arguments ending in NUL) is
+/// `hamail --config CONFIG serve`, or the `ip netns exec ...` about to
+/// become it.
+fn serves_with(cmdline: &[u8], config: &Path) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+    let config = config.as_os_str().as_encoded_bytes();
+    args.last() == Some(&&b"serve"[..]) && args.windows(2).any(|w| w[0] == b"--config" && w[1] == config)
+}
+
+/// The processes serving each node's config, found in /proc at every
+/// sample: a node restarted after a power cut is seen from its first
+/// instant (no pid to hand over, no moment unwatched).
+fn node_processes(configs: &[PathBuf; 3]) -> [Vec<u32>; 3] {
+    let mut found: [Vec<u32>; 3] = Default::default();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        // Gone meanwhile: nothing to see.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        for (i, config) in configs.iter().enumerate() {
+            if serves_with(&cmdline, config) {
+                found[i].push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Which nodes have the disk mounted at `mount_point` in one of their
+/// processes (each `ip netns exec` has its own mount namespace).
+fn mounted_by(procs: &[Vec<u32>; 3], mount_point: &Path) -> Vec<usize> {
+    (0..3).filter(|&i| procs[i].iter().any(|&pid| mounted_in(pid, mount_point))).collect()
+}
+
+fn node_list(nodes: &[usize]) -> String {
+    if nodes.is_empty() {
+        return "none".into();
+    }
+    nodes.iter().map(|n| format!("node{}", n + 1)).collect::<Vec<_>>().join("+")
+}
+
+/// A thread sampling, every [`MOUNT_SAMPLE`], which nodes have the shared
+/// disk mounted, for the whole run.
+struct MountWatch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<MountLog>,
+}
+
+#[derive(Default)]
+struct MountLog {
+    samples: usize,
+    /// Samples with more than one node holding the mount: (seconds since
+    /// the load started, nodes).
+    twice: Vec<(f64, Vec<usize>)>,
+    /// Who had it mounted, at each change.
+    holders: Vec<(f64, Vec<usize>)>,
+}
+
+impl MountWatch {
+    /// `configs`: each node's config file, by which its server process is
+    /// found.
+    fn start(origin: Instant, mount_point: PathBuf, configs: [PathBuf; 3]) -> MountWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut log = MountLog::default();
+            while !st.load(Ordering::Relaxed) {
+                let m = mounted_by(&node_processes(&configs), &mount_point);
+                let at = origin.elapsed().as_secs_f64();
+                log.samples += 1;
+                if m.len() > 1 {
+                    eprintln!("ha: the shared disk is mounted by {} at once ({at:.2} s)", node_list(&m));
+                    log.twice.push((at, m.clone()));
+                }
+                if log.holders.last().map(|(_, h)| h) != Some(&m) {
+                    log.holders.push((at, m));
+                }
+                std::thread::sleep(MOUNT_SAMPLE);
+            }
+            log
+        });
+        MountWatch { stop, thread }
+    }
+
+    fn finish(self) -> MountLog {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl MountLog {
+    fn text(&self) -> String {
+        let turns: Vec<String> = self.holders.iter().map(|(t, h)| format!("{} at {t:.1} s", node_list(h))).collect();
+        let twice = match self.twice.first() {
+            None => "never by two nodes at once".to_string(),
+            Some((t, m)) => format!(
+                "MOUNTED BY TWO NODES AT ONCE in {} samples, first {} at {t:.2} s",
+                self.twice.len(),
+                node_list(m)
+            ),
+        };
+        format!(
+            "shared disk: mounts sampled {} times (every {} ms): {twice}; mounted by: {}\n",
+            self.samples,
+            MOUNT_SAMPLE.as_millis(),
+            turns.join(", ")
+        )
+    }
+}
+
+/// The filesystem's and the store's usage as the owner (`pid`) sees it, and whether the
+/// group's store is there: `(used KiB, size KiB, store KiB)`.
+fn disk_usage(pid: u32, mount_point: &Path) -> Result<(u64, u64, u64), String> {
+    // The owner's view: its mount namespace, through /proc/PID/root.
+    let at = Path::new(&format!("/proc/{pid}/root")).join(mount_point.strip_prefix("/").unwrap_or(mount_point));
+    let run = |args: &[&str], path: &Path| -> Result<String, String> {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).arg(path).output().map_err(|e| format!("{}: {e}", args[0]))?;
+        if !out.status.success() {
+            return Err(format!("{} {}: {}", args.join(" "), path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    // statfs(2) of the path itself (df would look the path up in its own
+    // mount table): block size, blocks, free blocks.
+    let st = run(&["stat", "-f", "-c", "%S %b %f"], &at)?;
+    let nums: Vec<u64> = st.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    let [bsize, blocks, free] = nums[..] else { return Err(format!("stat -f: {st}")) };
+    let (used, size) = ((blocks - free) * bsize / 1024, blocks * bsize / 1024);
+    let store = at.join("hamail-store");
+    if !store.is_dir() {
+        return Err(format!("no store on the disk ({} is not a directory)", store.display()));
+    }
+    let du = run(&["du", "-sk"], &store)?;
+    let kib = du.split_whitespace().next().and_then(|n| n.parse().ok()).ok_or_else(|| format!("du: {du}"))?;
+    Ok((used, size, kib))
+}
+
 // ---------------------------------------------------------------- events
 
 struct Event {
@@ -527,7 +741,9 @@ struct Event {
     t0: Instant,
     /// Until the client got the new owner's greeting.
     takeover: Duration,
-    end: Instant,
+    /// The end of the window for its outage; `None`: the next event's
+    /// start (or the end of the load).
+    end: Option<Instant>,
 }
 
 /// The longest time without a success in [t0, end]: from t0 to the first
@@ -570,23 +786,63 @@ fn steady(j: &Journal, since: Instant) {
 
 // ---------------------------------------------------------------- the test
 
+/// The run the environment asks for (by default the reduced run with 2
+/// data nodes and a witness).
 #[test]
 fn ha_power_cut_and_switchover_under_load() {
     if !root_or_skip("ha_power_cut_and_switchover_under_load") {
         return;
     }
     let p = Params::from_env();
+    // Asked for by name: no loop device is a failure, not a skip.
+    let disk = (p.topology == Topology::Disk).then(|| {
+        LoopDisk::new(p.disk_mib()).unwrap_or_else(|| panic!("topology disk: no loop-device disk on this machine (see above)"))
+    });
+    run(p, disk);
+}
+
+/// The same in shared-disk mode (what CI runs besides the one above: the
+/// reduced sizes unless the environment sets others). Left to the test
+/// above when `HAMAIL_HA_TOPOLOGY` chooses a topology (`tests/ha/run.sh`
+/// always does).
+#[test]
+fn ha_shared_disk_under_load() {
+    if !root_or_skip("ha_shared_disk_under_load") {
+        return;
+    }
+    if std::env::var("HAMAIL_HA_TOPOLOGY").is_ok_and(|t| !t.is_empty()) {
+        eprintln!("ha_shared_disk_under_load: skipped: HAMAIL_HA_TOPOLOGY is set, ha_power_cut_and_switchover_under_load runs that topology");
+        return;
+    }
+    let p = Params { topology: Topology::Disk, ..Params::from_env() };
+    // LoopDisk::new says why it is skipped.
+    let Some(disk) = LoopDisk::new(p.disk_mib()) else { return };
+    run(p, Some(disk));
+}
+
+/// One run: cluster, load, events, audit, report; panics on any fault.
+/// `disk`: the shared disk of topology `disk`.
+fn run(p: Params, disk: Option<LoopDisk>) {
+    // One run at a time: two would share the 2 cores and distort each
+    // other's timings.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let topo = match p.topology {
-        Topology::TwoPlusWitness => "2 data nodes + witness",
-        Topology::Three => "3 data nodes",
+        Topology::Disk => format!("{} of {} MiB", p.topology.describe(), p.disk_mib()),
+        t => t.describe().to_string(),
     };
     eprintln!(
         "ha: {topo}, {} users, attachment {} bytes, {} senders, {} POP3 clients",
         p.users, p.size, p.senders, p.pop3_clients
     );
     let started = Instant::now();
-    let mut ha = Ha::start(&p);
+    // `disk`, a parameter, is dropped after `ha`: detached after the
+    // cluster's processes are gone.
+    let mut ha = Ha::start(&p, disk.as_ref());
     eprintln!("ha: group online at node1 after {:.1} s", started.elapsed().as_secs_f64());
+    // Times in the report count from here (the events' and the mounts').
+    let origin = Instant::now();
+    let mounts = disk.as_ref().map(|_| MountWatch::start(origin, ha.spool(), std::array::from_fn(|i| ha.nodes[i].config())));
 
     let j = Arc::new(Journal::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -656,26 +912,52 @@ fn ha_power_cut_and_switchover_under_load() {
         j.problem("the large message was not sent".into());
     }
     for victim in [0usize, 1] {
-        let owner = ha.greeting().and_then(|h| h.strip_prefix("node")?.parse::<usize>().ok()).map(|n| n - 1);
-        let owner = owner.unwrap_or_else(|| panic!("no owner answers at {VIP}\n{}", ha.logs()));
+        let owner = ha.owner().unwrap_or_else(|| panic!("no owner answers at {VIP}\n{}", ha.logs()));
         if owner != victim {
             let t0 = Instant::now();
             ha.switchover(victim, victim);
             let takeover = ha.wait_owner(victim, "switchover");
-            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: t0 });
+            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: None });
             steady(&j, Instant::now());
         }
         let survivor = 1 - victim;
         let t0 = Instant::now();
         ha.power_cut(victim);
         let takeover = ha.wait_owner(survivor, "power cut");
-        events.push(Event { what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1), t0, takeover, end: t0 });
+        events.push(Event {
+            what: format!("power cut of node{} (owner), takeover by node{}", victim + 1, survivor + 1),
+            t0,
+            takeover,
+            end: None,
+        });
+        let back = Instant::now();
         ha.power_back(victim, survivor);
         steady(&j, Instant::now());
-        let t0 = Instant::now();
-        ha.switchover(victim, survivor);
-        let takeover = ha.wait_owner(victim, "switchover");
-        events.push(Event { what: format!("switchover node{} -> node{}", survivor + 1, victim + 1), t0, takeover, end: t0 });
+        // The cut's outage window runs until the load is steady again with
+        // the power back (clients hanging on a connection to the dead node
+        // fail fast only once its cable is in again).
+        events.last_mut().unwrap().end = Some(Instant::now());
+        if ha.target(survivor) == Some(victim) {
+            // Still the group's target from the move before the cut: the
+            // cluster moves it back by itself once the node is live again
+            // (GroupTarget::Node: "on this node while it is live"),
+            // usually while it restarts.
+            ha.wait_owner(victim, "return to the target");
+            events.push(Event {
+                what: format!(
+                    "power back at node{v}: the group returns to node{v} with no command (its target since the last move; failback manual)",
+                    v = victim + 1
+                ),
+                t0: back,
+                takeover: back.elapsed(),
+                end: None,
+            });
+        } else {
+            let t0 = Instant::now();
+            ha.switchover(victim, survivor);
+            let takeover = ha.wait_owner(victim, "switchover");
+            events.push(Event { what: format!("switchover node{} -> node{}", survivor + 1, victim + 1), t0, takeover, end: None });
+        }
         steady(&j, Instant::now());
     }
     stop.store(true, Ordering::Relaxed);
@@ -683,9 +965,8 @@ fn ha_power_cut_and_switchover_under_load() {
     for t in threads {
         t.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     }
-    for i in 0..events.len() {
-        events[i].end = events.get(i + 1).map(|e| e.t0).unwrap_or(load_end);
-    }
+    let ends: Vec<Instant> =
+        (0..events.len()).map(|i| events[i].end.unwrap_or_else(|| events.get(i + 1).map(|e| e.t0).unwrap_or(load_end))).collect();
 
     // The audit: every maildrop through the floating address.
     let audit_t = Instant::now();
@@ -719,6 +1000,27 @@ fn ha_power_cut_and_switchover_under_load() {
     });
     let finals = finals.into_inner().unwrap();
     eprintln!("ha: audit of {} maildrops took {:.1} s", p.users, audit_t.elapsed().as_secs_f64());
+    let mount_log = mounts.map(MountWatch::finish);
+    let mut disk_text = String::new();
+    if let Some(log) = &mount_log {
+        disk_text.push_str(&log.text());
+        if !log.twice.is_empty() {
+            j.problem(format!("the shared disk was mounted by two nodes at once: {}", log.text().trim_end()));
+        }
+        match ha.owner().and_then(|o| ha.pids()[o].map(|pid| (o, pid))) {
+            Some((o, pid)) => match disk_usage(pid, &ha.spool()) {
+                Ok((used, size, store)) => disk_text.push_str(&format!(
+                    "shared disk at the end (node{}): {:.1} MiB used of {:.1} MiB, the group's store on it {:.1} MiB\n",
+                    o + 1,
+                    used as f64 / 1024.0,
+                    size as f64 / 1024.0,
+                    store as f64 / 1024.0
+                )),
+                Err(e) => j.problem(format!("shared disk at node{}: {e}", o + 1)),
+            },
+            None => j.problem("shared disk: no owner answers at the end".into()),
+        }
+    }
 
     let report = Report::build(&j, &finals);
     let mut text = format!(
@@ -726,6 +1028,7 @@ fn ha_power_cut_and_switchover_under_load() {
         p.users, p.size, p.senders, p.pop3_clients
     );
     text.push_str(&report.text());
+    text.push_str(&disk_text);
     if let Some(b) = j.sent.lock().unwrap().get("big") {
         text.push_str(&format!(
             "large message: {} recipients in one transaction, {} attempt(s), {}{}; failed attempts: {:?}\n",
@@ -738,14 +1041,15 @@ fn ha_power_cut_and_switchover_under_load() {
     }
     let smtp_ok = j.smtp_ok.lock().unwrap().clone();
     let pop3_ok = j.pop3_ok.lock().unwrap().clone();
-    for (i, e) in events.iter().enumerate() {
+    for (i, (e, &end)) in events.iter().zip(&ends).enumerate() {
+        let at = (e.t0 - origin).as_secs_f64();
         text.push_str(&format!(
-            "event {}: {}: group online at the new owner after {:.2} s; client-observed outage SMTP {}, POP3 {}\n",
+            "event {} (at {at:.1} s): {}: group online at the new owner after {:.2} s; client-observed outage SMTP {}, POP3 {}\n",
             i + 1,
             e.what,
             e.takeover.as_secs_f64(),
-            fmt_outage(outage(&smtp_ok, e.t0, e.end)),
-            fmt_outage(outage(&pop3_ok, e.t0, e.end)),
+            fmt_outage(outage(&smtp_ok, e.t0, end)),
+            fmt_outage(outage(&pop3_ok, e.t0, end)),
         ));
     }
     let problems = j.problems.lock().unwrap().clone();
@@ -928,4 +1232,23 @@ fn messages_come_back_with_their_token_and_attachment() {
     assert_eq!(parse_size("1M"), 1 << 20);
     assert_eq!(parse_size("100K"), 102_400);
     assert_eq!(parse_size("123"), 123);
+}
+
+#[test]
+fn disk_size_and_mount_sampling() {
+    let p = |users, size| Params { users, size, senders: 4, pop3_clients: 2, topology: Topology::Disk };
+    assert_eq!(p(100, 100 << 10).disk_mib(), 64, "at least 64 MiB");
+    assert_eq!(p(1000, 1 << 20).disk_mib(), 67, "4 x 1 MiB + 1000 x 64 KiB, rounded up");
+    let me = std::process::id();
+    assert_eq!(mounted_by(&[vec![], vec![me], vec![999_999_999, me]], Path::new("/")), vec![1, 2]);
+    assert_eq!(mounted_by(&[vec![me], vec![], vec![]], Path::new("/no/such/mount")), Vec::<usize>::new());
+    let cfg = Path::new("/tmp/x/n2/hamail.toml");
+    assert!(serves_with(b"/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0serve\0", cfg));
+    assert!(serves_with(b"ip\0netns\0exec\0hmt1-n2\0/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0serve\0", cfg));
+    assert!(!serves_with(b"/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0group\0move\0mail\0", cfg), "the CLI");
+    assert!(!serves_with(b"/bin/hamail\0--config\0/tmp/x/n1/hamail.toml\0serve\0", cfg), "another node");
+    let twice = MountLog { samples: 3, twice: vec![(1.5, vec![0, 1])], holders: vec![(0.0, vec![0]), (1.5, vec![0, 1])] };
+    assert!(twice.text().contains("MOUNTED BY TWO NODES AT ONCE in 1 samples, first node1+node2 at 1.50 s"), "{}", twice.text());
+    let once = MountLog { samples: 9, twice: vec![], holders: vec![(0.0, vec![0]), (2.0, vec![]), (9.0, vec![1])] };
+    assert!(once.text().contains("never by two nodes at once; mounted by: node1 at 0.0 s, none at 2.0 s, node2 at 9.0 s"), "{}", once.text());
 }

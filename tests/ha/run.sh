@@ -6,14 +6,15 @@
 # tests/ha.rs and the README ("Verifying failover").
 #
 #   sudo tests/ha/run.sh                          # 1000 users, 1 MiB (the seed's run)
-#   sudo tests/ha/run.sh --users 100 --size 100K  # the reduced run CI does
+#   sudo tests/ha/run.sh --users 100 --size 100K  # the reduced run CI does (CI also with --topology disk)
 #   sudo tests/ha/run.sh --topology 3 --report /tmp/ha.txt
+#   sudo tests/ha/run.sh --topology disk        # shared-disk mode (loop device)
 #
 # Exits non-zero on any loss, duplicate or damage.
 set -eu
 users=1000 size=1M senders=4 pop3=2 topology=2+witness report= profile=--release
 usage() {
-    echo "usage: $0 [--users N] [--size BYTES|nK|nM] [--senders N] [--pop3 N] [--topology 2+witness|3] [--report FILE] [--debug]" >&2
+    echo "usage: $0 [--users N] [--size BYTES|nK|nM] [--senders N] [--pop3 N] [--topology 2+witness|3|disk] [--report FILE] [--debug]" >&2
     exit 2
 }
 while [ $# -gt 0 ]; do
@@ -22,7 +23,9 @@ while [ $# -gt 0 ]; do
         --size) size=$2; shift 2 ;;
         --senders) senders=$2; shift 2 ;;
         --pop3) pop3=$2; shift 2 ;;
-        --topology) topology=$2; shift 2 ;;
+        --topology)
+            topology=$2; shift 2
+            case "$topology" in 2+witness|3|disk) ;; *) echo "$0: --topology: '$topology' is not one of 2+witness, 3, disk" >&2; usage ;; esac ;;
         --report) report=$2; shift 2 ;;
         --debug) profile=; shift ;;
         -h|--help) usage ;;
