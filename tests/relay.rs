@@ -1,0 +1,352 @@
+//! Outbound delivery end to end (issue 7): the real `hamail` binary relays
+//! submitted mail to a fake next hop on loopback (a static transport map
+//! entry), which answers 2xx, 4xx or 5xx per recipient, hangs before its
+//! final reply, or drops the connection mid-DATA. Bounces are read back by
+//! POP3 and parsed with mail-parser; a SIGKILL in the middle of a delivery
+//! loses nothing and resends nothing that had been recorded as delivered.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::Server;
+use mail_parser::MimeHeaders;
+
+/// What the sink saw and how it behaves.
+#[derive(Default)]
+struct SinkState {
+    /// Transactions answered 250 after the dot: (recipients, message).
+    delivered: Vec<(Vec<String>, Vec<u8>)>,
+    /// Messages whose DATA was completed (answered or not), by recipient.
+    data_seen: HashMap<String, usize>,
+    /// `tmp*` recipients: how many more RCPTs get 451.
+    temp_left: HashMap<String, u32>,
+    /// `hang*` recipients: how many more final dots get no reply.
+    hang_left: u32,
+    /// Set while a session waits, unanswered, after a final dot.
+    hanging: bool,
+    /// `drop*` recipients: how many more DATA phases are cut mid-way.
+    drop_left: u32,
+    sessions: usize,
+}
+
+struct Sink {
+    addr: SocketAddr,
+    state: Arc<Mutex<SinkState>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(SinkState::default()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = sink_session(conn, &st);
+                });
+            }
+        });
+        Sink { addr, state }
+    }
+
+    fn count(&self, rcpt: &str) -> usize {
+        self.state.lock().unwrap().delivered.iter().filter(|(r, _)| r.iter().any(|x| x == rcpt)).count()
+    }
+}
+
+fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
+    st.lock().unwrap().sessions += 1;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    w.write_all(b"220 sink.test ESMTP\r\n")?;
+    let mut rcpts: Vec<String> = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let upper = line.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            w.write_all(b"250-sink.test\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n")?;
+        } else if upper.starts_with("MAIL FROM:") || upper.starts_with("RSET") {
+            rcpts.clear();
+            w.write_all(b"250 2.1.0 ok\r\n")?;
+        } else if upper.starts_with("RCPT TO:") {
+            let addr = line[8..].trim().trim_start_matches('<').trim_end_matches('>').to_string();
+            let reply: &[u8] = {
+                let mut s = st.lock().unwrap();
+                if addr.starts_with("bad") {
+                    b"550 5.1.1 no such user here\r\n"
+                } else if addr.starts_with("tmp") && s.temp_left.get(&addr).copied().unwrap_or(0) > 0 {
+                    *s.temp_left.get_mut(&addr).unwrap() -= 1;
+                    b"451 4.2.0 mailbox busy, try later\r\n"
+                } else {
+                    rcpts.push(addr.clone());
+                    b"250 2.1.5 ok\r\n"
+                }
+            };
+            w.write_all(reply)?;
+        } else if upper.starts_with("DATA") {
+            w.write_all(b"354 go ahead\r\n")?;
+            let cut = rcpts.iter().any(|r| r.starts_with("drop")) && {
+                let mut s = st.lock().unwrap();
+                let cut = s.drop_left > 0;
+                if cut {
+                    s.drop_left -= 1;
+                }
+                cut
+            };
+            let mut msg = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if r.read_until(b'\n', &mut l)? == 0 {
+                    return Ok(());
+                }
+                if cut && msg.len() > 10 {
+                    // Mid-DATA: the connection just goes away.
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                msg.extend_from_slice(if l.starts_with(b"..") { &l[1..] } else { &l });
+            }
+            let hang = rcpts.iter().any(|r| r.starts_with("hang")) && {
+                let mut s = st.lock().unwrap();
+                for r in &rcpts {
+                    *s.data_seen.entry(r.clone()).or_default() += 1;
+                }
+                let hang = s.hang_left > 0;
+                if hang {
+                    s.hang_left -= 1;
+                    s.hanging = true;
+                }
+                hang
+            };
+            if hang {
+                // No reply ever: wait until the client goes away.
+                let mut rest = Vec::new();
+                let _ = r.read_to_end(&mut rest);
+                st.lock().unwrap().hanging = false;
+                return Ok(());
+            }
+            {
+                let mut s = st.lock().unwrap();
+                if !rcpts.iter().any(|r| r.starts_with("hang")) {
+                    for r in &rcpts {
+                        *s.data_seen.entry(r.clone()).or_default() += 1;
+                    }
+                }
+                s.delivered.push((rcpts.clone(), msg));
+            }
+            w.write_all(b"250 2.0.0 queued\r\n")?;
+        } else if upper.starts_with("QUIT") {
+            w.write_all(b"221 2.0.0 bye\r\n")?;
+            return Ok(());
+        } else {
+            w.write_all(b"500 5.5.1 what?\r\n")?;
+        }
+    }
+}
+
+fn relay_config(sink: SocketAddr) -> String {
+    format!(
+        "[relay]\ntransport = {{ \"remote.test\" = \"{sink}\" }}\ntls = \"never\"\nretry_initial_secs = 1\n\
+         retry_max_secs = 1\nscan_interval_ms = 100\ncommand_timeout_secs = 30\n"
+    )
+}
+
+fn setup(server: &Server) {
+    server.add_domain("example.org");
+    server.add_user("alice@example.org", "pw");
+}
+
+fn reply(r: &mut BufReader<TcpStream>) -> String {
+    let mut all = String::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).expect("reply");
+        all.push_str(&l);
+        if l.len() < 4 || l.as_bytes()[3] != b'-' {
+            return all;
+        }
+    }
+}
+
+/// Submits a message as alice (AUTH PLAIN on loopback); returns its 250 line.
+fn submit(server: &Server, to: &[&str], subject: &str) -> String {
+    let s = TcpStream::connect(server.submission).expect("submission");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut step = |cmd: &str, want: &str| {
+        if !cmd.is_empty() {
+            w.write_all(cmd.as_bytes()).unwrap();
+        }
+        let got = reply(&mut r);
+        assert!(got.starts_with(want), "{cmd:?} got {got:?}");
+        got
+    };
+    step("", "220");
+    step("EHLO client.test\r\n", "250");
+    let token = base64::engine::general_purpose::STANDARD.encode("\0alice@example.org\0pw");
+    step(&format!("AUTH PLAIN {token}\r\n"), "235");
+    step("MAIL FROM:<alice@example.org>\r\n", "250");
+    for t in to {
+        step(&format!("RCPT TO:<{t}>\r\n"), "250");
+    }
+    step("DATA\r\n", "354");
+    let body = format!("From: alice@example.org\r\nSubject: {subject}\r\n\r\nhello {subject}\r\n..line starting with a dot\r\n.\r\n");
+    let done = step(&body, "250");
+    step("QUIT\r\n", "221");
+    done
+}
+
+fn queue_json(server: &Server) -> serde_json::Value {
+    let (ok, out) = server.cli(&["queue", "list", "--json"], "");
+    assert!(ok, "queue list: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("queue list --json: {e}: {out}"))
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn delivers_with_per_recipient_results_retries_and_bounces() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp1@remote.test".into(), 1);
+    sink.state.lock().unwrap().drop_left = 1;
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    submit(&server, &["ok1@remote.test", "bad1@remote.test", "tmp1@remote.test"], "three");
+    submit(&server, &["drop1@remote.test"], "dropped");
+    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+
+    // Each good recipient exactly once, the refused one never.
+    assert_eq!(sink.count("ok1@remote.test"), 1);
+    assert_eq!(sink.count("tmp1@remote.test"), 1, "delivered on retry");
+    assert_eq!(sink.count("drop1@remote.test"), 1, "delivered after the cut connection");
+    assert_eq!(sink.count("bad1@remote.test"), 0);
+    let state = sink.state.lock().unwrap();
+    let (_, msg) = state.delivered.iter().find(|(r, _)| r.contains(&"ok1@remote.test".to_string())).unwrap();
+    let text = String::from_utf8_lossy(msg);
+    assert!(text.contains("Subject: three") && text.contains("\r\n.line starting with a dot\r\n"), "{text}");
+    assert!(text.starts_with("Received: "), "our trace header first: {text}");
+    drop(state);
+
+    // The bounce: one DSN, for bad1 only, to alice, parsed back.
+    let drop = common::mail::maildrop(server.pop3, "alice@example.org");
+    assert_eq!(drop.len(), 1, "one bounce");
+    let bounce = mail_parser::MessageParser::default().parse(&drop[0]).expect("bounce parses");
+    let ct = bounce.content_type().expect("content type");
+    assert_eq!((ct.ctype(), ct.subtype()), ("multipart", Some("report")));
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+    let raw = String::from_utf8_lossy(&drop[0]);
+    assert!(raw.contains("Return-Path: <>"), "a bounce has the null sender: {raw}");
+    assert!(raw.contains("Final-Recipient: rfc822; bad1@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"), "{raw}");
+    assert!(raw.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user here"), "{raw}");
+    assert!(!raw.contains("Final-Recipient: rfc822; ok1@remote.test"), "{raw}");
+    assert!(raw.contains("Subject: three"), "the original headers: {raw}");
+}
+
+#[test]
+fn retry_schedule_and_queue_commands() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp2@remote.test".into(), 1_000);
+    sink.state.lock().unwrap().temp_left.insert("tmp3@remote.test".into(), 1_000);
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    submit(&server, &["tmp2@remote.test"], "retried");
+    // Attempts go on at the configured backoff (1 s, capped at 1 s).
+    wait_for("three attempts", Duration::from_secs(30), || {
+        queue_json(&server)[0]["recipients"][0]["attempts"].as_u64().unwrap_or(0) >= 3
+    });
+    let q = queue_json(&server);
+    let r = &q[0]["recipients"][0];
+    assert_eq!(r["status"], "pending");
+    assert!(r["last_error"].as_str().unwrap().starts_with("451 4.2.0"), "{r}");
+    let id = q[0]["queue_id"].as_str().unwrap().to_string();
+
+    let (ok, out) = server.cli(&["queue", "list"], "");
+    assert!(ok && out.contains(&id) && out.contains("tmp2@remote.test") && out.contains("attempts="), "{out}");
+    let (ok, out) = server.cli(&["queue", "show", &id], "");
+    assert!(ok && out.contains("Subject: retried"), "{out}");
+
+    // Hold: no more attempts; the list marks it.
+    let (ok, out) = server.cli(&["queue", "hold", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(queue_json(&server)[0]["hold"], true);
+    let (_, out) = server.cli(&["queue", "list"], "");
+    assert!(out.contains(&format!("{id}!")), "{out}");
+    let (ok, out) = server.cli(&["queue", "release", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(queue_json(&server)[0]["hold"], false);
+
+    // Bounce by the operator: the sender gets a DSN, the queue empties.
+    let (ok, out) = server.cli(&["queue", "bounce", &id], "");
+    assert!(ok, "{out}");
+    wait_for("the bounce", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let drop = common::mail::maildrop(server.pop3, "alice@example.org");
+    assert_eq!(drop.len(), 1);
+    let raw = String::from_utf8_lossy(&drop[0]);
+    assert!(raw.contains("Final-Recipient: rfc822; tmp2@remote.test"), "{raw}");
+    assert!(raw.contains("administrator"), "{raw}");
+
+    // Delete: gone without a bounce.
+    submit(&server, &["tmp3@remote.test"], "deleted");
+    let id = queue_json(&server)[0]["queue_id"].as_str().unwrap().to_string();
+    let (ok, out) = server.cli(&["queue", "delete", &id], "");
+    assert!(ok, "{out}");
+    assert!(queue_json(&server).as_array().unwrap().is_empty());
+    assert_eq!(common::mail::maildrop(server.pop3, "alice@example.org").len(), 1, "no bounce for a deletion");
+    let (ok, out) = server.cli(&["queue", "hold", "00000000BEEF"], "");
+    assert!(!ok && out.contains("no message"), "{out}");
+    let (ok, out) = server.cli(&["queue", "hold", "nonsense"], "");
+    assert!(!ok && out.contains("not a queue id"), "{out}");
+}
+
+#[test]
+fn sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().hang_left = 1;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = relay_config(sink.addr);
+    let mut server = common::start_in(tmp.path(), &config);
+    setup(&server);
+    for i in 0..5 {
+        submit(&server, &[&format!("ok{i}@remote.test")], &format!("before {i}"));
+    }
+    wait_for("five deliveries", Duration::from_secs(30), || (0..5).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1));
+    wait_for("their records", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    submit(&server, &["hang@remote.test", "ok9@remote.test"], "in flight");
+    wait_for("the hanging delivery", Duration::from_secs(30), || sink.state.lock().unwrap().hanging);
+
+    server.kill9();
+    let server = common::start_in(tmp.path(), &config);
+    wait_for("an empty queue after the restart", Duration::from_secs(60), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    // At least once for the message in flight (twice here: the first
+    // DATA got no reply — RFC 1047's window), never again for the others.
+    assert_eq!(sink.count("hang@remote.test"), 1);
+    assert_eq!(sink.count("ok9@remote.test"), 1);
+    assert_eq!(sink.state.lock().unwrap().data_seen.get("hang@remote.test").copied(), Some(2));
+    for i in 0..5 {
+        assert_eq!(sink.count(&format!("ok{i}@remote.test")), 1, "ok{i} recorded as delivered, never sent again");
+    }
+    assert!(common::mail::maildrop(server.pop3, "alice@example.org").is_empty(), "no bounce");
+}
