@@ -350,3 +350,136 @@ fn sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded() {
     }
     assert!(common::mail::maildrop(server.pop3, "alice@example.org").is_empty(), "no bounce");
 }
+
+async fn wait_async(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The retry schedule, the delay warning and the lifetime against a clock
+/// the test moves (the server in this process, `start_with_clock`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_follows_the_clock_warning_then_expiry() {
+    use hamail_relay::schedule::{Clock, ManualClock, SystemClock};
+    use hamail_store::{Address, Incoming, LocalStore, MailStore, StoreOptions};
+
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp@remote.test".into(), 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nhostname = \"mx.test\"\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n\
+         [smtp]\nlisten = []\nsubmission = []\n[pop3]\nlisten = []\n\
+         [relay]\ntransport = {{ \"remote.test\" = \"{sink}\", \"other.test\" = \"{sink}\" }}\ntls = \"never\"\n\
+         retry_initial_secs = 60\nretry_max_secs = 600\ndelay_warning_secs = 3600\nlifetime_secs = 7200\nscan_interval_ms = 20\n",
+        dir.path().join("data").display(),
+        sink = sink.addr
+    );
+    let config = hamail_server::Config::parse(&text, "test.toml").unwrap();
+    let local = LocalStore::open(&config.store_dir(), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let running = hamail_server::start_with_clock(config, local.clone(), clock.clone()).await.unwrap();
+    let ctx = running.context.clone();
+    ctx.directory().add_user(&Address::parse("alice@example.org").unwrap(), "pw").await.unwrap();
+
+    let send = |to: &str, subject: &str| {
+        let local = local.clone();
+        let to = to.to_string();
+        let body = format!("From: alice@example.org\r\nSubject: {subject}\r\n\r\nbody\r\n").into_bytes();
+        async move {
+            let queue_id = local.next_queue_id().await.unwrap();
+            let incoming = Incoming {
+                return_path: Some("alice@example.org".into()),
+                local: Vec::new(),
+                remote: vec![to],
+                body: Arc::new(body),
+                queue_id,
+            };
+            local.accept(incoming).await.unwrap();
+        }
+    };
+    let attempts = |local: &Arc<LocalStore>| {
+        let local = local.clone();
+        async move {
+            let items = local.queue_items().await.unwrap();
+            items
+                .iter()
+                .find(|i| i.entry.recipients[0] == "tmp@remote.test")
+                .map(|i| (i.state.recipients[0].attempts, i.state.recipients[0].next_attempt, i.state.warned))
+        }
+    };
+    let t0 = clock.now();
+    send("tmp@remote.test", "slow").await;
+    ctx.delivery.wake();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while attempts(&local).await.map(|a| a.0) != Some(1) {
+        assert!(Instant::now() < deadline, "first attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(attempts(&local).await.unwrap().1, t0 + 60, "first retry after retry_initial_secs");
+
+    // A barrier: once a message to another destination is delivered, a
+    // scan ran after the clock moved — and did not retry early.
+    let mut barrier = 0;
+    let mut sync_scan = |advance: u64| {
+        clock.advance(advance);
+        barrier += 1;
+        let to = format!("ok{barrier}@other.test");
+        let sink_state = sink.state.clone();
+        let send = send(&to, "barrier");
+        let ctx = ctx.clone();
+        async move {
+            send.await;
+            ctx.delivery.wake();
+            wait_async("the barrier delivery", Duration::from_secs(20), || {
+                sink_state.lock().unwrap().delivered.iter().any(|(r, _)| r.contains(&to))
+            })
+            .await;
+        }
+    };
+    sync_scan(59).await;
+    assert_eq!(attempts(&local).await.unwrap().0, 1, "not before its time");
+    sync_scan(1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while attempts(&local).await.unwrap().0 != 2 {
+        assert!(Instant::now() < deadline, "second attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(attempts(&local).await.unwrap().1, t0 + 60 + 120, "backoff doubled");
+
+    // Past the delay warning: one warning to alice, the entry stays. (No
+    // barrier message from here on: the store stamps arrival with the
+    // real time, so the clock would make a new message late at once.)
+    clock.advance(3600);
+    ctx.delivery.wake();
+    let alice = Address::parse("alice@example.org").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local.mailbox(&alice).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "delay warning");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(attempts(&local).await.unwrap().2, "warned");
+    let box1 = local.mailbox(&alice).await.unwrap();
+    let warning = local.body(&box1[0].body).await.unwrap();
+    let text = String::from_utf8_lossy(&warning);
+    assert!(text.contains("Action: delayed") && text.contains("Final-Recipient: rfc822; tmp@remote.test"), "{text}");
+
+    // Past the lifetime: bounced with 4.4.7.
+    clock.advance(7200);
+    ctx.delivery.wake();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local.mailbox(&alice).await.unwrap().len() < 2 || attempts(&local).await.is_some() {
+        assert!(Instant::now() < deadline, "expiry bounce");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let box2 = local.mailbox(&alice).await.unwrap();
+    assert_eq!(box2.len(), 2, "one warning, one bounce");
+    let bounce = local.body(&box2[1].body).await.unwrap();
+    let parsed = mail_parser::MessageParser::default().parse(&bounce[..]).expect("parses");
+    assert_eq!(parsed.subject(), Some("Undelivered Mail Returned to Sender"));
+    let text = String::from_utf8_lossy(&bounce);
+    assert!(text.contains("Action: failed\r\nStatus: 4.4.7"), "{text}");
+    running.stop();
+}
