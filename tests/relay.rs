@@ -483,3 +483,76 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
     assert!(text.contains("Action: failed\r\nStatus: 4.4.7"), "{text}");
     running.stop();
 }
+
+/// In a cluster, the node that owns the `delivery` resource works the
+/// queue; when it is SIGKILLed mid-delivery, the node that takes the group
+/// over finishes the queue: the message in flight is delivered (again),
+/// none recorded as delivered is sent twice, and no other node ever
+/// delivered while the owner was alive.
+#[test]
+fn cluster_takeover_of_the_queue_after_sigkill_of_the_owner() {
+    use common::cluster::Node;
+    let sink = Sink::start();
+    sink.state.lock().unwrap().hang_left = 1;
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let name = format!("node{i}");
+            let dir = root.path().join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let text = format!(
+                "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n\n[pop3]\nlisten = [\"127.0.0.1:0\"]\n\n\
+                 [cluster]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+                dir.join("data").display(),
+                common::free_port(),
+                relay_config(sink.addr)
+            );
+            std::fs::write(dir.join("hamail.toml"), text).unwrap();
+            Node { server: Some(common::start_in(&dir, "")), dir }
+        })
+        .collect();
+    setup(nodes[0].s());
+    let (ok, out) = nodes[0].cli(&["cluster", "init"], "");
+    assert!(ok, "{out}");
+    let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).unwrap().to_string();
+    for n in &nodes[1..] {
+        let (ok, out) = n.cli(&["cluster", "join", &token], "");
+        assert!(ok, "{out}");
+    }
+    let groups = root.path().join("groups.toml");
+    std::fs::write(
+        &groups,
+        "[[group]]\nname = \"relay\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+         [[group.resources]]\ntype = \"delivery\"\nname = \"queue\"\n",
+    )
+    .unwrap();
+    let (ok, out) = nodes[1].cli(&["group", "apply", groups.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+
+    // Mail submitted on node 2 is delivered by the owner, node 1.
+    wait_for("a login on node 2", Duration::from_secs(30), || common::cluster::pop3_login(nodes[1].s(), "alice@example.org", "pw"));
+    for i in 0..3 {
+        submit(nodes[1].s(), &[&format!("ok{i}@remote.test")], &format!("clustered {i}"));
+    }
+    wait_for("three deliveries", Duration::from_secs(60), || (0..3).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1));
+    wait_for("their records", Duration::from_secs(30), || queue_json(nodes[2].s()).as_array().is_some_and(|a| a.is_empty()));
+    assert!(nodes[0].s().log().contains("outbound delivery started on this node"));
+    for n in &nodes[1..] {
+        assert!(!n.s().log().contains("relay queue_id="), "only the owner delivers:\n{}", n.s().log());
+    }
+
+    submit(nodes[1].s(), &["hang@remote.test", "ok9@remote.test"], "in flight");
+    wait_for("the hanging delivery", Duration::from_secs(30), || sink.state.lock().unwrap().hanging);
+    nodes[0].kill9();
+    wait_for("an empty queue after the takeover", Duration::from_secs(60), || {
+        let (ok, out) = nodes[2].cli(&["queue", "list", "--json"], "");
+        ok && serde_json::from_str::<serde_json::Value>(&out).ok().and_then(|v| v.as_array().map(|a| a.is_empty())) == Some(true)
+    });
+    assert_eq!(sink.count("hang@remote.test"), 1);
+    assert_eq!(sink.count("ok9@remote.test"), 1);
+    assert_eq!(sink.state.lock().unwrap().data_seen.get("hang@remote.test").copied(), Some(2));
+    for i in 0..3 {
+        assert_eq!(sink.count(&format!("ok{i}@remote.test")), 1, "ok{i} never sent again");
+    }
+}

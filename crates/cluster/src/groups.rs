@@ -60,6 +60,9 @@ pub enum ResourceSpec {
     /// A shared block device checked, mounted and used as the mail store
     /// (shared-disk mode), released on stop.
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+    /// Outbound delivery: the owner of this resource works the relay queue
+    /// (exactly one node at a time, lease-fenced like the rest of the group).
+    Delivery { name: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -70,6 +73,7 @@ enum TaggedResource {
     MailService { name: String },
     Exec { name: String, start: String, stop: String, timeout_secs: u64 },
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+    Delivery { name: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,6 +84,7 @@ enum CompactResource {
     MailService { name: String },
     Exec { name: String, start: String, stop: String, timeout_secs: u64 },
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+    Delivery { name: String },
 }
 
 impl Serialize for ResourceSpec {
@@ -108,6 +113,7 @@ impl ResourceSpec {
             ResourceSpec::FloatingIp { name, .. }
             | ResourceSpec::LoopbackIp { name, .. }
             | ResourceSpec::MailService { name }
+            | ResourceSpec::Delivery { name }
             | ResourceSpec::Exec { name, .. }
             | ResourceSpec::Disk { name, .. } => name,
         }

@@ -68,6 +68,8 @@ struct Shared {
     backoff: Mutex<HashMap<DestinationKey, (u64, u32)>>,
     total: Arc<tokio::sync::Semaphore>,
     wake: tokio::sync::Notify,
+    /// The sessions' tasks, aborted with the worker.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,17 +81,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Worker {
     task: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
+    mode: Mode,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         self.task.abort();
+        for t in lock(&self.shared.tasks).drain(..) {
+            t.abort();
+        }
     }
 }
 
 impl Worker {
     /// Starts working the queue of `ctx` with `clock`.
-    pub fn start(ctx: &Arc<Context>, clock: Arc<dyn Clock>) -> Result<Worker, RelayError> {
+    pub fn start(ctx: &Arc<Context>, clock: Arc<dyn Clock>, mode: Mode) -> Result<Worker, RelayError> {
         let cfg = &ctx.config.relay;
         let router = Router::new(cfg.route_config())?;
         let shared = Arc::new(Shared {
@@ -98,6 +104,7 @@ impl Worker {
             backoff: Mutex::new(HashMap::new()),
             total: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections.max(1))),
             wake: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
         });
         let env = Arc::new(Env {
             ctx: Arc::downgrade(ctx),
@@ -108,9 +115,10 @@ impl Worker {
             cfg: cfg.clone(),
             hostname: ctx.config.server.hostname.clone(),
             shared: shared.clone(),
+            mode,
         });
         let task = tokio::spawn(scan_loop(env));
-        Ok(Worker { task, shared })
+        Ok(Worker { task, shared, mode })
     }
 
     /// Scan now (new mail, `queue flush`).
@@ -125,17 +133,29 @@ pub struct Control {
     worker: Mutex<Option<Worker>>,
 }
 
+/// Why a worker runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A node of its own: it pauses by itself the moment the node is in a
+    /// cluster (before the supervisor stops it), so two nodes never
+    /// deliver the same queue.
+    Single,
+    /// The owner of a `delivery` resource in a cluster.
+    Resource,
+}
+
 impl Control {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Control { clock, worker: Mutex::new(None) }
     }
 
-    /// Starts the worker if it is not running.
-    pub fn run(&self, ctx: &Arc<Context>) -> Result<(), RelayError> {
+    /// Starts the worker if it is not running in this mode.
+    pub fn run(&self, ctx: &Arc<Context>, mode: Mode) -> Result<(), RelayError> {
         let mut w = lock(&self.worker);
-        if w.is_none() {
-            *w = Some(Worker::start(ctx, self.clock.clone())?);
-            tracing::info!("outbound delivery started on this node");
+        if w.as_ref().map(|w| w.mode) != Some(mode) {
+            *w = None;
+            *w = Some(Worker::start(ctx, self.clock.clone(), mode)?);
+            tracing::info!(?mode, "outbound delivery started on this node");
         }
         Ok(())
     }
@@ -144,6 +164,15 @@ impl Control {
     /// had not recorded is still pending and will be sent again).
     pub fn stop(&self) {
         if lock(&self.worker).take().is_some() {
+            tracing::info!("outbound delivery stopped on this node");
+        }
+    }
+
+    /// Stops the worker if it runs in `mode`.
+    fn stop_mode(&self, mode: Mode) {
+        let mut w = lock(&self.worker);
+        if w.as_ref().map(|w| w.mode) == Some(mode) {
+            *w = None;
             tracing::info!("outbound delivery stopped on this node");
         }
     }
@@ -165,6 +194,15 @@ impl Control {
     }
 }
 
+/// The `delivery` resource of a failover group starts here.
+pub(crate) fn resource_start(ctx: &Arc<Context>) -> Result<(), String> {
+    if !ctx.config.relay.enabled {
+        tracing::warn!("the delivery resource started, but [relay] enabled = false on this node: mail stays queued");
+        return Ok(());
+    }
+    ctx.delivery.run(ctx, Mode::Resource).map_err(|e| e.to_string())
+}
+
 /// Runs the worker on a node that is not in a cluster, and stops it when
 /// the node joins one (there, the `delivery` resource of a failover group
 /// decides; see `resources`).
@@ -177,11 +215,11 @@ pub(crate) fn supervise(ctx: &Arc<Context>) -> tokio::task::JoinHandle<()> {
             let single = ctx.cluster.node().is_none();
             if was_single != Some(single) {
                 if single && ctx.config.relay.enabled {
-                    if let Err(e) = ctx.delivery.run(&ctx) {
+                    if let Err(e) = ctx.delivery.run(&ctx, Mode::Single) {
                         tracing::error!(error = %e, "outbound delivery cannot start");
                     }
-                } else if !single && was_single == Some(true) {
-                    ctx.delivery.stop();
+                } else if !single {
+                    ctx.delivery.stop_mode(Mode::Single);
                 }
                 was_single = Some(single);
             }
@@ -201,6 +239,7 @@ struct Env {
     cfg: RelaySection,
     hostname: String,
     shared: Arc<Shared>,
+    mode: Mode,
 }
 
 async fn scan_loop(env: Arc<Env>) {
@@ -208,9 +247,13 @@ async fn scan_loop(env: Arc<Env>) {
     loop {
         let Some(ctx) = env.ctx.upgrade() else { return };
         let store = ctx.store();
+        // Joined a cluster: from now on only a resource owner delivers.
+        let paused = env.mode == Mode::Single && ctx.cluster.node().is_some();
         drop(ctx);
-        if let Err(e) = scan(&env, store.as_ref()).await {
-            tracing::warn!(error = %e, "delivery scan failed; trying again");
+        if !paused {
+            if let Err(e) = scan(&env, store.as_ref()).await {
+                tracing::warn!(error = %e, "delivery scan failed; trying again");
+            }
         }
         tokio::select! {
             _ = env.shared.wake.notified() => {}
@@ -290,7 +333,7 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
                 *lock(&env.shared.sessions).entry(key.clone()).or_default() += 1;
             }
             let (env2, key2) = (env.clone(), key.clone());
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let (env, key) = (env2, key2);
                 let refs: Vec<RcptRef> = batch
                     .iter()
@@ -313,6 +356,11 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
                 drop(permit);
                 env.shared.wake.notify_one();
             });
+            {
+                let mut tasks = lock(&env.shared.tasks);
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task.abort_handle());
+            }
             if lock(&env.shared.sessions).get(&key).copied().unwrap_or(0) >= env.cfg.max_per_destination.max(1) {
                 break;
             }
