@@ -263,6 +263,45 @@ fn delivers_with_per_recipient_results_retries_and_bounces() {
     assert!(raw.contains("Subject: three"), "the original headers: {raw}");
 }
 
+/// Many messages, each to two destinations, submitted concurrently while
+/// sessions end and scans run: each recipient is delivered exactly once (a
+/// scan must never pick a recipient whose session ended after that scan
+/// read the queue: the entry is still queued for the other destination, so
+/// it would be sent twice).
+#[test]
+fn many_messages_each_delivered_exactly_once() {
+    let (a, b) = (Sink::start(), Sink::start());
+    let config = relay_config(a.addr).replace(
+        &format!("\"remote.test\" = \"{}\"", a.addr),
+        &format!("\"remote.test\" = \"{}\", \"other.test\" = \"{}\"", a.addr, b.addr),
+    );
+    let server = Arc::new(common::start(&config));
+    setup(&server);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let n = t * 100 + i;
+                    submit(&server, &[&format!("a{n}@remote.test"), &format!("b{n}@other.test")], &format!("many {n}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    for t in 0..4 {
+        for i in 0..25 {
+            let n = t * 100 + i;
+            assert_eq!(a.count(&format!("a{n}@remote.test")), 1, "a{n}");
+            assert_eq!(b.count(&format!("b{n}@other.test")), 1, "b{n}");
+        }
+    }
+    assert!(!server.log().contains("unreadable"), "{}", server.log());
+}
+
 #[test]
 fn retry_schedule_and_queue_commands() {
     let sink = Sink::start();

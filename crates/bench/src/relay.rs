@@ -70,7 +70,12 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     }
     let hamail = crate::find_hamail(args.hamail.clone())?;
     let sink_addr: SocketAddr = ([127, 0, 0, 1], args.sink_port).into();
-    let mut sink = tokio::process::Command::new(&args.smtp_sink)
+    let mut sink = tokio::process::Command::new(&args.smtp_sink);
+    // As root, smtp-sink wants a user to switch to after binding.
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0 {
+        sink.args(["-u", "postfix"]);
+    }
+    let mut sink = sink
         .arg(sink_addr.to_string())
         .arg("1000")
         .kill_on_drop(true)

@@ -58,10 +58,21 @@ struct Job {
     rcpts: Vec<u32>,
 }
 
+/// Recipients being delivered, and those whose session ended since the
+/// current scan read the queue: the scan's copy of their state may predate
+/// their record, so they are not picked again until the next scan (which
+/// reads the record) — else a message delivered meanwhile would be sent
+/// twice.
+#[derive(Default)]
+struct Flight {
+    active: HashSet<RcptRef>,
+    finished: HashSet<RcptRef>,
+}
+
 /// What the scans share with the sessions they start.
 struct Shared {
     /// Recipients being delivered now (never picked twice).
-    in_flight: Mutex<HashSet<RcptRef>>,
+    in_flight: Mutex<Flight>,
     /// Sessions open per destination.
     sessions: Mutex<HashMap<DestinationKey, usize>>,
     /// Destinations backed off as a whole, until (Unix seconds).
@@ -99,7 +110,7 @@ impl Worker {
         let cfg = &ctx.config.relay;
         let router = Router::new(cfg.route_config())?;
         let shared = Arc::new(Shared {
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(Flight::default()),
             sessions: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
             total: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections.max(1))),
@@ -263,14 +274,19 @@ async fn scan_loop(env: Arc<Env>) {
 }
 
 async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
+    // Sessions that end from here on may have recorded after the read.
+    lock(&env.shared.in_flight).finished.clear();
     let items = store.queue_items().await?;
     let now = env.clock.now();
     let mut due: HashMap<DestinationKey, Vec<Job>> = HashMap::new();
     for item in items {
         let qid = item.entry.queue_id;
         let busy = {
-            let in_flight = lock(&env.shared.in_flight);
-            (0..item.state.recipients.len() as u32).any(|i| in_flight.contains(&RcptRef { queue_id: qid, index: i }))
+            let flight = lock(&env.shared.in_flight);
+            (0..item.state.recipients.len() as u32).any(|i| {
+                let r = RcptRef { queue_id: qid, index: i };
+                flight.active.contains(&r) || flight.finished.contains(&r)
+            })
         };
         if busy {
             continue;
@@ -327,7 +343,7 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
                 let mut in_flight = lock(&env.shared.in_flight);
                 for j in &batch {
                     for i in &j.rcpts {
-                        in_flight.insert(RcptRef { queue_id: j.item.entry.queue_id, index: *i });
+                        in_flight.active.insert(RcptRef { queue_id: j.item.entry.queue_id, index: *i });
                     }
                 }
                 *lock(&env.shared.sessions).entry(key.clone()).or_default() += 1;
@@ -342,8 +358,9 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
                 deliver(&env, &key, batch).await;
                 {
                     let mut in_flight = lock(&env.shared.in_flight);
-                    for r in &refs {
-                        in_flight.remove(r);
+                    for r in refs {
+                        in_flight.active.remove(&r);
+                        in_flight.finished.insert(r);
                     }
                     let mut sessions = lock(&env.shared.sessions);
                     if let Some(n) = sessions.get_mut(&key) {
