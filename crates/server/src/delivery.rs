@@ -607,10 +607,13 @@ async fn run_session(
                         job.item.entry.queue_id, job.item.entry.recipients[*i as usize], hop.name, status_word(s));
                 }
                 // The durable record, before anything else is sent.
-                store
-                    .queue_change(job.item.entry.queue_id, QueueOp::Results { at: now, results })
-                    .await
-                    .map_err(|e| RelayError::Unavailable(format!("recording delivery results: {e}")))?;
+                if let Err(e) = store.queue_change(job.item.entry.queue_id, QueueOp::Results { at: now, results }).await {
+                    // Not recorded: the message stays pending and will be
+                    // sent again (at least once). Stop here, and never
+                    // try another host with what this one already took.
+                    tracing::error!(queue_id = %job.item.entry.queue_id, error = %e, "recording delivery results failed; session ended");
+                    return Ok(jobs.len() - next_job);
+                }
                 actions.extend(start_next(store, &mut client, jobs, &mut next_job).await);
             }
             Action::Closed(error) => {
