@@ -150,7 +150,7 @@ pub async fn run(args: RelayArgs) -> Result<()> {
 }
 
 fn human(size: usize) -> String {
-    if size % 1024 == 0 {
+    if size.is_multiple_of(1024) {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")

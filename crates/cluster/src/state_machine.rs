@@ -391,7 +391,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (mut state_snap, rest): (StateSnapshot, &[u8]) =
             postcard::take_from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         let (mut state, rest) = ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        let (events, rest): (Option<Vec<(u64, Vec<u8>)>>, &[u8]) = if rest.is_empty() {
+        type Events = Option<Vec<(u64, Vec<u8>)>>;
+        let (events, rest): (Events, &[u8]) = if rest.is_empty() {
             (None, rest)
         } else {
             let (events, rest) = postcard::take_from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;

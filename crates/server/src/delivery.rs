@@ -638,7 +638,7 @@ fn status_word(s: &RcptStatus) -> String {
 /// Starts the next job's transaction, or QUIT when none is left. A body
 /// that cannot be read defers that job (recorded by the caller's end).
 async fn start_next(store: &dyn MailStore, client: &mut Client, jobs: &[Job], next: &mut usize) -> Vec<Action> {
-    while let Some(job) = jobs.get(*next) {
+    if let Some(job) = jobs.get(*next) {
         *next += 1;
         match store.body(&job.item.entry.body).await {
             Ok(body) => {
