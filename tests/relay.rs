@@ -595,3 +595,61 @@ fn cluster_takeover_of_the_queue_after_sigkill_of_the_owner() {
         assert_eq!(sink.count(&format!("ok{i}@remote.test")), 1, "ok{i} never sent again");
     }
 }
+
+/// A second hamail as the next hop: STARTTLS with its self-signed
+/// certificate (`require`: any certificate), `verify` refusing that
+/// certificate (deferred, never sent in clear), and the same server's
+/// submission port as an authenticated smarthost.
+#[test]
+fn starttls_policies_and_an_authenticating_smarthost() {
+    let next = common::start("");
+    next.add_domain("remote.test");
+    next.add_user("bob@remote.test", "pw");
+
+    // require: delivered over TLS.
+    let server = common::start(&format!(
+        "[relay]\ntransport = {{ \"remote.test\" = \"{}\" }}\ntls = \"require\"\ntls_policy = {{ \"verified.test\" = \"verify\" }}\n\
+         retry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        next.smtp
+    ));
+    setup(&server);
+    submit(&server, &["bob@remote.test"], "over tls");
+    wait_for("delivery over TLS", Duration::from_secs(30), || {
+        common::mail::maildrop(next.pop3, "bob@remote.test").iter().any(|m| String::from_utf8_lossy(m).contains("Subject: over tls"))
+    });
+    let got = common::mail::maildrop(next.pop3, "bob@remote.test");
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.contains("by mx.test (hamail) with ESMTPS"), "the next hop saw TLS: {text}");
+    assert!(queue_json(&server).as_array().unwrap().is_empty());
+
+    // verify: the self-signed certificate is refused; the message waits.
+    let verify = common::start(&format!(
+        "[relay]\ntransport = {{ \"remote.test\" = \"{}\" }}\ntls = \"verify\"\nca_file = \"/nonexistent\"\n\
+         retry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        next.smtp
+    ));
+    setup(&verify);
+    submit(&verify, &["bob@remote.test"], "must be verified");
+    wait_for("a TLS deferral", Duration::from_secs(30), || {
+        queue_json(&verify)[0]["recipients"][0]["last_error"].as_str().is_some_and(|e| e.contains("TLS"))
+    });
+    assert_eq!(queue_json(&verify)[0]["recipients"][0]["status"], "pending");
+    assert!(!common::mail::maildrop(next.pop3, "bob@remote.test")
+        .iter()
+        .any(|m| String::from_utf8_lossy(m).contains("must be verified")));
+
+    // Smarthost: the next hop's submission port, STARTTLS then AUTH.
+    let smart = common::start(&format!(
+        "[relay]\nsmarthost = \"{}\"\nsmarthost_user = \"bob@remote.test\"\nsmarthost_password = \"pw\"\n\
+         smarthost_tls = \"require\"\nresolver = \"127.0.0.1:9\"\nretry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        next.submission
+    ));
+    setup(&smart);
+    submit(&smart, &["bob@remote.test"], "via smarthost");
+    wait_for("delivery through the smarthost", Duration::from_secs(30), || {
+        common::mail::maildrop(next.pop3, "bob@remote.test").iter().any(|m| String::from_utf8_lossy(m).contains("Subject: via smarthost"))
+    });
+    let got = common::mail::maildrop(next.pop3, "bob@remote.test");
+    let m = got.iter().find(|m| String::from_utf8_lossy(m).contains("via smarthost")).unwrap();
+    assert!(String::from_utf8_lossy(m).contains("with ESMTPSA"), "TLS and AUTH at the smarthost: {}", String::from_utf8_lossy(m));
+}
