@@ -33,6 +33,13 @@ struct SinkState {
     /// `drop*` recipients: how many more DATA phases are cut mid-way.
     drop_left: u32,
     sessions: usize,
+    /// Transactions (MAIL to the reply after the dot) in progress now, and
+    /// the most at once: a lower bound of the client's sessions at once
+    /// (counting sessions here would include the sink's own teardown).
+    open: usize,
+    max_open: usize,
+    /// Wait this long before answering a final dot (a slow next hop).
+    slow_ms: u64,
 }
 
 struct Sink {
@@ -79,6 +86,11 @@ fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
             w.write_all(b"250-sink.test\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n")?;
         } else if upper.starts_with("MAIL FROM:") || upper.starts_with("RSET") {
             rcpts.clear();
+            if upper.starts_with("MAIL") {
+                let mut s = st.lock().unwrap();
+                s.open += 1;
+                s.max_open = s.max_open.max(s.open);
+            }
             w.write_all(b"250 2.1.0 ok\r\n")?;
         } else if upper.starts_with("RCPT TO:") {
             let addr = line[8..].trim().trim_start_matches('<').trim_end_matches('>').to_string();
@@ -139,8 +151,13 @@ fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
                 st.lock().unwrap().hanging = false;
                 return Ok(());
             }
+            let slow = st.lock().unwrap().slow_ms;
+            if slow > 0 {
+                std::thread::sleep(Duration::from_millis(slow));
+            }
             {
                 let mut s = st.lock().unwrap();
+                s.open = s.open.saturating_sub(1);
                 if !rcpts.iter().any(|r| r.starts_with("hang")) {
                     for r in &rcpts {
                         *s.data_seen.entry(r.clone()).or_default() += 1;
@@ -652,4 +669,40 @@ fn starttls_policies_and_an_authenticating_smarthost() {
     let got = common::mail::maildrop(next.pop3, "bob@remote.test");
     let m = got.iter().find(|m| String::from_utf8_lossy(m).contains("via smarthost")).unwrap();
     assert!(String::from_utf8_lossy(m).contains("with ESMTPSA"), "TLS and AUTH at the smarthost: {}", String::from_utf8_lossy(m));
+}
+
+/// At most `max_per_destination` sessions to one destination, even with
+/// many messages due and a slow next hop; a destination that cannot be
+/// reached at all is backed off as a whole.
+#[test]
+fn concurrency_limit_per_destination_and_destination_backoff() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().slow_ms = 300;
+    let config = relay_config(sink.addr)
+        .replace("scan_interval_ms = 100", "scan_interval_ms = 100\nmax_per_destination = 2\nmessages_per_session = 1");
+    let server = common::start(&config);
+    setup(&server);
+    for i in 0..8 {
+        submit(&server, &[&format!("par{i}@remote.test")], &format!("parallel {i}"));
+    }
+    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.delivered.len(), 8);
+    assert!(st.max_open <= 2, "at most 2 sessions at once, saw {}", st.max_open);
+    assert_eq!(st.max_open, 2, "the two sessions did run side by side");
+    drop(st);
+
+    // Nothing listens there: the destination is backed off as a whole.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let server = common::start(&relay_config(dead).replace("retry_initial_secs = 1", "retry_initial_secs = 300")
+        .replace("retry_max_secs = 1", "retry_max_secs = 600"));
+    setup(&server);
+    submit(&server, &["x@remote.test"], "unreachable");
+    wait_for("the backoff", Duration::from_secs(30), || server.log().contains("destination backed off"));
+    let q = queue_json(&server);
+    let r = &q[0]["recipients"][0];
+    assert!(r["last_error"].as_str().unwrap().contains("connecting to"), "{r}");
+    assert_eq!(r["attempts"], 1);
 }
