@@ -706,3 +706,31 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
     assert!(r["last_error"].as_str().unwrap().contains("connecting to"), "{r}");
     assert_eq!(r["attempts"], 1);
 }
+
+/// A real client (swaks, STARTTLS and AUTH on submission) to a remote
+/// domain: the next hop receives the message with swaks's headers and body
+/// intact, a leading dot included.
+#[test]
+fn swaks_submission_is_relayed_intact() {
+    let sink = Sink::start();
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    let (ok, out, err) = common::run_tool(
+        "swaks",
+        &[
+            "--server", &server.submission.to_string(), "--tls",
+            "-au", "alice@example.org", "-ap", "pw",
+            "--from", "alice@example.org", "--to", "carol@remote.test",
+            "--header", "Subject: swaks relayed", "--body", ".starts with a dot\nsecond line",
+        ],
+        None,
+    );
+    assert!(ok, "swaks: {}{err}", String::from_utf8_lossy(&out));
+    wait_for("the relayed message", Duration::from_secs(30), || sink.count("carol@remote.test") == 1);
+    let st = sink.state.lock().unwrap();
+    let text = String::from_utf8_lossy(&st.delivered[0].1).into_owned();
+    assert!(text.contains("Subject: swaks relayed\r\n"), "{text}");
+    assert!(text.contains("X-Mailer: swaks"), "{text}");
+    assert!(text.contains("\r\n.starts with a dot\r\nsecond line\r\n"), "{text}");
+    assert!(text.contains("with ESMTPSA"), "our trace header: {text}");
+}
