@@ -44,6 +44,11 @@ pub fn read_pid(path: &Path) -> Result<u32> {
 /// Messages in a postfix queue directory (maildrop, incoming, active,
 /// deferred, hold).
 pub fn postfix_queue_count(queue: &Path) -> usize {
+    postfix_queues_count(queue, &["maildrop", "incoming", "active", "deferred", "hold"])
+}
+
+/// Messages in these queues of a postfix queue directory.
+pub fn postfix_queues_count(queue: &Path, names: &[&str]) -> usize {
     fn walk(dir: &Path) -> usize {
         let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
         rd.flatten()
@@ -54,7 +59,7 @@ pub fn postfix_queue_count(queue: &Path) -> usize {
             })
             .sum()
     }
-    ["maildrop", "incoming", "active", "deferred", "hold"].iter().map(|q| walk(&queue.join(q))).sum()
+    names.iter().map(|q| walk(&queue.join(q))).sum()
 }
 
 impl Peers {

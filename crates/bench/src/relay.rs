@@ -56,6 +56,12 @@ pub struct RelayArgs {
     /// Postfix's queue directory (watched until it is empty).
     #[arg(long, default_value = "/var/spool/postfix")]
     peer_postfix_queue: PathBuf,
+    /// Also measure each server draining a full queue: the messages are
+    /// queued with delivery off (hamail: `[relay] enabled = false`, then a
+    /// restart with it on; Postfix: `defer_transports = smtp`, then
+    /// `postqueue -f`), and only the delivery is timed.
+    #[arg(long)]
+    drain: bool,
     /// Where hamail's data directory goes (a disk, not tmpfs: fsync counts).
     #[arg(long, default_value = "hamail-bench-relay")]
     dir: PathBuf,
@@ -93,23 +99,26 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
     let config = dir.join("hamail.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nhostname = \"mx.bench.test\"\ndata_dir = {}\n\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n\n[pop3]\nlisten = [\"127.0.0.1:0\"]\n\n\
-             [relay]\ntransport = {{ \"sink.test\" = \"{sink_addr}\" }}\ntls = \"never\"\nscan_interval_ms = 200\n\
-             max_per_destination = {}\nmax_connections = {}\n",
-            crate::toml_str(&dir.join("data").to_string_lossy()),
-            args.relay_sessions,
-            args.relay_sessions
-        ),
-    )?;
-    let admin = Admin { hamail, config };
-    let server = Server::start(&admin, &dir.join("hamail.log")).await?;
+    let write_config = |enabled: bool| {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nhostname = \"mx.bench.test\"\ndata_dir = {}\n\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n\n[pop3]\nlisten = [\"127.0.0.1:0\"]\n\n\
+                 [relay]\nenabled = {enabled}\ntransport = {{ \"sink.test\" = \"{sink_addr}\" }}\ntls = \"never\"\nscan_interval_ms = 200\n\
+                 max_per_destination = {}\nmax_connections = {}\n",
+                crate::toml_str(&dir.join("data").to_string_lossy()),
+                args.relay_sessions,
+                args.relay_sessions
+            ),
+        )
+    };
+    write_config(true)?;
+    let admin = Admin { hamail, config: config.clone() };
+    let mut server = Server::start(&admin, &dir.join("hamail.log")).await?;
     admin.run(&["domain", "add", "bench.test"], None).await?;
     admin.run(&["user", "add", SENDER], Some(&format!("{PASSWORD}\n"))).await?;
-    let submission = server.submission.context("the server did not print its submission address")?;
+    let mut submission = server.submission.context("the server did not print its submission address")?;
 
     let mut rows = Vec::new();
     for &size in &args.sizes {
@@ -138,6 +147,56 @@ pub async fn run(args: RelayArgs) -> Result<()> {
             row.push_str(" | - | -");
         }
         rows.push(row + " |");
+        if !args.drain {
+            continue;
+        }
+        // Drain: queue with delivery off, then time delivery alone.
+        server.stop().await?;
+        write_config(false)?;
+        server = Server::start(&admin, &dir.join("hamail.log")).await?;
+        submission = server.submission.context("no submission address")?;
+        let queued = load(submission, true, size, args.messages, args.concurrency).await?;
+        server.stop().await?;
+        write_config(true)?;
+        server = Server::start(&admin, &dir.join("hamail.log")).await?;
+        submission = server.submission.context("no submission address")?;
+        let t0 = Instant::now();
+        wait_hamail_queue_empty(&admin, Duration::from_secs(600)).await?;
+        let drain_s = t0.elapsed().as_secs_f64();
+        let h = queued as f64 / drain_s;
+        crate::log(format!("drain hamail size={size} messages={queued} drain_s={drain_s:.2} msgs_per_s={h:.0}"));
+        let mut row = format!("| drain {} | {h:.0}", human(size));
+        if let Some(peer) = args.peer_smtp {
+            postconf("defer_transports=smtp").await?;
+            let queued = load(peer, false, size, args.messages, args.concurrency).await;
+            let ready = async {
+                let queued = queued?;
+                let end = Instant::now() + Duration::from_secs(600);
+                while crate::peer::postfix_queues_count(&args.peer_postfix_queue, &["deferred"]) < queued {
+                    if Instant::now() > end {
+                        bail!("Postfix did not defer every message");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(queued)
+            }
+            .await;
+            postconf("defer_transports=").await?;
+            let queued = ready?;
+            let t0 = Instant::now();
+            let flush = tokio::process::Command::new("postqueue").arg("-f").status().await?;
+            if !flush.success() {
+                bail!("postqueue -f failed");
+            }
+            wait_postfix_queue_empty(&args.peer_postfix_queue, Duration::from_secs(600)).await?;
+            let drain_s = t0.elapsed().as_secs_f64();
+            let p = queued as f64 / drain_s;
+            crate::log(format!("drain postfix size={size} messages={queued} drain_s={drain_s:.2} msgs_per_s={p:.0}"));
+            row.push_str(&format!(" | {p:.0} | {:.2}", h / p));
+        } else {
+            row.push_str(" | - | -");
+        }
+        rows.push(row + " |");
     }
     println!("| cell | hamail msgs/s | Postfix msgs/s | ratio |");
     println!("|---|---|---|---|");
@@ -146,6 +205,18 @@ pub async fn run(args: RelayArgs) -> Result<()> {
     }
     server.stop().await?;
     let _ = sink.kill().await;
+    Ok(())
+}
+
+/// `postconf -e SETTING` and `postfix reload`.
+async fn postconf(setting: &str) -> Result<()> {
+    let st = tokio::process::Command::new("postconf").args(["-e", setting]).status().await?;
+    let reload = tokio::process::Command::new("postfix").arg("reload").output().await?;
+    if !st.success() || !reload.status.success() {
+        bail!("postconf -e {setting} / postfix reload failed");
+    }
+    // The reload is asynchronous; give the master a moment to re-read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
 }
 
