@@ -292,7 +292,11 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             continue;
         }
         if item.state.recipients.iter().any(|r| r.status == RecipientStatus::Failed { reported: false }) {
-            report_failures(env, store, &item, now).await?;
+            // One entry's trouble (a sender the directory cannot resolve
+            // now...) must not stop the rest of the queue.
+            if let Err(e) = report_failures(env, store, &item, now).await {
+                tracing::warn!(queue_id = %qid, error = %e, "bounce not sent yet; retried at the next scan");
+            }
             continue;
         }
         if item.state.hold {
@@ -305,11 +309,15 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
                     (i, RcptOutcome::Failed { error: format!("4.4.7 message expired in the queue; last error: {last}"), reported: false })
                 })
                 .collect::<Vec<_>>();
-            store.queue_change(qid, QueueOp::Results { at: now, results }).await?;
+            if let Err(e) = store.queue_change(qid, QueueOp::Results { at: now, results }).await {
+                tracing::warn!(queue_id = %qid, error = %e, "recording the expiry failed; retried at the next scan");
+            }
             continue;
         }
         if !item.state.warned && env.schedule.warning_due(item.entry.queued_at, now) {
-            send_delay_warning(env, store, &item, now).await?;
+            if let Err(e) = send_delay_warning(env, store, &item, now).await {
+                tracing::warn!(queue_id = %qid, error = %e, "delay warning not sent yet; retried at the next scan");
+            }
         }
         let mut by_dest: HashMap<DestinationKey, Vec<u32>> = HashMap::new();
         for i in pending(&item) {
@@ -679,7 +687,7 @@ async fn report_failures(env: &Env, store: &dyn MailStore, item: &QueueItem, now
     };
     match to {
         Some(to) => {
-            let body = store.body(&item.entry.body).await?;
+            let body = original(store, item).await;
             let dsn = Dsn {
                 kind: DsnKind::Failure,
                 reporting_mta: &env.hostname,
@@ -704,7 +712,7 @@ async fn report_failures(env: &Env, store: &dyn MailStore, item: &QueueItem, now
 async fn send_delay_warning(env: &Env, store: &dyn MailStore, item: &QueueItem, now: u64) -> StoreResult<()> {
     if let Some(to) = &item.entry.return_path {
         let recipients: Vec<DsnRecipient> = pending(item).map(|i| dsn_recipient(item, i, "4.0.0")).collect();
-        let body = store.body(&item.entry.body).await?;
+        let body = original(store, item).await;
         let dsn = Dsn {
             kind: DsnKind::Delay,
             reporting_mta: &env.hostname,
@@ -719,6 +727,18 @@ async fn send_delay_warning(env: &Env, store: &dyn MailStore, item: &QueueItem, 
         send_report(env, store, &dsn, false).await?;
     }
     store.queue_change(item.entry.queue_id, QueueOp::Warned).await
+}
+
+/// The original message for a report; without its headers when the body
+/// cannot be read (the report matters more than the copy).
+async fn original(store: &dyn MailStore, item: &QueueItem) -> Arc<Vec<u8>> {
+    match store.body(&item.entry.body).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(queue_id = %item.entry.queue_id, error = %e, "original unreadable: report without its headers");
+            Arc::new(Vec::new())
+        }
+    }
 }
 
 /// The header that marks our double bounces (never bounced again).
