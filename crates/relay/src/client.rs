@@ -9,12 +9,13 @@
 //! [`Client::quit`] at the end; [`Client::connection_lost`] turns a drop
 //! into deferrals of whatever was not answered yet.
 //!
-//! Commands are sent one at a time (no PIPELINING): the per-recipient
-//! results then map one reply to one recipient without bookkeeping, and
-//! the final `250` after DATA is reported the moment it is parsed, so the
-//! driver can record it before anything else happens (RFC 1047: the window
-//! in which a crash duplicates a message is between that reply and our
-//! record of it).
+//! With a server that announces PIPELINING (RFC 2920), MAIL, every RCPT
+//! and DATA go in one write and the replies are read in order (one per
+//! recipient); otherwise one command at a time. Either way the final `250`
+//! after the data is reported the moment it is parsed, before anything
+//! else is sent, so the driver can record it first (RFC 1047: the window in
+//! which a crash duplicates a message is between that reply and our record
+//! of it).
 
 use std::fmt;
 use std::sync::Arc;
@@ -158,6 +159,7 @@ enum State {
 struct Capabilities {
     starttls: bool,
     size: Option<u64>,
+    pipelining: bool,
     auth_plain: bool,
     auth_login: bool,
 }
@@ -171,6 +173,7 @@ impl Capabilities {
             let Some(keyword) = words.next() else { continue };
             match keyword.to_ascii_uppercase().as_str() {
                 "STARTTLS" => caps.starttls = true,
+                "PIPELINING" => caps.pipelining = true,
                 "SIZE" => caps.size = words.next().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
                 "AUTH" => {
                     for m in words {
@@ -198,6 +201,11 @@ pub struct Client {
     /// The transaction in progress.
     envelope: Option<Envelope>,
     statuses: Vec<Option<RcptStatus>>,
+    /// This transaction's MAIL, RCPTs and DATA went in one write (RFC
+    /// 2920); the replies are then only read, in order.
+    pipelined: bool,
+    /// MAIL was refused: the RCPT replies that follow change nothing.
+    mail_failed: bool,
 }
 
 impl Client {
@@ -212,6 +220,8 @@ impl Client {
             tls_active,
             envelope: None,
             statuses: Vec::new(),
+            pipelined: false,
+            mail_failed: false,
         }
     }
 
@@ -291,9 +301,22 @@ impl Client {
             line.push_str(&format!(" SIZE={}", envelope.body.len()));
         }
         self.statuses = vec![None; envelope.recipients.len()];
+        self.pipelined = self.caps.pipelining;
+        self.mail_failed = false;
+        let batch = if self.pipelined {
+            // RFC 2920 3.1: MAIL, every RCPT and DATA in one group.
+            let mut b = format!("{line}\r\n");
+            for r in &envelope.recipients {
+                b.push_str(&format!("RCPT TO:<{r}>\r\n"));
+            }
+            b.push_str("DATA\r\n");
+            Action::Send(b.into_bytes())
+        } else {
+            self.send_line(line)
+        };
         self.envelope = Some(envelope);
         self.state = State::Mail;
-        vec![self.send_line(line)]
+        vec![batch]
     }
 
     /// Ends the session politely.
@@ -485,25 +508,35 @@ impl Client {
             State::Mail => {
                 if reply.is_positive() {
                     self.state = State::Rcpt(0);
-                    actions.push(self.rcpt_line(0));
+                    if !self.pipelined {
+                        actions.push(self.rcpt_line(0));
+                    }
                 } else {
                     let status = |r: &Reply| {
                         if r.is_temporary() { RcptStatus::Deferred(r.to_string()) } else { RcptStatus::Failed(r.to_string()) }
                     };
                     self.statuses = self.statuses.iter().map(|_| Some(status(&reply))).collect();
-                    self.state = State::Rset;
-                    actions.push(self.send_line("RSET".into()));
+                    if self.pipelined {
+                        // The RCPT and DATA replies are still coming.
+                        self.mail_failed = true;
+                        self.state = State::Rcpt(0);
+                    } else {
+                        self.state = State::Rset;
+                        actions.push(self.send_line("RSET".into()));
+                    }
                 }
+            }
+            State::Rcpt(i) if self.pipelined => {
+                if !self.mail_failed {
+                    if let Some(slot) = self.statuses.get_mut(i) {
+                        *slot = rcpt_status(&reply);
+                    }
+                }
+                self.state = if i + 1 < self.statuses.len() { State::Rcpt(i + 1) } else { State::Data };
             }
             State::Rcpt(i) => {
                 if let Some(slot) = self.statuses.get_mut(i) {
-                    *slot = if reply.is_positive() {
-                        None
-                    } else if reply.is_temporary() {
-                        Some(RcptStatus::Deferred(reply.to_string()))
-                    } else {
-                        Some(RcptStatus::Failed(reply.to_string()))
-                    };
+                    *slot = rcpt_status(&reply);
                 }
                 let n = self.statuses.len();
                 if i + 1 < n {
@@ -520,8 +553,14 @@ impl Client {
             State::Data => {
                 if reply.code == 354 {
                     self.state = State::Dot;
-                    let body = self.envelope.as_ref().map(|e| e.body.clone()).unwrap_or_default();
-                    actions.push(Action::Send(dot_stuff(&body)));
+                    if self.statuses.iter().any(|s| s.is_none()) {
+                        let body = self.envelope.as_ref().map(|e| e.body.clone()).unwrap_or_default();
+                        actions.push(Action::Send(dot_stuff(&body)));
+                    } else {
+                        // Pipelined, and no recipient was accepted: RFC
+                        // 2920 3.1 says end the data at once.
+                        actions.push(Action::Send(b".\r\n".to_vec()));
+                    }
                 } else {
                     self.decide_accepted(&reply);
                     self.state = State::Rset;
@@ -586,6 +625,17 @@ impl Client {
     fn rcpt_line(&self, i: usize) -> Action {
         let rcpt = self.envelope.as_ref().and_then(|e| e.recipients.get(i)).cloned().unwrap_or_default();
         self.send_line(format!("RCPT TO:<{rcpt}>"))
+    }
+}
+
+/// `None` (accepted, fate decided after DATA) or the refusal.
+fn rcpt_status(reply: &Reply) -> Option<RcptStatus> {
+    if reply.is_positive() {
+        None
+    } else if reply.is_temporary() {
+        Some(RcptStatus::Deferred(reply.to_string()))
+    } else {
+        Some(RcptStatus::Failed(reply.to_string()))
     }
 }
 
@@ -663,7 +713,7 @@ mod tests {
 
     const GOOD: &[(&str, &str)] = &[
         ("", "220 sink.test ESMTP\r\n"),
-        ("EHLO mx.test\r\n", "250-sink.test\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n250 PIPELINING\r\n"),
+        ("EHLO mx.test\r\n", "250-sink.test\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n"),
         ("MAIL FROM:<a@here.test> SIZE=26\r\n", "250 2.1.0 ok\r\n"),
         ("RCPT TO:<b@there.test>\r\n", "250 2.1.5 ok\r\n"),
         ("RCPT TO:<c@there.test>\r\n", "550 5.1.1 no such user\r\n"),
@@ -684,6 +734,51 @@ mod tests {
             assert_eq!(s[2], RcptStatus::Deferred("451 4.3.0 try later".into()));
             assert_eq!(events[1], Action::Closed(None));
         }
+    }
+
+    #[test]
+    fn pipelined_transaction_in_every_chunking() {
+        let script: &[(&str, &str)] = &[
+            ("", "220 sink.test ESMTP\r\n"),
+            ("EHLO mx.test\r\n", "250-sink.test\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n"),
+            (
+                "MAIL FROM:<a@here.test> SIZE=26\r\nRCPT TO:<b@there.test>\r\nRCPT TO:<c@there.test>\r\nDATA\r\n",
+                "250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n354 go\r\n",
+            ),
+            ("Subject: x\r\n\r\n..dot\r\nbody\r\n.\r\n", "250 2.0.0 queued\r\n"),
+            ("QUIT\r\n", "221 bye\r\n"),
+        ];
+        for chunk in 1..=40 {
+            let (_, events) = run(script, chunk, options(), envelope(&["b@there.test", "c@there.test"]));
+            let Action::Finished(s) = &events[0] else { panic!("{events:?}") };
+            assert!(matches!(&s[0], RcptStatus::Delivered(_)), "chunk {chunk}: {s:?}");
+            assert_eq!(s[1], RcptStatus::Failed("550 5.1.1 unknown".into()));
+        }
+    }
+
+    #[test]
+    fn pipelined_refusals_end_the_transaction_cleanly() {
+        // Every RCPT refused but DATA accepted: an empty data phase.
+        let script: &[(&str, &str)] = &[
+            ("", "220 x\r\n"),
+            ("EHLO mx.test\r\n", "250-x\r\n250 PIPELINING\r\n"),
+            ("DATA\r\n", "250 ok\r\n450 4.2.1 busy\r\n354 go\r\n"),
+            ("\r\n.\r\n", "554 5.5.1 no valid recipients\r\n"),
+            ("QUIT\r\n", "221 bye\r\n"),
+        ];
+        let (sent, events) = run(script, 2, options(), envelope(&["b@there.test"]));
+        assert!(sent.contains("DATA\r\n.\r\n"), "{sent}");
+        assert_eq!(events[0], Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]));
+        // MAIL refused: the RCPT replies change nothing, DATA refused, RSET.
+        let script: &[(&str, &str)] = &[
+            ("", "220 x\r\n"),
+            ("EHLO mx.test\r\n", "250-x\r\n250 PIPELINING\r\n"),
+            ("DATA\r\n", "553 5.1.8 bad sender\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no valid recipients\r\n"),
+            ("RSET\r\n", "250 ok\r\n"),
+            ("QUIT\r\n", "221 bye\r\n"),
+        ];
+        let (_, events) = run(script, 7, options(), envelope(&["b@there.test"]));
+        assert_eq!(events[0], Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]));
     }
 
     #[test]

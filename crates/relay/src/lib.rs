@@ -5,7 +5,8 @@
 //! - [`client`]: a sans-IO SMTP *client* session (RFC 5321): EHLO with HELO
 //!   fallback, opportunistic or required STARTTLS (RFC 3207), AUTH
 //!   PLAIN/LOGIN for a smarthost (RFC 4954), MAIL FROM with SIZE
-//!   (RFC 1870), one RCPT per recipient with a result for each, DATA with
+//!   (RFC 1870), PIPELINING (RFC 2920), one RCPT per recipient with a
+//!   result for each, DATA with
 //!   dot-stuffing, several transactions per connection, QUIT. It turns
 //!   received bytes into bytes to send and results; the driver does I/O.
 //! - [`route`]: where mail for a domain goes: a static transport map, a
