@@ -201,6 +201,12 @@ fn reply(r: &mut BufReader<TcpStream>) -> String {
 
 /// Submits a message as alice (AUTH PLAIN on loopback); returns its 250 line.
 fn submit(server: &Server, to: &[&str], subject: &str) -> String {
+    submit_from(server, "alice@example.org", to, subject)
+}
+
+/// The same with another envelope sender (submission does not tie it to
+/// the login).
+fn submit_from(server: &Server, from: &str, to: &[&str], subject: &str) -> String {
     let s = TcpStream::connect(server.submission).expect("submission");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -217,7 +223,7 @@ fn submit(server: &Server, to: &[&str], subject: &str) -> String {
     step("EHLO client.test\r\n", "250");
     let token = base64::engine::general_purpose::STANDARD.encode("\0alice@example.org\0pw");
     step(&format!("AUTH PLAIN {token}\r\n"), "235");
-    step("MAIL FROM:<alice@example.org>\r\n", "250");
+    step(&format!("MAIL FROM:<{from}>\r\n"), "250");
     for t in to {
         step(&format!("RCPT TO:<{t}>\r\n"), "250");
     }
@@ -733,4 +739,29 @@ fn swaks_submission_is_relayed_intact() {
     assert!(text.contains("X-Mailer: swaks"), "{text}");
     assert!(text.contains("\r\n.starts with a dot\r\nsecond line\r\n"), "{text}");
     assert!(text.contains("with ESMTPSA"), "our trace header: {text}");
+}
+
+/// A bounce that bounces (its null-sender delivery to a remote sender is
+/// refused) goes to the postmaster once, marked as a double bounce; and
+/// nothing more after that.
+#[test]
+fn a_failed_bounce_goes_to_the_postmaster_once() {
+    let sink = Sink::start();
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    let (ok, out) = server.cli(&["alias", "add", "postmaster@example.org", "alice@example.org"], "");
+    assert!(ok, "{out}");
+    submit_from(&server, "bad-sender@remote.test", &["bad-rcpt@remote.test"], "doomed");
+    wait_for("the double bounce", Duration::from_secs(60), || {
+        !common::mail::maildrop(server.pop3, "alice@example.org").is_empty()
+            && queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    let drop = common::mail::maildrop(server.pop3, "alice@example.org");
+    assert_eq!(drop.len(), 1, "one report to the postmaster");
+    let raw = String::from_utf8_lossy(&drop[0]);
+    assert!(raw.contains("X-Hamail-Double-Bounce: yes"), "{raw}");
+    assert!(raw.contains("Final-Recipient: rfc822; bad-sender@remote.test"), "the bounce's recipient: {raw}");
+    assert!(raw.contains("Subject: Undelivered Mail Returned to Sender"), "the original headers are the bounce's: {raw}");
+    assert!(server.log().contains("bounce queue_id="), "{}", server.log());
+    assert_eq!(sink.count("bad-rcpt@remote.test"), 0);
 }
