@@ -284,6 +284,16 @@ fn delivers_with_per_recipient_results_retries_and_bounces() {
     assert!(raw.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user here"), "{raw}");
     assert!(!raw.contains("Final-Recipient: rfc822; ok1@remote.test"), "{raw}");
     assert!(raw.contains("Subject: three"), "the original headers: {raw}");
+
+    // The counters of `hamail status`.
+    let (ok, out) = server.cli(&["status", "--json"], "");
+    assert!(ok, "{out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["relay_sent"], 3, "{st}");
+    assert_eq!(st["relay_failed"], 1, "{st}");
+    assert_eq!(st["relay_reports"], 1, "{st}");
+    assert!(st["relay_deferred"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["relay_running"], true);
 }
 
 /// Many messages, each to two destinations, submitted concurrently while

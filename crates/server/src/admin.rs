@@ -297,6 +297,11 @@ async fn run(
                 v["messages_accepted"] = json!(s.messages_accepted.load(Ordering::Relaxed));
                 v["messages_rejected"] = json!(s.messages_rejected.load(Ordering::Relaxed));
                 v["pop3_logins"] = json!(s.pop3_logins.load(Ordering::Relaxed));
+                v["relay_sent"] = json!(s.relay_sent.load(Ordering::Relaxed));
+                v["relay_deferred"] = json!(s.relay_deferred.load(Ordering::Relaxed));
+                v["relay_failed"] = json!(s.relay_failed.load(Ordering::Relaxed));
+                v["relay_reports"] = json!(s.relay_reports.load(Ordering::Relaxed));
+                v["relay_running"] = json!(ctx.delivery.running());
             }
             v
         }

@@ -610,6 +610,15 @@ async fn run_session(
                     .zip(&statuses)
                     .map(|(i, s)| (*i, outcome_of(env, &job.item, *i, s, now)))
                     .collect();
+                if let Some(ctx) = env.ctx.upgrade() {
+                    for s in &statuses {
+                        crate::bump(match s {
+                            RcptStatus::Delivered(_) => &ctx.stats.relay_sent,
+                            RcptStatus::Deferred(_) => &ctx.stats.relay_deferred,
+                            RcptStatus::Failed(_) => &ctx.stats.relay_failed,
+                        });
+                    }
+                }
                 for ((i, _), s) in job.rcpts.iter().zip(&results).zip(&statuses) {
                     tracing::info!(target: "hamail::mail", "relay queue_id={} to=<{}> relay={} [{addr}] status={}",
                         job.item.entry.queue_id, job.item.entry.recipients[*i as usize], hop.name, status_word(s));
@@ -817,10 +826,9 @@ async fn send_report(env: &Env, store: &dyn MailStore, dsn: &Dsn<'_>, double: bo
         }
     };
     let queue_id = store.next_queue_id().await?;
-    store
-        .accept(Incoming { return_path: None, local, remote, body: Arc::new(body), queue_id })
-        .await
-        .map(|_| ())
+    store.accept(Incoming { return_path: None, local, remote, body: Arc::new(body), queue_id }).await?;
+    crate::bump(&ctx.stats.relay_reports);
+    Ok(())
 }
 
 /// TLS client configurations: one that verifies the server's certificate

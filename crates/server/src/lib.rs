@@ -64,6 +64,12 @@ pub struct Stats {
     pub messages_accepted: AtomicU64,
     pub messages_rejected: AtomicU64,
     pub pop3_logins: AtomicU64,
+    /// Outbound delivery, per recipient and attempt.
+    pub relay_sent: AtomicU64,
+    pub relay_deferred: AtomicU64,
+    pub relay_failed: AtomicU64,
+    /// Delivery status notifications generated (bounces, delay warnings).
+    pub relay_reports: AtomicU64,
 }
 
 /// What every connection handler shares.
