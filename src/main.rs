@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use hamail_server::admin::{Request, Response};
 use hamail_server::Config;
-use hamail_store::{Domain, LocalStore, StoreOptions};
+use hamail_store::{LocalStore, StoreOptions};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -247,11 +247,7 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
 }
 
 fn store_options(config: &Config) -> Result<StoreOptions> {
-    let mut hostnames = vec![Domain::parse(&config.server.hostname)?];
-    for h in &config.server.local_hostnames {
-        hostnames.push(Domain::parse(h)?);
-    }
-    Ok(StoreOptions { hostnames, ..StoreOptions::default() })
+    Ok(config.store_options()?)
 }
 
 async fn run(cli: Cli) -> Result<()> {

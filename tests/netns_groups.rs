@@ -15,6 +15,9 @@
 //!   and stop.sh (sendmail/inetd replaced by a marker file, `armlog` by
 //!   `hamail log write`) run as an `exec` resource with the seed's
 //!   variables, and their `armlog` lines reach the cluster log.
+//! - `shared_disk_follows_the_group`: shared-disk mode, an ext4 disk on a
+//!   loop device: the group's mail lives on the disk, which follows the
+//!   group on a move and on a power cut, and is never mounted twice.
 
 mod common;
 
@@ -538,4 +541,87 @@ fn seed_scripts_run_with_the_seed_variables() {
         assert!(l.contains(line), "`{line}` not in the log of node 2:\n{l}");
     }
     eprintln!("seed_scripts_run_with_the_seed_variables: marker file:\n{m}");
+}
+
+#[test]
+fn shared_disk_follows_the_group() {
+    if !root_or_skip("shared_disk_follows_the_group") {
+        return;
+    }
+    // Declared before the cluster: dropped after its processes.
+    let Some(disk) = common::disk::LoopDisk::new(32) else { return };
+    let mut c = Cluster::new();
+    let spool = c.root.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let disk_resource = format!(
+        "[[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"{}\"\nmount_point = \"{}\"\nfs_type = \"ext4\"\n\n",
+        disk.device,
+        spool.display()
+    );
+    c.apply(0, &mail_group("mail", "[1, 2, 3]", VIP1, &disk_resource));
+    // Which running nodes have the disk mounted (each `hamail` runs in its
+    // own mount namespace).
+    let mounted = |c: &Cluster| -> Vec<usize> {
+        (0..3)
+            .filter(|i| {
+                let pid = c.nodes[*i].server.as_ref().and_then(|s| s.child.as_ref()).map(|ch| ch.id());
+                pid.is_some_and(|pid| common::disk::mounted_in(pid, &spool))
+            })
+            .collect()
+    };
+    // Polls `f` while checking, every round, that the disk is never
+    // mounted on two nodes at once.
+    let watch = |c: &Cluster, what: &str, f: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + RECOVERY;
+        loop {
+            let m = mounted(c);
+            assert!(m.len() <= 1, "the disk is mounted on nodes {m:?} at once");
+            if f() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: not within {RECOVERY:?}\n{}\n{}", c.group_status(2), c.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    watch(&c, "online at home", &mut || c.greeting_from_client(VIP1).as_deref() == Some("node1"));
+    assert_eq!(mounted(&c), vec![0], "the disk is mounted on the owner only");
+    match c.send_from_client(VIP1, "on-the-disk-1") {
+        Ok(Ok(host)) => assert_eq!(host, "node1"),
+        other => panic!("sending through {VIP1}: {other:?}\n{}", c.logs()),
+    }
+    assert_eq!(c.tokens_from_client(VIP1), Some(vec!["on-the-disk-1".to_string()]));
+    // The message is in the disk's store, not in the node's own.
+    let node1 = c.bed.host("n1").ip.to_string();
+    let node1: &'static str = Box::leak(node1.into_boxed_str());
+    assert_eq!(c.tokens_from_client(node1), Some(vec![]), "the node's own store does not have the group's mail");
+
+    // Switchover: the disk goes with the group.
+    let (ok, out) = c.nodes[0].cli(&["group", "move", "mail", "2"], "");
+    assert!(ok, "group move: {out}");
+    watch(&c, "moved to node 2", &mut || c.greeting_from_client(VIP1).as_deref() == Some("node2"));
+    assert_eq!(mounted(&c), vec![1]);
+    assert_eq!(c.tokens_from_client(VIP1), Some(vec!["on-the-disk-1".to_string()]), "node 2 serves the disk's mail");
+    match c.send_from_client(VIP1, "on-the-disk-2") {
+        Ok(Ok(host)) => assert_eq!(host, "node2"),
+        other => panic!("sending through {VIP1} after the move: {other:?}\n{}", c.logs()),
+    }
+
+    // Power cut of node 2: another node fscks and mounts the disk once the
+    // dead holder's disk heartbeat is stale.
+    let cut = Instant::now();
+    c.bed.set_link("n2", false);
+    c.nodes[1].kill9();
+    let mut taker = None;
+    watch(&c, "taken over after the power cut", &mut || {
+        taker = c.greeting_from_client(VIP1).filter(|h| h != "node2");
+        taker.is_some()
+    });
+    eprintln!("shared disk: {taker:?} serves the group {:?} after the power cut", cut.elapsed());
+    let expected = vec!["on-the-disk-1".to_string(), "on-the-disk-2".to_string()];
+    assert_eq!(c.tokens_from_client(VIP1), Some(expected), "every acknowledged message, from the disk");
+    assert_eq!(mounted(&c).len(), 1);
+    c.bed.set_link("n2", true);
 }

@@ -468,6 +468,7 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
                 remote: vec![to],
                 body: Arc::new(body),
                 queue_id,
+                resend: None,
             };
             local.accept(incoming).await.unwrap();
         }

@@ -96,7 +96,8 @@ pub fn maildrop(addr: SocketAddr, u: &str) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for i in 1..=n {
         w.write_all(format!("RETR {i}\r\n").as_bytes()).unwrap();
-        assert!(line().starts_with(b"+OK"));
+        let answer = line();
+        assert!(answer.starts_with(b"+OK"), "RETR {i} of {u}: {}", String::from_utf8_lossy(&answer));
         let mut msg = Vec::new();
         loop {
             let l = line();

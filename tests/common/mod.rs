@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod disk;
 pub mod mail;
 pub mod netns;
 

@@ -189,6 +189,12 @@ impl Bed {
         Some((mac, state))
     }
 
+    /// The file naming `host`'s namespace, for [`enter_netns`] on a
+    /// long-lived thread.
+    pub fn netns_path(&self, host: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(self.ns(host))
+    }
+
     /// Runs `f` on a thread that has entered `host`'s network namespace:
     /// every socket it opens is in that namespace.
     pub fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -208,7 +214,7 @@ extern "C" {
 const CLONE_NEWNET: std::os::raw::c_int = 0x4000_0000;
 
 /// Moves the calling thread (only it) into the network namespace at `path`.
-fn enter_netns(path: &Path) {
+pub fn enter_netns(path: &Path) {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     // SAFETY: a plain syscall on a valid descriptor; it changes only this
@@ -310,20 +316,39 @@ impl NsCluster {
     /// The bed and three nodes formed into a cluster (init on n1, the others
     /// join), with the domain example.org and `user` (password "pw").
     pub fn form(user: &str, within: Duration) -> NsCluster {
+        NsCluster::form_with(["data"; 3], &[user.to_string()], within)
+    }
+
+    /// [`Self::form`] with the role of each node ("data" or "witness") and
+    /// any number of users (password "pw"), created before `cluster init`
+    /// takes them along: local writes, two at a time (argon2 hashing).
+    pub fn form_with(roles: [&str; 3], users: &[String], within: Duration) -> NsCluster {
         let bed = Bed::new(&[("n1", "198.18.0.1"), ("n2", "198.18.0.2"), ("n3", "198.18.0.3"), ("cl", "198.18.0.10")]);
         let root = tempfile::tempdir().expect("tempdir");
         let mut c = NsCluster { nodes: Vec::new(), bed, root };
         for (i, host) in NS_NODES.iter().enumerate() {
             let dir = c.root.path().join(host);
-            write_ns_node_config(&dir, &format!("node{}", i + 1), c.bed.host(host).ip);
+            let config = write_ns_node_config(&dir, &format!("node{}", i + 1), c.bed.host(host).ip);
+            // `[cluster]` is the config's last section.
+            let mut text = std::fs::read_to_string(&config).expect("config");
+            text.push_str(&format!("role = \"{}\"\n", roles[i]));
+            std::fs::write(&config, text).expect("config");
             let server = start_in_ns(c.bed.ns(host), &dir);
             c.nodes.push(super::cluster::Node { dir, server: Some(server) });
         }
         let n1 = &c.nodes[0];
         let (ok, out) = n1.cli(&["domain", "add", "example.org"], "");
         assert!(ok, "{out}");
-        let (ok, out) = n1.cli(&["user", "add", user], "pw\n");
-        assert!(ok, "{out}");
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| loop {
+                    let Some(user) = users.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+                    let (ok, out) = n1.cli(&["user", "add", user], "pw\n");
+                    assert!(ok, "user add {user}: {out}");
+                });
+            }
+        });
         let (ok, out) = n1.cli(&["cluster", "init"], "");
         assert!(ok, "cluster init: {out}");
         let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).expect("token").to_string();
@@ -340,24 +365,7 @@ impl NsCluster {
     /// The last lines of every node's log (also of a killed node: its log
     /// files are still in its directory).
     pub fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let log = n.server.as_ref().map(|s| s.log()).unwrap_or_else(|| {
-                    std::fs::read_dir(&n.dir)
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
-                        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                        .collect()
-                });
-                let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
-                format!("===== node{} (last lines)\n{}", i + 1, tail.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        logs_of(&self.nodes)
     }
 
     /// Every member healthy and caught up, as node `via` sees it.
@@ -366,4 +374,27 @@ impl NsCluster {
             .status()
             .is_some_and(|st| st.len() == 3 && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0))
     }
+}
+
+/// The last lines of each node's log (also of a killed node: its log
+/// files are still in its directory).
+pub fn logs_of(nodes: &[super::cluster::Node]) -> String {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let log = n.server.as_ref().map(|s| s.log()).unwrap_or_else(|| {
+                std::fs::read_dir(&n.dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect()
+            });
+            let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+            format!("===== node{} (last lines)\n{}", i + 1, tail.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

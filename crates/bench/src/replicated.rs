@@ -37,6 +37,12 @@ pub struct ReplicatedArgs {
     /// Keep the directory (configs, data, logs) at the end.
     #[arg(long)]
     pub keep: bool,
+    /// One directory per cluster node (as many as `--nodes`), each on its
+    /// own filesystem, as separate machines would have: on one filesystem
+    /// every node's fsync waits for the same journal commit. The single node
+    /// stays under `--data-dir`.
+    #[arg(long, value_delimiter = ',')]
+    pub node_dirs: Vec<PathBuf>,
     /// SMTP message payload sizes in bytes; k / m suffixes mean KiB / MiB.
     #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1k,100k,1m")]
     pub sizes: Vec<usize>,
@@ -106,6 +112,9 @@ pub async fn run(args: ReplicatedArgs) -> Result<()> {
     if args.heartbeat_ms == 0 || args.election_min_ms <= 2 * args.heartbeat_ms || args.election_max_ms <= args.election_min_ms {
         bail!("the timers need heartbeat_ms > 0, election_min_ms > 2 x heartbeat_ms and election_max_ms > election_min_ms");
     }
+    if !args.node_dirs.is_empty() && args.node_dirs.len() != args.nodes {
+        bail!("--node-dirs needs one directory per node ({} given, --nodes {})", args.node_dirs.len(), args.nodes);
+    }
     let hamail = find_hamail(args.hamail.clone())?;
     if hamail.components().any(|c| c.as_os_str() == "debug") {
         log(format!("warning: {} looks like a debug build", hamail.display()));
@@ -144,7 +153,15 @@ pub async fn run(args: ReplicatedArgs) -> Result<()> {
     let mut single: Option<Server> = None;
     let outcome = async {
         for i in 0..args.nodes {
-            cluster.nodes.push(Node::new(&dir, &format!("node{}", i + 1), "data", free_port()?, settings)?);
+            let parent = match args.node_dirs.get(i) {
+                Some(d) => {
+                    let d = d.join(dir.file_name().context("bench directory name")?);
+                    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                    d
+                }
+                None => dir.clone(),
+            };
+            cluster.nodes.push(Node::new(&parent, &format!("node{}", i + 1), "data", free_port()?, settings)?);
         }
         single = Some(Server::start(&admin, &single_log).await?);
         let server = single.as_mut().context("no single node")?;
@@ -168,8 +185,11 @@ pub async fn run(args: ReplicatedArgs) -> Result<()> {
     if args.keep {
         log(format!("kept {}", dir.display()));
     } else {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            log(format!("could not remove {}: {e}", dir.display()));
+        let elsewhere = args.node_dirs.iter().filter_map(|d| dir.file_name().map(|name| d.join(name)));
+        for d in std::iter::once(dir.clone()).chain(elsewhere) {
+            if let Err(e) = std::fs::remove_dir_all(&d) {
+                log(format!("could not remove {}: {e}", d.display()));
+            }
         }
         for sock in cluster.nodes.iter().map(|n| &n.socket).chain(single_socket.as_ref()) {
             if !sock.starts_with(&dir) {

@@ -24,6 +24,14 @@ pub struct GroupSpec {
     pub resources: Vec<ResourceSpec>,
     /// Local restarts of a failed resource before the group fails over.
     pub max_restarts: u32,
+    /// The longest its stop may take, in milliseconds (every stop script
+    /// must finish within it). Unset: the cluster's `group_stop_timeout_ms`,
+    /// or for a group whose resources all stop in milliseconds (addresses
+    /// and mail listeners) the much shorter fast budget, which is what lets
+    /// such a group fail over in under a second. See
+    /// [`crate::failover::GroupTiming::stop_budget`].
+    #[serde(default)]
+    pub stop_timeout_ms: Option<u64>,
 }
 
 /// What happens when the home node comes back after a failover.
@@ -108,6 +116,19 @@ impl<'de> Deserialize<'de> for ResourceSpec {
 }
 
 impl ResourceSpec {
+    /// Whether stopping it takes milliseconds whatever happens (no script,
+    /// no filesystem): removing an address, closing listeners, aborting
+    /// the outbound sessions.
+    pub fn stops_fast(&self) -> bool {
+        matches!(
+            self,
+            ResourceSpec::FloatingIp { .. }
+                | ResourceSpec::LoopbackIp { .. }
+                | ResourceSpec::MailService { .. }
+                | ResourceSpec::Delivery { .. }
+        )
+    }
+
     pub fn name(&self) -> &str {
         match self {
             ResourceSpec::FloatingIp { name, .. }
@@ -166,9 +187,18 @@ pub struct ResourceError {
 pub trait ResourceDriver: Send + Sync + 'static {
     async fn start(&self, group: &GroupSpec, resource: &ResourceSpec, context: &StartContext) -> Result<(), ResourceError>;
     /// Must succeed or report: a resource that cannot be stopped keeps the
-    /// group from moving (it must never run in two places).
-    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError>;
+    /// group from moving (it must never run in two places). `budget` is
+    /// the time left for this stop and those of the resources started
+    /// before it (a stop that drains, like the mail listeners', keeps
+    /// within part of it; the caller gives up at its end).
+    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec, budget: std::time::Duration) -> Result<(), ResourceError>;
     async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError>;
+    /// A node that was cut off is back: announce the resource again if it
+    /// is something neighbours cache (a floating address: gratuitous ARP),
+    /// so that hosts that followed the old owner while the cluster was
+    /// split come back to this one. Best effort; most resources have
+    /// nothing to say.
+    async fn reannounce(&self, _group: &GroupSpec, _resource: &ResourceSpec) {}
 }
 
 /// Where the operator wants a group (`group start|stop|move`).
@@ -344,6 +374,7 @@ mod tests {
                 ResourceSpec::MailService { name: "mail".into() },
             ],
             max_restarts: 2,
+            stop_timeout_ms: Some(1500),
         };
         let bytes = postcard::to_allocvec(&spec).unwrap();
         assert_eq!(postcard::from_bytes::<GroupSpec>(&bytes).unwrap(), spec);

@@ -21,6 +21,7 @@ pub mod node;
 pub mod rpc;
 pub mod state_machine;
 pub mod tcp;
+pub mod testimony;
 pub mod tls;
 pub mod types;
 

@@ -23,7 +23,8 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError};
@@ -45,6 +46,18 @@ const PURGED: &str = "purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Entries appended but not yet committed to `db` (readable from here
+    /// meanwhile), and the writer that commits them.
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    writer: Arc<std::sync::mpsc::Sender<Job>>,
+}
+
+/// Work for the writer thread, in the order openraft asked for it.
+enum Job {
+    /// Entries (index, encoded) to commit durably, then `callback`.
+    Append { rows: Vec<(u64, LogId, Vec<u8>)>, callback: LogFlushed<TypeConfig> },
+    /// Answered once every append queued before it is committed.
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 fn io_err(subject: ErrorSubject<crate::types::NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -86,7 +99,22 @@ impl LogStore {
         txn.open_table(ENTRIES).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
-        Ok(LogStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (weak, shared) = (Arc::downgrade(&db), pending.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_loop(&weak, &shared, &rx))
+            .map_err(|e| logs_err(ErrorVerb::Write, format!("starting the log writer: {e}")))?;
+        Ok(LogStore { db, pending, writer: Arc::new(tx) })
+    }
+
+    /// Waits until every append made so far is committed.
+    async fn flushed(&self) -> Result<(), StorageError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writer.send(Job::Barrier(tx)).map_err(|_| logs_err(ErrorVerb::Write, "the log writer stopped"))?;
+        rx.await.map_err(|_| logs_err(ErrorVerb::Write, "the log writer stopped"))
     }
 
     fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StorageError> {
@@ -98,13 +126,19 @@ impl LogStore {
         }
     }
 
-    /// Writes one meta value durably.
-    async fn write_meta<T: Serialize>(&self, key: &'static str, value: &T, subject: ErrorSubject<crate::types::NodeId>) -> Result<(), StorageError> {
+    /// Writes one meta value (fsynced if `durability` says so).
+    async fn write_meta<T: Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        subject: ErrorSubject<crate::types::NodeId>,
+        durability: Durability,
+    ) -> Result<(), StorageError> {
         let bytes = encode(value).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-            txn.set_durability(Durability::Immediate);
+            txn.set_durability(durability);
             {
                 let mut t = txn.open_table(META).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
                 t.insert(key, bytes.as_slice()).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
@@ -122,18 +156,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
+        // The pending entries first: the writer removes one only after it
+        // is in the database, so each entry is in one place or the other.
+        let pending: BTreeMap<u64, Entry> =
+            lock(&self.pending).range((start, end)).map(|(k, e)| (*k, e.clone())).collect();
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_read().map_err(|e| logs_err(ErrorVerb::Read, e))?;
             let t = txn.open_table(ENTRIES).map_err(|e| logs_err(ErrorVerb::Read, e))?;
-            let mut out = Vec::new();
+            let mut out = BTreeMap::new();
             for row in t.range::<u64>((start, end)).map_err(|e| logs_err(ErrorVerb::Read, e))? {
                 let (k, v) = row.map_err(|e| logs_err(ErrorVerb::Read, e))?;
                 let entry: Entry = decode(v.value())
                     .map_err(|e| io_err(ErrorSubject::LogIndex(k.value()), ErrorVerb::Read, e))?;
-                out.push(entry);
+                out.insert(k.value(), entry);
             }
-            Ok(out)
+            out.extend(pending);
+            Ok(out.into_values().collect())
         })
         .await
     }
@@ -143,6 +182,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        // Appended entries count, committed or not (they are readable).
+        let last_pending = lock(&self.pending).last_key_value().map(|(_, e)| e.log_id);
         let db = self.db.clone();
         blocking(move || {
             let purged: Option<LogId> = Self::read_meta(&db, PURGED)?;
@@ -155,7 +196,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
                 None => purged,
             };
-            Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+            Ok(LogState { last_purged_log_id: purged, last_log_id: last_pending.or(last) })
         })
         .await
     }
@@ -165,7 +206,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.write_meta(VOTE, vote, ErrorSubject::Vote).await
+        self.write_meta(VOTE, vote, ErrorSubject::Vote, Durability::Immediate).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -173,8 +214,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || Self::read_meta(&db, VOTE)).await
     }
 
+    /// Not fsynced: it is a hint that lets a restarted node apply what it
+    /// knows was committed before it hears from a leader. Lost with a power
+    /// cut, it only makes the node wait for the leader (or, alone, for the
+    /// blank entry of its new term) to commit those entries again; Raft's
+    /// safety does not depend on it, and an fsync here would cost one per
+    /// commit, in openraft's core loop.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.write_meta(COMMITTED, &committed, ErrorSubject::Store).await
+        self.write_meta(COMMITTED, &committed, ErrorSubject::Store, Durability::Eventual).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -182,45 +229,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(blocking(move || Self::read_meta::<Option<LogId>>(&db, COMMITTED)).await?.flatten())
     }
 
+    /// Returns at once, the entries readable (in `pending`); the writer
+    /// thread commits them — with every other append queued meanwhile, in
+    /// one fsync — and only then calls `callback` (openraft counts an entry
+    /// as stored, for a vote or a commit, only from the callback). Without
+    /// this, openraft's core would wait for each fsync before taking the
+    /// next write, and concurrent writes would each pay their own.
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut rows = Vec::new();
-        for entry in entries {
-            let bytes = encode(&entry).map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
-            rows.push((entry.log_id.index, bytes));
-        }
-        let db = self.db.clone();
-        // One durable commit for the whole batch; the entries are readable
-        // and on disk when it returns, so the callback can be called now.
-        let res = blocking(move || {
-            let mut txn = db.begin_write().map_err(|e| logs_err(ErrorVerb::Write, e))?;
-            txn.set_durability(Durability::Immediate);
-            {
-                let mut t = txn.open_table(ENTRIES).map_err(|e| logs_err(ErrorVerb::Write, e))?;
-                for (index, bytes) in &rows {
-                    t.insert(*index, bytes.as_slice()).map_err(|e| logs_err(ErrorVerb::Write, e))?;
-                }
-            }
-            txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))
-        })
-        .await;
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
+        {
+            let mut pending = lock(&self.pending);
+            for entry in entries {
+                let bytes = encode(&entry).map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+                rows.push((entry.log_id.index, entry.log_id, bytes));
+                pending.insert(entry.log_id.index, entry);
             }
         }
+        self.writer
+            .send(Job::Append { rows, callback })
+            .map_err(|_| logs_err(ErrorVerb::Write, "the log writer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating the raft log");
+        self.flushed().await?;
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(|e| logs_err(ErrorVerb::Delete, e))?;
@@ -236,6 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging the raft log");
+        self.flushed().await?;
         let bytes = encode(&log_id).map_err(|e| logs_err(ErrorVerb::Delete, e))?;
         let db = self.db.clone();
         // The purged id is written in the same commit as the deletion, so
@@ -267,5 +304,78 @@ impl LogStore {
     /// replication tasks hold readers until they wind down.
     pub fn handles(&self) -> usize {
         Arc::strong_count(&self.db)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The writer thread: takes every job queued, commits the appends among
+/// them in one transaction (`Durability::Immediate`), then calls their
+/// callbacks and answers the barriers, in order. Holds the database only
+/// while it works, so that it closes when the last [`LogStore`] goes.
+fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<BTreeMap<u64, Entry>>, jobs: &std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        let mut appends = Vec::new();
+        for job in batch {
+            match job {
+                Job::Append { rows, callback } => appends.push((rows, callback)),
+                Job::Barrier(done) => {
+                    commit_appends(db, pending, std::mem::take(&mut appends));
+                    let _ = done.send(());
+                }
+            }
+        }
+        commit_appends(db, pending, appends);
+    }
+}
+
+fn commit_appends(
+    db: &std::sync::Weak<Database>,
+    pending: &Mutex<BTreeMap<u64, Entry>>,
+    appends: Vec<(Vec<(u64, LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>,
+) {
+    if appends.is_empty() {
+        return;
+    }
+    let result = match db.upgrade() {
+        None => Err("the log is closed".to_string()),
+        Some(db) => (|| -> Result<(), redb::Error> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            {
+                let mut t = txn.open_table(ENTRIES)?;
+                for (rows, _) in &appends {
+                    for (index, _, bytes) in rows {
+                        t.insert(*index, bytes.as_slice())?;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })()
+        .map_err(|e| e.to_string()),
+    };
+    if result.is_ok() {
+        let mut p = lock(pending);
+        for (rows, _) in &appends {
+            for (index, log_id, _) in rows {
+                if p.get(index).is_some_and(|e| e.log_id == *log_id) {
+                    p.remove(index);
+                }
+            }
+        }
+    }
+    for (_, callback) in appends {
+        match &result {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => {
+                tracing::error!("raft log append failed: {e}");
+                callback.log_io_completed(Err(std::io::Error::other(e.clone())));
+            }
+        }
     }
 }

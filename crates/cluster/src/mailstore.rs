@@ -435,7 +435,9 @@ impl MailStore for ReplicatedStore {
                 .await
                 .map_err(|e| StoreError::Internal(format!("hashing the body: {e}")))?
         };
+        let started = Instant::now();
         let (here, there) = tokio::join!(store.put_body(msg.body.clone()), self.replicate(hash, &msg.body));
+        let copied = started.elapsed();
         let stored = here?;
         if stored != hash {
             return Err(StoreError::Internal(format!("body stored as {stored}, hashed as {hash}")));
@@ -449,13 +451,22 @@ impl MailStore for ReplicatedStore {
             body: hash,
             size: msg.body.len() as u64,
             at: unix_now(),
+            resend: msg.resend,
         };
         self.commit_accept(change, queue_id).await?;
+        let committed_at = started.elapsed();
         if copies < data_nodes {
             self.node.mail_events().degraded_accepts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%queue_id, copies, data_nodes, "message accepted with fewer copies than data nodes");
         }
         let committed = self.applied_here(queue_id).await?;
+        tracing::debug!(
+            %queue_id,
+            copied_us = copied.as_micros() as u64,
+            committed_us = committed_at.as_micros() as u64,
+            applied_us = started.elapsed().as_micros() as u64,
+            "accept timings"
+        );
         // A deletion freeing an identical body between our put_body and
         // the apply could have unlinked it: we still have the bytes.
         if !store.has_body(&hash).await? {

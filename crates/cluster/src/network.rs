@@ -28,8 +28,14 @@ use crate::rpc::{Request, Response, Transport, TransportError};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// When each peer last answered a Raft RPC.
-#[derive(Clone, Default)]
-pub struct PeerContacts(Arc<Mutex<HashMap<NodeId, Instant>>>);
+#[derive(Clone)]
+pub struct PeerContacts(Arc<Mutex<HashMap<NodeId, Instant>>>, Instant);
+
+impl Default for PeerContacts {
+    fn default() -> Self {
+        PeerContacts(Arc::default(), Instant::now())
+    }
+}
 
 impl PeerContacts {
     fn touch(&self, id: NodeId) {
@@ -40,6 +46,13 @@ impl PeerContacts {
     pub fn millis_since(&self, id: NodeId) -> Option<u64> {
         let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(&id).map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Milliseconds since `id` last answered, or since this node started if
+    /// it never did (a leader calls every peer at once: one that never
+    /// answered is down).
+    pub fn silent_ms(&self, id: NodeId) -> u64 {
+        self.millis_since(id).unwrap_or_else(|| u64::try_from(self.1.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 }
 

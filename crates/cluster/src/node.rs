@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use hamail_store::LocalStore;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 
 use crate::error::ClusterError;
@@ -130,6 +131,11 @@ pub struct ClusterNode {
     pub(crate) leases: crate::failover::LeaseBook,
     /// The group agent and manager tasks, once started.
     pub(crate) group_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What this node can tell a new leader about older terms.
+    pub(crate) testimony: Arc<crate::testimony::Testimony>,
+    /// The data nodes the leader found silent at our last lease renewal,
+    /// and when we heard it.
+    silent_peers: std::sync::Mutex<Option<(Instant, Vec<NodeId>)>>,
 }
 
 impl ClusterNode {
@@ -157,6 +163,8 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Internal(format!("starting raft: {e}")))?;
         tracing::info!(%id, node = %info, "cluster node started");
+        let testimony = Arc::new(crate::testimony::Testimony::new());
+        tokio::spawn(watch_terms(id, raft.metrics(), Arc::downgrade(&testimony)));
         Ok(Arc::new(ClusterNode {
             id,
             info,
@@ -171,6 +179,8 @@ impl ClusterNode {
             group_table,
             leases: crate::failover::LeaseBook::default(),
             group_tasks: std::sync::Mutex::new(Vec::new()),
+            testimony,
+            silent_peers: std::sync::Mutex::new(None),
         }))
     }
 
@@ -344,10 +354,14 @@ impl ClusterNode {
         let ok = match m.current_leader {
             Some(l) if l == self.id => matches!(tokio::time::timeout(within, self.raft.get_read_log_id()).await, Ok(Ok(_))),
             Some(l) => match m.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n.clone()) {
-                Some(node) => matches!(
-                    self.forward(l, &node, Request::ReadIndex, within).await,
-                    Forwarded::Answer(Response::ReadIndex(Ok(_)))
-                ),
+                Some(node) => match self.forward(l, &node, Request::RenewLease, within).await {
+                    Forwarded::Answer(Response::RenewLease(Ok(silent))) => {
+                        *self.silent_peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some((Instant::now(), silent));
+                        true
+                    }
+                    _ => false,
+                },
                 None => false,
             },
             None => false,
@@ -356,6 +370,19 @@ impl ClusterNode {
             self.leases.renewed(t0);
         }
         ok
+    }
+
+    /// The leader's side of [`Request::RenewLease`].
+    async fn renew_lease_here(&self) -> Result<Vec<NodeId>, WriteError> {
+        self.read_index_here().await?;
+        let members: Vec<NodeId> = self.raft.metrics().borrow().membership_config.nodes().map(|(id, _)| *id).collect();
+        Ok(members.into_iter().filter(|id| *id != self.id && self.peer_silent(*id)).collect())
+    }
+
+    /// This node's answer to [`Request::Testimony`].
+    fn testimony_here(&self, term: u64) -> Option<u64> {
+        let at = self.testimony.below(term)?;
+        Some(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX))
     }
 
     /// The leader's side of [`Request::ReadIndex`].
@@ -478,11 +505,20 @@ impl ClusterNode {
         self.raft.metrics().borrow().membership_config.nodes().any(|(n, _)| *n == id)
     }
 
-    /// On the leader: whether `id` has not answered a Raft RPC for longer
-    /// than two election timeouts (it is down or cut off). Elsewhere (no
-    /// heartbeats of our own to judge by) always false.
+    /// Whether member `id` is down or cut off: bodies are not copied to it
+    /// (a copy would only wait for its timeout), and its return makes group
+    /// owners announce their addresses again. On the
+    /// leader: it has not answered a Raft RPC for longer than two election
+    /// timeouts. On a follower: the leader said so at our last lease
+    /// renewal (a heartbeat or two ago).
     pub fn peer_silent(&self, id: NodeId) -> bool {
-        self.is_leader() && self.contacts.millis_since(id).is_some_and(|ms| ms > 2 * self.timing.election_max_ms)
+        if self.is_leader() {
+            return self.contacts.silent_ms(id) > 2 * self.timing.election_max_ms;
+        }
+        let heard = self.silent_peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        heard.as_ref().is_some_and(|(at, silent)| {
+            at.elapsed() < Duration::from_millis(2 * self.timing.election_max_ms) && silent.contains(&id)
+        })
     }
 
     /// Whether this node has received a membership (a new node has not).
@@ -642,7 +678,18 @@ impl Handler for ClusterNode {
     async fn handle(&self, from: Option<NodeId>, request: Request) -> Response {
         match request {
             Request::AppendEntries(rpc) => match from {
-                Some(_) => Response::AppendEntries(self.raft.append_entries(rpc).await),
+                Some(_) => {
+                    let arrival = self.testimony.arrive(rpc.vote.leader_id().get_term());
+                    let result = self.raft.append_entries(rpc).await;
+                    let acknowledged = matches!(
+                        result,
+                        Ok(AppendEntriesResponse::Success
+                            | AppendEntriesResponse::PartialSuccess(_)
+                            | AppendEntriesResponse::Conflict)
+                    );
+                    self.testimony.settle(arrival, acknowledged);
+                    Response::AppendEntries(result)
+                }
                 None => refused("AppendEntries"),
             },
             Request::Vote(rpc) => match from {
@@ -658,13 +705,21 @@ impl Handler for ClusterNode {
                 None => refused("Write"),
             },
             Request::ReadIndex => match from {
-                Some(peer) => {
-                    // Also a lease renewal: record when it arrived, before
-                    // confirming leadership (see crate::failover).
-                    self.leases.request_from(peer);
-                    Response::ReadIndex(self.read_index_here().await)
-                }
+                Some(_) => Response::ReadIndex(self.read_index_here().await),
                 None => refused("ReadIndex"),
+            },
+            Request::RenewLease => match from {
+                Some(peer) => {
+                    // Record when it arrived, before confirming leadership
+                    // (see crate::failover).
+                    self.leases.request_from(peer);
+                    Response::RenewLease(self.renew_lease_here().await)
+                }
+                None => refused("RenewLease"),
+            },
+            Request::Testimony { term } => match from {
+                Some(_) => Response::Testimony(self.testimony_here(term)),
+                None => refused("Testimony"),
             },
             Request::Status => match from {
                 Some(_) => Response::Status(self.status()),
@@ -688,6 +743,28 @@ impl Handler for ClusterNode {
                 None => refused("Verify"),
             },
             Request::Join(_) => Response::Join(Err(JoinError::Failed("not implemented here".into()))),
+        }
+    }
+}
+
+/// Feeds Raft's term and role changes to the node's testimony until the
+/// node is gone.
+async fn watch_terms(
+    id: NodeId,
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, NodeInfo>>,
+    testimony: std::sync::Weak<crate::testimony::Testimony>,
+) {
+    loop {
+        let (term, leading) = {
+            let m = metrics.borrow_and_update();
+            (m.current_term, m.current_leader == Some(id) && m.state == openraft::ServerState::Leader)
+        };
+        match testimony.upgrade() {
+            Some(t) => t.observe(term, leading),
+            None => return,
+        }
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

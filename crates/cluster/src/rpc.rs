@@ -37,6 +37,15 @@ pub enum Request {
     /// follower then waits until it has applied that far (Raft paper §8,
     /// "read-only operations"; the ReadIndex of Ongaro's thesis §6.4).
     ReadIndex,
+    /// A lease renewal (see [`crate::failover`]): the leader notes when it
+    /// arrived, confirms it still leads as for [`Request::ReadIndex`], and
+    /// answers with the members it finds silent, so that followers, too,
+    /// stop copying bodies to a node that is down and notice its return.
+    RenewLease,
+    /// Asked by the new leader of term `term`: when did you last
+    /// acknowledge, or stop leading, an older term? (See
+    /// [`crate::testimony`].)
+    Testimony { term: u64 },
     /// Store this message body durably (answered after the fsync). Sent by
     /// the node accepting a message to every other data node *before* it
     /// proposes the message's metadata: bodies travel beside the log, so
@@ -62,6 +71,11 @@ pub enum Response {
     Status(NodeStatus),
     /// The log index a read must wait for (`None`: nothing committed yet).
     ReadIndex(Result<Option<u64>, WriteError>),
+    /// The renewal is confirmed; the members the leader finds silent.
+    RenewLease(Result<Vec<NodeId>, WriteError>),
+    /// Microseconds since that instant, when the answer was made; `None`
+    /// while the asked node has not reached the term itself.
+    Testimony(Option<u64>),
     /// The body is durable on the receiver.
     PutBody(Result<(), String>),
     /// The body's bytes (the caller verifies their hash again).

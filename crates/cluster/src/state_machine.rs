@@ -345,6 +345,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
+        let t0 = std::time::Instant::now();
+        let n = pending.len();
         let state_bytes = postcard::to_allocvec(&next).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let last = next.last_applied;
         let results = self.shared.store.apply_state(changes, Some(state_bytes)).await.map_err(|e| match last {
@@ -355,6 +357,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             },
             None => sm_err(ErrorVerb::Write, e),
         })?;
+        tracing::debug!(entries = n, apply_us = t0.elapsed().as_micros() as u64, "state apply");
         let groups_changed = guard.groups != next.groups;
         *guard = next;
         if groups_changed {
@@ -487,12 +490,19 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
             if !spec.nodes.iter().all(|n| nodes.insert(*n)) {
                 return refuse(format!("group {}: a node is listed twice", spec.name));
             }
+            if spec.stop_timeout_ms == Some(0) {
+                return refuse(format!("group {}: stop_timeout_ms must be above 0", spec.name));
+            }
             let placement = t.placement.entry(spec.name.clone()).or_default();
             if let Some(old) = t.groups.get(&spec.name) {
-                let structural = old.nodes != spec.nodes || old.resources != spec.resources;
+                // The stop budget too: the owner stops within the budget it
+                // started with, the leader fences with the current one.
+                let structural = old.nodes != spec.nodes
+                    || old.resources != spec.resources
+                    || old.stop_timeout_ms != spec.stop_timeout_ms;
                 if structural && placement.state != GroupState::Offline {
                     return refuse(format!(
-                        "group {} is {}: stop it before changing its nodes or resources",
+                        "group {} is {}: stop it before changing its nodes, resources or stop timeout",
                         spec.name, placement.state
                     ));
                 }
@@ -537,6 +547,12 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
             p.owner = owner;
             p.state = state;
             p.event = event;
+            // A failover ends an operator's move: the group now runs where
+            // the cluster put it, and with manual failback it must not go
+            // back to the move's destination by itself when that returns.
+            if event == Some(crate::groups::StartEvent::Failover) && matches!(p.target, GroupTarget::Node(_)) {
+                p.target = GroupTarget::Auto;
+            }
             if let Some(n) = failed {
                 if !p.failed_on.contains(&n) {
                     p.failed_on.push(n);
@@ -563,5 +579,57 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
             CommandResult::Done
         }
         other => refuse(format!("not a group command: {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::{Failback, GroupSpec, StartEvent};
+    use crate::types::NodeId;
+
+    fn table() -> GroupTable {
+        let mut t = GroupTable::default();
+        let spec = GroupSpec {
+            name: "g".into(),
+            nodes: vec![NodeId(1), NodeId(2), NodeId(3)],
+            failback: Failback::Manual,
+            resources: vec![],
+            max_restarts: 1,
+            stop_timeout_ms: None,
+        };
+        assert_eq!(apply_group_command(&mut t, Command::PutGroup { spec }), CommandResult::Done);
+        t
+    }
+
+    fn assign(t: &mut GroupTable, owner: u64, event: StartEvent) {
+        let epoch = t.placement["g"].epoch;
+        let cmd = Command::AssignGroup {
+            group: "g".into(),
+            epoch,
+            owner: Some(NodeId(owner)),
+            state: GroupState::Starting,
+            event: Some(event),
+            failed: None,
+        };
+        assert_eq!(apply_group_command(t, cmd), CommandResult::Done);
+    }
+
+    #[test]
+    fn a_failover_ends_the_operators_move() {
+        let mut t = table();
+        assign(&mut t, 1, StartEvent::Start);
+        let set = Command::SetGroupTarget { group: "g".into(), target: GroupTarget::Node(NodeId(2)) };
+        assert_eq!(apply_group_command(&mut t, set), CommandResult::Done);
+        assign(&mut t, 2, StartEvent::Start);
+        assert_eq!(t.placement["g"].target, GroupTarget::Node(NodeId(2)), "a move keeps its target");
+        // Node 2 dies: failover to 1; node 2 coming back must not pull it.
+        assign(&mut t, 1, StartEvent::Failover);
+        assert_eq!(t.placement["g"].target, GroupTarget::Auto);
+        // A stopped group stays stopped.
+        let stop = Command::SetGroupTarget { group: "g".into(), target: GroupTarget::Stopped };
+        assert_eq!(apply_group_command(&mut t, stop), CommandResult::Done);
+        assign(&mut t, 3, StartEvent::Failover);
+        assert_eq!(t.placement["g"].target, GroupTarget::Stopped);
     }
 }

@@ -468,6 +468,8 @@ fn request_kind(request: &Request) -> &'static str {
         Request::Join(_) => "Join",
         Request::Status => "Status",
         Request::ReadIndex => "ReadIndex",
+        Request::RenewLease => "RenewLease",
+        Request::Testimony { .. } => "Testimony",
         Request::PutBody { .. } => "PutBody",
         Request::GetBody(_) => "GetBody",
         Request::Verify => "Verify",

@@ -136,6 +136,7 @@ async fn message(store: &ReplicatedStore, to: &[Address], text: &str) -> Incomin
         remote: Vec::new(),
         body: Arc::new(format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes()),
         queue_id,
+        resend: None,
     }
 }
 

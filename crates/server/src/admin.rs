@@ -296,6 +296,7 @@ async fn run(
                 v["pop3_connections"] = json!(s.pop3_connections.load(Ordering::Relaxed));
                 v["messages_accepted"] = json!(s.messages_accepted.load(Ordering::Relaxed));
                 v["messages_rejected"] = json!(s.messages_rejected.load(Ordering::Relaxed));
+                v["messages_resent"] = json!(s.messages_resent.load(Ordering::Relaxed));
                 v["pop3_logins"] = json!(s.pop3_logins.load(Ordering::Relaxed));
                 v["relay_sent"] = json!(s.relay_sent.load(Ordering::Relaxed));
                 v["relay_deferred"] = json!(s.relay_deferred.load(Ordering::Relaxed));

@@ -83,6 +83,7 @@ impl ClusterRuntime {
                 groups: hamail_cluster::failover::GroupTiming {
                     lease_ms: c.group_lease_ms,
                     stop_timeout_ms: c.group_stop_timeout_ms,
+                    fast_stop_timeout_ms: c.group_fast_stop_timeout_ms,
                     ..Default::default()
                 },
                 ..Timing::default()

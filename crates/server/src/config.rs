@@ -218,6 +218,10 @@ pub struct SmtpSection {
     /// RFC 5321 4.5.3.2.7 asks for at least 5 minutes.
     pub idle_timeout_secs: u64,
     pub plaintext_auth: PlaintextAuth,
+    /// RFC 1047: a transaction sent again within this many seconds (same
+    /// Message-ID, envelope and data: the client lost our `250`) is
+    /// answered `250` and delivered once. 0 turns it off.
+    pub resend_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,11 +272,16 @@ pub struct ClusterSection {
     /// Failover groups: a node runs its groups only while a quorum lease
     /// renewed every ~100 ms is younger than this.
     pub group_lease_ms: u64,
-    /// The longest a group's stop may take (scripts included); the leader
-    /// waits lease + this + a margin before giving a silent node's group to
-    /// another. Lower it (e.g. 300) for groups of addresses and listeners
-    /// only, for a sub-second takeover.
+    /// The longest a group's stop may take (scripts, unmount included),
+    /// unless the group sets its own `stop_timeout_ms`; the leader waits
+    /// lease + this + a margin before giving a silent node's group to
+    /// another.
     pub group_stop_timeout_ms: u64,
+    /// The same for a group of addresses and mail listeners only (they stop
+    /// in milliseconds) when its node loses the lease: what makes their
+    /// takeover sub-second. A move still drains for up to
+    /// `group_stop_timeout_ms`.
+    pub group_fast_stop_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -294,6 +303,7 @@ impl Default for ClusterSection {
             required_copies: None,
             group_lease_ms: 600,
             group_stop_timeout_ms: 2000,
+            group_fast_stop_timeout_ms: 100,
         }
     }
 }
@@ -328,6 +338,7 @@ impl Default for SmtpSection {
             max_connections: 500,
             idle_timeout_secs: 300,
             plaintext_auth: PlaintextAuth::Loopback,
+            resend_window_secs: 3600,
         }
     }
 }
@@ -354,6 +365,16 @@ fn system_hostname() -> String {
 }
 
 impl Config {
+    /// How this node opens a mail store (its own, or a group's on a shared
+    /// disk): its host names are local, bodies and commits are fsynced.
+    pub fn store_options(&self) -> Result<hamail_store::StoreOptions, ServerError> {
+        let mut hostnames = vec![hamail_store::Domain::parse(&self.server.hostname)?];
+        for h in &self.server.local_hostnames {
+            hostnames.push(hamail_store::Domain::parse(h)?);
+        }
+        Ok(hamail_store::StoreOptions { hostnames, ..hamail_store::StoreOptions::default() })
+    }
+
     /// Reads `path`; errors name the file and the line.
     pub fn load(path: &Path) -> Result<Config, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|e| ServerError::Config {
@@ -396,8 +417,11 @@ impl Config {
         if k.election_timeout_max_ms <= k.election_timeout_min_ms {
             return Err(bad("[cluster] election_timeout_max_ms must be above election_timeout_min_ms".into()));
         }
-        if k.group_lease_ms < 2 * k.heartbeat_ms || k.group_stop_timeout_ms == 0 {
-            return Err(bad("[cluster] group_lease_ms must be at least twice heartbeat_ms, group_stop_timeout_ms above 0".into()));
+        if k.group_lease_ms < 2 * k.heartbeat_ms || k.group_stop_timeout_ms == 0 || k.group_fast_stop_timeout_ms == 0 {
+            return Err(bad(
+                "[cluster] group_lease_ms must be at least twice heartbeat_ms, group_stop_timeout_ms and group_fast_stop_timeout_ms above 0"
+                    .into(),
+            ));
         }
         let r = &self.relay;
         if r.smarthost_user.is_some() != r.smarthost_password.is_some() {

@@ -63,6 +63,8 @@ pub struct Stats {
     pub pop3_connections: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub messages_rejected: AtomicU64,
+    /// Resends recognised (RFC 1047): answered 250, not delivered again.
+    pub messages_resent: AtomicU64,
     pub pop3_logins: AtomicU64,
     /// Outbound delivery, per recipient and attempt.
     pub relay_sent: AtomicU64,
@@ -236,7 +238,7 @@ pub async fn start_with_clock(
             let refusal =
                 format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname).into_bytes();
             tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
-                smtp::serve(ctx.clone(), tcp, peer, role, None)
+                smtp::serve(ctx.clone(), ctx.store(), tcp, peer, role, None)
             })));
         }
     }
@@ -245,7 +247,7 @@ pub async fn start_with_clock(
             let ctx = context.clone();
             let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
             tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
-                pop3::serve(ctx.clone(), tcp, peer, implicit_tls, None)
+                pop3::serve(ctx.clone(), ctx.store(), tcp, peer, implicit_tls, None)
             })));
         }
     }

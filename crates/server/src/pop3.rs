@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hamail_pop3::{AuthResult, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session};
-use hamail_store::Address;
+use hamail_store::{Address, MailStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -30,8 +30,11 @@ struct Tally {
     result: &'static str,
 }
 
+/// Serves one POP3 connection from the maildrops of `store` (the node's,
+/// or a group's store on its shared disk).
 pub(crate) async fn serve(
     ctx: Arc<Context>,
+    store: Arc<dyn MailStore>,
     tcp: TcpStream,
     peer: SocketAddr,
     implicit_tls: bool,
@@ -90,7 +93,7 @@ pub(crate) async fn serve(
                 Next::OpenMaildrop(user) => {
                     let result = match ctx.maildrop_locks.try_lock(&user) {
                         None => MaildropResult::InUse,
-                        Some(guard) => match ctx.store().mailbox(&user).await {
+                        Some(guard) => match store.mailbox(&user).await {
                             Ok(entries) => {
                                 lock = Some(guard);
                                 bump(&ctx.stats.pop3_logins);
@@ -103,7 +106,7 @@ pub(crate) async fn serve(
                     chain(out.reply, session.maildrop_opened(result))
                 }
                 Next::Fetch(hash) => {
-                    let result = ctx.store().body(&hash).await;
+                    let result = store.body(&hash).await;
                     if let Ok(b) = &result {
                         tally.retrieved += 1;
                         tally.retrieved_bytes += b.len();
@@ -111,7 +114,7 @@ pub(crate) async fn serve(
                     chain(out.reply, session.fetched(result))
                 }
                 Next::Update { user, delete } => {
-                    let result = ctx.store().delete(&user, &delete).await;
+                    let result = store.delete(&user, &delete).await;
                     tally.deleted = if result.is_ok() { delete.len() } else { 0 };
                     tally.result = if result.is_ok() { "quit" } else { "update failed" };
                     if let Err(e) = &result {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
-use hamail_store::{Incoming, Resolution, StoreError};
+use hamail_store::{Fingerprint, Incoming, MailStore, Resolution, ResendKey, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -33,8 +33,11 @@ fn chain(mut pending: Vec<u8>, out: Output) -> Output {
     Output { reply: pending, next: out.next }
 }
 
+/// Serves one SMTP connection; accepted mail goes to `store` (the node's,
+/// or a group's store on its shared disk).
 pub(crate) async fn serve(
     ctx: Arc<Context>,
+    store: Arc<dyn MailStore>,
     tcp: TcpStream,
     peer: SocketAddr,
     role: SmtpRole,
@@ -115,7 +118,7 @@ pub(crate) async fn serve(
                 chain(out.reply, session.authenticated(result))
             }
             Next::Deliver(txn) => {
-                let result = deliver(ctx, &txn).await;
+                let result = deliver(ctx, store.as_ref(), &txn).await;
                 chain(out.reply, session.delivered(result))
             }
             Next::StartTls => {
@@ -142,9 +145,9 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, username: &str, password
     }
 }
 
-async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
+async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
     let started = std::time::Instant::now();
-    let queue_id = ctx.store().next_queue_id().await?;
+    let queue_id = store.next_queue_id().await?;
     let hostname = &ctx.config.server.hostname;
     let date = hamail_smtp::rfc5322_date(crate::unix_now() as i64);
     let body = hamail_smtp::stamp_message(txn, queue_id, hostname, &date, hostname);
@@ -155,13 +158,20 @@ async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Commi
         remote: txn.remote.clone(),
         body: Arc::new(body),
         queue_id,
+        resend: resend_key(ctx.config.smtp.resend_window_secs, txn),
     };
-    let result = ctx.store().accept(incoming).await;
+    let result = store.accept(incoming).await;
     let to = summarize_recipients(&txn.recipients);
     let from = txn.return_path.as_deref().unwrap_or("");
     let auth = txn.authenticated.as_deref().unwrap_or("-");
     let ms = started.elapsed().as_millis();
     match &result {
+        Ok(c) if c.resend_of().is_some() => {
+            bump(&ctx.stats.messages_resent);
+            tracing::info!(target: "hamail::mail",
+                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result=250 already delivered as {} (resend)",
+                txn.peer.ip(), txn.helo, txn.recipients.len(), c.resend_of().map(|q| q.to_string()).unwrap_or_default())
+        }
         Ok(_) => {
             bump(&ctx.stats.messages_accepted);
             if !txn.remote.is_empty() {
@@ -180,6 +190,20 @@ async fn deliver(ctx: &Context, txn: &Transaction) -> Result<hamail_store::Commi
         }
     }
     result
+}
+
+/// What recognises this transaction if the client sends it again (RFC
+/// 1047): over what the client sent, since the stored body carries our
+/// `Received:` line with a new queue id each time. Mail without a
+/// Message-ID is never taken for a resend (identical mail may be sent
+/// twice on purpose).
+fn resend_key(window_secs: u64, txn: &Transaction) -> Option<ResendKey> {
+    if window_secs == 0 {
+        return None;
+    }
+    let id = txn.message_id()?;
+    let fingerprint = Fingerprint::of(&id, txn.return_path.as_deref(), &txn.recipients, &txn.body);
+    Some(ResendKey { fingerprint, window_secs })
 }
 
 /// `<a>,<b>,<c>` for the log line; long lists are cut (1000 recipients are

@@ -73,6 +73,7 @@ fn group(resources: Vec<ResourceSpec>) -> GroupSpec {
         failback: Failback::Manual,
         resources,
         max_restarts: 1,
+        stop_timeout_ms: None,
     }
 }
 
@@ -183,7 +184,7 @@ async fn start_holds_the_lease_and_stop_releases_it() {
     assert!(c2 >= c1 + 2, "the heartbeat counter grows: {c1} → {c2}");
     d.monitor(&g, &r).await.expect("monitor");
 
-    d.stop(&g, &r).await.expect("stop");
+    d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("stop");
     assert!(!disk.mounted_on("a"));
     assert_eq!(disk.mounts(), 0);
     let (holder, c3, released) = disk.record().unwrap();
@@ -192,7 +193,7 @@ async fn start_holds_the_lease_and_stop_releases_it() {
     assert_eq!(disk.record().unwrap().1, c3, "no heartbeat after stop");
     let e = d.monitor(&g, &r).await.expect_err("stopped");
     assert!(e.message.contains("no longer mounted"), "{e}");
-    d.stop(&g, &r).await.expect("stopping again is fine");
+    d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("stopping again is fine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +217,7 @@ async fn a_second_node_is_refused_while_the_first_holds_the_disk() {
     assert!(b.monitor(&gb, &rb).await.is_err());
     assert!(b_lines.lock().unwrap().iter().any(|(_, l)| l.contains("watching it")), "{:?}", b_lines.lock().unwrap());
 
-    a.stop(&ga, &ra).await.expect("A stops");
+    a.stop(&ga, &ra, std::time::Duration::from_secs(2)).await.expect("A stops");
     let t = Instant::now();
     b.start(&gb, &rb, &CTX).await.expect("B starts after A released");
     assert!(t.elapsed() < Duration::from_secs(3), "a released lease is taken at once: {:?}", t.elapsed());
@@ -229,7 +230,7 @@ async fn a_second_node_is_refused_while_the_first_holds_the_disk() {
     let e = a.start(&ga, &ra, &CTX).await.expect_err("A is refused now");
     assert!(e.message.contains("node-b"), "{e}");
     assert_eq!(disk.mounts(), 1);
-    b.stop(&gb, &rb).await.expect("B stops");
+    b.stop(&gb, &rb, std::time::Duration::from_secs(2)).await.expect("B stops");
     assert_eq!(disk.mounts(), 0);
 }
 
@@ -262,7 +263,7 @@ async fn a_dead_holder_is_taken_over_only_after_the_takeover_wait() {
     let lines = b_lines.lock().unwrap().clone();
     assert!(lines.iter().any(|(_, l)| l.contains("taking it over")), "{lines:?}");
     b.monitor(&gb, &rb).await.expect("B healthy");
-    b.stop(&gb, &rb).await.expect("B stops");
+    b.stop(&gb, &rb, std::time::Duration::from_secs(2)).await.expect("B stops");
     assert!(disk.record().unwrap().2, "released");
 }
 

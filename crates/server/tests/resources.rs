@@ -61,6 +61,7 @@ fn group(name: &str, resources: Vec<ResourceSpec>) -> GroupSpec {
         failback: Failback::Manual,
         resources,
         max_restarts: 1,
+        stop_timeout_ms: None,
     }
 }
 
@@ -129,7 +130,7 @@ async fn exec_scripts_get_the_seeds_environment_and_their_output_is_logged() {
         d.start(&g, &r, &StartContext { event, home, disk_ok }).await.expect("start script");
         d.monitor(&g, &r).await.expect("exec monitor is always ok");
         assert_eq!(read_env(&start_out), expected_env(ev, server, disk), "start, {ev}");
-        d.stop(&g, &r).await.expect("stop script");
+        d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("stop script");
         // The stop script gets the event that started the resource.
         assert_eq!(read_env(&stop_out), expected_env(ev, server, disk), "stop, {ev}");
     }
@@ -152,7 +153,7 @@ async fn exec_failures_are_errors_and_a_timeout_kills_the_whole_process_group() 
     let g = group("g", vec![r.clone()]);
     let e = d.start(&g, &r, &ctx).await.expect_err("non-zero exit");
     assert!(e.message.contains("status 3") && !e.permanent, "{e}");
-    d.stop(&g, &r).await.expect("an empty stop command does nothing");
+    d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("an empty stop command does nothing");
 
     // The script starts a grandchild in its group, then hangs: both die.
     let pidfile = tmp.path().join("grandchild.pid");
@@ -239,8 +240,8 @@ async fn mail_service_on_a_loopback_address_serves_there_until_stopped() {
     BufReader::new(&idle).read_line(&mut line).unwrap();
     assert!(line.starts_with("220"), "{line}");
 
-    d.stop(&g, &mail).await.expect("stop mail");
-    d.stop(&g, &mail).await.expect("stopping again is fine");
+    d.stop(&g, &mail, std::time::Duration::from_secs(2)).await.expect("stop mail");
+    d.stop(&g, &mail, std::time::Duration::from_secs(2)).await.expect("stopping again is fine");
     assert!(d.mail_addresses("mailgroup", "mail").is_none());
     // The listener closes when the aborted accept loop is dropped.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -253,7 +254,7 @@ async fn mail_service_on_a_loopback_address_serves_there_until_stopped() {
     assert!(n_read.is_ok() && rest.starts_with("421 4.3.2 "), "session not closed with 421: {n_read:?} {rest:?}");
     assert!(d.monitor(&g, &mail).await.is_err(), "monitor of a stopped service");
 
-    d.stop(&g, &ip).await.expect("stop ip");
+    d.stop(&g, &ip, std::time::Duration::from_secs(2)).await.expect("stop ip");
     assert!(d.monitor(&g, &ip).await.is_err());
 }
 
@@ -447,9 +448,9 @@ async fn floating_ip_is_added_announced_and_removed_in_a_namespace() {
             let e = dd.start(&gg, &bad, &ctx).await.expect_err("no such interface");
             assert!(e.permanent && e.message.contains("nosuch0"), "{e}");
 
-            dd.stop(&gg, &v4).await.expect("stop v4");
-            dd.stop(&gg, &v6).await.expect("stop v6");
-            dd.stop(&gg, &v4).await.expect("stopping again is fine");
+            dd.stop(&gg, &v4, std::time::Duration::from_secs(2)).await.expect("stop v4");
+            dd.stop(&gg, &v6, std::time::Duration::from_secs(2)).await.expect("stop v6");
+            dd.stop(&gg, &v4, std::time::Duration::from_secs(2)).await.expect("stopping again is fine");
             let addrs = sh(&["ip", "-n", &owner2, "-o", "addr", "show", "dev", "hv0"]).unwrap();
             assert!(!addrs.contains("198.18.0.100") && !addrs.contains("2001:db8:18::100"), "{addrs}");
             let e = dd.monitor(&gg, &v4).await.expect_err("gone");
@@ -527,7 +528,7 @@ async fn disk_is_checked_mounted_and_released_killing_its_users() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(holder.try_wait().unwrap().is_none(), "holder runs");
 
-    d.stop(&g, &r).await.expect("stop disk");
+    d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("stop disk");
     let status = holder.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "the holder was killed");
@@ -535,12 +536,12 @@ async fn disk_is_checked_mounted_and_released_killing_its_users() {
     assert!(!mounts.contains(&format!(" {mp} ")), "{mounts}");
     let e = d.monitor(&g, &r).await.expect_err("unmounted");
     assert!(e.message.contains("no longer mounted"), "{e}");
-    d.stop(&g, &r).await.expect("stopping again is fine");
+    d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("stopping again is fine");
     let lines = lines.lock().unwrap().clone();
     assert!(lines.iter().any(|(_, l)| l.starts_with("killing process") && l.contains(&mp)), "{lines:?}");
 
     // Mounted again: the file written before is there (fsck ran clean).
     d.start(&g, &r, &ctx).await.expect("start again");
     assert!(disk.mount_point.join("held-file").exists());
-    d.stop(&g, &r).await.expect("stop again");
+    d.stop(&g, &r, std::time::Duration::from_secs(2)).await.expect("stop again");
 }

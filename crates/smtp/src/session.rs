@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
-use hamail_store::{Address, Committed, QueueId, StoreError};
+use hamail_store::{Address, Committed, StoreError};
 use smtp_proto::{Error as ProtoError, Request};
 
 use crate::data::{DataDecoder, DataProblem, Feed};
@@ -389,17 +389,23 @@ impl Session {
 
     /// The answer to [`Next::Deliver`]: only a [`Committed`] (which only the
     /// store can make) lets us say `250`.
+    /// A recognised resend (RFC 1047) gets `250` too, naming the
+    /// transaction that delivered it.
     pub fn delivered(&mut self, result: Result<Committed, StoreError>) -> Output {
-        self.finish_delivery(result.map(|c| c.queue_id()))
+        self.finish_delivery_with(result.map(|c| match c.resend_of() {
+            Some(original) => format!("250 2.0.0 Ok: already delivered as {original}"),
+            None => format!("250 2.0.0 Ok: queued as {}", c.queue_id()),
+        }))
     }
 
-    pub(crate) fn finish_delivery(&mut self, result: Result<QueueId, StoreError>) -> Output {
+    /// `result`: the `250` line to send, or why not.
+    fn finish_delivery_with(&mut self, result: Result<String, StoreError>) -> Output {
         match self.waiting.take() {
             Some(Waiting::Deliver) => {}
             other => return self.wrong_state(other, "delivered"),
         }
         match result {
-            Ok(id) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+            Ok(line) => self.reply(&line),
             Err(e) if e.is_temporary() => {
                 self.reply("451 4.3.0 Temporary failure in the mail store, try again later")
             }
@@ -1052,6 +1058,14 @@ impl Session {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use hamail_store::QueueId;
+
+    impl Session {
+        /// `delivered` without a store: a queue id stands for the proof.
+        pub(crate) fn finish_delivery(&mut self, result: Result<QueueId, StoreError>) -> Output {
+            self.finish_delivery_with(result.map(|id| format!("250 2.0.0 Ok: queued as {id}")))
+        }
+    }
 
     /// A fake driver: `@local.example` users exist (except `nobody`),
     /// `alias@local.example` expands to two users, other domains are remote;

@@ -63,6 +63,29 @@ fn has_field(headers: &[u8], name: &str) -> bool {
     })
 }
 
+/// The unfolded value (RFC 5322 2.2.3) of the first field named `name`,
+/// trimmed; `None` when absent or empty.
+fn field_value(headers: &[u8], name: &str) -> Option<String> {
+    let mut lines = headers.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let first = lines.find(|line| {
+        line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name.as_bytes()) && line[name.len()] == b':'
+    })?;
+    let mut value = first[name.len() + 1..].to_vec();
+    for cont in lines.take_while(|l| l.first().is_some_and(|b| *b == b' ' || *b == b'\t')) {
+        value.extend_from_slice(cont);
+    }
+    let value = String::from_utf8_lossy(&value).trim().to_string();
+    (!value.is_empty()).then_some(value)
+}
+
+impl Transaction {
+    /// The `Message-ID:` of the message as the client sent it (what
+    /// recognises a resend, RFC 1047), if it has one.
+    pub fn message_id(&self) -> Option<String> {
+        field_value(header_block(&self.body), "Message-ID")
+    }
+}
+
 /// Strips anything that could break a header line out of peer-supplied text
 /// (the HELO name is the client's): CR, LF and other controls.
 fn clean(s: &str) -> String {
@@ -154,6 +177,18 @@ mod tests {
             authenticated: auth.then(|| "u@b.example".to_string()),
             esmtp: true,
         }
+    }
+
+    #[test]
+    fn message_id_is_read_from_the_header_block_only() {
+        let t = txn(b"Subject: x\r\nmessage-ID:  <a@b>\r\n\r\nhi\r\n", false, &["r@x"]);
+        assert_eq!(t.message_id().as_deref(), Some("<a@b>"));
+        let t = txn(b"Message-ID:\r\n <folded@b>\r\nSubject: x\r\n\r\n", false, &["r@x"]);
+        assert_eq!(t.message_id().as_deref(), Some("<folded@b>"));
+        let t = txn(b"Subject: x\r\n\r\nMessage-ID: <in-body@b>\r\n", false, &["r@x"]);
+        assert_eq!(t.message_id(), None);
+        let t = txn(b"Message-IDX: <a@b>\r\nMessage-ID: \r\n\r\n", false, &["r@x"]);
+        assert_eq!(t.message_id(), None, "another field, then an empty one");
     }
 
     #[test]

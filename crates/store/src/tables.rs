@@ -41,6 +41,16 @@ pub(crate) const CONSENSUS_APPLIED: &str = "applied";
 /// be proven after the fact.
 pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 
+/// Resend recognition (RFC 1047, see [`crate::ResendKey`]): fingerprint →
+/// postcard (queue id, accepted at) of the first accept with it, kept for
+/// the window only.
+pub(crate) const RESEND_FINGERPRINTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("resend_fingerprints");
+/// (accepted at, fingerprint): the same rows in age order, for pruning.
+pub(crate) const RESEND_AGES: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("resend_ages");
+/// queue id of a recognised resend → postcard (original queue id, at): the
+/// proof (`committed`) that the resend is answered `250`.
+pub(crate) const RESENDS: TableDefinition<u64, &[u8]> = TableDefinition::new("resends");
+
 /// sequence number → an opaque cluster event record (the cluster's event
 /// log, `hamail log`): written by the state machine, only the last few
 /// thousand kept. Apart from the consensus blob so that applying an event

@@ -150,6 +150,64 @@ pub struct Incoming {
     /// The queue id the session already used in the `Received:` header,
     /// obtained from [`MailStore::next_queue_id`].
     pub queue_id: QueueId,
+    /// How to recognise this transaction if the client sends it again
+    /// (RFC 1047); `None`: never treated as a resend.
+    pub resend: Option<ResendKey>,
+}
+
+/// What identifies one SMTP transaction as the client sent it: the
+/// `Message-ID:` header, the envelope (MAIL FROM and the sorted RCPT TO
+/// list) and the SHA-256 of the DATA the client sent (before our
+/// `Received:` header, which differs at every attempt).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Each part is length-prefixed, so no two different transactions give
+    /// the same input to the hash. Recipients are compared case-insensitively
+    /// and as a set (order and repetitions do not make another transaction).
+    pub fn of(message_id: &str, return_path: Option<&str>, recipients: &[String], data: &[u8]) -> Fingerprint {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        part(b"hamail-resend-1");
+        part(message_id.trim().as_bytes());
+        match return_path {
+            Some(p) => part(p.as_bytes()),
+            None => part(b"<>"),
+        }
+        let mut rcpts: Vec<String> = recipients.iter().map(|r| r.to_lowercase()).collect();
+        rcpts.sort();
+        rcpts.dedup();
+        part(&(rcpts.len() as u64).to_be_bytes());
+        for r in &rcpts {
+            part(r.as_bytes());
+        }
+        part(&sha2::Sha256::digest(data));
+        Fingerprint(h.finalize().into())
+    }
+}
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", &hex::encode(self.0)[..16])
+    }
+}
+
+/// Resend recognition (RFC 1047) for one accept: a client that lost our
+/// `250` (the connection broke, the node failed over) sends the same
+/// transaction again. If an accept with the same fingerprint was applied
+/// at most `window_secs` earlier (by the accepts' own timestamps, so every
+/// node of a cluster decides the same), the new one is answered `250` but
+/// delivers nothing: the message is already in every maildrop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResendKey {
+    pub fingerprint: Fingerprint,
+    /// Carried in the accept (not read from each node's configuration) so
+    /// that every node applying it decides alike.
+    pub window_secs: u64,
 }
 
 /// Proof that a message is durable: body fsynced and renamed, metadata
@@ -160,12 +218,22 @@ pub struct Committed {
     queue_id: QueueId,
     body: BodyHash,
     size: u64,
+    resend_of: Option<QueueId>,
 }
 impl Committed {
     /// Only for store backends in this crate (and the replicated one built on
     /// it through [`crate`]'s own apply functions).
     pub(crate) fn new(queue_id: QueueId, body: BodyHash, size: u64) -> Self {
-        Committed { queue_id, body, size }
+        Committed { queue_id, body, size, resend_of: None }
+    }
+    /// A recognised resend of `original` (see [`ResendKey`]): nothing new
+    /// was delivered; `body` and `size` are the original's.
+    pub(crate) fn resend(queue_id: QueueId, body: BodyHash, size: u64, original: QueueId) -> Self {
+        Committed { queue_id, body, size, resend_of: Some(original) }
+    }
+    /// The queue id of the transaction this one was a resend of, if it was.
+    pub fn resend_of(&self) -> Option<QueueId> {
+        self.resend_of
     }
     pub fn queue_id(&self) -> QueueId {
         self.queue_id
@@ -363,7 +431,9 @@ pub enum MailChange {
     /// A message accepted by some node: one maildrop entry per local
     /// recipient (entry ids allocated by the applying store, the same on
     /// every node since all apply the same log), a queue entry for remote
-    /// ones. Applying the same queue id twice does nothing. The body file
+    /// ones. Applying the same queue id twice does nothing, and an accept
+    /// whose `resend` fingerprint was applied within its window delivers
+    /// nothing either (see [`ResendKey`]). The body file
     /// may be absent on this node: the message is recorded anyway, and the
     /// body is listed by `missing_bodies` until it is fetched.
     Accept {
@@ -374,6 +444,7 @@ pub enum MailChange {
         body: BodyHash,
         size: u64,
         at: u64,
+        resend: Option<ResendKey>,
     },
     /// POP3 UPDATE: these entries of this user go (ids already gone are
     /// ignored).

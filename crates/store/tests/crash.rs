@@ -70,6 +70,7 @@ async fn child(dir: PathBuf) {
                     remote: if remote { vec!["r@far.test".into()] } else { vec![] },
                     body: Arc::new(body),
                     queue_id: store.next_queue_id().await.unwrap(),
+                    resend: None,
                 };
                 let c = store.accept(msg).await.unwrap();
                 let line = format!("ACK {} {} {} {}\n", c.queue_id().0, c.body(), local.join(","), remote as u8);

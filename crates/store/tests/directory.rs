@@ -67,6 +67,7 @@ async fn users_passwords_and_maildrop_removal() {
         remote: vec![],
         body: body.clone(),
         queue_id: s.next_queue_id().await.unwrap(),
+        resend: None,
     };
     let c = s.accept(msg).await.unwrap();
     let info = s.users().await.unwrap();
@@ -221,7 +222,7 @@ async fn applied_changes_snapshots_and_consensus_state() {
     let qid = b.next_queue_id().await.unwrap();
     let body = Arc::new(b"Subject: x\r\n\r\nx\r\n".to_vec());
     let hash_b = BodyHash::of(&body);
-    b.accept(Incoming { return_path: None, local: vec![addr("old@a.test")], remote: vec![], body, queue_id: qid })
+    b.accept(Incoming { return_path: None, local: vec![addr("old@a.test")], remote: vec![], body, queue_id: qid, resend: None })
         .await
         .unwrap();
     b.import_directory(snap.clone(), b"log-9".to_vec()).await.unwrap();

@@ -32,6 +32,7 @@ async fn incoming(store: &LocalStore, local: &[&str], remote: &[&str], body: &[u
         remote: remote.iter().map(|s| s.to_string()).collect(),
         body: Arc::new(body.to_vec()),
         queue_id: store.next_queue_id().await.unwrap(),
+        resend: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn accept(qid: u64, body: &[u8]) -> StateChange {
         body: BodyHash::of(body),
         size: body.len() as u64,
         at: 1_700_000_000,
+        resend: None,
     })
 }
 

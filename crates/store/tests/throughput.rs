@@ -33,6 +33,7 @@ fn accept_throughput() {
                         remote: vec![],
                         body: Arc::new(body),
                         queue_id: store.next_queue_id().await.unwrap(),
+                        resend: None,
                     };
                     store.accept(msg).await.unwrap();
                 }

@@ -208,6 +208,9 @@ impl TestCluster {
 
     /// A cluster of voters with these roles (node `i + 1` has `roles[i]`).
     pub async fn start_with_roles(roles: &[Role], timing: Timing, seed: u64) -> TestCluster {
+        // RUST_LOG=hamail_cluster=debug shows the nodes' logs (with
+        // --nocapture) when a test needs explaining.
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
         let n = roles.len() as u64;
         let root = tempfile::tempdir().unwrap();
         let mut c = TestCluster {

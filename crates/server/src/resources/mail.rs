@@ -8,6 +8,15 @@
 //! `smtp::serve`, `pop3::serve`); each listener kind has its own connection
 //! limit of the configured size.
 //!
+//! Shared-disk mode: when the group also holds a `disk` resource (started
+//! before this one), the group's sessions use a mail store on that disk
+//! (`<mount_point>/hamail-store`) instead of the node's (replicated) one:
+//! the maildrops and queue follow the disk from node to node, as the seed's
+//! spool did. Users and domains stay the cluster's. On stop the store is
+//! closed — every session that could hold it ended — before the disk is
+//! unmounted; a store that cannot be closed fails the stop, so the disk is
+//! never released while this node could still write it.
+//!
 //! Port 0 in the config means "any port" here too; `MailAddresses` tells
 //! which ones were chosen.
 //!
@@ -32,7 +41,9 @@ use hamail_cluster::groups::ResourceError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{env_error, run_error};
+use hamail_store::{LocalStore, MailStore};
+
+use super::{config_error, env_error, run_error};
 use crate::{accept_loop, config::ClusterRole, pop3, smtp, Context, SmtpRole};
 
 /// The addresses a group's mail listeners are bound to.
@@ -53,6 +64,8 @@ pub(crate) struct MailRunning {
     drain: tokio::sync::watch::Sender<bool>,
     stop: tokio::sync::watch::Sender<bool>,
     active: Arc<std::sync::atomic::AtomicUsize>,
+    /// The group's store on its shared disk (shared-disk mode).
+    disk_store: Option<Arc<LocalStore>>,
 }
 
 /// Counts a session while it lives.
@@ -91,8 +104,9 @@ impl MailRunning {
     }
 
     /// Closes the listeners, lets sessions end at a safe point (up to
-    /// `grace`), then cuts the rest.
-    pub async fn stop(self, grace: Duration) {
+    /// `grace`), then cuts the rest; then closes the shared-disk store, if
+    /// any — an error if it is still in use after `grace` more.
+    pub async fn stop(self, grace: Duration) -> Result<(), String> {
         for t in &self.tasks {
             t.abort();
         }
@@ -106,6 +120,19 @@ impl MailRunning {
             tracing::warn!(sessions = left, "mail sessions still running after the drain grace: cut");
         }
         let _ = self.stop.send(true);
+        let Some(store) = self.disk_store else { return Ok(()) };
+        // The cut sessions drop their handles as their tasks end.
+        let deadline = tokio::time::Instant::now() + grace.max(Duration::from_millis(100));
+        while Arc::strong_count(&store) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match Arc::try_unwrap(store) {
+            Ok(store) => {
+                // Closing joins the store's committer thread: off the runtime.
+                tokio::task::spawn_blocking(move || drop(store)).await.map_err(|e| format!("closing the store: {e}"))
+            }
+            Err(_) => Err("the shared-disk store is still in use: not released".into()),
+        }
     }
 }
 
@@ -150,7 +177,22 @@ fn bind(
 }
 
 /// Binds every listener on `ip` (all or none) and starts serving.
-pub(crate) async fn start(ctx: &Arc<Context>, resource: &str, ip: IpAddr) -> Result<MailRunning, ResourceError> {
+/// Opens a group's store on its shared disk (mounted at `mount_point`).
+pub(crate) async fn open_disk_store(ctx: &Context, resource: &str, mount_point: &str) -> Result<Arc<LocalStore>, ResourceError> {
+    let options = ctx.config.store_options().map_err(|e| config_error(resource, e.to_string()))?;
+    let dir = std::path::Path::new(mount_point).join("hamail-store");
+    tokio::task::spawn_blocking(move || LocalStore::open(&dir, options))
+        .await
+        .map_err(|e| run_error(resource, format!("opening the store on the shared disk: {e}")))?
+        .map_err(|e| run_error(resource, format!("opening the store on the shared disk ({mount_point}): {e}")))
+}
+
+pub(crate) async fn start(
+    ctx: &Arc<Context>,
+    resource: &str,
+    ip: IpAddr,
+    disk_store: Option<Arc<LocalStore>>,
+) -> Result<MailRunning, ResourceError> {
     let c = &ctx.config;
     if c.cluster.role == ClusterRole::Witness {
         return Err(env_error(
@@ -181,13 +223,18 @@ pub(crate) async fn start(ctx: &Arc<Context>, resource: &str, ip: IpAddr) -> Res
     for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
         for (l, _) in listeners {
             let ctx = ctx.clone();
+            let disk_store = disk_store.clone();
             let (stopped, draining, active) = (stopped.clone(), draining.clone(), active.clone());
             // RFC 5321 3.8: 421 when the service is not available.
             let refusal = format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname)
                 .into_bytes();
             tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
                 let counted = Active::new(&active);
-                let session = smtp::serve(ctx.clone(), tcp, peer, role, Some(draining.clone()));
+                let store: Arc<dyn MailStore> = match &disk_store {
+                    Some(s) => s.clone(),
+                    None => ctx.store(),
+                };
+                let session = smtp::serve(ctx.clone(), store, tcp, peer, role, Some(draining.clone()));
                 let stopped = stopped.clone();
                 async move {
                     let r = until_stopped(stopped, session).await;
@@ -200,11 +247,16 @@ pub(crate) async fn start(ctx: &Arc<Context>, resource: &str, ip: IpAddr) -> Res
     for (implicit_tls, listeners) in [(false, pop3_l), (true, pop3s_l)] {
         for (l, _) in listeners {
             let ctx = ctx.clone();
+            let disk_store = disk_store.clone();
             let (stopped, draining, active) = (stopped.clone(), draining.clone(), active.clone());
             let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
             tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
                 let counted = Active::new(&active);
-                let session = pop3::serve(ctx.clone(), tcp, peer, implicit_tls, Some(draining.clone()));
+                let store: Arc<dyn MailStore> = match &disk_store {
+                    Some(s) => s.clone(),
+                    None => ctx.store(),
+                };
+                let session = pop3::serve(ctx.clone(), store, tcp, peer, implicit_tls, Some(draining.clone()));
                 let stopped = stopped.clone();
                 async move {
                     let r = until_stopped(stopped, session).await;
@@ -215,7 +267,7 @@ pub(crate) async fn start(ctx: &Arc<Context>, resource: &str, ip: IpAddr) -> Res
         }
     }
     tracing::info!(resource, %ip, ?addresses, "group mail listeners started");
-    Ok(MailRunning { addresses, tasks, drain, stop, active })
+    Ok(MailRunning { addresses, tasks, drain, stop, active, disk_store })
 }
 
 /// Runs a session until it ends or the service stops (then the session's

@@ -27,6 +27,7 @@ mod exec;
 mod ip;
 mod mail;
 
+use std::time::Duration;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
@@ -142,6 +143,26 @@ pub(crate) fn run_error(resource: &str, message: impl Into<String>) -> ResourceE
     ResourceError { resource: resource.to_string(), message: message.into(), permanent: false }
 }
 
+/// The mount point of the group's shared disk, if it has one: the mail
+/// service `resource` then keeps the group's mail there. The disk must be
+/// started before (listed before) the mail service.
+fn group_disk<'g>(group: &'g GroupSpec, resource: &str) -> Result<Option<&'g str>, ResourceError> {
+    let position = |want: &dyn Fn(&ResourceSpec) -> bool| group.resources.iter().position(want);
+    let disk = position(&|r| matches!(r, ResourceSpec::Disk { .. }));
+    let mail = position(&|r| r.name() == resource);
+    match (disk, mail) {
+        (Some(d), Some(m)) if d > m => Err(config_error(
+            resource,
+            format!("group {}: list the disk resource before the mail service (its store is on the disk)", group.name),
+        )),
+        (Some(d), _) => match &group.resources[d] {
+            ResourceSpec::Disk { mount_point, .. } => Ok(Some(mount_point.as_str())),
+            _ => Ok(None),
+        },
+        (None, _) => Ok(None),
+    }
+}
+
 /// `198.18.0.100/24` → (address, prefix). `prefix_required`: a floating
 /// address must say its prefix (a silent /32 would change routing); a
 /// loopback one may omit it.
@@ -227,7 +248,11 @@ impl ResourceDriver for Driver {
                     .upgrade()
                     .ok_or_else(|| run_error(name, "the server is shutting down: no context to serve with"))?;
                 let addr = group_address(group, name)?;
-                let running = mail::start(&ctx, name, addr).await?;
+                let disk_store = match group_disk(group, name)? {
+                    Some(mount_point) => Some(mail::open_disk_store(&ctx, name, mount_point).await?),
+                    None => None,
+                };
+                let running = mail::start(&ctx, name, addr, disk_store).await?;
                 self.put(k, Held::Mail(running));
                 Ok(())
             }
@@ -263,7 +288,7 @@ impl ResourceDriver for Driver {
         }
     }
 
-    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
+    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec, budget: Duration) -> Result<(), ResourceError> {
         let k = key(group, resource);
         let held = self.take(&k);
         match resource {
@@ -286,12 +311,7 @@ impl ResourceDriver for Driver {
                 if let Some(Held::Mail(m)) = held {
                     // Within the group's stop budget, leaving room for the
                     // resources stopped after it (the address).
-                    let budget = self
-                        .context
-                        .upgrade()
-                        .map(|c| std::time::Duration::from_millis(c.config.cluster.group_stop_timeout_ms / 2))
-                        .unwrap_or(mail::DRAIN_GRACE);
-                    m.stop(budget.min(mail::DRAIN_GRACE)).await;
+                    m.stop((budget / 2).min(mail::DRAIN_GRACE)).await.map_err(|e| run_error(resource.name(), e))?;
                 }
                 Ok(())
             }
@@ -322,6 +342,25 @@ impl ResourceDriver for Driver {
                 }
                 result
             }
+        }
+    }
+
+    async fn reannounce(&self, group: &GroupSpec, resource: &ResourceSpec) {
+        let ResourceSpec::FloatingIp { name, address, interface } = resource else { return };
+        let k = key(group, resource);
+        if !matches!(self.lock().get(&k), Some(Held::Floating { .. })) {
+            return;
+        }
+        // Adding a present address does nothing; the announcement is sent.
+        match ip::floating_start(name, address, interface).await {
+            Ok(announcer) => {
+                if let Some(Held::Floating { announcer: Some(old) }) = self.take(&k) {
+                    old.abort();
+                }
+                self.put(k, Held::Floating { announcer });
+                tracing::info!(resource = %name, %address, "floating address announced again: a node is back");
+            }
+            Err(e) => tracing::warn!(resource = %name, %address, "announcing again: {e}"),
         }
     }
 

@@ -21,9 +21,9 @@ use tokio::sync::oneshot;
 
 use super::bodies::StagedBody;
 use super::Inner;
-use super::state::{MailTables, NewMessage};
+use super::state::{MailTables, NewMessage, Recorded};
 use crate::tables::{db_err, duplicate_error, unix_now};
-use crate::{Address, Committed, QueueId, StoreError, StoreResult};
+use crate::{Address, Committed, QueueId, ResendKey, StoreError, StoreResult};
 
 /// Upper bound of messages per transaction, so one commit stays short and
 /// the callers at the head of the batch are not kept waiting too long.
@@ -35,6 +35,7 @@ pub(crate) struct AcceptJob {
     pub return_path: Option<String>,
     pub local: Vec<Address>,
     pub remote: Vec<String>,
+    pub resend: Option<ResendKey>,
     pub body: StagedBody,
     /// The caller's fdatasync of the body, running while this thread
     /// fsyncs the directory; the commit waits for it.
@@ -141,7 +142,7 @@ fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResu
     {
         let mut tables = MailTables::open(&txn)?;
         for job in batch {
-            let inserted = tables.insert_message(&NewMessage {
+            let recorded = tables.insert_message(&NewMessage {
                 queue_id: job.queue_id,
                 return_path: &job.return_path,
                 local: &job.local,
@@ -149,11 +150,12 @@ fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResu
                 body: job.body.hash,
                 size: job.body.size,
                 at: now,
+                resend: job.resend,
             })?;
-            results.push(if inserted {
-                Ok(Committed::new(job.queue_id, job.body.hash, job.body.size))
-            } else {
-                Err(StoreError::Permanent(format!("queue id {} already used", job.queue_id)))
+            results.push(match recorded {
+                Recorded::New => Ok(Committed::new(job.queue_id, job.body.hash, job.body.size)),
+                Recorded::ResendOf(original) => Ok(Committed::resend(job.queue_id, job.body.hash, job.body.size, original)),
+                Recorded::Again => Err(StoreError::Permanent(format!("queue id {} already used", job.queue_id))),
             });
         }
         tables.finish()?;

@@ -27,8 +27,8 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 pub use recovery::RecoveryReport;
 
 use crate::tables::{
-    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, SCHEMA_VERSION,
-    SCHEMA_VERSION_KEY, USERS,
+    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, RESENDS,
+    RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
 };
 use crate::{
     Address, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId,
@@ -357,6 +357,9 @@ fn init_schema(inner: &Inner) -> StoreResult<()> {
         txn.open_table(DOMAINS).map_err(|e| db_err("creating domains", e))?;
         txn.open_table(USERS).map_err(|e| db_err("creating users", e))?;
         txn.open_table(ALIASES).map_err(|e| db_err("creating aliases", e))?;
+        txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("creating fingerprints", e))?;
+        txn.open_table(RESEND_AGES).map_err(|e| db_err("creating fingerprints", e))?;
+        txn.open_table(RESENDS).map_err(|e| db_err("creating resends", e))?;
     }
     txn.commit().map_err(|e| db_err("committing schema", e))
 }
@@ -415,6 +418,7 @@ impl MailStore for LocalStore {
             return_path: msg.return_path,
             local: dedup(msg.local),
             remote: dedup(msg.remote),
+            resend: msg.resend,
             body: staged,
             data_synced,
             reply,

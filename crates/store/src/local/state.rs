@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use super::{blocking, release_body, Inner, LocalStore};
 use crate::tables::{
     db_err, decode, encode, BODIES, LAST_STATE_SYNC, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
-    QUEUE_STATE,
+    QUEUE_STATE, RESENDS, RESEND_AGES, RESEND_FINGERPRINTS,
 };
 use crate::{
-    Address, BodyHash, Committed, DirectorySnapshot, EntryId, MailChange, MailboxEntry, QueueEntry, QueueId, QueueOp,
-    QueueState, RcptOutcome, RecipientStatus, StateChange, StoreError, StoreResult,
+    Address, BodyHash, Committed, DirectorySnapshot, EntryId, Fingerprint, MailChange, MailboxEntry, QueueEntry,
+    QueueId, QueueOp, QueueState, RcptOutcome, RecipientStatus, ResendKey, StateChange, StoreError, StoreResult,
 };
 
 /// A message to record: the fields of an accept.
@@ -34,10 +34,24 @@ pub(crate) struct NewMessage<'a> {
     pub body: BodyHash,
     pub size: u64,
     pub at: u64,
+    pub resend: Option<ResendKey>,
+}
+
+/// What recording a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Delivered into its maildrops (and queue).
+    New,
+    /// This queue id was already recorded: nothing done.
+    Again,
+    /// A resend of this earlier transaction, within the window: recorded
+    /// (so that it can be proven) but nothing delivered.
+    ResendOf(QueueId),
 }
 
 /// The mail tables of one write transaction, opened once for a batch.
 pub(crate) struct MailTables<'t> {
+    txn: &'t WriteTransaction,
     meta: redb::Table<'t, &'static str, u64>,
     mailbox: redb::Table<'t, (&'static str, u64), &'static [u8]>,
     bodies: redb::Table<'t, &'static [u8; 32], u64>,
@@ -52,6 +66,7 @@ impl<'t> MailTables<'t> {
         let meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
         let next_id = meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
         Ok(MailTables {
+            txn,
             meta,
             mailbox: txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?,
             bodies: txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?,
@@ -62,11 +77,18 @@ impl<'t> MailTables<'t> {
         })
     }
 
-    /// Records a message: maildrop entries, queue entry, references.
-    /// `Ok(false)` if this queue id is already recorded (nothing done).
-    pub(crate) fn insert_message(&mut self, m: &NewMessage<'_>) -> StoreResult<bool> {
+    /// Records a message: maildrop entries, queue entry, references —
+    /// unless the queue id is already recorded or the message is a resend
+    /// within its window (see [`Recorded`]).
+    pub(crate) fn insert_message(&mut self, m: &NewMessage<'_>) -> StoreResult<Recorded> {
         if self.messages.get(m.queue_id.0).map_err(|e| db_err("reading messages", e))?.is_some() {
-            return Ok(false);
+            return Ok(Recorded::Again);
+        }
+        let resend = m.resend.filter(|k| k.window_secs > 0);
+        if let Some(key) = &resend {
+            if let Some(original) = self.resend_of(m, key)? {
+                return Ok(Recorded::ResendOf(original));
+            }
         }
         let mut refs = 0u64;
         for user in m.local {
@@ -104,7 +126,83 @@ impl<'t> MailTables<'t> {
         self.messages
             .insert(m.queue_id.0, encode("message", &(m.body, m.size))?.as_slice())
             .map_err(|e| db_err("recording message", e))?;
-        Ok(true)
+        if let Some(key) = &resend {
+            let mut fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+            let mut ages = self.txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
+            fingerprints
+                .insert(&key.fingerprint.0, encode("fingerprint", &(m.queue_id, m.at))?.as_slice())
+                .map_err(|e| db_err("recording fingerprint", e))?;
+            ages.insert((m.at, &key.fingerprint.0), ()).map_err(|e| db_err("recording fingerprint", e))?;
+        }
+        Ok(Recorded::New)
+    }
+
+    /// If `m` is a resend of a transaction accepted within the window: the
+    /// original's queue id, after recording `m` as its resend. Prunes the
+    /// fingerprints that fell out of the window (as of `m.at`, the accept's
+    /// own time: deterministic on every node) on the way.
+    fn resend_of(&mut self, m: &NewMessage<'_>, key: &ResendKey) -> StoreResult<Option<QueueId>> {
+        self.prune_resends(m.at, key.window_secs)?;
+        let fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+        let found = fingerprints.get(&key.fingerprint.0).map_err(|e| db_err("reading fingerprints", e))?;
+        let Some(found) = found else { return Ok(None) };
+        let (original, at): (QueueId, u64) = decode("fingerprint", found.value())?;
+        drop(found);
+        // A clock that went back between two proposers counts as "within".
+        if m.at.saturating_sub(at) > key.window_secs {
+            return Ok(None);
+        }
+        // The proof answers with the original's body and size: the resend's
+        // own body (another `Received:` line) is referenced by nothing.
+        let (body, size) = match self.messages.get(original.0).map_err(|e| db_err("reading messages", e))? {
+            Some(v) => decode::<(BodyHash, u64)>("message", v.value())?,
+            None => (m.body, m.size),
+        };
+        self.messages
+            .insert(m.queue_id.0, encode("message", &(body, size))?.as_slice())
+            .map_err(|e| db_err("recording message", e))?;
+        let mut resends = self.txn.open_table(RESENDS).map_err(|e| db_err("opening resends", e))?;
+        resends
+            .insert(m.queue_id.0, encode("resend", &(original, m.at))?.as_slice())
+            .map_err(|e| db_err("recording resend", e))?;
+        Ok(Some(original))
+    }
+
+    /// Forgets fingerprints (and resend records) older than `window` secs
+    /// before `now`, so the tables hold one window's worth of mail.
+    fn prune_resends(&mut self, now: u64, window: u64) -> StoreResult<()> {
+        let horizon = now.saturating_sub(window);
+        let mut ages = self.txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
+        let mut fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+        let mut pruned = 0usize;
+        loop {
+            let first = ages.first().map_err(|e| db_err("reading fingerprints", e))?.map(|(k, _)| {
+                let (at, fp) = k.value();
+                (at, *fp)
+            });
+            let Some((at, fp)) = first else { break };
+            if at >= horizon {
+                break;
+            }
+            ages.remove((at, &fp)).map_err(|e| db_err("pruning fingerprints", e))?;
+            // The fingerprint may have been recorded again later (a new
+            // transaction after the window): only the row of this age goes.
+            let current = fingerprints.get(&fp).map_err(|e| db_err("reading fingerprints", e))?.map(|v| v.value().to_vec());
+            if let Some(v) = current {
+                let (_, recorded_at): (QueueId, u64) = decode("fingerprint", &v)?;
+                if recorded_at == at {
+                    fingerprints.remove(&fp).map_err(|e| db_err("pruning fingerprints", e))?;
+                }
+            }
+            pruned += 1;
+        }
+        if pruned > 0 {
+            let mut resends = self.txn.open_table(RESENDS).map_err(|e| db_err("opening resends", e))?;
+            resends
+                .retain(|_, v| decode::<(QueueId, u64)>("resend", v).map(|(_, at)| at >= horizon).unwrap_or(false))
+                .map_err(|e| db_err("pruning resends", e))?;
+        }
+        Ok(())
     }
 
     /// Removes a queue entry; returns the body if that freed it.
@@ -212,6 +310,10 @@ pub struct StateSnapshot {
     /// (queue id, body, size) of every committed message.
     pub messages: Vec<(QueueId, BodyHash, u64)>,
     pub next_entry_id: u64,
+    /// Resend recognition: (fingerprint, first queue id, accepted at).
+    pub resend_fingerprints: Vec<(Fingerprint, QueueId, u64)>,
+    /// Recognised resends: (queue id, original queue id, at).
+    pub resends: Vec<(QueueId, QueueId, u64)>,
     /// Delivery state of queue entries that have one. Not in this struct's
     /// serialised form, so snapshots made before it existed still decode:
     /// the cluster writes it as a segment of its own after the others.
@@ -228,6 +330,19 @@ pub struct VerifyReport {
     pub damaged: Vec<BodyHash>,
     /// Referenced bodies with no (good) file here.
     pub missing: Vec<BodyHash>,
+}
+
+/// A table that older stores may not have yet (`None` then).
+fn open_optional<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: redb::TableDefinition<'_, K, V>,
+    what: &str,
+) -> StoreResult<Option<redb::ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(db_err(&format!("opening {what}"), e)),
+    }
 }
 
 /// See [`StateChange::ClusterLog`].
@@ -312,7 +427,7 @@ impl Inner {
 
     pub(crate) fn apply_mail(&self, txn: &WriteTransaction, change: &MailChange) -> StoreResult<Vec<BodyHash>> {
         match change {
-            MailChange::Accept { queue_id, return_path, local, remote, body, size, at } => {
+            MailChange::Accept { queue_id, return_path, local, remote, body, size, at, resend } => {
                 if local.is_empty() && remote.is_empty() {
                     return Err(StoreError::Permanent(format!("message {queue_id} has no recipients")));
                 }
@@ -325,6 +440,7 @@ impl Inner {
                     body: *body,
                     size: *size,
                     at: *at,
+                    resend: *resend,
                 })?;
                 t.finish()?;
                 Ok(Vec::new())
@@ -374,6 +490,20 @@ impl Inner {
                 let (k, v) = row.map_err(|e| db_err("reading messages", e))?;
                 let (body, size): (BodyHash, u64) = decode("message", v.value())?;
                 snap.messages.push((QueueId(k.value()), body, size));
+            }
+        }
+        if let Some(t) = open_optional(&txn, RESEND_FINGERPRINTS, "fingerprints")? {
+            for row in t.iter().map_err(|e| db_err("reading fingerprints", e))? {
+                let (k, v) = row.map_err(|e| db_err("reading fingerprints", e))?;
+                let (qid, at): (QueueId, u64) = decode("fingerprint", v.value())?;
+                snap.resend_fingerprints.push((Fingerprint(*k.value()), qid, at));
+            }
+        }
+        if let Some(t) = open_optional(&txn, RESENDS, "resends")? {
+            for row in t.iter().map_err(|e| db_err("reading resends", e))? {
+                let (k, v) = row.map_err(|e| db_err("reading resends", e))?;
+                let (original, at): (QueueId, u64) = decode("resend", v.value())?;
+                snap.resends.push((QueueId(k.value()), original, at));
             }
         }
         let meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
@@ -426,6 +556,24 @@ impl Inner {
             for (hash, n) in &refs {
                 bodies.insert(&hash.0, *n).map_err(|e| db_err("writing bodies", e))?;
             }
+            let mut fingerprints = txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+            fingerprints.retain(|_, _| false).map_err(|e| db_err("clearing fingerprints", e))?;
+            let mut ages = txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
+            ages.retain(|_, _| false).map_err(|e| db_err("clearing fingerprints", e))?;
+            for (fp, qid, at) in &snap.resend_fingerprints {
+                fingerprints
+                    .insert(&fp.0, encode("fingerprint", &(*qid, *at))?.as_slice())
+                    .map_err(|e| db_err("writing fingerprints", e))?;
+                ages.insert((*at, &fp.0), ()).map_err(|e| db_err("writing fingerprints", e))?;
+            }
+            let mut resends = txn.open_table(RESENDS).map_err(|e| db_err("opening resends", e))?;
+            resends.retain(|_, _| false).map_err(|e| db_err("clearing resends", e))?;
+            for (qid, original, at) in &snap.resends {
+                resends
+                    .insert(qid.0, encode("resend", &(*original, *at))?.as_slice())
+                    .map_err(|e| db_err("writing resends", e))?;
+            }
+            drop((fingerprints, ages, resends));
             let mut meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
             meta.insert(NEXT_ENTRY_ID, snap.next_entry_id).map_err(|e| db_err("writing entry counter", e))?;
             let mut t = txn.open_table(CONSENSUS).map_err(|e| db_err("opening consensus", e))?;
@@ -457,13 +605,19 @@ impl Inner {
             Err(e) => return Err(db_err("opening messages", e)),
         };
         let found = messages.get(queue_id.0).map_err(|e| db_err("reading messages", e))?;
-        match found {
-            Some(v) => {
-                let (body, size): (BodyHash, u64) = decode("message", v.value())?;
-                Ok(Some(Committed::new(queue_id, body, size)))
-            }
-            None => Ok(None),
-        }
+        let Some(v) = found else { return Ok(None) };
+        let (body, size): (BodyHash, u64) = decode("message", v.value())?;
+        let original = match open_optional(&txn, RESENDS, "resends")? {
+            Some(t) => match t.get(queue_id.0).map_err(|e| db_err("reading resends", e))? {
+                Some(r) => Some(decode::<(QueueId, u64)>("resend", r.value())?.0),
+                None => None,
+            },
+            None => None,
+        };
+        Ok(Some(match original {
+            Some(original) => Committed::resend(queue_id, body, size, original),
+            None => Committed::new(queue_id, body, size),
+        }))
     }
 }
 

@@ -1,0 +1,222 @@
+//! What a node can testify about older Raft terms, for the fencing of
+//! failover groups (see [`crate::failover`]).
+//!
+//! A group owner's lease renewal at `t0` is confirmed by a leader only
+//! after a quorum acknowledged a heartbeat that the leader sent after `t0`
+//! (or, for the leader itself, while it still led). So when a node becomes
+//! leader of term `T` and finds an owner silent, every renewal that a
+//! leader of an older term can have confirmed is bounded by the answers of
+//! any majority to one question: *when did you last acknowledge, or stop
+//! leading, a term below `T`?* Any confirming quorum meets that majority
+//! (quorum intersection), and the node they share saw the heartbeat after
+//! `t0`. The new leader can then fence a dead owner from that instant —
+//! usually the moment it died — instead of from its own election, which
+//! comes an election timeout later.
+//!
+//! What it does not do: decide anything. It records instants on this node's
+//! monotonic clock; the leader converts an answer to its own clock
+//! conservatively (arrival of the answer minus the elapsed time it states).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+/// Terms kept in the books (older ones are folded into `floor`).
+const TERMS_KEPT: usize = 16;
+
+/// This node's record of older terms. See the module documentation.
+pub(crate) struct Testimony {
+    inner: Mutex<Books>,
+}
+
+struct Books {
+    /// Nothing before this instant is recorded: the process start (an
+    /// acknowledgement made before a restart happened before it), raised to
+    /// the latest instant of the terms dropped from the maps.
+    floor: Instant,
+    /// Per leader term, the latest arrival of an AppendEntries of that term
+    /// that was (or may still be) acknowledged.
+    acked: BTreeMap<u64, Instant>,
+    /// Terms this node led, and when it first saw a higher term (`None`
+    /// while it leads).
+    led: BTreeMap<u64, Option<Instant>>,
+    /// The highest term this node has observed.
+    current: u64,
+}
+
+/// An AppendEntries being handled: [`Testimony::settle`] it with the
+/// outcome.
+pub(crate) struct Arrival {
+    term: u64,
+    at: Instant,
+    previous: Option<Instant>,
+}
+
+impl Testimony {
+    pub(crate) fn new() -> Self {
+        Testimony {
+            inner: Mutex::new(Books { floor: Instant::now(), acked: BTreeMap::new(), led: BTreeMap::new(), current: 0 }),
+        }
+    }
+
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An AppendEntries of leader term `term` arrived: recorded *before*
+    /// Raft handles it, so that no acknowledgement can leave this node
+    /// without being in the books (an answer given meanwhile over-states,
+    /// which only delays a failover).
+    pub(crate) fn arrive(&self, term: u64) -> Arrival {
+        let at = Instant::now();
+        let mut b = self.books();
+        let previous = b.acked.insert(term, at);
+        b.trim();
+        Arrival { term, at, previous }
+    }
+
+    /// The outcome of the AppendEntries: if it was refused for an older
+    /// term (this node has voted for a newer one), it acknowledged nothing
+    /// and is struck from the books — otherwise a deposed leader that keeps
+    /// calling would hold its groups' failover up forever.
+    pub(crate) fn settle(&self, arrival: Arrival, acknowledged: bool) {
+        if acknowledged {
+            return;
+        }
+        let mut b = self.books();
+        if b.acked.get(&arrival.term) == Some(&arrival.at) {
+            match arrival.previous {
+                Some(p) => b.acked.insert(arrival.term, p),
+                None => b.acked.remove(&arrival.term),
+            };
+        }
+    }
+
+    /// Raft's view changed: now in `term`, leading it or not.
+    pub(crate) fn observe(&self, term: u64, leading: bool) {
+        let now = Instant::now();
+        let mut b = self.books();
+        if term > b.current {
+            for end in b.led.values_mut() {
+                end.get_or_insert(now);
+            }
+            b.current = term;
+        }
+        if leading && term == b.current {
+            b.led.entry(term).or_insert(None);
+        }
+        b.trim();
+    }
+
+    /// The latest instant at which this node may have helped a leader of a
+    /// term below `term` confirm its leadership; `None` while this node has
+    /// not reached `term` itself (it could still acknowledge an older
+    /// leader).
+    pub(crate) fn below(&self, term: u64) -> Option<Instant> {
+        let b = self.books();
+        if b.current < term {
+            return None;
+        }
+        let mut latest = b.floor;
+        for at in b.acked.range(..term).map(|(_, at)| *at) {
+            latest = latest.max(at);
+        }
+        for end in b.led.range(..term).map(|(_, end)| *end) {
+            latest = latest.max(end?);
+        }
+        Some(latest)
+    }
+}
+
+impl Books {
+    fn trim(&mut self) {
+        while self.acked.len() > TERMS_KEPT {
+            if let Some((_, at)) = self.acked.pop_first() {
+                self.floor = self.floor.max(at);
+            }
+        }
+        while self.led.len() > TERMS_KEPT {
+            if let Some((_, end)) = self.led.pop_first() {
+                self.floor = self.floor.max(end.unwrap_or_else(Instant::now));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_told_before_the_term_is_reached() {
+        let t = Testimony::new();
+        t.observe(3, false);
+        assert!(t.below(4).is_none());
+        assert!(t.below(3).is_some());
+    }
+
+    #[test]
+    fn acknowledgements_of_older_terms_only_count() {
+        let t = Testimony::new();
+        t.observe(2, false);
+        let a = t.arrive(2);
+        let at2 = a.at;
+        t.settle(a, true);
+        t.observe(3, false);
+        let a = t.arrive(3);
+        t.settle(a, true);
+        // Asked by the leader of term 3: its own heartbeats do not count.
+        assert_eq!(t.below(3), Some(at2));
+        // Asked by a leader of term 4: both count.
+        t.observe(4, false);
+        assert!(t.below(4).unwrap() > at2);
+    }
+
+    #[test]
+    fn a_refused_append_is_struck() {
+        let t = Testimony::new();
+        t.observe(2, false);
+        let a = t.arrive(2);
+        let first = a.at;
+        t.settle(a, true);
+        t.observe(5, false);
+        // The deposed leader of term 2 keeps calling; refused each time.
+        for _ in 0..3 {
+            let a = t.arrive(2);
+            t.settle(a, false);
+        }
+        assert_eq!(t.below(5), Some(first));
+    }
+
+    #[test]
+    fn leading_an_older_term_counts_until_a_newer_one_is_seen() {
+        let t = Testimony::new();
+        t.observe(7, true);
+        let before = Instant::now();
+        t.observe(8, false);
+        assert!(t.below(8).unwrap() >= before, "the end of its leadership is testified");
+    }
+
+    #[test]
+    fn a_restart_is_the_floor() {
+        let before = Instant::now();
+        let t = Testimony::new();
+        t.observe(9, false);
+        assert!(t.below(9).unwrap() >= before);
+    }
+
+    #[test]
+    fn old_terms_fold_into_the_floor() {
+        let t = Testimony::new();
+        let mut last = Instant::now();
+        for term in 1..40 {
+            t.observe(term, false);
+            let a = t.arrive(term);
+            last = a.at;
+            t.settle(a, true);
+        }
+        t.observe(40, false);
+        assert_eq!(t.below(40), Some(last));
+        assert!(t.books().acked.len() <= TERMS_KEPT);
+    }
+}
