@@ -161,7 +161,39 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum QueueCmd {
-    List,
+    /// Every queued message: size, sender, each recipient's state and next attempt (like mailq).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message: its state and its content (like postcat -q).
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try these messages now (all when none is given), like postqueue -f / -i.
+    Flush { ids: Vec<String> },
+    /// Keep these messages (or ALL) from delivery until released, like postsuper -h.
+    Hold {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Release held messages (or ALL), like postsuper -H.
+    Release {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove messages (or ALL) without notice, like postsuper -d.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Return messages (or ALL) to their senders with a bounce, like postsuper -r / Exim's -Mg.
+    Bounce {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 fn main() {
@@ -195,6 +227,18 @@ fn main() {
     }
 }
 
+/// "queued 5m ago" style age of a Unix time.
+fn ago(now: u64, t: Option<u64>) -> String {
+    let Some(t) = t else { return "?".into() };
+    let secs = now.saturating_sub(t);
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config> {
     Ok(match path {
         Some(p) => Config::load(p)?,
@@ -220,7 +264,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Alias(AliasCmd::Add { alias, targets }) => Request::AliasAdd { alias, targets },
         Command::Alias(AliasCmd::Del { alias }) => Request::AliasDel { alias },
         Command::Alias(AliasCmd::List) => Request::AliasList,
-        Command::Queue(QueueCmd::List) => Request::QueueList,
+        Command::Queue(QueueCmd::List { json }) => {
+            let response = admin(&config, Request::QueueList).await?;
+            return print_response(&Request::QueueList, response, json);
+        }
+        Command::Queue(QueueCmd::Show { id, json }) => {
+            let request = Request::QueueShow { id };
+            let response = admin(&config, request.clone()).await?;
+            return print_response(&request, response, json);
+        }
+        Command::Queue(QueueCmd::Flush { ids }) => Request::Queue { command: "flush".into(), ids },
+        Command::Queue(QueueCmd::Hold { ids }) => Request::Queue { command: "hold".into(), ids },
+        Command::Queue(QueueCmd::Release { ids }) => Request::Queue { command: "release".into(), ids },
+        Command::Queue(QueueCmd::Delete { ids }) => Request::Queue { command: "delete".into(), ids },
+        Command::Queue(QueueCmd::Bounce { ids }) => Request::Queue { command: "bounce".into(), ids },
         Command::Store(StoreCmd::Verify) => Request::StoreVerify,
         Command::Group(GroupCmd::Apply { file }) => Request::GroupApply { groups: read_groups(&file)? },
         Command::Group(GroupCmd::Status { json }) => {
@@ -389,17 +446,39 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
             if items.is_empty() {
                 println!("Mail queue is empty");
             }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let mut bytes = 0u64;
             for x in &items {
-                let r: Vec<String> = x["recipients"].as_array().into_iter().flatten().map(s).collect();
-                println!("{}  {:>9}  queued_at={}  <{}>", s(&x["queue_id"]), x["size"], x["queued_at"], s(&x["from"]));
-                for rcpt in r {
-                    println!("        {rcpt}");
+                bytes += x["size"].as_u64().unwrap_or(0);
+                let hold = if x["hold"].as_bool() == Some(true) { "!" } else { " " };
+                println!("{}{hold} {:>9}  {}  <{}>", s(&x["queue_id"]), x["size"], ago(now, x["queued_at"].as_u64()), s(&x["from"]));
+                for r in x["recipients"].as_array().into_iter().flatten() {
+                    let status = s(&r["status"]);
+                    let next = match (status.as_str(), r["next_attempt"].as_u64()) {
+                        ("pending", Some(t)) if t > now => format!(" next attempt in {}s", t - now),
+                        ("pending", _) => " due now".to_string(),
+                        _ => String::new(),
+                    };
+                    println!("        {:<40} {status} attempts={}{next}", s(&r["address"]), r["attempts"]);
+                    if let Some(e) = r["last_error"].as_str() {
+                        println!("            ({e})");
+                    }
                 }
             }
             if !items.is_empty() {
-                println!("-- {} message(s) in the queue", items.len());
+                println!("-- {} Kbytes in {} message(s) ('!': held)", bytes.div_ceil(1024), items.len());
             }
         }
+        Request::QueueShow { .. } => {
+            println!("queue id: {}  from: <{}>  size: {}  hold: {}", s(&d["queue_id"]), s(&d["from"]), d["size"], d["hold"]);
+            for r in d["recipients"].as_array().into_iter().flatten() {
+                println!("recipient: {} {} attempts={} next_attempt={} {}", s(&r["address"]), s(&r["status"]), r["attempts"],
+                    r["next_attempt"], r["last_error"].as_str().unwrap_or(""));
+            }
+            println!();
+            print!("{}", s(&d["message"]));
+        }
+        Request::Queue { command, .. } => println!("{command}: {} message(s)", d["changed"]),
         Request::Status => {
             if let Some(map) = d.as_object() {
                 for (k, v) in map {

@@ -47,9 +47,12 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
         let text = format!(
             "[server]\nhostname = \"mx.test\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
              [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\nsubmissions = [\"127.0.0.1:0\"]\n{}\n\n\
-             [pop3]\nlisten = [\"127.0.0.1:0\"]\npop3s = [\"127.0.0.1:0\"]\n",
+             [pop3]\nlisten = [\"127.0.0.1:0\"]\npop3s = [\"127.0.0.1:0\"]\n{}",
             dir.join("data").display(),
-            extra
+            extra,
+            // Tests never send mail off this machine: outbound delivery is
+            // off unless a test configures it (with loopback next hops).
+            if extra.contains("[relay]") { "" } else { "\n[relay]\nenabled = false\n" }
         );
         std::fs::write(&config, text).expect("write config");
     }
@@ -70,7 +73,8 @@ pub fn write_node_config(dir: &Path, name: &str, cluster_port: u16, role: &str) 
         "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n\n\
          [pop3]\nlisten = [\"127.0.0.1:0\"]\n\n\
-         [cluster]\nlisten = \"127.0.0.1:{cluster_port}\"\nrole = \"{role}\"\n",
+         [cluster]\nlisten = \"127.0.0.1:{cluster_port}\"\nrole = \"{role}\"\n\n\
+         [relay]\nenabled = false\n",
         dir.join("data").display(),
     );
     std::fs::write(dir.join("hamail.toml"), text).expect("write config");

@@ -54,6 +54,7 @@ mod cluster;
 mod peer;
 mod pop3;
 mod procfs;
+mod relay;
 mod replicated;
 mod report;
 mod server;
@@ -183,6 +184,9 @@ enum Sub {
     /// (bodies replicated and fsynced on every data node, metadata through
     /// Raft), cell by cell in one run, as a ratio.
     Replicated(replicated::ReplicatedArgs),
+    /// Outbound relay throughput to a local smtp-sink (and, with
+    /// --peer-smtp, Postfix relaying to the same sink).
+    Relay(relay::RelayArgs),
 }
 
 impl Cli {
@@ -237,6 +241,7 @@ fn main() {
     let result = match cli.command.take() {
         Some(Sub::Cluster(args)) => runtime.block_on(cluster::run(args)),
         Some(Sub::Replicated(args)) => runtime.block_on(replicated::run(args)),
+        Some(Sub::Relay(args)) => runtime.block_on(relay::run(args)),
         None => runtime.block_on(run(cli)),
     };
     if let Err(e) = result {

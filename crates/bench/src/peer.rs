@@ -41,6 +41,27 @@ pub fn read_pid(path: &Path) -> Result<u32> {
     Ok(pid)
 }
 
+/// Messages in a postfix queue directory (maildrop, incoming, active,
+/// deferred, hold).
+pub fn postfix_queue_count(queue: &Path) -> usize {
+    postfix_queues_count(queue, &["maildrop", "incoming", "active", "deferred", "hold"])
+}
+
+/// Messages in these queues of a postfix queue directory.
+pub fn postfix_queues_count(queue: &Path, names: &[&str]) -> usize {
+    fn walk(dir: &Path) -> usize {
+        let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+        rd.flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(_) => 1,
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    names.iter().map(|q| walk(&queue.join(q))).sum()
+}
+
 impl Peers {
     pub fn postfix_pid(&self) -> Result<u32> {
         read_pid(&self.postfix_pidfile).context("finding the postfix master (is postfix running? ../shared/peers/services.sh status)")
@@ -52,17 +73,7 @@ impl Peers {
 
     /// Messages in the postfix queue (maildrop, incoming, active, deferred, hold).
     pub fn queue_count(&self) -> usize {
-        fn walk(dir: &Path) -> usize {
-            let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
-            rd.flatten()
-                .map(|e| match e.file_type() {
-                    Ok(t) if t.is_dir() => walk(&e.path()),
-                    Ok(_) => 1,
-                    Err(_) => 0,
-                })
-                .sum()
-        }
-        ["maildrop", "incoming", "active", "deferred", "hold"].iter().map(|q| walk(&self.postfix_queue.join(q))).sum()
+        postfix_queue_count(&self.postfix_queue)
     }
 
     /// Waits until the postfix queue is empty; false after `timeout`.

@@ -114,6 +114,7 @@ pub struct Server {
     child: Child,
     pub pid: u32,
     pub smtp: SocketAddr,
+    pub submission: Option<SocketAddr>,
     pub pop3: SocketAddr,
 }
 
@@ -155,7 +156,7 @@ impl Server {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let smtp = banner.smtp.context("the server did not print its smtp address")?;
         let pop3 = banner.pop3.context("the server did not print its pop3 address")?;
-        Ok(Server { child, pid, smtp, pop3 })
+        Ok(Server { child, pid, smtp, submission: banner.submission, pop3 })
     }
 
     /// SIGTERM, then SIGKILL if it has not exited after 15 s.

@@ -68,6 +68,9 @@ pub enum ResourceSpec {
     /// A shared block device checked, mounted and used as the mail store
     /// (shared-disk mode), released on stop.
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+    /// Outbound delivery: the owner of this resource works the relay queue
+    /// (exactly one node at a time, lease-fenced like the rest of the group).
+    Delivery { name: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -78,6 +81,7 @@ enum TaggedResource {
     MailService { name: String },
     Exec { name: String, start: String, stop: String, timeout_secs: u64 },
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+    Delivery { name: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -88,6 +92,7 @@ enum CompactResource {
     MailService { name: String },
     Exec { name: String, start: String, stop: String, timeout_secs: u64 },
     Disk { name: String, device: String, mount_point: String, fs_type: String },
+    Delivery { name: String },
 }
 
 impl Serialize for ResourceSpec {
@@ -112,9 +117,16 @@ impl<'de> Deserialize<'de> for ResourceSpec {
 
 impl ResourceSpec {
     /// Whether stopping it takes milliseconds whatever happens (no script,
-    /// no filesystem): removing an address, closing listeners.
+    /// no filesystem): removing an address, closing listeners, aborting
+    /// the outbound sessions.
     pub fn stops_fast(&self) -> bool {
-        matches!(self, ResourceSpec::FloatingIp { .. } | ResourceSpec::LoopbackIp { .. } | ResourceSpec::MailService { .. })
+        matches!(
+            self,
+            ResourceSpec::FloatingIp { .. }
+                | ResourceSpec::LoopbackIp { .. }
+                | ResourceSpec::MailService { .. }
+                | ResourceSpec::Delivery { .. }
+        )
     }
 
     pub fn name(&self) -> &str {
@@ -122,6 +134,7 @@ impl ResourceSpec {
             ResourceSpec::FloatingIp { name, .. }
             | ResourceSpec::LoopbackIp { name, .. }
             | ResourceSpec::MailService { name }
+            | ResourceSpec::Delivery { name }
             | ResourceSpec::Exec { name, .. }
             | ResourceSpec::Disk { name, .. } => name,
         }

@@ -41,8 +41,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use hamail_store::{
-    BodyHash, Committed, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, StoreError,
-    StoreResult,
+    BodyHash, Committed, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, QueueItem, QueueOp,
+    StoreError, StoreResult,
 };
 use hamail_store::Address;
 use serde::{Deserialize, Serialize};
@@ -502,6 +502,18 @@ impl MailStore for ReplicatedStore {
     async fn queue(&self) -> StoreResult<Vec<QueueEntry>> {
         self.read_barrier().await?;
         self.node.store().queue().await
+    }
+
+    async fn queue_items(&self) -> StoreResult<Vec<QueueItem>> {
+        self.read_barrier().await?;
+        self.node.store().queue_items().await
+    }
+
+    async fn queue_change(&self, queue_id: QueueId, op: QueueOp) -> StoreResult<()> {
+        // Committed through the log: every node applies it, and the node
+        // that takes the queue over sees it (a recorded delivery is never
+        // sent again).
+        self.propose(MailChange::Queue { queue_id, op }).await
     }
 }
 

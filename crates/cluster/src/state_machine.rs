@@ -24,7 +24,9 @@
 //!
 //! A snapshot is `postcard((StateSnapshot, ConsensusState))` followed by
 //! `postcard(Vec<(seq, event record)>)`, the cluster event log (absent in
-//! snapshots made before it existed); it is also written to
+//! snapshots made before it existed), then `postcard(Vec<(queue id,
+//! QueueState)>)`, the outbound queue's delivery state (absent in
+//! snapshots made before outbound delivery existed); it is also written to
 //! `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir).
 //!
 //! The failover groups and their placements are in the `ConsensusState`
@@ -389,14 +391,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let (state_snap, rest): (StateSnapshot, &[u8]) =
+        let (mut state_snap, rest): (StateSnapshot, &[u8]) =
             postcard::take_from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         let (mut state, rest) = ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        let events: Option<Vec<(u64, Vec<u8>)>> = if rest.is_empty() {
-            None
+        type Events = Option<Vec<(u64, Vec<u8>)>>;
+        let (events, rest): (Events, &[u8]) = if rest.is_empty() {
+            (None, rest)
         } else {
-            Some(postcard::from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?)
+            let (events, rest) = postcard::take_from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+            (Some(events), rest)
         };
+        if !rest.is_empty() {
+            state_snap.queue_state = postcard::from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        }
         // The meta is what openraft trusts; they agree for our snapshots.
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
@@ -447,6 +454,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let mut data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         data.extend(postcard::to_allocvec(&events).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
+        data.extend(postcard::to_allocvec(&state_snap.queue_state).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         let snapshot_id = match state.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
             None => format!("none-{}", unique_suffix()),

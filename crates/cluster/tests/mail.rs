@@ -528,3 +528,53 @@ async fn verify_restores_deleted_and_corrupted_bodies_from_a_peer() {
     assert!(m.c.node(NodeId(3)).store().has_body(&bodies[2].0).await.unwrap());
     m.shutdown().await;
 }
+
+/// The outbound queue's per-recipient state goes through the log, and
+/// through a snapshot to a node that was cut off while it changed (the
+/// snapshot's trailing queue-state segment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_state_reaches_every_node_by_log_and_by_snapshot() {
+    use hamail_store::{QueueOp, RcptOutcome, RecipientStatus};
+    let timing = Timing { snapshot_every: 10, logs_kept_after_snapshot: 2, ..Timing::default() };
+    let replication = Replication { put_timeout: Duration::from_millis(300), ..Replication::default() };
+    let m = MailCluster::start(&[Role::Data; 3], timing, 17, replication).await;
+    let all = m.c.ids();
+    let leader = m.c.leader().await.id();
+    let cut = m.data_ids().into_iter().find(|id| *id != leader).unwrap();
+    let on_leader = m.store(leader);
+    let mut msg = message(&on_leader, &[], "outbound").await;
+    msg.remote = vec!["r1@remote.test".into(), "r2@remote.test".into()];
+    let qid = msg.queue_id;
+    on_leader.accept(msg).await.unwrap();
+    m.converged().await;
+
+    m.c.board.isolate(cut, &all);
+    let results = vec![
+        (0, RcptOutcome::Delivered),
+        (1, RcptOutcome::Deferred { next_attempt: 1234, error: "451 4.2.0 later".into() }),
+    ];
+    on_leader.queue_change(qid, QueueOp::Results { at: 1000, results }).await.unwrap();
+    on_leader.queue_change(qid, QueueOp::Hold).await.unwrap();
+    // Enough other entries for a snapshot or two while the node is away.
+    for i in 0..25 {
+        let msg = message(&on_leader, &[alice()], &format!("filler {i}")).await;
+        on_leader.accept(msg).await.unwrap();
+    }
+    m.c.board.heal();
+    m.converged().await;
+    let items = m.store(cut).queue_items().await.unwrap();
+    let item = items.iter().find(|i| i.entry.queue_id == qid).expect("queued on the cut-off node");
+    assert!(item.state.hold);
+    assert_eq!(item.state.recipients[0].status, RecipientStatus::Delivered);
+    assert_eq!(item.state.recipients[1].status, RecipientStatus::Pending);
+    assert_eq!((item.state.recipients[1].attempts, item.state.recipients[1].next_attempt), (1, 1234));
+
+    // The last recipient delivered: the entry goes everywhere.
+    let done = vec![(1, RcptOutcome::Delivered)];
+    m.store(cut).queue_change(qid, QueueOp::Results { at: 2000, results: done }).await.unwrap();
+    m.converged().await;
+    for id in m.data_ids() {
+        assert!(m.store(id).queue_items().await.unwrap().is_empty(), "node {id}");
+    }
+    m.shutdown().await;
+}

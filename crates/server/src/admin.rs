@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use hamail_store::{Address, Directory, Domain, MailStore, StoreError};
+use hamail_store::{Address, Directory, Domain, MailStore, QueueId, QueueItem, QueueOp, RecipientStatus, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -36,6 +36,11 @@ pub enum Request {
     AliasDel { alias: String },
     AliasList,
     QueueList,
+    /// One entry, its state and the message.
+    QueueShow { id: String },
+    /// `flush`, `hold`, `release`, `delete` or `bounce` these entries
+    /// (queue ids, or `ALL`).
+    Queue { command: String, ids: Vec<String> },
     Status,
     ClusterInit,
     ClusterJoin { token: String },
@@ -215,18 +220,51 @@ async fn run(
             .iter()
             .map(|(a, t)| json!({"alias": a.to_string(), "targets": t.iter().map(|x| x.to_string()).collect::<Vec<_>>()}))
             .collect::<Vec<_>>()),
-        Request::QueueList => json!(store
-            .queue()
-            .await?
-            .iter()
-            .map(|q| json!({
-                "queue_id": q.queue_id.to_string(),
-                "from": q.return_path.clone().unwrap_or_default(),
-                "recipients": q.recipients,
-                "size": q.size,
-                "queued_at": q.queued_at,
-            }))
-            .collect::<Vec<_>>()),
+        Request::QueueList => json!(store.queue_items().await?.iter().map(queue_json).collect::<Vec<_>>()),
+        Request::QueueShow { id } => {
+            let qid = parse_queue_id(&id)?;
+            let items = store.queue_items().await?;
+            let item = items
+                .iter()
+                .find(|i| i.entry.queue_id == qid)
+                .ok_or_else(|| StoreError::Permanent(format!("no message {id} in the queue")))?;
+            let body = store.body(&item.entry.body).await?;
+            let mut v = queue_json(item);
+            v["message"] = json!(String::from_utf8_lossy(&body));
+            v
+        }
+        Request::Queue { command, ids } => {
+            let op = match command.as_str() {
+                "flush" => QueueOp::Flush,
+                "hold" => QueueOp::Hold,
+                "release" => QueueOp::Release,
+                "delete" => QueueOp::Delete,
+                "bounce" => QueueOp::Bounce { reason: "5.0.0 returned to the sender by the mail administrator".into() },
+                other => return Err(StoreError::Permanent(format!("unknown queue command '{other}'"))),
+            };
+            let all = ids.is_empty() || ids.iter().any(|i| i.eq_ignore_ascii_case("ALL"));
+            let present: Vec<QueueId> = store.queue_items().await?.iter().map(|i| i.entry.queue_id).collect();
+            let targets: Vec<QueueId> = if all {
+                present
+            } else {
+                let mut t = Vec::new();
+                for id in &ids {
+                    let qid = parse_queue_id(id)?;
+                    if !present.contains(&qid) {
+                        return Err(StoreError::Permanent(format!("no message {id} in the queue")));
+                    }
+                    t.push(qid);
+                }
+                t
+            };
+            for qid in &targets {
+                store.queue_change(*qid, op.clone()).await?;
+            }
+            if let Some(ctx) = ctx {
+                ctx.delivery.wake();
+            }
+            json!({ "changed": targets.len() })
+        }
         Request::ClusterInit
         | Request::ClusterJoin { .. }
         | Request::ClusterStatus
@@ -260,9 +298,42 @@ async fn run(
                 v["messages_rejected"] = json!(s.messages_rejected.load(Ordering::Relaxed));
                 v["messages_resent"] = json!(s.messages_resent.load(Ordering::Relaxed));
                 v["pop3_logins"] = json!(s.pop3_logins.load(Ordering::Relaxed));
+                v["relay_sent"] = json!(s.relay_sent.load(Ordering::Relaxed));
+                v["relay_deferred"] = json!(s.relay_deferred.load(Ordering::Relaxed));
+                v["relay_failed"] = json!(s.relay_failed.load(Ordering::Relaxed));
+                v["relay_reports"] = json!(s.relay_reports.load(Ordering::Relaxed));
+                v["relay_running"] = json!(ctx.delivery.running());
             }
             v
         }
+    })
+}
+
+fn parse_queue_id(id: &str) -> Result<QueueId, StoreError> {
+    QueueId::parse(id.trim()).ok_or_else(|| StoreError::Permanent(format!("'{id}' is not a queue id (12 hexadecimal digits)")))
+}
+
+fn queue_json(item: &QueueItem) -> Value {
+    let e = &item.entry;
+    json!({
+        "queue_id": e.queue_id.to_string(),
+        "from": e.return_path.clone().unwrap_or_default(),
+        "size": e.size,
+        "queued_at": e.queued_at,
+        "hold": item.state.hold,
+        "warned": item.state.warned,
+        "recipients": e.recipients.iter().zip(&item.state.recipients).map(|(a, r)| json!({
+            "address": a,
+            "status": match r.status {
+                RecipientStatus::Pending => "pending",
+                RecipientStatus::Delivered => "delivered",
+                RecipientStatus::Failed { reported: false } => "failed",
+                RecipientStatus::Failed { reported: true } => "bounced",
+            },
+            "attempts": r.attempts,
+            "next_attempt": r.next_attempt,
+            "last_error": r.last_error,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -46,6 +46,142 @@ pub struct Config {
     pub tls: TlsSection,
     pub admin: AdminSection,
     pub cluster: ClusterSection,
+    pub relay: RelaySection,
+}
+
+/// TLS for outbound SMTP (per destination domain, or the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Never STARTTLS (closed networks, tests).
+    Never,
+    /// STARTTLS when offered, any certificate (RFC 7435); plaintext otherwise.
+    #[default]
+    Opportunistic,
+    /// STARTTLS or no delivery (deferred), any certificate.
+    Require,
+    /// STARTTLS with a certificate valid for the host name (system CAs).
+    Verify,
+}
+
+/// A `host[:port]` from the config file, checked when parsed (so that an
+/// error names its line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPortSpec(pub hamail_relay::route::HostPort);
+
+impl<'de> Deserialize<'de> for HostPortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        hamail_relay::route::HostPort::parse(&s, 25).map(HostPortSpec).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Outbound delivery (the relay queue).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    /// Whether this node delivers queued mail (false: it waits in the queue).
+    pub enabled: bool,
+    /// Send all remote mail through this host (`host[:port]`, port 25 by
+    /// default) instead of looking up MX records.
+    pub smarthost: Option<HostPortSpec>,
+    /// AUTH PLAIN/LOGIN credentials for the smarthost (sent only over TLS
+    /// unless `smarthost_tls = "never"`).
+    pub smarthost_user: Option<String>,
+    pub smarthost_password: Option<String>,
+    pub smarthost_tls: TlsMode,
+    /// The default TLS policy for MX delivery.
+    pub tls: TlsMode,
+    /// Per-domain TLS policy: `{ "bank.example" = "verify" }`.
+    pub tls_policy: std::collections::HashMap<String, TlsMode>,
+    /// Static routes: `{ "example.test" = "127.0.0.1:2526" }`, before DNS.
+    pub transport: std::collections::HashMap<String, HostPortSpec>,
+    /// The DNS server for MX/A/AAAA lookups (default: /etc/resolv.conf).
+    pub resolver: Option<SocketAddr>,
+    /// The port of MX hosts.
+    pub mx_port: u16,
+    /// CA certificates for the `verify` policy.
+    pub ca_file: PathBuf,
+    /// First retry after this; doubled per failure up to `retry_max_secs`.
+    pub retry_initial_secs: u64,
+    pub retry_max_secs: u64,
+    /// Undelivered this long after arrival: bounced (RFC 5321 4.5.4.1).
+    pub lifetime_secs: u64,
+    /// Undelivered this long: one delay warning to the sender (0: never).
+    pub delay_warning_secs: u64,
+    /// Outbound sessions at once, in all.
+    pub max_connections: usize,
+    /// Outbound sessions at once to one destination.
+    pub max_per_destination: usize,
+    /// Messages carried by one session before it ends.
+    pub messages_per_session: usize,
+    /// How often the queue is scanned for due mail.
+    pub scan_interval_ms: u64,
+    pub connect_timeout_secs: u64,
+    /// RFC 5321 4.5.3.2 suggests minutes; one value for every command here.
+    pub command_timeout_secs: u64,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            enabled: true,
+            smarthost: None,
+            smarthost_user: None,
+            smarthost_password: None,
+            smarthost_tls: TlsMode::Opportunistic,
+            tls: TlsMode::Opportunistic,
+            tls_policy: Default::default(),
+            transport: Default::default(),
+            resolver: None,
+            mx_port: 25,
+            ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            retry_initial_secs: 300,
+            retry_max_secs: 4 * 3600,
+            lifetime_secs: 5 * 86400,
+            delay_warning_secs: 4 * 3600,
+            max_connections: 20,
+            max_per_destination: 4,
+            messages_per_session: 100,
+            scan_interval_ms: 1000,
+            connect_timeout_secs: 30,
+            command_timeout_secs: 300,
+        }
+    }
+}
+
+impl RelaySection {
+    pub fn route_config(&self) -> hamail_relay::route::RouteConfig {
+        hamail_relay::route::RouteConfig {
+            transport: self.transport.iter().map(|(d, hp)| (d.trim_end_matches('.').to_ascii_lowercase(), hp.0.clone())).collect(),
+            smarthost: self.smarthost.as_ref().map(|h| h.0.clone()),
+            resolver: self.resolver,
+            mx_port: self.mx_port,
+        }
+    }
+
+    pub fn schedule(&self) -> hamail_relay::schedule::Schedule {
+        hamail_relay::schedule::Schedule {
+            initial_backoff: self.retry_initial_secs,
+            max_backoff: self.retry_max_secs,
+            lifetime: self.lifetime_secs,
+            delay_warning: self.delay_warning_secs,
+        }
+    }
+
+    pub fn tls_for(&self, domain: &str, smarthost: bool) -> TlsMode {
+        if smarthost {
+            return self.smarthost_tls;
+        }
+        self.tls_policy.get(domain).copied().unwrap_or(self.tls)
+    }
+
+    pub fn smarthost_auth(&self) -> Option<(String, String)> {
+        match (&self.smarthost_user, &self.smarthost_password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -287,6 +423,16 @@ impl Config {
                     .into(),
             ));
         }
+        let r = &self.relay;
+        if r.smarthost_user.is_some() != r.smarthost_password.is_some() {
+            return Err(bad("[relay] needs both `smarthost_user` and `smarthost_password`, or neither".into()));
+        }
+        if r.retry_initial_secs == 0 || r.retry_max_secs < r.retry_initial_secs || r.lifetime_secs == 0 {
+            return Err(bad("[relay] retry_initial_secs must be above 0 and at most retry_max_secs; lifetime_secs above 0".into()));
+        }
+        if r.max_connections == 0 || r.max_per_destination == 0 || r.messages_per_session == 0 {
+            return Err(bad("[relay] max_connections, max_per_destination and messages_per_session must be at least 1".into()));
+        }
         if self.server.hostname.trim().is_empty() {
             return Err(bad("[server] hostname must not be empty".into()));
         }
@@ -344,6 +490,25 @@ mod tests {
     fn cert_without_key_is_refused() {
         let err = Config::parse("[tls]\ncert = \"a.pem\"\n", "c.toml").unwrap_err().to_string();
         assert!(err.contains("cert") && err.contains("key"), "{err}");
+    }
+
+    #[test]
+    fn relay_section_and_its_errors() {
+        let text = "[relay]\nsmarthost = \"relay.example.net:587\"\ntransport = { \"Test.Example\" = \"127.0.0.1:2526\" }\n\
+                    tls_policy = { \"bank.example\" = \"verify\" }\nresolver = \"127.0.0.1:5353\"\n";
+        let c = Config::parse(text, "c.toml").unwrap();
+        let route = c.relay.route_config();
+        assert_eq!(route.smarthost.unwrap().to_string(), "relay.example.net:587");
+        assert_eq!(route.transport["test.example"].to_string(), "127.0.0.1:2526");
+        assert_eq!(c.relay.tls_for("bank.example", false), TlsMode::Verify);
+        assert_eq!(c.relay.tls_for("other.example", false), TlsMode::Opportunistic);
+        assert_eq!(c.relay.schedule().lifetime, 5 * 86400);
+        let err = Config::parse("[relay]\n\ntransport = { \"a.test\" = \"bad host:x\" }\n", "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:3: "), "{err}");
+        let err = Config::parse("[relay]\ntls = \"sometimes\"\n", "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:2: "), "{err}");
+        let err = Config::parse("[relay]\nsmarthost_user = \"u\"\n", "c.toml").unwrap_err().to_string();
+        assert!(err.contains("smarthost_password"), "{err}");
     }
 
     #[test]

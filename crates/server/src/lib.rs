@@ -13,6 +13,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 mod conn;
+pub mod delivery;
 mod limits;
 mod pop3;
 pub mod resources;
@@ -65,6 +66,12 @@ pub struct Stats {
     /// Resends recognised (RFC 1047): answered 250, not delivered again.
     pub messages_resent: AtomicU64,
     pub pop3_logins: AtomicU64,
+    /// Outbound delivery, per recipient and attempt.
+    pub relay_sent: AtomicU64,
+    pub relay_deferred: AtomicU64,
+    pub relay_failed: AtomicU64,
+    /// Delivery status notifications generated (bounces, delay warnings).
+    pub relay_reports: AtomicU64,
 }
 
 /// What every connection handler shares.
@@ -84,6 +91,8 @@ pub struct Context {
     pub started: Instant,
     pub(crate) maildrop_locks: limits::MaildropLocks,
     pub(crate) auth_failures: limits::AuthFailures,
+    /// Outbound delivery on this node.
+    pub delivery: delivery::Control,
 }
 
 impl Context {
@@ -124,6 +133,7 @@ impl Running {
         for t in &self.tasks {
             t.abort();
         }
+        self.context.delivery.stop();
         self.context.cluster.stop();
     }
 
@@ -146,6 +156,15 @@ pub(crate) enum SmtpRole {
 /// Binds every listener and starts serving. Creates the configured domains
 /// if missing.
 pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, ServerError> {
+    start_with_clock(config, local, Arc::new(hamail_relay::schedule::SystemClock)).await
+}
+
+/// [`start`] with the clock outbound delivery uses for its schedule.
+pub async fn start_with_clock(
+    config: Config,
+    local: Arc<LocalStore>,
+    clock: Arc<dyn hamail_relay::schedule::Clock>,
+) -> Result<Running, ServerError> {
     let tls = tls::acceptor(&config)?;
     let store: Arc<dyn MailStore> = local.clone();
     let directory: Arc<dyn Directory> = local.clone();
@@ -153,6 +172,7 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
     let context = Arc::new(Context {
         maildrop_locks: limits::MaildropLocks::default(),
         auth_failures: limits::AuthFailures::default(),
+        delivery: delivery::Control::new(clock),
         config,
         store: std::sync::RwLock::new(store),
         local: local.clone(),
@@ -232,6 +252,9 @@ pub async fn start(config: Config, local: Arc<LocalStore>) -> Result<Running, Se
         }
     }
     tasks.push(admin::serve(context.clone(), &running.admin_socket)?);
+    if c.cluster.role != config::ClusterRole::Witness {
+        tasks.push(delivery::supervise(&context));
+    }
     running.tasks = tasks;
     Ok(running)
 }

@@ -174,6 +174,10 @@ async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Res
         }
         Ok(_) => {
             bump(&ctx.stats.messages_accepted);
+            if !txn.remote.is_empty() {
+                // Relayed mail: no need to wait for the next scan.
+                ctx.delivery.wake();
+            }
             tracing::info!(target: "hamail::mail",
                 "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result=250 queued",
                 txn.peer.ip(), txn.helo, txn.recipients.len())

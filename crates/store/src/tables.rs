@@ -19,6 +19,11 @@ pub(crate) const MAILBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition:
 pub(crate) const BODIES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("bodies");
 /// queue id → postcard [`crate::QueueEntry`].
 pub(crate) const QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue");
+/// queue id → postcard [`crate::QueueState`]: per-recipient delivery
+/// state of a queue entry. Absent until the first change (an entry just
+/// accepted is all pending, due at once: [`crate::QueueState::initial`]).
+/// Removed with the entry.
+pub(crate) const QUEUE_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("queue_state");
 /// The configured mail domains (value unused).
 pub(crate) const DOMAINS: TableDefinition<&str, ()> = TableDefinition::new("domains");
 /// address → postcard [`UserRecord`].

@@ -279,6 +279,111 @@ pub struct QueueEntry {
     pub queued_at: u64,
 }
 
+/// Where one recipient of a queue entry stands.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RecipientStatus {
+    /// Still to deliver.
+    Pending,
+    /// A remote server answered 2xx after the final dot.
+    Delivered,
+    /// Failed for good. `reported`: the sender was told (or needs not
+    /// be: null sender), so nothing remains to do for it.
+    Failed { reported: bool },
+}
+
+/// The delivery state of one recipient of a queue entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecipientState {
+    pub status: RecipientStatus,
+    /// Attempts that ended without delivery.
+    pub attempts: u32,
+    /// Unix seconds: not before this (0: now).
+    pub next_attempt: u64,
+    /// Unix seconds of the last attempt (0: none yet).
+    pub last_attempt: u64,
+    /// The last remote reply or failure reason.
+    pub last_error: Option<String>,
+}
+
+/// The delivery state of a queue entry; `recipients` follows
+/// [`QueueEntry::recipients`] index for index.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueState {
+    pub recipients: Vec<RecipientState>,
+    /// Held by the operator: not delivered until released.
+    pub hold: bool,
+    /// A delay warning went to the sender.
+    pub warned: bool,
+}
+
+impl QueueState {
+    /// The state of an entry nobody has worked on yet.
+    pub fn initial(entry: &QueueEntry) -> Self {
+        QueueState {
+            recipients: entry
+                .recipients
+                .iter()
+                .map(|_| RecipientState {
+                    status: RecipientStatus::Pending,
+                    attempts: 0,
+                    next_attempt: 0,
+                    last_attempt: 0,
+                    last_error: None,
+                })
+                .collect(),
+            hold: false,
+            warned: false,
+        }
+    }
+
+    /// True when nothing remains to do: every recipient delivered or
+    /// failed and reported.
+    pub fn finished(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|r| matches!(r.status, RecipientStatus::Delivered | RecipientStatus::Failed { reported: true }))
+    }
+}
+
+/// A queue entry with its delivery state (`hamail queue`, the worker).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueItem {
+    pub entry: QueueEntry,
+    pub state: QueueState,
+}
+
+/// The result of one attempt for one recipient.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RcptOutcome {
+    Delivered,
+    /// Try again at `next_attempt` (Unix seconds).
+    Deferred { next_attempt: u64, error: String },
+    /// Failed for good; `reported` as in [`RecipientStatus::Failed`].
+    Failed { error: String, reported: bool },
+    /// The failure of this (failed) recipient has been reported.
+    Reported,
+}
+
+/// A change to one queue entry, applied in log order on every node. Each
+/// carries the time it uses, so every node computes the same state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum QueueOp {
+    /// Results of an attempt at `at`: (recipient index, outcome). A
+    /// recipient already delivered keeps that status whatever comes later
+    /// (a result recorded twice cannot undo a delivery).
+    Results { at: u64, results: Vec<(u32, RcptOutcome)> },
+    Hold,
+    Release,
+    /// Every pending recipient is due now.
+    Flush,
+    /// Every pending recipient fails with `reason` (the sender is told).
+    Bounce { reason: String },
+    /// A delay warning was sent.
+    Warned,
+    /// The entry goes, whatever its state (`hamail queue delete`).
+    Delete,
+}
+
 /// What a recipient address means here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
@@ -346,6 +451,10 @@ pub enum MailChange {
     Delete { user: Address, ids: Vec<EntryId> },
     /// An outbound queue entry is done.
     Dequeue { queue_id: QueueId },
+    /// A change to the delivery state of a queue entry (an absent entry is
+    /// ignored). An entry whose recipients are all finished is removed in
+    /// the same application.
+    Queue { queue_id: QueueId, op: QueueOp },
 }
 
 /// A change to anything the cluster's state machine owns.
@@ -385,6 +494,11 @@ pub trait MailStore: Send + Sync + 'static {
     async fn delete(&self, user: &Address, ids: &[EntryId]) -> StoreResult<()>;
     /// The outbound queue.
     async fn queue(&self) -> StoreResult<Vec<QueueEntry>>;
+    /// The outbound queue with each entry's delivery state.
+    async fn queue_items(&self) -> StoreResult<Vec<QueueItem>>;
+    /// Changes one queue entry's delivery state, durably (fsynced here,
+    /// committed through the log in a cluster) before returning.
+    async fn queue_change(&self, queue_id: QueueId, op: QueueOp) -> StoreResult<()>;
 }
 
 /// Users, domains and aliases: the one user database of the cluster.

@@ -334,3 +334,82 @@ fn store_is_locked_while_open() {
     let second = LocalStore::open(dir.path(), StoreOptions::default());
     assert!(matches!(second, Err(StoreError::Unavailable(_))), "{second:?}");
 }
+
+/// Outbound queue state: per-recipient results, hold/flush/bounce, the
+/// entry and its body go once every recipient is finished, and the state
+/// survives a reopen and a snapshot round trip.
+#[tokio::test]
+async fn queue_state_per_recipient_until_the_entry_is_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let msg = incoming(&store, &[], &["a@r.test", "b@r.test", "c@s.test"], b"Subject: q\r\n\r\nx\r\n").await;
+    let qid = msg.queue_id;
+    let h = store.accept(msg).await.unwrap().body();
+    let items = store.queue_items().await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].state, QueueState::initial(&items[0].entry));
+    assert!(items[0].state.recipients.iter().all(|r| r.status == RecipientStatus::Pending && r.next_attempt == 0));
+
+    let results = vec![
+        (0, RcptOutcome::Delivered),
+        (1, RcptOutcome::Deferred { next_attempt: 500, error: "451 later".into() }),
+        (2, RcptOutcome::Failed { error: "550 no".into(), reported: false }),
+    ];
+    store.queue_change(qid, QueueOp::Results { at: 100, results }).await.unwrap();
+    // A late or repeated result never undoes a delivery.
+    let again = vec![(0, RcptOutcome::Deferred { next_attempt: 900, error: "dup".into() })];
+    store.queue_change(qid, QueueOp::Results { at: 101, results: again }).await.unwrap();
+    store.queue_change(qid, QueueOp::Hold).await.unwrap();
+    drop(store);
+
+    let store = open(dir.path());
+    let s = &store.queue_items().await.unwrap()[0].state;
+    assert!(s.hold);
+    assert_eq!(s.recipients[0].status, RecipientStatus::Delivered);
+    assert_eq!(
+        (s.recipients[1].status.clone(), s.recipients[1].attempts, s.recipients[1].next_attempt),
+        (RecipientStatus::Pending, 1, 500)
+    );
+    assert_eq!(s.recipients[1].last_error.as_deref(), Some("451 later"));
+    assert_eq!(s.recipients[2].status, RecipientStatus::Failed { reported: false });
+
+    store.queue_change(qid, QueueOp::Release).await.unwrap();
+    store.queue_change(qid, QueueOp::Flush).await.unwrap();
+    let s = store.queue_items().await.unwrap()[0].state.clone();
+    assert!(!s.hold);
+    assert_eq!(s.recipients[1].next_attempt, 0);
+
+    // The snapshot carries the state.
+    let snap = store.export_state().await.unwrap();
+    assert_eq!(snap.queue_state, vec![(qid, s.clone())]);
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open(other_dir.path());
+    other.import_state(snap, Vec::new()).await.unwrap();
+    assert_eq!(other.queue_items().await.unwrap()[0].state, s);
+
+    // Bounce the rest, report both failures: the entry and its body go.
+    store.queue_change(qid, QueueOp::Bounce { reason: "bounced by the administrator".into() }).await.unwrap();
+    let s = store.queue_items().await.unwrap()[0].state.clone();
+    assert_eq!(s.recipients[1].status, RecipientStatus::Failed { reported: false });
+    let reported = vec![(1, RcptOutcome::Reported), (2, RcptOutcome::Reported)];
+    store.queue_change(qid, QueueOp::Results { at: 200, results: reported }).await.unwrap();
+    assert!(store.queue_items().await.unwrap().is_empty());
+    assert_eq!(store.body_refs(&h).await.unwrap(), 0);
+    // Changes to an entry that is gone are ignored.
+    store.queue_change(qid, QueueOp::Flush).await.unwrap();
+}
+
+#[tokio::test]
+async fn queue_delete_removes_entry_state_and_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let msg = incoming(&store, &[], &["a@r.test"], b"Subject: d\r\n\r\nx\r\n").await;
+    let qid = msg.queue_id;
+    let h = store.accept(msg).await.unwrap().body();
+    store.queue_change(qid, QueueOp::Hold).await.unwrap();
+    store.queue_change(qid, QueueOp::Delete).await.unwrap();
+    assert!(store.queue_items().await.unwrap().is_empty());
+    assert!(store.export_state().await.unwrap().queue_state.is_empty());
+    assert_eq!(store.body_refs(&h).await.unwrap(), 0);
+    assert!(body_files(dir.path()).is_empty());
+}

@@ -256,6 +256,13 @@ impl ResourceDriver for Driver {
                 self.put(k, Held::Mail(running));
                 Ok(())
             }
+            ResourceSpec::Delivery { name } => {
+                let ctx = self
+                    .context
+                    .upgrade()
+                    .ok_or_else(|| run_error(name, "the server is shutting down: no context to deliver with"))?;
+                crate::delivery::resource_start(&ctx).map_err(|e| run_error(name, e))
+            }
             ResourceSpec::Exec { name, start, timeout_secs, .. } => {
                 // Recorded before running: a failed start is still stopped
                 // with the event that tried to start it.
@@ -294,6 +301,12 @@ impl ResourceDriver for Driver {
                 ip::floating_stop(name, address, interface).await
             }
             ResourceSpec::LoopbackIp { .. } => Ok(()),
+            ResourceSpec::Delivery { .. } => {
+                if let Some(ctx) = self.context.upgrade() {
+                    ctx.delivery.stop();
+                }
+                Ok(())
+            }
             ResourceSpec::MailService { .. } => {
                 if let Some(Held::Mail(m)) = held {
                     // Within the group's stop budget, leaving room for the
@@ -382,6 +395,10 @@ impl ResourceDriver for Driver {
                 mail::probe(name, &addresses).await
             }
             ResourceSpec::Exec { .. } => Ok(()),
+            ResourceSpec::Delivery { name } => match self.context.upgrade() {
+                Some(ctx) if ctx.delivery.running() || !ctx.config.relay.enabled => Ok(()),
+                _ => Err(run_error(name, "outbound delivery is not running on this node")),
+            },
             ResourceSpec::Disk { name, device, mount_point, .. } => {
                 let lease = match self.lock().get(&k) {
                     Some(Held::Disk(l)) => Some(l.check()),

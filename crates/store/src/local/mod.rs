@@ -27,12 +27,12 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 pub use recovery::RecoveryReport;
 
 use crate::tables::{
-    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, META, QUEUE, QUEUE_ID_HIGH_WATER, RESENDS, RESEND_AGES,
-    RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
+    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, RESENDS,
+    RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
 };
 use crate::{
-    Address, BodyHash, Committed, Domain, EntryId, Incoming, MailStore, MailboxEntry, QueueEntry, QueueId,
-    StoreError, StoreResult,
+    Address, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId,
+    QueueItem, QueueOp, QueueState, StoreError, StoreResult,
 };
 use committer::{AcceptJob, Committer};
 
@@ -177,6 +177,8 @@ impl Inner {
             let Some(removed) = removed else { return Ok(false) };
             let entry: QueueEntry = decode("queue entry", removed.value())?;
             drop(removed);
+            let mut states = txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?;
+            states.remove(queue_id.0).map_err(|e| db_err("removing queue state", e))?;
             release_body(&mut bodies, &entry.body)?.then_some(entry.body)
         };
         txn.commit().map_err(|e| db_err("committing dequeue", e))?;
@@ -191,6 +193,23 @@ impl Inner {
         for row in table.iter().map_err(|e| db_err("reading queue", e))? {
             let (_, v) = row.map_err(|e| db_err("reading queue", e))?;
             out.push(decode::<QueueEntry>("queue entry", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn queue_items(&self) -> StoreResult<Vec<QueueItem>> {
+        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        let table = txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?;
+        let states = txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| db_err("reading queue", e))? {
+            let (k, v) = row.map_err(|e| db_err("reading queue", e))?;
+            let entry = decode::<QueueEntry>("queue entry", v.value())?;
+            let state = match states.get(k.value()).map_err(|e| db_err("reading queue state", e))? {
+                Some(s) => decode::<QueueState>("queue state", s.value())?,
+                None => QueueState::initial(&entry),
+            };
+            out.push(QueueItem { entry, state });
         }
         Ok(out)
     }
@@ -334,6 +353,7 @@ fn init_schema(inner: &Inner) -> StoreResult<()> {
         txn.open_table(MAILBOX).map_err(|e| db_err("creating mailbox", e))?;
         txn.open_table(BODIES).map_err(|e| db_err("creating bodies", e))?;
         txn.open_table(QUEUE).map_err(|e| db_err("creating queue", e))?;
+        txn.open_table(QUEUE_STATE).map_err(|e| db_err("creating queue state", e))?;
         txn.open_table(DOMAINS).map_err(|e| db_err("creating domains", e))?;
         txn.open_table(USERS).map_err(|e| db_err("creating users", e))?;
         txn.open_table(ALIASES).map_err(|e| db_err("creating aliases", e))?;
@@ -438,6 +458,26 @@ impl MailStore for LocalStore {
     async fn queue(&self) -> StoreResult<Vec<QueueEntry>> {
         let inner = self.inner.clone();
         blocking(move || inner.queue()).await
+    }
+
+    async fn queue_items(&self) -> StoreResult<Vec<QueueItem>> {
+        let inner = self.inner.clone();
+        blocking(move || inner.queue_items()).await
+    }
+
+    async fn queue_change(&self, queue_id: QueueId, op: QueueOp) -> StoreResult<()> {
+        // The same application as a cluster's state machine, but in a
+        // durable (fsynced) commit of its own: on a single node this commit
+        // is the record that makes a delivery final.
+        let inner = self.inner.clone();
+        blocking(move || {
+            let txn = inner.begin_write()?;
+            let freed = inner.apply_mail(&txn, &MailChange::Queue { queue_id, op })?;
+            txn.commit().map_err(|e| db_err("committing queue change", e))?;
+            inner.unlink_freed(&freed);
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use super::{blocking, release_body, Inner, LocalStore};
 use crate::tables::{
     db_err, decode, encode, BODIES, LAST_STATE_SYNC, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
-    RESENDS, RESEND_AGES, RESEND_FINGERPRINTS,
+    QUEUE_STATE, RESENDS, RESEND_AGES, RESEND_FINGERPRINTS,
 };
 use crate::{
     Address, BodyHash, Committed, DirectorySnapshot, EntryId, Fingerprint, MailChange, MailboxEntry, QueueEntry,
-    QueueId, ResendKey, StateChange, StoreError, StoreResult,
+    QueueId, QueueOp, QueueState, RcptOutcome, RecipientStatus, ResendKey, StateChange, StoreError, StoreResult,
 };
 
 /// A message to record: the fields of an accept.
@@ -56,6 +56,7 @@ pub(crate) struct MailTables<'t> {
     mailbox: redb::Table<'t, (&'static str, u64), &'static [u8]>,
     bodies: redb::Table<'t, &'static [u8; 32], u64>,
     queue: redb::Table<'t, u64, &'static [u8]>,
+    queue_state: redb::Table<'t, u64, &'static [u8]>,
     messages: redb::Table<'t, u64, &'static [u8]>,
     next_id: u64,
 }
@@ -70,6 +71,7 @@ impl<'t> MailTables<'t> {
             mailbox: txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?,
             bodies: txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?,
             queue: txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?,
+            queue_state: txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?,
             messages: txn.open_table(MESSAGES).map_err(|e| db_err("opening messages", e))?,
             next_id,
         })
@@ -209,12 +211,92 @@ impl<'t> MailTables<'t> {
         let Some(removed) = removed else { return Ok(None) };
         let entry: QueueEntry = decode("queue entry", removed.value())?;
         drop(removed);
+        self.queue_state.remove(queue_id.0).map_err(|e| db_err("removing queue state", e))?;
         Ok(release_body(&mut self.bodies, &entry.body)?.then_some(entry.body))
+    }
+
+    /// Applies a queue operation; returns the body if the entry went and
+    /// that freed it. An absent entry is ignored (it was delivered,
+    /// deleted, or the change was proposed twice).
+    fn queue_op(&mut self, queue_id: QueueId, op: &QueueOp) -> StoreResult<Option<BodyHash>> {
+        let entry = match self.queue.get(queue_id.0).map_err(|e| db_err("reading queue", e))? {
+            Some(v) => decode::<QueueEntry>("queue entry", v.value())?,
+            None => return Ok(None),
+        };
+        if matches!(op, QueueOp::Delete) {
+            return self.dequeue(queue_id);
+        }
+        let mut state = match self.queue_state.get(queue_id.0).map_err(|e| db_err("reading queue state", e))? {
+            Some(v) => decode::<QueueState>("queue state", v.value())?,
+            None => QueueState::initial(&entry),
+        };
+        apply_queue_op(&mut state, op);
+        if state.finished() {
+            return self.dequeue(queue_id);
+        }
+        self.queue_state
+            .insert(queue_id.0, encode("queue state", &state)?.as_slice())
+            .map_err(|e| db_err("writing queue state", e))?;
+        Ok(None)
     }
 
     pub(crate) fn finish(mut self) -> StoreResult<()> {
         self.meta.insert(NEXT_ENTRY_ID, self.next_id).map_err(|e| db_err("writing entry counter", e))?;
         Ok(())
+    }
+}
+
+/// The pure part of a queue operation (the same on every node).
+pub(crate) fn apply_queue_op(state: &mut QueueState, op: &QueueOp) {
+    match op {
+        QueueOp::Results { at, results } => {
+            for (index, outcome) in results {
+                let Some(r) = state.recipients.get_mut(*index as usize) else { continue };
+                if r.status == RecipientStatus::Delivered {
+                    continue;
+                }
+                match outcome {
+                    RcptOutcome::Delivered => {
+                        r.status = RecipientStatus::Delivered;
+                        r.last_attempt = *at;
+                    }
+                    RcptOutcome::Deferred { next_attempt, error } => {
+                        if r.status == RecipientStatus::Pending {
+                            r.attempts = r.attempts.saturating_add(1);
+                            r.next_attempt = *next_attempt;
+                            r.last_attempt = *at;
+                            r.last_error = Some(error.clone());
+                        }
+                    }
+                    RcptOutcome::Failed { error, reported } => {
+                        r.attempts = r.attempts.saturating_add(1);
+                        r.last_attempt = *at;
+                        r.last_error = Some(error.clone());
+                        r.status = RecipientStatus::Failed { reported: *reported };
+                    }
+                    RcptOutcome::Reported => {
+                        if matches!(r.status, RecipientStatus::Failed { .. }) {
+                            r.status = RecipientStatus::Failed { reported: true };
+                        }
+                    }
+                }
+            }
+        }
+        QueueOp::Hold => state.hold = true,
+        QueueOp::Release => state.hold = false,
+        QueueOp::Flush => {
+            for r in state.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+                r.next_attempt = 0;
+            }
+        }
+        QueueOp::Bounce { reason } => {
+            for r in state.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+                r.status = RecipientStatus::Failed { reported: false };
+                r.last_error = Some(reason.clone());
+            }
+        }
+        QueueOp::Warned => state.warned = true,
+        QueueOp::Delete => {}
     }
 }
 
@@ -232,6 +314,11 @@ pub struct StateSnapshot {
     pub resend_fingerprints: Vec<(Fingerprint, QueueId, u64)>,
     /// Recognised resends: (queue id, original queue id, at).
     pub resends: Vec<(QueueId, QueueId, u64)>,
+    /// Delivery state of queue entries that have one. Not in this struct's
+    /// serialised form, so snapshots made before it existed still decode:
+    /// the cluster writes it as a segment of its own after the others.
+    #[serde(skip)]
+    pub queue_state: Vec<(QueueId, QueueState)>,
 }
 
 /// What `verify` found.
@@ -338,7 +425,7 @@ impl Inner {
         Ok(results)
     }
 
-    fn apply_mail(&self, txn: &WriteTransaction, change: &MailChange) -> StoreResult<Vec<BodyHash>> {
+    pub(crate) fn apply_mail(&self, txn: &WriteTransaction, change: &MailChange) -> StoreResult<Vec<BodyHash>> {
         match change {
             MailChange::Accept { queue_id, return_path, local, remote, body, size, at, resend } => {
                 if local.is_empty() && remote.is_empty() {
@@ -365,6 +452,12 @@ impl Inner {
                 t.finish()?;
                 Ok(freed.into_iter().collect())
             }
+            MailChange::Queue { queue_id, op } => {
+                let mut t = MailTables::open(txn)?;
+                let freed = t.queue_op(*queue_id, op)?;
+                t.finish()?;
+                Ok(freed.into_iter().collect())
+            }
         }
     }
 
@@ -381,6 +474,11 @@ impl Inner {
         for row in queue.iter().map_err(|e| db_err("reading queue", e))? {
             let (_, v) = row.map_err(|e| db_err("reading queue", e))?;
             snap.queue.push(decode("queue entry", v.value())?);
+        }
+        let states = txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?;
+        for row in states.iter().map_err(|e| db_err("reading queue state", e))? {
+            let (k, v) = row.map_err(|e| db_err("reading queue state", e))?;
+            snap.queue_state.push((QueueId(k.value()), decode("queue state", v.value())?));
         }
         let messages = match txn.open_table(MESSAGES) {
             Ok(t) => Some(t),
@@ -435,6 +533,12 @@ impl Inner {
             queue.retain(|_, _| false).map_err(|e| db_err("clearing queue", e))?;
             let mut messages = txn.open_table(MESSAGES).map_err(|e| db_err("opening messages", e))?;
             messages.retain(|_, _| false).map_err(|e| db_err("clearing messages", e))?;
+            let mut states = txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?;
+            states.retain(|_, _| false).map_err(|e| db_err("clearing queue state", e))?;
+            for (qid, state) in &snap.queue_state {
+                states.insert(qid.0, encode("queue state", state)?.as_slice()).map_err(|e| db_err("writing queue state", e))?;
+            }
+            drop(states);
             let mut refs: std::collections::HashMap<BodyHash, u64> = std::collections::HashMap::new();
             for (user, entry) in &snap.mailbox {
                 mailbox

@@ -1,0 +1,778 @@
+//! Outbound delivery end to end (issue 7): the real `hamail` binary relays
+//! submitted mail to a fake next hop on loopback (a static transport map
+//! entry), which answers 2xx, 4xx or 5xx per recipient, hangs before its
+//! final reply, or drops the connection mid-DATA. Bounces are read back by
+//! POP3 and parsed with mail-parser; a SIGKILL in the middle of a delivery
+//! loses nothing and resends nothing that had been recorded as delivered.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::Server;
+use mail_parser::MimeHeaders;
+
+/// What the sink saw and how it behaves.
+#[derive(Default)]
+struct SinkState {
+    /// Transactions answered 250 after the dot: (recipients, message).
+    delivered: Vec<(Vec<String>, Vec<u8>)>,
+    /// Messages whose DATA was completed (answered or not), by recipient.
+    data_seen: HashMap<String, usize>,
+    /// `tmp*` recipients: how many more RCPTs get 451.
+    temp_left: HashMap<String, u32>,
+    /// `hang*` recipients: how many more final dots get no reply.
+    hang_left: u32,
+    /// Set while a session waits, unanswered, after a final dot.
+    hanging: bool,
+    /// `drop*` recipients: how many more DATA phases are cut mid-way.
+    drop_left: u32,
+    sessions: usize,
+    /// Transactions (MAIL to the reply after the dot) in progress now, and
+    /// the most at once: a lower bound of the client's sessions at once
+    /// (counting sessions here would include the sink's own teardown).
+    open: usize,
+    max_open: usize,
+    /// Wait this long before answering a final dot (a slow next hop).
+    slow_ms: u64,
+}
+
+struct Sink {
+    addr: SocketAddr,
+    state: Arc<Mutex<SinkState>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(SinkState::default()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = sink_session(conn, &st);
+                });
+            }
+        });
+        Sink { addr, state }
+    }
+
+    fn count(&self, rcpt: &str) -> usize {
+        self.state.lock().unwrap().delivered.iter().filter(|(r, _)| r.iter().any(|x| x == rcpt)).count()
+    }
+}
+
+fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
+    st.lock().unwrap().sessions += 1;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    w.write_all(b"220 sink.test ESMTP\r\n")?;
+    let mut rcpts: Vec<String> = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let upper = line.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            w.write_all(b"250-sink.test\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n")?;
+        } else if upper.starts_with("MAIL FROM:") || upper.starts_with("RSET") {
+            rcpts.clear();
+            if upper.starts_with("MAIL") {
+                let mut s = st.lock().unwrap();
+                s.open += 1;
+                s.max_open = s.max_open.max(s.open);
+            }
+            w.write_all(b"250 2.1.0 ok\r\n")?;
+        } else if upper.starts_with("RCPT TO:") {
+            let addr = line[8..].trim().trim_start_matches('<').trim_end_matches('>').to_string();
+            let reply: &[u8] = {
+                let mut s = st.lock().unwrap();
+                if addr.starts_with("bad") {
+                    b"550 5.1.1 no such user here\r\n"
+                } else if addr.starts_with("tmp") && s.temp_left.get(&addr).copied().unwrap_or(0) > 0 {
+                    *s.temp_left.get_mut(&addr).unwrap() -= 1;
+                    b"451 4.2.0 mailbox busy, try later\r\n"
+                } else {
+                    rcpts.push(addr.clone());
+                    b"250 2.1.5 ok\r\n"
+                }
+            };
+            w.write_all(reply)?;
+        } else if upper.starts_with("DATA") {
+            w.write_all(b"354 go ahead\r\n")?;
+            let cut = rcpts.iter().any(|r| r.starts_with("drop")) && {
+                let mut s = st.lock().unwrap();
+                let cut = s.drop_left > 0;
+                if cut {
+                    s.drop_left -= 1;
+                }
+                cut
+            };
+            let mut msg = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                if r.read_until(b'\n', &mut l)? == 0 {
+                    return Ok(());
+                }
+                if cut && msg.len() > 10 {
+                    // Mid-DATA: the connection just goes away.
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                msg.extend_from_slice(if l.starts_with(b"..") { &l[1..] } else { &l });
+            }
+            let hang = rcpts.iter().any(|r| r.starts_with("hang")) && {
+                let mut s = st.lock().unwrap();
+                for r in &rcpts {
+                    *s.data_seen.entry(r.clone()).or_default() += 1;
+                }
+                let hang = s.hang_left > 0;
+                if hang {
+                    s.hang_left -= 1;
+                    s.hanging = true;
+                }
+                hang
+            };
+            if hang {
+                // No reply ever: wait until the client goes away.
+                let mut rest = Vec::new();
+                let _ = r.read_to_end(&mut rest);
+                st.lock().unwrap().hanging = false;
+                return Ok(());
+            }
+            let slow = st.lock().unwrap().slow_ms;
+            if slow > 0 {
+                std::thread::sleep(Duration::from_millis(slow));
+            }
+            {
+                let mut s = st.lock().unwrap();
+                s.open = s.open.saturating_sub(1);
+                if !rcpts.iter().any(|r| r.starts_with("hang")) {
+                    for r in &rcpts {
+                        *s.data_seen.entry(r.clone()).or_default() += 1;
+                    }
+                }
+                s.delivered.push((rcpts.clone(), msg));
+            }
+            w.write_all(b"250 2.0.0 queued\r\n")?;
+        } else if upper.starts_with("QUIT") {
+            w.write_all(b"221 2.0.0 bye\r\n")?;
+            return Ok(());
+        } else {
+            w.write_all(b"500 5.5.1 what?\r\n")?;
+        }
+    }
+}
+
+fn relay_config(sink: SocketAddr) -> String {
+    format!(
+        "[relay]\ntransport = {{ \"remote.test\" = \"{sink}\" }}\ntls = \"never\"\nretry_initial_secs = 1\n\
+         retry_max_secs = 1\nscan_interval_ms = 100\ncommand_timeout_secs = 30\n"
+    )
+}
+
+fn setup(server: &Server) {
+    server.add_domain("example.org");
+    server.add_user("alice@example.org", "pw");
+}
+
+fn reply(r: &mut BufReader<TcpStream>) -> String {
+    let mut all = String::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).expect("reply");
+        all.push_str(&l);
+        if l.len() < 4 || l.as_bytes()[3] != b'-' {
+            return all;
+        }
+    }
+}
+
+/// Submits a message as alice (AUTH PLAIN on loopback); returns its 250 line.
+fn submit(server: &Server, to: &[&str], subject: &str) -> String {
+    submit_from(server, "alice@example.org", to, subject)
+}
+
+/// The same with another envelope sender (submission does not tie it to
+/// the login).
+fn submit_from(server: &Server, from: &str, to: &[&str], subject: &str) -> String {
+    let s = TcpStream::connect(server.submission).expect("submission");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut step = |cmd: &str, want: &str| {
+        if !cmd.is_empty() {
+            w.write_all(cmd.as_bytes()).unwrap();
+        }
+        let got = reply(&mut r);
+        assert!(got.starts_with(want), "{cmd:?} got {got:?}");
+        got
+    };
+    step("", "220");
+    step("EHLO client.test\r\n", "250");
+    let token = base64::engine::general_purpose::STANDARD.encode("\0alice@example.org\0pw");
+    step(&format!("AUTH PLAIN {token}\r\n"), "235");
+    step(&format!("MAIL FROM:<{from}>\r\n"), "250");
+    for t in to {
+        step(&format!("RCPT TO:<{t}>\r\n"), "250");
+    }
+    step("DATA\r\n", "354");
+    let body = format!("From: alice@example.org\r\nSubject: {subject}\r\n\r\nhello {subject}\r\n..line starting with a dot\r\n.\r\n");
+    let done = step(&body, "250");
+    step("QUIT\r\n", "221");
+    done
+}
+
+fn queue_json(server: &Server) -> serde_json::Value {
+    let (ok, out) = server.cli(&["queue", "list", "--json"], "");
+    assert!(ok, "queue list: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("queue list --json: {e}: {out}"))
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn delivers_with_per_recipient_results_retries_and_bounces() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp1@remote.test".into(), 1);
+    sink.state.lock().unwrap().drop_left = 1;
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    submit(&server, &["ok1@remote.test", "bad1@remote.test", "tmp1@remote.test"], "three");
+    submit(&server, &["drop1@remote.test"], "dropped");
+    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+
+    // Each good recipient exactly once, the refused one never.
+    assert_eq!(sink.count("ok1@remote.test"), 1);
+    assert_eq!(sink.count("tmp1@remote.test"), 1, "delivered on retry");
+    assert_eq!(sink.count("drop1@remote.test"), 1, "delivered after the cut connection");
+    assert_eq!(sink.count("bad1@remote.test"), 0);
+    let state = sink.state.lock().unwrap();
+    let (_, msg) = state.delivered.iter().find(|(r, _)| r.contains(&"ok1@remote.test".to_string())).unwrap();
+    let text = String::from_utf8_lossy(msg);
+    assert!(text.contains("Subject: three") && text.contains("\r\n.line starting with a dot\r\n"), "{text}");
+    assert!(text.starts_with("Received: "), "our trace header first: {text}");
+    drop(state);
+
+    // The bounce: one DSN, for bad1 only, to alice, parsed back.
+    let drop = common::mail::maildrop(server.pop3, "alice@example.org");
+    assert_eq!(drop.len(), 1, "one bounce");
+    let bounce = mail_parser::MessageParser::default().parse(&drop[0]).expect("bounce parses");
+    let ct = bounce.content_type().expect("content type");
+    assert_eq!((ct.ctype(), ct.subtype()), ("multipart", Some("report")));
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+    let raw = String::from_utf8_lossy(&drop[0]);
+    assert!(raw.contains("Return-Path: <>"), "a bounce has the null sender: {raw}");
+    assert!(raw.contains("Final-Recipient: rfc822; bad1@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"), "{raw}");
+    assert!(raw.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user here"), "{raw}");
+    assert!(!raw.contains("Final-Recipient: rfc822; ok1@remote.test"), "{raw}");
+    assert!(raw.contains("Subject: three"), "the original headers: {raw}");
+
+    // The counters of `hamail status`.
+    let (ok, out) = server.cli(&["status", "--json"], "");
+    assert!(ok, "{out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["relay_sent"], 3, "{st}");
+    assert_eq!(st["relay_failed"], 1, "{st}");
+    assert_eq!(st["relay_reports"], 1, "{st}");
+    assert!(st["relay_deferred"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["relay_running"], true);
+}
+
+/// Many messages, each to two destinations, submitted concurrently while
+/// sessions end and scans run: each recipient is delivered exactly once (a
+/// scan must never pick a recipient whose session ended after that scan
+/// read the queue: the entry is still queued for the other destination, so
+/// it would be sent twice).
+#[test]
+fn many_messages_each_delivered_exactly_once() {
+    let (a, b) = (Sink::start(), Sink::start());
+    let config = relay_config(a.addr).replace(
+        &format!("\"remote.test\" = \"{}\"", a.addr),
+        &format!("\"remote.test\" = \"{}\", \"other.test\" = \"{}\"", a.addr, b.addr),
+    );
+    let server = Arc::new(common::start(&config));
+    setup(&server);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let n = t * 100 + i;
+                    submit(&server, &[&format!("a{n}@remote.test"), &format!("b{n}@other.test")], &format!("many {n}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    for t in 0..4 {
+        for i in 0..25 {
+            let n = t * 100 + i;
+            assert_eq!(a.count(&format!("a{n}@remote.test")), 1, "a{n}");
+            assert_eq!(b.count(&format!("b{n}@other.test")), 1, "b{n}");
+        }
+    }
+    assert!(!server.log().contains("unreadable"), "{}", server.log());
+}
+
+#[test]
+fn retry_schedule_and_queue_commands() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp2@remote.test".into(), 1_000);
+    sink.state.lock().unwrap().temp_left.insert("tmp3@remote.test".into(), 1_000);
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    submit(&server, &["tmp2@remote.test"], "retried");
+    // Attempts go on at the configured backoff (1 s, capped at 1 s).
+    wait_for("three attempts", Duration::from_secs(30), || {
+        queue_json(&server)[0]["recipients"][0]["attempts"].as_u64().unwrap_or(0) >= 3
+    });
+    let q = queue_json(&server);
+    let r = &q[0]["recipients"][0];
+    assert_eq!(r["status"], "pending");
+    assert!(r["last_error"].as_str().unwrap().starts_with("451 4.2.0"), "{r}");
+    let id = q[0]["queue_id"].as_str().unwrap().to_string();
+
+    let (ok, out) = server.cli(&["queue", "list"], "");
+    assert!(ok && out.contains(&id) && out.contains("tmp2@remote.test") && out.contains("attempts="), "{out}");
+    let (ok, out) = server.cli(&["queue", "show", &id], "");
+    assert!(ok && out.contains("Subject: retried"), "{out}");
+
+    // Hold: no more attempts; the list marks it.
+    let (ok, out) = server.cli(&["queue", "hold", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(queue_json(&server)[0]["hold"], true);
+    let (_, out) = server.cli(&["queue", "list"], "");
+    assert!(out.contains(&format!("{id}!")), "{out}");
+    let (ok, out) = server.cli(&["queue", "release", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(queue_json(&server)[0]["hold"], false);
+
+    // Bounce by the operator: the sender gets a DSN, the queue empties.
+    let (ok, out) = server.cli(&["queue", "bounce", &id], "");
+    assert!(ok, "{out}");
+    wait_for("the bounce", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let drop = common::mail::maildrop(server.pop3, "alice@example.org");
+    assert_eq!(drop.len(), 1);
+    let raw = String::from_utf8_lossy(&drop[0]);
+    assert!(raw.contains("Final-Recipient: rfc822; tmp2@remote.test"), "{raw}");
+    assert!(raw.contains("administrator"), "{raw}");
+
+    // Delete: gone without a bounce.
+    submit(&server, &["tmp3@remote.test"], "deleted");
+    let id = queue_json(&server)[0]["queue_id"].as_str().unwrap().to_string();
+    let (ok, out) = server.cli(&["queue", "delete", &id], "");
+    assert!(ok, "{out}");
+    assert!(queue_json(&server).as_array().unwrap().is_empty());
+    assert_eq!(common::mail::maildrop(server.pop3, "alice@example.org").len(), 1, "no bounce for a deletion");
+    let (ok, out) = server.cli(&["queue", "hold", "00000000BEEF"], "");
+    assert!(!ok && out.contains("no message"), "{out}");
+    let (ok, out) = server.cli(&["queue", "hold", "nonsense"], "");
+    assert!(!ok && out.contains("not a queue id"), "{out}");
+}
+
+#[test]
+fn sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().hang_left = 1;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = relay_config(sink.addr);
+    let mut server = common::start_in(tmp.path(), &config);
+    setup(&server);
+    for i in 0..5 {
+        submit(&server, &[&format!("ok{i}@remote.test")], &format!("before {i}"));
+    }
+    wait_for("five deliveries", Duration::from_secs(30), || (0..5).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1));
+    wait_for("their records", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    submit(&server, &["hang@remote.test", "ok9@remote.test"], "in flight");
+    wait_for("the hanging delivery", Duration::from_secs(30), || sink.state.lock().unwrap().hanging);
+
+    server.kill9();
+    let server = common::start_in(tmp.path(), &config);
+    wait_for("an empty queue after the restart", Duration::from_secs(60), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    // At least once for the message in flight (twice here: the first
+    // DATA got no reply — RFC 1047's window), never again for the others.
+    assert_eq!(sink.count("hang@remote.test"), 1);
+    assert_eq!(sink.count("ok9@remote.test"), 1);
+    assert_eq!(sink.state.lock().unwrap().data_seen.get("hang@remote.test").copied(), Some(2));
+    for i in 0..5 {
+        assert_eq!(sink.count(&format!("ok{i}@remote.test")), 1, "ok{i} recorded as delivered, never sent again");
+    }
+    assert!(common::mail::maildrop(server.pop3, "alice@example.org").is_empty(), "no bounce");
+}
+
+async fn wait_async(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The retry schedule, the delay warning and the lifetime against a clock
+/// the test moves (the server in this process, `start_with_clock`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_follows_the_clock_warning_then_expiry() {
+    use hamail_relay::schedule::{Clock, ManualClock, SystemClock};
+    use hamail_store::{Address, Incoming, LocalStore, MailStore, StoreOptions};
+
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp@remote.test".into(), 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nhostname = \"mx.test\"\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n\
+         [smtp]\nlisten = []\nsubmission = []\n[pop3]\nlisten = []\n\
+         [relay]\ntransport = {{ \"remote.test\" = \"{sink}\", \"other.test\" = \"{sink}\" }}\ntls = \"never\"\n\
+         retry_initial_secs = 60\nretry_max_secs = 600\ndelay_warning_secs = 3600\nlifetime_secs = 7200\nscan_interval_ms = 20\n",
+        dir.path().join("data").display(),
+        sink = sink.addr
+    );
+    let config = hamail_server::Config::parse(&text, "test.toml").unwrap();
+    let local = LocalStore::open(&config.store_dir(), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let running = hamail_server::start_with_clock(config, local.clone(), clock.clone()).await.unwrap();
+    let ctx = running.context.clone();
+    ctx.directory().add_user(&Address::parse("alice@example.org").unwrap(), "pw").await.unwrap();
+
+    let send = |to: &str, subject: &str| {
+        let local = local.clone();
+        let to = to.to_string();
+        let body = format!("From: alice@example.org\r\nSubject: {subject}\r\n\r\nbody\r\n").into_bytes();
+        async move {
+            let queue_id = local.next_queue_id().await.unwrap();
+            let incoming = Incoming {
+                return_path: Some("alice@example.org".into()),
+                local: Vec::new(),
+                remote: vec![to],
+                body: Arc::new(body),
+                queue_id,
+                resend: None,
+            };
+            local.accept(incoming).await.unwrap();
+        }
+    };
+    let attempts = |local: &Arc<LocalStore>| {
+        let local = local.clone();
+        async move {
+            let items = local.queue_items().await.unwrap();
+            items
+                .iter()
+                .find(|i| i.entry.recipients[0] == "tmp@remote.test")
+                .map(|i| (i.state.recipients[0].attempts, i.state.recipients[0].next_attempt, i.state.warned))
+        }
+    };
+    let t0 = clock.now();
+    send("tmp@remote.test", "slow").await;
+    ctx.delivery.wake();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while attempts(&local).await.map(|a| a.0) != Some(1) {
+        assert!(Instant::now() < deadline, "first attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(attempts(&local).await.unwrap().1, t0 + 60, "first retry after retry_initial_secs");
+
+    // A barrier: once a message to another destination is delivered, a
+    // scan ran after the clock moved — and did not retry early.
+    let mut barrier = 0;
+    let mut sync_scan = |advance: u64| {
+        clock.advance(advance);
+        barrier += 1;
+        let to = format!("ok{barrier}@other.test");
+        let sink_state = sink.state.clone();
+        let send = send(&to, "barrier");
+        let ctx = ctx.clone();
+        async move {
+            send.await;
+            ctx.delivery.wake();
+            wait_async("the barrier delivery", Duration::from_secs(20), || {
+                sink_state.lock().unwrap().delivered.iter().any(|(r, _)| r.contains(&to))
+            })
+            .await;
+        }
+    };
+    sync_scan(59).await;
+    assert_eq!(attempts(&local).await.unwrap().0, 1, "not before its time");
+    sync_scan(1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while attempts(&local).await.unwrap().0 != 2 {
+        assert!(Instant::now() < deadline, "second attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(attempts(&local).await.unwrap().1, t0 + 60 + 120, "backoff doubled");
+
+    // Past the delay warning: one warning to alice, the entry stays. (No
+    // barrier message from here on: the store stamps arrival with the
+    // real time, so the clock would make a new message late at once.)
+    clock.advance(3600);
+    ctx.delivery.wake();
+    let alice = Address::parse("alice@example.org").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local.mailbox(&alice).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "delay warning");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(attempts(&local).await.unwrap().2, "warned");
+    let box1 = local.mailbox(&alice).await.unwrap();
+    let warning = local.body(&box1[0].body).await.unwrap();
+    let text = String::from_utf8_lossy(&warning);
+    assert!(text.contains("Action: delayed") && text.contains("Final-Recipient: rfc822; tmp@remote.test"), "{text}");
+
+    // Past the lifetime: bounced with 4.4.7.
+    clock.advance(7200);
+    ctx.delivery.wake();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local.mailbox(&alice).await.unwrap().len() < 2 || attempts(&local).await.is_some() {
+        assert!(Instant::now() < deadline, "expiry bounce");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let box2 = local.mailbox(&alice).await.unwrap();
+    assert_eq!(box2.len(), 2, "one warning, one bounce");
+    let bounce = local.body(&box2[1].body).await.unwrap();
+    let parsed = mail_parser::MessageParser::default().parse(&bounce[..]).expect("parses");
+    assert_eq!(parsed.subject(), Some("Undelivered Mail Returned to Sender"));
+    let text = String::from_utf8_lossy(&bounce);
+    assert!(text.contains("Action: failed\r\nStatus: 4.4.7"), "{text}");
+    running.stop();
+}
+
+/// In a cluster, the node that owns the `delivery` resource works the
+/// queue; when it is SIGKILLed mid-delivery, the node that takes the group
+/// over finishes the queue: the message in flight is delivered (again),
+/// none recorded as delivered is sent twice, and no other node ever
+/// delivered while the owner was alive.
+#[test]
+fn cluster_takeover_of_the_queue_after_sigkill_of_the_owner() {
+    use common::cluster::Node;
+    let sink = Sink::start();
+    sink.state.lock().unwrap().hang_left = 1;
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let name = format!("node{i}");
+            let dir = root.path().join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let text = format!(
+                "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\n\n[pop3]\nlisten = [\"127.0.0.1:0\"]\n\n\
+                 [cluster]\nlisten = \"127.0.0.1:{}\"\n\n{}",
+                dir.join("data").display(),
+                common::free_port(),
+                relay_config(sink.addr)
+            );
+            std::fs::write(dir.join("hamail.toml"), text).unwrap();
+            Node { server: Some(common::start_in(&dir, "")), dir }
+        })
+        .collect();
+    setup(nodes[0].s());
+    let (ok, out) = nodes[0].cli(&["cluster", "init"], "");
+    assert!(ok, "{out}");
+    let token = out.split_whitespace().find(|w| w.starts_with("hamail1-")).unwrap().to_string();
+    for n in &nodes[1..] {
+        let (ok, out) = n.cli(&["cluster", "join", &token], "");
+        assert!(ok, "{out}");
+    }
+    let groups = root.path().join("groups.toml");
+    std::fs::write(
+        &groups,
+        "[[group]]\nname = \"relay\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+         [[group.resources]]\ntype = \"delivery\"\nname = \"queue\"\n",
+    )
+    .unwrap();
+    let (ok, out) = nodes[1].cli(&["group", "apply", groups.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+
+    // Mail submitted on node 2 is delivered by the owner, node 1.
+    wait_for("a login on node 2", Duration::from_secs(30), || common::cluster::pop3_login(nodes[1].s(), "alice@example.org", "pw"));
+    for i in 0..3 {
+        submit(nodes[1].s(), &[&format!("ok{i}@remote.test")], &format!("clustered {i}"));
+    }
+    wait_for("three deliveries", Duration::from_secs(60), || (0..3).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1));
+    wait_for("their records", Duration::from_secs(30), || queue_json(nodes[2].s()).as_array().is_some_and(|a| a.is_empty()));
+    assert!(nodes[0].s().log().contains("outbound delivery started on this node"));
+    for n in &nodes[1..] {
+        assert!(!n.s().log().contains("relay queue_id="), "only the owner delivers:\n{}", n.s().log());
+    }
+
+    submit(nodes[1].s(), &["hang@remote.test", "ok9@remote.test"], "in flight");
+    wait_for("the hanging delivery", Duration::from_secs(30), || sink.state.lock().unwrap().hanging);
+    nodes[0].kill9();
+    wait_for("an empty queue after the takeover", Duration::from_secs(60), || {
+        let (ok, out) = nodes[2].cli(&["queue", "list", "--json"], "");
+        ok && serde_json::from_str::<serde_json::Value>(&out).ok().and_then(|v| v.as_array().map(|a| a.is_empty())) == Some(true)
+    });
+    assert_eq!(sink.count("hang@remote.test"), 1);
+    assert_eq!(sink.count("ok9@remote.test"), 1);
+    assert_eq!(sink.state.lock().unwrap().data_seen.get("hang@remote.test").copied(), Some(2));
+    for i in 0..3 {
+        assert_eq!(sink.count(&format!("ok{i}@remote.test")), 1, "ok{i} never sent again");
+    }
+}
+
+/// A second hamail as the next hop: STARTTLS with its self-signed
+/// certificate (`require`: any certificate), `verify` refusing that
+/// certificate (deferred, never sent in clear), and the same server's
+/// submission port as an authenticated smarthost.
+#[test]
+fn starttls_policies_and_an_authenticating_smarthost() {
+    let next = common::start("");
+    next.add_domain("remote.test");
+    next.add_user("bob@remote.test", "pw");
+
+    // require: delivered over TLS.
+    let server = common::start(&format!(
+        "[relay]\ntransport = {{ \"remote.test\" = \"{}\" }}\ntls = \"require\"\ntls_policy = {{ \"verified.test\" = \"verify\" }}\n\
+         retry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        next.smtp
+    ));
+    setup(&server);
+    submit(&server, &["bob@remote.test"], "over tls");
+    wait_for("delivery over TLS", Duration::from_secs(30), || {
+        common::mail::maildrop(next.pop3, "bob@remote.test").iter().any(|m| String::from_utf8_lossy(m).contains("Subject: over tls"))
+    });
+    let got = common::mail::maildrop(next.pop3, "bob@remote.test");
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.contains("by mx.test (hamail) with ESMTPS"), "the next hop saw TLS: {text}");
+    assert!(queue_json(&server).as_array().unwrap().is_empty());
+
+    // verify: the self-signed certificate is refused; the message waits.
+    let verify = common::start(&format!(
+        "[relay]\ntransport = {{ \"remote.test\" = \"{}\" }}\ntls = \"verify\"\nca_file = \"/nonexistent\"\n\
+         retry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        next.smtp
+    ));
+    setup(&verify);
+    submit(&verify, &["bob@remote.test"], "must be verified");
+    wait_for("a TLS deferral", Duration::from_secs(30), || {
+        queue_json(&verify)[0]["recipients"][0]["last_error"].as_str().is_some_and(|e| e.contains("TLS"))
+    });
+    assert_eq!(queue_json(&verify)[0]["recipients"][0]["status"], "pending");
+    assert!(!common::mail::maildrop(next.pop3, "bob@remote.test")
+        .iter()
+        .any(|m| String::from_utf8_lossy(m).contains("must be verified")));
+
+    // Smarthost: the next hop's submission port, STARTTLS then AUTH.
+    let smart = common::start(&format!(
+        "[relay]\nsmarthost = \"{}\"\nsmarthost_user = \"bob@remote.test\"\nsmarthost_password = \"pw\"\n\
+         smarthost_tls = \"require\"\nresolver = \"127.0.0.1:9\"\nretry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        next.submission
+    ));
+    setup(&smart);
+    submit(&smart, &["bob@remote.test"], "via smarthost");
+    wait_for("delivery through the smarthost", Duration::from_secs(30), || {
+        common::mail::maildrop(next.pop3, "bob@remote.test").iter().any(|m| String::from_utf8_lossy(m).contains("Subject: via smarthost"))
+    });
+    let got = common::mail::maildrop(next.pop3, "bob@remote.test");
+    let m = got.iter().find(|m| String::from_utf8_lossy(m).contains("via smarthost")).unwrap();
+    assert!(String::from_utf8_lossy(m).contains("with ESMTPSA"), "TLS and AUTH at the smarthost: {}", String::from_utf8_lossy(m));
+}
+
+/// At most `max_per_destination` sessions to one destination, even with
+/// many messages due and a slow next hop; a destination that cannot be
+/// reached at all is backed off as a whole.
+#[test]
+fn concurrency_limit_per_destination_and_destination_backoff() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().slow_ms = 300;
+    let config = relay_config(sink.addr)
+        .replace("scan_interval_ms = 100", "scan_interval_ms = 100\nmax_per_destination = 2\nmessages_per_session = 1");
+    let server = common::start(&config);
+    setup(&server);
+    for i in 0..8 {
+        submit(&server, &[&format!("par{i}@remote.test")], &format!("parallel {i}"));
+    }
+    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.delivered.len(), 8);
+    assert!(st.max_open <= 2, "at most 2 sessions at once, saw {}", st.max_open);
+    assert_eq!(st.max_open, 2, "the two sessions did run side by side");
+    drop(st);
+
+    // Nothing listens there: the destination is backed off as a whole.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let server = common::start(&relay_config(dead).replace("retry_initial_secs = 1", "retry_initial_secs = 300")
+        .replace("retry_max_secs = 1", "retry_max_secs = 600"));
+    setup(&server);
+    submit(&server, &["x@remote.test"], "unreachable");
+    wait_for("the backoff", Duration::from_secs(30), || server.log().contains("destination backed off"));
+    let q = queue_json(&server);
+    let r = &q[0]["recipients"][0];
+    assert!(r["last_error"].as_str().unwrap().contains("connecting to"), "{r}");
+    assert_eq!(r["attempts"], 1);
+}
+
+/// A real client (swaks, STARTTLS and AUTH on submission) to a remote
+/// domain: the next hop receives the message with swaks's headers and body
+/// intact, a leading dot included.
+#[test]
+fn swaks_submission_is_relayed_intact() {
+    let sink = Sink::start();
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    let (ok, out, err) = common::run_tool(
+        "swaks",
+        &[
+            "--server", &server.submission.to_string(), "--tls",
+            "-au", "alice@example.org", "-ap", "pw",
+            "--from", "alice@example.org", "--to", "carol@remote.test",
+            "--header", "Subject: swaks relayed", "--body", ".starts with a dot\nsecond line",
+        ],
+        None,
+    );
+    assert!(ok, "swaks: {}{err}", String::from_utf8_lossy(&out));
+    wait_for("the relayed message", Duration::from_secs(30), || sink.count("carol@remote.test") == 1);
+    let st = sink.state.lock().unwrap();
+    let text = String::from_utf8_lossy(&st.delivered[0].1).into_owned();
+    assert!(text.contains("Subject: swaks relayed\r\n"), "{text}");
+    assert!(text.contains("X-Mailer: swaks"), "{text}");
+    assert!(text.contains("\r\n.starts with a dot\r\nsecond line\r\n"), "{text}");
+    assert!(text.contains("with ESMTPSA"), "our trace header: {text}");
+}
+
+/// A bounce that bounces (its null-sender delivery to a remote sender is
+/// refused) goes to the postmaster once, marked as a double bounce; and
+/// nothing more after that.
+#[test]
+fn a_failed_bounce_goes_to_the_postmaster_once() {
+    let sink = Sink::start();
+    let server = common::start(&relay_config(sink.addr));
+    setup(&server);
+    let (ok, out) = server.cli(&["alias", "add", "postmaster@example.org", "alice@example.org"], "");
+    assert!(ok, "{out}");
+    submit_from(&server, "bad-sender@remote.test", &["bad-rcpt@remote.test"], "doomed");
+    wait_for("the double bounce", Duration::from_secs(60), || {
+        !common::mail::maildrop(server.pop3, "alice@example.org").is_empty()
+            && queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    let drop = common::mail::maildrop(server.pop3, "alice@example.org");
+    assert_eq!(drop.len(), 1, "one report to the postmaster");
+    let raw = String::from_utf8_lossy(&drop[0]);
+    assert!(raw.contains("X-Hamail-Double-Bounce: yes"), "{raw}");
+    assert!(raw.contains("Final-Recipient: rfc822; bad-sender@remote.test"), "the bounce's recipient: {raw}");
+    assert!(raw.contains("Subject: Undelivered Mail Returned to Sender"), "the original headers are the bounce's: {raw}");
+    assert!(server.log().contains("bounce queue_id="), "{}", server.log());
+    assert_eq!(sink.count("bad-rcpt@remote.test"), 0);
+}
