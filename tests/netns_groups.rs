@@ -95,7 +95,7 @@ impl NsCluster {
 /// Every message's X-Token through POP3 at `addr` (short timeouts; no
 /// panics, for polling).
 fn pop3_tokens(addr: SocketAddr, user: &str) -> std::io::Result<Vec<String>> {
-    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::Other, what);
+    let bad = |what: String| std::io::Error::other(what);
     let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut w = s.try_clone()?;

@@ -52,10 +52,13 @@ pub struct LogStore {
     writer: Arc<std::sync::mpsc::Sender<Job>>,
 }
 
+/// An entry to write: its index, its id, its encoding.
+type Row = (u64, LogId, Vec<u8>);
+
 /// Work for the writer thread, in the order openraft asked for it.
 enum Job {
-    /// Entries (index, encoded) to commit durably, then `callback`.
-    Append { rows: Vec<(u64, LogId, Vec<u8>)>, callback: LogFlushed<TypeConfig> },
+    /// Entries to commit durably, then `callback`.
+    Append { rows: Vec<Row>, callback: LogFlushed<TypeConfig> },
     /// Answered once every append queued before it is committed.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
@@ -336,7 +339,7 @@ fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<BTreeMap<u64, Entr
 fn commit_appends(
     db: &std::sync::Weak<Database>,
     pending: &Mutex<BTreeMap<u64, Entry>>,
-    appends: Vec<(Vec<(u64, LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>,
+    appends: Vec<(Vec<Row>, LogFlushed<TypeConfig>)>,
 ) {
     if appends.is_empty() {
         return;
