@@ -262,6 +262,25 @@ async fn concurrent_delete_and_accept_of_same_body_never_lose_it() {
     }
 }
 
+/// A cluster replica's applies lag its Raft log after a crash: a body a
+/// peer sent it may belong to an accept committed in the log and not yet
+/// applied here. Recovery must keep it (it was counted as a durable copy
+/// before the `250`).
+#[tokio::test]
+async fn a_cluster_replica_keeps_bodies_its_log_may_still_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = {
+        let store = open(dir.path());
+        store.apply_state(Vec::new(), Some(b"consensus state".to_vec())).await.unwrap();
+        store.put_body(Arc::new(b"a copy sent by the leader\r\n".to_vec())).await.unwrap()
+    };
+    std::fs::write(dir.path().join("tmp/9.9.cafe"), b"half").unwrap();
+    let store = open(dir.path());
+    let r = store.recovery_report();
+    assert_eq!((r.orphans_kept, r.orphans_removed, r.tmp_removed), (1, 0, 1));
+    assert!(store.has_body(&copy).await.unwrap(), "the copy survives the restart");
+}
+
 #[tokio::test]
 async fn recovery_removes_leftovers_and_keeps_committed() {
     let dir = tempfile::tempdir().unwrap();

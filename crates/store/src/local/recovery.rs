@@ -6,7 +6,14 @@
 //! - files in `tmp/` were never renamed, so never referenced: removed;
 //! - body files no committed record references are leftovers of a crash
 //!   between the body rename and the metadata commit (or between a delete's
-//!   commit and its unlink): removed;
+//!   commit and its unlink): removed — except in a store that is a cluster
+//!   replica (it holds a consensus state): there the references may still
+//!   be on their way. Its applies are not fsynced (the Raft log is the
+//!   durable record), so after a crash it is behind the log, and a body a
+//!   peer sent it was counted as a durable copy before the accept that
+//!   references it was committed. Removing such a body could lose a
+//!   message whose `250` was given (every copy removed that way);
+//!   keeping a leftover only costs disk space.
 //! - the reference counts are recomputed from the mailbox and queue tables,
 //!   and repaired (loudly) if they disagree;
 //! - a referenced body that is missing would be a bug: logged as an error.
@@ -18,7 +25,7 @@ use std::io;
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::Inner;
-use crate::tables::{db_err, decode, BODIES, MAILBOX, QUEUE};
+use crate::tables::{db_err, decode, BODIES, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, QUEUE};
 use crate::{BodyHash, MailboxEntry, QueueEntry, StoreError, StoreResult};
 
 /// What recovery found and did (logged at open).
@@ -28,6 +35,9 @@ pub struct RecoveryReport {
     pub tmp_removed: usize,
     /// Unreferenced body files removed from `bodies/`.
     pub orphans_removed: usize,
+    /// Unreferenced body files kept because this store is a cluster replica
+    /// (their accepts may be committed in the Raft log, not yet applied).
+    pub orphans_kept: usize,
     /// Reference counts that disagreed with the records and were rewritten.
     pub refcounts_repaired: usize,
     /// Referenced bodies whose file is missing (should always be 0).
@@ -101,6 +111,7 @@ pub(crate) fn recover(inner: &Inner) -> StoreResult<RecoveryReport> {
     }
 
     // Files versus records.
+    let replica = is_replica(inner)?;
     let mut seen = 0usize;
     for file in fs::read_dir(&inner.bodies_dir).map_err(|e| StoreError::io("listing bodies/", e))? {
         let file = file.map_err(|e| StoreError::io("listing bodies/", e))?;
@@ -113,6 +124,7 @@ pub(crate) fn recover(inner: &Inner) -> StoreResult<RecoveryReport> {
         let hash = name.to_str().and_then(BodyHash::from_hex);
         match hash {
             Some(h) if refs.contains_key(&h.0) => seen += 1,
+            Some(_) if replica => report.orphans_kept += 1,
             _ => {
                 tracing::info!(path = %file.path().display(), "unreferenced body file removed");
                 remove_path(&file.path())?;
@@ -136,6 +148,18 @@ pub(crate) fn recover(inner: &Inner) -> StoreResult<RecoveryReport> {
         );
     }
     Ok(report)
+}
+
+/// Whether this store is the replicated state of a cluster node (it has
+/// applied a consensus state).
+fn is_replica(inner: &Inner) -> StoreResult<bool> {
+    let txn = inner.db.begin_read().map_err(|e| db_err("reading the consensus state", e))?;
+    let t = match txn.open_table(CONSENSUS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(db_err("opening consensus", e)),
+    };
+    Ok(t.get(CONSENSUS_APPLIED).map_err(|e| db_err("reading the consensus state", e))?.is_some())
 }
 
 fn remove_path(path: &std::path::Path) -> StoreResult<()> {
