@@ -15,8 +15,7 @@ use std::sync::Arc;
 use hamail_store::password::Passwords;
 use hamail_store::{Address, Directory, Domain, Resolution, StoreError, StoreResult, UserInfo};
 
-use crate::node::ClusterNode;
-use crate::rpc::WriteError;
+use crate::node::{store_error, ClusterNode};
 use crate::types::{Command, CommandResult};
 
 /// [`Directory`] of a cluster node. See the module documentation.
@@ -43,13 +42,6 @@ impl ReplicatedDirectory {
     }
 }
 
-fn store_error(e: WriteError) -> StoreError {
-    match e {
-        WriteError::NoLeader => StoreError::Unavailable(e.to_string()),
-        WriteError::Unknown(_) => StoreError::Temporary(e.to_string()),
-        WriteError::Other(_) => StoreError::Unavailable(e.to_string()),
-    }
-}
 
 fn check_new_password(password: &str) -> StoreResult<()> {
     if password.is_empty() {

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::error::ClusterError;
-use crate::node::ClusterNode;
+use crate::node::{store_error, ClusterNode};
 use crate::rpc::{MailHealth, Request, Response, WriteError};
 use crate::types::{Command, CommandResult, NodeId, Role};
 
@@ -390,27 +390,9 @@ impl ReplicatedStore {
     }
 }
 
-fn store_error(e: WriteError) -> StoreError {
-    match e {
-        WriteError::NoLeader => StoreError::Unavailable(e.to_string()),
-        WriteError::Unknown(_) => StoreError::Temporary(e.to_string()),
-        WriteError::Other(_) => StoreError::Unavailable(e.to_string()),
-    }
-}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// Keeps the first occurrence of each element, in order.
-fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(items.len());
-    for i in items {
-        if !out.contains(&i) {
-            out.push(i);
-        }
-    }
-    out
 }
 
 #[async_trait::async_trait]
@@ -421,7 +403,8 @@ impl MailStore for ReplicatedStore {
         self.node.store().next_queue_id().await
     }
 
-    async fn accept(&self, msg: Incoming) -> StoreResult<Committed> {
+    async fn accept(&self, mut msg: Incoming) -> StoreResult<Committed> {
+        msg.dedup_recipients();
         if msg.local.is_empty() && msg.remote.is_empty() {
             return Err(StoreError::Permanent("message has no recipients".into()));
         }
@@ -436,18 +419,15 @@ impl MailStore for ReplicatedStore {
                 .map_err(|e| StoreError::Internal(format!("hashing the body: {e}")))?
         };
         let started = Instant::now();
-        let (here, there) = tokio::join!(store.put_body(msg.body.clone()), self.replicate(hash, &msg.body));
+        let (here, there) = tokio::join!(store.put_hashed_body(hash, msg.body.clone()), self.replicate(hash, &msg.body));
         let copied = started.elapsed();
-        let stored = here?;
-        if stored != hash {
-            return Err(StoreError::Internal(format!("body stored as {stored}, hashed as {hash}")));
-        }
+        here?;
         let (copies, data_nodes) = there?;
         let change = MailChange::Accept {
             queue_id,
             return_path: msg.return_path,
-            local: dedup(msg.local),
-            remote: dedup(msg.remote),
+            local: msg.local,
+            remote: msg.remote,
             body: hash,
             size: msg.body.len() as u64,
             at: unix_now(),
@@ -470,7 +450,7 @@ impl MailStore for ReplicatedStore {
         // A deletion freeing an identical body between our put_body and
         // the apply could have unlinked it: we still have the bytes.
         if !store.has_body(&hash).await? {
-            store.put_body(msg.body.clone()).await?;
+            store.put_hashed_body(hash, msg.body.clone()).await?;
         }
         Ok(committed)
     }
@@ -530,7 +510,7 @@ pub(crate) async fn fetch_body(node: &ClusterNode, hash: &BodyHash, within: Dura
                     continue;
                 }
                 let data = Arc::new(data);
-                node.store().put_body(data.clone()).await.map_err(|e| format!("storing body {hash}: {e}"))?;
+                node.store().put_hashed_body(*hash, data.clone()).await.map_err(|e| format!("storing body {hash}: {e}"))?;
                 node.mail_events().bodies_fetched.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%hash, from = %id, "fetched a missing body");
                 return Ok(data);

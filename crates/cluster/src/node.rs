@@ -649,6 +649,17 @@ impl ClusterNode {
     }
 }
 
+/// A failed write as the store's error (what a mail session tells its
+/// client: no leader or an unknown outcome is worth retrying).
+pub(crate) fn store_error(e: WriteError) -> hamail_store::StoreError {
+    use hamail_store::StoreError;
+    match e {
+        WriteError::NoLeader => StoreError::Unavailable(e.to_string()),
+        WriteError::Unknown(_) => StoreError::Temporary(e.to_string()),
+        WriteError::Other(_) => StoreError::Unavailable(e.to_string()),
+    }
+}
+
 /// A failed write as the crate's error.
 pub fn write_error(e: WriteError) -> ClusterError {
     match e {

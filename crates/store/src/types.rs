@@ -155,6 +155,26 @@ pub struct Incoming {
     pub resend: Option<ResendKey>,
 }
 
+impl Incoming {
+    /// Each recipient once, in first-seen order (a client may repeat a
+    /// `RCPT TO`, aliases may meet): what every store accepts.
+    pub fn dedup_recipients(&mut self) {
+        self.local = dedup(std::mem::take(&mut self.local));
+        self.remote = dedup(std::mem::take(&mut self.remote));
+    }
+}
+
+/// Keeps the first occurrence of each element, in order.
+pub(crate) fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
 /// What identifies one SMTP transaction as the client sent it: the
 /// `Message-ID:` header, the envelope (MAIL FROM and the sorted RCPT TO
 /// list) and the SHA-256 of the DATA the client sent (before our

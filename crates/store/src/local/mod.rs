@@ -26,6 +26,7 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
 pub use recovery::RecoveryReport;
 
+use crate::types::dedup;
 use crate::tables::{
     db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, RESENDS,
     RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
@@ -375,16 +376,6 @@ where
         .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
 }
 
-/// Keeps the first occurrence of each element, in order.
-fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(items.len());
-    for i in items {
-        if !out.contains(&i) {
-            out.push(i);
-        }
-    }
-    out
-}
 
 #[async_trait::async_trait]
 impl MailStore for LocalStore {
@@ -403,7 +394,8 @@ impl MailStore for LocalStore {
         Ok(QueueId((u64::from(prefix) << 48) | id))
     }
 
-    async fn accept(&self, msg: Incoming) -> StoreResult<Committed> {
+    async fn accept(&self, mut msg: Incoming) -> StoreResult<Committed> {
+        msg.dedup_recipients();
         if msg.local.is_empty() && msg.remote.is_empty() {
             return Err(StoreError::Permanent("message has no recipients".into()));
         }
@@ -416,8 +408,8 @@ impl MailStore for LocalStore {
         self.committer.submit(AcceptJob {
             queue_id: msg.queue_id,
             return_path: msg.return_path,
-            local: dedup(msg.local),
-            remote: dedup(msg.remote),
+            local: msg.local,
+            remote: msg.remote,
             resend: msg.resend,
             body: staged,
             data_synced,

@@ -680,11 +680,21 @@ impl LocalStore {
     /// will reference it is committed. An unreferenced body is removed at
     /// the next start if nothing came to reference it.
     pub async fn put_body(&self, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
+        self.put_body_as(None, body).await
+    }
+
+    /// [`Self::put_body`] for bytes the caller has just hashed itself (the
+    /// accepting node, a fetched copy it checked): hashed once, not twice.
+    pub async fn put_hashed_body(&self, hash: BodyHash, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
+        self.put_body_as(Some(hash), body).await
+    }
+
+    async fn put_body_as(&self, hash: Option<BodyHash>, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
         let inner = self.inner().clone();
         blocking(move || {
             // A damaged file under this name (same length, other content)
             // would be kept by `stage_body`: a repair must replace it.
-            let hash = BodyHash::of(&body);
+            let hash = hash.unwrap_or_else(|| BodyHash::of(&body));
             let path = inner.body_path(&hash);
             if let Ok(existing) = std::fs::read(&path) {
                 if existing.len() == body.len() && existing != *body {
