@@ -173,7 +173,14 @@ impl RelaySection {
         if smarthost {
             return self.smarthost_tls;
         }
-        self.tls_policy.get(domain).copied().unwrap_or(self.tls)
+        self.domain_tls(domain).unwrap_or(self.tls)
+    }
+
+    /// The `tls_policy` entry of `domain`, if it has one (domain names
+    /// compare without case and trailing dot, as in `transport`).
+    pub fn domain_tls(&self, domain: &str) -> Option<TlsMode> {
+        let domain = domain.trim_end_matches('.');
+        self.tls_policy.iter().find(|(d, _)| d.trim_end_matches('.').eq_ignore_ascii_case(domain)).map(|(_, m)| *m)
     }
 
     pub fn smarthost_auth(&self) -> Option<(String, String)> {
@@ -502,6 +509,9 @@ mod tests {
         assert_eq!(route.transport["test.example"].to_string(), "127.0.0.1:2526");
         assert_eq!(c.relay.tls_for("bank.example", false), TlsMode::Verify);
         assert_eq!(c.relay.tls_for("other.example", false), TlsMode::Opportunistic);
+        // Domain names compare as in `transport`: case and trailing dot aside.
+        assert_eq!(c.relay.domain_tls("BANK.example."), Some(TlsMode::Verify));
+        assert_eq!(c.relay.domain_tls("other.example"), None);
         assert_eq!(c.relay.schedule().lifetime, 5 * 86400);
         let err = Config::parse("[relay]\n\ntransport = { \"a.test\" = \"bad host:x\" }\n", "c.toml").unwrap_err().to_string();
         assert!(err.starts_with("c.toml:3: "), "{err}");

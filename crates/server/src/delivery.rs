@@ -325,7 +325,15 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             if r.next_attempt > now {
                 continue;
             }
-            let key = env.router.destination(&domain_of(&item.entry.recipients[i as usize]));
+            let domain = domain_of(&item.entry.recipients[i as usize]);
+            let key = env.router.destination(&domain);
+            // One session has one TLS policy (that of its first recipient's
+            // domain): domains with a policy of their own that share a next
+            // hop with others (a transport entry) get sessions of their own.
+            let key = match env.cfg.domain_tls(&domain) {
+                Some(mode) => DestinationKey(format!("{key} (tls {mode:?})")),
+                None => key,
+            };
             if lock(&env.shared.backoff).get(&key).is_some_and(|(until, _)| *until > now) {
                 continue;
             }

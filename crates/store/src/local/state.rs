@@ -268,11 +268,15 @@ pub(crate) fn apply_queue_op(state: &mut QueueState, op: &QueueOp) {
                             r.last_error = Some(error.clone());
                         }
                     }
+                    // A late result (from an owner that was replaced) never
+                    // reopens a failure already reported: one bounce.
                     RcptOutcome::Failed { error, reported } => {
-                        r.attempts = r.attempts.saturating_add(1);
-                        r.last_attempt = *at;
-                        r.last_error = Some(error.clone());
-                        r.status = RecipientStatus::Failed { reported: *reported };
+                        if r.status == RecipientStatus::Pending {
+                            r.attempts = r.attempts.saturating_add(1);
+                            r.last_attempt = *at;
+                            r.last_error = Some(error.clone());
+                            r.status = RecipientStatus::Failed { reported: *reported };
+                        }
                     }
                     RcptOutcome::Reported => {
                         if matches!(r.status, RecipientStatus::Failed { .. }) {
@@ -766,5 +770,41 @@ impl LocalStore {
             Ok(report)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RecipientState;
+
+    fn one_recipient() -> QueueState {
+        QueueState {
+            recipients: vec![RecipientState {
+                status: RecipientStatus::Pending,
+                attempts: 0,
+                next_attempt: 0,
+                last_attempt: 0,
+                last_error: None,
+            }],
+            hold: false,
+            warned: false,
+        }
+    }
+
+    fn result(outcome: RcptOutcome) -> QueueOp {
+        QueueOp::Results { at: 10, results: vec![(0, outcome)] }
+    }
+
+    #[test]
+    fn a_reported_failure_is_final() {
+        let mut s = one_recipient();
+        apply_queue_op(&mut s, &result(RcptOutcome::Failed { error: "550 no".into(), reported: false }));
+        apply_queue_op(&mut s, &result(RcptOutcome::Reported));
+        assert_eq!(s.recipients[0].status, RecipientStatus::Failed { reported: true });
+        // A late failure from a replaced owner: not a second bounce.
+        apply_queue_op(&mut s, &result(RcptOutcome::Failed { error: "550 again".into(), reported: false }));
+        assert_eq!(s.recipients[0].status, RecipientStatus::Failed { reported: true });
+        assert_eq!(s.recipients[0].attempts, 1);
     }
 }
