@@ -403,11 +403,13 @@ fn no_spurious_failover_under_load() {
     let clients: usize = std::env::var("HAMAIL_SOAK_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let c = cluster_with_group();
     let term_of = |c: &Cluster| -> u64 {
-        c.nodes[1].status().and_then(|st| st.iter().find(|m| m["state"] == "leader").and_then(|m| m["term"].as_u64())).unwrap_or(0)
+        c.nodes[1]
+            .status()
+            .and_then(|st| st.iter().find(|m| m["state"] == "leader").and_then(|m| m["term"].as_u64()))
+            .expect("a leader's term in the cluster status")
     };
-    let (term0, leader0) = (term_of(&c), c.nodes[1].leader());
+    let (term0, leader0) = (term_of(&c), c.nodes[1].leader().expect("a leader"));
     let events0 = c.nodes[1].cli(&["log", "-n", "1000"], "").1;
-    let failovers0 = events0.matches("failover").count();
     let started = Instant::now();
     let (sent, refused) = c.bed.run_in("cl", move || {
         let handles: Vec<_> = (0..clients)
@@ -429,18 +431,23 @@ fn no_spurious_failover_under_load() {
             (s + s2, r)
         })
     });
-    let (term1, leader1) = (term_of(&c), c.nodes[1].leader());
+    let (term1, leader1) = (term_of(&c), c.nodes[1].leader().expect("a leader"));
     let holders = c.bed.holders(&NODES, VIP);
+    // The events logged during the soak (the lines not there before; each
+    // has its time), of the kinds a spurious failover would leave.
     let events1 = c.nodes[1].cli(&["log", "-n", "1000"], "").1;
-    let failovers1 = events1.matches("failover").count();
+    let before: std::collections::HashSet<&str> = events0.lines().collect();
+    let failovers: Vec<&str> =
+        events1.lines().filter(|l| !before.contains(l) && (l.contains("failover") || l.contains("lost"))).collect();
     eprintln!(
         "soak {secs} s, {clients} clients: {sent} messages ({:.0}/s), {} refused; Raft term {term0} -> {term1}, \
-         leader {leader0:?} -> {leader1:?}; {VIP} on {holders:?}; failover events {failovers0} -> {failovers1}",
+         leader {leader0} -> {leader1}; {VIP} on {holders:?}; failover or node-lost events: {}",
         sent as f64 / secs as f64,
-        refused.len()
+        refused.len(),
+        failovers.len()
     );
     assert!(refused.is_empty(), "refused during the soak: {:?}", &refused[..refused.len().min(10)]);
     assert_eq!((term0, leader0), (term1, leader1), "a leader election during the soak (spurious)");
     assert_eq!(holders, vec!["n1".to_string()], "the group moved during the soak");
-    assert_eq!(failovers0, failovers1, "a failover during the soak:\n{events1}");
+    assert!(failovers.is_empty(), "a failover during the soak:\n{}", failovers.join("\n"));
 }

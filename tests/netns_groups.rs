@@ -72,8 +72,9 @@ impl NsCluster {
 
     /// The X-Token of every message in the maildrop, read by POP3 from the
     /// client through `ip`; None when that does not work (yet).
-    fn tokens_from_client(&self, ip: &'static str) -> Option<Vec<String>> {
-        self.bed.run_in("cl", move || pop3_tokens(at(ip, 2110), USER).ok())
+    fn tokens_from_client(&self, ip: &str) -> Option<Vec<String>> {
+        let addr = at(ip, 2110);
+        self.bed.run_in("cl", move || pop3_tokens(addr, USER).ok())
     }
 
     /// (owner, state) of group `name`, as node `via` sees it.
@@ -172,10 +173,9 @@ fn group_move_under_load() {
     // duplicate of an acknowledged one.
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let ns = c.bed.ns("cl").to_string();
+    let cl = c.bed.netns_path("cl");
     let sender = std::thread::spawn(move || {
-        let path = std::path::PathBuf::from("/run/netns").join(ns);
-        enter(&path);
+        enter_netns(&cl);
         let mut acked: Vec<(String, String)> = Vec::new(); // (token, greeting host)
         let mut attempts = 0usize;
         let mut failures: Vec<String> = Vec::new();
@@ -259,20 +259,6 @@ fn group_move_under_load() {
     let unacked: Vec<&&str> = count.keys().filter(|t| !acked.iter().any(|(a, _)| a == **t)).collect();
     eprintln!("group_move_under_load: maildrop has {} messages, {} without a 250", tokens.len(), unacked.len());
     assert!(unacked.is_empty(), "stored although the client got no 250 (a duplicate after its retry): {unacked:?}");
-}
-
-/// Moves the calling thread into the network namespace at `path` (like
-/// `Bed::run_in`, for a thread that outlives one call).
-fn enter(path: &Path) {
-    extern "C" {
-        fn setns(fd: std::os::raw::c_int, nstype: std::os::raw::c_int) -> std::os::raw::c_int;
-    }
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    // SAFETY: a plain syscall on a valid descriptor; it changes only this
-    // thread's network namespace.
-    let r = unsafe { setns(f.as_raw_fd(), 0x4000_0000) };
-    assert_eq!(r, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
 }
 
 #[test]
@@ -595,8 +581,7 @@ fn shared_disk_follows_the_group() {
     assert_eq!(c.tokens_from_client(VIP1), Some(vec!["on-the-disk-1".to_string()]));
     // The message is in the disk's store, not in the node's own.
     let node1 = c.bed.host("n1").ip.to_string();
-    let node1: &'static str = Box::leak(node1.into_boxed_str());
-    assert_eq!(c.tokens_from_client(node1), Some(vec![]), "the node's own store does not have the group's mail");
+    assert_eq!(c.tokens_from_client(&node1), Some(vec![]), "the node's own store does not have the group's mail");
 
     // Switchover: the disk goes with the group.
     let (ok, out) = c.nodes[0].cli(&["group", "move", "mail", "2"], "");

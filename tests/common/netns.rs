@@ -198,7 +198,7 @@ impl Bed {
     /// Runs `f` on a thread that has entered `host`'s network namespace:
     /// every socket it opens is in that namespace.
     pub fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = PathBuf::from("/run/netns").join(self.ns(host));
+        let path = self.netns_path(host);
         std::thread::spawn(move || {
             enter_netns(&path);
             f()
