@@ -448,8 +448,9 @@ impl MailStore for ReplicatedStore {
             "accept timings"
         );
         // A deletion freeing an identical body between our put_body and
-        // the apply could have unlinked it: we still have the bytes.
-        if !store.has_body(&hash).await? {
+        // the apply could have unlinked it: we still have the bytes. (Not
+        // for a recognised resend: its own copy was freed on purpose.)
+        if committed.resend_of().is_none() && !store.has_body(&hash).await? {
             store.put_hashed_body(hash, msg.body.clone()).await?;
         }
         Ok(committed)

@@ -175,4 +175,27 @@ async fn the_single_node_committer_recognises_resends() {
     assert_eq!(proofs[1].resend_of(), Some(proofs[0].queue_id()));
     assert_eq!(proofs[2].resend_of(), None);
     assert_eq!(delivered(&s).await, vec![proofs[0].queue_id(), proofs[2].queue_id()]);
+    // The resend's proof names the delivered body; its own copy is freed.
+    assert_eq!(proofs[1].body(), proofs[0].body());
+    let resent_copy = BodyHash::of(b"Received: attempt 1\r\n\r\nresent\r\n");
+    assert!(!s.has_body(&resent_copy).await.unwrap(), "the resend's own body file is removed");
+    assert!(s.has_body(&proofs[0].body()).await.unwrap());
+}
+
+/// In a cluster every data node holds a copy of the resend's body before
+/// the accept is applied; the apply that recognises the resend frees it.
+#[tokio::test]
+async fn the_copy_of_a_recognised_resend_is_freed_where_it_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_user(dir.path()).await;
+    let k = key("<1@b.test>", b"resent", HOUR);
+    let mut copies = Vec::new();
+    for qid in [1, 2] {
+        let body = format!("Received: id {qid}\r\nSubject: r\r\n\r\nresent\r\n");
+        copies.push(s.put_body(Arc::new(body.into_bytes())).await.unwrap());
+    }
+    let r = s.apply_state(vec![accept(1, T0, Some(k)), accept(2, T0 + 60, Some(k))], None).await.unwrap();
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    assert!(s.has_body(&copies[0]).await.unwrap(), "the delivered body stays");
+    assert!(!s.has_body(&copies[1]).await.unwrap(), "the resend's copy is freed");
 }

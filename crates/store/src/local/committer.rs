@@ -117,11 +117,21 @@ fn run(inner: &Inner, rx: mpsc::Receiver<AcceptJob>) {
         }
         match commit_batch(inner, &batch) {
             Ok(results) => {
+                // A recognised resend's own body is referenced by nothing.
+                let mut freed = Vec::new();
                 for (job, result) in batch.into_iter().zip(results) {
+                    if let Ok(c) = &result {
+                        if c.body() != job.body.hash {
+                            freed.push(job.body.hash);
+                        }
+                    }
                     // A caller that went away does not care; the message is
                     // committed anyway (a duplicate at worst, never a loss).
                     let _ = job.reply.send(result);
+                    // `job` (its in-flight registration) goes here, before
+                    // the unlink below, which skips bodies still in flight.
                 }
+                inner.unlink_freed(&freed);
             }
             Err(e) => {
                 tracing::error!(error = %e, messages = batch.len(), "group commit failed");
@@ -154,7 +164,7 @@ fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResu
             })?;
             results.push(match recorded {
                 Recorded::New => Ok(Committed::new(job.queue_id, job.body.hash, job.body.size)),
-                Recorded::ResendOf(original) => Ok(Committed::resend(job.queue_id, job.body.hash, job.body.size, original)),
+                Recorded::ResendOf { original, body, size } => Ok(Committed::resend(job.queue_id, body, size, original)),
                 Recorded::Again => Err(StoreError::Permanent(format!("queue id {} already used", job.queue_id))),
             });
         }

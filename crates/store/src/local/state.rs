@@ -45,8 +45,10 @@ pub(crate) enum Recorded {
     /// This queue id was already recorded: nothing done.
     Again,
     /// A resend of this earlier transaction, within the window: recorded
-    /// (so that it can be proven) but nothing delivered.
-    ResendOf(QueueId),
+    /// (so that it can be proven) but nothing delivered. `body` and `size`
+    /// are the original's: the resend's own body (another `Received:` line)
+    /// is referenced by nothing, and freed.
+    ResendOf { original: QueueId, body: BodyHash, size: u64 },
 }
 
 /// The mail tables of one write transaction, opened once for a batch.
@@ -86,8 +88,8 @@ impl<'t> MailTables<'t> {
         }
         let resend = m.resend.filter(|k| k.window_secs > 0);
         if let Some(key) = &resend {
-            if let Some(original) = self.resend_of(m, key)? {
-                return Ok(Recorded::ResendOf(original));
+            if let Some(recorded) = self.resend_of(m, key)? {
+                return Ok(recorded);
             }
         }
         let mut refs = 0u64;
@@ -141,7 +143,7 @@ impl<'t> MailTables<'t> {
     /// original's queue id, after recording `m` as its resend. Prunes the
     /// fingerprints that fell out of the window (as of `m.at`, the accept's
     /// own time: deterministic on every node) on the way.
-    fn resend_of(&mut self, m: &NewMessage<'_>, key: &ResendKey) -> StoreResult<Option<QueueId>> {
+    fn resend_of(&mut self, m: &NewMessage<'_>, key: &ResendKey) -> StoreResult<Option<Recorded>> {
         self.prune_resends(m.at, key.window_secs)?;
         let fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
         let found = fingerprints.get(&key.fingerprint.0).map_err(|e| db_err("reading fingerprints", e))?;
@@ -165,7 +167,7 @@ impl<'t> MailTables<'t> {
         resends
             .insert(m.queue_id.0, encode("resend", &(original, m.at))?.as_slice())
             .map_err(|e| db_err("recording resend", e))?;
-        Ok(Some(original))
+        Ok(Some(Recorded::ResendOf { original, body, size }))
     }
 
     /// Forgets fingerprints (and resend records) older than `window` secs
@@ -436,7 +438,7 @@ impl Inner {
                     return Err(StoreError::Permanent(format!("message {queue_id} has no recipients")));
                 }
                 let mut t = MailTables::open(txn)?;
-                t.insert_message(&NewMessage {
+                let recorded = t.insert_message(&NewMessage {
                     queue_id: *queue_id,
                     return_path,
                     local,
@@ -447,7 +449,12 @@ impl Inner {
                     resend: *resend,
                 })?;
                 t.finish()?;
-                Ok(Vec::new())
+                // A recognised resend's own copy (put on every data node
+                // before the commit) is referenced by nothing: freed.
+                Ok(match recorded {
+                    Recorded::ResendOf { body: original, .. } if original != *body => vec![*body],
+                    _ => Vec::new(),
+                })
             }
             MailChange::Delete { user, ids } => self.remove_entries(txn, user, Some(ids)),
             MailChange::Dequeue { queue_id } => {
