@@ -202,7 +202,7 @@ fn resend_key(window_secs: u64, txn: &Transaction) -> Option<ResendKey> {
         return None;
     }
     let id = txn.message_id()?;
-    let fingerprint = Fingerprint::of(&id, txn.return_path.as_deref(), &txn.recipients, &txn.body);
+    let fingerprint = Fingerprint::of_digest(&id, txn.return_path.as_deref(), &txn.recipients, &txn.body_sha256);
     Some(ResendKey { fingerprint, window_secs })
 }
 

@@ -30,6 +30,8 @@ pub(crate) enum DataProblem {
 #[derive(Debug)]
 pub(crate) struct DataDecoder {
     body: Vec<u8>,
+    /// SHA-256 of the body, kept as it grows (for resend recognition).
+    digest: sha2::Sha256,
     max_size: usize,
     max_line: usize,
     /// The next byte starts a line (the previous two were CRLF, or this is
@@ -62,6 +64,7 @@ impl DataDecoder {
     pub(crate) fn new(max_size: usize, max_line: usize) -> Self {
         DataDecoder {
             body: Vec::new(),
+            digest: sha2::Sha256::default(),
             max_size,
             max_line,
             line_start: true,
@@ -78,6 +81,7 @@ impl DataDecoder {
         self.size = self.size.saturating_add(bytes.len());
         if self.size <= self.max_size {
             self.body.extend_from_slice(bytes);
+            sha2::Digest::update(&mut self.digest, bytes);
         }
     }
 
@@ -183,9 +187,11 @@ impl DataDecoder {
         }
     }
 
-    pub(crate) fn into_body(self) -> Vec<u8> {
-        self.body
+    /// The body and its SHA-256.
+    pub(crate) fn finish(self) -> (Vec<u8>, [u8; 32]) {
+        (self.body, sha2::Digest::finalize(self.digest).into())
     }
+
 }
 
 #[cfg(test)]
@@ -199,7 +205,7 @@ mod tests {
             Feed::More => None,
         };
         let p = d.problem();
-        (r, d.into_body(), p)
+        (r, d.finish().0, p)
     }
 
     #[test]
@@ -254,7 +260,10 @@ mod tests {
                 }
             }
             assert_eq!(done, whole.0);
-            assert_eq!(d.into_body(), whole.1);
+            let (body, digest) = d.finish();
+            assert_eq!(body, whole.1);
+            // Hashed as it arrived, in whatever pieces: the body's SHA-256.
+            assert_eq!(digest, <[u8; 32]>::from(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body))));
         }
     }
 

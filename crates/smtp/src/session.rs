@@ -143,6 +143,8 @@ pub struct Transaction {
     pub recipients: Vec<String>,
     /// Dot-unstuffed, CRLF line ends, without our headers.
     pub body: Vec<u8>,
+    /// SHA-256 of `body`, computed as it arrived.
+    pub body_sha256: [u8; 32],
     pub helo: String,
     pub peer: SocketAddr,
     pub tls: bool,
@@ -581,12 +583,14 @@ impl Session {
             }
             None => {
                 self.waiting = Some(Waiting::Deliver);
+                let (body, body_sha256) = decoder.finish();
                 Some(Next::Deliver(Transaction {
                     return_path: env.return_path,
                     local: env.local,
                     remote: env.remote,
                     recipients: env.recipients,
-                    body: decoder.into_body(),
+                    body,
+                    body_sha256,
                     helo: helo.name,
                     peer: self.peer.addr,
                     tls: self.tls,

@@ -171,6 +171,7 @@ mod tests {
             remote: vec![],
             recipients: rcpts.iter().map(|s| s.to_string()).collect(),
             body: body.to_vec(),
+            body_sha256: sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(body)).into(),
             helo: "client.example".into(),
             peer: "192.0.2.1:4000".parse().unwrap(),
             tls: true,

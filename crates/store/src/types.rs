@@ -188,6 +188,14 @@ impl Fingerprint {
     /// and as a set (order and repetitions do not make another transaction).
     pub fn of(message_id: &str, return_path: Option<&str>, recipients: &[String], data: &[u8]) -> Fingerprint {
         use sha2::Digest;
+        Self::of_digest(message_id, return_path, recipients, &sha2::Sha256::digest(data).into())
+    }
+
+    /// [`Self::of`] with the SHA-256 of the DATA already computed (the SMTP
+    /// session hashes it as it arrives, instead of hashing up to the size
+    /// limit again at the end, on a server thread).
+    pub fn of_digest(message_id: &str, return_path: Option<&str>, recipients: &[String], data_sha256: &[u8; 32]) -> Fingerprint {
+        use sha2::Digest;
         let mut h = sha2::Sha256::new();
         let mut part = |bytes: &[u8]| {
             h.update((bytes.len() as u64).to_be_bytes());
@@ -206,7 +214,7 @@ impl Fingerprint {
         for r in &rcpts {
             part(r.as_bytes());
         }
-        part(&sha2::Sha256::digest(data));
+        part(data_sha256);
         Fingerprint(h.finalize().into())
     }
 }
