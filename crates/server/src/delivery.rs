@@ -695,16 +695,18 @@ async fn report_failures(env: &Env, store: &dyn MailStore, item: &QueueItem, now
         .map(|(i, _)| i as u32)
         .collect();
     let recipients: Vec<DsnRecipient> = failed.iter().map(|i| dsn_recipient(item, *i, "5.0.0")).collect();
+    let body = original(store, item).await;
     let to = match &item.entry.return_path {
         Some(sender) => Some(sender.clone()),
         // A bounce that bounced: the postmaster hears of it (a double
         // bounce); a double bounce that fails is only logged.
-        None if !is_double_bounce(store, item).await => Some(format!("postmaster@{}", env.postmaster_domain().await)),
+        None if !hamail_smtp::has_field(hamail_relay::dsn::header_block(&body), DOUBLE_BOUNCE_HEADER) => {
+            Some(format!("postmaster@{}", env.postmaster_domain().await))
+        }
         None => None,
     };
     match to {
         Some(to) => {
-            let body = original(store, item).await;
             let dsn = Dsn {
                 kind: DsnKind::Failure,
                 reporting_mta: &env.hostname,
@@ -760,16 +762,6 @@ async fn original(store: &dyn MailStore, item: &QueueItem) -> Arc<Vec<u8>> {
 
 /// The header that marks our double bounces (never bounced again).
 const DOUBLE_BOUNCE_HEADER: &str = "X-Hamail-Double-Bounce";
-
-async fn is_double_bounce(store: &dyn MailStore, item: &QueueItem) -> bool {
-    match store.body(&item.entry.body).await {
-        Ok(body) => {
-            let headers = hamail_relay::dsn::header_block(&body);
-            String::from_utf8_lossy(headers).to_ascii_lowercase().contains(&DOUBLE_BOUNCE_HEADER.to_ascii_lowercase())
-        }
-        Err(_) => false,
-    }
-}
 
 fn dsn_recipient(item: &QueueItem, i: u32, default_status: &str) -> DsnRecipient {
     let r = &item.state.recipients[i as usize];

@@ -23,4 +23,4 @@ mod stamp;
 pub use session::{
     AuthResult, Credentials, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction,
 };
-pub use stamp::{rfc5322_date, stamp_message};
+pub use stamp::{has_field, rfc5322_date, stamp_message};

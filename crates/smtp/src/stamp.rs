@@ -55,21 +55,20 @@ fn header_block(body: &[u8]) -> &[u8] {
 
 /// Whether the header block has a field named `name` (case-insensitive, at
 /// the start of a line, so folded continuation lines never match).
-fn has_field(headers: &[u8], name: &str) -> bool {
-    headers.split(|&b| b == b'\n').any(|line| {
-        line.len() > name.len()
-            && line[..name.len()].eq_ignore_ascii_case(name.as_bytes())
-            && line[name.len()] == b':'
-    })
+pub fn has_field(headers: &[u8], name: &str) -> bool {
+    headers.split(|&b| b == b'\n').any(|line| is_field(line, name))
+}
+
+/// Whether header line `line` is a field named `name` (case-insensitive).
+fn is_field(line: &[u8], name: &str) -> bool {
+    line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name.as_bytes()) && line[name.len()] == b':'
 }
 
 /// The unfolded value (RFC 5322 2.2.3) of the first field named `name`,
 /// trimmed; `None` when absent or empty.
 fn field_value(headers: &[u8], name: &str) -> Option<String> {
     let mut lines = headers.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let first = lines.find(|line| {
-        line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name.as_bytes()) && line[name.len()] == b':'
-    })?;
+    let first = lines.find(|line| is_field(line, name))?;
     let mut value = first[name.len() + 1..].to_vec();
     for cont in lines.take_while(|l| l.first().is_some_and(|b| *b == b' ' || *b == b'\t')) {
         value.extend_from_slice(cont);
