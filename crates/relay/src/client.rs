@@ -512,10 +512,7 @@ impl Client {
                         actions.push(self.rcpt_line(0));
                     }
                 } else {
-                    let status = |r: &Reply| {
-                        if r.is_temporary() { RcptStatus::Deferred(r.to_string()) } else { RcptStatus::Failed(r.to_string()) }
-                    };
-                    self.statuses = self.statuses.iter().map(|_| Some(status(&reply))).collect();
+                    self.statuses = self.statuses.iter().map(|_| Some(refusal(&reply))).collect();
                     if self.pipelined {
                         // The RCPT and DATA replies are still coming.
                         self.mail_failed = true;
@@ -588,13 +585,7 @@ impl Client {
     /// The recipients accepted at RCPT get the fate of this reply.
     fn decide_accepted(&mut self, reply: &Reply) {
         for s in self.statuses.iter_mut().filter(|s| s.is_none()) {
-            *s = Some(if reply.is_positive() {
-                RcptStatus::Delivered(reply.clone())
-            } else if reply.is_temporary() {
-                RcptStatus::Deferred(reply.to_string())
-            } else {
-                RcptStatus::Failed(reply.to_string())
-            });
+            *s = Some(if reply.is_positive() { RcptStatus::Delivered(reply.clone()) } else { refusal(reply) });
         }
     }
 
@@ -607,11 +598,7 @@ impl Client {
         if self.envelope.is_some() {
             // Inside a transaction every undecided recipient gets this reply.
             for s in self.statuses.iter_mut().filter(|s| s.is_none()) {
-                *s = Some(if reply.is_temporary() {
-                    RcptStatus::Deferred(reply.to_string())
-                } else {
-                    RcptStatus::Failed(reply.to_string())
-                });
+                *s = Some(refusal(reply));
             }
             self.finish(actions);
             self.state = State::Done;
@@ -630,12 +617,16 @@ impl Client {
 
 /// `None` (accepted, fate decided after DATA) or the refusal.
 fn rcpt_status(reply: &Reply) -> Option<RcptStatus> {
-    if reply.is_positive() {
-        None
-    } else if reply.is_temporary() {
-        Some(RcptStatus::Deferred(reply.to_string()))
+    (!reply.is_positive()).then(|| refusal(reply))
+}
+
+/// A recipient refused by `reply`: 4xx is tried again later, anything
+/// else is final (RFC 5321 4.2.1).
+fn refusal(reply: &Reply) -> RcptStatus {
+    if reply.is_temporary() {
+        RcptStatus::Deferred(reply.to_string())
     } else {
-        Some(RcptStatus::Failed(reply.to_string()))
+        RcptStatus::Failed(reply.to_string())
     }
 }
 

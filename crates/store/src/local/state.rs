@@ -221,16 +221,17 @@ impl<'t> MailTables<'t> {
     /// that freed it. An absent entry is ignored (it was delivered,
     /// deleted, or the change was proposed twice).
     fn queue_op(&mut self, queue_id: QueueId, op: &QueueOp) -> StoreResult<Option<BodyHash>> {
-        let entry = match self.queue.get(queue_id.0).map_err(|e| db_err("reading queue", e))? {
-            Some(v) => decode::<QueueEntry>("queue entry", v.value())?,
-            None => return Ok(None),
-        };
         if matches!(op, QueueOp::Delete) {
             return self.dequeue(queue_id);
         }
+        // The state row goes with the entry (see `dequeue`): the entry itself
+        // is decoded only to make the first state, not at every result.
         let mut state = match self.queue_state.get(queue_id.0).map_err(|e| db_err("reading queue state", e))? {
             Some(v) => decode::<QueueState>("queue state", v.value())?,
-            None => QueueState::initial(&entry),
+            None => match self.queue.get(queue_id.0).map_err(|e| db_err("reading queue", e))? {
+                Some(v) => QueueState::initial(&decode::<QueueEntry>("queue entry", v.value())?),
+                None => return Ok(None),
+            },
         };
         apply_queue_op(&mut state, op);
         if state.finished() {
