@@ -9,12 +9,9 @@
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hamail_cluster::groups::{Failback, GroupSpec, ResourceDriver, ResourceSpec, StartContext, StartEvent};
-use hamail_server::resources::{Driver, LogSink};
-use hamail_store::{LocalStore, StoreOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -31,40 +28,8 @@ fn sh(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-struct Node {
-    running: hamail_server::Running,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.running.stop();
-    }
-}
-
-/// A server named `hostname` (its name as a disk lease holder).
-async fn node(hostname: &str) -> Node {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        "[server]\nhostname = \"{hostname}\"\ndata_dir = \"{}\"\n\n\
-         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\nsubmissions = [\"127.0.0.1:0\"]\n\n\
-         [pop3]\nlisten = [\"127.0.0.1:0\"]\npop3s = [\"127.0.0.1:0\"]\n",
-        dir.path().join("data").display()
-    );
-    let config = hamail_server::Config::parse(&text, "test.toml").expect("config");
-    let local = LocalStore::open(&config.store_dir(), StoreOptions::default()).expect("store");
-    let running = hamail_server::start(config, local).await.expect("server start");
-    Node { running, _dir: dir }
-}
-
-type Lines = Arc<Mutex<Vec<(String, String)>>>;
-
-fn driver(node: &Node) -> (Driver, Lines) {
-    let lines: Lines = Arc::default();
-    let sink = lines.clone();
-    let log: LogSink = Arc::new(move |resource, line| sink.lock().unwrap().push((resource, line)));
-    (Driver::new(&node.running.context, log), lines)
-}
+mod common;
+use common::*;
 
 fn group(resources: Vec<ResourceSpec>) -> GroupSpec {
     GroupSpec {

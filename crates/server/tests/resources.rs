@@ -11,48 +11,13 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hamail_cluster::groups::{Failback, GroupSpec, ResourceDriver, ResourceSpec, StartContext, StartEvent};
-use hamail_server::resources::{Driver, LogSink};
-use hamail_store::{LocalStore, StoreOptions};
 
-struct Node {
-    running: hamail_server::Running,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.running.stop();
-    }
-}
-
-/// A node on 127.0.0.1 with port-0 listeners (so a group's listeners on
-/// another address get ports of their own).
-async fn node() -> Node {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        "[server]\nhostname = \"mx.test\"\ndata_dir = \"{}\"\n\n\
-         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\nsubmissions = [\"127.0.0.1:0\"]\n\n\
-         [pop3]\nlisten = [\"127.0.0.1:0\"]\npop3s = [\"127.0.0.1:0\"]\n",
-        dir.path().join("data").display()
-    );
-    let config = hamail_server::Config::parse(&text, "test.toml").expect("config");
-    let local = LocalStore::open(&config.store_dir(), StoreOptions::default()).expect("store");
-    let running = hamail_server::start(config, local).await.expect("server start");
-    Node { running, _dir: dir }
-}
-
-type Lines = Arc<Mutex<Vec<(String, String)>>>;
-
-fn driver(node: &Node) -> (Driver, Lines) {
-    let lines: Lines = Arc::default();
-    let sink = lines.clone();
-    let log: LogSink = Arc::new(move |resource, line| sink.lock().unwrap().push((resource, line)));
-    (Driver::new(&node.running.context, log), lines)
-}
+mod common;
+use common::*;
 
 fn group(name: &str, resources: Vec<ResourceSpec>) -> GroupSpec {
     GroupSpec {
@@ -108,7 +73,7 @@ fn expected_env(event: &str, server: &str, disk: &str) -> BTreeMap<String, Strin
 
 #[tokio::test]
 async fn exec_scripts_get_the_seeds_environment_and_their_output_is_logged() {
-    let n = node().await;
+    let n = node("mx.test").await;
     let (d, lines) = driver(&n);
     let tmp = tempfile::tempdir().unwrap();
     let script = env_script(tmp.path());
@@ -144,7 +109,7 @@ async fn exec_scripts_get_the_seeds_environment_and_their_output_is_logged() {
 
 #[tokio::test]
 async fn exec_failures_are_errors_and_a_timeout_kills_the_whole_process_group() {
-    let n = node().await;
+    let n = node("mx.test").await;
     let (d, _lines) = driver(&n);
     let tmp = tempfile::tempdir().unwrap();
     let ctx = StartContext { event: StartEvent::Start, home: true, disk_ok: true };
@@ -198,7 +163,7 @@ fn greeting(addr: std::net::SocketAddr) -> std::io::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_service_on_a_loopback_address_serves_there_until_stopped() {
-    let n = node().await;
+    let n = node("mx.test").await;
     let (d, _) = driver(&n);
     let ip = ResourceSpec::LoopbackIp { name: "addr".into(), address: "127.0.0.77".into() };
     let mail = ResourceSpec::MailService { name: "mail".into() };
@@ -260,7 +225,7 @@ async fn mail_service_on_a_loopback_address_serves_there_until_stopped() {
 
 #[tokio::test]
 async fn mail_service_needs_a_group_address_and_loopback_needs_127() {
-    let n = node().await;
+    let n = node("mx.test").await;
     let (d, _) = driver(&n);
     let ctx = StartContext { event: StartEvent::Start, home: true, disk_ok: true };
     let mail = ResourceSpec::MailService { name: "mail".into() };
@@ -358,7 +323,7 @@ async fn floating_ip_is_added_announced_and_removed_in_a_namespace() {
         eprintln!("SKIPPED floating_ip test: needs root (network namespaces); run the tests as root");
         return;
     }
-    let n = node().await;
+    let n = node("mx.test").await;
     let (d, _) = driver(&n);
     let d = Arc::new(d);
     let ns = match Namespaces::create("fip") {
@@ -500,7 +465,7 @@ async fn disk_is_checked_mounted_and_released_killing_its_users() {
             return;
         }
     };
-    let n = node().await;
+    let n = node("mx.test").await;
     let (d, lines) = driver(&n);
     let mp = disk.mount_point.display().to_string();
     let r = ResourceSpec::Disk {
