@@ -61,6 +61,8 @@ enum Job {
     Append { rows: Vec<Row>, callback: LogFlushed<TypeConfig> },
     /// Answered once every append queued before it is committed.
     Barrier(tokio::sync::oneshot::Sender<()>),
+    /// The committed-index hint (encoded), written with the next batch.
+    Committed(Vec<u8>),
 }
 
 fn io_err(subject: ErrorSubject<crate::types::NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -217,17 +219,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || Self::read_meta(&db, VOTE)).await
     }
 
-    /// Not fsynced: it is a hint that lets a restarted node apply what it
-    /// knows was committed before it hears from a leader. Lost with a power
-    /// cut, it only makes the node wait for the leader (or, alone, for the
-    /// blank entry of its new term) to commit those entries again; Raft's
-    /// safety does not depend on it, and an fsync here would cost one per
-    /// commit, in openraft's core loop.
+    /// Not fsynced, and not waited for: it is a hint that lets a restarted
+    /// node apply what it knows was committed before it hears from a
+    /// leader. Lost with a power cut, it only makes the node wait for the
+    /// leader (or, alone, for the blank entry of its new term) to commit
+    /// those entries again; Raft's safety does not depend on it. It goes to
+    /// the writer thread, behind the appends queued before it, so a saved
+    /// hint never names an entry the saved log lacks, and openraft's core
+    /// does not wait for it: a write transaction of its own here waited
+    /// for the writer's fsync (redb has one writer at a time), measured
+    /// 0.7 ms p50, 2.5 ms p90 per commit on the leader, during which the
+    /// core handled no replication progress.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.write_meta(COMMITTED, &committed, ErrorSubject::Store, Durability::Eventual).await
+        let bytes = encode(&committed).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.writer.send(Job::Committed(bytes)).map_err(|_| logs_err(ErrorVerb::Write, "the log writer stopped"))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        // A hint saved just before is still with the writer.
+        self.flushed().await?;
         let db = self.db.clone();
         Ok(blocking(move || Self::read_meta::<Option<LogId>>(&db, COMMITTED)).await?.flatten())
     }
@@ -323,32 +333,40 @@ fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<BTreeMap<u64, Entr
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         let mut appends = Vec::new();
+        let mut committed = None;
         for job in batch {
             match job {
                 Job::Append { rows, callback } => appends.push((rows, callback)),
+                Job::Committed(bytes) => committed = Some(bytes),
                 Job::Barrier(done) => {
-                    commit_appends(db, pending, std::mem::take(&mut appends));
+                    commit_appends(db, pending, std::mem::take(&mut appends), committed.take());
                     let _ = done.send(());
                 }
             }
         }
-        commit_appends(db, pending, appends);
+        commit_appends(db, pending, appends, committed);
     }
 }
 
+/// Commits `appends` (fsynced) and the `committed` hint in one
+/// transaction; the hint alone is written without an fsync.
 fn commit_appends(
     db: &std::sync::Weak<Database>,
     pending: &Mutex<BTreeMap<u64, Entry>>,
     appends: Vec<(Vec<Row>, LogFlushed<TypeConfig>)>,
+    committed: Option<Vec<u8>>,
 ) {
-    if appends.is_empty() {
+    if appends.is_empty() && committed.is_none() {
         return;
     }
     let result = match db.upgrade() {
         None => Err("the log is closed".to_string()),
         Some(db) => (|| -> Result<(), redb::Error> {
             let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate);
+            txn.set_durability(if appends.is_empty() { Durability::Eventual } else { Durability::Immediate });
+            if let Some(bytes) = &committed {
+                txn.open_table(META)?.insert(COMMITTED, bytes.as_slice())?;
+            }
             {
                 let mut t = txn.open_table(ENTRIES)?;
                 for (rows, _) in &appends {
@@ -362,6 +380,9 @@ fn commit_appends(
         })()
         .map_err(|e| e.to_string()),
     };
+    if let (Err(e), true) = (&result, appends.is_empty()) {
+        tracing::warn!("saving the committed-index hint failed: {e}");
+    }
     if result.is_ok() {
         let mut p = lock(pending);
         for (rows, _) in &appends {
