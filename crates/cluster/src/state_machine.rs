@@ -442,16 +442,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (state_snap, state, events) = {
+        // The state machine is held only while the view is taken (a read
+        // transaction: later applies do not change what it sees), not for
+        // the export, which reads every mailbox and message record: applies
+        // go on meanwhile. (Holding it throughout stalled every accept for
+        // the length of an export, which grows with the mail kept.)
+        let (view, state) = {
             let guard = self.shared.state.lock().await;
-            // Applies are not fsynced (the log is the durable record); the
-            // snapshot lets the log be purged, so what it covers must be
-            // durable first.
-            self.shared.store.sync_state().await.map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
-            let state_snap = self.shared.store.export_state().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-            let events = self.shared.store.cluster_log(usize::MAX).await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-            (state_snap, guard.clone(), events)
+            let view = self.shared.store.state_view().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+            (view, guard.clone())
         };
+        // Applies are not fsynced (the log is the durable record); the
+        // snapshot lets the log be purged, so what it covers must be durable
+        // first. A durable commit now covers every apply before it, those
+        // in the view included.
+        self.shared.store.sync_state().await.map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        let (state_snap, events) = view.export().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
         let mut data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         data.extend(postcard::to_allocvec(&events).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         data.extend(postcard::to_allocvec(&state_snap.queue_state).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);

@@ -248,6 +248,11 @@ impl Inner {
     /// The whole directory, for a consensus snapshot.
     pub(crate) fn export_directory(&self) -> StoreResult<DirectorySnapshot> {
         let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        Self::export_directory_in(&txn)
+    }
+
+    /// [`Self::export_directory`] as `txn` sees it.
+    pub(crate) fn export_directory_in(txn: &redb::ReadTransaction) -> StoreResult<DirectorySnapshot> {
         let mut snap = DirectorySnapshot::default();
         {
             let t = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
@@ -264,7 +269,7 @@ impl Inner {
                 snap.users.push((Address::parse(k.value())?, rec.password_hash, rec.created_at));
             }
         }
-        snap.aliases = self.aliases_in(&txn)?;
+        snap.aliases = Self::aliases_in(txn)?;
         Ok(snap)
     }
 
@@ -477,10 +482,10 @@ impl Inner {
 
     fn aliases(&self) -> StoreResult<Vec<(Address, Vec<Address>)>> {
         let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
-        self.aliases_in(&txn)
+        Self::aliases_in(&txn)
     }
 
-    fn aliases_in(&self, txn: &redb::ReadTransaction) -> StoreResult<Vec<(Address, Vec<Address>)>> {
+    fn aliases_in(txn: &redb::ReadTransaction) -> StoreResult<Vec<(Address, Vec<Address>)>> {
         let t = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| db_err("reading aliases", e))? {

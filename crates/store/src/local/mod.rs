@@ -14,7 +14,7 @@ mod group_sync;
 mod directory;
 mod recovery;
 mod state;
-pub use state::{StateSnapshot, VerifyReport};
+pub use state::{StateSnapshot, StateView, VerifyReport};
 
 use std::collections::HashMap;
 use std::fs;

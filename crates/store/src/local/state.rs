@@ -371,6 +371,10 @@ fn append_cluster_log(txn: &WriteTransaction, seq: u64, record: &[u8], keep: u64
 impl Inner {
     fn cluster_log(&self, limit: usize) -> StoreResult<Vec<(u64, Vec<u8>)>> {
         let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+        Self::cluster_log_in(&txn, limit)
+    }
+
+    fn cluster_log_in(txn: &redb::ReadTransaction, limit: usize) -> StoreResult<Vec<(u64, Vec<u8>)>> {
         let t = match txn.open_table(CLUSTER_LOG) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -473,9 +477,9 @@ impl Inner {
         }
     }
 
-    fn export_state(&self) -> StoreResult<StateSnapshot> {
-        let directory = self.export_directory()?;
-        let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+    /// The whole replicated state as `txn` sees it.
+    fn export_state_in(txn: &redb::ReadTransaction) -> StoreResult<StateSnapshot> {
+        let directory = Self::export_directory_in(txn)?;
         let mut snap = StateSnapshot { directory, ..StateSnapshot::default() };
         let mailbox = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
         for row in mailbox.iter().map_err(|e| db_err("reading mailbox", e))? {
@@ -504,14 +508,14 @@ impl Inner {
                 snap.messages.push((QueueId(k.value()), body, size));
             }
         }
-        if let Some(t) = open_optional(&txn, RESEND_FINGERPRINTS, "fingerprints")? {
+        if let Some(t) = open_optional(txn, RESEND_FINGERPRINTS, "fingerprints")? {
             for row in t.iter().map_err(|e| db_err("reading fingerprints", e))? {
                 let (k, v) = row.map_err(|e| db_err("reading fingerprints", e))?;
                 let (qid, at): (QueueId, u64) = decode("fingerprint", v.value())?;
                 snap.resend_fingerprints.push((Fingerprint(*k.value()), qid, at));
             }
         }
-        if let Some(t) = open_optional(&txn, RESENDS, "resends")? {
+        if let Some(t) = open_optional(txn, RESENDS, "resends")? {
             for row in t.iter().map_err(|e| db_err("reading resends", e))? {
                 let (k, v) = row.map_err(|e| db_err("reading resends", e))?;
                 let (original, at): (QueueId, u64) = decode("resend", v.value())?;
@@ -675,10 +679,19 @@ impl LocalStore {
         blocking(move || inner.import_cluster_log(&records)).await
     }
 
+    /// The replicated state as of now, to be read later: a snapshot of the
+    /// database that later commits do not change. Cheap to take (opens a
+    /// read transaction), so a Raft snapshot builder holds the state
+    /// machine only for this, not for the export.
+    pub async fn state_view(&self) -> StoreResult<StateView> {
+        let inner = self.inner().clone();
+        let txn = blocking(move || inner.db.begin_read().map_err(|e| db_err("beginning read", e))).await?;
+        Ok(StateView { txn })
+    }
+
     /// The whole replicated state (directory and mail metadata).
     pub async fn export_state(&self) -> StoreResult<StateSnapshot> {
-        let inner = self.inner().clone();
-        blocking(move || inner.export_state()).await
+        Ok(self.state_view().await?.export().await?.0)
     }
 
     /// Replaces the whole replicated state (a node catching up).
@@ -814,5 +827,18 @@ mod tests {
         apply_queue_op(&mut s, &result(RcptOutcome::Failed { error: "550 again".into(), reported: false }));
         assert_eq!(s.recipients[0].status, RecipientStatus::Failed { reported: true });
         assert_eq!(s.recipients[0].attempts, 1);
+    }
+}
+
+/// A fixed view of the replicated state ([`LocalStore::state_view`]).
+pub struct StateView {
+    txn: redb::ReadTransaction,
+}
+
+impl StateView {
+    /// The whole replicated state (directory and mail metadata) and the
+    /// cluster event log, as they were when the view was taken.
+    pub async fn export(self) -> StoreResult<(StateSnapshot, Vec<(u64, Vec<u8>)>)> {
+        blocking(move || Ok((Inner::export_state_in(&self.txn)?, Inner::cluster_log_in(&self.txn, usize::MAX)?))).await
     }
 }
