@@ -33,6 +33,8 @@ struct SinkState {
     /// `drop*` recipients: how many more DATA phases are cut mid-way.
     drop_left: u32,
     sessions: usize,
+    /// Sessions that have ended (the client quit or went away).
+    ended: usize,
     /// Transactions (MAIL to the reply after the dot) in progress now, and
     /// the most at once: a lower bound of the client's sessions at once
     /// (counting sessions here would include the sink's own teardown).
@@ -59,6 +61,7 @@ impl Sink {
                 let st = st.clone();
                 std::thread::spawn(move || {
                     let _ = sink_session(conn, &st);
+                    st.lock().unwrap().ended += 1;
                 });
             }
         });
@@ -358,16 +361,6 @@ fn retry_schedule_and_queue_commands() {
     let (ok, out) = server.cli(&["queue", "show", &id], "");
     assert!(ok && out.contains("Subject: retried"), "{out}");
 
-    // Hold: no more attempts; the list marks it.
-    let (ok, out) = server.cli(&["queue", "hold", &id], "");
-    assert!(ok, "{out}");
-    assert_eq!(queue_json(&server)[0]["hold"], true);
-    let (_, out) = server.cli(&["queue", "list"], "");
-    assert!(out.contains(&format!("{id}!")), "{out}");
-    let (ok, out) = server.cli(&["queue", "release", &id], "");
-    assert!(ok, "{out}");
-    assert_eq!(queue_json(&server)[0]["hold"], false);
-
     // Bounce by the operator: the sender gets a DSN, the queue empties.
     let (ok, out) = server.cli(&["queue", "bounce", &id], "");
     assert!(ok, "{out}");
@@ -389,6 +382,63 @@ fn retry_schedule_and_queue_commands() {
     assert!(!ok && out.contains("no message"), "{out}");
     let (ok, out) = server.cli(&["queue", "hold", "nonsense"], "");
     assert!(!ok && out.contains("not a queue id"), "{out}");
+}
+
+/// `queue hold` keeps a message from delivery while a next hop that would
+/// take it is there and the message is due (flushed): a message submitted
+/// after it to the same next hop is delivered, the held one is not; after
+/// `release` it is delivered, once.
+#[test]
+fn a_held_message_waits_until_released() {
+    let sink = Sink::start();
+    // Its first attempt gets a 451, then its own retry is 300 s away: it
+    // stays queued (and the sink takes it from then on).
+    sink.state.lock().unwrap().temp_left.insert("tmp-held@remote.test".into(), 1);
+    // One session at a time to the sink: a session that carries the held
+    // message cannot overlap the witness's, it comes before it or is it.
+    let config = relay_config(sink.addr)
+        .replace("retry_initial_secs = 1", "retry_initial_secs = 300")
+        .replace("retry_max_secs = 1", "retry_max_secs = 300\nmax_per_destination = 1");
+    let server = common::start(&config);
+    setup(&server);
+    submit(&server, &["tmp-held@remote.test"], "held");
+    wait_for("the first attempt", Duration::from_secs(30), || {
+        queue_json(&server)[0]["recipients"][0]["attempts"].as_u64() == Some(1)
+    });
+    let id = queue_json(&server)[0]["queue_id"].as_str().unwrap().to_string();
+
+    let (ok, out) = server.cli(&["queue", "hold", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(queue_json(&server)[0]["hold"], true);
+    let (_, out) = server.cli(&["queue", "list"], "");
+    assert!(out.contains(&format!("{id}!")), "the list marks it: {out}");
+    // Due now: without the hold, the next scan would send it.
+    let (ok, out) = server.cli(&["queue", "flush", &id], "");
+    assert!(ok, "{out}");
+
+    // The witness: the worker scanned after the flush and delivered to the
+    // same sink; once its session is over, any session that could have
+    // carried the held message is over too.
+    submit(&server, &["witness@remote.test"], "witness");
+    wait_for("the witness's delivery and the end of its session", Duration::from_secs(30), || {
+        let st = sink.state.lock().unwrap();
+        st.delivered.iter().any(|(r, _)| r.iter().any(|x| x == "witness@remote.test")) && st.ended == st.sessions
+    });
+    assert_eq!(sink.count("tmp-held@remote.test"), 0, "not delivered while held");
+    let q = queue_json(&server);
+    assert_eq!(q.as_array().map(Vec::len), Some(1), "{q}");
+    assert_eq!(q[0]["queue_id"], id.as_str());
+    assert_eq!(q[0]["hold"], true);
+    assert_eq!(q[0]["recipients"][0]["status"], "pending", "{q}");
+    assert_eq!(q[0]["recipients"][0]["attempts"], 1, "no attempt while held: {q}");
+
+    let (ok, out) = server.cli(&["queue", "release", &id], "");
+    assert!(ok, "{out}");
+    wait_for("an empty queue after the release", Duration::from_secs(30), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(sink.count("tmp-held@remote.test"), 1, "delivered once after the release");
+    assert_eq!(sink.count("witness@remote.test"), 1);
 }
 
 #[test]
