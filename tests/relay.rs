@@ -35,6 +35,11 @@ struct SinkState {
     sessions: usize,
     /// Sessions that have ended (the client quit or went away).
     ended: usize,
+    /// When each session began (Unix seconds of the system clock, as the
+    /// queue's times are).
+    connected_at: Vec<u64>,
+    /// How many more sessions are refused as a whole (`421` greeting).
+    refuse_left: u32,
     /// Transactions (MAIL to the reply after the dot) in progress now, and
     /// the most at once: a lower bound of the client's sessions at once
     /// (counting sessions here would include the sink's own teardown).
@@ -74,8 +79,18 @@ impl Sink {
 }
 
 fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
-    st.lock().unwrap().sessions += 1;
+    let refuse = {
+        let mut s = st.lock().unwrap();
+        s.sessions += 1;
+        s.connected_at.push(unix_now());
+        let refuse = s.refuse_left > 0;
+        s.refuse_left = s.refuse_left.saturating_sub(1);
+        refuse
+    };
     let mut w = conn.try_clone()?;
+    if refuse {
+        return w.write_all(b"421 4.3.2 not now, closing\r\n");
+    }
     let mut r = BufReader::new(conn);
     w.write_all(b"220 sink.test ESMTP\r\n")?;
     let mut rcpts: Vec<String> = Vec::new();
@@ -176,6 +191,10 @@ fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
             w.write_all(b"500 5.5.1 what?\r\n")?;
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn relay_config(sink: SocketAddr) -> String {
@@ -744,8 +763,8 @@ fn starttls_policies_and_an_authenticating_smarthost() {
 }
 
 /// At most `max_per_destination` sessions to one destination, even with
-/// many messages due and a slow next hop; a destination that cannot be
-/// reached at all is backed off as a whole.
+/// many messages due and a slow next hop; a destination that fails as a
+/// whole is backed off as a whole: new mail for it waits too.
 #[test]
 fn concurrency_limit_per_destination_and_destination_backoff() {
     let sink = Sink::start();
@@ -764,19 +783,38 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
     assert_eq!(st.max_open, 2, "the two sessions did run side by side");
     drop(st);
 
-    // Nothing listens there: the destination is backed off as a whole.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
-    let server = common::start(&relay_config(dead).replace("retry_initial_secs = 1", "retry_initial_secs = 300")
-        .replace("retry_max_secs = 1", "retry_max_secs = 600"));
+    // A next hop that refuses its first session as a whole (421 greeting),
+    // then takes everything: the destination is backed off for 3 s.
+    let sink = Sink::start();
+    sink.state.lock().unwrap().refuse_left = 1;
+    let config = relay_config(sink.addr)
+        .replace("retry_initial_secs = 1", "retry_initial_secs = 3")
+        .replace("retry_max_secs = 1", "retry_max_secs = 3\nmax_per_destination = 1");
+    let server = common::start(&config);
     setup(&server);
-    submit(&server, &["x@remote.test"], "unreachable");
+    submit(&server, &["first@remote.test"], "refused");
     wait_for("the backoff", Duration::from_secs(30), || server.log().contains("destination backed off"));
     let q = queue_json(&server);
     let r = &q[0]["recipients"][0];
-    assert!(r["last_error"].as_str().unwrap().contains("connecting to"), "{r}");
+    assert!(r["last_error"].as_str().unwrap().contains("421 4.3.2"), "{r}");
     assert_eq!(r["attempts"], 1);
+    // The destination's backoff began with that failure, as the first
+    // message's own retry did: both end at its next attempt.
+    let backoff_end = r["next_attempt"].as_u64().unwrap();
+
+    // A second message, queued after the failure, has no backoff of its
+    // own (due at once): only the destination's keeps it waiting, so the
+    // next session comes when that ends and carries both messages.
+    submit(&server, &["second@remote.test"], "after the failure");
+    wait_for("both delivered", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.delivered.len(), 2);
+    assert!(
+        st.connected_at[1] >= backoff_end,
+        "the second message was tried at {} before the destination's backoff ended at {backoff_end}",
+        st.connected_at[1]
+    );
+    assert_eq!(st.connected_at.len(), 2, "the refused session and one after the backoff, for both: {:?}", st.connected_at);
 }
 
 /// A real client (swaks, STARTTLS and AUTH on submission) to a remote
