@@ -22,6 +22,8 @@ use mail_parser::MimeHeaders;
 struct SinkState {
     /// Transactions answered 250 after the dot: (recipients, message).
     delivered: Vec<(Vec<String>, Vec<u8>)>,
+    /// RCPT commands seen (answered 2xx, 4xx or 5xx), by recipient.
+    rcpt_seen: HashMap<String, usize>,
     /// Messages whose DATA was completed (answered or not), by recipient.
     data_seen: HashMap<String, usize>,
     /// `tmp*` recipients: how many more RCPTs get 451.
@@ -114,6 +116,7 @@ fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
             let addr = line[8..].trim().trim_start_matches('<').trim_end_matches('>').to_string();
             let reply: &[u8] = {
                 let mut s = st.lock().unwrap();
+                *s.rcpt_seen.entry(addr.clone()).or_default() += 1;
                 if addr.starts_with("bad") {
                     b"550 5.1.1 no such user here\r\n"
                 } else if addr.starts_with("tmp") && s.temp_left.get(&addr).copied().unwrap_or(0) > 0 {
@@ -847,7 +850,9 @@ fn swaks_submission_is_relayed_intact() {
 
 /// A bounce that bounces (its null-sender delivery to a remote sender is
 /// refused) goes to the postmaster once, marked as a double bounce; and
-/// nothing more after that.
+/// nothing more after that. A double bounce that cannot be delivered
+/// either (the postmaster is an alias to a refused remote address) is
+/// dropped and logged: no loop, nothing else sent, the queue ends empty.
 #[test]
 fn a_failed_bounce_goes_to_the_postmaster_once() {
     let sink = Sink::start();
@@ -868,4 +873,34 @@ fn a_failed_bounce_goes_to_the_postmaster_once() {
     assert!(raw.contains("Subject: Undelivered Mail Returned to Sender"), "the original headers are the bounce's: {raw}");
     assert!(server.log().contains("bounce queue_id="), "{}", server.log());
     assert_eq!(sink.count("bad-rcpt@remote.test"), 0);
+
+    // Now the postmaster is elsewhere, and refused there too.
+    let (ok, out) = server.cli(&["alias", "del", "postmaster@example.org"], "");
+    assert!(ok, "{out}");
+    let (ok, out) = server.cli(&["alias", "add", "postmaster@example.org", "bad-postmaster@remote.test"], "");
+    assert!(ok, "{out}");
+    submit_from(&server, "bad-sender2@remote.test", &["bad-rcpt2@remote.test"], "doomed twice");
+    // Each report is queued before the entry it reports on is marked, so
+    // the queue is empty only once a report was not followed by another.
+    wait_for("the double bounce dropped and an empty queue", Duration::from_secs(60), || {
+        let tries = sink.state.lock().unwrap().rcpt_seen.get("bad-postmaster@remote.test").copied().unwrap_or(0);
+        assert!(tries <= 1, "a failed double bounce was sent again ({tries} tries): a loop");
+        server.log().contains("undeliverable double bounce dropped")
+            && queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(server.log().matches("undeliverable double bounce dropped").count(), 1, "{}", server.log());
+    let st = sink.state.lock().unwrap();
+    for rcpt in ["bad-rcpt2@remote.test", "bad-sender2@remote.test", "bad-postmaster@remote.test"] {
+        assert_eq!(st.rcpt_seen.get(rcpt).copied(), Some(1), "{rcpt} tried once: {:?}", st.rcpt_seen);
+    }
+    // The two originals, their bounces and the remote double bounce:
+    // nothing was sent after the drop.
+    assert_eq!(st.rcpt_seen.values().sum::<usize>(), 5, "{:?}", st.rcpt_seen);
+    assert!(st.delivered.is_empty());
+    std::mem::drop(st);
+    let (ok, out) = server.cli(&["status", "--json"], "");
+    assert!(ok, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["relay_reports"], 4, "two bounces, two double bounces, no more: {status}");
+    assert_eq!(common::mail::maildrop(server.pop3, "alice@example.org").len(), 1, "nothing more for the old postmaster");
 }
