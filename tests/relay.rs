@@ -22,6 +22,8 @@ use mail_parser::MimeHeaders;
 struct SinkState {
     /// Transactions answered 250 after the dot: (recipients, message).
     delivered: Vec<(Vec<String>, Vec<u8>)>,
+    /// RCPT commands seen (answered 2xx, 4xx or 5xx), by recipient.
+    rcpt_seen: HashMap<String, usize>,
     /// Messages whose DATA was completed (answered or not), by recipient.
     data_seen: HashMap<String, usize>,
     /// `tmp*` recipients: how many more RCPTs get 451.
@@ -33,6 +35,13 @@ struct SinkState {
     /// `drop*` recipients: how many more DATA phases are cut mid-way.
     drop_left: u32,
     sessions: usize,
+    /// Sessions that have ended (the client quit or went away).
+    ended: usize,
+    /// When each session began (Unix seconds of the system clock, as the
+    /// queue's times are).
+    connected_at: Vec<u64>,
+    /// How many more sessions are refused as a whole (`421` greeting).
+    refuse_left: u32,
     /// Transactions (MAIL to the reply after the dot) in progress now, and
     /// the most at once: a lower bound of the client's sessions at once
     /// (counting sessions here would include the sink's own teardown).
@@ -59,6 +68,7 @@ impl Sink {
                 let st = st.clone();
                 std::thread::spawn(move || {
                     let _ = sink_session(conn, &st);
+                    st.lock().unwrap().ended += 1;
                 });
             }
         });
@@ -71,8 +81,18 @@ impl Sink {
 }
 
 fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
-    st.lock().unwrap().sessions += 1;
+    let refuse = {
+        let mut s = st.lock().unwrap();
+        s.sessions += 1;
+        s.connected_at.push(unix_now());
+        let refuse = s.refuse_left > 0;
+        s.refuse_left = s.refuse_left.saturating_sub(1);
+        refuse
+    };
     let mut w = conn.try_clone()?;
+    if refuse {
+        return w.write_all(b"421 4.3.2 not now, closing\r\n");
+    }
     let mut r = BufReader::new(conn);
     w.write_all(b"220 sink.test ESMTP\r\n")?;
     let mut rcpts: Vec<String> = Vec::new();
@@ -96,6 +116,7 @@ fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
             let addr = line[8..].trim().trim_start_matches('<').trim_end_matches('>').to_string();
             let reply: &[u8] = {
                 let mut s = st.lock().unwrap();
+                *s.rcpt_seen.entry(addr.clone()).or_default() += 1;
                 if addr.starts_with("bad") {
                     b"550 5.1.1 no such user here\r\n"
                 } else if addr.starts_with("tmp") && s.temp_left.get(&addr).copied().unwrap_or(0) > 0 {
@@ -173,6 +194,10 @@ fn sink_session(conn: TcpStream, st: &Mutex<SinkState>) -> std::io::Result<()> {
             w.write_all(b"500 5.5.1 what?\r\n")?;
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn relay_config(sink: SocketAddr) -> String {
@@ -358,16 +383,6 @@ fn retry_schedule_and_queue_commands() {
     let (ok, out) = server.cli(&["queue", "show", &id], "");
     assert!(ok && out.contains("Subject: retried"), "{out}");
 
-    // Hold: no more attempts; the list marks it.
-    let (ok, out) = server.cli(&["queue", "hold", &id], "");
-    assert!(ok, "{out}");
-    assert_eq!(queue_json(&server)[0]["hold"], true);
-    let (_, out) = server.cli(&["queue", "list"], "");
-    assert!(out.contains(&format!("{id}!")), "{out}");
-    let (ok, out) = server.cli(&["queue", "release", &id], "");
-    assert!(ok, "{out}");
-    assert_eq!(queue_json(&server)[0]["hold"], false);
-
     // Bounce by the operator: the sender gets a DSN, the queue empties.
     let (ok, out) = server.cli(&["queue", "bounce", &id], "");
     assert!(ok, "{out}");
@@ -389,6 +404,63 @@ fn retry_schedule_and_queue_commands() {
     assert!(!ok && out.contains("no message"), "{out}");
     let (ok, out) = server.cli(&["queue", "hold", "nonsense"], "");
     assert!(!ok && out.contains("not a queue id"), "{out}");
+}
+
+/// `queue hold` keeps a message from delivery while a next hop that would
+/// take it is there and the message is due (flushed): a message submitted
+/// after it to the same next hop is delivered, the held one is not; after
+/// `release` it is delivered, once.
+#[test]
+fn a_held_message_waits_until_released() {
+    let sink = Sink::start();
+    // Its first attempt gets a 451, then its own retry is 300 s away: it
+    // stays queued (and the sink takes it from then on).
+    sink.state.lock().unwrap().temp_left.insert("tmp-held@remote.test".into(), 1);
+    // One session at a time to the sink: a session that carries the held
+    // message cannot overlap the witness's, it comes before it or is it.
+    let config = relay_config(sink.addr)
+        .replace("retry_initial_secs = 1", "retry_initial_secs = 300")
+        .replace("retry_max_secs = 1", "retry_max_secs = 300\nmax_per_destination = 1");
+    let server = common::start(&config);
+    setup(&server);
+    submit(&server, &["tmp-held@remote.test"], "held");
+    wait_for("the first attempt", Duration::from_secs(30), || {
+        queue_json(&server)[0]["recipients"][0]["attempts"].as_u64() == Some(1)
+    });
+    let id = queue_json(&server)[0]["queue_id"].as_str().unwrap().to_string();
+
+    let (ok, out) = server.cli(&["queue", "hold", &id], "");
+    assert!(ok, "{out}");
+    assert_eq!(queue_json(&server)[0]["hold"], true);
+    let (_, out) = server.cli(&["queue", "list"], "");
+    assert!(out.contains(&format!("{id}!")), "the list marks it: {out}");
+    // Due now: without the hold, the next scan would send it.
+    let (ok, out) = server.cli(&["queue", "flush", &id], "");
+    assert!(ok, "{out}");
+
+    // The witness: the worker scanned after the flush and delivered to the
+    // same sink; once its session is over, any session that could have
+    // carried the held message is over too.
+    submit(&server, &["witness@remote.test"], "witness");
+    wait_for("the witness's delivery and the end of its session", Duration::from_secs(30), || {
+        let st = sink.state.lock().unwrap();
+        st.delivered.iter().any(|(r, _)| r.iter().any(|x| x == "witness@remote.test")) && st.ended == st.sessions
+    });
+    assert_eq!(sink.count("tmp-held@remote.test"), 0, "not delivered while held");
+    let q = queue_json(&server);
+    assert_eq!(q.as_array().map(Vec::len), Some(1), "{q}");
+    assert_eq!(q[0]["queue_id"], id.as_str());
+    assert_eq!(q[0]["hold"], true);
+    assert_eq!(q[0]["recipients"][0]["status"], "pending", "{q}");
+    assert_eq!(q[0]["recipients"][0]["attempts"], 1, "no attempt while held: {q}");
+
+    let (ok, out) = server.cli(&["queue", "release", &id], "");
+    assert!(ok, "{out}");
+    wait_for("an empty queue after the release", Duration::from_secs(30), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(sink.count("tmp-held@remote.test"), 1, "delivered once after the release");
+    assert_eq!(sink.count("witness@remote.test"), 1);
 }
 
 #[test]
@@ -694,8 +766,8 @@ fn starttls_policies_and_an_authenticating_smarthost() {
 }
 
 /// At most `max_per_destination` sessions to one destination, even with
-/// many messages due and a slow next hop; a destination that cannot be
-/// reached at all is backed off as a whole.
+/// many messages due and a slow next hop; a destination that fails as a
+/// whole is backed off as a whole: new mail for it waits too.
 #[test]
 fn concurrency_limit_per_destination_and_destination_backoff() {
     let sink = Sink::start();
@@ -714,19 +786,38 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
     assert_eq!(st.max_open, 2, "the two sessions did run side by side");
     drop(st);
 
-    // Nothing listens there: the destination is backed off as a whole.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
-    let server = common::start(&relay_config(dead).replace("retry_initial_secs = 1", "retry_initial_secs = 300")
-        .replace("retry_max_secs = 1", "retry_max_secs = 600"));
+    // A next hop that refuses its first session as a whole (421 greeting),
+    // then takes everything: the destination is backed off for 3 s.
+    let sink = Sink::start();
+    sink.state.lock().unwrap().refuse_left = 1;
+    let config = relay_config(sink.addr)
+        .replace("retry_initial_secs = 1", "retry_initial_secs = 3")
+        .replace("retry_max_secs = 1", "retry_max_secs = 3\nmax_per_destination = 1");
+    let server = common::start(&config);
     setup(&server);
-    submit(&server, &["x@remote.test"], "unreachable");
+    submit(&server, &["first@remote.test"], "refused");
     wait_for("the backoff", Duration::from_secs(30), || server.log().contains("destination backed off"));
     let q = queue_json(&server);
     let r = &q[0]["recipients"][0];
-    assert!(r["last_error"].as_str().unwrap().contains("connecting to"), "{r}");
+    assert!(r["last_error"].as_str().unwrap().contains("421 4.3.2"), "{r}");
     assert_eq!(r["attempts"], 1);
+    // The destination's backoff began with that failure, as the first
+    // message's own retry did: both end at its next attempt.
+    let backoff_end = r["next_attempt"].as_u64().unwrap();
+
+    // A second message, queued after the failure, has no backoff of its
+    // own (due at once): only the destination's keeps it waiting, so the
+    // next session comes when that ends and carries both messages.
+    submit(&server, &["second@remote.test"], "after the failure");
+    wait_for("both delivered", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.delivered.len(), 2);
+    assert!(
+        st.connected_at[1] >= backoff_end,
+        "the second message was tried at {} before the destination's backoff ended at {backoff_end}",
+        st.connected_at[1]
+    );
+    assert_eq!(st.connected_at.len(), 2, "the refused session and one after the backoff, for both: {:?}", st.connected_at);
 }
 
 /// A real client (swaks, STARTTLS and AUTH on submission) to a remote
@@ -759,7 +850,9 @@ fn swaks_submission_is_relayed_intact() {
 
 /// A bounce that bounces (its null-sender delivery to a remote sender is
 /// refused) goes to the postmaster once, marked as a double bounce; and
-/// nothing more after that.
+/// nothing more after that. A double bounce that cannot be delivered
+/// either (the postmaster is an alias to a refused remote address) is
+/// dropped and logged: no loop, nothing else sent, the queue ends empty.
 #[test]
 fn a_failed_bounce_goes_to_the_postmaster_once() {
     let sink = Sink::start();
@@ -780,4 +873,34 @@ fn a_failed_bounce_goes_to_the_postmaster_once() {
     assert!(raw.contains("Subject: Undelivered Mail Returned to Sender"), "the original headers are the bounce's: {raw}");
     assert!(server.log().contains("bounce queue_id="), "{}", server.log());
     assert_eq!(sink.count("bad-rcpt@remote.test"), 0);
+
+    // Now the postmaster is elsewhere, and refused there too.
+    let (ok, out) = server.cli(&["alias", "del", "postmaster@example.org"], "");
+    assert!(ok, "{out}");
+    let (ok, out) = server.cli(&["alias", "add", "postmaster@example.org", "bad-postmaster@remote.test"], "");
+    assert!(ok, "{out}");
+    submit_from(&server, "bad-sender2@remote.test", &["bad-rcpt2@remote.test"], "doomed twice");
+    // Each report is queued before the entry it reports on is marked, so
+    // the queue is empty only once a report was not followed by another.
+    wait_for("the double bounce dropped and an empty queue", Duration::from_secs(60), || {
+        let tries = sink.state.lock().unwrap().rcpt_seen.get("bad-postmaster@remote.test").copied().unwrap_or(0);
+        assert!(tries <= 1, "a failed double bounce was sent again ({tries} tries): a loop");
+        server.log().contains("undeliverable double bounce dropped")
+            && queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(server.log().matches("undeliverable double bounce dropped").count(), 1, "{}", server.log());
+    let st = sink.state.lock().unwrap();
+    for rcpt in ["bad-rcpt2@remote.test", "bad-sender2@remote.test", "bad-postmaster@remote.test"] {
+        assert_eq!(st.rcpt_seen.get(rcpt).copied(), Some(1), "{rcpt} tried once: {:?}", st.rcpt_seen);
+    }
+    // The two originals, their bounces and the remote double bounce:
+    // nothing was sent after the drop.
+    assert_eq!(st.rcpt_seen.values().sum::<usize>(), 5, "{:?}", st.rcpt_seen);
+    assert!(st.delivered.is_empty());
+    std::mem::drop(st);
+    let (ok, out) = server.cli(&["status", "--json"], "");
+    assert!(ok, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["relay_reports"], 4, "two bounces, two double bounces, no more: {status}");
+    assert_eq!(common::mail::maildrop(server.pop3, "alice@example.org").len(), 1, "nothing more for the old postmaster");
 }

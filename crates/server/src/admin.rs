@@ -57,23 +57,29 @@ pub enum Request {
     LogWrite { text: String },
 }
 
+/// The pattern of the cluster requests: the one list of them, for
+/// [`Request::is_cluster`] and for the arm of `run` that turns them away
+/// (which keeps that match exhaustive).
+macro_rules! cluster_request {
+    () => {
+        Request::ClusterInit
+            | Request::ClusterJoin { .. }
+            | Request::ClusterStatus
+            | Request::ClusterRemove { .. }
+            | Request::StoreVerify
+            | Request::GroupApply { .. }
+            | Request::Group { .. }
+            | Request::GroupStatus
+            | Request::NodeStop { .. }
+            | Request::LogShow { .. }
+            | Request::LogWrite { .. }
+    };
+}
+
 impl Request {
     /// Cluster requests need the running server.
     fn is_cluster(&self) -> bool {
-        matches!(
-            self,
-            Request::ClusterInit
-                | Request::ClusterJoin { .. }
-                | Request::ClusterStatus
-                | Request::ClusterRemove { .. }
-                | Request::StoreVerify
-                | Request::GroupApply { .. }
-                | Request::Group { .. }
-                | Request::GroupStatus
-                | Request::NodeStop { .. }
-                | Request::LogShow { .. }
-                | Request::LogWrite { .. }
-        )
+        matches!(self, cluster_request!())
     }
 }
 
@@ -265,19 +271,7 @@ async fn run(
             }
             json!({ "changed": targets.len() })
         }
-        Request::ClusterInit
-        | Request::ClusterJoin { .. }
-        | Request::ClusterStatus
-        | Request::ClusterRemove { .. }
-        | Request::StoreVerify
-        | Request::GroupApply { .. }
-        | Request::Group { .. }
-        | Request::GroupStatus
-        | Request::NodeStop { .. }
-        | Request::LogShow { .. }
-        | Request::LogWrite { .. } => {
-            return Err(StoreError::Permanent("cluster commands need the running server".into()))
-        }
+        cluster_request!() => return Err(StoreError::Permanent("cluster commands need the running server".into())),
         Request::Status => {
             let domains = dir.domains().await?.len();
             let users = dir.users().await?.len();
@@ -403,4 +397,43 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
             });
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hamail_store::{LocalStore, StoreOptions};
+
+    /// Without a running server, every cluster request (as the CLI sends
+    /// it on the wire) gets the clear refusal, and the others are run.
+    #[tokio::test]
+    async fn cluster_requests_need_the_running_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+        let cluster = [
+            r#"{"op":"cluster_init"}"#,
+            r#"{"op":"cluster_join","token":"t"}"#,
+            r#"{"op":"cluster_status"}"#,
+            r#"{"op":"cluster_remove","node":2}"#,
+            r#"{"op":"store_verify"}"#,
+            r#"{"op":"group_apply","groups":[]}"#,
+            r#"{"op":"group","command":"start","name":"g","node":null}"#,
+            r#"{"op":"group_status"}"#,
+            r#"{"op":"node_stop","node":null}"#,
+            r#"{"op":"log_show","limit":5}"#,
+            r#"{"op":"log_write","text":"x"}"#,
+        ];
+        for line in cluster {
+            let request: Request = serde_json::from_str(line).unwrap();
+            assert!(request.is_cluster(), "{line}");
+            let r = execute(store.as_ref(), store.as_ref(), None, request).await;
+            assert!(!r.ok && r.error.as_deref().is_some_and(|e| e.contains("need the running server")), "{line}: {r:?}");
+        }
+        for line in [r#"{"op":"domain_add","domain":"example.org"}"#, r#"{"op":"domain_list"}"#, r#"{"op":"queue_list"}"#] {
+            let request: Request = serde_json::from_str(line).unwrap();
+            assert!(!request.is_cluster(), "{line}");
+            let r = execute(store.as_ref(), store.as_ref(), None, request).await;
+            assert!(r.ok, "{line}: {r:?}");
+        }
+    }
 }
