@@ -79,6 +79,9 @@ pub(crate) struct Inner {
     pub(crate) node_prefix: std::sync::atomic::AtomicU16,
     /// Shared fsyncs of `bodies/` for bodies written outside the committer.
     pub(crate) dir_sync: group_sync::GroupSync,
+    /// When replicated state changes were last committed durably (see
+    /// `apply_state`).
+    pub(crate) state_synced_at: Mutex<std::time::Instant>,
 }
 
 impl Inner {
@@ -295,6 +298,7 @@ impl LocalStore {
             tmp_seq: AtomicU64::new(0),
             node_prefix: std::sync::atomic::AtomicU16::new(options_prefix),
             dir_sync: group_sync::GroupSync::default(),
+            state_synced_at: Mutex::new(std::time::Instant::now()),
         });
         init_schema(&inner)?;
         let recovery = recovery::recover(&inner)?;
