@@ -23,4 +23,4 @@ mod types;
 pub use error::{StoreError, StoreResult};
 pub use local::{LocalStore, RecoveryReport, StoreOptions};
 pub use types::*;
-pub use local::{StateSnapshot, VerifyReport};
+pub use local::{StateSnapshot, VerifyReport, MESSAGE_RETENTION_SECS};
