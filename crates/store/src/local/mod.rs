@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
+pub use bodies::GarbageReport;
 pub use recovery::RecoveryReport;
 
 use crate::types::dedup;

@@ -788,7 +788,9 @@ impl LocalStore {
     /// Writes a body durably (file fsync, rename, directory fsync) without
     /// referencing it: a copy received from a peer before the metadata that
     /// will reference it is committed. An unreferenced body is removed at
-    /// the next start if nothing came to reference it.
+    /// the next start of a single node, or by `collect_garbage` in a
+    /// cluster replica, if nothing came to reference it. A body already
+    /// here counts as written now.
     pub async fn put_body(&self, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
         self.put_body_as(None, body).await
     }
@@ -826,6 +828,23 @@ impl LocalStore {
             Ok(staged.hash)
         })
         .await
+    }
+
+    /// Removes the body files nothing references that were last written
+    /// (or written again, see `put_body`) before `written_before`: in a
+    /// cluster replica, the leftovers of accepts that failed or never
+    /// committed, which recovery keeps (see `recovery`). Each file is
+    /// checked and unlinked under the lock every change of the references
+    /// takes, so nothing can come to reference it meanwhile.
+    ///
+    /// Safe only if no accept that may still be committed counts on a copy
+    /// written before `written_before`, and every accept committed so far is
+    /// applied here: a cluster passes a time long before its accepts'
+    /// patience, and calls this after a linearizable barrier taken after
+    /// that time.
+    pub async fn collect_garbage(&self, written_before: std::time::SystemTime) -> StoreResult<super::GarbageReport> {
+        let inner = self.inner().clone();
+        blocking(move || inner.collect_garbage(written_before)).await
     }
 
     pub async fn has_body(&self, hash: &BodyHash) -> StoreResult<bool> {
