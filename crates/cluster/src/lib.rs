@@ -28,6 +28,6 @@ pub mod types;
 pub use directory::ReplicatedDirectory;
 pub use error::ClusterError;
 pub use failover::GroupTiming;
-pub use mailstore::{RepairReport, ReplicatedStore, Replication};
+pub use mailstore::{RepairReport, ReplicatedStore, Replication, GC_INTERVAL, GC_MIN_AGE};
 pub use node::{ClusterNode, Timing};
 pub use types::*;

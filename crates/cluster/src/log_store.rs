@@ -359,8 +359,6 @@ fn commit_appends(
     if appends.is_empty() && committed.is_none() {
         return;
     }
-    let t0 = std::time::Instant::now();
-    let n_entries: usize = appends.iter().map(|(r, _)| r.len()).sum();
     let result = match db.upgrade() {
         None => Err("the log is closed".to_string()),
         Some(db) => (|| -> Result<(), redb::Error> {

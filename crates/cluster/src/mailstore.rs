@@ -30,6 +30,19 @@
 //! [`Replication::repair_interval`]. `verify` re-hashes every body and
 //! fetches the damaged and missing ones the same way.
 //!
+//! Garbage: copies of accepts that failed or never committed are
+//! referenced by nothing. A replica cannot tell them at start from copies
+//! whose accept is committed in its log but not applied yet (its applies
+//! are not fsynced), so recovery keeps them; the repair task removes them
+//! every [`Replication::gc_interval`], once certainly garbage: the node
+//! first passes a linearizable barrier, so it has applied every entry
+//! committed before the pass began, and only files last written more than
+//! [`GC_MIN_AGE`] before that are removed, far longer than an accept may
+//! take between copying a body and its commit; the store checks each one
+//! under the lock that adds references ([`LocalStore::collect_garbage`]).
+//!
+//! [`LocalStore::collect_garbage`]: hamail_store::LocalStore::collect_garbage
+//!
 //! Reads: `mailbox` and `queue` first pass a linearizable barrier
 //! ([`ClusterNode::linearizable`]), so a node that just took over serves
 //! exactly what was committed; a body is read locally, or fetched from a
@@ -38,10 +51,10 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hamail_store::{
-    BodyHash, Committed, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, QueueItem, QueueOp,
+    BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, QueueItem, QueueOp,
     StoreError, StoreResult,
 };
 use hamail_store::Address;
@@ -63,6 +76,19 @@ const PEER_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Bodies fetched at the same time by the repair task.
 const PARALLEL_FETCHES: usize = 8;
 
+/// How often a data node removes the body files nothing references. Rare:
+/// they only cost disk space, and a pass lists every body file.
+pub const GC_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The least time since a body file was last written (or put again) before
+/// the garbage collection may remove it. An accept counts on the copies it
+/// made for at most `put_timeout` plus its commit's patience (retries for
+/// twice the write timeout, each up to one write timeout): seconds. An hour
+/// is far beyond that, and leftovers are rare, so waiting costs little.
+/// (Longer if those timeouts are set so long that it would not be: see
+/// `gc_min_age`.)
+pub const GC_MIN_AGE: Duration = Duration::from_secs(3600);
+
 /// How many copies make a message safe, and the patience for them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replication {
@@ -82,6 +108,9 @@ pub struct Replication {
     /// How often the repair task checks for missing bodies (it is also
     /// woken at once when an applied accept names a body not here).
     pub repair_interval: Duration,
+    /// How often it removes unreferenced body files ([`GC_INTERVAL`]); the
+    /// first pass comes one interval after the start.
+    pub gc_interval: Duration,
 }
 
 impl Default for Replication {
@@ -93,6 +122,7 @@ impl Default for Replication {
             // A full scan of the referenced bodies: not too often. Applied
             // accepts whose body is absent wake the task at once anyway.
             repair_interval: Duration::from_secs(10),
+            gc_interval: GC_INTERVAL,
         }
     }
 }
@@ -136,6 +166,7 @@ pub(crate) struct MailEvents {
     degraded_accepts: AtomicU64,
     bodies_missing: AtomicU64,
     bodies_fetched: AtomicU64,
+    bodies_collected: AtomicU64,
 }
 
 impl MailEvents {
@@ -172,6 +203,7 @@ impl MailEvents {
             bodies_missing: self.bodies_missing.load(Ordering::Relaxed),
             degraded_accepts: self.degraded_accepts.load(Ordering::Relaxed),
             bodies_fetched: self.bodies_fetched.load(Ordering::Relaxed),
+            bodies_collected: self.bodies_collected.load(Ordering::Relaxed),
         }
     }
 }
@@ -256,6 +288,13 @@ impl ReplicatedStore {
     /// but missing. Returns how many are still missing.
     pub async fn repair_now(&self) -> StoreResult<usize> {
         repair_missing(&self.node, &self.replication).await
+    }
+
+    /// One pass of the garbage collection now (see the module
+    /// documentation): fails, removing nothing, if this node cannot confirm
+    /// that it has applied what the cluster committed.
+    pub async fn collect_garbage_now(&self) -> StoreResult<GarbageReport> {
+        collect_garbage(&self.node, &self.replication).await
     }
 
     /// Copies the body to the other data nodes; `Ok((copies, data nodes))`
@@ -605,20 +644,70 @@ pub(crate) async fn verify_and_repair(node: &ClusterNode, within: Duration) -> S
     Ok(report)
 }
 
+/// The least age of a body file that [`collect_garbage`] removes:
+/// [`GC_MIN_AGE`], or ten times an accept's patience if that is longer.
+fn gc_min_age(node: &ClusterNode, replication: &Replication) -> Duration {
+    let patience = replication.put_timeout + node.timing().write_timeout() * 3;
+    GC_MIN_AGE.max(patience * 10)
+}
+
+/// Removes the body files nothing references that are certainly garbage
+/// (see the module documentation).
+async fn collect_garbage(node: &ClusterNode, replication: &Replication) -> StoreResult<GarbageReport> {
+    // Before the barrier: every accept that counted on a copy written
+    // before this time was committed before the barrier, or never will be.
+    let written_before = SystemTime::now()
+        .checked_sub(gc_min_age(node, replication))
+        .ok_or_else(|| StoreError::Internal("the clock is before the garbage collection's age".into()))?;
+    // Every entry committed so far is applied here: a body one of them
+    // references is referenced in the store.
+    node.linearizable().await.map_err(store_error)?;
+    let report = node.store().collect_garbage(written_before).await?;
+    node.mail_events().bodies_collected.fetch_add(report.removed as u64, Ordering::Relaxed);
+    if report.removed > 0 {
+        tracing::info!(removed = report.removed, kept_young = report.young, "unreferenced body files removed");
+    } else {
+        tracing::debug!(kept_young = report.young, "no unreferenced body file to remove");
+    }
+    Ok(report)
+}
+
+/// What woke the repair task.
+enum Wake {
+    /// The periodic full check for missing bodies.
+    Tick,
+    /// Applied accepts (or a snapshot) to look at.
+    Notice,
+    /// Time for a garbage collection.
+    Gc,
+}
+
 /// The repair task: on each applied accept whose body is not here, and on
-/// every tick, fetches the missing bodies from peers.
+/// every tick, fetches the missing bodies from peers; now and then removes
+/// unreferenced ones.
 async fn repair_loop(node: Weak<ClusterNode>, events: Arc<MailEvents>, replication: Replication) {
     let mut tick = tokio::time::interval(replication.repair_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + replication.gc_interval, replication.gc_interval);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let full = tokio::select! {
-            _ = tick.tick() => true,
-            _ = events.wake.notified() => false,
+        let wake = tokio::select! {
+            _ = tick.tick() => Wake::Tick,
+            _ = events.wake.notified() => Wake::Notice,
+            _ = gc.tick() => Wake::Gc,
         };
         let Some(node) = node.upgrade() else { return };
         if node.raft().metrics().borrow().state == openraft::ServerState::Shutdown {
             return;
         }
+        if let Wake::Gc = wake {
+            // Pending notices are looked at on the next wake.
+            if let Err(e) = collect_garbage(&node, &replication).await {
+                tracing::warn!(error = %e, "removing unreferenced bodies failed; trying again at the next pass");
+            }
+            continue;
+        }
+        let full = matches!(wake, Wake::Tick);
         let (applied, rescan) = events.take();
         if full || rescan {
             if let Err(e) = repair_missing(&node, &replication).await {

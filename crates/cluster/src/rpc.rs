@@ -171,6 +171,9 @@ pub struct MailHealth {
     pub degraded_accepts: u64,
     /// Bodies fetched from another data node since it started.
     pub bodies_fetched: u64,
+    /// Unreferenced body files (copies for accepts that never committed)
+    /// removed by the garbage collection since it started.
+    pub bodies_collected: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -26,8 +26,12 @@
 //! `postcard(Vec<(seq, event record)>)`, the cluster event log (absent in
 //! snapshots made before it existed), then `postcard(Vec<(queue id,
 //! QueueState)>)`, the outbound queue's delivery state (absent in
-//! snapshots made before outbound delivery existed); it is also written to
-//! `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir).
+//! snapshots made before outbound delivery existed), then
+//! `postcard(Vec<(queue id, accepted at)>)`, the ages of the message
+//! records, by which every node prunes them alike (absent in snapshots
+//! made before they were pruned); it is also written to
+//! `<dir>/snapshot.bin` (tmp file, fsync, rename, fsync dir). Each segment
+//! after the first is optional, so that an older snapshot still installs.
 //!
 //! The failover groups and their placements are in the `ConsensusState`
 //! (small); the cluster event log is a store table written by
@@ -124,6 +128,17 @@ impl Default for ConsensusState {
 struct StoredSnapshot {
     meta: SnapshotMeta,
     data: Vec<u8>,
+}
+
+/// The next segment of a snapshot, `None` when the snapshot ends before it
+/// (made by a version that did not write it).
+fn optional_segment<T: serde::de::DeserializeOwned>(rest: &mut &[u8]) -> Result<Option<T>, postcard::Error> {
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let (value, after) = postcard::take_from_bytes(rest)?;
+    *rest = after;
+    Ok(Some(value))
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -394,16 +409,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (mut state_snap, rest): (StateSnapshot, &[u8]) =
             postcard::take_from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         let (mut state, rest) = ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        type Events = Option<Vec<(u64, Vec<u8>)>>;
-        let (events, rest): (Events, &[u8]) = if rest.is_empty() {
-            (None, rest)
-        } else {
-            let (events, rest) = postcard::take_from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-            (Some(events), rest)
-        };
-        if !rest.is_empty() {
-            state_snap.queue_state = postcard::from_bytes(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        }
+        let unreadable = |e: postcard::Error| snap_err(Some(meta), ErrorVerb::Read, e);
+        let mut rest = rest;
+        let events: Option<Vec<(u64, Vec<u8>)>> = optional_segment(&mut rest).map_err(unreadable)?;
+        state_snap.queue_state = optional_segment(&mut rest).map_err(unreadable)?.unwrap_or_default();
+        state_snap.message_ages = optional_segment(&mut rest).map_err(unreadable)?.unwrap_or_default();
         // The meta is what openraft trusts; they agree for our snapshots.
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
@@ -461,6 +471,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let mut data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         data.extend(postcard::to_allocvec(&events).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         data.extend(postcard::to_allocvec(&state_snap.queue_state).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
+        data.extend(postcard::to_allocvec(&state_snap.message_ages).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         let snapshot_id = match state.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
             None => format!("none-{}", unique_suffix()),
@@ -619,6 +630,49 @@ mod tests {
             failed: None,
         };
         assert_eq!(apply_group_command(t, cmd), CommandResult::Done);
+    }
+
+    /// The message records' ages reach a node that installs a snapshot (its
+    /// last segment), so that it prunes them at the same entries as the
+    /// others; a snapshot of an older version (no such segment) installs.
+    #[tokio::test]
+    async fn a_snapshot_carries_the_ages_of_message_records() {
+        use hamail_store::{Address, QueueId, StoreOptions};
+        let open = |dir: &Path| {
+            LocalStore::open(&dir.join("store"), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap()
+        };
+        let (dir, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = open(dir.path());
+        let at = 1_700_000_000;
+        let accept = MailChange::Accept {
+            queue_id: QueueId(1),
+            return_path: None,
+            local: vec![Address::parse("u@a.test").unwrap()],
+            remote: vec![],
+            body: BodyHash::of(b"b"),
+            size: 1,
+            at,
+            resend: None,
+        };
+        from.apply_state(vec![StateChange::Mail(accept)], None).await.unwrap();
+        let mut sm = StateMachine::open(from.clone(), dir.path()).await.unwrap();
+        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let data = snap.snapshot.into_inner();
+
+        let to = open(dir2.path());
+        let mut sm2 = StateMachine::open(to.clone(), dir2.path()).await.unwrap();
+        sm2.install_snapshot(&snap.meta, Box::new(Cursor::new(data.clone()))).await.unwrap();
+        assert_eq!(to.export_state().await.unwrap().message_ages, vec![(QueueId(1), at)]);
+        assert_eq!(to.export_state().await.unwrap(), from.export_state().await.unwrap());
+
+        // Without the last segment (an older snapshot): installs; the
+        // record is then aged from the install.
+        let ages_segment = postcard::to_allocvec(&vec![(QueueId(1), at)]).unwrap();
+        let older = data[..data.len() - ages_segment.len()].to_vec();
+        sm2.install_snapshot(&snap.meta, Box::new(Cursor::new(older))).await.unwrap();
+        let ages = to.export_state().await.unwrap().message_ages;
+        assert_eq!(ages.len(), 1);
+        assert!(ages[0].1 > at, "{ages:?}");
     }
 
     #[test]

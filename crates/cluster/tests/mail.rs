@@ -578,3 +578,84 @@ async fn queue_state_reaches_every_node_by_log_and_by_snapshot() {
     }
     m.shutdown().await;
 }
+
+/// Sets a body file's modification time two hours back (older than
+/// [`hamail_cluster::GC_MIN_AGE`]).
+fn make_old(store: &hamail_store::LocalStore, hash: &BodyHash) {
+    let f = std::fs::File::options().write(true).open(store.body_path(hash)).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600)).unwrap();
+}
+
+/// A copy for an accept that never committed is referenced by nothing and
+/// kept at start (a replica cannot tell it yet): a garbage collection on a
+/// node that caught up removes it once old, and keeps young and referenced
+/// files; the repair task runs it by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_unreferenced_bodies_are_collected_young_and_referenced_ones_kept() {
+    let m = MailCluster::start(&[Role::Data; 3], Timing::default(), 18, Replication::default()).await;
+    let leader = m.c.leader().await.id();
+    let id = m.data_ids().into_iter().find(|id| *id != leader).unwrap();
+    let local = m.c.node(id).store().clone();
+    let msg = message(&m.store(leader), &[alice()], "referenced").await;
+    let referenced = m.store(leader).accept(msg).await.unwrap().body();
+    m.converged().await;
+    let garbage = local.put_body(Arc::new(b"a copy for an accept that never committed\r\n".to_vec())).await.unwrap();
+    let young = local.put_body(Arc::new(b"a copy whose accept may still commit\r\n".to_vec())).await.unwrap();
+    make_old(&local, &referenced);
+    make_old(&local, &garbage);
+
+    let report = m.store(id).collect_garbage_now().await.unwrap();
+    assert_eq!((report.removed, report.young), (1, 1), "{report:?}");
+    assert!(!local.has_body(&garbage).await.unwrap());
+    assert!(local.has_body(&referenced).await.unwrap());
+    assert!(local.has_body(&young).await.unwrap());
+    assert_eq!(m.c.node(id).status().mail.bodies_collected, 1);
+
+    // The repair task's own passes (every gc_interval).
+    let leftover = local.put_body(Arc::new(b"another leftover\r\n".to_vec())).await.unwrap();
+    make_old(&local, &leftover);
+    let often = Replication { gc_interval: Duration::from_millis(100), ..Replication::default() };
+    let store = ReplicatedStore::new(m.c.node(id), often).unwrap();
+    eventually("the repair task to remove the leftover", LONG, || async {
+        (!local.has_body(&leftover).await.unwrap()).then_some(())
+    })
+    .await;
+    assert!(local.has_body(&referenced).await.unwrap() && local.has_body(&young).await.unwrap());
+    assert_eq!(m.c.node(id).status().mail.bodies_collected, 2);
+    drop(store);
+    m.shutdown().await;
+}
+
+/// A node behind the log must not take a body that an entry it has not
+/// applied yet references for garbage: the pass waits until it applied
+/// what the cluster committed, and fails (removing nothing) when it cannot
+/// learn that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_collects_garbage_only_once_it_applied_what_was_committed() {
+    let timing = Timing { write_timeout_ms: 2000, ..Timing::default() };
+    let replication = Replication { put_timeout: Duration::from_millis(300), ..Replication::default() };
+    let m = MailCluster::start(&[Role::Data; 3], timing, 19, replication).await;
+    let all = m.c.ids();
+    let leader = m.c.leader().await.id();
+    let cut = m.data_ids().into_iter().find(|id| *id != leader).unwrap();
+    let local = m.c.node(cut).store().clone();
+    m.c.board.isolate(cut, &all);
+    // This node holds an old copy of a body that the others now commit a
+    // message with, while it is cut off.
+    let msg = message(&m.store(leader), &[alice()], "committed while cut off").await;
+    let queue_id = msg.queue_id;
+    let hash = local.put_body(msg.body.clone()).await.unwrap();
+    make_old(&local, &hash);
+    assert_eq!(m.store(leader).accept(msg).await.unwrap().body(), hash);
+
+    assert!(m.store(cut).collect_garbage_now().await.is_err(), "cut off: cannot know what was committed");
+    assert!(local.has_body(&hash).await.unwrap());
+    assert!(local.committed(queue_id).await.unwrap().is_none(), "not applied here yet");
+
+    m.c.board.heal();
+    let report = eventually("a garbage collection pass", LONG, || async { m.store(cut).collect_garbage_now().await.ok() }).await;
+    assert_eq!(report.removed, 0, "{report:?}");
+    assert!(local.committed(queue_id).await.unwrap().is_some());
+    assert!(local.has_body(&hash).await.unwrap(), "the body its log references is kept");
+    m.shutdown().await;
+}

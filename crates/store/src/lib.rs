@@ -21,6 +21,6 @@ mod tables;
 mod types;
 
 pub use error::{StoreError, StoreResult};
-pub use local::{LocalStore, RecoveryReport, StoreOptions};
+pub use local::{GarbageReport, LocalStore, RecoveryReport, StoreOptions};
 pub use types::*;
-pub use local::{StateSnapshot, StateView, VerifyReport};
+pub use local::{StateSnapshot, StateView, VerifyReport, MESSAGE_RETENTION_SECS};

@@ -36,10 +36,14 @@ pub(crate) const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("a
 pub(crate) const CONSENSUS: TableDefinition<&str, &[u8]> = TableDefinition::new("consensus");
 pub(crate) const CONSENSUS_APPLIED: &str = "applied";
 
-/// queue id → postcard (body hash, size): every committed message, so that
+/// queue id → postcard (body hash, size): every message committed within
+/// [`crate::MESSAGE_RETENTION_SECS`] (as of the accepts' own times), so that
 /// a replicated accept applied twice delivers once, and so that a commit can
 /// be proven after the fact.
 pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+/// (accepted at, queue id): the MESSAGES rows in age order, one each, for
+/// pruning them without a scan of MESSAGES.
+pub(crate) const MESSAGE_AGES: TableDefinition<(u64, u64), ()> = TableDefinition::new("message_ages");
 
 /// Resend recognition (RFC 1047, see [`crate::ResendKey`]): fingerprint →
 /// postcard (queue id, accepted at) of the first accept with it, kept for

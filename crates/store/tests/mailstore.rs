@@ -281,6 +281,42 @@ async fn a_cluster_replica_keeps_bodies_its_log_may_still_reference() {
     assert!(store.has_body(&copy).await.unwrap(), "the copy survives the restart");
 }
 
+/// Sets a file's modification time `secs` seconds back.
+fn age(path: &Path, secs: u64) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(secs)).unwrap();
+}
+
+/// The leftovers a replica keeps at start go later, by a garbage
+/// collection: only files nothing references, last written before the
+/// cutoff. A copy put again (an accept counts on it anew) is young.
+#[tokio::test]
+async fn garbage_collection_removes_only_old_unreferenced_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let referenced = store.accept(incoming(&store, &["a@x.test"], &[], b"referenced\r\n").await).await.unwrap().body();
+    let garbage = store.put_body(Arc::new(b"a copy for an accept that never committed\r\n".to_vec())).await.unwrap();
+    let young = store.put_body(Arc::new(b"a copy whose accept may still commit\r\n".to_vec())).await.unwrap();
+    let again = Arc::new(b"an old copy an accept counts on again\r\n".to_vec());
+    let again_hash = store.put_body(again.clone()).await.unwrap();
+    let not_ours = dir.path().join("bodies/not-a-hash");
+    std::fs::write(&not_ours, b"junk").unwrap();
+    for path in [store.body_path(&referenced), store.body_path(&garbage), store.body_path(&again_hash), not_ours.clone()] {
+        age(&path, 2 * 3600);
+    }
+    store.put_body(again).await.unwrap();
+
+    let cutoff = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let report = store.collect_garbage(cutoff).await.unwrap();
+    assert_eq!(report, GarbageReport { removed: 1, young: 2 });
+    assert!(!store.has_body(&garbage).await.unwrap(), "old and unreferenced: removed");
+    for kept in [referenced, young, again_hash] {
+        assert!(store.has_body(&kept).await.unwrap(), "{kept} kept");
+    }
+    assert!(not_ours.exists(), "a file not named like a body is not ours to remove");
+    assert_eq!(*store.body(&referenced).await.unwrap(), b"referenced\r\n".to_vec());
+}
+
 #[tokio::test]
 async fn recovery_removes_leftovers_and_keeps_committed() {
     let dir = tempfile::tempdir().unwrap();

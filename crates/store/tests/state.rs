@@ -148,3 +148,102 @@ async fn cluster_log_keeps_the_last_records_in_order_and_imports() {
     s.import_cluster_log(vec![(40, vec![1]), (41, vec![2])]).await.unwrap();
     assert_eq!(s.cluster_log(10).await.unwrap(), vec![(40, vec![1u8]), (41, vec![2u8])]);
 }
+
+/// An accept at `at`, to one user, with its own body.
+fn accept_at(qid: u64, at: u64) -> StateChange {
+    let body = format!("Subject: {qid}\r\n\r\naged\r\n");
+    StateChange::Mail(MailChange::Accept {
+        queue_id: QueueId(qid),
+        return_path: None,
+        local: vec![addr("u@a.test")],
+        remote: vec![],
+        body: BodyHash::of(body.as_bytes()),
+        size: body.len() as u64,
+        at,
+        resend: None,
+    })
+}
+
+const T0: u64 = 1_700_000_000;
+
+/// The queue ids whose commit record is still kept.
+async fn recorded(s: &LocalStore) -> Vec<u64> {
+    let mut q: Vec<u64> = s.export_state().await.unwrap().messages.iter().map(|(q, _, _)| q.0).collect();
+    q.sort();
+    q
+}
+
+#[tokio::test]
+async fn message_records_are_pruned_by_the_accepts_own_time() {
+    // T0 is long before this machine's clock: a store pruning by its own
+    // clock would forget every record at once.
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    s.apply_state(vec![accept_at(1, T0), accept_at(2, T0 + 10)], None).await.unwrap();
+    s.apply_state(vec![accept_at(3, T0 + MESSAGE_RETENTION_SECS)], None).await.unwrap();
+    assert_eq!(recorded(&s).await, vec![1, 2, 3], "at the end of the retention: still kept");
+    // A re-proposal within the retention is still recognised.
+    s.apply_state(vec![accept_at(1, T0)], None).await.unwrap();
+    assert_eq!(s.mailbox(&addr("u@a.test")).await.unwrap().len(), 3);
+
+    s.apply_state(vec![accept_at(4, T0 + MESSAGE_RETENTION_SECS + 1)], None).await.unwrap();
+    assert_eq!(recorded(&s).await, vec![2, 3, 4]);
+    assert!(s.committed(QueueId(1)).await.unwrap().is_none(), "pruned");
+    assert!(s.committed(QueueId(2)).await.unwrap().is_some());
+    let snap = s.export_state().await.unwrap();
+    assert_eq!(
+        snap.message_ages,
+        vec![(QueueId(2), T0 + 10), (QueueId(3), T0 + MESSAGE_RETENTION_SECS), (QueueId(4), T0 + MESSAGE_RETENTION_SECS + 1)],
+        "one age per record, oldest first"
+    );
+    // The maildrops are not the records: nothing delivered is touched.
+    assert_eq!(s.mailbox(&addr("u@a.test")).await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn pruning_goes_a_few_records_per_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    s.apply_state((1..=300).map(|q| accept_at(q, T0)).collect(), None).await.unwrap();
+    let late = T0 + MESSAGE_RETENTION_SECS + 1;
+    s.apply_state(vec![accept_at(1000, late)], None).await.unwrap();
+    let left = recorded(&s).await.len();
+    assert!(left > 1 && left < 301, "one accept prunes some, not all 300: {left} left");
+    // Each accept prunes more than it adds: the old ones go.
+    let mut q = 1001;
+    while recorded(&s).await.iter().any(|q| *q <= 300) {
+        assert!(q < 1100, "pruning does not converge");
+        s.apply_state(vec![accept_at(q, late)], None).await.unwrap();
+        q += 1;
+    }
+    assert!(recorded(&s).await.iter().all(|q| *q >= 1000));
+}
+
+#[tokio::test]
+async fn snapshots_carry_the_ages_of_message_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_with_users(dir.path()).await;
+    s.apply_state(vec![accept_at(1, T0), accept_at(2, T0 + 100)], None).await.unwrap();
+    let snap = s.export_state().await.unwrap();
+    assert_eq!(snap.message_ages, vec![(QueueId(1), T0), (QueueId(2), T0 + 100)]);
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let t = LocalStore::open(dir2.path(), StoreOptions::default()).unwrap();
+    t.import_state(snap.clone(), b"c".to_vec()).await.unwrap();
+    assert_eq!(t.export_state().await.unwrap(), snap);
+    // The node that installed it prunes at the same entry as the others.
+    for store in [&s, &t] {
+        store.apply_state(vec![accept_at(3, T0 + MESSAGE_RETENTION_SECS + 1)], None).await.unwrap();
+        assert_eq!(recorded(store).await, vec![2, 3]);
+    }
+
+    // A snapshot without ages (made before they existed): its records are
+    // kept a full retention from the import, not dropped at once.
+    let mut old = snap.clone();
+    old.message_ages.clear();
+    let dir3 = tempfile::tempdir().unwrap();
+    let u = LocalStore::open(dir3.path(), StoreOptions::default()).unwrap();
+    u.import_state(old, b"c".to_vec()).await.unwrap();
+    u.apply_state(vec![accept_at(3, T0 + MESSAGE_RETENTION_SECS + 1)], None).await.unwrap();
+    assert_eq!(recorded(&u).await, vec![1, 2, 3]);
+}

@@ -9,6 +9,12 @@
 //! last reference, and must not race with an accept of the same content
 //! that is still on its way to the committer: the in-flight set below
 //! closes that window.
+//!
+//! A cluster replica keeps unreferenced files at start (see `recovery`);
+//! those that are certainly garbage go later, through the same unlink
+//! path, by [`Inner::collect_garbage`]: it needs to know when a file was
+//! last written, so a body written again (same content: the file is
+//! shared, not rewritten) has its modification time set anew.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +22,9 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
+
+use redb::ReadableTable;
 
 use super::Inner;
 use crate::tables::{db_err, BODIES};
@@ -103,7 +112,11 @@ impl Inner {
         // Already there (same content, as names are hashes): share it. A
         // file of the wrong length can only be damage; replace it.
         let exists = matches!(fs::metadata(&path), Ok(m) if m.len() == size);
-        if !exists {
+        if exists {
+            // A caller is about to count on this copy: it must look as
+            // recently written as a new one to the garbage collection.
+            touch(&path).map_err(|e| StoreError::io(format!("refreshing body {hash}"), e))?;
+        } else {
             let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
             let tmp = self.tmp_dir.join(format!("{}.{}.{}", std::process::id(), seq, &hash.to_hex()[..16]));
             if let Err(e) = write_new(&tmp, body) {
@@ -169,39 +182,143 @@ impl Inner {
     /// Unlinks bodies whose last reference was removed by a commit that has
     /// already returned. Skips any that an accept in flight may reference or
     /// that a later commit referenced again. Failures are only logged: an
-    /// unreferenced file left behind is removed by the next recovery.
+    /// unreferenced file left behind is removed by the next recovery (or,
+    /// in a cluster replica, by the garbage collection).
     pub(crate) fn unlink_freed(&self, freed: &[BodyHash]) {
         if freed.is_empty() {
             return;
         }
-        // Holding the in-flight lock across the check and the unlink keeps a
-        // new accept of the same content from registering in between.
-        let in_flight = lock_map(&self.in_flight);
         let still_referenced = |hash: &BodyHash| -> StoreResult<bool> {
             let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
             let table = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
             let hit = table.get(&hash.0).map_err(|e| db_err("reading bodies", e))?.is_some();
             Ok(hit)
         };
-        for hash in freed {
+        self.unlink_unreferenced(freed, still_referenced, |_| true);
+    }
+
+    /// Unlinks those of `hashes` that `referenced` says nothing references,
+    /// that no accept has in flight, and whose file `removable` accepts.
+    /// Returns how many went. Failures are only logged (the file stays).
+    fn unlink_unreferenced(
+        &self,
+        hashes: &[BodyHash],
+        referenced: impl Fn(&BodyHash) -> StoreResult<bool>,
+        mut removable: impl FnMut(&std::path::Path) -> bool,
+    ) -> usize {
+        // Holding the in-flight lock across the check and the unlink keeps a
+        // new accept of the same content from registering in between.
+        let in_flight = lock_map(&self.in_flight);
+        let mut removed = 0;
+        for hash in hashes {
             if in_flight.contains_key(hash) {
                 continue;
             }
-            match still_referenced(hash) {
+            match referenced(hash) {
                 Ok(false) => {}
                 Ok(true) => continue,
                 Err(e) => {
-                    tracing::warn!(%hash, error = %e, "cannot check body before unlinking; left for recovery");
+                    tracing::warn!(%hash, error = %e, "cannot check body before unlinking; left in place");
                     continue;
                 }
             }
-            match fs::remove_file(self.body_path(hash)) {
-                Ok(()) => {}
+            let path = self.body_path(hash);
+            if !removable(&path) {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(%hash, error = %e, "cannot unlink freed body; left for recovery"),
+                Err(e) => tracing::warn!(%hash, error = %e, "cannot unlink unreferenced body; left in place"),
             }
         }
+        removed
     }
+
+    /// See [`crate::LocalStore::collect_garbage`].
+    pub(crate) fn collect_garbage(&self, written_before: SystemTime) -> StoreResult<GarbageReport> {
+        let mut report = GarbageReport::default();
+        let old = |path: &std::path::Path| -> StoreResult<Option<bool>> {
+            match fs::symlink_metadata(path) {
+                Ok(m) if m.is_file() => {
+                    let written = m.modified().map_err(|e| StoreError::io(format!("reading the age of {}", path.display()), e))?;
+                    Ok(Some(written < written_before))
+                }
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::io(format!("reading the age of {}", path.display()), e)),
+            }
+        };
+        // Candidates, without holding anything: listing every body file
+        // takes a while. Each is checked again below, under the locks.
+        let mut candidates = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
+            let bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+            for file in fs::read_dir(&self.bodies_dir).map_err(|e| StoreError::io("listing bodies/", e))? {
+                let file = file.map_err(|e| StoreError::io("listing bodies/", e))?;
+                // Anything not named like a body is not ours to remove.
+                let Some(hash) = file.file_name().to_str().and_then(BodyHash::from_hex) else { continue };
+                if bodies.get(&hash.0).map_err(|e| db_err("reading bodies", e))?.is_some() {
+                    continue;
+                }
+                match old(&file.path())? {
+                    Some(true) => candidates.push(hash),
+                    Some(false) => report.young += 1,
+                    None => {}
+                }
+            }
+        }
+        for batch in candidates.chunks(GC_BATCH) {
+            // A write transaction, never committed: it holds the lock every
+            // change of the references takes, so no apply or accept can
+            // reference a file between the check and its unlink.
+            let txn = self.db.begin_write().map_err(|e| db_err("beginning write", e))?;
+            {
+                let bodies = txn.open_table(BODIES).map_err(|e| db_err("opening bodies", e))?;
+                let referenced = |hash: &BodyHash| -> StoreResult<bool> {
+                    Ok(bodies.get(&hash.0).map_err(|e| db_err("reading bodies", e))?.is_some())
+                };
+                // Again under the in-flight lock: a put of the same content
+                // since the listing made the file young.
+                let mut young = 0;
+                report.removed += self.unlink_unreferenced(batch, referenced, |path| match old(path) {
+                    Ok(Some(true)) => true,
+                    Ok(Some(false)) => {
+                        young += 1;
+                        false
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unreferenced body left in place");
+                        false
+                    }
+                });
+                report.young += young;
+            }
+            txn.abort().map_err(|e| db_err("ending the garbage collection's transaction", e))?;
+        }
+        Ok(report)
+    }
+}
+
+/// Candidates of the garbage collection checked and unlinked under one
+/// hold of the write lock (applies wait meanwhile).
+const GC_BATCH: usize = 256;
+
+/// What a garbage collection of body files did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GarbageReport {
+    /// Unreferenced body files last written before the cutoff: removed.
+    pub removed: usize,
+    /// Unreferenced body files written since: kept (an accept may still
+    /// come to reference them).
+    pub young: usize,
+}
+
+/// Sets a file's modification time to now.
+fn touch(path: &std::path::Path) -> io::Result<()> {
+    File::open(path)?.set_modified(SystemTime::now())
 }
 
 /// Writes a new file (never an existing one). Durability comes later, from

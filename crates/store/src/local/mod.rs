@@ -14,7 +14,7 @@ mod group_sync;
 mod directory;
 mod recovery;
 mod state;
-pub use state::{StateSnapshot, StateView, VerifyReport};
+pub use state::{StateSnapshot, StateView, VerifyReport, MESSAGE_RETENTION_SECS};
 
 use std::collections::HashMap;
 use std::fs;
@@ -24,11 +24,12 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
+pub use bodies::GarbageReport;
 pub use recovery::RecoveryReport;
 
 use crate::types::dedup;
 use crate::tables::{
-    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, RESENDS,
+    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, MESSAGES, MESSAGE_AGES, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, RESENDS,
     RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
 };
 use crate::{
@@ -354,6 +355,17 @@ fn init_schema(inner: &Inner) -> StoreResult<()> {
                 )))
             }
         }
+        // A store made before message records were aged: index them (once).
+        let aged = txn
+            .list_tables()
+            .map_err(|e| db_err("listing tables", e))?
+            .any(|t| redb::TableHandle::name(&t) == redb::TableHandle::name(&MESSAGE_AGES));
+        if !aged {
+            let n = state::index_message_ages(&txn, crate::tables::unix_now())?;
+            if n > 0 {
+                tracing::info!(messages = n, "message records indexed by age, pruned a retention period from now");
+            }
+        }
         // Create every table, so that read transactions can open them.
         txn.open_table(MAILBOX).map_err(|e| db_err("creating mailbox", e))?;
         txn.open_table(BODIES).map_err(|e| db_err("creating bodies", e))?;
@@ -365,6 +377,7 @@ fn init_schema(inner: &Inner) -> StoreResult<()> {
         txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("creating fingerprints", e))?;
         txn.open_table(RESEND_AGES).map_err(|e| db_err("creating fingerprints", e))?;
         txn.open_table(RESENDS).map_err(|e| db_err("creating resends", e))?;
+        txn.open_table(MESSAGES).map_err(|e| db_err("creating messages", e))?;
     }
     txn.commit().map_err(|e| db_err("committing schema", e))
 }

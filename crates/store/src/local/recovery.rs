@@ -12,8 +12,10 @@
 //!   durable record), so after a crash it is behind the log, and a body a
 //!   peer sent it was counted as a durable copy before the accept that
 //!   references it was committed. Removing such a body could lose a
-//!   message whose `250` was given (every copy removed that way);
-//!   keeping a leftover only costs disk space.
+//!   message whose `250` was given (every copy removed that way). Such
+//!   leftovers are removed later, once certainly garbage, by
+//!   `LocalStore::collect_garbage` (the cluster runs it after the node
+//!   caught up with the log).
 //! - the reference counts are recomputed from the mailbox and queue tables,
 //!   and repaired (loudly) if they disagree;
 //! - a referenced body that is missing would be a bug: logged as an error.
@@ -36,7 +38,8 @@ pub struct RecoveryReport {
     /// Unreferenced body files removed from `bodies/`.
     pub orphans_removed: usize,
     /// Unreferenced body files kept because this store is a cluster replica
-    /// (their accepts may be committed in the Raft log, not yet applied).
+    /// (their accepts may be committed in the Raft log, not yet applied;
+    /// the cluster's garbage collection removes them once it knows).
     pub orphans_kept: usize,
     /// Reference counts that disagreed with the records and were rewritten.
     pub refcounts_repaired: usize,

@@ -8,6 +8,11 @@
 //! the second application finds the first and does nothing, so no
 //! recipient ever gets a message twice. The same table proves a commit after
 //! the fact (`committed`), so only the store creates `Committed` values.
+//! Both are needed for seconds after an accept, not forever: a row is kept
+//! for [`MESSAGE_RETENTION_SECS`] and then pruned, like the resend
+//! fingerprints, by the time carried in the accepts being applied (never
+//! the local clock: every node of a cluster must prune at the same entry),
+//! through an index by age, a few rows per accept.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,13 +22,32 @@ use serde::{Deserialize, Serialize};
 
 use super::{blocking, release_body, Inner, LocalStore};
 use crate::tables::{
-    db_err, decode, encode, BODIES, LAST_STATE_SYNC, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, META, NEXT_ENTRY_ID, QUEUE,
+    db_err, decode, encode, BODIES, LAST_STATE_SYNC, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, MESSAGE_AGES, META, NEXT_ENTRY_ID, QUEUE,
     QUEUE_STATE, RESENDS, RESEND_AGES, RESEND_FINGERPRINTS,
 };
 use crate::{
     Address, BodyHash, Committed, DirectorySnapshot, EntryId, Fingerprint, MailChange, MailboxEntry, QueueEntry,
     QueueId, QueueOp, QueueState, RcptOutcome, RecipientStatus, ResendKey, StateChange, StoreError, StoreResult,
 };
+
+/// How long the record of a committed message (queue id → body, size) is
+/// kept, in seconds of the accepts' own times (`at`).
+///
+/// Why a day: the record is read by an accept re-proposed after its first
+/// outcome was lost (it must find the first and do nothing) and by
+/// `committed`, the proof asked for right after the commit. A re-proposal
+/// comes within seconds (the accepting node retries for at most twice the
+/// write timeout; an entry left by a dead leader is committed or dropped by
+/// the next election). A day is far beyond that, and beyond any clock
+/// difference between two proposing nodes (the horizon is one proposer's
+/// `at`, the rows carry others'). A resend window longer than this only
+/// costs the freeing of a late resend's own body copy (see `resend_of`).
+pub const MESSAGE_RETENTION_SECS: u64 = 24 * 3600;
+
+/// At most this many rows of an age index are pruned per accept, so one
+/// apply stays short after a long quiet time or an upgrade; an accept adds
+/// one row, so the tables still shrink to their window.
+const PRUNE_STEP: usize = 64;
 
 /// A message to record: the fields of an accept.
 pub(crate) struct NewMessage<'a> {
@@ -60,6 +84,7 @@ pub(crate) struct MailTables<'t> {
     queue: redb::Table<'t, u64, &'static [u8]>,
     queue_state: redb::Table<'t, u64, &'static [u8]>,
     messages: redb::Table<'t, u64, &'static [u8]>,
+    message_ages: redb::Table<'t, (u64, u64), ()>,
     next_id: u64,
 }
 
@@ -75,14 +100,17 @@ impl<'t> MailTables<'t> {
             queue: txn.open_table(QUEUE).map_err(|e| db_err("opening queue", e))?,
             queue_state: txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?,
             messages: txn.open_table(MESSAGES).map_err(|e| db_err("opening messages", e))?,
+            message_ages: txn.open_table(MESSAGE_AGES).map_err(|e| db_err("opening message ages", e))?,
             next_id,
         })
     }
 
     /// Records a message: maildrop entries, queue entry, references —
     /// unless the queue id is already recorded or the message is a resend
-    /// within its window (see [`Recorded`]).
+    /// within its window (see [`Recorded`]). Prunes message records older
+    /// than [`MESSAGE_RETENTION_SECS`] before `m.at` on the way.
     pub(crate) fn insert_message(&mut self, m: &NewMessage<'_>) -> StoreResult<Recorded> {
+        self.prune_messages(m.at)?;
         if self.messages.get(m.queue_id.0).map_err(|e| db_err("reading messages", e))?.is_some() {
             return Ok(Recorded::Again);
         }
@@ -125,9 +153,7 @@ impl<'t> MailTables<'t> {
         }
         let old = self.bodies.get(&m.body.0).map_err(|e| db_err("reading refcount", e))?.map(|g| g.value()).unwrap_or(0);
         self.bodies.insert(&m.body.0, old + refs).map_err(|e| db_err("writing refcount", e))?;
-        self.messages
-            .insert(m.queue_id.0, encode("message", &(m.body, m.size))?.as_slice())
-            .map_err(|e| db_err("recording message", e))?;
+        self.record_message(m.queue_id, m.body, m.size, m.at)?;
         if let Some(key) = &resend {
             let mut fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
             let mut ages = self.txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
@@ -155,19 +181,40 @@ impl<'t> MailTables<'t> {
             return Ok(None);
         }
         // The proof answers with the original's body and size: the resend's
-        // own body (another `Received:` line) is referenced by nothing.
+        // own body (another `Received:` line) is referenced by nothing. An
+        // original whose record was pruned (a resend window longer than
+        // MESSAGE_RETENTION_SECS) is answered with the resend's own: then
+        // that copy is not freed here, only by a later cleanup.
         let (body, size) = match self.messages.get(original.0).map_err(|e| db_err("reading messages", e))? {
             Some(v) => decode::<(BodyHash, u64)>("message", v.value())?,
             None => (m.body, m.size),
         };
-        self.messages
-            .insert(m.queue_id.0, encode("message", &(body, size))?.as_slice())
-            .map_err(|e| db_err("recording message", e))?;
+        self.record_message(m.queue_id, body, size, m.at)?;
         let mut resends = self.txn.open_table(RESENDS).map_err(|e| db_err("opening resends", e))?;
         resends
             .insert(m.queue_id.0, encode("resend", &(original, m.at))?.as_slice())
             .map_err(|e| db_err("recording resend", e))?;
         Ok(Some(Recorded::ResendOf { original, body, size }))
+    }
+
+    /// Records a committed message (`committed`'s proof) with its age.
+    fn record_message(&mut self, queue_id: QueueId, body: BodyHash, size: u64, at: u64) -> StoreResult<()> {
+        self.messages
+            .insert(queue_id.0, encode("message", &(body, size))?.as_slice())
+            .map_err(|e| db_err("recording message", e))?;
+        self.message_ages.insert((at, queue_id.0), ()).map_err(|e| db_err("recording message age", e))?;
+        Ok(())
+    }
+
+    /// Forgets message records older than [`MESSAGE_RETENTION_SECS`] before
+    /// `now` (at most [`PRUNE_STEP`] of them).
+    fn prune_messages(&mut self, now: u64) -> StoreResult<()> {
+        let messages = &mut self.messages;
+        prune_aged(&mut self.message_ages, now.saturating_sub(MESSAGE_RETENTION_SECS), |_, queue_id| {
+            messages.remove(queue_id).map_err(|e| db_err("pruning messages", e))?;
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// Forgets fingerprints (and resend records) older than `window` secs
@@ -176,28 +223,18 @@ impl<'t> MailTables<'t> {
         let horizon = now.saturating_sub(window);
         let mut ages = self.txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
         let mut fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
-        let mut pruned = 0usize;
-        loop {
-            let first = ages.first().map_err(|e| db_err("reading fingerprints", e))?.map(|(k, _)| {
-                let (at, fp) = k.value();
-                (at, *fp)
-            });
-            let Some((at, fp)) = first else { break };
-            if at >= horizon {
-                break;
-            }
-            ages.remove((at, &fp)).map_err(|e| db_err("pruning fingerprints", e))?;
+        let pruned = prune_aged(&mut ages, horizon, |at, fp| {
             // The fingerprint may have been recorded again later (a new
             // transaction after the window): only the row of this age goes.
-            let current = fingerprints.get(&fp).map_err(|e| db_err("reading fingerprints", e))?.map(|v| v.value().to_vec());
+            let current = fingerprints.get(fp).map_err(|e| db_err("reading fingerprints", e))?.map(|v| v.value().to_vec());
             if let Some(v) = current {
                 let (_, recorded_at): (QueueId, u64) = decode("fingerprint", &v)?;
                 if recorded_at == at {
-                    fingerprints.remove(&fp).map_err(|e| db_err("pruning fingerprints", e))?;
+                    fingerprints.remove(fp).map_err(|e| db_err("pruning fingerprints", e))?;
                 }
             }
-            pruned += 1;
-        }
+            Ok(())
+        })?;
         if pruned > 0 {
             let mut resends = self.txn.open_table(RESENDS).map_err(|e| db_err("opening resends", e))?;
             resends
@@ -247,6 +284,45 @@ impl<'t> MailTables<'t> {
         self.meta.insert(NEXT_ENTRY_ID, self.next_id).map_err(|e| db_err("writing entry counter", e))?;
         Ok(())
     }
+}
+
+/// Removes the rows of an age index (`(at, key)`, oldest first) older than
+/// `horizon`, at most [`PRUNE_STEP`] of them, handing each to `pruned` (which
+/// removes what it indexes). Returns how many went.
+fn prune_aged<K: redb::Key + 'static>(
+    ages: &mut redb::Table<'_, (u64, K), ()>,
+    horizon: u64,
+    mut pruned: impl FnMut(u64, K::SelfType<'_>) -> StoreResult<()>,
+) -> StoreResult<usize> {
+    let mut n = 0;
+    while n < PRUNE_STEP {
+        let old = ages.first().map_err(|e| db_err("reading an age index", e))?.is_some_and(|(k, _)| k.value().0 < horizon);
+        if !old {
+            break;
+        }
+        let Some((row, _)) = ages.pop_first().map_err(|e| db_err("pruning an age index", e))? else { break };
+        let (at, key) = row.value();
+        pruned(at, key)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Indexes by age every MESSAGES row of a store made before the index
+/// existed, as of `now` (the local clock, once, at the upgrade): their real
+/// times are unknown, and counting from the upgrade keeps each at least its
+/// full retention, which is what makes pruning safe. (Each node of a cluster
+/// prunes these at its own time: only rows long past any use.)
+pub(crate) fn index_message_ages(txn: &WriteTransaction, now: u64) -> StoreResult<usize> {
+    let messages = txn.open_table(MESSAGES).map_err(|e| db_err("opening messages", e))?;
+    let mut ages = txn.open_table(MESSAGE_AGES).map_err(|e| db_err("opening message ages", e))?;
+    let mut n = 0;
+    for row in messages.iter().map_err(|e| db_err("reading messages", e))? {
+        let (k, _) = row.map_err(|e| db_err("reading messages", e))?;
+        ages.insert((now, k.value()), ()).map_err(|e| db_err("indexing message ages", e))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The pure part of a queue operation (the same on every node).
@@ -314,7 +390,8 @@ pub struct StateSnapshot {
     /// (user, entry)
     pub mailbox: Vec<(Address, MailboxEntry)>,
     pub queue: Vec<QueueEntry>,
-    /// (queue id, body, size) of every committed message.
+    /// (queue id, body, size) of every committed message (within
+    /// [`MESSAGE_RETENTION_SECS`]).
     pub messages: Vec<(QueueId, BodyHash, u64)>,
     pub next_entry_id: u64,
     /// Resend recognition: (fingerprint, first queue id, accepted at).
@@ -326,6 +403,12 @@ pub struct StateSnapshot {
     /// the cluster writes it as a segment of its own after the others.
     #[serde(skip)]
     pub queue_state: Vec<(QueueId, QueueState)>,
+    /// (queue id, accepted at) of every message in `messages`, oldest
+    /// first: when its record is pruned. Outside the serialised form like
+    /// `queue_state` (a segment of its own); a message absent here (an
+    /// older snapshot) is aged from its import.
+    #[serde(skip)]
+    pub message_ages: Vec<(QueueId, u64)>,
 }
 
 /// What `verify` found.
@@ -520,6 +603,12 @@ impl Inner {
                 snap.messages.push((QueueId(k.value()), body, size));
             }
         }
+        if let Some(t) = open_optional(txn, MESSAGE_AGES, "message ages")? {
+            for row in t.iter().map_err(|e| db_err("reading message ages", e))? {
+                let (at, qid) = row.map_err(|e| db_err("reading message ages", e))?.0.value();
+                snap.message_ages.push((QueueId(qid), at));
+            }
+        }
         if let Some(t) = open_optional(txn, RESEND_FINGERPRINTS, "fingerprints")? {
             for row in t.iter().map_err(|e| db_err("reading fingerprints", e))? {
                 let (k, v) = row.map_err(|e| db_err("reading fingerprints", e))?;
@@ -578,9 +667,18 @@ impl Inner {
                 queue.insert(q.queue_id.0, encode("queue entry", q)?.as_slice()).map_err(|e| db_err("writing queue", e))?;
                 *refs.entry(q.body).or_default() += 1;
             }
+            let mut ages = txn.open_table(MESSAGE_AGES).map_err(|e| db_err("opening message ages", e))?;
+            ages.retain(|_, _| false).map_err(|e| db_err("clearing message ages", e))?;
+            let aged: std::collections::HashMap<QueueId, u64> = snap.message_ages.iter().copied().collect();
+            let now = crate::tables::unix_now();
             for (qid, body, size) in &snap.messages {
                 messages.insert(qid.0, encode("message", &(*body, *size))?.as_slice()).map_err(|e| db_err("writing messages", e))?;
+                // An older snapshot has no ages: as for a store upgraded in
+                // place (`index_message_ages`), counted from now.
+                let at = aged.get(qid).copied().unwrap_or(now);
+                ages.insert((at, qid.0), ()).map_err(|e| db_err("writing message ages", e))?;
             }
+            drop(ages);
             for (hash, n) in &refs {
                 bodies.insert(&hash.0, *n).map_err(|e| db_err("writing bodies", e))?;
             }
@@ -717,7 +815,9 @@ impl LocalStore {
     /// Writes a body durably (file fsync, rename, directory fsync) without
     /// referencing it: a copy received from a peer before the metadata that
     /// will reference it is committed. An unreferenced body is removed at
-    /// the next start if nothing came to reference it.
+    /// the next start of a single node, or by `collect_garbage` in a
+    /// cluster replica, if nothing came to reference it. A body already
+    /// here counts as written now.
     pub async fn put_body(&self, body: Arc<Vec<u8>>) -> StoreResult<BodyHash> {
         self.put_body_as(None, body).await
     }
@@ -755,6 +855,23 @@ impl LocalStore {
             Ok(staged.hash)
         })
         .await
+    }
+
+    /// Removes the body files nothing references that were last written
+    /// (or written again, see `put_body`) before `written_before`: in a
+    /// cluster replica, the leftovers of accepts that failed or never
+    /// committed, which recovery keeps (see `recovery`). Each file is
+    /// checked and unlinked under the lock every change of the references
+    /// takes, so nothing can come to reference it meanwhile.
+    ///
+    /// Safe only if no accept that may still be committed counts on a copy
+    /// written before `written_before`, and every accept committed so far is
+    /// applied here: a cluster passes a time long before its accepts'
+    /// patience, and calls this after a linearizable barrier taken after
+    /// that time.
+    pub async fn collect_garbage(&self, written_before: std::time::SystemTime) -> StoreResult<super::GarbageReport> {
+        let inner = self.inner().clone();
+        blocking(move || inner.collect_garbage(written_before)).await
     }
 
     pub async fn has_body(&self, hash: &BodyHash) -> StoreResult<bool> {
@@ -829,6 +946,43 @@ mod tests {
 
     fn result(outcome: RcptOutcome) -> QueueOp {
         QueueOp::Results { at: 10, results: vec![(0, outcome)] }
+    }
+
+    #[test]
+    fn a_store_made_before_message_ages_ages_its_records_from_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let long_ago = 1_700_000_000;
+        {
+            let store = LocalStore::open(dir.path(), crate::StoreOptions::default()).unwrap();
+            let txn = store.inner().begin_write().unwrap();
+            let mut t = MailTables::open(&txn).unwrap();
+            let local = vec![Address::parse("u@a.test").unwrap()];
+            let m = NewMessage {
+                queue_id: QueueId(1),
+                return_path: &None,
+                local: &local,
+                remote: &[],
+                body: BodyHash::of(b"old"),
+                size: 3,
+                at: long_ago,
+                resend: None,
+            };
+            assert_eq!(t.insert_message(&m).unwrap(), Recorded::New);
+            t.finish().unwrap();
+            // What a store of the previous version has: no age index.
+            assert!(txn.delete_table(MESSAGE_AGES).unwrap());
+            txn.commit().unwrap();
+        }
+        let before = crate::tables::unix_now();
+        let store = LocalStore::open(dir.path(), crate::StoreOptions::default()).unwrap();
+        let ages = Inner::export_state_in(&store.inner().db.begin_read().unwrap()).unwrap().message_ages;
+        assert_eq!(ages.len(), 1, "{ages:?}");
+        assert_eq!(ages[0].0, QueueId(1));
+        assert!(ages[0].1 >= before, "aged from the upgrade, not pruned at the next accept: {ages:?}");
+        // Indexed once: a second open adds nothing.
+        drop(store);
+        let store = LocalStore::open(dir.path(), crate::StoreOptions::default()).unwrap();
+        assert_eq!(Inner::export_state_in(&store.inner().db.begin_read().unwrap()).unwrap().message_ages, ages);
     }
 
     #[test]
