@@ -37,6 +37,45 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Written entries kept in memory for the replication reads (a follower
+/// that lags by more is read from the database).
+const RECENT_KEPT: usize = 1024;
+
+/// The newest entries of the log, contiguous: `entries` holds indexes
+/// `first..=last` with no hole (appends extend it at the end, truncation
+/// cuts its end, purging and trimming its start), so a range that starts
+/// at or after its first index is wholly here.
+#[derive(Default)]
+struct Recent {
+    entries: BTreeMap<u64, Entry>,
+    /// Every entry up to this index is in the database too.
+    written: Option<u64>,
+}
+
+impl Recent {
+    /// Drops the oldest written entries beyond [`RECENT_KEPT`].
+    fn trim(&mut self) {
+        while self.entries.len() > RECENT_KEPT {
+            match (self.entries.first_key_value(), self.written) {
+                (Some((&first, _)), Some(written)) if first <= written => {
+                    self.entries.remove(&first);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Whether `start..` can be read from here alone.
+    fn covers(&self, start: std::ops::Bound<u64>) -> bool {
+        let Some((&first, _)) = self.entries.first_key_value() else { return false };
+        match start {
+            std::ops::Bound::Included(i) => i >= first,
+            std::ops::Bound::Excluded(i) => i.saturating_add(1) >= first,
+            std::ops::Bound::Unbounded => false,
+        }
+    }
+}
+
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
@@ -46,9 +85,12 @@ const PURGED: &str = "purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    /// Entries appended but not yet committed to `db` (readable from here
-    /// meanwhile), and the writer that commits them.
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// The newest entries: those appended but not yet committed to `db`
+    /// (readable from here meanwhile), and the last [`RECENT_KEPT`] of those
+    /// already written, so that replication reads fresh entries without a
+    /// trip to a blocking thread and the database. And the writer that
+    /// commits them.
+    pending: Arc<Mutex<Recent>>,
     writer: Arc<std::sync::mpsc::Sender<Job>>,
 }
 
@@ -105,7 +147,7 @@ impl LogStore {
         txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
         let db = Arc::new(db);
-        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let pending = Arc::new(Mutex::new(Recent::default()));
         let (tx, rx) = std::sync::mpsc::channel();
         let (weak, shared) = (Arc::downgrade(&db), pending.clone());
         std::thread::Builder::new()
@@ -161,10 +203,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        // The pending entries first: the writer removes one only after it
-        // is in the database, so each entry is in one place or the other.
-        let pending: BTreeMap<u64, Entry> =
-            lock(&self.pending).range((start, end)).map(|(k, e)| (*k, e.clone())).collect();
+        // The recent entries first: the writer trims one only after it is
+        // in the database, so each entry is in one place or the other.
+        let pending: BTreeMap<u64, Entry> = {
+            let recent = lock(&self.pending);
+            let here: BTreeMap<u64, Entry> = recent.entries.range((start, end)).map(|(k, e)| (*k, e.clone())).collect();
+            if recent.covers(start) {
+                return Ok(here.into_values().collect());
+            }
+            here
+        };
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_read().map_err(|e| logs_err(ErrorVerb::Read, e))?;
@@ -188,7 +236,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         // Appended entries count, committed or not (they are readable).
-        let last_pending = lock(&self.pending).last_key_value().map(|(_, e)| e.log_id);
+        let last_pending = lock(&self.pending).entries.last_key_value().map(|(_, e)| e.log_id);
         let db = self.db.clone();
         blocking(move || {
             let purged: Option<LogId> = Self::read_meta(&db, PURGED)?;
@@ -259,7 +307,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for entry in entries {
                 let bytes = encode(&entry).map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
                 rows.push((entry.log_id.index, entry.log_id, bytes));
-                pending.insert(entry.log_id.index, entry);
+                pending.entries.insert(entry.log_id.index, entry);
             }
         }
         self.writer
@@ -270,6 +318,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating the raft log");
         self.flushed().await?;
+        {
+            let mut recent = lock(&self.pending);
+            recent.entries.retain(|&i, _| i < log_id.index);
+            recent.written = recent.written.map(|w| w.min(log_id.index.saturating_sub(1)));
+        }
         let db = self.db.clone();
         blocking(move || {
             let mut txn = db.begin_write().map_err(|e| logs_err(ErrorVerb::Delete, e))?;
@@ -286,6 +339,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging the raft log");
         self.flushed().await?;
+        lock(&self.pending).entries.retain(|&i, _| i > log_id.index);
         let bytes = encode(&log_id).map_err(|e| logs_err(ErrorVerb::Delete, e))?;
         let db = self.db.clone();
         // The purged id is written in the same commit as the deletion, so
@@ -328,7 +382,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// them in one transaction (`Durability::Immediate`), then calls their
 /// callbacks and answers the barriers, in order. Holds the database only
 /// while it works, so that it closes when the last [`LogStore`] goes.
-fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<BTreeMap<u64, Entry>>, jobs: &std::sync::mpsc::Receiver<Job>) {
+fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<Recent>, jobs: &std::sync::mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
@@ -352,7 +406,7 @@ fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<BTreeMap<u64, Entr
 /// transaction; the hint alone is written without an fsync.
 fn commit_appends(
     db: &std::sync::Weak<Database>,
-    pending: &Mutex<BTreeMap<u64, Entry>>,
+    pending: &Mutex<Recent>,
     appends: Vec<(Vec<Row>, LogFlushed<TypeConfig>)>,
     committed: Option<Vec<u8>>,
 ) {
@@ -386,13 +440,12 @@ fn commit_appends(
         tracing::warn!("saving the committed-index hint failed: {e}");
     }
     if result.is_ok() {
-        let mut p = lock(pending);
-        for (rows, _) in &appends {
-            for (index, log_id, _) in rows {
-                if p.get(index).is_some_and(|e| e.log_id == *log_id) {
-                    p.remove(index);
-                }
-            }
+        // Appends come in log order and a truncation waits for the writer
+        // first, so the highest index written covers everything below it.
+        if let Some(top) = appends.iter().flat_map(|(rows, _)| rows.iter().map(|(index, _, _)| *index)).max() {
+            let mut recent = lock(pending);
+            recent.written = Some(recent.written.map_or(top, |w| w.max(top)));
+            recent.trim();
         }
     }
     for (_, callback) in appends {
@@ -403,5 +456,43 @@ fn commit_appends(
                 callback.log_io_completed(Err(std::io::Error::other(e.clone())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, crate::types::NodeId(1)), index), payload: EntryPayload::Blank }
+    }
+
+    #[test]
+    fn recent_entries_keep_the_unwritten_and_the_last_written_ones() {
+        let mut recent = Recent::default();
+        for i in 1..=3000 {
+            recent.entries.insert(i, entry(i));
+        }
+        // Nothing written yet: nothing may go, however many.
+        recent.trim();
+        assert_eq!(recent.entries.len(), 3000);
+        recent.written = Some(2500);
+        recent.trim();
+        assert_eq!(recent.entries.len(), RECENT_KEPT);
+        assert_eq!(recent.entries.first_key_value().map(|(i, _)| *i), Some(3000 - RECENT_KEPT as u64 + 1));
+        // Written entries go only down to the limit; unwritten ones never.
+        recent.written = Some(1000);
+        for i in 3001..=5000 {
+            recent.entries.insert(i, entry(i));
+        }
+        recent.trim();
+        assert_eq!(recent.entries.len(), 5000 - 3000 + RECENT_KEPT, "unwritten entries stay");
+        let first = *recent.entries.first_key_value().map(|(i, _)| i).unwrap();
+        assert!(recent.covers(std::ops::Bound::Included(first)));
+        assert!(recent.covers(std::ops::Bound::Excluded(first - 1)));
+        assert!(!recent.covers(std::ops::Bound::Included(first - 1)), "below the first: the database has it");
+        assert!(!recent.covers(std::ops::Bound::Unbounded));
+        assert!(!Recent::default().covers(std::ops::Bound::Included(1)));
     }
 }
