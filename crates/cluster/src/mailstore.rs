@@ -73,6 +73,9 @@ const MAX_PENDING_NOTICES: usize = 100_000;
 /// How long a data node that did not take a body copy is skipped.
 const PEER_RETRY_AFTER: Duration = Duration::from_secs(2);
 
+/// Bodies up to this size are hashed on the async thread.
+const INLINE_HASH_MAX: usize = 64 * 1024;
+
 /// Bodies fetched at the same time by the repair task.
 const PARALLEL_FETCHES: usize = 8;
 
@@ -394,14 +397,15 @@ impl ReplicatedStore {
     /// AppendEntries), which is watched for before falling back to a
     /// linearizable barrier (a round trip to the leader and a heartbeat
     /// round there).
-    async fn applied_here(&self, queue_id: QueueId) -> StoreResult<Committed> {
+    /// With the proof: whether the body it names is here.
+    async fn applied_here(&self, queue_id: QueueId) -> StoreResult<(Committed, bool)> {
         let store = self.node.store();
         let mut metrics = self.node.raft().metrics();
         let deadline = Instant::now() + Duration::from_millis(self.node.timing().heartbeat_ms.max(1) * 4);
         loop {
             metrics.borrow_and_update();
-            if let Some(c) = store.committed(queue_id).await? {
-                return Ok(c);
+            if let Some(found) = store.committed_with_body(queue_id).await? {
+                return Ok(found);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -411,7 +415,7 @@ impl ReplicatedStore {
             let _ = tokio::time::timeout(left, metrics.changed()).await;
         }
         self.read_barrier().await?;
-        store.committed(queue_id).await?.ok_or_else(|| {
+        store.committed_with_body(queue_id).await?.ok_or_else(|| {
             StoreError::Internal(format!("message {queue_id} was committed but is not applied here"))
         })
     }
@@ -451,7 +455,11 @@ impl MailStore for ReplicatedStore {
         let queue_id = msg.queue_id;
         // This node's copy and the others' are written at the same time:
         // the accept waits for one fsync round, not two.
-        let hash = {
+        // A small body is hashed here (microseconds): a trip to a blocking
+        // thread would cost more than the hash, in thread switches.
+        let hash = if msg.body.len() <= INLINE_HASH_MAX {
+            BodyHash::of(&msg.body)
+        } else {
             let body = msg.body.clone();
             tokio::task::spawn_blocking(move || BodyHash::of(&body))
                 .await
@@ -478,7 +486,7 @@ impl MailStore for ReplicatedStore {
             self.node.mail_events().degraded_accepts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%queue_id, copies, data_nodes, "message accepted with fewer copies than data nodes");
         }
-        let committed = self.applied_here(queue_id).await?;
+        let (committed, body_here) = self.applied_here(queue_id).await?;
         tracing::debug!(
             %queue_id,
             copied_us = copied.as_micros() as u64,
@@ -489,7 +497,7 @@ impl MailStore for ReplicatedStore {
         // A deletion freeing an identical body between our put_body and
         // the apply could have unlinked it: we still have the bytes. (Not
         // for a recognised resend: its own copy was freed on purpose.)
-        if committed.resend_of().is_none() && !store.has_body(&hash).await? {
+        if committed.resend_of().is_none() && !body_here {
             store.put_hashed_body(hash, msg.body.clone()).await?;
         }
         Ok(committed)

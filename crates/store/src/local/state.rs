@@ -895,6 +895,23 @@ impl LocalStore {
         blocking(move || inner.committed(queue_id)).await
     }
 
+    /// [`Self::committed`], and whether the file of the body it names is
+    /// here: both in one trip to a blocking thread (the replicated accept
+    /// asks both, for every message).
+    pub async fn committed_with_body(&self, queue_id: QueueId) -> StoreResult<Option<(Committed, bool)>> {
+        let inner = self.inner().clone();
+        blocking(move || {
+            Ok(match inner.committed(queue_id)? {
+                Some(c) => {
+                    let here = inner.body_path(&c.body()).exists();
+                    Some((c, here))
+                }
+                None => None,
+            })
+        })
+        .await
+    }
+
     /// Reads and hashes every referenced body. A file whose content does not
     /// match its name is removed (it then counts as missing, and a cluster
     /// fetches a good copy from a peer).
