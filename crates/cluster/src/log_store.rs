@@ -37,6 +37,10 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// redb's page cache for the log (its default, 1 GiB, would let the
+/// process grow with the log; the fresh entries are in [`Recent`]).
+const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Written entries kept in memory for the replication reads (a follower
 /// that lags by more is read from the database).
 const RECENT_KEPT: usize = 1024;
@@ -139,7 +143,10 @@ impl LogStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         }
-        let db = Database::create(path).map_err(|e| logs_err(ErrorVerb::Read, format!("opening {}: {e}", path.display())))?;
+        let db = redb::Builder::new()
+            .set_cache_size(LOG_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| logs_err(ErrorVerb::Read, format!("opening {}: {e}", path.display())))?;
         // Create the tables so that readers never meet a missing one.
         let mut txn = db.begin_write().map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.set_durability(Durability::Immediate);

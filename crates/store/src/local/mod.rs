@@ -43,6 +43,12 @@ use committer::{AcceptJob, Committer};
 /// Ids of a block left unused at a restart are skipped, never reused.
 const QUEUE_ID_BLOCK: u64 = 1000;
 
+/// redb's page cache for `meta.redb`. redb's default is 1 GiB per
+/// database, which a store with much mail would fill: the process's memory
+/// would grow with the mail kept. Pages beyond this are read from the file
+/// (the kernel's page cache has the hot ones).
+const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// How a [`LocalStore`] is opened.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -288,7 +294,10 @@ impl LocalStore {
             }
         }
 
-        let db = Database::create(dir.join("meta.redb")).map_err(|e| db_err("opening meta.redb", e))?;
+        let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(dir.join("meta.redb"))
+            .map_err(|e| db_err("opening meta.redb", e))?;
         let options_prefix = options.node_prefix;
         let inner = Arc::new(Inner {
             db,
