@@ -545,20 +545,21 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::ClusterStatus => {
             println!(
-                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8}  health",
+                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9}  health",
                 "id", "name", "address", "role", "state", "term", "leader", "last_log", "applied", "lag", "contact",
-                "missing", "degraded"
+                "missing", "degraded", "fetched", "collected"
             );
             let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
             for m in d.as_array().into_iter().flatten() {
                 let healthy = m["healthy"].as_bool().unwrap_or(false);
                 let contact = if m["last_contact_ms"].is_null() { "-".into() } else { format!("{}ms", m["last_contact_ms"]) };
                 println!(
-                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8}  {}",
+                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9}  {}",
                     opt(&m["id"]), s(&m["name"]), s(&m["addr"]), s(&m["role"]),
                     s(&m["state"]).chars().take(10).collect::<String>(),
                     opt(&m["term"]), opt(&m["leader"]), opt(&m["last_log_index"]), opt(&m["last_applied"]),
                     opt(&m["lag"]), contact, opt(&m["bodies_missing"]), opt(&m["degraded_accepts"]),
+                    opt(&m["bodies_fetched"]), opt(&m["bodies_collected"]),
                     if healthy { "ok".to_string() } else { s(&m["state"]) }
                 );
             }

@@ -146,6 +146,11 @@ fn a_node_that_missed_mail_catches_up_and_verify_repairs_bodies() {
     for msg in &got {
         assert_eq!(content_hash(msg), log.lock().unwrap()[&token_of(msg)].hash);
     }
+    // The bodies it missed were fetched from the others, and the cluster
+    // status says so.
+    let st = nodes[0].status().expect("status");
+    let fetched: u64 = st.iter().filter_map(|m| m["bodies_fetched"].as_u64()).sum();
+    assert!(fetched >= 30, "the 30 missed bodies must show as fetched in cluster status: {st:?}");
     // Damage node 2's copies: one body deleted, one overwritten.
     let bodies = nodes[1].dir.join("data/store/bodies");
     let mut files: Vec<_> = std::fs::read_dir(&bodies).unwrap().map(|e| e.unwrap().path()).collect();

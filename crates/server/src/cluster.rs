@@ -353,6 +353,10 @@ pub struct MemberReport {
     /// with fewer copies than there are data nodes (a data node was down).
     pub bodies_missing: Option<u64>,
     pub degraded_accepts: Option<u64>,
+    /// Bodies it fetched from another data node, and unreferenced body
+    /// files its garbage collection removed, since it started.
+    pub bodies_fetched: Option<u64>,
+    pub bodies_collected: Option<u64>,
 }
 
 /// Every member's view (asked over the cluster channel, in parallel).
@@ -414,6 +418,8 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
             healthy: false,
             bodies_missing: None,
             degraded_accepts: None,
+            bodies_fetched: None,
+            bodies_collected: None,
         };
         match answer {
             Ok(s) => {
@@ -426,6 +432,8 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
                 if info.role == Role::Data {
                     r.bodies_missing = Some(s.mail.bodies_missing);
                     r.degraded_accepts = Some(s.mail.degraded_accepts);
+                    r.bodies_fetched = Some(s.mail.bodies_fetched);
+                    r.bodies_collected = Some(s.mail.bodies_collected);
                 }
                 if s.current_leader == Some(id) {
                     r.lag = Some(0);
