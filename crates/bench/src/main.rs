@@ -50,6 +50,7 @@
 //! cargo run --release -p hamail-bench -- --sizes 1k --concurrency 10 --reuse --no-pop3
 //! ```
 
+mod cgroup;
 mod cluster;
 mod peer;
 mod pop3;

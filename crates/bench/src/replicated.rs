@@ -84,6 +84,12 @@ pub struct ReplicatedArgs {
     /// [cluster] election_timeout_max_ms of every node.
     #[arg(long, default_value_t = 300)]
     pub election_max_ms: u64,
+    /// Give every server process (the single node and each cluster node)
+    /// a CPU cgroup of its own limited to this many % of one core, as if
+    /// each ran on a machine of that size (root; cgroup v1 or v2). Applied
+    /// once the users exist. Without it they all share this machine.
+    #[arg(long)]
+    pub cpu_per_node: Option<u32>,
 }
 
 /// One cell, measured on both systems.
@@ -258,16 +264,27 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
         log(format!("{} pid {} smtp {smtp} pop3 {pop3}", n.name, n.pid));
     }
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid).collect();
+    // Held until the end of the cells: dropping them frees the processes.
+    let mut _limits = Vec::new();
+    if let Some(pct) = args.cpu_per_node {
+        let tag = std::process::id();
+        _limits.push(crate::cgroup::CpuLimit::apply(&format!("hamail-bench-{tag}-single"), server.pid, pct)?);
+        for n in &cluster.nodes {
+            _limits.push(crate::cgroup::CpuLimit::apply(&format!("hamail-bench-{tag}-{}", n.name), n.pid, pct)?);
+        }
+        log(format!("every server process limited to {pct} % of one core (a cgroup each)"));
+    }
     let target = if args.spread { "spread" } else { "leader" };
     println!(
-        "replicated nodes={} target={target} users={} seconds={} cpus={} heartbeat_ms={} election_timeout_ms={}-{}",
+        "replicated nodes={} target={target} users={} seconds={} cpus={} heartbeat_ms={} election_timeout_ms={}-{} cpu_per_node_pct={}",
         args.nodes,
         args.users,
         args.seconds,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         args.heartbeat_ms,
         args.election_min_ms,
-        args.election_max_ms
+        args.election_max_ms,
+        args.cpu_per_node.map_or_else(|| "none".to_string(), |p| p.to_string()),
     );
 
     let duration = Duration::from_secs_f64(args.seconds);
@@ -427,11 +444,15 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
         "{} data nodes, cluster sessions to {}. ratio = replicated msgs/s / single msgs/s (messages answered 250). \
          single RSS = peak VmRSS of the single node (VmHWM included); cluster RSS = peak of the VmRSS summed over the {} \
          node processes (sampled every {} ms). CPU in % of one core (N CPU: all the nodes); errors single/cluster; \
-         terms = Raft term moves during the cell; other = the rest of the machine's load. MB = 10^6 bytes.",
+         terms = Raft term moves during the cell; other = the rest of the machine's load. MB = 10^6 bytes.{}",
         args.nodes,
         if args.spread { "every data node (round-robin)" } else { "the leader" },
         args.nodes,
         args.sample_ms.max(10),
+        match args.cpu_per_node {
+            Some(pct) => format!(" Every server process ran in a CPU cgroup of its own limited to {pct} % of one core."),
+            None => String::new(),
+        },
     );
     out
 }
