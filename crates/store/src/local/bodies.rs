@@ -40,6 +40,9 @@ pub(crate) struct StagedBody {
     pub dir: PathBuf,
     /// The body file itself, fdatasynced by the caller before the commit.
     pub path: PathBuf,
+    /// The file as written (open), for the fdatasync: no second open.
+    /// `None` when the body was already there.
+    pub file: Option<File>,
     pub _guard: InFlight,
 }
 
@@ -96,12 +99,19 @@ impl Inner {
     /// the caller's blocking task so that many bodies are written and
     /// fsynced in parallel.
     pub(crate) fn stage_body(self: &Arc<Self>, body: &[u8]) -> StoreResult<StagedBody> {
-        self.stage_hashed_body(BodyHash::of(body), body)
+        self.stage_hashed_body(BodyHash::of(body), body, false)
     }
 
     /// [`Self::stage_body`] for a caller that has just computed the hash
-    /// (hashing a large body costs milliseconds: do it once).
-    pub(crate) fn stage_hashed_body(self: &Arc<Self>, hash: BodyHash, body: &[u8]) -> StoreResult<StagedBody> {
+    /// (hashing a large body costs milliseconds: do it once). With
+    /// `replace_damaged` (a copy from a peer, a repair), a file already
+    /// under the name is read and replaced if its content differs.
+    pub(crate) fn stage_hashed_body(
+        self: &Arc<Self>,
+        hash: BodyHash,
+        body: &[u8],
+        replace_damaged: bool,
+    ) -> StoreResult<StagedBody> {
         // Register before looking at the file, so that a delete that frees
         // this hash from now on leaves the file alone.
         let guard = InFlight::register(self, hash);
@@ -111,24 +121,34 @@ impl Inner {
 
         // Already there (same content, as names are hashes): share it. A
         // file of the wrong length can only be damage; replace it.
-        let exists = matches!(fs::metadata(&path), Ok(m) if m.len() == size);
-        if exists {
+        let mut exists = matches!(fs::metadata(&path), Ok(m) if m.len() == size);
+        if exists && replace_damaged && fs::read(&path).is_ok_and(|existing| existing != body) {
+            tracing::warn!(path = %path.display(), "damaged body file replaced by a good copy");
+            fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing damaged {}", path.display()), e))?;
+            exists = false;
+        }
+        let file = if exists {
             // A caller is about to count on this copy: it must look as
             // recently written as a new one to the garbage collection.
             touch(&path).map_err(|e| StoreError::io(format!("refreshing body {hash}"), e))?;
+            None
         } else {
             let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-            let tmp = self.tmp_dir.join(format!("{}.{}.{}", std::process::id(), seq, &hash.to_hex()[..16]));
-            if let Err(e) = write_new(&tmp, body) {
-                let _ = fs::remove_file(&tmp);
-                return Err(StoreError::io(format!("writing body {hash} to {}", tmp.display()), e));
-            }
+            let tmp = self.tmp_dir.join(format!("{}.{}.{}", self.process_id, seq, &hash.to_hex()[..16]));
+            let file = match write_new(&tmp, body) {
+                Ok(file) => file,
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(StoreError::io(format!("writing body {hash} to {}", tmp.display()), e));
+                }
+            };
             if let Err(e) = fs::rename(&tmp, &path) {
                 let _ = fs::remove_file(&tmp);
                 return Err(StoreError::io(format!("renaming body {hash} into place"), e));
             }
-        }
-        Ok(StagedBody { hash, size, dir, path, _guard: guard })
+            Some(file)
+        };
+        Ok(StagedBody { hash, size, dir, path, file, _guard: guard })
     }
 
     /// Makes a staged body's data durable (fdatasync). Runs in the caller's
@@ -137,11 +157,14 @@ impl Inner {
     /// single session pays two sequential syncs per message instead of
     /// three. Also done for a body that was already there: its writer may
     /// not have synced it yet.
-    pub(crate) fn sync_body(&self, staged_path: &std::path::Path) -> io::Result<()> {
+    pub(crate) fn sync_body(&self, file: Option<File>, staged_path: &std::path::Path) -> io::Result<()> {
         if !self.options.fsync {
             return Ok(());
         }
-        File::open(staged_path)?.sync_data()
+        match file {
+            Some(file) => file.sync_data(),
+            None => File::open(staged_path)?.sync_data(),
+        }
     }
 
     /// Makes the directory entries of renamed bodies durable. Called by the
@@ -325,7 +348,8 @@ fn touch(path: &std::path::Path) -> io::Result<()> {
 /// [`Inner::sync_body`]; a crash before the metadata commit leaves at most an
 /// unreferenced (maybe torn) file, which recovery removes at the next open
 /// before anything can reference it.
-fn write_new(path: &std::path::Path, body: &[u8]) -> io::Result<()> {
+fn write_new(path: &std::path::Path, body: &[u8]) -> io::Result<File> {
     let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    f.write_all(body)
+    f.write_all(body)?;
+    Ok(f)
 }

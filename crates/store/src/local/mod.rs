@@ -89,6 +89,9 @@ pub(crate) struct Inner {
     /// When replicated state changes were last committed durably (see
     /// `apply_state`).
     pub(crate) state_synced_at: Mutex<std::time::Instant>,
+    /// `std::process::id()`, for temporary file names (a system call each
+    /// time otherwise).
+    pub(crate) process_id: u32,
 }
 
 impl Inner {
@@ -309,6 +312,7 @@ impl LocalStore {
             node_prefix: std::sync::atomic::AtomicU16::new(options_prefix),
             dir_sync: group_sync::GroupSync::default(),
             state_synced_at: Mutex::new(std::time::Instant::now()),
+            process_id: std::process::id(),
         });
         init_schema(&inner)?;
         let recovery = recovery::recover(&inner)?;
@@ -427,8 +431,9 @@ impl MailStore for LocalStore {
         }
         let inner = self.inner.clone();
         let body = msg.body.clone();
-        let staged = blocking(move || inner.stage_body(&body)).await?;
+        let mut staged = blocking(move || inner.stage_body(&body)).await?;
         let body_path = staged.path.clone();
+        let body_file = staged.file.take();
         let (reply, answer) = tokio::sync::oneshot::channel();
         let (synced, data_synced) = std::sync::mpsc::sync_channel(1);
         self.committer.submit(AcceptJob {
@@ -444,7 +449,7 @@ impl MailStore for LocalStore {
         // The committer fsyncs the directory meanwhile and waits for this.
         let inner = self.inner.clone();
         blocking(move || {
-            let _ = synced.send(inner.sync_body(&body_path));
+            let _ = synced.send(inner.sync_body(body_file, &body_path));
             Ok(())
         })
         .await?;

@@ -832,18 +832,11 @@ impl LocalStore {
         let inner = self.inner().clone();
         blocking(move || {
             // A damaged file under this name (same length, other content)
-            // would be kept by `stage_body`: a repair must replace it.
+            // must be replaced: this may be a repair.
             let hash = hash.unwrap_or_else(|| BodyHash::of(&body));
-            let path = inner.body_path(&hash);
-            if let Ok(existing) = std::fs::read(&path) {
-                if existing.len() == body.len() && existing != *body {
-                    tracing::warn!(path = %path.display(), "damaged body file replaced by a good copy");
-                    std::fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing damaged {}", path.display()), e))?;
-                }
-            }
-            let staged = inner.stage_hashed_body(hash, &body)?;
+            let mut staged = inner.stage_hashed_body(hash, &body, true)?;
             inner
-                .sync_body(&staged.path)
+                .sync_body(staged.file.take(), &staged.path)
                 .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
             if inner.options.fsync {
                 let dir = staged.dir.clone();
