@@ -42,8 +42,11 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Written entries kept in memory for the replication reads (a follower
-/// that lags by more is read from the database).
+/// that lags by more is read from the database): at most this many, and
+/// at most [`RECENT_BYTES`] of them (an accept for a thousand recipients
+/// is tens of kB).
 const RECENT_KEPT: usize = 1024;
+const RECENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// The newest entries of the log, contiguous: `entries` holds indexes
 /// `first..=last` with no hole (appends extend it at the end, truncation
@@ -51,18 +54,44 @@ const RECENT_KEPT: usize = 1024;
 /// at or after its first index is wholly here.
 #[derive(Default)]
 struct Recent {
-    entries: BTreeMap<u64, Entry>,
+    /// Each entry with the size of its encoding.
+    entries: BTreeMap<u64, (Entry, usize)>,
+    /// The sum of those sizes.
+    bytes: usize,
     /// Every entry up to this index is in the database too.
     written: Option<u64>,
 }
 
 impl Recent {
-    /// Drops the oldest written entries beyond [`RECENT_KEPT`].
+    fn insert(&mut self, entry: Entry, size: usize) {
+        if let Some((_, old)) = self.entries.insert(entry.log_id.index, (entry, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+    }
+
+    /// Keeps only the entries whose index `keep` accepts.
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let mut bytes = 0;
+        self.entries.retain(|&i, (_, size)| {
+            let kept = keep(i);
+            if kept {
+                bytes += *size;
+            }
+            kept
+        });
+        self.bytes = bytes;
+    }
+
+    /// Drops the oldest written entries beyond [`RECENT_KEPT`] entries or
+    /// [`RECENT_BYTES`].
     fn trim(&mut self) {
-        while self.entries.len() > RECENT_KEPT {
+        while self.entries.len() > RECENT_KEPT || self.bytes > RECENT_BYTES {
             match (self.entries.first_key_value(), self.written) {
                 (Some((&first, _)), Some(written)) if first <= written => {
-                    self.entries.remove(&first);
+                    if let Some((_, size)) = self.entries.remove(&first) {
+                        self.bytes -= size;
+                    }
                 }
                 _ => break,
             }
@@ -214,7 +243,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // in the database, so each entry is in one place or the other.
         let pending: BTreeMap<u64, Entry> = {
             let recent = lock(&self.pending);
-            let here: BTreeMap<u64, Entry> = recent.entries.range((start, end)).map(|(k, e)| (*k, e.clone())).collect();
+            let here: BTreeMap<u64, Entry> = recent.entries.range((start, end)).map(|(k, (e, _))| (*k, e.clone())).collect();
             if recent.covers(start) {
                 return Ok(here.into_values().collect());
             }
@@ -243,7 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         // Appended entries count, committed or not (they are readable).
-        let last_pending = lock(&self.pending).entries.last_key_value().map(|(_, e)| e.log_id);
+        let last_pending = lock(&self.pending).entries.last_key_value().map(|(_, (e, _))| e.log_id);
         let db = self.db.clone();
         blocking(move || {
             let purged: Option<LogId> = Self::read_meta(&db, PURGED)?;
@@ -313,8 +342,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut pending = lock(&self.pending);
             for entry in entries {
                 let bytes = encode(&entry).map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+                let size = bytes.len();
                 rows.push((entry.log_id.index, entry.log_id, bytes));
-                pending.entries.insert(entry.log_id.index, entry);
+                pending.insert(entry, size);
             }
         }
         self.writer
@@ -327,7 +357,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.flushed().await?;
         {
             let mut recent = lock(&self.pending);
-            recent.entries.retain(|&i, _| i < log_id.index);
+            recent.retain(|i| i < log_id.index);
             recent.written = recent.written.map(|w| w.min(log_id.index.saturating_sub(1)));
         }
         let db = self.db.clone();
@@ -346,7 +376,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging the raft log");
         self.flushed().await?;
-        lock(&self.pending).entries.retain(|&i, _| i > log_id.index);
+        lock(&self.pending).retain(|i| i > log_id.index);
         let bytes = encode(&log_id).map_err(|e| logs_err(ErrorVerb::Delete, e))?;
         let db = self.db.clone();
         // The purged id is written in the same commit as the deletion, so
@@ -479,7 +509,7 @@ mod tests {
     fn recent_entries_keep_the_unwritten_and_the_last_written_ones() {
         let mut recent = Recent::default();
         for i in 1..=3000 {
-            recent.entries.insert(i, entry(i));
+            recent.insert(entry(i), 10);
         }
         // Nothing written yet: nothing may go, however many.
         recent.trim();
@@ -491,7 +521,7 @@ mod tests {
         // Written entries go only down to the limit; unwritten ones never.
         recent.written = Some(1000);
         for i in 3001..=5000 {
-            recent.entries.insert(i, entry(i));
+            recent.insert(entry(i), 10);
         }
         recent.trim();
         assert_eq!(recent.entries.len(), 5000 - 3000 + RECENT_KEPT, "unwritten entries stay");
@@ -501,5 +531,25 @@ mod tests {
         assert!(!recent.covers(std::ops::Bound::Included(first - 1)), "below the first: the database has it");
         assert!(!recent.covers(std::ops::Bound::Unbounded));
         assert!(!Recent::default().covers(std::ops::Bound::Included(1)));
+    }
+
+    #[test]
+    fn recent_entries_are_bounded_in_bytes_too() {
+        let mut recent = Recent::default();
+        // Large entries (an accept for many recipients): few fit.
+        let big = RECENT_BYTES / 10;
+        for i in 1..=100 {
+            recent.insert(entry(i), big);
+        }
+        recent.written = Some(100);
+        recent.trim();
+        assert_eq!(recent.entries.len(), 10, "kept by bytes, not by count");
+        assert_eq!(recent.bytes, 10 * big);
+        // Truncation and purging keep the byte count right.
+        recent.retain(|i| i < 95);
+        assert_eq!((recent.entries.len(), recent.bytes), (4, 4 * big));
+        // An entry appended again at the same index replaces the old one.
+        recent.insert(entry(94), 1);
+        assert_eq!(recent.bytes, 3 * big + 1);
     }
 }
