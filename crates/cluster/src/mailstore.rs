@@ -76,6 +76,9 @@ const PEER_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Bodies up to this size are hashed on the async thread.
 const INLINE_HASH_MAX: usize = 64 * 1024;
 
+/// How long the repair task lets applied-accept notices gather.
+const NOTICE_GATHER: Duration = Duration::from_millis(20);
+
 /// Bodies fetched at the same time by the repair task.
 const PARALLEL_FETCHES: usize = 8;
 
@@ -704,6 +707,12 @@ async fn repair_loop(node: Weak<ClusterNode>, events: Arc<MailEvents>, replicati
             _ = events.wake.notified() => Wake::Notice,
             _ = gc.tick() => Wake::Gc,
         };
+        if let Wake::Notice = wake {
+            // Let the notices of a burst gather: one look for many applies
+            // instead of a trip to a blocking thread per apply, on every
+            // node, for bodies that are nearly always here already.
+            tokio::time::sleep(NOTICE_GATHER).await;
+        }
         let Some(node) = node.upgrade() else { return };
         if node.raft().metrics().borrow().state == openraft::ServerState::Shutdown {
             return;
@@ -726,14 +735,14 @@ async fn repair_loop(node: Weak<ClusterNode>, events: Arc<MailEvents>, replicati
             }
             continue;
         }
-        let mut missing = Vec::new();
-        for hash in applied.into_iter().collect::<BTreeSet<_>>() {
-            match node.store().has_body(&hash).await {
-                Ok(true) => {}
-                Ok(false) => missing.push(hash),
-                Err(e) => tracing::warn!(%hash, error = %e, "checking a body failed"),
+        let applied: Vec<BodyHash> = applied.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        let missing = match node.store().absent_bodies(applied).await {
+            Ok(missing) => missing,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking applied bodies failed; the next full pass looks again");
+                Vec::new()
             }
-        }
+        };
         if !missing.is_empty() {
             let failed = fetch_all(&node, missing, replication.fetch_timeout).await;
             if failed > 0 {

@@ -867,6 +867,13 @@ impl LocalStore {
         blocking(move || inner.collect_garbage(written_before)).await
     }
 
+    /// Those of `hashes` that have no file here, all looked up in one trip
+    /// to a blocking thread.
+    pub async fn absent_bodies(&self, hashes: Vec<BodyHash>) -> StoreResult<Vec<BodyHash>> {
+        let inner = self.inner().clone();
+        blocking(move || Ok(hashes.into_iter().filter(|h| !inner.body_path(h).exists()).collect())).await
+    }
+
     pub async fn has_body(&self, hash: &BodyHash) -> StoreResult<bool> {
         let path = self.inner().body_path(hash);
         Ok(tokio::fs::metadata(&path).await.is_ok())
