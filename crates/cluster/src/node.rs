@@ -647,10 +647,10 @@ impl ClusterNode {
         if self.info.role != Role::Data {
             return Err(format!("node {} is a witness: it holds no mail", self.id));
         }
-        if !self.store.has_body(&hash).await.map_err(|e| e.to_string())? {
-            return Err(format!("body {hash} is not on node {}", self.id));
-        }
-        let body = hamail_store::MailStore::body(self.store.as_ref(), &hash).await.map_err(|e| e.to_string())?;
+        // One read: a body that is not here is the read's own error.
+        let body = hamail_store::MailStore::body(self.store.as_ref(), &hash)
+            .await
+            .map_err(|e| format!("node {}: {e}", self.id))?;
         Ok(Arc::try_unwrap(body).unwrap_or_else(|shared| shared.as_ref().clone()))
     }
 }
