@@ -184,6 +184,11 @@ impl Inner {
         Ok(())
     }
 
+    /// Those of `hashes` that have no file here.
+    pub(crate) fn absent(&self, hashes: impl IntoIterator<Item = BodyHash>) -> Vec<BodyHash> {
+        hashes.into_iter().filter(|h| !self.body_path(h).exists()).collect()
+    }
+
     /// Reads a body, checking it against its name (bit rot or a bug would
     /// otherwise go out to a client silently).
     pub(crate) fn read_body(&self, hash: &BodyHash) -> StoreResult<Vec<u8>> {

@@ -871,7 +871,7 @@ impl LocalStore {
     /// to a blocking thread.
     pub async fn absent_bodies(&self, hashes: Vec<BodyHash>) -> StoreResult<Vec<BodyHash>> {
         let inner = self.inner().clone();
-        blocking(move || Ok(hashes.into_iter().filter(|h| !inner.body_path(h).exists()).collect())).await
+        blocking(move || Ok(inner.absent(hashes))).await
     }
 
     pub async fn has_body(&self, hash: &BodyHash) -> StoreResult<bool> {
@@ -884,7 +884,7 @@ impl LocalStore {
         let inner = self.inner().clone();
         blocking(move || {
             let refs = inner.referenced_bodies()?;
-            Ok(refs.into_iter().filter(|h| !inner.body_path(h).exists()).collect())
+            Ok(inner.absent(refs))
         })
         .await
     }
