@@ -123,7 +123,7 @@ pub struct LogStore {
     /// already written, so that replication reads fresh entries without a
     /// trip to a blocking thread and the database. And the writer that
     /// commits them.
-    pending: Arc<Mutex<Recent>>,
+    recent: Arc<Mutex<Recent>>,
     writer: Arc<std::sync::mpsc::Sender<Job>>,
 }
 
@@ -183,14 +183,14 @@ impl LogStore {
         txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
         let db = Arc::new(db);
-        let pending = Arc::new(Mutex::new(Recent::default()));
+        let recent = Arc::new(Mutex::new(Recent::default()));
         let (tx, rx) = std::sync::mpsc::channel();
-        let (weak, shared) = (Arc::downgrade(&db), pending.clone());
+        let (weak, shared) = (Arc::downgrade(&db), recent.clone());
         std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || write_loop(&weak, &shared, &rx))
             .map_err(|e| logs_err(ErrorVerb::Write, format!("starting the log writer: {e}")))?;
-        Ok(LogStore { db, pending, writer: Arc::new(tx) })
+        Ok(LogStore { db, recent, writer: Arc::new(tx) })
     }
 
     /// Waits until every append made so far is committed.
@@ -240,14 +240,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
         // The recent entries first: the writer trims one only after it is
-        // in the database, so each entry is in one place or the other.
-        let pending: BTreeMap<u64, Entry> = {
-            let recent = lock(&self.pending);
-            let here: BTreeMap<u64, Entry> = recent.entries.range((start, end)).map(|(k, (e, _))| (*k, e.clone())).collect();
+        // in the database, so each entry is here, there, or in both (the
+        // same entry). A range that starts among them is read from memory.
+        let in_memory: BTreeMap<u64, Entry> = {
+            let recent = lock(&self.recent);
+            let found: BTreeMap<u64, Entry> = recent.entries.range((start, end)).map(|(k, (e, _))| (*k, e.clone())).collect();
             if recent.covers(start) {
-                return Ok(here.into_values().collect());
+                return Ok(found.into_values().collect());
             }
-            here
+            found
         };
         let db = self.db.clone();
         blocking(move || {
@@ -260,7 +261,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                     .map_err(|e| io_err(ErrorSubject::LogIndex(k.value()), ErrorVerb::Read, e))?;
                 out.insert(k.value(), entry);
             }
-            out.extend(pending);
+            out.extend(in_memory);
             Ok(out.into_values().collect())
         })
         .await
@@ -272,7 +273,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         // Appended entries count, committed or not (they are readable).
-        let last_pending = lock(&self.pending).entries.last_key_value().map(|(_, (e, _))| e.log_id);
+        let last_recent = lock(&self.recent).entries.last_key_value().map(|(_, (e, _))| e.log_id);
         let db = self.db.clone();
         blocking(move || {
             let purged: Option<LogId> = Self::read_meta(&db, PURGED)?;
@@ -285,7 +286,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
                 None => purged,
             };
-            Ok(LogState { last_purged_log_id: purged, last_log_id: last_pending.or(last) })
+            Ok(LogState { last_purged_log_id: purged, last_log_id: last_recent.or(last) })
         })
         .await
     }
@@ -326,7 +327,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(blocking(move || Self::read_meta::<Option<LogId>>(&db, COMMITTED)).await?.flatten())
     }
 
-    /// Returns at once, the entries readable (in `pending`); the writer
+    /// Returns at once, the entries readable (in `recent`); the writer
     /// thread commits them — with every other append queued meanwhile, in
     /// one fsync — and only then calls `callback` (openraft counts an entry
     /// as stored, for a vote or a commit, only from the callback). Without
@@ -339,12 +340,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         {
-            let mut pending = lock(&self.pending);
+            let mut recent = lock(&self.recent);
             for entry in entries {
                 let bytes = encode(&entry).map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
                 let size = bytes.len();
                 rows.push((entry.log_id.index, entry.log_id, bytes));
-                pending.insert(entry, size);
+                recent.insert(entry, size);
             }
         }
         self.writer
@@ -356,7 +357,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         tracing::debug!(%log_id, "truncating the raft log");
         self.flushed().await?;
         {
-            let mut recent = lock(&self.pending);
+            let mut recent = lock(&self.recent);
             recent.retain(|i| i < log_id.index);
             recent.written = recent.written.map(|w| w.min(log_id.index.saturating_sub(1)));
         }
@@ -376,7 +377,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging the raft log");
         self.flushed().await?;
-        lock(&self.pending).retain(|i| i > log_id.index);
+        lock(&self.recent).retain(|i| i > log_id.index);
         let bytes = encode(&log_id).map_err(|e| logs_err(ErrorVerb::Delete, e))?;
         let db = self.db.clone();
         // The purged id is written in the same commit as the deletion, so
@@ -419,7 +420,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// them in one transaction (`Durability::Immediate`), then calls their
 /// callbacks and answers the barriers, in order. Holds the database only
 /// while it works, so that it closes when the last [`LogStore`] goes.
-fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<Recent>, jobs: &std::sync::mpsc::Receiver<Job>) {
+fn write_loop(db: &std::sync::Weak<Database>, recent: &Mutex<Recent>, jobs: &std::sync::mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
@@ -430,12 +431,12 @@ fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<Recent>, jobs: &st
                 Job::Append { rows, callback } => appends.push((rows, callback)),
                 Job::Committed(bytes) => committed = Some(bytes),
                 Job::Barrier(done) => {
-                    commit_appends(db, pending, std::mem::take(&mut appends), committed.take());
+                    commit_appends(db, recent, std::mem::take(&mut appends), committed.take());
                     let _ = done.send(());
                 }
             }
         }
-        commit_appends(db, pending, appends, committed);
+        commit_appends(db, recent, appends, committed);
     }
 }
 
@@ -443,7 +444,7 @@ fn write_loop(db: &std::sync::Weak<Database>, pending: &Mutex<Recent>, jobs: &st
 /// transaction; the hint alone is written without an fsync.
 fn commit_appends(
     db: &std::sync::Weak<Database>,
-    pending: &Mutex<Recent>,
+    recent: &Mutex<Recent>,
     appends: Vec<(Vec<Row>, LogFlushed<TypeConfig>)>,
     committed: Option<Vec<u8>>,
 ) {
@@ -480,7 +481,7 @@ fn commit_appends(
         // Appends come in log order and a truncation waits for the writer
         // first, so the highest index written covers everything below it.
         if let Some(top) = appends.iter().flat_map(|(rows, _)| rows.iter().map(|(index, _, _)| *index)).max() {
-            let mut recent = lock(pending);
+            let mut recent = lock(recent);
             recent.written = Some(recent.written.map_or(top, |w| w.max(top)));
             recent.trim();
         }
