@@ -20,11 +20,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use base64::Engine as _;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::server::{Admin, Server};
+use crate::smtp::SENDER;
 
 #[derive(clap::Args, Debug)]
 pub struct RelayArgs {
@@ -67,7 +66,6 @@ pub struct RelayArgs {
     dir: PathBuf,
 }
 
-const SENDER: &str = "sender@bench.test";
 const PASSWORD: &str = "benchpass";
 
 pub async fn run(args: RelayArgs) -> Result<()> {
@@ -228,51 +226,18 @@ fn human(size: usize) -> String {
     }
 }
 
-async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<String> {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        if r.read_line(&mut l).await? == 0 {
-            bail!("connection closed");
-        }
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return Ok(all);
-        }
-    }
-}
-
-/// Sends `messages` of `size` to `rcptN@sink.test` over `conc` sessions.
+/// Sends `messages` of `size` to `rcptN@sink.test` over `conc` sessions
+/// (each reusing its connection), with the plain bench's SMTP client.
 async fn load(addr: SocketAddr, auth: bool, size: usize, messages: usize, conc: usize) -> Result<usize> {
-    let mut body = String::from("From: sender@bench.test\r\nSubject: relay bench\r\n\r\n");
-    while body.len() < size {
-        body.push_str("relay benchmark payload line, seventy-ish characters of text ........\r\n");
-    }
-    body.push_str(".\r\n");
-    let body = std::sync::Arc::new(body);
+    let body = std::sync::Arc::new(crate::smtp::data_encode(&crate::smtp::payload(size)));
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..conc {
         let (body, next) = (body.clone(), next.clone());
         set.spawn(async move {
-            let s = TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
-            let (r, mut w) = s.into_split();
-            let mut r = BufReader::new(r);
-            let expect = |got: String, want: &str| -> Result<()> {
-                if got.starts_with(want) {
-                    Ok(())
-                } else {
-                    bail!("expected {want}, got {}", got.trim())
-                }
-            };
-            expect(reply(&mut r).await?, "220")?;
-            w.write_all(b"EHLO bench.test\r\n").await?;
-            expect(reply(&mut r).await?, "250")?;
+            let mut client = crate::smtp::Client::connect(addr).await?;
             if auth {
-                let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{SENDER}\0{PASSWORD}"));
-                w.write_all(format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
-                expect(reply(&mut r).await?, "235")?;
+                client.auth_plain(SENDER, PASSWORD).await?;
             }
             let mut sent = 0usize;
             loop {
@@ -280,17 +245,11 @@ async fn load(addr: SocketAddr, auth: bool, size: usize, messages: usize, conc: 
                 if i >= messages {
                     break;
                 }
-                w.write_all(format!("MAIL FROM:<{SENDER}>\r\n").as_bytes()).await?;
-                expect(reply(&mut r).await?, "250")?;
-                w.write_all(format!("RCPT TO:<rcpt{}@sink.test>\r\n", i % 1000).as_bytes()).await?;
-                expect(reply(&mut r).await?, "250")?;
-                w.write_all(b"DATA\r\n").await?;
-                expect(reply(&mut r).await?, "354")?;
-                w.write_all(body.as_bytes()).await?;
-                expect(reply(&mut r).await?, "250")?;
+                let rcpt = format!("rcpt{}@sink.test", i % 1000);
+                client.send(&rcpt, &crate::smtp::header(&rcpt, &format!("relay-{i}"), size), &body).await?;
                 sent += 1;
             }
-            let _ = w.write_all(b"QUIT\r\n").await;
+            client.quit().await;
             Ok::<usize, anyhow::Error>(sent)
         });
     }

@@ -148,6 +148,14 @@ impl Client {
         self.expect(250, "end of data").await
     }
 
+    /// AUTH PLAIN (RFC 4616) as `user`.
+    pub async fn auth_plain(&mut self, user: &str, password: &str) -> Result<()> {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        self.wr.write_all(format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
+        self.expect(235, "AUTH").await
+    }
+
     pub async fn rset(&mut self) -> Result<()> {
         self.command("RSET", 250).await
     }
