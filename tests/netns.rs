@@ -313,6 +313,12 @@ fn first_250_after(c: &Cluster, since: Instant, token: &str, within: Duration) -
     })
 }
 
+/// The number in environment variable `name`, or `default` (unset or not
+/// a number).
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -332,7 +338,7 @@ fn outage_benchmark() {
     if !root_or_skip("outage_benchmark") {
         return;
     }
-    let runs: usize = std::env::var("HAMAIL_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let runs: usize = env_number("HAMAIL_BENCH_RUNS", 10);
     let mut c = cluster_with_group();
     let (mut all, mut as_leader, mut as_follower, mut address) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
@@ -399,8 +405,8 @@ fn no_spurious_failover_under_load() {
     if !root_or_skip("no_spurious_failover_under_load") {
         return;
     }
-    let secs: u64 = std::env::var("HAMAIL_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
-    let clients: usize = std::env::var("HAMAIL_SOAK_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let secs: u64 = env_number("HAMAIL_SOAK_SECS", 600);
+    let clients: usize = env_number("HAMAIL_SOAK_CLIENTS", 4);
     let c = cluster_with_group();
     let term_of = |c: &Cluster| -> u64 {
         c.nodes[1]
