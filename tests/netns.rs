@@ -59,18 +59,14 @@ impl NsCluster {
 fn cluster_with_group() -> Cluster {
     let c = NsCluster::form(USER, RECOVERY);
 
-    let file = c.root.path().join("groups.toml");
-    std::fs::write(
-        &file,
-        format!(
+    c.apply(
+        1,
+        &format!(
             "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
              [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
              [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
         ),
-    )
-    .unwrap();
-    let (ok, out) = c.nodes[1].cli(&["group", "apply", file.to_str().unwrap()], "");
-    assert!(ok, "group apply: {out}");
+    );
 
     if poll(RECOVERY, || c.greeting_from_client().filter(|h| h == "node1")).is_none() {
         let (_, st) = c.nodes[1].cli(&["group", "status"], "");
@@ -100,8 +96,7 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
 
     // Power cut: cable out and process gone, at (nearly) the same instant.
     let cut = Instant::now();
-    c.bed.set_link(owner, false);
-    c.nodes[Cluster::index(owner)].kill9();
+    c.power_cut(Cluster::index(owner));
 
     // The client retries until a message gets 250 through the address;
     // meanwhile an observer notes when a survivor got the address.
@@ -173,8 +168,7 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
     // process); the restarted node must remove it, not answer ARP for it.
     let i = Cluster::index(owner);
     assert!(c.bed.has_addr(owner, VIP), "the killed process left {VIP} behind (the case checked here)");
-    c.bed.set_link(owner, true);
-    c.nodes[i].server = Some(start_in_ns(c.bed.ns(owner), &c.nodes[i].dir));
+    c.power_on(i);
     if poll(RECOVERY, || (!c.bed.has_addr(owner, VIP)).then_some(())).is_none() {
         panic!("the restarted {owner} kept the leftover {VIP}\n{}", c.logs());
     }
@@ -347,8 +341,7 @@ fn outage_benchmark() {
         let was_leader = c.nodes[i].leader() == Some(i as u64 + 1);
         let others: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
         let cut = Instant::now();
-        c.bed.set_link(&owner, false);
-        c.nodes[i].kill9();
+        c.power_cut(i);
         let up = {
             let (bed, others) = (&c.bed, others.clone());
             std::thread::scope(|s| {
@@ -371,8 +364,7 @@ fn outage_benchmark() {
         }
         if was_leader { as_leader.push(outage) } else { as_follower.push(outage) }
         // Back for the next round.
-        c.bed.set_link(&owner, true);
-        c.nodes[i].server = Some(start_in_ns(c.bed.ns(&owner), &c.nodes[i].dir));
+        c.power_on(i);
         let via = NODES.iter().position(|h| *h != owner).unwrap();
         if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
             panic!("run {run}: {owner} did not rejoin\n{}", c.logs());

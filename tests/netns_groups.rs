@@ -54,13 +54,6 @@ impl NsCluster {
         NsCluster::form(USER, RECOVERY)
     }
 
-    fn apply(&self, via: usize, text: &str) {
-        let file = self.root.path().join("groups.toml");
-        std::fs::write(&file, text).unwrap();
-        let (ok, out) = self.nodes[via].cli(&["group", "apply", file.to_str().unwrap()], "");
-        assert!(ok, "group apply: {out}");
-    }
-
     fn greeting_from_client(&self, ip: &'static str) -> Option<String> {
         self.bed.run_in("cl", move || greeting(at(ip, 2525)))
     }
@@ -304,8 +297,7 @@ fn active_active_two_groups() {
 
     // Power cut of node 1: both addresses end up on node 2.
     let cut = Instant::now();
-    c.bed.set_link("n1", false);
-    c.nodes[0].kill9();
+    c.power_cut(0);
     let mut last = None;
     let host = poll(RECOVERY, || {
         last = Some(c.send_from_client(VIP1, "after-the-cut"));
@@ -497,8 +489,7 @@ fn seed_scripts_run_with_the_seed_variables() {
     assert!(!l.contains("ON_OTHER") && !l.contains("FAILOVER1"), "{l}");
 
     // Power cut of node 1: node 2 starts the group as FAILOVER, not at home.
-    c.bed.set_link("n1", false);
-    c.nodes[0].kill9();
+    c.power_cut(0);
     if poll(RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node2")).is_none() {
         panic!("no failover to node 2:\n{}\n{}", c.group_status(1), c.logs());
     }
@@ -597,8 +588,7 @@ fn shared_disk_follows_the_group() {
     // Power cut of node 2: another node fscks and mounts the disk once the
     // dead holder's disk heartbeat is stale.
     let cut = Instant::now();
-    c.bed.set_link("n2", false);
-    c.nodes[1].kill9();
+    c.power_cut(1);
     let mut taker = None;
     watch(&c, "taken over after the power cut", &mut || {
         taker = c.greeting_from_client(VIP1).filter(|h| h != "node2");
