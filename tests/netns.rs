@@ -16,7 +16,6 @@ use common::netns::*;
 use common::*;
 
 const VIP: &str = "198.18.0.100";
-const NODES: [&str; 3] = ["n1", "n2", "n3"];
 const USER: &str = "alice@example.org";
 /// Generous: a takeover normally takes lease + stop timeout + margin (2.7 s
 /// by default) plus an election.
@@ -40,7 +39,7 @@ impl NsCluster {
     }
 
     fn index(host: &str) -> usize {
-        NODES.iter().position(|h| *h == host).expect("node host")
+        NS_NODES.iter().position(|h| *h == host).expect("node host")
     }
 
     fn greeting_from_client(&self) -> Option<String> {
@@ -72,7 +71,7 @@ fn cluster_with_group() -> Cluster {
         let (_, st) = c.nodes[1].cli(&["group", "status"], "");
         panic!("the group is not online at home (node 1) as seen from the client:\n{st}\n{}", c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP), vec!["n1".to_string()], "only the home node has {VIP}");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec!["n1".to_string()], "only the home node has {VIP}");
     match c.send_from_client("before-the-cut") {
         Ok(Ok(host)) => assert_eq!(host, "node1"),
         other => panic!("a message before the cut: {other:?}\n{}", c.logs()),
@@ -92,7 +91,7 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
     let owner = "n1";
     let old_mac = c.bed.mac(owner);
 
-    let survivors: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+    let survivors: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
 
     // Power cut: cable out and process gone, at (nearly) the same instant.
     let cut = Instant::now();
@@ -172,7 +171,7 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
     if poll(RECOVERY, || (!c.bed.has_addr(owner, VIP)).then_some(())).is_none() {
         panic!("the restarted {owner} kept the leftover {VIP}\n{}", c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP), vec![new.to_string()], "{VIP} on exactly one node");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec![new.to_string()], "{VIP} on exactly one node");
 }
 
 #[test]
@@ -182,7 +181,7 @@ fn a_partitioned_owner_drops_its_address() {
     }
     let c = cluster_with_group();
     let owner = "n1";
-    let others: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+    let others: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
 
     // Cable out; the process keeps running.
     let cut = Instant::now();
@@ -268,7 +267,7 @@ fn a_partitioned_owner_drops_its_address() {
     if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
         panic!("node {owner} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP), vec![new.clone()], "{VIP} on exactly one node after the partition healed");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec![new.clone()], "{VIP} on exactly one node after the partition healed");
     let msgs = c.bed.run_in("cl", || mail::maildrop(vip(2110), USER));
     let tokens: Vec<String> = msgs.iter().map(|m| mail::token_of(m)).collect();
     assert_eq!(tokens, vec!["before-the-cut".to_string(), "during-the-partition".to_string()]);
@@ -336,10 +335,10 @@ fn outage_benchmark() {
     let mut c = cluster_with_group();
     let (mut all, mut as_leader, mut as_follower, mut address) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        let owner = c.bed.holders(&NODES, VIP).first().cloned().expect("an owner");
+        let owner = c.bed.holders(&NS_NODES, VIP).first().cloned().expect("an owner");
         let i = Cluster::index(&owner);
         let was_leader = c.nodes[i].leader() == Some(i as u64 + 1);
-        let others: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+        let others: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
         let cut = Instant::now();
         c.power_cut(i);
         let up = {
@@ -365,7 +364,7 @@ fn outage_benchmark() {
         if was_leader { as_leader.push(outage) } else { as_follower.push(outage) }
         // Back for the next round.
         c.power_on(i);
-        let via = NODES.iter().position(|h| *h != owner).unwrap();
+        let via = NS_NODES.iter().position(|h| *h != owner).unwrap();
         if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
             panic!("run {run}: {owner} did not rejoin\n{}", c.logs());
         }
@@ -430,7 +429,7 @@ fn no_spurious_failover_under_load() {
         })
     });
     let (term1, leader1) = (term_of(&c), c.nodes[1].leader().expect("a leader"));
-    let holders = c.bed.holders(&NODES, VIP);
+    let holders = c.bed.holders(&NS_NODES, VIP);
     // The events logged during the soak (the lines not there before; each
     // has its time), of the kinds a spurious failover would leave.
     let events1 = c.nodes[1].cli(&["log", "-n", "1000"], "").1;

@@ -33,7 +33,6 @@ use common::netns::*;
 use common::*;
 use serde_json::Value;
 
-const NODES: [&str; 3] = ["n1", "n2", "n3"];
 const USER: &str = "alice@example.org";
 const VIP1: &str = "198.18.0.100";
 const VIP2: &str = "198.18.0.101";
@@ -231,7 +230,7 @@ fn group_move_under_load() {
         assert!(by_host.contains_key(h), "no message acknowledged by {h}: {by_host:?}");
     }
 
-    assert_eq!(c.bed.holders(&NODES, VIP1), vec!["n3".to_string()], "{VIP1} on exactly one node");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP1), vec!["n3".to_string()], "{VIP1} on exactly one node");
     assert_eq!(c.owner(1, "mail"), Some((3, "Online".to_string())));
 
     // Every acknowledged message is in the maildrop exactly once (read
@@ -271,8 +270,8 @@ fn active_active_two_groups() {
     {
         panic!("the two groups are not both online at home:\n{}\n{}", c.group_status(2), c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP1), vec!["n1".to_string()]);
-    assert_eq!(c.bed.holders(&NODES, VIP2), vec!["n2".to_string()]);
+    assert_eq!(c.bed.holders(&NS_NODES, VIP1), vec!["n1".to_string()]);
+    assert_eq!(c.bed.holders(&NS_NODES, VIP2), vec!["n2".to_string()]);
 
     // One store: what is sent through each address is read through the
     // other.
