@@ -58,8 +58,10 @@ use common::*;
 use sha2::{Digest, Sha256};
 
 const VIP: &str = "198.18.0.100";
-/// Generous: a takeover takes lease + stop timeout + margin (2.7 s by
-/// default) plus an election, on a machine busy with the load.
+/// Generous: a takeover takes lease + stop budget + margin (0.8 s by
+/// default; 2.7 s with the shared disk, which also waits for the dead
+/// holder's disk heartbeat to go stale) plus the commit and the start, on
+/// a machine busy with the load.
 const RECOVERY: Duration = Duration::from_secs(60);
 /// How long a client waits for a reply before it takes the connection for
 /// lost (an MTA waits minutes; the harness would only get slower).

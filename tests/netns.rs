@@ -17,8 +17,9 @@ use common::*;
 
 const VIP: &str = "198.18.0.100";
 const USER: &str = "alice@example.org";
-/// Generous: a takeover normally takes lease + stop timeout + margin (2.7 s
-/// by default) plus an election.
+/// Generous: a takeover of an address and mail group normally takes lease +
+/// fast stop budget + margin (0.8 s by default, whether or not the owner
+/// also led Raft), plus the commit and the start.
 const RECOVERY: Duration = Duration::from_secs(30);
 
 fn vip(port: u16) -> SocketAddr {

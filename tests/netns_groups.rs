@@ -36,8 +36,10 @@ use serde_json::Value;
 const USER: &str = "alice@example.org";
 const VIP1: &str = "198.18.0.100";
 const VIP2: &str = "198.18.0.101";
-/// Generous: a takeover normally takes lease + stop timeout + margin (2.7 s
-/// by default) plus an election.
+/// Generous: a takeover normally takes lease + stop budget + margin (0.8 s
+/// by default for an address and mail group, 2.7 s with scripts or a disk,
+/// which also waits for the dead holder's disk heartbeat to go stale), plus
+/// the commit and the start.
 const RECOVERY: Duration = Duration::from_secs(30);
 
 fn at(ip: &str, port: u16) -> SocketAddr {
