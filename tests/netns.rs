@@ -264,7 +264,6 @@ fn a_partitioned_owner_drops_its_address() {
         log.contains("is back: announcing the group's addresses again").then_some(())
     });
     assert!(said.is_some(), "no re-announcement in the cluster log:\n{}", c.nodes[via].cli(&["log", "-n", "200"], "").1);
-    let via = Cluster::index(&new);
     if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
         panic!("node {owner} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());
     }
