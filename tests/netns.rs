@@ -16,10 +16,10 @@ use common::netns::*;
 use common::*;
 
 const VIP: &str = "198.18.0.100";
-const NODES: [&str; 3] = ["n1", "n2", "n3"];
 const USER: &str = "alice@example.org";
-/// Generous: a takeover normally takes lease + stop timeout + margin (2.7 s
-/// by default) plus an election.
+/// Generous: a takeover of an address and mail group normally takes lease +
+/// fast stop budget + margin (0.8 s by default, whether or not the owner
+/// also led Raft), plus the commit and the start.
 const RECOVERY: Duration = Duration::from_secs(30);
 
 fn vip(port: u16) -> SocketAddr {
@@ -40,7 +40,7 @@ impl NsCluster {
     }
 
     fn index(host: &str) -> usize {
-        NODES.iter().position(|h| *h == host).expect("node host")
+        NS_NODES.iter().position(|h| *h == host).expect("node host")
     }
 
     fn greeting_from_client(&self) -> Option<String> {
@@ -59,24 +59,20 @@ impl NsCluster {
 fn cluster_with_group() -> Cluster {
     let c = NsCluster::form(USER, RECOVERY);
 
-    let file = c.root.path().join("groups.toml");
-    std::fs::write(
-        &file,
-        format!(
+    c.apply(
+        1,
+        &format!(
             "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
              [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
              [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
         ),
-    )
-    .unwrap();
-    let (ok, out) = c.nodes[1].cli(&["group", "apply", file.to_str().unwrap()], "");
-    assert!(ok, "group apply: {out}");
+    );
 
     if poll(RECOVERY, || c.greeting_from_client().filter(|h| h == "node1")).is_none() {
         let (_, st) = c.nodes[1].cli(&["group", "status"], "");
         panic!("the group is not online at home (node 1) as seen from the client:\n{st}\n{}", c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP), vec!["n1".to_string()], "only the home node has {VIP}");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec!["n1".to_string()], "only the home node has {VIP}");
     match c.send_from_client("before-the-cut") {
         Ok(Ok(host)) => assert_eq!(host, "node1"),
         other => panic!("a message before the cut: {other:?}\n{}", c.logs()),
@@ -96,12 +92,11 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
     let owner = "n1";
     let old_mac = c.bed.mac(owner);
 
-    let survivors: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+    let survivors: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
 
     // Power cut: cable out and process gone, at (nearly) the same instant.
     let cut = Instant::now();
-    c.bed.set_link(owner, false);
-    c.nodes[Cluster::index(owner)].kill9();
+    c.power_cut(Cluster::index(owner));
 
     // The client retries until a message gets 250 through the address;
     // meanwhile an observer notes when a survivor got the address.
@@ -173,12 +168,11 @@ fn power_cut_of_the_owner_moves_the_floating_address() {
     // process); the restarted node must remove it, not answer ARP for it.
     let i = Cluster::index(owner);
     assert!(c.bed.has_addr(owner, VIP), "the killed process left {VIP} behind (the case checked here)");
-    c.bed.set_link(owner, true);
-    c.nodes[i].server = Some(start_in_ns(c.bed.ns(owner), &c.nodes[i].dir));
+    c.power_on(i);
     if poll(RECOVERY, || (!c.bed.has_addr(owner, VIP)).then_some(())).is_none() {
         panic!("the restarted {owner} kept the leftover {VIP}\n{}", c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP), vec![new.to_string()], "{VIP} on exactly one node");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec![new.to_string()], "{VIP} on exactly one node");
 }
 
 #[test]
@@ -188,7 +182,7 @@ fn a_partitioned_owner_drops_its_address() {
     }
     let c = cluster_with_group();
     let owner = "n1";
-    let others: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+    let others: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
 
     // Cable out; the process keeps running.
     let cut = Instant::now();
@@ -270,11 +264,10 @@ fn a_partitioned_owner_drops_its_address() {
         log.contains("is back: announcing the group's addresses again").then_some(())
     });
     assert!(said.is_some(), "no re-announcement in the cluster log:\n{}", c.nodes[via].cli(&["log", "-n", "200"], "").1);
-    let via = Cluster::index(&new);
     if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
         panic!("node {owner} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());
     }
-    assert_eq!(c.bed.holders(&NODES, VIP), vec![new.clone()], "{VIP} on exactly one node after the partition healed");
+    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec![new.clone()], "{VIP} on exactly one node after the partition healed");
     let msgs = c.bed.run_in("cl", || mail::maildrop(vip(2110), USER));
     let tokens: Vec<String> = msgs.iter().map(|m| mail::token_of(m)).collect();
     assert_eq!(tokens, vec!["before-the-cut".to_string(), "during-the-partition".to_string()]);
@@ -313,6 +306,12 @@ fn first_250_after(c: &Cluster, since: Instant, token: &str, within: Duration) -
     })
 }
 
+/// The number in environment variable `name`, or `default` (unset or not
+/// a number).
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -332,17 +331,16 @@ fn outage_benchmark() {
     if !root_or_skip("outage_benchmark") {
         return;
     }
-    let runs: usize = std::env::var("HAMAIL_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let runs: usize = env_number("HAMAIL_BENCH_RUNS", 10);
     let mut c = cluster_with_group();
     let (mut all, mut as_leader, mut as_follower, mut address) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        let owner = c.bed.holders(&NODES, VIP).first().cloned().expect("an owner");
+        let owner = c.bed.holders(&NS_NODES, VIP).first().cloned().expect("an owner");
         let i = Cluster::index(&owner);
         let was_leader = c.nodes[i].leader() == Some(i as u64 + 1);
-        let others: Vec<&str> = NODES.iter().copied().filter(|h| *h != owner).collect();
+        let others: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
         let cut = Instant::now();
-        c.bed.set_link(&owner, false);
-        c.nodes[i].kill9();
+        c.power_cut(i);
         let up = {
             let (bed, others) = (&c.bed, others.clone());
             std::thread::scope(|s| {
@@ -365,9 +363,8 @@ fn outage_benchmark() {
         }
         if was_leader { as_leader.push(outage) } else { as_follower.push(outage) }
         // Back for the next round.
-        c.bed.set_link(&owner, true);
-        c.nodes[i].server = Some(start_in_ns(c.bed.ns(&owner), &c.nodes[i].dir));
-        let via = NODES.iter().position(|h| *h != owner).unwrap();
+        c.power_on(i);
+        let via = NS_NODES.iter().position(|h| *h != owner).unwrap();
         if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
             panic!("run {run}: {owner} did not rejoin\n{}", c.logs());
         }
@@ -399,8 +396,8 @@ fn no_spurious_failover_under_load() {
     if !root_or_skip("no_spurious_failover_under_load") {
         return;
     }
-    let secs: u64 = std::env::var("HAMAIL_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
-    let clients: usize = std::env::var("HAMAIL_SOAK_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let secs: u64 = env_number("HAMAIL_SOAK_SECS", 600);
+    let clients: usize = env_number("HAMAIL_SOAK_CLIENTS", 4);
     let c = cluster_with_group();
     let term_of = |c: &Cluster| -> u64 {
         c.nodes[1]
@@ -432,7 +429,7 @@ fn no_spurious_failover_under_load() {
         })
     });
     let (term1, leader1) = (term_of(&c), c.nodes[1].leader().expect("a leader"));
-    let holders = c.bed.holders(&NODES, VIP);
+    let holders = c.bed.holders(&NS_NODES, VIP);
     // The events logged during the soak (the lines not there before; each
     // has its time), of the kinds a spurious failover would leave.
     let events1 = c.nodes[1].cli(&["log", "-n", "1000"], "").1;

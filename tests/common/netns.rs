@@ -374,6 +374,29 @@ impl NsCluster {
             .status()
             .is_some_and(|st| st.len() == 3 && st.iter().all(|m| m["healthy"] == true && m["lag"] == 0))
     }
+
+    /// Applies the group definitions `text` (TOML) through node `via`.
+    pub fn apply(&self, via: usize, text: &str) {
+        let file = self.root.path().join("groups.toml");
+        std::fs::write(&file, text).unwrap();
+        let (ok, out) = self.nodes[via].cli(&["group", "apply", file.to_str().unwrap()], "");
+        assert!(ok, "group apply: {out}");
+    }
+
+    /// Power cut of node `i` (0-based): its cable out and its process
+    /// SIGKILLed, at (nearly) the same instant.
+    pub fn power_cut(&mut self, i: usize) {
+        self.bed.set_link(NS_NODES[i], false);
+        self.nodes[i].kill9();
+    }
+
+    /// Power back of node `i`: cable in, process restarted (waits for
+    /// nothing; the caller polls for what it checks).
+    pub fn power_on(&mut self, i: usize) {
+        self.bed.set_link(NS_NODES[i], true);
+        let dir = self.nodes[i].dir.clone();
+        self.nodes[i].server = Some(start_in_ns(self.bed.ns(NS_NODES[i]), &dir));
+    }
 }
 
 /// The last lines of each node's log (also of a killed node: its log

@@ -149,10 +149,6 @@ impl GroupTiming {
         Duration::from_millis(self.lease_ms)
     }
 
-    pub fn stop_timeout(&self) -> Duration {
-        Duration::from_millis(self.stop_timeout_ms)
-    }
-
     /// The time `spec`'s stop may take: when its node loses the lease
     /// (`fenced`), or when it stops by decision (move, stop, failure).
     pub fn stop_budget(&self, spec: &GroupSpec, fenced: bool) -> Duration {

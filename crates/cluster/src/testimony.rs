@@ -147,6 +147,14 @@ impl Books {
 mod tests {
     use super::*;
 
+    /// An AppendEntries of `term` that this node acknowledged: its arrival.
+    fn acked(t: &Testimony, term: u64) -> Instant {
+        let a = t.arrive(term);
+        let at = a.at;
+        t.settle(a, true);
+        at
+    }
+
     #[test]
     fn nothing_is_told_before_the_term_is_reached() {
         let t = Testimony::new();
@@ -159,12 +167,9 @@ mod tests {
     fn acknowledgements_of_older_terms_only_count() {
         let t = Testimony::new();
         t.observe(2, false);
-        let a = t.arrive(2);
-        let at2 = a.at;
-        t.settle(a, true);
+        let at2 = acked(&t, 2);
         t.observe(3, false);
-        let a = t.arrive(3);
-        t.settle(a, true);
+        acked(&t, 3);
         // Asked by the leader of term 3: its own heartbeats do not count.
         assert_eq!(t.below(3), Some(at2));
         // Asked by a leader of term 4: both count.
@@ -176,9 +181,7 @@ mod tests {
     fn a_refused_append_is_struck() {
         let t = Testimony::new();
         t.observe(2, false);
-        let a = t.arrive(2);
-        let first = a.at;
-        t.settle(a, true);
+        let first = acked(&t, 2);
         t.observe(5, false);
         // The deposed leader of term 2 keeps calling; refused each time.
         for _ in 0..3 {
@@ -211,9 +214,7 @@ mod tests {
         let mut last = Instant::now();
         for term in 1..40 {
             t.observe(term, false);
-            let a = t.arrive(term);
-            last = a.at;
-            t.settle(a, true);
+            last = acked(&t, term);
         }
         t.observe(40, false);
         assert_eq!(t.below(40), Some(last));

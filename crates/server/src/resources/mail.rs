@@ -176,7 +176,6 @@ fn bind(
         .collect()
 }
 
-/// Binds every listener on `ip` (all or none) and starts serving.
 /// Opens a group's store on its shared disk (mounted at `mount_point`).
 pub(crate) async fn open_disk_store(ctx: &Context, resource: &str, mount_point: &str) -> Result<Arc<LocalStore>, ResourceError> {
     let options = ctx.config.store_options().map_err(|e| config_error(resource, e.to_string()))?;
@@ -187,6 +186,18 @@ pub(crate) async fn open_disk_store(ctx: &Context, resource: &str, mount_point: 
         .map_err(|e| run_error(resource, format!("opening the store on the shared disk ({mount_point}): {e}")))
 }
 
+/// The store a group session uses: the group's on its shared disk, else
+/// the one in force (looked up per connection: it changes when the node
+/// joins a cluster).
+fn session_store(ctx: &Context, disk_store: &Option<Arc<LocalStore>>) -> Arc<dyn MailStore> {
+    match disk_store {
+        Some(s) => s.clone(),
+        None => ctx.store(),
+    }
+}
+
+/// Binds every listener on `ip` (all or none) and starts serving; the
+/// sessions use `disk_store` if the group has one.
 pub(crate) async fn start(
     ctx: &Arc<Context>,
     resource: &str,
@@ -230,10 +241,7 @@ pub(crate) async fn start(
                 .into_bytes();
             tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
                 let counted = Active::new(&active);
-                let store: Arc<dyn MailStore> = match &disk_store {
-                    Some(s) => s.clone(),
-                    None => ctx.store(),
-                };
+                let store = session_store(&ctx, &disk_store);
                 let session = smtp::serve(ctx.clone(), store, tcp, peer, role, Some(draining.clone()));
                 let stopped = stopped.clone();
                 async move {
@@ -252,10 +260,7 @@ pub(crate) async fn start(
             let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
             tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
                 let counted = Active::new(&active);
-                let store: Arc<dyn MailStore> = match &disk_store {
-                    Some(s) => s.clone(),
-                    None => ctx.store(),
-                };
+                let store = session_store(&ctx, &disk_store);
                 let session = pop3::serve(ctx.clone(), store, tcp, peer, implicit_tls, Some(draining.clone()));
                 let stopped = stopped.clone();
                 async move {

@@ -27,10 +27,10 @@ mod exec;
 mod ip;
 mod mail;
 
-use std::time::Duration;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use hamail_cluster::groups::{GroupSpec, ResourceDriver, ResourceError, ResourceSpec, StartContext};
 
@@ -147,20 +147,19 @@ pub(crate) fn run_error(resource: &str, message: impl Into<String>) -> ResourceE
 /// service `resource` then keeps the group's mail there. The disk must be
 /// started before (listed before) the mail service.
 fn group_disk<'g>(group: &'g GroupSpec, resource: &str) -> Result<Option<&'g str>, ResourceError> {
-    let position = |want: &dyn Fn(&ResourceSpec) -> bool| group.resources.iter().position(want);
-    let disk = position(&|r| matches!(r, ResourceSpec::Disk { .. }));
-    let mail = position(&|r| r.name() == resource);
-    match (disk, mail) {
-        (Some(d), Some(m)) if d > m => Err(config_error(
+    let Some((d, mount_point)) = group.resources.iter().enumerate().find_map(|(i, r)| match r {
+        ResourceSpec::Disk { mount_point, .. } => Some((i, mount_point.as_str())),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    if group.resources.iter().position(|r| r.name() == resource).is_some_and(|m| d > m) {
+        return Err(config_error(
             resource,
             format!("group {}: list the disk resource before the mail service (its store is on the disk)", group.name),
-        )),
-        (Some(d), _) => match &group.resources[d] {
-            ResourceSpec::Disk { mount_point, .. } => Ok(Some(mount_point.as_str())),
-            _ => Ok(None),
-        },
-        (None, _) => Ok(None),
+        ));
     }
+    Ok(Some(mount_point))
 }
 
 /// `198.18.0.100/24` → (address, prefix). `prefix_required`: a floating
@@ -435,5 +434,23 @@ mod tests {
         assert!(e.message.contains("0..=32"), "{e}");
         let e = parse_address("vip", "mail.example/24", true).unwrap_err();
         assert!(e.message.starts_with("configuration:"), "{e}");
+    }
+
+    #[test]
+    fn the_mail_service_finds_the_disk_listed_before_it() {
+        let disk = ResourceSpec::Disk { name: "spool".into(), device: "/dev/x".into(), mount_point: "/srv/spool".into(), fs_type: "ext4".into() };
+        let mail = ResourceSpec::MailService { name: "mail".into() };
+        let group = |resources| GroupSpec {
+            name: "g".into(),
+            nodes: vec![],
+            failback: Default::default(),
+            resources,
+            max_restarts: 1,
+            stop_timeout_ms: None,
+        };
+        assert_eq!(group_disk(&group(vec![disk.clone(), mail.clone()]), "mail").unwrap(), Some("/srv/spool"));
+        assert_eq!(group_disk(&group(vec![mail.clone()]), "mail").unwrap(), None);
+        let e = group_disk(&group(vec![mail, disk]), "mail").unwrap_err();
+        assert!(e.permanent && e.message.contains("before the mail service"), "{e}");
     }
 }
