@@ -614,6 +614,19 @@ fn pick(spec: &GroupSpec, p: &Placement, eligible: &dyn Fn(&NodeId) -> bool, exc
     spec.nodes.iter().copied().find(|id| ok(id))
 }
 
+/// Whether the node [`pick`] would choose, if the nodes that have not yet
+/// renewed their lease with this leader counted, is one of those: then the
+/// decision waits for it rather than start the group elsewhere.
+fn waits_for_a_late_node(
+    spec: &GroupSpec,
+    p: &Placement,
+    eligible: &dyn Fn(&NodeId) -> bool,
+    pending: &dyn Fn(&NodeId) -> bool,
+    excluded: &[NodeId],
+) -> bool {
+    pick(spec, p, &|id| eligible(id) || pending(id), excluded).is_some_and(|id| pending(&id))
+}
+
 type Decision = (Command, Option<(EventKind, String)>);
 
 /// The leader's decision for one group, if any.
@@ -639,11 +652,7 @@ fn decide(
             // The node it should start on may be one that has not asked
             // for its lease yet (just joined, or we just became leader):
             // wait for it rather than start elsewhere.
-            let preferred = match p.target {
-                GroupTarget::Node(t) if spec.nodes.contains(&t) && !p.failed_on.contains(&t) => Some(t),
-                _ => spec.nodes.iter().copied().find(|id| !p.failed_on.contains(id) && (eligible(id) || pending(id))),
-            };
-            if preferred.is_some_and(|id| pending(&id)) {
+            if waits_for_a_late_node(spec, p, eligible, pending, &[]) {
                 return None;
             }
             let n = pick(spec, p, eligible, &[])?;
@@ -654,12 +663,7 @@ fn decide(
             // A new leader may fence a dead owner before the other nodes
             // have renewed their leases with it: wait for a better-placed
             // node that is only late, rather than pass it over.
-            let preferred = spec
-                .nodes
-                .iter()
-                .copied()
-                .find(|id| *id != o && !p.failed_on.contains(id) && (eligible(id) || pending(id)));
-            if preferred.is_some_and(|id| pending(&id)) {
+            if waits_for_a_late_node(spec, p, eligible, pending, &[o]) {
                 return None;
             }
             let n = pick(spec, p, eligible, &[o]);
@@ -1130,5 +1134,22 @@ mod tests {
         // Stop-failed: nothing, even if silent.
         let p = Placement { owner: Some(NodeId(2)), state: GroupState::StopFailed, ..Placement::default() };
         assert!(decide(&s, &p, &all, &always, &|_| false).is_none());
+    }
+
+    #[test]
+    fn a_failover_waits_only_for_the_node_it_would_pick() {
+        let s = spec(&[1, 2, 3], Failback::Manual);
+        let always = |_: NodeId| true;
+        let only3 = |id: &NodeId| *id == NodeId(3);
+        let late2 = |id: &NodeId| *id == NodeId(2);
+        let owned_by_1 = Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
+        // The operator moved it to 3, which is ready: the late node 2,
+        // earlier in the list, is not waited for.
+        let p = Placement { target: GroupTarget::Node(NodeId(3)), ..owned_by_1.clone() };
+        let (cmd, _) = decide(&s, &p, &only3, &always, &late2).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(3)), .. }), "{cmd:?}");
+        // The target itself late: wait for it.
+        let p = Placement { target: GroupTarget::Node(NodeId(2)), ..owned_by_1 };
+        assert!(decide(&s, &p, &only3, &always, &late2).is_none());
     }
 }
