@@ -200,12 +200,10 @@ pub struct Client {
     tls_active: bool,
     /// The transaction in progress.
     envelope: Option<Envelope>,
+    /// A recipient's slot is written once: by its RCPT reply, by a
+    /// refused MAIL (then the pipelined RCPT replies change nothing), or
+    /// after the data.
     statuses: Vec<Option<RcptStatus>>,
-    /// This transaction's MAIL, RCPTs and DATA went in one write (RFC
-    /// 2920); the replies are then only read, in order.
-    pipelined: bool,
-    /// MAIL was refused: the RCPT replies that follow change nothing.
-    mail_failed: bool,
 }
 
 impl Client {
@@ -220,8 +218,6 @@ impl Client {
             tls_active,
             envelope: None,
             statuses: Vec::new(),
-            pipelined: false,
-            mail_failed: false,
         }
     }
 
@@ -301,9 +297,7 @@ impl Client {
             line.push_str(&format!(" SIZE={}", envelope.body.len()));
         }
         self.statuses = vec![None; envelope.recipients.len()];
-        self.pipelined = self.caps.pipelining;
-        self.mail_failed = false;
-        let batch = if self.pipelined {
+        let batch = if self.pipelined() {
             // RFC 2920 3.1: MAIL, every RCPT and DATA in one group.
             let mut b = format!("{line}\r\n");
             for r in &envelope.recipients {
@@ -508,14 +502,13 @@ impl Client {
             State::Mail => {
                 if reply.is_positive() {
                     self.state = State::Rcpt(0);
-                    if !self.pipelined {
+                    if !self.pipelined() {
                         actions.push(self.rcpt_line(0));
                     }
                 } else {
                     self.statuses = self.statuses.iter().map(|_| Some(refusal(&reply))).collect();
-                    if self.pipelined {
+                    if self.pipelined() {
                         // The RCPT and DATA replies are still coming.
-                        self.mail_failed = true;
                         self.state = State::Rcpt(0);
                     } else {
                         self.state = State::Rset;
@@ -523,11 +516,10 @@ impl Client {
                     }
                 }
             }
-            State::Rcpt(i) if self.pipelined => {
-                if !self.mail_failed {
-                    if let Some(slot) = self.statuses.get_mut(i) {
-                        *slot = rcpt_status(&reply);
-                    }
+            State::Rcpt(i) if self.pipelined() => {
+                // A slot already decided is a refused MAIL's.
+                if let Some(slot @ None) = self.statuses.get_mut(i) {
+                    *slot = rcpt_status(&reply);
                 }
                 self.state = if i + 1 < self.statuses.len() { State::Rcpt(i + 1) } else { State::Data };
             }
@@ -607,6 +599,13 @@ impl Client {
             self.state = State::Done;
             actions.push(Action::Closed(Some(error)));
         }
+    }
+
+    /// This transaction's MAIL, RCPTs and DATA go in one write (RFC 2920)
+    /// and the replies are only read, in order. The capabilities are only
+    /// learnt before the first transaction, so this holds for a whole one.
+    fn pipelined(&self) -> bool {
+        self.caps.pipelining
     }
 
     fn rcpt_line(&self, i: usize) -> Action {
