@@ -756,9 +756,11 @@ mod tests {
             ("\r\n.\r\n", "554 5.5.1 no valid recipients\r\n"),
             ("QUIT\r\n", "221 bye\r\n"),
         ];
-        let (sent, events) = run(script, 2, options(), envelope(&["b@there.test"]));
-        assert!(sent.contains("DATA\r\n.\r\n"), "{sent}");
-        assert_eq!(events[0], Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]));
+        for chunk in 1..=40 {
+            let (sent, events) = run(script, chunk, options(), envelope(&["b@there.test"]));
+            assert!(sent.contains("DATA\r\n.\r\n"), "chunk {chunk}: {sent}");
+            assert_eq!(events[0], Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]), "chunk {chunk}");
+        }
         // MAIL refused: the RCPT replies change nothing, DATA refused, RSET.
         let script: &[(&str, &str)] = &[
             ("", "220 x\r\n"),
@@ -767,8 +769,10 @@ mod tests {
             ("RSET\r\n", "250 ok\r\n"),
             ("QUIT\r\n", "221 bye\r\n"),
         ];
-        let (_, events) = run(script, 7, options(), envelope(&["b@there.test"]));
-        assert_eq!(events[0], Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]));
+        for chunk in 1..=40 {
+            let (_, events) = run(script, chunk, options(), envelope(&["b@there.test"]));
+            assert_eq!(events[0], Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]), "chunk {chunk}");
+        }
     }
 
     #[test]
