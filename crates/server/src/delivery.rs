@@ -627,7 +627,7 @@ async fn run_session(
                         });
                     }
                 }
-                for ((i, _), s) in job.rcpts.iter().zip(&results).zip(&statuses) {
+                for (i, s) in job.rcpts.iter().zip(&statuses) {
                     tracing::info!(target: "hamail::mail", "relay queue_id={} to=<{}> relay={} [{addr}] status={}",
                         job.item.entry.queue_id, job.item.entry.recipients[*i as usize], hop.name, status_word(s));
                 }
