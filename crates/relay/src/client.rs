@@ -73,6 +73,19 @@ pub enum RcptStatus {
     Failed(String),
 }
 
+impl RcptStatus {
+    /// A refusal, by the server's reply or by the driver's own error: a
+    /// temporary one is tried again later, any other is final (RFC 5321
+    /// 4.2.1).
+    pub fn refused(temporary: bool, why: String) -> Self {
+        if temporary {
+            RcptStatus::Deferred(why)
+        } else {
+            RcptStatus::Failed(why)
+        }
+    }
+}
+
 /// When to use STARTTLS (RFC 3207).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum TlsPolicy {
@@ -619,14 +632,9 @@ fn rcpt_status(reply: &Reply) -> Option<RcptStatus> {
     (!reply.is_positive()).then(|| refusal(reply))
 }
 
-/// A recipient refused by `reply`: 4xx is tried again later, anything
-/// else is final (RFC 5321 4.2.1).
+/// A recipient refused by `reply` (4xx or 5xx).
 fn refusal(reply: &Reply) -> RcptStatus {
-    if reply.is_temporary() {
-        RcptStatus::Deferred(reply.to_string())
-    } else {
-        RcptStatus::Failed(reply.to_string())
-    }
+    RcptStatus::refused(reply.is_temporary(), reply.to_string())
 }
 
 /// The DATA payload: lines starting with `.` get another (RFC 5321
