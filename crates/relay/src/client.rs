@@ -814,6 +814,21 @@ mod tests {
     }
 
     #[test]
+    fn pipelined_drop_between_replies_defers_only_the_undecided() {
+        let mut c = Client::new(options());
+        c.feed(b"220 x\r\n");
+        assert_eq!(c.feed(b"250-x\r\n250 PIPELINING\r\n"), vec![Action::Ready]);
+        let a = c.start(envelope(&["b@there.test", "c@there.test"]));
+        let batch = b"MAIL FROM:<a@here.test>\r\nRCPT TO:<b@there.test>\r\nRCPT TO:<c@there.test>\r\nDATA\r\n";
+        assert_eq!(a, vec![Action::Send(batch.to_vec())]);
+        // The DATA reply never comes: b (accepted) is deferred, c keeps its refusal.
+        assert_eq!(c.feed(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n"), vec![]);
+        let a = c.connection_lost("connection reset");
+        let statuses = vec![RcptStatus::Deferred("connection reset".into()), RcptStatus::Failed("550 5.1.1 unknown".into())];
+        assert_eq!(a, vec![Action::Finished(statuses), Action::Closed(None)]);
+    }
+
+    #[test]
     fn starttls_then_auth_plain() {
         let opts = ClientOptions { auth: Some(("u".into(), "p".into())), ..options() };
         let script: &[(&str, &str)] = &[
