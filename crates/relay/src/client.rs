@@ -829,6 +829,20 @@ mod tests {
     }
 
     #[test]
+    fn pipelining_offered_only_before_starttls_is_not_used() {
+        // RFC 3207 4.2: what the server said before TLS is forgotten.
+        let script: &[(&str, &str)] = &[
+            ("", "220 relay.test\r\n"),
+            ("EHLO mx.test\r\n", "250-relay.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
+            ("STARTTLS\r\n", "220 go\r\n"),
+            ("EHLO mx.test\r\n", "250 relay.test\r\n"),
+            ("MAIL FROM:<a@here.test>\r\n", "250 ok\r\n"),
+        ];
+        let (sent, _) = run(script, 3, options(), envelope(&["b@there.test"]));
+        assert!(sent.ends_with("EHLO mx.test\r\nMAIL FROM:<a@here.test>\r\nRCPT TO:<b@there.test>\r\n"), "{sent}");
+    }
+
+    #[test]
     fn starttls_then_auth_plain() {
         let opts = ClientOptions { auth: Some(("u".into(), "p".into())), ..options() };
         let script: &[(&str, &str)] = &[
