@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use hamail_server::admin::{Request, Response};
 use hamail_server::Config;
-use hamail_store::{LocalStore, StoreOptions};
+use hamail_store::LocalStore;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -246,10 +246,6 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
     })
 }
 
-fn store_options(config: &Config) -> Result<StoreOptions> {
-    Ok(config.store_options()?)
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let config = load_config(cli.config.as_deref())?;
     let request = match cli.command {
@@ -309,7 +305,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     let store_dir = config.store_dir();
-    let store = LocalStore::open(&store_dir, store_options(&config)?)
+    let store = LocalStore::open(&store_dir, config.store_options()?)
         .with_context(|| format!("opening the store in {}", store_dir.display()))?;
     let running = hamail_server::start(config.clone(), store.clone()).await?;
     let show = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
@@ -366,7 +362,7 @@ async fn admin(config: &Config, request: Request) -> Result<Response> {
         }
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
             let dir = config.store_dir();
-            let store = LocalStore::open(&dir, store_options(config)?).with_context(|| {
+            let store = LocalStore::open(&dir, config.store_options()?).with_context(|| {
                 format!("no server answers on {} and the store in {} cannot be opened", socket.display(), dir.display())
             })?;
             let store: Arc<LocalStore> = store;

@@ -495,9 +495,11 @@ fn sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded() {
     assert!(common::mail::maildrop(server.pop3, "alice@example.org").is_empty(), "no bounce");
 }
 
-async fn wait_async(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+/// `wait_for` for a test in the server's own runtime: the condition may
+/// await (the store's queue, a mailbox).
+async fn wait_async<F: std::future::Future<Output = bool>>(what: &str, within: Duration, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + within;
-    while !f() {
+    while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -558,11 +560,8 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
     let t0 = clock.now();
     send("tmp@remote.test", "slow").await;
     ctx.delivery.wake();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while attempts(&local).await.map(|a| a.0) != Some(1) {
-        assert!(Instant::now() < deadline, "first attempt");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let within = Duration::from_secs(20);
+    wait_async("the first attempt", within, || async { attempts(&local).await.map(|a| a.0) == Some(1) }).await;
     assert_eq!(attempts(&local).await.unwrap().1, t0 + 60, "first retry after retry_initial_secs");
 
     // A barrier: once a message to another destination is delivered, a
@@ -579,7 +578,7 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
             send.await;
             ctx.delivery.wake();
             wait_async("the barrier delivery", Duration::from_secs(20), || {
-                sink_state.lock().unwrap().delivered.iter().any(|(r, _)| r.contains(&to))
+                std::future::ready(sink_state.lock().unwrap().delivered.iter().any(|(r, _)| r.contains(&to)))
             })
             .await;
         }
@@ -587,11 +586,7 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
     sync_scan(59).await;
     assert_eq!(attempts(&local).await.unwrap().0, 1, "not before its time");
     sync_scan(1).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while attempts(&local).await.unwrap().0 != 2 {
-        assert!(Instant::now() < deadline, "second attempt");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_async("the second attempt", within, || async { attempts(&local).await.unwrap().0 == 2 }).await;
     assert_eq!(attempts(&local).await.unwrap().1, t0 + 60 + 120, "backoff doubled");
 
     // Past the delay warning: one warning to alice, the entry stays. (No
@@ -600,17 +595,10 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
     clock.advance(3600);
     ctx.delivery.wake();
     let alice = Address::parse("alice@example.org").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while local.mailbox(&alice).await.unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "delay warning");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_async("the delay warning", within, || async { !local.mailbox(&alice).await.unwrap().is_empty() }).await;
     // The warning is accepted first, then the entry is marked as warned
     // (two commits): wait for the mark.
-    while !attempts(&local).await.unwrap().2 {
-        assert!(Instant::now() < deadline, "warned");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_async("the warned mark", within, || async { attempts(&local).await.unwrap().2 }).await;
     let box1 = local.mailbox(&alice).await.unwrap();
     let warning = local.body(&box1[0].body).await.unwrap();
     let text = String::from_utf8_lossy(&warning);
@@ -619,11 +607,10 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
     // Past the lifetime: bounced with 4.4.7.
     clock.advance(7200);
     ctx.delivery.wake();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while local.mailbox(&alice).await.unwrap().len() < 2 || attempts(&local).await.is_some() {
-        assert!(Instant::now() < deadline, "expiry bounce");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_async("the expiry bounce", within, || async {
+        local.mailbox(&alice).await.unwrap().len() >= 2 && attempts(&local).await.is_none()
+    })
+    .await;
     let box2 = local.mailbox(&alice).await.unwrap();
     assert_eq!(box2.len(), 2, "one warning, one bounce");
     let bounce = local.body(&box2[1].body).await.unwrap();

@@ -73,6 +73,19 @@ pub enum RcptStatus {
     Failed(String),
 }
 
+impl RcptStatus {
+    /// A refusal, by the server's reply or by the driver's own error: a
+    /// temporary one is tried again later, any other is final (RFC 5321
+    /// 4.2.1).
+    pub fn refused(temporary: bool, why: String) -> Self {
+        if temporary {
+            RcptStatus::Deferred(why)
+        } else {
+            RcptStatus::Failed(why)
+        }
+    }
+}
+
 /// When to use STARTTLS (RFC 3207).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum TlsPolicy {
@@ -200,12 +213,10 @@ pub struct Client {
     tls_active: bool,
     /// The transaction in progress.
     envelope: Option<Envelope>,
+    /// A recipient's slot is written once: by its RCPT reply, by a
+    /// refused MAIL (then the pipelined RCPT replies change nothing), or
+    /// after the data.
     statuses: Vec<Option<RcptStatus>>,
-    /// This transaction's MAIL, RCPTs and DATA went in one write (RFC
-    /// 2920); the replies are then only read, in order.
-    pipelined: bool,
-    /// MAIL was refused: the RCPT replies that follow change nothing.
-    mail_failed: bool,
 }
 
 impl Client {
@@ -220,8 +231,6 @@ impl Client {
             tls_active,
             envelope: None,
             statuses: Vec::new(),
-            pipelined: false,
-            mail_failed: false,
         }
     }
 
@@ -301,9 +310,7 @@ impl Client {
             line.push_str(&format!(" SIZE={}", envelope.body.len()));
         }
         self.statuses = vec![None; envelope.recipients.len()];
-        self.pipelined = self.caps.pipelining;
-        self.mail_failed = false;
-        let batch = if self.pipelined {
+        let batch = if self.pipelined() {
             // RFC 2920 3.1: MAIL, every RCPT and DATA in one group.
             let mut b = format!("{line}\r\n");
             for r in &envelope.recipients {
@@ -508,14 +515,13 @@ impl Client {
             State::Mail => {
                 if reply.is_positive() {
                     self.state = State::Rcpt(0);
-                    if !self.pipelined {
+                    if !self.pipelined() {
                         actions.push(self.rcpt_line(0));
                     }
                 } else {
                     self.statuses = self.statuses.iter().map(|_| Some(refusal(&reply))).collect();
-                    if self.pipelined {
+                    if self.pipelined() {
                         // The RCPT and DATA replies are still coming.
-                        self.mail_failed = true;
                         self.state = State::Rcpt(0);
                     } else {
                         self.state = State::Rset;
@@ -523,11 +529,10 @@ impl Client {
                     }
                 }
             }
-            State::Rcpt(i) if self.pipelined => {
-                if !self.mail_failed {
-                    if let Some(slot) = self.statuses.get_mut(i) {
-                        *slot = rcpt_status(&reply);
-                    }
+            State::Rcpt(i) if self.pipelined() => {
+                // A slot already decided is a refused MAIL's.
+                if let Some(slot @ None) = self.statuses.get_mut(i) {
+                    *slot = rcpt_status(&reply);
                 }
                 self.state = if i + 1 < self.statuses.len() { State::Rcpt(i + 1) } else { State::Data };
             }
@@ -609,6 +614,13 @@ impl Client {
         }
     }
 
+    /// This transaction's MAIL, RCPTs and DATA go in one write (RFC 2920)
+    /// and the replies are only read, in order. The capabilities are only
+    /// learnt before the first transaction, so this holds for a whole one.
+    fn pipelined(&self) -> bool {
+        self.caps.pipelining
+    }
+
     fn rcpt_line(&self, i: usize) -> Action {
         let rcpt = self.envelope.as_ref().and_then(|e| e.recipients.get(i)).cloned().unwrap_or_default();
         self.send_line(format!("RCPT TO:<{rcpt}>"))
@@ -620,14 +632,9 @@ fn rcpt_status(reply: &Reply) -> Option<RcptStatus> {
     (!reply.is_positive()).then(|| refusal(reply))
 }
 
-/// A recipient refused by `reply`: 4xx is tried again later, anything
-/// else is final (RFC 5321 4.2.1).
+/// A recipient refused by `reply` (4xx or 5xx).
 fn refusal(reply: &Reply) -> RcptStatus {
-    if reply.is_temporary() {
-        RcptStatus::Deferred(reply.to_string())
-    } else {
-        RcptStatus::Failed(reply.to_string())
-    }
+    RcptStatus::refused(reply.is_temporary(), reply.to_string())
 }
 
 /// The DATA payload: lines starting with `.` get another (RFC 5321
@@ -757,9 +764,11 @@ mod tests {
             ("\r\n.\r\n", "554 5.5.1 no valid recipients\r\n"),
             ("QUIT\r\n", "221 bye\r\n"),
         ];
-        let (sent, events) = run(script, 2, options(), envelope(&["b@there.test"]));
-        assert!(sent.contains("DATA\r\n.\r\n"), "{sent}");
-        assert_eq!(events[0], Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]));
+        for chunk in 1..=40 {
+            let (sent, events) = run(script, chunk, options(), envelope(&["b@there.test"]));
+            assert!(sent.contains("DATA\r\n.\r\n"), "chunk {chunk}: {sent}");
+            assert_eq!(events[0], Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]), "chunk {chunk}");
+        }
         // MAIL refused: the RCPT replies change nothing, DATA refused, RSET.
         let script: &[(&str, &str)] = &[
             ("", "220 x\r\n"),
@@ -768,8 +777,10 @@ mod tests {
             ("RSET\r\n", "250 ok\r\n"),
             ("QUIT\r\n", "221 bye\r\n"),
         ];
-        let (_, events) = run(script, 7, options(), envelope(&["b@there.test"]));
-        assert_eq!(events[0], Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]));
+        for chunk in 1..=40 {
+            let (_, events) = run(script, chunk, options(), envelope(&["b@there.test"]));
+            assert_eq!(events[0], Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]), "chunk {chunk}");
+        }
     }
 
     #[test]
@@ -800,6 +811,35 @@ mod tests {
         assert!(matches!(&a[0], Action::Send(b) if b.ends_with(b"\r\n.\r\n")));
         let a = c.connection_lost("connection reset");
         assert_eq!(a, vec![Action::Finished(vec![RcptStatus::Deferred("connection reset".into())]), Action::Closed(None)]);
+    }
+
+    #[test]
+    fn pipelined_drop_between_replies_defers_only_the_undecided() {
+        let mut c = Client::new(options());
+        c.feed(b"220 x\r\n");
+        assert_eq!(c.feed(b"250-x\r\n250 PIPELINING\r\n"), vec![Action::Ready]);
+        let a = c.start(envelope(&["b@there.test", "c@there.test"]));
+        let batch = b"MAIL FROM:<a@here.test>\r\nRCPT TO:<b@there.test>\r\nRCPT TO:<c@there.test>\r\nDATA\r\n";
+        assert_eq!(a, vec![Action::Send(batch.to_vec())]);
+        // The DATA reply never comes: b (accepted) is deferred, c keeps its refusal.
+        assert_eq!(c.feed(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n"), vec![]);
+        let a = c.connection_lost("connection reset");
+        let statuses = vec![RcptStatus::Deferred("connection reset".into()), RcptStatus::Failed("550 5.1.1 unknown".into())];
+        assert_eq!(a, vec![Action::Finished(statuses), Action::Closed(None)]);
+    }
+
+    #[test]
+    fn pipelining_offered_only_before_starttls_is_not_used() {
+        // RFC 3207 4.2: what the server said before TLS is forgotten.
+        let script: &[(&str, &str)] = &[
+            ("", "220 relay.test\r\n"),
+            ("EHLO mx.test\r\n", "250-relay.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
+            ("STARTTLS\r\n", "220 go\r\n"),
+            ("EHLO mx.test\r\n", "250 relay.test\r\n"),
+            ("MAIL FROM:<a@here.test>\r\n", "250 ok\r\n"),
+        ];
+        let (sent, _) = run(script, 3, options(), envelope(&["b@there.test"]));
+        assert!(sent.ends_with("EHLO mx.test\r\nMAIL FROM:<a@here.test>\r\nRCPT TO:<b@there.test>\r\n"), "{sent}");
     }
 
     #[test]

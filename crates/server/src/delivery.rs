@@ -434,9 +434,9 @@ async fn deliver(env: &Arc<Env>, key: &DestinationKey, jobs: Vec<Job>) {
         Err(e) => (&jobs[..], e.clone()),
     };
     // Whatever was not answered gets the destination's error.
+    let status = RcptStatus::refused(error.is_temporary(), error.to_string());
     for job in unanswered {
-        let results =
-            job.rcpts.iter().map(|i| (*i, outcome_of(env, &job.item, *i, &error_status(&error), now))).collect();
+        let results = job.rcpts.iter().map(|i| (*i, outcome_of(env, &job.item, *i, &status, now))).collect();
         if let Err(e) = store.queue_change(job.item.entry.queue_id, QueueOp::Results { at: now, results }).await {
             tracing::error!(queue_id = %job.item.entry.queue_id, error = %e, "recording a deferral failed");
         }
@@ -446,14 +446,6 @@ async fn deliver(env: &Arc<Env>, key: &DestinationKey, jobs: Vec<Job>) {
         let failures = backoff.get(key).map(|(_, n)| n + 1).unwrap_or(1);
         backoff.insert(key.clone(), (now + env.schedule.backoff(failures), failures));
         tracing::info!(destination = %key, error = %error, "destination backed off");
-    }
-}
-
-fn error_status(e: &RelayError) -> RcptStatus {
-    if e.is_temporary() {
-        RcptStatus::Deferred(e.to_string())
-    } else {
-        RcptStatus::Failed(e.to_string())
     }
 }
 
@@ -627,7 +619,7 @@ async fn run_session(
                         });
                     }
                 }
-                for ((i, _), s) in job.rcpts.iter().zip(&results).zip(&statuses) {
+                for (i, s) in job.rcpts.iter().zip(&statuses) {
                     tracing::info!(target: "hamail::mail", "relay queue_id={} to=<{}> relay={} [{addr}] status={}",
                         job.item.entry.queue_id, job.item.entry.recipients[*i as usize], hop.name, status_word(s));
                 }
