@@ -25,6 +25,7 @@ use std::ops::RangeBounds;
 use std::path::Path;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError};
@@ -416,26 +417,51 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The writer thread: takes every job queued, commits the appends among
-/// them in one transaction (`Durability::Immediate`), then calls their
-/// callbacks and answers the barriers, in order. Holds the database only
-/// while it works, so that it closes when the last [`LogStore`] goes.
+/// How long the writer waits for more appends before a commit, when the
+/// previous commit carried more than one (there is concurrent load). Why:
+/// a leader's openraft core appends each client write on its own, so the
+/// leader's writer, woken by the first, committed and fsynced about one
+/// entry per message (measured 430 commits a second at 520 msgs/s, against
+/// 126 on a follower, whose AppendEntries bring several entries at once);
+/// each commit is about ten page writes and an fdatasync, CPU the leader
+/// is the first to run out of. Not when alone: a single writer would only
+/// wait.
+const LINGER: Duration = Duration::from_micros(300);
+
+/// The writer thread: takes every job queued (lingering under load, see
+/// [`LINGER`]), commits the appends among them in one transaction
+/// (`Durability::Immediate`), then calls their callbacks and answers the
+/// barriers, in order. Holds the database only while it works, so that it
+/// closes when the last [`LogStore`] goes.
 fn write_loop(db: &std::sync::Weak<Database>, recent: &Mutex<Recent>, jobs: &std::sync::mpsc::Receiver<Job>) {
+    let mut under_load = false;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
+        if under_load {
+            let until = Instant::now() + LINGER;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match jobs.recv_timeout(left) {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut appends = Vec::new();
         let mut committed = None;
+        let mut commits = 0;
         for job in batch {
             match job {
                 Job::Append { rows, callback } => appends.push((rows, callback)),
                 Job::Committed(bytes) => committed = Some(bytes),
                 Job::Barrier(done) => {
+                    commits = commits.max(appends.len());
                     commit_appends(db, recent, std::mem::take(&mut appends), committed.take());
                     let _ = done.send(());
                 }
             }
         }
+        under_load = commits.max(appends.len()) > 1;
         commit_appends(db, recent, appends, committed);
     }
 }
