@@ -63,7 +63,7 @@ use tokio::task::JoinSet;
 
 use crate::error::ClusterError;
 use crate::node::{store_error, ClusterNode};
-use crate::rpc::{MailHealth, Request, Response, WriteError};
+use crate::rpc::{MailHealth, Request, Response, WriteError, Written};
 use crate::types::{Command, CommandResult, NodeId, Role};
 
 /// Applied-accept notices kept for the repair task before it falls back
@@ -369,18 +369,18 @@ impl ReplicatedStore {
     /// Commits an `Accept` through the log. An unknown outcome is checked
     /// after a linearizable barrier and the (idempotent) accept proposed
     /// again if it is not there.
-    async fn commit_accept(&self, change: MailChange, queue_id: QueueId) -> StoreResult<()> {
+    async fn commit_accept(&self, change: MailChange, queue_id: QueueId) -> StoreResult<Option<u64>> {
         let store = self.node.store();
         let deadline = Instant::now() + self.node.timing().write_timeout() * 2;
         loop {
-            match self.node.write(Command::Mail(change.clone())).await {
-                Ok(CommandResult::Done) => return Ok(()),
-                Ok(CommandResult::Refused(msg)) => return Err(StoreError::Permanent(msg)),
-                Ok(other) => return Err(StoreError::Internal(format!("an accept answered {other:?}"))),
+            match self.node.write_logged(Command::Mail(change.clone())).await {
+                Ok(Written { result: CommandResult::Done, index }) => return Ok(Some(index)),
+                Ok(Written { result: CommandResult::Refused(msg), .. }) => return Err(StoreError::Permanent(msg)),
+                Ok(Written { result, .. }) => return Err(StoreError::Internal(format!("an accept answered {result:?}"))),
                 Err(WriteError::Unknown(why)) => {
                     tracing::warn!(%queue_id, %why, "accept outcome unknown: checking");
                     if self.node.linearizable().await.is_ok() && store.committed(queue_id).await?.is_some() {
-                        return Ok(());
+                        return Ok(None);
                     }
                     if Instant::now() >= deadline {
                         return Err(StoreError::Temporary(format!("message {queue_id} not committed: {why}")));
@@ -397,18 +397,24 @@ impl ReplicatedStore {
     /// The proof of a committed accept, once this node applied it. A
     /// forwarded write is applied on the leader first; this node applies
     /// it as soon as it learns the new commit index (the next
-    /// AppendEntries), which is watched for before falling back to a
-    /// linearizable barrier (a round trip to the leader and a heartbeat
-    /// round there).
+    /// AppendEntries). With the entry's log `index`, that apply is watched
+    /// for in the Raft metrics and the store is looked up once (looking up
+    /// at every change of the metrics took ~2 trips to a blocking thread
+    /// per message on a follower under load); without it (an accept found
+    /// committed after an unknown outcome), at every change. Then, or if
+    /// it takes longer than a few heartbeats, a linearizable barrier (a
+    /// round trip to the leader and a heartbeat round there).
     /// With the proof: whether the body it names is here.
-    async fn applied_here(&self, queue_id: QueueId) -> StoreResult<(Committed, bool)> {
+    async fn applied_here(&self, queue_id: QueueId, index: Option<u64>) -> StoreResult<(Committed, bool)> {
         let store = self.node.store();
         let mut metrics = self.node.raft().metrics();
         let deadline = Instant::now() + Duration::from_millis(self.node.timing().heartbeat_ms.max(1) * 4);
         loop {
-            metrics.borrow_and_update();
-            if let Some(found) = store.committed_with_body(queue_id).await? {
-                return Ok(found);
+            let applied = metrics.borrow_and_update().last_applied.map(|id| id.index);
+            if index.is_none_or(|i| applied >= Some(i)) {
+                if let Some(found) = store.committed_with_body(queue_id).await? {
+                    return Ok(found);
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -483,13 +489,13 @@ impl MailStore for ReplicatedStore {
             at: unix_now(),
             resend: msg.resend,
         };
-        self.commit_accept(change, queue_id).await?;
+        let index = self.commit_accept(change, queue_id).await?;
         let committed_at = started.elapsed();
         if copies < data_nodes {
             self.node.mail_events().degraded_accepts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%queue_id, copies, data_nodes, "message accepted with fewer copies than data nodes");
         }
-        let (committed, body_here) = self.applied_here(queue_id).await?;
+        let (committed, body_here) = self.applied_here(queue_id, index).await?;
         tracing::debug!(
             %queue_id,
             copied_us = copied.as_micros() as u64,

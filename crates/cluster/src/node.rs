@@ -33,7 +33,7 @@ use crate::error::ClusterError;
 use crate::log_store::LogStore;
 use crate::mailstore::{verify_and_repair, MailEvents, Replication};
 use crate::network::{Network, PeerContacts};
-use crate::rpc::{Handler, JoinError, NodeStatus, PeerProgress, Request, Response, Transport, TransportError, WriteError};
+use crate::rpc::{Handler, JoinError, NodeStatus, PeerProgress, Request, Response, Transport, TransportError, WriteError, Written};
 use crate::state_machine::StateMachine;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft, Role};
 
@@ -251,6 +251,11 @@ impl ClusterNode {
     /// this node leads) or on the leader (forwarded). See the module
     /// documentation for what is retried.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        self.write_logged(cmd).await.map(|w| w.result)
+    }
+
+    /// [`Self::write`], with the log index of the committed entry.
+    pub async fn write_logged(&self, cmd: Command) -> Result<Written, WriteError> {
         let deadline = Instant::now() + self.timing.write_timeout();
         let mut metrics = self.raft.metrics();
         loop {
@@ -265,7 +270,7 @@ impl ClusterNode {
                         self.timing.write_timeout_ms
                     )))
                 }
-                Ok(Ok(resp)) => return Ok(resp.data),
+                Ok(Ok(resp)) => return Ok(Written { result: resp.data, index: resp.log_id.index }),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                     if let (Some(leader), Some(node)) = (f.leader_id, f.leader_node) {
                         if leader != self.id {
@@ -290,13 +295,13 @@ impl ClusterNode {
 
     /// A write forwarded by another node: proposed here, never forwarded
     /// again (no loops); `NoLeader` tells the proposer to look again.
-    async fn write_here(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+    async fn write_here(&self, cmd: Command) -> Result<Written, WriteError> {
         match tokio::time::timeout(self.timing.write_timeout(), self.raft.client_write(cmd)).await {
             Err(_) => Err(WriteError::Unknown(format!(
                 "proposed but not committed within {} ms",
                 self.timing.write_timeout_ms
             ))),
-            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Ok(resp)) => Ok(Written { result: resp.data, index: resp.log_id.index }),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(WriteError::NoLeader),
             Ok(Err(RaftError::APIError(e))) => Err(WriteError::Other(e.to_string())),
             Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Other(e.to_string())),

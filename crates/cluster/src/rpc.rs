@@ -66,7 +66,7 @@ pub enum Response {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    Write(Result<CommandResult, WriteError>),
+    Write(Result<Written, WriteError>),
     Join(Result<JoinResponse, JoinError>),
     Status(NodeStatus),
     /// The log index a read must wait for (`None`: nothing committed yet).
@@ -84,6 +84,15 @@ pub enum Response {
     /// The request was refused before it was looked at (not authenticated,
     /// or a request this peer may not make).
     Refused(String),
+}
+
+/// A committed write: the state machine's answer and the log index of its
+/// entry (a node that proposed it can wait for its own apply of that
+/// index instead of looking again at every change of its Raft metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    pub result: CommandResult,
+    pub index: u64,
 }
 
 /// Why a (possibly forwarded) write did not happen.
