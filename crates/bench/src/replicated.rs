@@ -8,7 +8,8 @@
 //! `hamail-bench cluster`. Each cell (size x concurrency) runs the same SMTP
 //! load against one and then the other, the order alternating from cell to
 //! cell; the cluster gets every session on the leader's SMTP port, or with
-//! `--spread` the sessions spread over the data nodes' ports.
+//! `--spread` the sessions spread over the data nodes' ports (round-robin,
+//! the leader last).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -311,7 +312,13 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                 log(format!("the servers were still busy after {:.1} s; starting the cell anyway", settled.as_secs_f64()));
             }
             let addrs: Vec<SocketAddr> = if args.spread {
-                cluster.nodes.iter().filter(|n| n.role == "data").filter_map(|n| n.smtp).collect()
+                // The leader last: session w goes to addrs[w % n], so when
+                // the sessions do not divide evenly (10 over 3 nodes) the
+                // extra ones go to followers, not to the node that also
+                // appends and replicates every entry.
+                let data = cluster.nodes.iter().enumerate().filter(|(_, n)| n.role == "data");
+                let (leader, followers): (Vec<_>, Vec<_>) = data.partition(|(i, _)| *i == li);
+                followers.into_iter().chain(leader).filter_map(|(_, n)| n.smtp).collect()
             } else {
                 vec![cluster.nodes[li].smtp.context("the leader has no smtp address")?]
             };
