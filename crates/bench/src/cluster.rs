@@ -494,7 +494,28 @@ impl Drop for Burner {
     }
 }
 
+/// A port for a node's cluster listener, which must be known before the
+/// node starts (its peers are configured with it). Taken below the kernel's
+/// ephemeral range: a port the kernel hands out for a bind to port 0 (the
+/// nodes' SMTP and POP3 listeners, the single node's) could otherwise be
+/// given to another process between this check and the node's own bind —
+/// seen as a node failing with "Address already in use" at start.
 pub(crate) fn free_port() -> Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    if ephemeral_start > LOW + 1000 {
+        for _ in 0..200 {
+            let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+            let port = LOW + (random % u64::from(ephemeral_start - LOW)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }
