@@ -61,7 +61,17 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (bound and released: a cluster node's
 /// address must stay the same across restarts, so port 0 will not do).
+/// Below the kernel's ephemeral range (32768 up by default), so that no
+/// port-0 bind of another server or client in the meantime can take it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..200 {
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let port = 10_000 + (random % 20_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
