@@ -307,6 +307,8 @@ fn delivers_with_per_recipient_results_retries_and_bounces() {
     assert!(raw.contains("Return-Path: <>"), "a bounce has the null sender: {raw}");
     assert!(raw.contains("Final-Recipient: rfc822; bad1@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"), "{raw}");
     assert!(raw.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user here"), "{raw}");
+    // The server that refused, required for SMTP recipients (RFC 3464 2.3.5).
+    assert!(raw.contains(&format!("Remote-MTA: dns; {}\r\n", sink.addr.ip())), "{raw}");
     assert!(!raw.contains("Final-Recipient: rfc822; ok1@remote.test"), "{raw}");
     assert!(raw.contains("Subject: three"), "the original headers: {raw}");
 
@@ -375,7 +377,9 @@ fn retry_schedule_and_queue_commands() {
     let q = queue_json(&server);
     let r = &q[0]["recipients"][0];
     assert_eq!(r["status"], "pending");
-    assert!(r["last_error"].as_str().unwrap().starts_with("451 4.2.0"), "{r}");
+    // The server's reply, with who said it (also the DSN's Remote-MTA).
+    let said = format!("{} said: 451 4.2.0", sink.addr.ip());
+    assert!(r["last_error"].as_str().unwrap().starts_with(&said), "{r}");
     let id = q[0]["queue_id"].as_str().unwrap().to_string();
 
     let (ok, out) = server.cli(&["queue", "list"], "");

@@ -80,6 +80,24 @@ fn field_safe(s: &str) -> String {
     s.replace(['\r', '\n'], " ")
 }
 
+/// How the delivery worker records a remote server's refusal of a
+/// recipient (the queue's last error): the server's name, then its reply,
+/// so that a DSN built later, from the queue alone, can name the server
+/// that reported the failure (RFC 3464 2.3.5: Remote-MTA is required for
+/// recipients relayed over SMTP).
+pub fn remote_refusal(mta: &str, reply: &str) -> String {
+    format!("{mta} said: {reply}")
+}
+
+/// Splits an error recorded by [`remote_refusal`] back into the server's
+/// name and its reply; any other text is `(None, text)`.
+pub fn split_remote_refusal(error: &str) -> (Option<&str>, &str) {
+    match error.split_once(" said: ") {
+        Some((mta, reply)) if !mta.is_empty() && !mta.contains(char::is_whitespace) => (Some(mta), reply),
+        _ => (None, error),
+    }
+}
+
 /// Builds the report as a complete message (CRLF line ends).
 pub fn build(dsn: &Dsn<'_>) -> RelayResult<Vec<u8>> {
     let date = |t: u64| Date::new(t as i64).to_rfc822();
@@ -162,6 +180,16 @@ pub fn build(dsn: &Dsn<'_>) -> RelayResult<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_remote_refusal_splits_back_into_the_server_and_its_reply() {
+        let recorded = remote_refusal("mx.there.test", "550 5.1.1 no such user");
+        assert_eq!(split_remote_refusal(&recorded), (Some("mx.there.test"), "550 5.1.1 no such user"));
+        // Our own reasons name no server, even when they quote one.
+        let expired = format!("4.4.7 message expired in the queue; last error: {recorded}");
+        assert_eq!(split_remote_refusal(&expired), (None, expired.as_str()));
+        assert_eq!(split_remote_refusal("connection refused"), (None, "connection refused"));
+    }
+
     use super::*;
 
     #[test]

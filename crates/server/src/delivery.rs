@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hamail_relay::client::{Action, Client, ClientOptions, Envelope, RcptStatus, TlsPolicy};
-use hamail_relay::dsn::{Dsn, DsnKind, DsnRecipient};
+use hamail_relay::dsn::{remote_refusal, split_remote_refusal, Dsn, DsnKind, DsnRecipient};
 use hamail_relay::route::{DestinationKey, Hop, Router};
 use hamail_relay::schedule::{Clock, Schedule};
 use hamail_relay::{domain_of, RelayError};
@@ -608,7 +608,7 @@ async fn run_session(
                     .rcpts
                     .iter()
                     .zip(&statuses)
-                    .map(|(i, s)| (*i, outcome_of(env, &job.item, *i, s, now)))
+                    .map(|(i, s)| (*i, outcome_of(env, &job.item, *i, &attributed(s, &hop.name), now)))
                     .collect();
                 if let Some(ctx) = env.ctx.upgrade() {
                     for s in &statuses {
@@ -641,6 +641,19 @@ async fn run_session(
                 };
             }
         }
+    }
+}
+
+/// A refusal in the server's own words (a reply: three digits first) is
+/// recorded with the server's name, for the DSN's Remote-MTA
+/// ([`hamail_relay::dsn::remote_refusal`]); the driver's own reasons
+/// (connection lost, body unreadable) are not the server's.
+fn attributed(s: &RcptStatus, mta: &str) -> RcptStatus {
+    let is_reply = |e: &str| e.len() >= 3 && e.as_bytes()[..3].iter().all(u8::is_ascii_digit);
+    match s {
+        RcptStatus::Failed(e) if is_reply(e) => RcptStatus::Failed(remote_refusal(mta, e)),
+        RcptStatus::Deferred(e) if is_reply(e) => RcptStatus::Deferred(remote_refusal(mta, e)),
+        other => other.clone(),
     }
 }
 
@@ -758,8 +771,10 @@ const DOUBLE_BOUNCE_HEADER: &str = "X-Hamail-Double-Bounce";
 fn dsn_recipient(item: &QueueItem, i: u32, default_status: &str) -> DsnRecipient {
     let r = &item.state.recipients[i as usize];
     let error = r.last_error.clone().unwrap_or_default();
-    // "550 5.1.1 text" → status 5.1.1, diagnostic the whole reply.
-    let mut words = error.split_whitespace();
+    // "mx said: 550 5.1.1 text" → Remote-MTA mx, status 5.1.1, diagnostic
+    // the whole reply.
+    let (mta, reply) = split_remote_refusal(&error);
+    let mut words = reply.split_whitespace();
     let code = words.next().filter(|w| w.len() == 3 && w.chars().all(|c| c.is_ascii_digit()));
     let esc = words.next().filter(|w| w.split('.').count() == 3 && w.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())));
     let esc_any = error.split_whitespace().find(|w| {
@@ -772,9 +787,9 @@ fn dsn_recipient(item: &QueueItem, i: u32, default_status: &str) -> DsnRecipient
             Some(_) => "5.0.0".into(),
             None => default_status.into(),
         }),
-        diagnostic: code.is_some().then(|| error.clone()),
+        diagnostic: code.is_some().then(|| reply.to_string()),
         reason: error.clone(),
-        remote_mta: None,
+        remote_mta: mta.map(str::to_string),
         last_attempt: (r.last_attempt > 0).then_some(r.last_attempt),
     }
 }
