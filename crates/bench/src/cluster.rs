@@ -525,7 +525,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// (median, min, max) of a list.
-fn summary(v: &[f64]) -> Option<(f64, f64, f64)> {
+pub(crate) fn summary(v: &[f64]) -> Option<(f64, f64, f64)> {
     if v.is_empty() {
         return None;
     }
