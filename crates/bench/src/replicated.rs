@@ -310,6 +310,15 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                 let leader_pop3 = cluster.nodes[li].pop3.context("no pop3 address")?;
                 let b = pop3::purge(leader_pop3, &users, PASSWORD, 4).await.context("emptying the cluster's mailboxes")?;
                 log(format!("emptied the mailboxes ({a} + {b} messages) in {:.1} s", t.elapsed().as_secs_f64()));
+                // The purge unlinked thousands of body files on every
+                // node's filesystem: the kernel writes that back ~30 s
+                // later (vm.dirty_expire_centisecs), in the next cell, and
+                // more of it for the cluster (N filesystems) than for the
+                // single node. Written now, before the settling.
+                let synced = tokio::process::Command::new("sync").status().await;
+                if !synced.is_ok_and(|s| s.success()) {
+                    log("sync failed; the purge's writeback may spill into the next cell");
+                }
             }
             // Anything still replicating or cleaning up after the purge (or
             // the user creation) must not spill over into the cell.
