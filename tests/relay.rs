@@ -698,6 +698,28 @@ fn cluster_takeover_of_the_queue_after_sigkill_of_the_owner() {
     }
 }
 
+/// Through the smarthost, one session carries every domain's mail: a
+/// domain's own TLS policy does not split it off, as the smarthost's
+/// policy is the one that applies (`smarthost_tls`).
+#[test]
+fn domains_with_a_tls_policy_share_the_smarthost_session() {
+    let sink = Sink::start();
+    let server = common::start(&format!(
+        "[relay]\nsmarthost = \"{}\"\nsmarthost_tls = \"never\"\ntls_policy = {{ \"strict.test\" = \"require\" }}\n\
+         resolver = \"127.0.0.1:9\"\nretry_initial_secs = 1\nretry_max_secs = 1\nscan_interval_ms = 100\n",
+        sink.addr
+    ));
+    setup(&server);
+    submit(&server, &["one@plain.test", "two@strict.test"], "both");
+    wait_for("an empty queue", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.sessions, 1, "one session to the smarthost");
+    assert_eq!(st.delivered.len(), 1, "one transaction: {:?}", st.delivered.iter().map(|(r, _)| r).collect::<Vec<_>>());
+    let mut rcpts = st.delivered[0].0.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, ["one@plain.test", "two@strict.test"]);
+}
+
 /// A second hamail as the next hop: STARTTLS with its self-signed
 /// certificate (`require`: any certificate), `verify` refusing that
 /// certificate (deferred, never sent in clear), and the same server's

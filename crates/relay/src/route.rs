@@ -145,6 +145,13 @@ impl Router {
         DestinationKey(domain.to_string())
     }
 
+    /// Whether mail for `domain` goes to the smarthost (no transport entry
+    /// of its own, and a smarthost is configured): then the session's TLS
+    /// policy is the smarthost's, whatever the domain's own.
+    pub fn via_smarthost(&self, domain: &str) -> bool {
+        !self.config.transport.contains_key(domain) && self.config.smarthost.is_some()
+    }
+
     /// The hosts to try for `domain`, best first.
     pub async fn hops(&self, domain: &str) -> RelayResult<Vec<Hop>> {
         if let Some(hp) = self.config.transport.get(domain) {

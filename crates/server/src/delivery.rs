@@ -330,9 +330,10 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             // One session has one TLS policy (that of its first recipient's
             // domain): domains with a policy of their own that share a next
             // hop with others (a transport entry) get sessions of their own.
+            // Not through the smarthost, whose own policy applies to all.
             let key = match env.cfg.domain_tls(&domain) {
-                Some(mode) => DestinationKey(format!("{key} (tls {mode:?})")),
-                None => key,
+                Some(mode) if !env.router.via_smarthost(&domain) => DestinationKey(format!("{key} (tls {mode:?})")),
+                _ => key,
             };
             if lock(&env.shared.backoff).get(&key).is_some_and(|(until, _)| *until > now) {
                 continue;
