@@ -412,7 +412,7 @@ impl ReplicatedStore {
         loop {
             let applied = metrics.borrow_and_update().last_applied.map(|id| id.index);
             if index.is_none_or(|i| applied >= Some(i)) {
-                if let Some(found) = store.committed_with_body(queue_id).await? {
+                if let Some(found) = store.committed_with_body(queue_id)? {
                     return Ok(found);
                 }
             }
@@ -424,7 +424,7 @@ impl ReplicatedStore {
             let _ = tokio::time::timeout(left, metrics.changed()).await;
         }
         self.read_barrier().await?;
-        store.committed_with_body(queue_id).await?.ok_or_else(|| {
+        store.committed_with_body(queue_id)?.ok_or_else(|| {
             StoreError::Internal(format!("message {queue_id} was committed but is not applied here"))
         })
     }
