@@ -270,7 +270,7 @@ impl ClusterNode {
                         self.timing.write_timeout_ms
                     )))
                 }
-                Ok(Ok(resp)) => return Ok(Written { result: resp.data, index: resp.log_id.index }),
+                Ok(Ok(resp)) => return Ok(Written::from(resp)),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                     if let (Some(leader), Some(node)) = (f.leader_id, f.leader_node) {
                         if leader != self.id {
@@ -301,7 +301,7 @@ impl ClusterNode {
                 "proposed but not committed within {} ms",
                 self.timing.write_timeout_ms
             ))),
-            Ok(Ok(resp)) => Ok(Written { result: resp.data, index: resp.log_id.index }),
+            Ok(Ok(resp)) => Ok(Written::from(resp)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(WriteError::NoLeader),
             Ok(Err(RaftError::APIError(e))) => Err(WriteError::Other(e.to_string())),
             Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Other(e.to_string())),

@@ -95,6 +95,12 @@ pub struct Written {
     pub index: u64,
 }
 
+impl From<openraft::raft::ClientWriteResponse<crate::types::TypeConfig>> for Written {
+    fn from(resp: openraft::raft::ClientWriteResponse<crate::types::TypeConfig>) -> Self {
+        Written { result: resp.data, index: resp.log_id.index }
+    }
+}
+
 /// Why a (possibly forwarded) write did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum WriteError {

@@ -133,32 +133,35 @@ impl Router {
         Ok(Router { config, resolver })
     }
 
+    /// The one host configured for `domain`, if any: its transport entry,
+    /// else the smarthost (`true`). The order of precedence, written once.
+    fn configured_host(&self, domain: &str) -> Option<(&HostPort, bool)> {
+        match self.config.transport.get(domain) {
+            Some(hp) => Some((hp, false)),
+            None => self.config.smarthost.as_ref().map(|hp| (hp, true)),
+        }
+    }
+
     /// Recipients of `domain` share connections and backoff with the other
     /// domains of the same key: one smarthost, one map entry, or the domain.
     pub fn destination(&self, domain: &str) -> DestinationKey {
-        if let Some(hp) = self.config.transport.get(domain) {
-            return DestinationKey(format!("[{hp}]"));
+        match self.configured_host(domain) {
+            Some((hp, _)) => DestinationKey(format!("[{hp}]")),
+            None => DestinationKey(domain.to_string()),
         }
-        if let Some(hp) = &self.config.smarthost {
-            return DestinationKey(format!("[{hp}]"));
-        }
-        DestinationKey(domain.to_string())
     }
 
     /// Whether mail for `domain` goes to the smarthost (no transport entry
     /// of its own, and a smarthost is configured): then the session's TLS
     /// policy is the smarthost's, whatever the domain's own.
     pub fn via_smarthost(&self, domain: &str) -> bool {
-        !self.config.transport.contains_key(domain) && self.config.smarthost.is_some()
+        matches!(self.configured_host(domain), Some((_, true)))
     }
 
     /// The hosts to try for `domain`, best first.
     pub async fn hops(&self, domain: &str) -> RelayResult<Vec<Hop>> {
-        if let Some(hp) = self.config.transport.get(domain) {
-            return Ok(vec![self.host_hop(hp, false).await?]);
-        }
-        if let Some(hp) = &self.config.smarthost {
-            return Ok(vec![self.host_hop(hp, true).await?]);
+        if let Some((hp, smarthost)) = self.configured_host(domain) {
+            return Ok(vec![self.host_hop(hp, smarthost).await?]);
         }
         // An address literal (RFC 5321 4.1.3): that host, nothing to look up.
         if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {

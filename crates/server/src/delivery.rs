@@ -775,15 +775,15 @@ fn dsn_recipient(item: &QueueItem, i: u32, default_status: &str) -> DsnRecipient
     // "mx said: 550 5.1.1 text" → Remote-MTA mx, status 5.1.1, diagnostic
     // the whole reply.
     let (mta, reply) = split_remote_refusal(&error);
-    let mut words = reply.split_whitespace();
-    let code = words.next().filter(|w| w.len() == 3 && w.chars().all(|c| c.is_ascii_digit()));
-    let esc = words.next().filter(|w| w.split('.').count() == 3 && w.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())));
-    let esc_any = error.split_whitespace().find(|w| {
+    let code = reply.split_whitespace().next().filter(|w| w.len() == 3 && w.chars().all(|c| c.is_ascii_digit()));
+    // The first enhanced status code (RFC 3463) in the text: right after
+    // the reply code, or quoted in our own reason ("last error: ...").
+    let esc = reply.split_whitespace().find(|w| {
         w.split('.').count() == 3 && w.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
     });
     DsnRecipient {
         address: item.entry.recipients[i as usize].clone(),
-        status: esc.or(esc_any).map(str::to_string).unwrap_or_else(|| match code {
+        status: esc.map(str::to_string).unwrap_or_else(|| match code {
             Some(c) if c.starts_with('4') => "4.0.0".into(),
             Some(_) => "5.0.0".into(),
             None => default_status.into(),

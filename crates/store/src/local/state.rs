@@ -903,13 +903,10 @@ impl LocalStore {
     /// cost two context switches per message.
     pub fn committed_with_body(&self, queue_id: QueueId) -> StoreResult<Option<(Committed, bool)>> {
         let inner = self.inner();
-        Ok(match inner.committed(queue_id)? {
-            Some(c) => {
-                let here = inner.body_path(&c.body()).exists();
-                Some((c, here))
-            }
-            None => None,
-        })
+        Ok(inner.committed(queue_id)?.map(|c| {
+            let here = inner.body_path(&c.body()).exists();
+            (c, here)
+        }))
     }
 
     /// Reads and hashes every referenced body. A file whose content does not
