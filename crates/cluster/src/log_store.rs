@@ -16,16 +16,15 @@
 //! Layout: table `entries` (index → postcard [`Entry`]), table `meta`
 //! (`vote`, `committed`, `purged` → postcard values).
 //!
-//! Appends are written on the calling thread (openraft's core task), the
-//! rest of the redb work on blocking threads. Why: openraft 0.9 waits for
-//! each append's flush before its core takes the next message
-//! (`RaftCore::append_to_log` awaits the [`LogFlushed`] callback), so a
-//! hand-off to another thread bought no concurrency, only two thread
-//! switches per append (a writer thread did this until measured: 5 context
-//! switches per message on the leader's writer; written here, 1 KiB at 10
-//! sessions, ~5 % less CPU per message and ~6 % more messages a second).
-//! The worker thread it blocks for an fsync runs the core, which would be
-//! waiting for that fsync anyway; the runtime's other workers go on.
+//! Appends are written by a thread of their own, the rest of the redb work
+//! on blocking threads: an fsync never stalls the async runtime. openraft
+//! 0.9 waits for each append's flush before its core takes the next
+//! message (`RaftCore::append_to_log` awaits the [`LogFlushed`] callback),
+//! so the writer only ever has one append to write: there is nothing to
+//! batch. (Writing on the core's own thread saved two thread switches per
+//! append, ~5 % of the CPU per message with two runtime workers, but on a
+//! one-worker runtime — what tokio starts on a one-CPU machine — every
+//! fsync stalled every task: 1 KiB at 10 sessions, 10-15 % slower.)
 
 // openraft's StorageError is large, and the traits impose it.
 #![allow(clippy::result_large_err)]
@@ -135,6 +134,15 @@ pub struct LogStore {
     /// The committed-index hint (encoded) not yet written: it goes with
     /// the next append (see `save_committed`).
     committed_hint: Arc<Mutex<Option<Vec<u8>>>>,
+    writer: Arc<std::sync::mpsc::Sender<Append>>,
+}
+
+/// Work for the writer thread: entries (index, encoding) and the hint to
+/// commit together, then `callback`.
+struct Append {
+    rows: Vec<(u64, Vec<u8>)>,
+    hint: Option<Vec<u8>>,
+    callback: LogFlushed<TypeConfig>,
 }
 
 fn io_err(subject: ErrorSubject<crate::types::NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -179,7 +187,14 @@ impl LogStore {
         txn.open_table(ENTRIES).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
-        Ok(LogStore { db: Arc::new(db), recent: Arc::default(), committed_hint: Arc::default() })
+        let (db, recent, committed_hint) = (Arc::new(db), Arc::<Mutex<Recent>>::default(), Arc::<Mutex<Option<Vec<u8>>>>::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (weak, shared, hint) = (Arc::downgrade(&db), recent.clone(), committed_hint.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_loop(&weak, &shared, &hint, &rx))
+            .map_err(|e| logs_err(ErrorVerb::Write, format!("starting the log writer: {e}")))?;
+        Ok(LogStore { db, recent, committed_hint, writer: Arc::new(tx) })
     }
 
     fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StorageError> {
@@ -308,9 +323,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(blocking(move || Self::read_meta::<Option<LogId>>(&db, COMMITTED)).await?.flatten())
     }
 
-    /// Writes the entries (fsynced) on this thread — see the module
-    /// documentation for why — then calls `callback`: openraft counts an
-    /// entry as stored, for a vote or a commit, only from the callback.
+    /// Hands the entries to the writer thread, which commits them (fsynced)
+    /// and then calls `callback`: openraft counts an entry as stored, for a
+    /// vote or a commit, only from the callback. Readable meanwhile (in
+    /// `recent`).
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
@@ -327,27 +343,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         let hint = lock(&self.committed_hint).take();
-        let result = write_entries(&self.db, &rows, hint.as_deref());
-        match &result {
-            Ok(()) => {
-                // Appends come in log order, after any truncation, so the
-                // highest index written covers everything below it.
-                if let Some(top) = rows.iter().map(|(index, _)| *index).max() {
-                    let mut recent = lock(&self.recent);
-                    recent.written = Some(recent.written.map_or(top, |w| w.max(top)));
-                    recent.trim();
-                }
-            }
-            Err(e) => {
-                tracing::error!("raft log append failed: {e}");
-                // Keep the hint for the next append, unless a newer one came.
-                if let Some(hint) = hint {
-                    lock(&self.committed_hint).get_or_insert(hint);
-                }
-            }
-        }
-        callback.log_io_completed(result.map_err(std::io::Error::other));
-        Ok(())
+        self.writer
+            .send(Append { rows, hint, callback })
+            .map_err(|_| logs_err(ErrorVerb::Write, "the log writer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -409,6 +407,42 @@ impl LogStore {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The writer thread: commits each append (see [`write_entries`]), then
+/// calls its callback. Holds the database only while it works, so that it
+/// closes when the last [`LogStore`] goes.
+fn write_loop(
+    db: &std::sync::Weak<Database>,
+    recent: &Mutex<Recent>,
+    hint_slot: &Mutex<Option<Vec<u8>>>,
+    jobs: &std::sync::mpsc::Receiver<Append>,
+) {
+    while let Ok(Append { rows, hint, callback }) = jobs.recv() {
+        let result = match db.upgrade() {
+            None => Err("the log is closed".to_string()),
+            Some(db) => write_entries(&db, &rows, hint.as_deref()),
+        };
+        match &result {
+            Ok(()) => {
+                // Appends come in log order, after any truncation, so the
+                // highest index written covers everything below it.
+                if let Some(top) = rows.iter().map(|(index, _)| *index).max() {
+                    let mut recent = lock(recent);
+                    recent.written = Some(recent.written.map_or(top, |w| w.max(top)));
+                    recent.trim();
+                }
+            }
+            Err(e) => {
+                tracing::error!("raft log append failed: {e}");
+                // Keep the hint for the next append, unless a newer one came.
+                if let Some(hint) = hint {
+                    lock(hint_slot).get_or_insert(hint);
+                }
+            }
+        }
+        callback.log_io_completed(result.map_err(std::io::Error::other));
+    }
 }
 
 /// Commits `rows` (index, encoded entry) and the `committed` hint in one
