@@ -348,6 +348,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|_| logs_err(ErrorVerb::Write, "the log writer stopped"))
     }
 
+    /// No append is in flight here (nor in `purge`): openraft 0.9's core
+    /// calls both itself, after the callback of its last append (see the
+    /// module documentation). An openraft that pipelines appends would
+    /// need these to wait for the writer first.
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating the raft log");
         {
