@@ -64,6 +64,49 @@ impl CpuLimit {
     }
 }
 
+/// How often the quota stopped a process: CFS periods elapsed, and those in
+/// which it ran out of quota and was held until the next one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Throttling {
+    pub periods: u64,
+    pub throttled: u64,
+}
+
+impl Throttling {
+    /// What happened between `self` (earlier) and `later`.
+    pub fn until(self, later: Throttling) -> Throttling {
+        Throttling {
+            periods: later.periods.saturating_sub(self.periods),
+            throttled: later.throttled.saturating_sub(self.throttled),
+        }
+    }
+}
+
+impl std::fmt::Display for Throttling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.throttled, self.periods)
+    }
+}
+
+/// Reads `nr_periods` and `nr_throttled` from a `cpu.stat` (the same keys
+/// in cgroup v1 and v2).
+fn parse_cpu_stat(text: &str) -> Option<Throttling> {
+    let value = |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key).and_then(|rest| rest.strip_prefix(' '))?.trim().parse().ok())
+    };
+    Some(Throttling { periods: value("nr_periods")?, throttled: value("nr_throttled")? })
+}
+
+impl CpuLimit {
+    /// The process's throttling so far (which node ran out of CPU: the one
+    /// throttled in most periods limits the cluster).
+    pub fn throttling(&self) -> Result<Throttling> {
+        let path = self.dir.join("cpu.stat");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        parse_cpu_stat(&text).with_context(|| format!("no nr_periods / nr_throttled in {}", path.display()))
+    }
+}
+
 impl Drop for CpuLimit {
     fn drop(&mut self) {
         // The process may be gone already: then only the removal matters.
@@ -71,5 +114,24 @@ impl Drop for CpuLimit {
         if let Err(e) = std::fs::remove_dir(&self.dir) {
             crate::log(format!("could not remove the cgroup {}: {e}", self.dir.display()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_stat_gives_periods_and_throttled_periods() {
+        // cgroup v1 (cpu controller) and v2 (usage first, no throttled_time).
+        let v1 = "nr_periods 412\nnr_throttled 398\nthrottled_time 29912737409\n";
+        let v2 = "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_periods 40\nnr_throttled 2\nthrottled_usec 16000\n";
+        assert_eq!(parse_cpu_stat(v1), Some(Throttling { periods: 412, throttled: 398 }));
+        assert_eq!(parse_cpu_stat(v2), Some(Throttling { periods: 40, throttled: 2 }));
+        // A key that only starts like another is not it; a missing key is None.
+        assert_eq!(parse_cpu_stat("nr_periods_x 5\nnr_periods 7\nnr_throttled 1\n"), Some(Throttling { periods: 7, throttled: 1 }));
+        assert_eq!(parse_cpu_stat("nr_periods 7\n"), None);
+        let before = Throttling { periods: 100, throttled: 90 };
+        assert_eq!(before.until(Throttling { periods: 140, throttled: 129 }).to_string(), "39/40");
     }
 }

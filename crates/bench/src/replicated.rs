@@ -272,12 +272,12 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
     }
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid).collect();
     // Held until the end of the cells: dropping them frees the processes.
-    let mut _limits = Vec::new();
+    let mut limits = Vec::new();
     if let Some(pct) = args.cpu_per_node {
         let tag = std::process::id();
-        _limits.push(crate::cgroup::CpuLimit::apply(&format!("hamail-bench-{tag}-single"), server.pid, pct)?);
+        limits.push(crate::cgroup::CpuLimit::apply(&format!("hamail-bench-{tag}-single"), server.pid, pct)?);
         for n in &cluster.nodes {
-            _limits.push(crate::cgroup::CpuLimit::apply(&format!("hamail-bench-{tag}-{}", n.name), n.pid, pct)?);
+            limits.push(crate::cgroup::CpuLimit::apply(&format!("hamail-bench-{tag}-{}", n.name), n.pid, pct)?);
         }
         log(format!("every server process limited to {pct} % of one core (a cgroup each)"));
     }
@@ -343,6 +343,8 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
             k += 1;
             let mut s_cell = None;
             let mut c_cell = None;
+            // With --cpu-per-node: periods throttled / elapsed, per process.
+            let (mut s_throttled, mut c_throttled) = (None, None);
             for turn in 0..2 {
                 let load = |addrs: Vec<SocketAddr>| smtp::Load {
                     addrs: Arc::new(addrs),
@@ -355,8 +357,11 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                 if (turn == 0) == single_first {
                     log(format!("{} x{conc}: single node (pid {})", size_label(size), server.pid));
                     let mon = procfs::Monitor::start(server.pid, interval);
+                    let before = throttling(&limits[..1.min(limits.len())])?;
                     let r = smtp::run(load(vec![server.smtp])).await?;
+                    let throttled = throttled_since(&limits[..1.min(limits.len())], &before, &["single"])?;
                     s_cell = Some(cell("single", size, conc, &r, mon.finish().await));
+                    s_throttled = throttled;
                 } else {
                     log(format!(
                         "{} x{conc}: cluster, sessions to {target} (leader {} pid {})",
@@ -365,7 +370,11 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                         cluster.nodes[li].pid
                     ));
                     let mon = procfs::Monitor::start_set(pids.clone(), interval);
+                    let node_limits = &limits[1.min(limits.len())..];
+                    let before = throttling(node_limits)?;
                     let r = smtp::run(load(addrs.clone())).await?;
+                    let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+                    c_throttled = throttled_since(node_limits, &before, &names)?;
                     c_cell = Some(cell("cluster", size, conc, &r, mon.finish().await));
                 }
                 check_alive(server, cluster)?;
@@ -378,6 +387,9 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
             let (mut s, mut c) = (s_cell.context("no single cell")?, c_cell.context("no cluster cell")?);
             let (so, co) = if single_first { ("1", "2") } else { ("2", "1") };
             s.extra.push(("order", so.to_string()));
+            if let Some(t) = s_throttled {
+                s.extra.push(("throttled", t));
+            }
             c.extra = vec![
                 ("order", co.to_string()),
                 ("nodes", args.nodes.to_string()),
@@ -385,6 +397,9 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                 ("leader", cluster.nodes[li].name.clone()),
                 ("term_moves", term_moves.to_string()),
             ];
+            if let Some(t) = c_throttled {
+                c.extra.push(("throttled", t));
+            }
             c.compare = Compare::Peer("single", s.msgs_per_s());
             println!("{}", s.line());
             println!("{}", c.line());
@@ -392,6 +407,27 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
         }
     }
     Ok(rows)
+}
+
+/// The throttling counts of `limits` now.
+fn throttling(limits: &[crate::cgroup::CpuLimit]) -> Result<Vec<crate::cgroup::Throttling>> {
+    limits.iter().map(|l| l.throttling()).collect()
+}
+
+/// Since `before`, per process: `name:throttled/periods` joined by commas
+/// (`None` without quotas).
+fn throttled_since(
+    limits: &[crate::cgroup::CpuLimit],
+    before: &[crate::cgroup::Throttling],
+    names: &[&str],
+) -> Result<Option<String>> {
+    if limits.is_empty() {
+        return Ok(None);
+    }
+    let now = throttling(limits)?;
+    let parts: Vec<String> =
+        names.iter().zip(before.iter().zip(now)).map(|(name, (b, n))| format!("{name}:{}", b.until(n))).collect();
+    Ok(Some(parts.join(",")))
 }
 
 /// Waits until the processes together use less than 10 % of one core over
