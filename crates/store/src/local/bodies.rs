@@ -177,11 +177,18 @@ impl Inner {
             return Ok(());
         }
         for dir in dirs {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| StoreError::io(format!("fsyncing directory {}", dir.display()), e))?;
+            self.sync_dir(dir).map_err(|e| StoreError::io(format!("fsyncing directory {}", dir.display()), e))?;
         }
         Ok(())
+    }
+
+    /// fsyncs `dir` (`bodies/` through its open handle).
+    pub(crate) fn sync_dir(&self, dir: &std::path::Path) -> io::Result<()> {
+        if dir == self.bodies_dir {
+            self.bodies_dir_handle.sync_all()
+        } else {
+            File::open(dir)?.sync_all()
+        }
     }
 
     /// Those of `hashes` that have no file here.

@@ -75,6 +75,9 @@ impl Default for StoreOptions {
 pub(crate) struct Inner {
     pub(crate) db: Database,
     pub(crate) bodies_dir: PathBuf,
+    /// `bodies_dir`, open for its fsyncs: one per body copied from a peer
+    /// (see `dir_sync`), so not an open and a close each time.
+    pub(crate) bodies_dir_handle: fs::File,
     pub(crate) tmp_dir: PathBuf,
     pub(crate) options: StoreOptions,
     /// Body hashes an accept may be about to reference (see `bodies`).
@@ -302,9 +305,12 @@ impl LocalStore {
             .create(dir.join("meta.redb"))
             .map_err(|e| db_err("opening meta.redb", e))?;
         let options_prefix = options.node_prefix;
+        let bodies_dir_handle =
+            fs::File::open(&bodies_dir).map_err(|e| StoreError::io(format!("opening {}", bodies_dir.display()), e))?;
         let inner = Arc::new(Inner {
             db,
             bodies_dir,
+            bodies_dir_handle,
             tmp_dir,
             options,
             in_flight: Mutex::new(HashMap::new()),

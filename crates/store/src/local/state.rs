@@ -842,7 +842,7 @@ impl LocalStore {
                 let dir = staged.dir.clone();
                 inner
                     .dir_sync
-                    .sync(|| std::fs::File::open(&dir)?.sync_all())
+                    .sync(|| inner.sync_dir(&dir))
                     .map_err(|e| StoreError::io(format!("fsyncing directory {}", staged.dir.display()), e))?;
             }
             Ok(staged.hash)
