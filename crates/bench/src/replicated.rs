@@ -281,6 +281,8 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
         }
         log(format!("every server process limited to {pct} % of one core (a cgroup each)"));
     }
+    // The single node's limit first, then the nodes' (none without quotas).
+    let (single_limit, node_limits) = limits.split_at(1.min(limits.len()));
     let target = if args.spread { "spread" } else { "leader" };
     println!(
         "replicated nodes={} target={target} users={} seconds={} cpus={} heartbeat_ms={} election_timeout_ms={}-{} cpu_per_node_pct={}",
@@ -357,11 +359,10 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                 if (turn == 0) == single_first {
                     log(format!("{} x{conc}: single node (pid {})", size_label(size), server.pid));
                     let mon = procfs::Monitor::start(server.pid, interval);
-                    let before = throttling(&limits[..1.min(limits.len())])?;
+                    let before = throttling(single_limit)?;
                     let r = smtp::run(load(vec![server.smtp])).await?;
-                    let throttled = throttled_since(&limits[..1.min(limits.len())], &before, &["single"])?;
+                    s_throttled = throttled_since(single_limit, &before, &["single"])?;
                     s_cell = Some(cell("single", size, conc, &r, mon.finish().await));
-                    s_throttled = throttled;
                 } else {
                     log(format!(
                         "{} x{conc}: cluster, sessions to {target} (leader {} pid {})",
@@ -370,7 +371,6 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
                         cluster.nodes[li].pid
                     ));
                     let mon = procfs::Monitor::start_set(pids.clone(), interval);
-                    let node_limits = &limits[1.min(limits.len())..];
                     let before = throttling(node_limits)?;
                     let r = smtp::run(load(addrs.clone())).await?;
                     let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
