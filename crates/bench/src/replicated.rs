@@ -501,9 +501,10 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
         }
     }
     let repeated = cells.iter().any(|(_, runs)| runs.len() > 1);
-    let median = |v: Vec<f64>| summary(&v).unwrap_or_default();
+    // (median, lowest, highest) of a list.
+    let stats = |v: Vec<f64>| summary(&v).unwrap_or_default();
     // Per cell: (median, lowest, highest) ratio.
-    let ratios: Vec<(f64, f64, f64)> = cells.iter().map(|(_, runs)| median(runs.iter().map(|r| r.ratio()).collect())).collect();
+    let ratios: Vec<(f64, f64, f64)> = cells.iter().map(|(_, runs)| stats(runs.iter().map(|r| r.ratio()).collect())).collect();
     if repeated {
         let _ = writeln!(out, "medians ({} runs per cell):", cells.first().map_or(0, |(_, runs)| runs.len()));
         for (((size, conc), runs), (ratio, low, high)) in cells.iter().zip(&ratios) {
@@ -511,8 +512,8 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
                 out,
                 "{:<14} {:>9.1} {:>12.1} {:>6.2}  (ratios {low:.2}-{high:.2})",
                 format!("{} x{}", size_label(*size), conc),
-                median(runs.iter().map(|r| r.single.msgs_per_s()).collect()).0,
-                median(runs.iter().map(|r| r.cluster.msgs_per_s()).collect()).0,
+                stats(runs.iter().map(|r| r.single.msgs_per_s()).collect()).0,
+                stats(runs.iter().map(|r| r.cluster.msgs_per_s()).collect()).0,
                 ratio,
             );
         }
@@ -545,7 +546,6 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
     );
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -187,14 +187,14 @@ impl LogStore {
         txn.open_table(ENTRIES).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
-        let (db, recent, committed_hint) = (Arc::new(db), Arc::<Mutex<Recent>>::default(), Arc::<Mutex<Option<Vec<u8>>>>::default());
         let (tx, rx) = std::sync::mpsc::channel();
-        let (weak, shared, hint) = (Arc::downgrade(&db), recent.clone(), committed_hint.clone());
+        let log = LogStore { db: Arc::new(db), recent: Arc::default(), committed_hint: Arc::default(), writer: Arc::new(tx) };
+        let (db, recent, hint) = (Arc::downgrade(&log.db), log.recent.clone(), log.committed_hint.clone());
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_loop(&weak, &shared, &hint, &rx))
+            .spawn(move || write_loop(&db, &recent, &hint, &rx))
             .map_err(|e| logs_err(ErrorVerb::Write, format!("starting the log writer: {e}")))?;
-        Ok(LogStore { db, recent, committed_hint, writer: Arc::new(tx) })
+        Ok(log)
     }
 
     fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StorageError> {

@@ -89,6 +89,13 @@ pub fn remote_refusal(mta: &str, reply: &str) -> String {
     format!("{mta} said: {reply}")
 }
 
+/// The reply code a recorded error starts with ("550 5.1.1 ..." -> "550"):
+/// `Some` when the text is a server's reply (RFC 5321 4.2), `None` for our
+/// own reasons ("connection reset").
+pub fn reply_code(text: &str) -> Option<&str> {
+    text.split_whitespace().next().filter(|w| w.len() == 3 && w.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Splits an error recorded by [`remote_refusal`] back into the server's
 /// name and its reply; any other text is `(None, text)`.
 pub fn split_remote_refusal(error: &str) -> (Option<&str>, &str) {
@@ -180,6 +187,8 @@ pub fn build(dsn: &Dsn<'_>) -> RelayResult<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_remote_refusal_splits_back_into_the_server_and_its_reply() {
         let recorded = remote_refusal("mx.there.test", "550 5.1.1 no such user");
@@ -188,9 +197,13 @@ mod tests {
         let expired = format!("4.4.7 message expired in the queue; last error: {recorded}");
         assert_eq!(split_remote_refusal(&expired), (None, expired.as_str()));
         assert_eq!(split_remote_refusal("connection refused"), (None, "connection refused"));
+        // A server's reply has its code first; our own reasons have none.
+        assert_eq!(reply_code("550 5.1.1 no such user"), Some("550"));
+        assert_eq!(reply_code("421 "), Some("421"));
+        assert_eq!(reply_code("4.4.7 message expired"), None);
+        assert_eq!(reply_code("connection reset"), None);
+        assert_eq!(reply_code(""), None);
     }
-
-    use super::*;
 
     #[test]
     fn header_block_ends_at_the_blank_line() {

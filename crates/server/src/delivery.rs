@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hamail_relay::client::{Action, Client, ClientOptions, Envelope, RcptStatus, TlsPolicy};
-use hamail_relay::dsn::{remote_refusal, split_remote_refusal, Dsn, DsnKind, DsnRecipient};
+use hamail_relay::dsn::{remote_refusal, reply_code, split_remote_refusal, Dsn, DsnKind, DsnRecipient};
 use hamail_relay::route::{DestinationKey, Hop, Router};
 use hamail_relay::schedule::{Clock, Schedule};
 use hamail_relay::{domain_of, RelayError};
@@ -645,15 +645,14 @@ async fn run_session(
     }
 }
 
-/// A refusal in the server's own words (a reply: three digits first) is
+/// A refusal in the server's own words (a reply: its code first) is
 /// recorded with the server's name, for the DSN's Remote-MTA
 /// ([`hamail_relay::dsn::remote_refusal`]); the driver's own reasons
 /// (connection lost, body unreadable) are not the server's.
 fn attributed(s: &RcptStatus, mta: &str) -> RcptStatus {
-    let is_reply = |e: &str| e.len() >= 3 && e.as_bytes()[..3].iter().all(u8::is_ascii_digit);
     match s {
-        RcptStatus::Failed(e) if is_reply(e) => RcptStatus::Failed(remote_refusal(mta, e)),
-        RcptStatus::Deferred(e) if is_reply(e) => RcptStatus::Deferred(remote_refusal(mta, e)),
+        RcptStatus::Failed(e) if reply_code(e).is_some() => RcptStatus::Failed(remote_refusal(mta, e)),
+        RcptStatus::Deferred(e) if reply_code(e).is_some() => RcptStatus::Deferred(remote_refusal(mta, e)),
         other => other.clone(),
     }
 }
@@ -775,7 +774,7 @@ fn dsn_recipient(item: &QueueItem, i: u32, default_status: &str) -> DsnRecipient
     // "mx said: 550 5.1.1 text" → Remote-MTA mx, status 5.1.1, diagnostic
     // the whole reply.
     let (mta, reply) = split_remote_refusal(&error);
-    let code = reply.split_whitespace().next().filter(|w| w.len() == 3 && w.chars().all(|c| c.is_ascii_digit()));
+    let code = reply_code(reply);
     // The first enhanced status code (RFC 3463) in the text: right after
     // the reply code, or quoted in our own reason ("last error: ...").
     let esc = reply.split_whitespace().find(|w| {

@@ -36,8 +36,6 @@ use crate::{BodyHash, StoreError, StoreResult};
 pub(crate) struct StagedBody {
     pub hash: BodyHash,
     pub size: u64,
-    /// The `bodies/` directory whose entry must be fsynced before commit.
-    pub dir: PathBuf,
     /// The body file itself, fdatasynced by the caller before the commit.
     pub path: PathBuf,
     /// The file as written (open), for the fdatasync: no second open.
@@ -87,12 +85,8 @@ impl Inner {
     /// one SMTP session reached ~550 msgs/s; with one directory, which stays
     /// hot and is fsynced once per batch, ~1,000 msgs/s (ext4; its hashed
     /// directory index keeps lookups fast with millions of entries).
-    pub(crate) fn body_dir(&self, _hash: &BodyHash) -> PathBuf {
-        self.bodies_dir.clone()
-    }
-
     pub(crate) fn body_path(&self, hash: &BodyHash) -> PathBuf {
-        self.body_dir(hash).join(hash.to_hex())
+        self.bodies_dir.join(hash.to_hex())
     }
 
     /// Writes `body` durably under its hash (step 1 of an accept). Runs in
@@ -115,8 +109,7 @@ impl Inner {
         // Register before looking at the file, so that a delete that frees
         // this hash from now on leaves the file alone.
         let guard = InFlight::register(self, hash);
-        let dir = self.body_dir(&hash);
-        let path = dir.join(hash.to_hex());
+        let path = self.body_path(&hash);
         let size = body.len() as u64;
 
         // Already there (same content, as names are hashes): share it. A
@@ -148,7 +141,7 @@ impl Inner {
             }
             Some(file)
         };
-        Ok(StagedBody { hash, size, dir, path, file, _guard: guard })
+        Ok(StagedBody { hash, size, path, file, _guard: guard })
     }
 
     /// Makes a staged body's data durable (fdatasync). Runs in the caller's
@@ -167,28 +160,18 @@ impl Inner {
         }
     }
 
-    /// Makes the directory entries of renamed bodies durable. Called by the
-    /// committer once per batch, before the metadata commit. Sequential on
-    /// purpose: after the first fsync has committed the file system journal
-    /// the others are cheap, and measured parallel fsyncs (one thread per
-    /// directory) were slower on a loaded 2-core machine.
-    pub(crate) fn sync_dirs(&self, dirs: &[&PathBuf]) -> StoreResult<()> {
+    /// Makes the directory entries of renamed bodies durable (fsync of
+    /// `bodies/`, the one directory every body is in, through its open
+    /// handle). Called by the committer once per batch and, through
+    /// `dir_sync`, for bodies written outside it, before the metadata
+    /// commit that references them.
+    pub(crate) fn sync_bodies_dir(&self) -> StoreResult<()> {
         if !self.options.fsync {
             return Ok(());
         }
-        for dir in dirs {
-            self.sync_dir(dir).map_err(|e| StoreError::io(format!("fsyncing directory {}", dir.display()), e))?;
-        }
-        Ok(())
-    }
-
-    /// fsyncs `dir` (`bodies/` through its open handle).
-    pub(crate) fn sync_dir(&self, dir: &std::path::Path) -> io::Result<()> {
-        if dir == self.bodies_dir {
-            self.bodies_dir_handle.sync_all()
-        } else {
-            File::open(dir)?.sync_all()
-        }
+        self.bodies_dir_handle
+            .sync_all()
+            .map_err(|e| StoreError::io(format!("fsyncing directory {}", self.bodies_dir.display()), e))
     }
 
     /// Those of `hashes` that have no file here.

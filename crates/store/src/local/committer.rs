@@ -11,8 +11,6 @@
 //! commits once and answers everyone. Nothing is answered before the commit
 //! returned, and nothing is committed before its body is durable.
 
-use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -89,8 +87,7 @@ fn run(inner: &Inner, rx: mpsc::Receiver<AcceptJob>) {
         }
         // Directory entries first (one fsync for the batch), then the
         // bodies' own fdatasyncs, which ran meanwhile in the callers.
-        let dirs: Vec<&PathBuf> = batch.iter().map(|j| &j.body.dir).collect::<BTreeSet<_>>().into_iter().collect();
-        if let Err(e) = inner.sync_dirs(&dirs) {
+        if let Err(e) = inner.sync_bodies_dir() {
             tracing::error!(error = %e, messages = batch.len(), "fsync of bodies/ failed: batch refused");
             for job in batch {
                 let _ = job.reply.send(Err(duplicate_error(&e)));

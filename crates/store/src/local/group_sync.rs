@@ -7,7 +7,6 @@
 //! caller that finds a sync already running waits for the next one, which
 //! covers every rename made before it started (the classic group commit).
 
-use std::io;
 use std::sync::{Condvar, Mutex, PoisonError};
 
 #[derive(Default)]
@@ -27,7 +26,7 @@ struct State {
 
 impl GroupSync {
     /// Returns once a `sync` that started after this call has succeeded.
-    pub(crate) fn sync(&self, sync: impl Fn() -> io::Result<()>) -> io::Result<()> {
+    pub(crate) fn sync<E>(&self, sync: impl Fn() -> Result<(), E>) -> Result<(), E> {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         st.requested += 1;
         let ticket = st.requested;
@@ -74,7 +73,7 @@ mod tests {
                         g.sync(|| {
                             syncs.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(std::time::Duration::from_millis(1));
-                            Ok(())
+                            Ok::<(), std::io::Error>(())
                         })
                         .unwrap();
                     }
@@ -91,11 +90,11 @@ mod tests {
     #[test]
     fn a_failed_sync_is_reported_and_the_next_caller_syncs_again() {
         let g = GroupSync::default();
-        assert!(g.sync(|| Err(io::Error::other("disk"))).is_err());
+        assert!(g.sync(|| Err(std::io::Error::other("disk"))).is_err());
         let ran = std::cell::Cell::new(false);
         g.sync(|| {
             ran.set(true);
-            Ok(())
+            Ok::<(), std::io::Error>(())
         })
         .unwrap();
         assert!(ran.get());

@@ -839,11 +839,7 @@ impl LocalStore {
                 .sync_body(staged.file.take(), &staged.path)
                 .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
             if inner.options.fsync {
-                let dir = staged.dir.clone();
-                inner
-                    .dir_sync
-                    .sync(|| inner.sync_dir(&dir))
-                    .map_err(|e| StoreError::io(format!("fsyncing directory {}", staged.dir.display()), e))?;
+                inner.dir_sync.sync(|| inner.sync_bodies_dir())?;
             }
             Ok(staged.hash)
         })
