@@ -208,6 +208,11 @@ pub struct ServerSection {
     /// Delay before answering a failed login (SMTP AUTH, POP3), doubled for
     /// every further failure from the same address (up to 30 s).
     pub auth_failure_delay_ms: u64,
+    /// Memory, in MiB, that clients may make this node hold for buffers
+    /// (message data before its body file, body copies to other nodes,
+    /// reply chunks), all connections together. When it is spent, clients
+    /// get a temporary refusal (`451 4.3.1`, `-ERR [SYS/TEMP]`).
+    pub memory_budget_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,6 +335,7 @@ impl Default for ServerSection {
             local_hostnames: Vec::new(),
             domains: Vec::new(),
             auth_failure_delay_ms: 1000,
+            memory_budget_mb: 256,
         }
     }
 }

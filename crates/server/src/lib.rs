@@ -10,6 +10,7 @@
 //! DATA itself: it hands the store's `Committed` proof to the session.
 
 pub mod admin;
+pub mod budget;
 pub mod cluster;
 pub mod config;
 mod conn;
@@ -93,6 +94,8 @@ pub struct Context {
     pub(crate) auth_failures: limits::AuthFailures,
     /// Outbound delivery on this node.
     pub delivery: delivery::Control,
+    /// Buffers a client can make this node hold, in all.
+    pub memory: Arc<budget::MemoryBudget>,
 }
 
 impl Context {
@@ -173,6 +176,7 @@ pub async fn start_with_clock(
         maildrop_locks: limits::MaildropLocks::default(),
         auth_failures: limits::AuthFailures::default(),
         delivery: delivery::Control::new(clock),
+        memory: budget::MemoryBudget::new(config.server.memory_budget_mb.saturating_mul(1024 * 1024)),
         config,
         store: std::sync::RwLock::new(store),
         local: local.clone(),
