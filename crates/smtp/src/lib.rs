@@ -21,6 +21,7 @@ mod session;
 mod stamp;
 
 pub use session::{
-    AuthResult, Credentials, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction,
+    AuthResult, Credentials, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict, Session,
+    SmtpConfig, Transaction,
 };
 pub use stamp::{has_field, rfc5322_date, stamp_message};

@@ -34,6 +34,14 @@ pub struct SmtpConfig {
     pub plaintext_auth_allowed: bool,
     /// Protocol errors before `421` and close.
     pub max_errors: usize,
+    /// Ask the driver about an unauthenticated client's sender
+    /// ([`Next::CheckSender`]), so that mail claiming one of our own
+    /// domains can be refused unless the client logged in.
+    pub check_unauthenticated_sender: bool,
+    /// The IP addresses this connection reached us on: a recipient address
+    /// literal (RFC 5321 4.1.3, `user@[192.0.2.1]`) naming one of them is
+    /// ours, and means `user@hostname`.
+    pub local_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for SmtpConfig {
@@ -48,6 +56,8 @@ impl Default for SmtpConfig {
             tls_available: false,
             plaintext_auth_allowed: false,
             max_errors: 20,
+            check_unauthenticated_sender: false,
+            local_addresses: Vec::new(),
         }
     }
 }
@@ -75,6 +85,11 @@ pub enum Next {
     NeedInput,
     /// Resolve the recipient, call [`Session::recipient_checked`].
     CheckRecipient(Address),
+    /// Judge whether this client may use this envelope sender, call
+    /// [`Session::sender_checked`]. Asked for every sender of an
+    /// authenticated client (submission binds the sender to the login) and,
+    /// with [`SmtpConfig::check_unauthenticated_sender`], of the others.
+    CheckSender(SenderCheck),
     /// Verify the credentials, call [`Session::authenticated`].
     Authenticate(Credentials),
     /// Stamp (see [`crate::stamp_message`]), commit, call [`Session::delivered`].
@@ -98,6 +113,27 @@ pub enum RcptVerdict {
     Forward { local: Vec<Address>, remote: Vec<String> },
     /// One of our domains, no such user.
     UnknownUser,
+    /// The lookup failed; the client should retry.
+    TemporaryFailure(String),
+}
+
+/// The question of [`Next::CheckSender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderCheck {
+    /// The `MAIL FROM` address (never the null path: `<>` needs no owner).
+    pub sender: Address,
+    /// Who logged in, if anyone.
+    pub authenticated: Option<String>,
+}
+
+/// The driver's answer to [`Next::CheckSender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderVerdict {
+    Allowed,
+    /// An authenticated user used an address that is not theirs.
+    NotOwned,
+    /// An unauthenticated client claims a sender in one of our domains.
+    LocalNeedsAuthentication,
     /// The lookup failed; the client should retry.
     TemporaryFailure(String),
 }
@@ -213,10 +249,43 @@ enum State {
 /// What the session waits for from the driver.
 #[derive(Debug)]
 enum Waiting {
+    Sender { return_path: String },
     Rcpt { given: String },
     Auth { username: String },
     Deliver,
     StartTls,
+}
+
+/// RFC 6531 3.7.4.1 (the reply when UTF-8 addresses cannot be taken):
+/// SMTPUTF8 is not offered, so an address must be ASCII (RFC 5321 4.1.2).
+const NON_ASCII_ADDRESS: &str =
+    "553 5.6.7 Non-ASCII address: this server does not offer SMTPUTF8 (RFC 6531)";
+
+/// The address of `RCPT TO:<local@[literal]>` (no parameters), if `line`
+/// is that.
+fn literal_rcpt(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?.trim_end_matches(['\r', '\n']);
+    let head = text.get(..9)?;
+    if !head.eq_ignore_ascii_case("RCPT TO:<") {
+        return None;
+    }
+    let address = text[9..].strip_suffix('>')?;
+    let (local, domain) = address.rsplit_once('@')?;
+    let plain = |c: char| c.is_ascii_graphic() && !"<>[]@\"".contains(c);
+    let literal = domain.strip_prefix('[')?.strip_suffix(']')?;
+    (!local.is_empty()
+        && local.chars().all(plain)
+        && literal.chars().all(|c| c.is_ascii_alphanumeric() || ".:".contains(c)))
+    .then(|| address.to_string())
+}
+
+/// A recipient whose domain may be an address literal.
+enum Literal {
+    NotALiteral,
+    /// One of our addresses: the local part.
+    Ours(String),
+    NotOurs,
+    Malformed,
 }
 
 /// RFC 4954 4: a SASL response line may be up to 12288 octets.
@@ -364,6 +433,34 @@ impl Session {
         } else {
             State::Rcpt { helo, env }
         };
+        self.run()
+    }
+
+    /// The answer to [`Next::CheckSender`].
+    pub fn sender_checked(&mut self, verdict: SenderVerdict) -> Output {
+        let return_path = match self.waiting.take() {
+            Some(Waiting::Sender { return_path }) => return_path,
+            other => return self.wrong_state(other, "sender_checked"),
+        };
+        match verdict {
+            SenderVerdict::Allowed => self.open_envelope(Some(return_path)),
+            // Postfix's reject_sender_login_mismatch answers the same.
+            SenderVerdict::NotOwned => {
+                let user = clean(self.auth_user.as_deref().unwrap_or(""));
+                self.error(&format!(
+                    "553 5.7.1 <{}>: Sender address rejected: not owned by user {user}",
+                    clean(&return_path)
+                ))
+            }
+            SenderVerdict::LocalNeedsAuthentication => self.error(&format!(
+                "550 5.7.1 <{}>: Sender address rejected: mail from a local domain must be sent with authentication",
+                clean(&return_path)
+            )),
+            SenderVerdict::TemporaryFailure(why) => self.reply(&format!(
+                "451 4.3.0 Temporary lookup failure: {}",
+                clean(&why)
+            )),
+        }
         self.run()
     }
 
@@ -665,6 +762,19 @@ impl Session {
     fn command(&mut self, line: &[u8]) -> Option<Next> {
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r.into_owned(),
+            // The parser knows no address literals (RFC 5321 4.1.3), which
+            // are valid syntax: a plain `RCPT TO:<local@[literal]>` is
+            // taken here.
+            Err(ProtoError::InvalidRecipientAddress) if literal_rcpt(line).is_some() => {
+                let address = literal_rcpt(line).unwrap_or_default();
+                let to = smtp_proto::RcptTo {
+                    address,
+                    orcpt: None,
+                    rrvs: 0,
+                    flags: 0,
+                };
+                return self.rcpt(to, line);
+            }
             Err(e) => {
                 let text = match e {
                     ProtoError::UnknownCommand => "500 5.5.1 Command unrecognized".to_string(),
@@ -715,10 +825,7 @@ impl Session {
                 self.reply(&text);
                 None
             }
-            Request::Mail { from } => {
-                self.mail(from);
-                None
-            }
+            Request::Mail { from } => self.mail(from, line),
             Request::Rcpt { to } => self.rcpt(to, line),
             Request::Data => {
                 let state = std::mem::replace(&mut self.state, State::Closed);
@@ -771,7 +878,7 @@ impl Session {
                 self.reply("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
                 None
             }
-            Request::StartTls => self.starttls(),
+            Request::StartTls => self.starttls(line),
             Request::Auth {
                 mechanism,
                 initial_response,
@@ -793,15 +900,22 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>, line: &[u8]) -> Option<Next> {
         match &self.state {
-            State::Connected => return self.error("503 5.5.1 Error: send HELO/EHLO first"),
+            State::Connected => {
+                self.error("503 5.5.1 Error: send HELO/EHLO first");
+                return None;
+            }
             State::Greeted { .. } => {}
-            _ => return self.error("503 5.5.1 Error: nested MAIL command"),
+            _ => {
+                self.error("503 5.5.1 Error: nested MAIL command");
+                return None;
+            }
         }
         // RFC 6409 4.3 / RFC 4954 6: submission needs authentication.
         if self.config.submission && self.auth_user.is_none() {
-            return self.error("530 5.7.0 Authentication required");
+            self.error("530 5.7.0 Authentication required");
+            return None;
         }
         // Only what we advertise: SIZE (RFC 1870), BODY=7BIT/8BITMIME (RFC
         // 6152), and AUTH= (RFC 4954 5, which must be accepted).
@@ -816,19 +930,47 @@ impl Session {
             || from.hold_until != 0
             || from.mt_priority != 0
         {
-            return self.error("555 5.5.4 Unsupported MAIL parameter");
+            self.error("555 5.5.4 Unsupported MAIL parameter");
+            return None;
         }
         // RFC 1870 6.1: refuse a declared size over the limit at once.
         if from.size > self.config.max_message_size {
-            return self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
+            self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
+            return None;
         }
-        let return_path = if from.address.is_empty() {
-            None
-        } else if Address::parse(&from.address).is_ok() {
-            Some(from.address)
-        } else {
-            return self.error("501 5.1.7 Bad sender address syntax");
+        if !line.is_ascii() {
+            self.error(NON_ASCII_ADDRESS);
+            return None;
+        }
+        if from.address.is_empty() {
+            // RFC 6409 4.3 binds a submission's sender to the user; the
+            // null path is for bounces, which a user does not send.
+            if self.auth_user.is_some() {
+                self.error("553 5.7.1 <>: Sender address rejected: the null sender is not allowed after authentication");
+                return None;
+            }
+            self.open_envelope(None);
+            return None;
+        }
+        let Ok(sender) = Address::parse(&from.address) else {
+            self.error("501 5.1.7 Bad sender address syntax");
+            return None;
         };
+        if self.auth_user.is_none() && !self.config.check_unauthenticated_sender {
+            self.open_envelope(Some(from.address));
+            return None;
+        }
+        self.waiting = Some(Waiting::Sender {
+            return_path: from.address,
+        });
+        Some(Next::CheckSender(SenderCheck {
+            sender,
+            authenticated: self.auth_user.clone(),
+        }))
+    }
+
+    /// MAIL accepted: the transaction starts (RFC 5321 4.1.1.2).
+    fn open_envelope(&mut self, return_path: Option<String>) {
         let state = std::mem::replace(&mut self.state, State::Closed);
         let State::Greeted { helo } = state else {
             self.state = state;
@@ -864,6 +1006,10 @@ impl Session {
             self.reply("452 4.5.3 Error: too many recipients");
             return None;
         }
+        if !line.is_ascii() {
+            self.error(NON_ASCII_ADDRESS);
+            return None;
+        }
         let given = if to.address.is_empty() {
             // smtp-proto turns <Postmaster> into "": RFC 5321 4.5.1 requires
             // accepting it without a domain; it means our postmaster.
@@ -879,7 +1025,21 @@ impl Session {
         } else {
             to.address
         };
-        match Address::parse(&given) {
+        // RFC 5321 4.1.3: an address literal is a valid domain; one of the
+        // addresses the client reached us on means this host.
+        let lookup = match self.literal_recipient(&given) {
+            Literal::NotALiteral => given.clone(),
+            Literal::Ours(local_part) => format!("{local_part}@{}", self.config.hostname),
+            Literal::NotOurs => {
+                self.error("550 5.1.2 Recipient address rejected: that address literal is not this host");
+                return None;
+            }
+            Literal::Malformed => {
+                self.error("501 5.1.3 Bad recipient address syntax");
+                return None;
+            }
+        };
+        match Address::parse(&lookup) {
             Ok(address) => {
                 self.waiting = Some(Waiting::Rcpt { given });
                 Some(Next::CheckRecipient(address))
@@ -891,7 +1051,44 @@ impl Session {
         }
     }
 
-    fn starttls(&mut self) -> Option<Next> {
+    /// What `address` is when its domain is an address literal.
+    fn literal_recipient(&self, address: &str) -> Literal {
+        let Some((local_part, domain)) = address.rsplit_once('@') else {
+            return Literal::NotALiteral;
+        };
+        let Some(inner) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) else {
+            return Literal::NotALiteral;
+        };
+        // RFC 5321 4.1.3: IPv4-address-literal or "IPv6:" IPv6-addr.
+        let ip = match inner.get(..5) {
+            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => inner[5..]
+                .parse::<std::net::Ipv6Addr>()
+                .map(std::net::IpAddr::V6),
+            _ => inner.parse::<std::net::Ipv4Addr>().map(std::net::IpAddr::V4),
+        };
+        let Ok(ip) = ip else {
+            return Literal::Malformed;
+        };
+        let ours = self.config.local_addresses.iter().any(|a| match (a, ip) {
+            (std::net::IpAddr::V6(a), std::net::IpAddr::V4(v4)) => a.to_ipv4_mapped() == Some(v4),
+            (a, ip) => *a == ip,
+        });
+        if local_part.is_empty() {
+            Literal::Malformed
+        } else if ours {
+            Literal::Ours(local_part.to_string())
+        } else {
+            Literal::NotOurs
+        }
+    }
+
+    fn starttls(&mut self, line: &[u8]) -> Option<Next> {
+        // RFC 3207 4: "501 Syntax error (no parameters allowed)".
+        let args = line.get(8..).unwrap_or_default();
+        if args.iter().any(|b| !b.is_ascii_whitespace()) {
+            self.error("501 5.5.4 Syntax error (no parameters allowed)");
+            return None;
+        }
         if self.tls {
             self.error("503 5.5.1 Error: TLS already active");
             return None;
@@ -1021,8 +1218,10 @@ impl Session {
 
     fn ask_auth(&mut self, creds: Credentials) -> Next {
         self.leave_sasl();
+        // RFC 4616 2: the client acts as the authorization identity when it
+        // gives one; the driver refuses one the login may not act for.
         self.waiting = Some(Waiting::Auth {
-            username: creds.username.clone(),
+            username: creds.authzid.clone().unwrap_or_else(|| creds.username.clone()),
         });
         Next::Authenticate(creds)
     }
@@ -1082,6 +1281,16 @@ pub(crate) mod tests {
         pub starttls: usize,
     }
 
+    /// Users own their address; `local.example` is ours.
+    pub(crate) fn sender_verdict(c: &SenderCheck) -> SenderVerdict {
+        match &c.authenticated {
+            Some(user) if user.eq_ignore_ascii_case(c.sender.as_str()) => SenderVerdict::Allowed,
+            Some(_) => SenderVerdict::NotOwned,
+            None if c.sender.domain() == "local.example" => SenderVerdict::LocalNeedsAuthentication,
+            None => SenderVerdict::Allowed,
+        }
+    }
+
     pub(crate) fn verdict(a: &Address) -> RcptVerdict {
         match (a.local_part(), a.domain()) {
             ("nobody", "local.example") => RcptVerdict::UnknownUser,
@@ -1125,6 +1334,7 @@ pub(crate) mod tests {
                         return;
                     }
                     Next::CheckRecipient(a) => self.s.recipient_checked(verdict(&a)),
+                    Next::CheckSender(c) => self.s.sender_checked(sender_verdict(&c)),
                     Next::Authenticate(c) => self.s.authenticated(if c.password == "secret" {
                         AuthResult::Success
                     } else {

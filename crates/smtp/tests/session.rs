@@ -26,6 +26,16 @@ fn verdict(a: &Address) -> RcptVerdict {
     }
 }
 
+/// Users own their own address; `local.example` is ours.
+fn sender_verdict(c: &SenderCheck) -> SenderVerdict {
+    match &c.authenticated {
+        Some(user) if user.eq_ignore_ascii_case(c.sender.as_str()) => SenderVerdict::Allowed,
+        Some(_) => SenderVerdict::NotOwned,
+        None if c.sender.domain() == "local.example" => SenderVerdict::LocalNeedsAuthentication,
+        None => SenderVerdict::Allowed,
+    }
+}
+
 impl Harness {
     fn new(config: SmtpConfig) -> Self {
         Self::with_tls(config, false)
@@ -58,6 +68,7 @@ impl Harness {
                     return;
                 }
                 Next::CheckRecipient(a) => self.s.recipient_checked(verdict(&a)),
+                Next::CheckSender(c) => self.s.sender_checked(sender_verdict(&c)),
                 Next::Authenticate(c) => {
                     let ok = c.username == "user@local.example" && c.password == "secret";
                     self.creds.push(c);
@@ -521,4 +532,110 @@ fn helo_gives_plain_smtp_in_received() {
     assert!(String::from_utf8(out)
         .unwrap()
         .contains("with SMTP id 000000000001\r\n\tfor <a@local.example>;\r\n\tD\r\nx\r\n"));
+}
+
+fn submission_config() -> SmtpConfig {
+    SmtpConfig {
+        submission: true,
+        plaintext_auth_allowed: true,
+        ..SmtpConfig::default()
+    }
+}
+
+fn logged_in() -> Harness {
+    let mut h = Harness::new(submission_config());
+    h.feed(format!("EHLO c.example\r\nAUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
+    assert!(h.last().starts_with("235 "), "{}", h.replies);
+    h
+}
+
+#[test]
+fn submission_binds_the_sender_to_the_login() {
+    let mut h = logged_in();
+    h.feed(b"MAIL FROM:<other@local.example>\r\n");
+    assert_eq!(
+        h.last(),
+        "553 5.7.1 <other@local.example>: Sender address rejected: not owned by user user@local.example"
+    );
+    h.feed(b"MAIL FROM:<>\r\n");
+    assert_eq!(
+        h.last(),
+        "553 5.7.1 <>: Sender address rejected: the null sender is not allowed after authentication"
+    );
+    h.feed(b"MAIL FROM:<user@local.example>\r\n");
+    assert_eq!(h.last(), "250 2.1.0 Ok");
+}
+
+#[test]
+fn authzid_becomes_the_identity_checked_against_the_sender() {
+    let mut h = Harness::new(submission_config());
+    h.feed(
+        format!(
+            "EHLO c.example\r\nAUTH PLAIN {}\r\nMAIL FROM:<user@local.example>\r\n",
+            b64("boss@local.example\0user@local.example\0secret")
+        )
+        .as_bytes(),
+    );
+    assert_eq!(h.creds[0].authzid.as_deref(), Some("boss@local.example"));
+    // The fake driver accepted the password; the session now acts as the
+    // authorization identity, which does not own user@.
+    assert!(h.last().starts_with("553 5.7.1 "), "{}", h.replies);
+    assert!(h.last().ends_with("not owned by user boss@local.example"), "{}", h.last());
+}
+
+#[test]
+fn unauthenticated_local_sender_is_refused_when_checked() {
+    let config = SmtpConfig {
+        check_unauthenticated_sender: true,
+        ..SmtpConfig::default()
+    };
+    let mut h = Harness::new(config);
+    h.feed(b"EHLO c.example\r\nMAIL FROM:<ceo@local.example>\r\n");
+    assert_eq!(
+        h.last(),
+        "550 5.7.1 <ceo@local.example>: Sender address rejected: mail from a local domain must be sent with authentication"
+    );
+    h.feed(b"MAIL FROM:<someone@remote.example>\r\nMAIL FROM:<x@remote.example>\r\n");
+    let lines = h.lines();
+    assert_eq!(lines[lines.len() - 2], "250 2.1.0 Ok");
+    assert_eq!(h.last(), "503 5.5.1 Error: nested MAIL command");
+    // Without the check (the default), nobody is asked.
+    let mut h = Harness::new(SmtpConfig::default());
+    h.feed(b"EHLO c.example\r\nMAIL FROM:<ceo@local.example>\r\n");
+    assert_eq!(h.last(), "250 2.1.0 Ok");
+}
+
+#[test]
+fn low_level_syntax_replies() {
+    let config = SmtpConfig {
+        hostname: "local.example".into(),
+        tls_available: true,
+        local_addresses: vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+        ..SmtpConfig::default()
+    };
+    let mut h = Harness::new(config);
+    h.feed(b"EHLO c.example\r\nSTARTTLS now\r\n");
+    assert_eq!(h.last(), "501 5.5.4 Syntax error (no parameters allowed)");
+    assert_eq!(h.starttls, 0);
+    h.feed("MAIL FROM:<jos\u{e9}@remote.example>\r\n".as_bytes());
+    assert_eq!(
+        h.last(),
+        "553 5.6.7 Non-ASCII address: this server does not offer SMTPUTF8 (RFC 6531)"
+    );
+    h.feed(b"MAIL FROM:<s@remote.example>\r\n");
+    assert_eq!(h.last(), "250 2.1.0 Ok");
+    h.feed("RCPT TO:<j\u{fc}rgen@local.example>\r\n".as_bytes());
+    assert!(h.last().starts_with("553 5.6.7 "), "{}", h.last());
+    // An address literal of ours is this host (RFC 5321 4.1.3): user@hostname.
+    h.feed(b"RCPT TO:<alice@[127.0.0.1]>\r\n");
+    assert_eq!(h.last(), "250 2.1.5 Ok");
+    h.feed(b"RCPT TO:<bob@[IPv6:::1]>\r\n");
+    assert_eq!(h.last(), "250 2.1.5 Ok");
+    h.feed(b"RCPT TO:<carol@[192.0.2.1]>\r\n");
+    assert_eq!(
+        h.last(),
+        "550 5.1.2 Recipient address rejected: that address literal is not this host"
+    );
+    h.feed(b"RCPT TO:<dave@[not.an.ip]>\r\n");
+    assert!(h.last().starts_with("501 5.1.3 "), "{}", h.last());
 }
