@@ -202,7 +202,8 @@ fn unix_now() -> u64 {
 
 fn relay_config(sink: SocketAddr) -> String {
     format!(
-        "[relay]\ntransport = {{ \"remote.test\" = \"{sink}\" }}\ntls = \"never\"\nretry_initial_secs = 1\n\
+        "[smtp.allowed_senders]\n\"alice@example.org\" = [\"*@remote.test\"]\n\
+         [relay]\ntransport = {{ \"remote.test\" = \"{sink}\" }}\ntls = \"never\"\nretry_initial_secs = 1\n\
          retry_max_secs = 1\nscan_interval_ms = 100\ncommand_timeout_secs = 30\n"
     )
 }
@@ -229,8 +230,8 @@ fn submit(server: &Server, to: &[&str], subject: &str) -> String {
     submit_from(server, "alice@example.org", to, subject)
 }
 
-/// The same with another envelope sender (submission does not tie it to
-/// the login).
+/// The same with another envelope sender (one `smtp.allowed_senders`
+/// gives alice).
 fn submit_from(server: &Server, from: &str, to: &[&str], subject: &str) -> String {
     let s = TcpStream::connect(server.submission).expect("submission");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -726,7 +727,9 @@ fn domains_with_a_tls_policy_share_the_smarthost_session() {
 /// submission port as an authenticated smarthost.
 #[test]
 fn starttls_policies_and_an_authenticating_smarthost() {
-    let next = common::start("");
+    // A smarthost lets its customer's relay account send for the
+    // customer's domain.
+    let next = common::start("allowed_senders = { \"bob@remote.test\" = [\"*@example.org\"] }");
     next.add_domain("remote.test");
     next.add_user("bob@remote.test", "pw");
 

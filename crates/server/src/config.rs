@@ -205,6 +205,10 @@ pub struct ServerSection {
     /// Domains created at start if missing (convenience for deployments
     /// managed as files; `hamail domain add` does the same at run time).
     pub domains: Vec<String>,
+    /// The user or alias that gets `postmaster@d` for a domain `d` without
+    /// a postmaster of its own (RFC 5321 4.5.1). Unset: such mail is
+    /// refused as an unknown user; give every domain a postmaster alias.
+    pub postmaster: Option<String>,
     /// Delay before answering a failed login (SMTP AUTH, POP3), doubled for
     /// every further failure from the same address (up to 30 s).
     pub auth_failure_delay_ms: u64,
@@ -234,6 +238,35 @@ pub struct SmtpSection {
     /// Message-ID, envelope and data: the client lost our `250`) is
     /// answered `250` and delivered once. 0 turns it off.
     pub resend_window_secs: u64,
+    /// On the MTA port, mail whose envelope sender is in one of our domains
+    /// from a client that did not log in is refused (`550 5.7.1`): our
+    /// users send through submission.
+    pub local_sender_requires_auth: bool,
+    /// Envelope senders a user may use besides their own address and the
+    /// aliases that reach them: `{ "alice@example.org" =
+    /// ["sales@example.org", "*@lists.example.org"] }` (`*` alone: any).
+    pub allowed_senders: std::collections::HashMap<String, Vec<String>>,
+    /// Authorization identities (the AUTH PLAIN authzid, RFC 4616) a login
+    /// may act for, in the same form; any other authzid is refused with
+    /// `535 5.7.8`.
+    pub may_act_for: std::collections::HashMap<String, Vec<String>>,
+}
+
+/// `pattern` (an address, `*@domain`, or `*`) matches `address`, without
+/// regard to case.
+pub fn address_pattern_matches(pattern: &str, address: &str) -> bool {
+    match pattern.strip_prefix("*@") {
+        _ if pattern == "*" => true,
+        Some(domain) => address
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
+        None => pattern.eq_ignore_ascii_case(address),
+    }
+}
+
+/// The list of `map` for `user` (keys compare without case).
+pub fn patterns_of<'a>(map: &'a std::collections::HashMap<String, Vec<String>>, user: &str) -> &'a [String] {
+    map.iter().find(|(k, _)| k.eq_ignore_ascii_case(user)).map(|(_, v)| v.as_slice()).unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -334,6 +367,7 @@ impl Default for ServerSection {
             data_dir: PathBuf::from("hamail-data"),
             local_hostnames: Vec::new(),
             domains: Vec::new(),
+            postmaster: None,
             auth_failure_delay_ms: 1000,
             memory_budget_mb: 256,
         }
@@ -352,6 +386,9 @@ impl Default for SmtpSection {
             idle_timeout_secs: 300,
             plaintext_auth: PlaintextAuth::Loopback,
             resend_window_secs: 3600,
+            local_sender_requires_auth: true,
+            allowed_senders: Default::default(),
+            may_act_for: Default::default(),
         }
     }
 }
@@ -385,7 +422,8 @@ impl Config {
         for h in &self.server.local_hostnames {
             hostnames.push(hamail_store::Domain::parse(h)?);
         }
-        Ok(hamail_store::StoreOptions { hostnames, ..hamail_store::StoreOptions::default() })
+        let postmaster = self.server.postmaster.as_deref().map(hamail_store::Address::parse).transpose()?;
+        Ok(hamail_store::StoreOptions { hostnames, postmaster, ..hamail_store::StoreOptions::default() })
     }
 
     /// Reads `path`; errors name the file and the line.

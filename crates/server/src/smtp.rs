@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hamail_smtp::{AuthResult, Next, Output, PeerInfo, RcptVerdict, Session, SmtpConfig, Transaction};
+use hamail_smtp::{
+    AuthResult, Credentials, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict, Session, SmtpConfig,
+    Transaction,
+};
 use hamail_store::{Fingerprint, Incoming, MailStore, Resolution, ResendKey, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -14,9 +17,11 @@ use tokio::net::TcpStream;
 use crate::conn::Conn;
 use crate::{bump, Context, SmtpRole};
 
-fn session_config(ctx: &Context, role: SmtpRole, peer: &SocketAddr) -> SmtpConfig {
+fn session_config(ctx: &Context, role: SmtpRole, peer: &SocketAddr, local: Option<SocketAddr>) -> SmtpConfig {
     let c = &ctx.config.smtp;
     SmtpConfig {
+        check_unauthenticated_sender: role == SmtpRole::Mta && c.local_sender_requires_auth,
+        local_addresses: local.map(|a| a.ip()).into_iter().collect(),
         hostname: ctx.config.server.hostname.clone(),
         max_message_size: c.max_message_size,
         max_recipients: c.max_recipients,
@@ -45,11 +50,12 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     bump(&ctx.stats.smtp_connections);
     let ctx = &*ctx;
+    let local = tcp.local_addr().ok();
     let mut conn = Conn::Plain(tcp);
     if role == SmtpRole::Submissions {
         conn.upgrade(&ctx.tls).await?;
     }
-    let config = Arc::new(session_config(ctx, role, &peer));
+    let config = Arc::new(session_config(ctx, role, &peer, local));
     let mut session = Session::new(config, PeerInfo { addr: peer, tls: conn.is_tls() });
     let idle = Duration::from_secs(ctx.config.smtp.idle_timeout_secs);
     let mut out = Output { reply: session.greeting(), next: Next::NeedInput };
@@ -113,8 +119,16 @@ pub(crate) async fn serve(
                 }
                 chain(out.reply, session.recipient_checked(verdict))
             }
+            Next::CheckSender(check) => {
+                let verdict = judge_sender(ctx, &check).await;
+                if verdict != SenderVerdict::Allowed {
+                    tracing::info!(target: "hamail::mail", "NOQUEUE: reject: MAIL from [{}]: {verdict:?}; from=<{}> auth={}",
+                        peer.ip(), check.sender, check.authenticated.as_deref().unwrap_or("-"));
+                }
+                chain(out.reply, session.sender_checked(verdict))
+            }
             Next::Authenticate(creds) => {
-                let result = authenticate(ctx, &peer, &creds.username, &creds.password).await;
+                let result = authenticate(ctx, &peer, &creds).await;
                 chain(out.reply, session.authenticated(result))
             }
             Next::Deliver(txn) => {
@@ -137,8 +151,48 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-async fn authenticate(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
-    match crate::check_login(ctx, "smtp", peer, username, password).await {
+/// Whether this client may use this envelope sender. A user owns their
+/// own address, every alias that reaches them (`sales@` -> alice, bob) and
+/// what `smtp.allowed_senders` gives them; a client that did not log in may
+/// not claim one of our domains (when this is asked at all).
+async fn judge_sender(ctx: &Context, check: &SenderCheck) -> SenderVerdict {
+    let sender = check.sender.as_str();
+    if let Some(user) = &check.authenticated {
+        let patterns = crate::config::patterns_of(&ctx.config.smtp.allowed_senders, user);
+        if sender.eq_ignore_ascii_case(user) || patterns.iter().any(|p| crate::config::address_pattern_matches(p, sender)) {
+            return SenderVerdict::Allowed;
+        }
+    }
+    let reaches = match ctx.directory().resolve(&check.sender).await {
+        Ok(Resolution::Remote) => None,
+        Ok(Resolution::Local(users)) | Ok(Resolution::Mixed { local: users, .. }) => Some(users),
+        Ok(Resolution::UnknownUser) => Some(Vec::new()),
+        Err(e) if e.is_temporary() => return SenderVerdict::TemporaryFailure(e.to_string()),
+        // An alias that only loops is still an address of ours.
+        Err(_) => Some(Vec::new()),
+    };
+    match (&check.authenticated, reaches) {
+        (Some(user), Some(users)) if users.iter().any(|u| u.as_str().eq_ignore_ascii_case(user)) => SenderVerdict::Allowed,
+        (Some(_), _) => SenderVerdict::NotOwned,
+        (None, None) => SenderVerdict::Allowed,
+        (None, Some(_)) => SenderVerdict::LocalNeedsAuthentication,
+    }
+}
+
+async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> AuthResult {
+    // RFC 4616 2: acting for another identity needs the server's leave;
+    // refused before the password is checked, so it tells nothing of it.
+    if let Some(authzid) = &creds.authzid {
+        let may = crate::config::patterns_of(&ctx.config.smtp.may_act_for, &creds.username);
+        if !authzid.eq_ignore_ascii_case(&creds.username)
+            && !may.iter().any(|p| crate::config::address_pattern_matches(p, authzid))
+        {
+            tracing::info!(target: "hamail::mail", "smtp client=[{}] user={} authzid={} result=authzid refused",
+                peer.ip(), creds.username, authzid);
+            return AuthResult::Failure;
+        }
+    }
+    match crate::check_login(ctx, "smtp", peer, &creds.username, &creds.password).await {
         Ok(_) => AuthResult::Success,
         Err(crate::LoginFailure::Refused) => AuthResult::Failure,
         Err(crate::LoginFailure::Temporary(e)) => AuthResult::TemporaryFailure(e),

@@ -161,15 +161,36 @@ async fn postmaster_needs_an_alias_and_no_catch_all() {
     s.add_user(&addr("admin@b.test"), "pw").await.unwrap();
     assert_eq!(s.resolve(&addr("postmaster@a.test")).await.unwrap(), Resolution::UnknownUser);
     s.add_alias(&addr("postmaster@b.test"), &[addr("admin@b.test")]).await.unwrap();
-    for d in ["a.test", "b.test", "mx1.example.net"] {
+    // b.test's postmaster; the host name's follows the host name rule.
+    for d in ["b.test", "mx1.example.net"] {
         assert_eq!(
             s.resolve(&addr(&format!("postmaster@{d}"))).await.unwrap(),
             local(&["admin@b.test"]),
             "postmaster@{d}"
         );
     }
+    // a.test's postmaster mail never goes to another domain's postmaster
+    // (the domains may belong to different organisations).
+    assert_eq!(s.resolve(&addr("postmaster@a.test")).await.unwrap(), Resolution::UnknownUser);
     // No catch-all for anything else.
     assert_eq!(s.resolve(&addr("webmaster@a.test")).await.unwrap(), Resolution::UnknownUser);
+}
+
+#[tokio::test]
+async fn the_configured_server_postmaster_stands_in_for_a_domain_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { postmaster: Some(addr("ops@b.test")), ..StoreOptions::default() };
+    let s = LocalStore::open(dir.path(), options).unwrap();
+    s.add_domain(&dom("a.test")).await.unwrap();
+    s.add_domain(&dom("b.test")).await.unwrap();
+    s.add_user(&addr("ops@b.test"), "pw").await.unwrap();
+    s.add_user(&addr("boss@a.test"), "pw").await.unwrap();
+    assert_eq!(s.resolve(&addr("postmaster@a.test")).await.unwrap(), local(&["ops@b.test"]));
+    // A domain's own postmaster comes first.
+    s.add_alias(&addr("postmaster@a.test"), &[addr("boss@a.test")]).await.unwrap();
+    assert_eq!(s.resolve(&addr("postmaster@a.test")).await.unwrap(), local(&["boss@a.test"]));
+    // Foreign domains are not ours to answer for.
+    assert_eq!(s.resolve(&addr("postmaster@far.test")).await.unwrap(), Resolution::Remote);
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ struct Resolver<'a> {
     users: ReadOnlyTable<&'static str, &'static [u8]>,
     aliases: ReadOnlyTable<&'static str, &'static [u8]>,
     hostnames: &'a [Domain],
+    postmaster: Option<&'a Address>,
 }
 
 /// What one address found in the directory is.
@@ -63,6 +64,7 @@ impl<'a> Resolver<'a> {
             users: txn.open_table(USERS).map_err(|e| db_err("opening users", e))?,
             aliases: txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?,
             hostnames: &inner.options.hostnames,
+            postmaster: inner.options.postmaster.as_ref(),
         })
     }
 
@@ -116,19 +118,17 @@ impl<'a> Resolver<'a> {
                     return Ok(Some(f));
                 }
             }
+        } else {
+            return Ok(None);
         }
         // RFC 5321 4.5.1: every domain we accept mail for must accept
-        // postmaster. When this domain has none, the postmaster of the first
-        // domain that has one stands in. Only for postmaster: there is no
-        // catch-all for any other local part.
-        if local == "postmaster" {
-            for d in self.domain_list()? {
-                if let Some(f) = self.exact(&format!("postmaster@{d}"))? {
-                    return Ok(Some(f));
-                }
-            }
+        // postmaster. When this domain has none, the configured server
+        // postmaster stands in, if there is one. Only for postmaster: there
+        // is no catch-all for any other local part.
+        match self.postmaster {
+            Some(pm) if local.eq_ignore_ascii_case("postmaster") => self.exact(pm.as_str()),
+            _ => Ok(None),
         }
-        Ok(None)
     }
 
     fn expand(&self, addr: &Address, depth: usize, path: &mut Vec<Address>, out: &mut Expansion) -> StoreResult<bool> {

@@ -62,11 +62,17 @@ pub struct StoreOptions {
     /// Put in the top 16 bits of every queue id this store hands out: in a
     /// cluster, the node id, so that ids are unique cluster-wide.
     pub node_prefix: u16,
+    /// Who gets `postmaster@d` for a domain `d` that has no postmaster user
+    /// or alias of its own (RFC 5321 4.5.1 asks every domain to accept
+    /// postmaster): a user or alias of ours. `None`: such mail is refused
+    /// as an unknown user, never handed to another domain's postmaster
+    /// (domains on one server may belong to different organisations).
+    pub postmaster: Option<Address>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { hostnames: Vec::new(), fsync: true, node_prefix: 0 }
+        StoreOptions { hostnames: Vec::new(), fsync: true, node_prefix: 0, postmaster: None }
     }
 }
 
