@@ -16,7 +16,11 @@ use tokio::task::JoinSet;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest reply line accepted from the server.
 const MAX_LINE: usize = 64 * 1024;
+/// The benchmark's user: the sender of authenticated (submission) runs.
 pub const SENDER: &str = "bench@bench.test";
+/// The sender of mail from outside (port 25), where a client that did not
+/// log in may not claim one of the server's domains.
+pub const OUTSIDE_SENDER: &str = "bench@outside.test";
 
 /// A body of exactly `size` bytes (`size` >= 2): CRLF-terminated lines of at
 /// most 78 bytes of pseudo-random base64 characters, the same for a given
@@ -88,6 +92,8 @@ pub struct Client {
     rd: BufReader<OwnedReadHalf>,
     wr: OwnedWriteHalf,
     line: Vec<u8>,
+    /// The envelope sender: [`OUTSIDE_SENDER`] until [`Client::auth_plain`].
+    sender: String,
 }
 
 impl Client {
@@ -96,7 +102,7 @@ impl Client {
         let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
-        let mut c = Client { rd: BufReader::with_capacity(16 * 1024, rd), wr, line: Vec::new() };
+        let mut c = Client { rd: BufReader::with_capacity(16 * 1024, rd), wr, line: Vec::new(), sender: OUTSIDE_SENDER.into() };
         c.expect(220, "greeting").await?;
         c.command("EHLO client.bench.test", 250).await?;
         Ok(c)
@@ -132,7 +138,8 @@ impl Client {
 
     /// One transaction; Ok once the server answered 250 to the data.
     pub async fn send(&mut self, rcpt: &str, header: &[u8], encoded_body: &[u8]) -> Result<()> {
-        self.command(&format!("MAIL FROM:<{SENDER}>"), 250).await?;
+        let mail = format!("MAIL FROM:<{}>", self.sender);
+        self.command(&mail, 250).await?;
         self.command(&format!("RCPT TO:<{rcpt}>"), 250).await?;
         self.command("DATA", 354).await?;
         if encoded_body.len() <= 16 * 1024 {
@@ -153,7 +160,9 @@ impl Client {
         use base64::Engine as _;
         let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         self.wr.write_all(format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
-        self.expect(235, "AUTH").await
+        self.expect(235, "AUTH").await?;
+        self.sender = user.to_string();
+        Ok(())
     }
 
     pub async fn rset(&mut self) -> Result<()> {
