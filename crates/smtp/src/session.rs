@@ -281,7 +281,8 @@ fn literal_rcpt(line: &[u8]) -> Option<String> {
 
 /// A recipient whose domain may be an address literal.
 enum Literal {
-    NotALiteral,
+    /// The domain is a name, not a literal.
+    Absent,
     /// One of our addresses: the local part.
     Ours(String),
     NotOurs,
@@ -1028,7 +1029,7 @@ impl Session {
         // RFC 5321 4.1.3: an address literal is a valid domain; one of the
         // addresses the client reached us on means this host.
         let lookup = match self.literal_recipient(&given) {
-            Literal::NotALiteral => given.clone(),
+            Literal::Absent => given.clone(),
             Literal::Ours(local_part) => format!("{local_part}@{}", self.config.hostname),
             Literal::NotOurs => {
                 self.error("550 5.1.2 Recipient address rejected: that address literal is not this host");
@@ -1054,10 +1055,10 @@ impl Session {
     /// What `address` is when its domain is an address literal.
     fn literal_recipient(&self, address: &str) -> Literal {
         let Some((local_part, domain)) = address.rsplit_once('@') else {
-            return Literal::NotALiteral;
+            return Literal::Absent;
         };
         let Some(inner) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) else {
-            return Literal::NotALiteral;
+            return Literal::Absent;
         };
         // RFC 5321 4.1.3: IPv4-address-literal or "IPv6:" IPv6-addr.
         let ip = match inner.get(..5) {

@@ -935,6 +935,22 @@ impl LocalStore {
     }
 }
 
+/// How often an apply of replicated state is committed durably.
+const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A fixed view of the replicated state ([`LocalStore::state_view`]).
+pub struct StateView {
+    txn: redb::ReadTransaction,
+}
+
+impl StateView {
+    /// The whole replicated state (directory and mail metadata) and the
+    /// cluster event log, as they were when the view was taken.
+    pub async fn export(self) -> StoreResult<(StateSnapshot, Vec<(u64, Vec<u8>)>)> {
+        blocking(move || Ok((Inner::export_state_in(&self.txn)?, Inner::cluster_log_in(&self.txn, usize::MAX)?))).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1005,21 +1021,5 @@ mod tests {
         apply_queue_op(&mut s, &result(RcptOutcome::Failed { error: "550 again".into(), reported: false }));
         assert_eq!(s.recipients[0].status, RecipientStatus::Failed { reported: true });
         assert_eq!(s.recipients[0].attempts, 1);
-    }
-}
-
-/// How often an apply of replicated state is committed durably.
-const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// A fixed view of the replicated state ([`LocalStore::state_view`]).
-pub struct StateView {
-    txn: redb::ReadTransaction,
-}
-
-impl StateView {
-    /// The whole replicated state (directory and mail metadata) and the
-    /// cluster event log, as they were when the view was taken.
-    pub async fn export(self) -> StoreResult<(StateSnapshot, Vec<(u64, Vec<u8>)>)> {
-        blocking(move || Ok((Inner::export_state_in(&self.txn)?, Inner::cluster_log_in(&self.txn, usize::MAX)?))).await
     }
 }
