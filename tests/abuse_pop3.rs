@@ -75,7 +75,7 @@ fn content(size: usize) -> Vec<u8> {
     let mut out = b"From: flood@elsewhere.test\r\nSubject: large\r\n\r\n".to_vec();
     let mut i = 0u64;
     while out.len() < size {
-        let dot = if i % 7 == 0 { "." } else { "" };
+        let dot = if i.is_multiple_of(7) { "." } else { "" };
         out.extend_from_slice(format!("{dot}line {i:08} {}\r\n", "x".repeat(60)).as_bytes());
         i += 1;
     }
