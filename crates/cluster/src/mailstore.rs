@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use hamail_store::{
-    BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, QueueItem, QueueOp,
+    BodyFile, BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, QueueItem, QueueOp,
     StoreError, StoreResult,
 };
 use hamail_store::Address;
@@ -522,9 +522,20 @@ impl MailStore for ReplicatedStore {
             Ok(body) => Ok(body),
             Err(local) => match fetch_body(&self.node, hash, self.replication.fetch_timeout).await {
                 Ok(body) => Ok(body),
-                Err(why) => Err(StoreError::Temporary(format!(
-                    "body {hash} is not readable here ({local}) and no peer sent it: {why}"
-                ))),
+                Err(why) => Err(unreadable_anywhere(hash, &local, &why)),
+            },
+        }
+    }
+
+    /// The local file; if it is missing or damaged, a peer's copy, which
+    /// [`fetch_body`] makes durable here: then that file.
+    async fn open_body(&self, hash: &BodyHash) -> StoreResult<BodyFile> {
+        let store = self.node.store();
+        match store.open_body(hash).await {
+            Ok(file) => Ok(file),
+            Err(local) => match fetch_body(&self.node, hash, self.replication.fetch_timeout).await {
+                Ok(_) => store.open_body(hash).await,
+                Err(why) => Err(unreadable_anywhere(hash, &local, &why)),
             },
         }
     }
@@ -552,6 +563,12 @@ impl MailStore for ReplicatedStore {
         // sent again).
         self.propose(MailChange::Queue { queue_id, op }).await
     }
+}
+
+/// A body that neither this node nor any peer could give: temporary, as a
+/// peer may come back.
+fn unreadable_anywhere(hash: &BodyHash, local: &StoreError, peers: &str) -> StoreError {
+    StoreError::Temporary(format!("body {hash} is not readable here ({local}) and no peer sent it: {peers}"))
 }
 
 /// Fetches `hash` from the other data nodes (each in turn), checks it and

@@ -414,6 +414,7 @@ async fn a_partitioned_node_fetches_the_bodies_it_missed() {
     }
     // A read of a body this node lacks fetches it (here: nobody reachable).
     assert!(matches!(m.store(cut).body(&hashes[0]).await, Err(StoreError::Temporary(_))));
+    assert!(matches!(m.store(cut).open_body(&hashes[0]).await, Err(StoreError::Temporary(_))));
 
     m.c.board.heal();
     m.converged().await;
@@ -438,6 +439,13 @@ async fn a_partitioned_node_fetches_the_bodies_it_missed() {
     std::fs::remove_file(cut_store.body_path(&hashes[1])).unwrap();
     let b = m.store(cut).body(&hashes[1]).await.unwrap();
     assert_eq!(BodyHash::of(&b), hashes[1]);
+    // And when opened to be sent in pieces: fetched, kept, then opened.
+    std::fs::remove_file(cut_store.body_path(&hashes[2])).unwrap();
+    let mut opened = m.store(cut).open_body(&hashes[2]).await.unwrap();
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut opened.file, &mut read).unwrap();
+    assert_eq!((BodyHash::of(&read), opened.len), (hashes[2], read.len() as u64));
+    assert!(cut_store.has_body(&hashes[2]).await.unwrap());
     m.shutdown().await;
 }
 

@@ -9,8 +9,9 @@
 //!
 //! What it does not do: no I/O (no sockets, no timers: the driver reads,
 //! writes, and calls [`Session::timeout`] when the client was idle too long),
-//! no store access (the driver loads the maildrop and bodies and performs the
-//! deletions the session asks for), no password checking (the driver verifies
+//! no store access (the driver loads the maildrop, opens the bodies and sends
+//! them through a [`Stuffer`], and performs the deletions the session asks
+//! for), no password checking (the driver verifies
 //! credentials and applies the delay after a failure), no locking (the driver
 //! takes the maildrop lock on [`Next::OpenMaildrop`] and releases it after
 //! [`Next::Update`] or on close), and no TLS (the driver does the handshake on
@@ -21,6 +22,7 @@ mod session;
 mod stuff;
 
 pub use session::{
-    AuthResult, Credentials, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session,
+    AuthResult, BodyOpened, Credentials, MaildropResult, Next, Output, PeerInfo, Pop3Config,
+    Session,
 };
-pub use stuff::dot_stuff_into;
+pub use stuff::Stuffer;

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use base64::Engine as _;
 use hamail_store::{Address, BodyHash, EntryId, MailboxEntry, StoreError};
 
-use crate::stuff::dot_stuff_into;
-
 /// What the session needs to know about this server.
 #[derive(Debug, Clone)]
 pub struct Pop3Config {
@@ -26,6 +24,12 @@ pub struct Pop3Config {
     /// The longest command line accepted, without its CRLF. RFC 2449
     /// section 4 limits commands to 255 octets; we are lenient.
     pub max_line: usize,
+    /// Once the replies to pipelined commands reach this many octets, the
+    /// session stops and asks the driver to send them ([`Next::Flush`])
+    /// before it runs the next buffered command: a pipeline of small
+    /// commands with large answers (LIST of a big maildrop) is answered
+    /// through a bounded buffer, at the pace the client reads.
+    pub reply_flush: usize,
 }
 
 impl Default for Pop3Config {
@@ -36,6 +40,7 @@ impl Default for Pop3Config {
             plaintext_auth_allowed: false,
             max_errors: 20,
             max_line: 512,
+            reply_flush: 64 * 1024,
         }
     }
 }
@@ -67,8 +72,19 @@ pub enum Next {
     /// Take the maildrop lock of this user and load its entries, then call
     /// [`Session::maildrop_opened`].
     OpenMaildrop(Address),
-    /// Load this body, then call [`Session::fetched`].
-    Fetch(BodyHash),
+    /// RETR or TOP: open this body for reading (and take the buffers to
+    /// send it), then call [`Session::body_opened`]. Nothing of the answer
+    /// has been sent yet, so it can still be `-ERR`.
+    OpenBody(BodyHash),
+    /// Send the reply (the `+OK` line and the `Return-Path:` line), then
+    /// the opened body through a [`crate::Stuffer`] for `top`, then `.\r\n`;
+    /// then call [`Session::body_sent`]. If the body cannot be read to its
+    /// end, the multi-line answer cannot be taken back: the connection is
+    /// closed without the terminator, so the client sees the failure.
+    SendBody { top: Option<usize> },
+    /// Send the reply now, then call [`Session::handle`] with no new input:
+    /// more commands are buffered (see [`Pop3Config::reply_flush`]).
+    Flush,
     /// The client said QUIT in TRANSACTION state (RFC 1939 section 6):
     /// delete these entries atomically, call [`Session::updated`], and
     /// release the maildrop lock afterwards. `delete` may be empty.
@@ -118,6 +134,17 @@ pub enum MaildropResult {
     /// The driver holds no lock.
     InUse,
     /// The maildrop could not be loaded. The driver holds no lock.
+    Failed(StoreError),
+}
+
+/// The driver's answer to [`Next::OpenBody`].
+#[derive(Debug)]
+pub enum BodyOpened {
+    /// The body is open and the buffers to send it are reserved.
+    Ready,
+    /// No memory for the buffers now (the node-wide budget is spent).
+    Busy,
+    /// The store could not open the body.
     Failed(StoreError),
 }
 
@@ -177,12 +204,14 @@ enum State {
     OpeningMaildrop { user: Address },
     /// TRANSACTION.
     Transaction(Maildrop),
-    /// TRANSACTION, waiting for [`Session::fetched`] for RETR or TOP.
-    Fetching {
+    /// TRANSACTION, waiting for [`Session::body_opened`] for RETR or TOP.
+    OpeningBody {
         maildrop: Maildrop,
         index: usize,
         top: Option<usize>,
     },
+    /// TRANSACTION, waiting for [`Session::body_sent`].
+    SendingBody(Maildrop),
     /// UPDATE, waiting for [`Session::updated`].
     Updating { user: Address, remaining: usize },
     /// Waiting for [`Session::tls_established`].
@@ -240,7 +269,9 @@ impl Session {
     /// The authenticated user, once the maildrop has been opened.
     pub fn user(&self) -> Option<&Address> {
         match &self.state {
-            State::Transaction(m) | State::Fetching { maildrop: m, .. } => Some(&m.user),
+            State::Transaction(m)
+            | State::OpeningBody { maildrop: m, .. }
+            | State::SendingBody(m) => Some(&m.user),
             State::Updating { user, .. } => Some(user),
             _ => None,
         }
@@ -249,7 +280,7 @@ impl Session {
     /// Appends client input and processes every complete line it can.
     /// While the session waits for the driver, the input is only buffered
     /// and the answer is an empty reply with [`Next::NeedInput`]; the
-    /// pending call (e.g. [`Session::fetched`]) is still owed. Input that
+    /// pending call (e.g. [`Session::body_opened`]) is still owed. Input that
     /// arrives while waiting for the TLS handshake is dropped (RFC 2595 4).
     pub fn handle(&mut self, input: &[u8]) -> Output {
         match self.state {
@@ -331,11 +362,13 @@ impl Session {
         self.output(reply, next)
     }
 
-    /// The driver's answer to [`Next::Fetch`]: the body without the
-    /// `Return-Path:` line.
-    pub fn fetched(&mut self, result: Result<Arc<Vec<u8>>, StoreError>) -> Output {
+    /// The driver's answer to [`Next::OpenBody`]. When the body is ready,
+    /// the reply is the first lines of the answer and the next step is
+    /// [`Next::SendBody`]; otherwise the reply is `-ERR` and the session
+    /// goes on with the next command.
+    pub fn body_opened(&mut self, result: BodyOpened) -> Output {
         let (maildrop, index, top) = match std::mem::replace(&mut self.state, State::Closed) {
-            State::Fetching {
+            State::OpeningBody {
                 maildrop,
                 index,
                 top,
@@ -346,8 +379,8 @@ impl Session {
             }
         };
         let mut reply = Vec::new();
-        match result {
-            Ok(body) => {
+        let code = match result {
+            BodyOpened::Ready => {
                 let entry = &maildrop.entries[index];
                 match top {
                     // RFC 1939 section 7 suggests the size in the RETR answer;
@@ -357,25 +390,44 @@ impl Session {
                     }
                     Some(_) => reply.extend_from_slice(b"+OK top of message follows\r\n"),
                 }
-                reply.reserve(body.len() + 128);
                 // The Return-Path line is part of the header section (RFC
                 // 5321 4.4), so TOP sends it too. It never starts with '.'.
                 reply.extend_from_slice(entry.return_path_line().as_bytes());
-                dot_stuff_into(&mut reply, &body, top);
-                reply.extend_from_slice(b".\r\n");
+                self.state = State::SendingBody(maildrop);
+                return self.output(reply, Next::SendBody { top });
             }
-            Err(e) => {
-                let code = if e.is_temporary() {
-                    "SYS/TEMP"
-                } else {
-                    "SYS/PERM"
-                };
-                reply.extend_from_slice(
-                    format!("-ERR [{code}] Unable to read message\r\n").as_bytes(),
-                );
+            BodyOpened::Busy => {
+                reply.extend_from_slice(b"-ERR [SYS/TEMP] server busy, try again\r\n");
+                None
             }
+            BodyOpened::Failed(e) if e.is_temporary() => Some("SYS/TEMP"),
+            BodyOpened::Failed(_) => Some("SYS/PERM"),
+        };
+        if let Some(code) = code {
+            reply.extend_from_slice(format!("-ERR [{code}] Unable to read message\r\n").as_bytes());
         }
         self.state = State::Transaction(maildrop);
+        let next = self.process(&mut reply);
+        self.output(reply, next)
+    }
+
+    /// The driver's answer to [`Next::SendBody`]: the body and its
+    /// terminator are out, and the session goes on with the next command;
+    /// or the body broke off mid-way, and the session ends (the driver
+    /// closes the connection without sending the terminator).
+    pub fn body_sent(&mut self, result: Result<(), StoreError>) -> Output {
+        let maildrop = match std::mem::replace(&mut self.state, State::Closed) {
+            State::SendingBody(maildrop) => maildrop,
+            other => {
+                self.state = other;
+                return self.internal_error();
+            }
+        };
+        if result.is_err() {
+            return self.output(Vec::new(), Next::Close);
+        }
+        self.state = State::Transaction(maildrop);
+        let mut reply = Vec::new();
         let next = self.process(&mut reply);
         self.output(reply, next)
     }
@@ -465,6 +517,9 @@ impl Session {
                 // Waiting for the driver: keep the input for later.
                 _ => return Next::NeedInput,
             }
+            if reply.len() >= self.config.reply_flush && self.has_line() {
+                return Next::Flush;
+            }
             match self.next_line() {
                 None => return Next::NeedInput,
                 Some(Line::TooLong) => self.client_error(reply, "-ERR line too long"),
@@ -520,6 +575,13 @@ impl Session {
             }
             None => None,
         }
+    }
+
+    /// Whether the buffer holds the end of a line, so that the next call
+    /// to [`Self::next_line`] has something to run or refuse.
+    fn has_line(&self) -> bool {
+        let pending = &self.buffer[self.consumed..];
+        pending.contains(&b'\n') || pending.len() > self.config.max_line + 1
     }
 
     /// Forgets all buffered input.
@@ -776,7 +838,7 @@ impl Session {
             "RETR" | "TOP" => {
                 let parsed = match (verb, args.as_slice()) {
                     ("RETR", [msg]) => Some((*msg, None)),
-                    ("TOP", [msg, lines]) => parse_number(lines).map(|n| (*msg, Some(n))),
+                    ("TOP", [msg, lines]) => parse_line_count(lines).map(|n| (*msg, Some(n))),
                     _ => None,
                 };
                 let Some((msg, top)) = parsed else {
@@ -791,13 +853,13 @@ impl Session {
                 if let State::Transaction(maildrop) =
                     std::mem::replace(&mut self.state, State::Closed)
                 {
-                    self.state = State::Fetching {
+                    self.state = State::OpeningBody {
                         maildrop,
                         index,
                         top,
                     };
                 }
-                return Some(Next::Fetch(body));
+                return Some(Next::OpenBody(body));
             }
             "DELE" => match args.as_slice() {
                 [msg] => match maildrop.lookup(msg) {
@@ -859,6 +921,17 @@ fn parse_number(s: &str) -> Option<usize> {
         return None;
     }
     s.parse().ok()
+}
+
+/// The line count of TOP: RFC 1939 section 7 makes it any non-negative
+/// number, so one too large to count is more lines than any message has
+/// (the whole message), not an error. Only ASCII digits.
+fn parse_line_count(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: parsing can only fail by overflow.
+    Some(s.parse().unwrap_or(usize::MAX))
 }
 
 /// Text from the driver made safe for one reply line.
@@ -1020,8 +1093,8 @@ mod tests {
         let plain_other = format!("AUTH PLAIN {}\r\n", b64(b"root\0alice@example.org\0pw"));
         let plain_two = format!("AUTH PLAIN {}\r\n", b64(b"alice\0pw"));
         let plain_empty_pw = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0"));
-        let retr1 = Fetch(BodyHash::of(BODY1));
-        let retr2 = Fetch(BodyHash::of(BODY2));
+        let retr1 = OpenBody(BodyHash::of(BODY1));
+        let retr2 = OpenBody(BodyHash::of(BODY2));
         let update = |ids: &[u64]| Update {
             user: alice(),
             delete: ids.iter().map(|&i| EntryId(i)).collect(),
@@ -1188,8 +1261,14 @@ mod tests {
             (Trans, "RETR 3\r\n", NO_MSG, NeedInput),
             (Trans, "RETR\r\n", SYNTAX, NeedInput),
             (Trans, "TOP 1 0\r\n", "", retr1.clone()),
+            // RFC 1939 7: any non-negative number of lines, even one too
+            // large to count (the whole message).
+            (Trans, "TOP 1 99999999999999999999\r\n", "", retr1.clone()),
             (Trans, "TOP 1\r\n", SYNTAX, NeedInput),
             (Trans, "TOP 1 x\r\n", SYNTAX, NeedInput),
+            (Trans, "TOP 1 -1\r\n", SYNTAX, NeedInput),
+            (Trans, "TOP 1 +1\r\n", SYNTAX, NeedInput),
+            (Trans, "TOP 1 1 1\r\n", SYNTAX, NeedInput),
             (Trans, "TOP 5 1\r\n", NO_MSG, NeedInput),
             (Trans, "DELE 1\r\n", "+OK message 1 deleted\r\n", NeedInput),
             (Trans, "DELE 3\r\n", NO_MSG, NeedInput),
@@ -1345,53 +1424,133 @@ mod tests {
         let mut s = transaction();
         assert_eq!(
             s.handle(b"RETR 1\r\n").next,
-            Next::Fetch(BodyHash::of(BODY1))
+            Next::OpenBody(BodyHash::of(BODY1))
         );
-        let out = s.fetched(Ok(Arc::new(BODY1.to_vec())));
+        let out = s.body_opened(BodyOpened::Ready);
         assert_eq!(
-            text(&out),
-            "+OK 59 octets\r\nReturn-Path: <a@example.com>\r\nSubject: one\r\n\r\nHello\r\n..dot\r\n.\r\n"
+            (text(&out), &out.next),
+            (
+                "+OK 59 octets\r\nReturn-Path: <a@example.com>\r\n",
+                &Next::SendBody { top: None }
+            )
         );
-        assert_eq!(out.next, Next::NeedInput);
-        assert_eq!(
-            s.handle(b"TOP 2 0\r\n").next,
-            Next::Fetch(BodyHash::of(BODY2))
-        );
-        let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
-        assert_eq!(
-            text(&out),
-            "+OK top of message follows\r\nReturn-Path: <>\r\nSubject: two\r\n\r\n.\r\n"
-        );
-        // A store error leaves the session in TRANSACTION.
-        assert_eq!(
-            s.handle(b"RETR 2\r\n").next,
-            Next::Fetch(BodyHash::of(BODY2))
-        );
-        let out = s.fetched(Err(StoreError::Unavailable("x".into())));
-        assert_eq!(text(&out), "-ERR [SYS/TEMP] Unable to read message\r\n");
-        assert_eq!(
-            s.handle(b"RETR 2\r\n").next,
-            Next::Fetch(BodyHash::of(BODY2))
-        );
-        let out = s.fetched(Err(StoreError::Permanent("gone".into())));
-        assert_eq!(text(&out), "-ERR [SYS/PERM] Unable to read message\r\n");
+        let out = s.body_sent(Ok(()));
+        assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
+        for (command, top) in [
+            ("TOP 2 0\r\n", 0),
+            ("TOP 2 7\r\n", 7),
+            ("TOP 2 99999999999999999999\r\n", usize::MAX),
+        ] {
+            assert_eq!(
+                s.handle(command.as_bytes()).next,
+                Next::OpenBody(BodyHash::of(BODY2))
+            );
+            let out = s.body_opened(BodyOpened::Ready);
+            assert_eq!(
+                (text(&out), &out.next),
+                (
+                    "+OK top of message follows\r\nReturn-Path: <>\r\n",
+                    &Next::SendBody { top: Some(top) }
+                )
+            );
+            assert_eq!(s.body_sent(Ok(())).next, Next::NeedInput);
+        }
+        // A body that cannot be opened, or no memory to send it: -ERR,
+        // and the session stays in TRANSACTION.
+        for (result, reply) in [
+            (
+                BodyOpened::Failed(StoreError::Unavailable("x".into())),
+                "-ERR [SYS/TEMP] Unable to read message\r\n",
+            ),
+            (
+                BodyOpened::Failed(StoreError::Permanent("gone".into())),
+                "-ERR [SYS/PERM] Unable to read message\r\n",
+            ),
+            (
+                BodyOpened::Busy,
+                "-ERR [SYS/TEMP] server busy, try again\r\n",
+            ),
+        ] {
+            assert_eq!(
+                s.handle(b"RETR 2\r\n").next,
+                Next::OpenBody(BodyHash::of(BODY2))
+            );
+            let out = s.body_opened(result);
+            assert_eq!((text(&out), &out.next), (reply, &Next::NeedInput));
+        }
         assert_eq!(text(&s.handle(b"NOOP\r\n")), "+OK\r\n");
+        assert_eq!(s.user(), Some(&alice()));
     }
 
     #[test]
-    fn pipelined_retr_waits_for_each_fetch() {
+    fn body_broken_mid_way_ends_the_session() {
+        let mut s = transaction();
+        s.handle(b"RETR 1\r\nDELE 1\r\nQUIT\r\n");
+        assert_eq!(s.body_opened(BodyOpened::Ready).next, Next::SendBody { top: None });
+        assert_eq!(s.user(), Some(&alice()));
+        let out = s.body_sent(Err(StoreError::Internal("truncated".into())));
+        // Nothing more: no terminator, no answer to the pipelined commands,
+        // and no UPDATE.
+        assert_eq!((text(&out), &out.next), ("", &Next::Close));
+        assert_eq!(s.handle(b"NOOP\r\n").next, Next::Close);
+    }
+
+    #[test]
+    fn pipelined_retr_waits_for_each_body() {
         let mut s = transaction();
         let out = s.handle(b"RETR 2\r\nRETR 2\r\nNOOP\r\n");
         assert_eq!(
             (text(&out), &out.next),
-            ("", &Next::Fetch(BodyHash::of(BODY2)))
+            ("", &Next::OpenBody(BodyHash::of(BODY2)))
         );
-        let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
-        assert_eq!(out.next, Next::Fetch(BodyHash::of(BODY2)));
-        let first = out.reply;
-        let out = s.fetched(Ok(Arc::new(BODY2.to_vec())));
-        assert_eq!(out.reply, [first.as_slice(), b"+OK\r\n"].concat());
-        assert_eq!(out.next, Next::NeedInput);
+        assert_eq!(s.body_opened(BodyOpened::Ready).next, Next::SendBody { top: None });
+        // Input arriving meanwhile waits.
+        let out = s.handle(b"STAT\r\n");
+        assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
+        let out = s.body_sent(Ok(()));
+        assert_eq!(
+            (text(&out), &out.next),
+            ("", &Next::OpenBody(BodyHash::of(BODY2)))
+        );
+        let out = s.body_opened(BodyOpened::Busy);
+        assert_eq!(
+            (text(&out), &out.next),
+            (
+                "-ERR [SYS/TEMP] server busy, try again\r\n+OK\r\n+OK 2 97\r\n",
+                &Next::NeedInput
+            )
+        );
+    }
+
+    #[test]
+    fn large_pipelined_replies_are_flushed_in_bounded_pieces() {
+        let mut s = session(true, false, false);
+        let capa = text(&s.handle(b"CAPA\r\n")).to_string();
+        let count = 3000;
+        let mut out = s.handle("CAPA\r\n".repeat(count).as_bytes());
+        let mut written = String::new();
+        let mut flushes = 0;
+        loop {
+            assert!(out.reply.len() < 64 * 1024 + capa.len(), "{}", out.reply.len());
+            written.push_str(text(&out));
+            match out.next {
+                Next::Flush => {
+                    assert!(out.reply.len() >= 64 * 1024);
+                    flushes += 1;
+                    out = s.handle(b"");
+                }
+                Next::NeedInput => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(written, capa.repeat(count));
+        // Each piece holds just enough CAPA answers to reach the threshold;
+        // there is no flush after the last piece.
+        let per_piece = (64 * 1024usize).div_ceil(capa.len());
+        assert_eq!(flushes, (count - 1) / per_piece);
+        // The last flush leaves nothing behind that would need another.
+        let out = s.handle(b"");
+        assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
     }
 
     #[test]
@@ -1431,10 +1590,11 @@ mod tests {
     fn resume_in_wrong_state_is_an_internal_error() {
         let internal = "-ERR [SYS/TEMP] internal error\r\n";
         type Resume = fn(&mut Session) -> Output;
-        let resumes: [Resume; 5] = [
+        let resumes: [Resume; 6] = [
             |s| s.authenticated(AuthResult::Success(alice())),
             |s| s.maildrop_opened(MaildropResult::Opened(vec![])),
-            |s| s.fetched(Ok(Arc::new(vec![]))),
+            |s| s.body_opened(BodyOpened::Ready),
+            |s| s.body_sent(Ok(())),
             |s| s.updated(Ok(())),
             |s| s.tls_established(),
         ];
@@ -1543,7 +1703,7 @@ mod tests {
         let inputs: [&[u8]; 8] = [
             b"\xff\xfe\r\n",
             b"RETR 99999999999999999999\r\n",
-            b"TOP 1 99999999999999999999\r\n",
+            b"TOP 1 -99999999999999999999\r\n",
             b"LIST -1\r\n",
             b"\0\0\0\n",
             b"\r\r\r\n",

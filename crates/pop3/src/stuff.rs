@@ -1,82 +1,186 @@
 //! Byte-stuffing of a message for a RETR or TOP multi-line response.
+//!
+//! The rules (RFC 1939 section 3, and what clients need):
+//!
+//! - A line that starts with `.` gets another `.` in front (byte-stuffing),
+//!   so that no line of the message can be read as the terminator.
+//! - Every line end is sent as CRLF, whatever the store holds: a bare LF or
+//!   a bare CR ends a line too. A bare LF on the wire is not a line end for
+//!   many clients, and a bare CR followed later by `.` could otherwise smuggle
+//!   a terminator past a client that splits on CR.
+//! - The last line always ends with CRLF, so that the caller's `.\r\n` is on
+//!   a line of its own.
+//! - TOP (RFC 1939 section 7) sends the header section, the blank line that
+//!   ends it, then at most `n` lines of the body. A message without a blank
+//!   line is all headers and is sent whole.
+//!
+//! An empty body gives nothing.
 
-/// Appends `body` to `out` as the payload of a POP3 multi-line response
-/// (RFC 1939 section 3), without the terminating `.\r\n`, which the caller
-/// appends after it.
-///
-/// - A line that starts with `.` gets another `.` in front (byte-stuffing),
-///   so that no line of the message can be read as the terminator.
-/// - Every line end is sent as CRLF, whatever the store holds: a bare LF or
-///   a bare CR ends a line too. A bare LF on the wire is not a line end for
-///   many clients, and a bare CR followed later by `.` could otherwise smuggle
-///   a terminator past a client that splits on CR.
-/// - The last line always ends with CRLF, so that the caller's `.\r\n` is on
-///   a line of its own.
-/// - `top_lines: Some(n)` sends what TOP asks for (RFC 1939 section 7): the
-///   header section, the blank line that ends it, then at most `n` lines of
-///   the body. A message without a blank line is all headers and is sent
-///   whole. `None` sends everything (RETR).
-///
-/// An empty body appends nothing.
-pub fn dot_stuff_into(out: &mut Vec<u8>, body: &[u8], top_lines: Option<usize>) {
-    // Room for the body plus a little for stuffing and normalised line ends.
-    out.reserve(body.len() + body.len() / 32 + 2);
-    let mut rest = body;
-    let mut in_headers = true;
-    let mut body_lines_left = top_lines;
-    while !rest.is_empty() {
-        if !in_headers && body_lines_left == Some(0) {
-            break;
+/// Turns a stored body, fed in chunks of any size, into the payload of a
+/// RETR or TOP response (without the terminating `.\r\n`, which the caller
+/// sends after [`Stuffer::finish`]). It keeps only where it is in the
+/// message, never the message itself: the output of a chunk depends on the
+/// chunk and these few fields, so a body of any size is sent through a
+/// fixed buffer.
+#[derive(Debug, Clone)]
+pub struct Stuffer {
+    /// Nothing of the current line has been sent yet (a `.` here is stuffed).
+    line_start: bool,
+    /// The last chunk ended with a CR, already sent as a line end: an LF
+    /// at the start of the next chunk is the rest of that CRLF.
+    pending_cr: bool,
+    /// Still in the header section (RFC 5322 section 2.1: up to the first
+    /// empty line).
+    in_headers: bool,
+    /// TOP: body lines still to send; `None` for RETR (everything).
+    body_lines_left: Option<usize>,
+}
+
+impl Stuffer {
+    /// `top_lines: Some(n)` for TOP n, `None` for RETR.
+    pub fn new(top_lines: Option<usize>) -> Self {
+        Stuffer { line_start: true, pending_cr: false, in_headers: true, body_lines_left: top_lines }
+    }
+
+    /// True when TOP has sent everything it asked for: the rest of the body
+    /// need not be read.
+    pub fn is_done(&self) -> bool {
+        !self.in_headers && self.body_lines_left == Some(0)
+    }
+
+    /// Appends the payload for the next `chunk` of the body to `out`: at
+    /// most twice the chunk's length (a one-byte line `.` followed by a
+    /// bare LF becomes `..` CRLF).
+    pub fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<u8>) {
+        if chunk.is_empty() {
+            return;
         }
-        let (line, next) = match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
-            Some(i) => {
-                let end_len = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
-                    2
-                } else {
-                    1
-                };
-                (&rest[..i], &rest[i + end_len..])
-            }
-            None => (rest, &rest[rest.len()..]),
-        };
-        if line.first() == Some(&b'.') {
+        if std::mem::take(&mut self.pending_cr) && chunk[0] == b'\n' {
+            chunk = &chunk[1..];
+        }
+        while !chunk.is_empty() && !self.is_done() {
+            let Some(end) = chunk.iter().position(|&b| b == b'\r' || b == b'\n') else {
+                self.text(chunk, out);
+                return;
+            };
+            self.text(&chunk[..end], out);
+            out.extend_from_slice(b"\r\n");
+            self.end_line();
+            chunk = match (chunk[end], chunk.get(end + 1)) {
+                (b'\r', Some(b'\n')) => &chunk[end + 2..],
+                (b'\r', None) => {
+                    self.pending_cr = true;
+                    &[]
+                }
+                _ => &chunk[end + 1..],
+            };
+        }
+    }
+
+    /// The body has ended: ends its last line with CRLF if it had none.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.line_start && !self.is_done() {
+            out.extend_from_slice(b"\r\n");
+            self.end_line();
+        }
+    }
+
+    /// A piece of a line, without line-end bytes.
+    fn text(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        if piece.is_empty() {
+            return;
+        }
+        if self.line_start && piece[0] == b'.' {
             out.push(b'.');
         }
-        out.extend_from_slice(line);
-        out.extend_from_slice(b"\r\n");
-        if in_headers {
-            // RFC 5322 section 2.1: the first empty line ends the header
-            // section; it is sent, and body lines are counted from here.
-            in_headers = !line.is_empty();
-        } else if let Some(n) = body_lines_left.as_mut() {
-            *n -= 1;
+        out.extend_from_slice(piece);
+        self.line_start = false;
+    }
+
+    /// A line end has been sent.
+    fn end_line(&mut self) {
+        let empty = std::mem::replace(&mut self.line_start, true);
+        if self.in_headers {
+            // The first empty line ends the header section; it is sent,
+            // and body lines are counted from here.
+            self.in_headers = !empty;
+        } else if let Some(n) = self.body_lines_left.as_mut() {
+            *n = n.saturating_sub(1);
         }
-        rest = next;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::dot_stuff_into;
+    use super::Stuffer;
+    use rand::{Rng, SeedableRng};
 
-    fn stuff(body: &[u8], top: Option<usize>) -> String {
+    /// The whole-buffer form of the rules, line by line: the reference the
+    /// resumable [`Stuffer`] is checked against.
+    fn reference(body: &[u8], top_lines: Option<usize>) -> Vec<u8> {
         let mut out = Vec::new();
-        dot_stuff_into(&mut out, body, top);
-        String::from_utf8(out).unwrap()
+        let mut rest = body;
+        let mut in_headers = true;
+        let mut body_lines_left = top_lines;
+        while !rest.is_empty() {
+            if !in_headers && body_lines_left == Some(0) {
+                break;
+            }
+            let (line, next) = match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+                Some(i) => {
+                    let end_len = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                    (&rest[..i], &rest[i + end_len..])
+                }
+                None => (rest, &rest[rest.len()..]),
+            };
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+            if in_headers {
+                in_headers = !line.is_empty();
+            } else if let Some(n) = body_lines_left.as_mut() {
+                *n -= 1;
+            }
+            rest = next;
+        }
+        out
+    }
+
+    /// Feeds `body` in chunks of `size`, stopping when TOP is done, as the
+    /// driver does.
+    fn in_chunks(body: &[u8], top: Option<usize>, size: usize) -> Vec<u8> {
+        let mut stuffer = Stuffer::new(top);
+        let mut out = Vec::new();
+        for chunk in body.chunks(size) {
+            if stuffer.is_done() {
+                break;
+            }
+            let before = out.len();
+            stuffer.feed(chunk, &mut out);
+            assert!(out.len() - before <= 2 * chunk.len(), "more than twice the chunk");
+        }
+        stuffer.finish(&mut out);
+        out
+    }
+
+    /// The payload of `body`, the same whatever the chunking (every size
+    /// from 1 octet up) and the same as the reference.
+    fn stuff(body: &[u8], top: Option<usize>) -> String {
+        let whole = in_chunks(body, top, body.len().max(1));
+        for size in 1..body.len() {
+            assert_eq!(in_chunks(body, top, size), whole, "chunk size {size} of {body:?}");
+        }
+        assert_eq!(whole, reference(body, top), "reference of {body:?}");
+        String::from_utf8(whole).unwrap()
     }
 
     #[test]
-    fn empty_body_appends_nothing() {
+    fn empty_body_gives_nothing() {
         assert_eq!(stuff(b"", None), "");
         assert_eq!(stuff(b"", Some(0)), "");
         assert_eq!(stuff(b"", Some(5)), "");
-    }
-
-    #[test]
-    fn appends_without_clearing() {
-        let mut out = b"+OK\r\n".to_vec();
-        dot_stuff_into(&mut out, b"a\r\n", None);
-        assert_eq!(out, b"+OK\r\na\r\n");
     }
 
     #[test]
@@ -104,6 +208,20 @@ mod tests {
         // A bare CR before a dot must not let the dot escape stuffing.
         assert_eq!(stuff(b"a\r.\r\n", None), "a\r\n..\r\n");
         assert_eq!(stuff(b"a\n.\n", None), "a\r\n..\r\n");
+        // A CR at the very end is a line end of its own.
+        assert_eq!(stuff(b"a\r", None), "a\r\n");
+        assert_eq!(stuff(b"a\r\r", None), "a\r\n\r\n");
+    }
+
+    #[test]
+    fn empty_chunks_change_nothing() {
+        let mut s = Stuffer::new(None);
+        let mut out = Vec::new();
+        for chunk in [&b"a\r"[..], b"", b"\n", b"", b".b\r", b"", b"", b"\nc"] {
+            s.feed(chunk, &mut out);
+        }
+        s.finish(&mut out);
+        assert_eq!(out, b"a\r\n..b\r\nc\r\n");
     }
 
     #[test]
@@ -111,6 +229,7 @@ mod tests {
         assert_eq!(stuff(b"a\n\n\nb\n", None), "a\r\n\r\n\r\nb\r\n");
         assert_eq!(stuff(b"\r\n", None), "\r\n");
         assert_eq!(stuff(b"\r\r\n", None), "\r\n\r\n");
+        assert_eq!(stuff(b"\n\r", None), "\r\n\r\n");
     }
 
     #[test]
@@ -120,6 +239,7 @@ mod tests {
             "Subject: x\r\n\r\nno end\r\n"
         );
         assert_eq!(stuff(b"x", None), "x\r\n");
+        assert_eq!(stuff(b".", None), "..\r\n");
     }
 
     #[test]
@@ -139,12 +259,9 @@ mod tests {
             "A: 1\r\n\r\nbody 1\r\n..body 2\r\n\r\n"
         );
         // More lines than the body has: the whole message.
-        assert_eq!(
-            stuff(body, Some(100)),
-            std::str::from_utf8(&body[..])
-                .unwrap()
-                .replace(".body", "..body")
-        );
+        let whole = std::str::from_utf8(&body[..]).unwrap().replace(".body", "..body");
+        assert_eq!(stuff(body, Some(100)), whole);
+        assert_eq!(stuff(body, Some(usize::MAX)), whole);
     }
 
     #[test]
@@ -154,6 +271,7 @@ mod tests {
             "A: 1\r\n\r\nb1\r\nb2\r\n"
         );
         assert_eq!(stuff(b"A: 1\n\nb1\nb2", Some(0)), "A: 1\r\n\r\n");
+        assert_eq!(stuff(b"A: 1\n\nb1\nb2", Some(1)), "A: 1\r\n\r\nb1\r\n");
     }
 
     #[test]
@@ -166,5 +284,47 @@ mod tests {
     fn top_on_body_starting_with_blank_line() {
         assert_eq!(stuff(b"\r\nb1\r\nb2\r\n", Some(1)), "\r\nb1\r\n");
         assert_eq!(stuff(b"\r\nb1\r\nb2\r\n", Some(0)), "\r\n");
+    }
+
+    #[test]
+    fn top_is_done_once_its_lines_are_out() {
+        let mut s = Stuffer::new(Some(1));
+        let mut out = Vec::new();
+        s.feed(b"A: 1\r\n\r\nfirst\r", &mut out);
+        assert!(s.is_done());
+        s.feed(b"\nsecond\r\n", &mut out);
+        s.finish(&mut out);
+        assert_eq!(out, b"A: 1\r\n\r\nfirst\r\n");
+        // RETR is never done before the end.
+        let mut s = Stuffer::new(None);
+        s.feed(b"A: 1\r\n\r\n", &mut out);
+        assert!(!s.is_done());
+    }
+
+    #[test]
+    fn random_bodies_match_the_reference_in_random_chunks() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1939);
+        // Line-end bytes and dots are frequent, so that every combination
+        // of them lands on a chunk boundary somewhere.
+        let alphabet = b"\r\n.\r\n.ab :";
+        for _ in 0..3000 {
+            let len = rng.gen_range(0..80);
+            let body: Vec<u8> = (0..len).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
+            let top = match rng.gen_range(0..3) {
+                0 => None,
+                _ => Some(rng.gen_range(0..6)),
+            };
+            let expected = reference(&body, top);
+            let mut stuffer = Stuffer::new(top);
+            let mut out = Vec::new();
+            let mut rest = &body[..];
+            while !rest.is_empty() && !stuffer.is_done() {
+                let (chunk, tail) = rest.split_at(rng.gen_range(0..=rest.len()));
+                stuffer.feed(chunk, &mut out);
+                rest = tail;
+            }
+            stuffer.finish(&mut out);
+            assert_eq!(out, expected, "{body:?} top {top:?}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hamail_pop3::{AuthResult, MaildropResult, Next, PeerInfo, Pop3Config, Session};
+use hamail_pop3::{AuthResult, BodyOpened, MaildropResult, Next, PeerInfo, Pop3Config, Session, Stuffer};
 use hamail_store::{Address, BodyHash, EntryId, MailboxEntry, QueueId};
 
 /// Plays the tokio driver: answers every `Next` from fake data.
@@ -51,8 +51,10 @@ impl FakeDriver {
     }
 
     /// Feeds `chunks` one by one, answering every request of the session
-    /// like the real driver would. Returns everything written and every
-    /// `Next` except `NeedInput` (whose number depends on the chunking).
+    /// like the real driver would (a body goes out through the stuffer in
+    /// pieces of 5 octets). Returns everything written and every `Next`
+    /// except `NeedInput` and `Flush` (whose number depends on the
+    /// chunking).
     fn run(
         &self,
         session: &mut Session,
@@ -60,15 +62,17 @@ impl FakeDriver {
     ) -> (Vec<u8>, Vec<Next>) {
         let mut written = session.greeting();
         let mut steps = Vec::new();
+        let mut opened: Option<Arc<Vec<u8>>> = None;
         for chunk in chunks {
             let mut out = session.handle(&chunk);
             loop {
                 written.extend_from_slice(&out.reply);
-                if out.next != Next::NeedInput {
+                if !matches!(out.next, Next::NeedInput | Next::Flush) {
                     steps.push(out.next.clone());
                 }
                 out = match out.next {
                     Next::NeedInput => break,
+                    Next::Flush => session.handle(b""),
                     Next::Close => return (written, steps),
                     Next::Authenticate(c) => {
                         let ok = Address::parse(&c.username).ok() == Some(self.user.clone())
@@ -83,12 +87,23 @@ impl FakeDriver {
                         assert_eq!(user, self.user);
                         session.maildrop_opened(MaildropResult::Opened(self.entries.clone()))
                     }
-                    Next::Fetch(hash) => session.fetched(
-                        self.bodies
-                            .get(&hash)
-                            .cloned()
-                            .ok_or_else(|| hamail_store::StoreError::Permanent("no body".into())),
-                    ),
+                    Next::OpenBody(hash) => {
+                        opened = self.bodies.get(&hash).cloned();
+                        session.body_opened(match opened {
+                            Some(_) => BodyOpened::Ready,
+                            None => BodyOpened::Failed(hamail_store::StoreError::Permanent("no body".into())),
+                        })
+                    }
+                    Next::SendBody { top } => {
+                        let body = opened.take().expect("SendBody only after a body was opened");
+                        let mut stuffer = Stuffer::new(top);
+                        for piece in body.chunks(5) {
+                            stuffer.feed(piece, &mut written);
+                        }
+                        stuffer.finish(&mut written);
+                        written.extend_from_slice(b".\r\n");
+                        session.body_sent(Ok(()))
+                    }
                     Next::Update { user, .. } => {
                         assert_eq!(user, self.user);
                         session.updated(Ok(()))
@@ -174,8 +189,10 @@ fn full_script_in_every_chunking() {
                 password: "secret".into()
             }),
             Next::OpenMaildrop(driver.user.clone()),
-            Next::Fetch(first),
-            Next::Fetch(first),
+            Next::OpenBody(first),
+            Next::SendBody { top: None },
+            Next::OpenBody(first),
+            Next::SendBody { top: Some(0) },
             Next::Update {
                 user: driver.user.clone(),
                 delete: vec![EntryId(7)]

@@ -276,7 +276,10 @@ pub struct Pop3Section {
     /// POP3 over implicit TLS (995).
     pub pop3s: Vec<SocketAddr>,
     pub max_connections: usize,
-    /// RFC 1939 3: the autologout timer must be at least 10 minutes.
+    /// RFC 1939 3: the autologout timer must be at least 10 minutes. It
+    /// runs from the last complete command (bytes that do not complete one
+    /// do not reset it), and is also how long a reply may wait for the
+    /// client to read it before the connection is cut.
     pub idle_timeout_secs: u64,
     pub plaintext_auth: PlaintextAuth,
 }

@@ -1,33 +1,78 @@
 //! The tokio driver of the POP3 session: feeds the sans-IO
 //! `hamail_pop3::Session`, and answers its requests (login with a growing
 //! delay after failures, the maildrop lock, bodies, the atomic UPDATE).
+//!
+//! What a client can make one connection hold is bounded, whatever it
+//! sends or fails to read:
+//! - input is read only when the session needs more (never while a reply
+//!   is being written), [`READ_BUF`] octets at a time;
+//! - the replies of pipelined commands are written out once they reach
+//!   [`PENDING_FLUSH`] octets (the session itself stops at its
+//!   `reply_flush`), and always before a body is sent;
+//! - a message body is never in memory: it goes from its file through a
+//!   [`Stuffer`] in [`CHUNK`] pieces, each written with `write_all`, so
+//!   TCP back-pressure paces the reading of the file. Those two buffers
+//!   are reserved from the node-wide [`MemoryBudget`] before the `+OK`,
+//!   and a RETR or TOP that cannot have them gets `-ERR [SYS/TEMP]`.
+//!
+//! And in time: the autologout timer (RFC 1939 section 3) runs from the
+//! last complete command, so a client trickling bytes is logged out all
+//! the same, and a client that does not read what it asked for is cut
+//! after the same timeout.
+//!
+//! [`MemoryBudget`]: crate::budget::MemoryBudget
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hamail_pop3::{AuthResult, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session};
-use hamail_store::{Address, MailStore};
+use hamail_pop3::{
+    AuthResult, BodyOpened, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session, Stuffer,
+};
+use hamail_store::{Address, BodyFile, BodyHash, MailStore, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use crate::budget::Reservation;
 use crate::conn::Conn;
 use crate::limits::MaildropGuard;
 use crate::{bump, Context};
 
-fn chain(mut pending: Vec<u8>, out: Output) -> Output {
-    pending.extend_from_slice(&out.reply);
-    Output { reply: pending, next: out.next }
-}
+/// Octets of client input read at once.
+const READ_BUF: usize = 16 * 1024;
+/// Octets of a body read from its file at once.
+const CHUNK: usize = 64 * 1024;
+/// A chunk stuffed is at most twice as long (`.` LF becomes `..` CRLF),
+/// and the last one carries the final CRLF and the terminator.
+const STUFFED: usize = 2 * CHUNK + 5;
+/// Replies waiting for a driver step are written once they reach this.
+const PENDING_FLUSH: usize = 64 * 1024;
 
 /// What the session did, for its one log line.
 #[derive(Default)]
 struct Tally {
     user: Option<Address>,
     retrieved: usize,
-    retrieved_bytes: usize,
+    retrieved_bytes: u64,
     deleted: usize,
     result: &'static str,
+}
+
+/// A body opened for RETR or TOP, with the memory to send it.
+struct OpenedBody {
+    body: BodyFile,
+    _buffers: Reservation,
+}
+
+/// Why a body did not go out whole.
+enum SendFailure {
+    /// The file: shorter than it was, or failing. The client has part of
+    /// the answer and no terminator.
+    Body(StoreError),
+    /// The connection: gone, or the client stopped reading.
+    Client(std::io::Error),
 }
 
 /// Serves one POP3 connection from the maildrops of `store` (the node's,
@@ -55,20 +100,44 @@ pub(crate) async fn serve(
     let mut session = Session::new(config, PeerInfo { addr: peer, tls: conn.is_tls() });
     let idle = Duration::from_secs(ctx.config.pop3.idle_timeout_secs);
     let mut out = Output { reply: session.greeting(), next: Next::NeedInput };
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; READ_BUF];
+    // The autologout deadline, set anew each time the driver goes back to
+    // reading after a command was answered.
+    let mut deadline = Instant::now() + idle;
+    let mut answered = true;
+    let mut opened: Option<OpenedBody> = None;
     // Held from a successful login to the end of the connection.
     let mut lock: Option<MaildropGuard> = None;
     let mut tally = Tally { result: "disconnected", ..Tally::default() };
     let outcome: std::io::Result<()> = async {
         loop {
+            pending.extend_from_slice(&out.reply);
+            // Steps that only ask the driver for something wait with the
+            // replies unwritten (a pipeline is answered in few writes);
+            // every other step needs them out first.
+            let waits = matches!(
+                out.next,
+                Next::Authenticate(_) | Next::OpenMaildrop(_) | Next::OpenBody(_) | Next::Update { .. }
+            );
+            if !pending.is_empty() && (!waits || pending.len() >= PENDING_FLUSH) {
+                write_within(&mut conn, &pending, idle).await?;
+                pending.clear();
+                if pending.capacity() > 4 * PENDING_FLUSH {
+                    // One huge reply (LIST of a big maildrop) is not kept.
+                    pending = Vec::new();
+                }
+            }
             out = match out.next {
                 Next::NeedInput => {
-                    conn.write_all(&out.reply).await?;
+                    if std::mem::take(&mut answered) {
+                        deadline = Instant::now() + idle;
+                    }
                     let read = tokio::select! {
-                        r = tokio::time::timeout(idle, conn.read(&mut buf)) => r,
+                        r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => r,
                         () = crate::drained(&mut drain) => {
                             // Nothing is deleted: UPDATE happens only at QUIT.
-                            let _ = conn.write_all(b"-ERR [SYS/TEMP] service moving, try again\r\n").await;
+                            let _ = write_within(&mut conn, b"-ERR [SYS/TEMP] service moving, try again\r\n", idle).await;
                             tally.result = "service moving";
                             break;
                         }
@@ -76,7 +145,7 @@ pub(crate) async fn serve(
                     let n = match read {
                         Ok(read) => read?,
                         Err(_) => {
-                            let _ = conn.write_all(&session.timeout()).await;
+                            let _ = write_within(&mut conn, &session.timeout(), idle).await;
                             tally.result = "idle timeout";
                             break;
                         }
@@ -84,11 +153,16 @@ pub(crate) async fn serve(
                     if n == 0 {
                         break;
                     }
-                    session.handle(&buf[..n])
+                    let out = session.handle(&buf[..n]);
+                    // Every complete command line gets a reply or a step;
+                    // bytes that do not complete one leave the timer as is.
+                    answered = !out.reply.is_empty() || out.next != Next::NeedInput;
+                    out
                 }
+                Next::Flush => session.handle(&[]),
                 Next::Authenticate(creds) => {
                     let result = login(ctx, &peer, &creds.username, &creds.password).await;
-                    chain(out.reply, session.authenticated(result))
+                    session.authenticated(result)
                 }
                 Next::OpenMaildrop(user) => {
                     let result = match ctx.maildrop_locks.try_lock(&user) {
@@ -103,15 +177,32 @@ pub(crate) async fn serve(
                             Err(e) => MaildropResult::Failed(e),
                         },
                     };
-                    chain(out.reply, session.maildrop_opened(result))
+                    session.maildrop_opened(result)
                 }
-                Next::Fetch(hash) => {
-                    let result = store.body(&hash).await;
-                    if let Ok(b) = &result {
-                        tally.retrieved += 1;
-                        tally.retrieved_bytes += b.len();
+                Next::OpenBody(hash) => {
+                    let (result, body) = open_body(ctx, &*store, &hash).await;
+                    opened = body;
+                    session.body_opened(result)
+                }
+                Next::SendBody { top } => {
+                    let Some(OpenedBody { body, _buffers }) = opened.take() else {
+                        tracing::error!(peer = %peer, "POP3 session asked to send a body that is not open");
+                        tally.result = "internal error";
+                        break;
+                    };
+                    match send_body(&mut conn, body, top, idle).await {
+                        Ok(read) => {
+                            tally.retrieved += 1;
+                            tally.retrieved_bytes += read;
+                            session.body_sent(Ok(()))
+                        }
+                        Err(SendFailure::Client(e)) => return Err(e),
+                        Err(SendFailure::Body(e)) => {
+                            tracing::error!(peer = %peer, error = %e, "POP3 body broke off mid-way: connection closed");
+                            tally.result = "body unreadable";
+                            session.body_sent(Err(e))
+                        }
                     }
-                    chain(out.reply, session.fetched(result))
                 }
                 Next::Update { user, delete } => {
                     let result = store.delete(&user, &delete).await;
@@ -120,16 +211,13 @@ pub(crate) async fn serve(
                     if let Err(e) = &result {
                         tracing::error!(user = %user, error = %e, "POP3 UPDATE failed: nothing deleted");
                     }
-                    chain(out.reply, session.updated(result))
+                    session.updated(result)
                 }
                 Next::StartTls => {
-                    conn.write_all(&out.reply).await?;
-                    conn.flush().await?;
                     conn.upgrade(&ctx.tls).await?;
                     session.tls_established()
                 }
                 Next::Close => {
-                    conn.write_all(&out.reply).await?;
                     if tally.result == "disconnected" {
                         tally.result = "quit";
                     }
@@ -149,6 +237,83 @@ pub(crate) async fn serve(
             peer.ip(), conn.is_tls(), tally.retrieved, tally.retrieved_bytes, tally.deleted, tally.result);
     }
     outcome
+}
+
+/// Writes `bytes` whole, or fails once the client has not taken them
+/// within `within`: a client that does not read is cut, not waited for.
+async fn write_within(conn: &mut Conn, bytes: &[u8], within: Duration) -> std::io::Result<()> {
+    let write = async {
+        conn.write_all(bytes).await?;
+        conn.flush().await
+    };
+    match tokio::time::timeout(within, write).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies")),
+    }
+}
+
+/// Takes the memory to send a body from the node's budget, then opens it.
+async fn open_body(ctx: &Context, store: &dyn MailStore, hash: &BodyHash) -> (BodyOpened, Option<OpenedBody>) {
+    let Some(buffers) = ctx.memory.try_reserve(CHUNK + STUFFED) else {
+        return (BodyOpened::Busy, None);
+    };
+    match store.open_body(hash).await {
+        Ok(body) => (BodyOpened::Ready, Some(OpenedBody { body, _buffers: buffers })),
+        Err(e) => {
+            tracing::warn!(%hash, error = %e, "POP3 body could not be opened");
+            (BodyOpened::Failed(e), None)
+        }
+    }
+}
+
+/// Sends `body` through a [`Stuffer`] for `top`, then the terminator, in
+/// pieces of at most [`CHUNK`] octets read and [`STUFFED`] written; TOP
+/// stops reading once its lines are out. Returns the octets read.
+async fn send_body(conn: &mut Conn, body: BodyFile, top: Option<usize>, within: Duration) -> Result<u64, SendFailure> {
+    let BodyFile { mut file, len } = body;
+    let mut chunk = vec![0u8; CHUNK];
+    let mut out = Vec::with_capacity(STUFFED);
+    let mut stuffer = Stuffer::new(top);
+    let mut read = 0u64;
+    while read < len && !stuffer.is_done() {
+        let want = (len - read).min(CHUNK as u64) as usize;
+        let n;
+        (file, chunk, n) = read_chunk(file, chunk, want).await.map_err(SendFailure::Body)?;
+        read += n as u64;
+        out.clear();
+        stuffer.feed(&chunk[..n], &mut out);
+        write_within(conn, &out, within).await.map_err(SendFailure::Client)?;
+    }
+    out.clear();
+    stuffer.finish(&mut out);
+    out.extend_from_slice(b".\r\n");
+    write_within(conn, &out, within).await.map_err(SendFailure::Client)?;
+    Ok(read)
+}
+
+/// Reads up to `want` octets of a body file into `chunk`, on a blocking
+/// thread (a file read can wait on the disk); the end of the file before
+/// `want` is a truncated body.
+async fn read_chunk(
+    mut file: std::fs::File,
+    mut chunk: Vec<u8>,
+    want: usize,
+) -> Result<(std::fs::File, Vec<u8>, usize), StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let n = loop {
+            match file.read(&mut chunk[..want]) {
+                Ok(0) => {
+                    return Err(StoreError::Internal("body file shorter than when it was opened".into()))
+                }
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StoreError::io("reading a body file", e)),
+            }
+        };
+        Ok((file, chunk, n))
+    })
+    .await
+    .map_err(|e| StoreError::Internal(format!("body read task failed: {e}")))?
 }
 
 async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {

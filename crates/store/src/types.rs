@@ -35,6 +35,17 @@ impl fmt::Display for BodyHash {
     }
 }
 
+/// A body opened for reading in pieces (POP3 RETR sends it through a small
+/// buffer, whatever its size): its file, positioned at the start, and its
+/// length in octets. The content was checked against its hash when it was
+/// opened; a reader that gets fewer octets than `len` has met a truncated
+/// or failing file.
+#[derive(Debug)]
+pub struct BodyFile {
+    pub file: std::fs::File,
+    pub len: u64,
+}
+
 /// The id of one accepted SMTP transaction (one message, many recipients),
 /// as Postfix's queue id: it appears in the `Received:` header and in the
 /// log line of the transaction. Allocated by the store, unique, never reused.
@@ -516,6 +527,9 @@ pub trait MailStore: Send + Sync + 'static {
     async fn mailbox(&self, user: &Address) -> StoreResult<Vec<MailboxEntry>>;
     /// The body bytes (without the `Return-Path:` line).
     async fn body(&self, hash: &BodyHash) -> StoreResult<Arc<Vec<u8>>>;
+    /// The same body as a file to read in pieces, never held in memory
+    /// whole; the same errors as [`MailStore::body`].
+    async fn open_body(&self, hash: &BodyHash) -> StoreResult<BodyFile>;
     /// Removes these entries from the maildrop of `user` in one atomic
     /// commit (POP3 UPDATE state); bodies no longer referenced are freed.
     /// Ids already gone are ignored.

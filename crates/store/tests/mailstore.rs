@@ -37,6 +37,26 @@ async fn incoming(store: &LocalStore, local: &[&str], remote: &[&str], body: &[u
 }
 
 #[tokio::test]
+async fn open_body_reads_what_body_reads_and_refuses_damage() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Larger than the 64 KiB buffer the check reads through.
+    let body: Vec<u8> = (0..300_000u32).map(|i| b"abc.\r\n"[(i % 6) as usize]).collect();
+    let h = store.accept(incoming(&store, &["a@x.test"], &[], &body).await).await.unwrap().body();
+    let mut opened = store.open_body(&h).await.unwrap();
+    assert_eq!(opened.len, body.len() as u64);
+    let mut read = Vec::new();
+    opened.file.read_to_end(&mut read).unwrap();
+    assert_eq!(read, body, "from the start, whole");
+
+    let gone = BodyHash::of(b"never stored");
+    assert!(matches!(store.open_body(&gone).await, Err(StoreError::Permanent(_))));
+    std::fs::write(dir.path().join("bodies").join(h.to_hex()), &body[1..]).unwrap();
+    assert!(matches!(store.open_body(&h).await, Err(StoreError::Internal(_))), "a damaged body is never served");
+}
+
+#[tokio::test]
 async fn one_body_for_three_recipients_and_exact_sizes() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use redb::ReadableTable;
 
 use super::Inner;
 use crate::tables::{db_err, BODIES};
-use crate::{BodyHash, StoreError, StoreResult};
+use crate::{BodyFile, BodyHash, StoreError, StoreResult};
 
 /// A body renamed into `bodies/`, not yet durable: the caller fdatasyncs it
 /// and the committer fsyncs its directory, both before the metadata commit
@@ -183,18 +183,40 @@ impl Inner {
     /// otherwise go out to a client silently).
     pub(crate) fn read_body(&self, hash: &BodyHash) -> StoreResult<Vec<u8>> {
         let path = self.body_path(hash);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::Permanent(format!("no body {hash}")));
-            }
-            Err(e) => return Err(StoreError::io(format!("reading body {}", path.display()), e)),
-        };
+        let bytes = fs::read(&path).map_err(|e| unreadable(hash, &path, e))?;
         if BodyHash::of(&bytes) != *hash {
-            tracing::error!(%hash, path = %path.display(), "body file does not match its hash");
-            return Err(StoreError::Internal(format!("body {hash} is damaged")));
+            return Err(damaged(hash, &path));
         }
         Ok(bytes)
+    }
+
+    /// Opens a body for reading in pieces, after the same check as
+    /// [`Self::read_body`], made through a 64 KiB buffer: a large body is
+    /// never held in memory. The check reads the file once more than the
+    /// sending will (from the page cache, as a rule), so that a damaged
+    /// body is refused before any of it goes out.
+    pub(crate) fn open_body(&self, hash: &BodyHash) -> StoreResult<BodyFile> {
+        use sha2::Digest;
+        let path = self.body_path(hash);
+        let mut file = File::open(&path).map_err(|e| unreadable(hash, &path, e))?;
+        let mut digest = sha2::Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unreadable(hash, &path, e)),
+            };
+            digest.update(&buf[..n]);
+            len += n as u64;
+        }
+        if BodyHash(digest.finalize().into()) != *hash {
+            return Err(damaged(hash, &path));
+        }
+        file.seek(io::SeekFrom::Start(0)).map_err(|e| unreadable(hash, &path, e))?;
+        Ok(BodyFile { file, len })
     }
 
     /// Unlinks bodies whose last reference was removed by a commit that has
@@ -335,6 +357,22 @@ pub struct GarbageReport {
 }
 
 /// Sets a file's modification time to now.
+/// A body file that could not be opened or read: gone is permanent, any
+/// other failure is the disk's.
+fn unreadable(hash: &BodyHash, path: &std::path::Path, e: io::Error) -> StoreError {
+    if e.kind() == io::ErrorKind::NotFound {
+        StoreError::Permanent(format!("no body {hash}"))
+    } else {
+        StoreError::io(format!("reading body {}", path.display()), e)
+    }
+}
+
+/// Bit rot or a bug would otherwise go out to a client silently.
+fn damaged(hash: &BodyHash, path: &std::path::Path) -> StoreError {
+    tracing::error!(%hash, path = %path.display(), "body file does not match its hash");
+    StoreError::Internal(format!("body {hash} is damaged"))
+}
+
 fn touch(path: &std::path::Path) -> io::Result<()> {
     File::open(path)?.set_modified(SystemTime::now())
 }

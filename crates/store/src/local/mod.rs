@@ -33,7 +33,7 @@ use crate::tables::{
     RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
 };
 use crate::{
-    Address, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId,
+    Address, BodyFile, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId,
     QueueItem, QueueOp, QueueState, StoreError, StoreResult,
 };
 use committer::{AcceptJob, Committer};
@@ -478,6 +478,12 @@ impl MailStore for LocalStore {
         let inner = self.inner.clone();
         let hash = *hash;
         blocking(move || inner.read_body(&hash).map(Arc::new)).await
+    }
+
+    async fn open_body(&self, hash: &BodyHash) -> StoreResult<BodyFile> {
+        let inner = self.inner.clone();
+        let hash = *hash;
+        blocking(move || inner.open_body(&hash)).await
     }
 
     async fn delete(&self, user: &Address, ids: &[EntryId]) -> StoreResult<()> {
