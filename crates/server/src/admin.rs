@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
+use crate::limits::BanTarget;
 use crate::{Context, ServerError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +56,10 @@ pub enum Request {
     NodeStop { node: Option<u64> },
     LogShow { limit: usize },
     LogWrite { text: String },
+    /// The login bans in force on this node.
+    BanList,
+    /// Lifts the ban on a client address or an account.
+    BanDel { target: String },
 }
 
 /// The pattern of the cluster requests: the one list of them, for
@@ -272,6 +277,24 @@ async fn run(
             json!({ "changed": targets.len() })
         }
         cluster_request!() => return Err(StoreError::Permanent("cluster commands need the running server".into())),
+        Request::BanList => {
+            let now = std::time::Instant::now();
+            json!(running(ctx)?
+                .logins
+                .list(now)
+                .iter()
+                .map(|b| json!({"kind": b.target.kind(), "target": ban_name(&b.target),
+                    "remaining_secs": b.remaining.as_secs(), "failures": b.failures}))
+                .collect::<Vec<_>>())
+        }
+        Request::BanDel { target } => {
+            let parsed = BanTarget::parse(&target)
+                .ok_or_else(|| StoreError::Permanent(format!("'{target}' is neither a client address nor an account")))?;
+            if !running(ctx)?.logins.lift(&parsed) {
+                return Err(StoreError::Permanent(format!("no ban on {parsed}")));
+            }
+            json!({ "lifted": parsed.to_string() })
+        }
         Request::Status => {
             let domains = dir.domains().await?.len();
             let users = dir.users().await?.len();
@@ -301,6 +324,19 @@ async fn run(
             v
         }
     })
+}
+
+/// Bans live in the running server's memory.
+fn running<'a>(ctx: Option<&'a Context>) -> Result<&'a Context, StoreError> {
+    ctx.ok_or_else(|| StoreError::Permanent("bans are kept by the running server: none without it".into()))
+}
+
+/// The address or account, without its kind.
+fn ban_name(target: &BanTarget) -> String {
+    match target {
+        BanTarget::Address(a) => a.to_string(),
+        BanTarget::Account(a) => a.to_string(),
+    }
 }
 
 fn parse_queue_id(id: &str) -> Result<QueueId, StoreError> {
