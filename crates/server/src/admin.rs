@@ -327,7 +327,7 @@ async fn run(
 }
 
 /// Bans live in the running server's memory.
-fn running<'a>(ctx: Option<&'a Context>) -> Result<&'a Context, StoreError> {
+fn running(ctx: Option<&Context>) -> Result<&Context, StoreError> {
     ctx.ok_or_else(|| StoreError::Permanent("bans are kept by the running server: none without it".into()))
 }
 

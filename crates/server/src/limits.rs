@@ -264,6 +264,9 @@ impl AddressUse {
     }
 }
 
+/// What each client address uses, shared with the slots that count in it.
+type AddressTable = Arc<Mutex<HashMap<ClientKey, AddressUse>>>;
+
 /// Client addresses remembered at most: far more than the slots (so the
 /// addresses with open connections always fit), few enough to stay small.
 const MAX_ADDRESSES: usize = 65_536;
@@ -279,7 +282,7 @@ pub struct Admission {
     mta: Arc<Semaphore>,
     users: Arc<Semaphore>,
     pop3: Arc<Semaphore>,
-    addresses: Arc<Mutex<HashMap<ClientKey, AddressUse>>>,
+    addresses: AddressTable,
     sockets: Arc<Sockets>,
     refusals_logged: Mutex<LogLimiter>,
 }
@@ -288,7 +291,7 @@ pub struct Admission {
 /// count, the socket's entry) when dropped, however the session ends.
 pub struct Slot {
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
-    address: Option<(Arc<Mutex<HashMap<ClientKey, AddressUse>>>, ClientKey)>,
+    address: Option<(AddressTable, ClientKey)>,
     socket: (Arc<Sockets>, SocketAddr, RawFd),
 }
 
