@@ -240,6 +240,13 @@ fn after_failed_logins_the_address_is_banned_even_with_the_right_password() {
     c.send(&format!("AUTH PLAIN {}\r\n", plain("alice@example.org", "alice-pw")));
     let banned_smtp = "454 4.7.0 Temporary authentication failure: too many failed logins, try again later";
     assert_eq!(c.reply(), banned_smtp);
+    // However fast a banned client tries, the log gets at most a line a second.
+    for _ in 0..30 {
+        c.send(&format!("AUTH PLAIN {}\r\n", plain("alice@example.org", "alice-pw")));
+        assert_eq!(c.reply(), banned_smtp);
+    }
+    let logged = s.log().matches("is banned (").count();
+    assert!((1..31).contains(&logged), "31 refusals, {logged} log lines");
     let (mut p, _) = greeting("127.0.0.1", s.pop3);
     let banned_pop3 = "-ERR [SYS/TEMP] too many failed logins, try again later";
     assert_eq!(p.pop3_login("alice@example.org", "alice-pw"), banned_pop3);

@@ -678,6 +678,20 @@ mod tests {
     }
 
     #[test]
+    fn checks_after_parsing_name_the_key_line_of_its_own_section() {
+        let text = "[pop3]\nmax_connections = 5\n\n[smtp]\n  # max_connections = 1\n  max_connections = 0\n";
+        let err = Config::parse(text, "c.toml").unwrap_err().to_string();
+        assert_eq!(err, "c.toml:6: [smtp] max_connections = 0: must be at least 1");
+        assert_eq!(key_line(text, "pop3", "max_connections"), Some(2));
+        assert_eq!(key_line(text, "server", "max_connections"), None);
+        assert_eq!(key_line("[smtp]\nmax_connections_x = 1\nmax_connections= 0\n", "smtp", "max_connections"), Some(3));
+        let err = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\", \"x\"]\n", "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:2: `x` is not an IP address"), "{err}");
+        let c = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\"]\n", "c.toml").unwrap();
+        assert_eq!(c.admission().exempt, vec![Network::parse("192.0.2.0/24").unwrap()]);
+    }
+
+    #[test]
     fn plaintext_policy() {
         let lo: SocketAddr = "127.0.0.5:1".parse().unwrap();
         let far: SocketAddr = "198.18.0.1:1".parse().unwrap();

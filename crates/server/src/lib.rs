@@ -401,8 +401,12 @@ pub(crate) async fn check_login(
 ) -> Result<hamail_store::Address, LoginFailure> {
     let account = hamail_store::Address::parse(username).ok();
     let shown = account.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-    if let Some(ban) = ctx.logins.banned(peer.ip(), account.as_ref(), Instant::now()) {
-        tracing::info!(target: "hamail::mail", "{protocol} client=[{}] user={shown} result=refused: {ban} is banned", peer.ip());
+    let now = Instant::now();
+    if let Some(ban) = ctx.logins.banned(peer.ip(), account.as_ref(), now) {
+        if let Some(left_out) = ctx.logins.log_refusal(now) {
+            tracing::info!(target: "hamail::mail",
+                "{protocol} client=[{}] user={shown} result=refused: {ban} is banned ({left_out} such refusals not logged before)", peer.ip());
+        }
         return Err(LoginFailure::Temporary(BANNED.into()));
     }
     let verified = match &account {

@@ -507,11 +507,19 @@ struct LoginState {
 pub struct Logins {
     policy: LoginPolicy,
     state: Mutex<LoginState>,
+    refusals_logged: Mutex<LogLimiter>,
 }
 
 impl Logins {
     pub fn new(policy: LoginPolicy) -> Self {
-        Logins { policy, state: Mutex::default() }
+        Logins { policy, state: Mutex::default(), refusals_logged: Mutex::new(LogLimiter::new(Duration::from_secs(1))) }
+    }
+
+    /// Whether a refusal for a ban may be logged now (at most one line a
+    /// second: a banned client may keep trying as fast as it likes), with
+    /// the number of those not logged since the last.
+    pub fn log_refusal(&self, now: Instant) -> Option<u64> {
+        lock(&self.refusals_logged).allow(now)
     }
 
     fn address_key(&self, ip: IpAddr) -> Option<ClientKey> {
