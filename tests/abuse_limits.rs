@@ -1,8 +1,8 @@
 //! The running binary under abuse: per-address connection limits, the
 //! separate slot pools of port 25 and of the users' ports, the TLS
-//! handshake timeout, login bans (and `hamail ban`), the failed-login delay
-//! of clients that hang up, file modes of the data directory, and the
-//! config errors. Clients come from several loopback addresses (127/8):
+//! handshake timeout, login bans (and `hamail ban`, and in a cluster), the
+//! failed-login delay of clients that hang up, file modes of the data
+//! directory, and the config errors. Clients come from several loopback addresses (127/8):
 //! each is a different client address to the server.
 
 mod common;
@@ -458,4 +458,31 @@ fn the_generated_certificate_names_the_configured_host() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains("Subject: CN = mx.test\n") || text.contains("Subject: CN=mx.test\n"), "{text}");
     assert!(text.contains("DNS:mx.test, DNS:localhost"), "{text}");
+}
+
+#[test]
+fn a_ban_set_on_one_node_holds_on_every_node_and_is_lifted_everywhere() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = common::cluster::form_with(root.path(), &["data", "data"], "limits_exempt = []\nlogin_failures_per_address = 2");
+    let login = |node: &common::cluster::Node, password: &str| {
+        let (mut p, g) = greeting("127.0.0.1", node.s().pop3);
+        assert!(g.starts_with("+OK"), "{g}");
+        p.pop3_login("alice@example.org", password)
+    };
+    for _ in 0..2 {
+        assert_eq!(login(&nodes[0], "guess"), "-ERR [AUTH] Invalid credentials");
+    }
+    let banned = "-ERR [SYS/TEMP] too many failed logins, try again later";
+    assert_eq!(login(&nodes[0], "alice-pw"), banned);
+    // Node 2 saw no failure, and refuses the address all the same.
+    eventually(Duration::from_secs(10), "the ban held on node 2", || (login(&nodes[1], "alice-pw") == banned).then_some(()));
+    let (ok, list) = nodes[1].cli(&["ban", "list"], "");
+    assert!(ok && list.contains("127.0.0.1"), "{list}");
+    assert!(nodes[1].s().log().contains("login ban from the cluster: address 127.0.0.1 banned for"), "{}", nodes[1].s().log());
+    // Lifted on node 2: node 1 lets it in again.
+    let (ok, out) = nodes[1].cli(&["ban", "del", "127.0.0.1"], "");
+    assert!(ok, "{out}");
+    eventually(Duration::from_secs(10), "the ban lifted on node 1", || login(&nodes[0], "alice-pw").starts_with("+OK").then_some(()));
+    let (ok, list) = nodes[0].cli(&["ban", "list"], "");
+    assert!(ok && list.contains("no bans"), "{list}");
 }

@@ -283,14 +283,18 @@ async fn run(
                 .logins
                 .list(now)
                 .iter()
-                .map(|b| json!({"kind": b.target.kind(), "target": ban_name(&b.target),
+                .map(|b| json!({"kind": b.target.kind(), "target": b.target.name(),
                     "remaining_secs": b.remaining.as_secs(), "failures": b.failures}))
                 .collect::<Vec<_>>())
         }
         Request::BanDel { target } => {
             let parsed = BanTarget::parse(&target)
                 .ok_or_else(|| StoreError::Permanent(format!("'{target}' is neither a client address nor an account")))?;
-            if !running(ctx)?.logins.lift(&parsed) {
+            let ctx = running(ctx)?;
+            let lifted = ctx.logins.lift(&parsed);
+            // In a cluster every node holds the ban: lift it everywhere.
+            let told = crate::cluster::share_ban(ctx.cluster.node(), hamail_cluster::BanChange::Lift { target: parsed.name() }).await;
+            if !lifted && !told {
                 return Err(StoreError::Permanent(format!("no ban on {parsed}")));
             }
             json!({ "lifted": parsed.to_string() })
@@ -329,14 +333,6 @@ async fn run(
 /// Bans live in the running server's memory.
 fn running(ctx: Option<&Context>) -> Result<&Context, StoreError> {
     ctx.ok_or_else(|| StoreError::Permanent("bans are kept by the running server: none without it".into()))
-}
-
-/// The address or account, without its kind.
-fn ban_name(target: &BanTarget) -> String {
-    match target {
-        BanTarget::Address(a) => a.to_string(),
-        BanTarget::Account(a) => a.to_string(),
-    }
 }
 
 fn parse_queue_id(id: &str) -> Result<QueueId, StoreError> {

@@ -419,10 +419,19 @@ pub(crate) async fn check_login(
         (Ok(_), account) => {
             tracing::info!(target: "hamail::mail", "{protocol} client=[{}] user={shown} result=auth failed", peer.ip());
             let penalty = ctx.logins.failed(peer.ip(), account.as_ref(), Instant::now());
-            for ban in &penalty.banned {
+            let ban_secs = ctx.config.server.login_ban_secs;
+            for (ban, failures) in penalty.banned {
                 tracing::warn!(target: "hamail::mail",
-                    "{protocol} client=[{}] login ban: {ban} banned for {} s after too many failed logins (lift: hamail ban del)",
-                    peer.ip(), ctx.config.server.login_ban_secs);
+                    "{protocol} client=[{}] login ban: {ban} banned for {ban_secs} s after too many failed logins (lift: hamail ban del)",
+                    peer.ip());
+                // Every node of a cluster holds it (told in the background:
+                // the reply does not wait for the cluster).
+                let change = hamail_cluster::BanChange::Set {
+                    target: ban.name(),
+                    until: unix_now().saturating_add(ban_secs),
+                    failures,
+                };
+                tokio::spawn(cluster::share_ban(ctx.cluster.node(), change));
             }
             tokio::select! {
                 () = tokio::time::sleep(penalty.delay) => {}

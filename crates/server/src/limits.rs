@@ -448,6 +448,14 @@ impl BanTarget {
         ClientKey::parse(s).map(BanTarget::Address).or_else(|| Address::parse(s).ok().map(BanTarget::Account))
     }
 
+    /// The address or account alone, as [`BanTarget::parse`] reads it.
+    pub fn name(&self) -> String {
+        match self {
+            BanTarget::Address(a) => a.to_string(),
+            BanTarget::Account(a) => a.to_string(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             BanTarget::Address(_) => "address",
@@ -490,8 +498,9 @@ pub struct BanEntry {
 pub struct Penalty {
     /// How long to wait before the failure's reply.
     pub delay: Duration,
-    /// Bans this failure set (to log).
-    pub banned: Vec<BanTarget>,
+    /// Bans this failure set (to log and tell), each with the failures
+    /// that set it.
+    pub banned: Vec<(BanTarget, u32)>,
 }
 
 #[derive(Default)]
@@ -565,7 +574,7 @@ impl Logins {
             state.bans.insert(target.clone(), Ban { until: now + p.ban, failures: *failures });
         }
         let factor = 1u32 << worst.saturating_sub(1).min(16);
-        Penalty { delay: p.base_delay.saturating_mul(factor).min(MAX_DELAY), banned: banned.into_iter().map(|(t, _)| t).collect() }
+        Penalty { delay: p.base_delay.saturating_mul(factor).min(MAX_DELAY), banned }
     }
 
     /// The bans in force, soonest to end first.
@@ -579,6 +588,20 @@ impl Logins {
             .collect();
         v.sort_by(|a, b| a.remaining.cmp(&b.remaining).then_with(|| a.target.cmp(&b.target)));
         v
+    }
+
+    /// Bans `target` until `until` (a ban another node set). True when it
+    /// was not banned that long already.
+    pub fn impose(&self, target: BanTarget, until: Instant, failures: u32, now: Instant) -> bool {
+        let mut state = lock(&self.state);
+        if state.bans.get(&target).is_some_and(|b| b.until >= until) {
+            return false;
+        }
+        if !state.bans.contains_key(&target) {
+            make_room(&mut state.bans, MAX_TRACKED, |b| b.until <= now, |b| Some(b.until));
+        }
+        state.bans.insert(target, Ban { until, failures });
+        true
     }
 
     /// Lifts the ban on `target` and forgets its failures (so the next
@@ -768,7 +791,7 @@ mod tests {
         assert_eq!(l.failed(a, None, t0).delay, Duration::from_millis(200));
         assert_eq!(l.banned(a, Some(&alice), t0), None);
         let third = l.failed(a, Some(&user("bob@example.org")), t0);
-        assert_eq!(third.banned, vec![BanTarget::Address(ClientKey::of(a))]);
+        assert_eq!(third.banned, vec![(BanTarget::Address(ClientKey::of(a)), 3)]);
         // Banned: every login from it, whatever the account.
         let t1 = t0 + Duration::from_secs(599);
         assert_eq!(l.banned(a, Some(&alice), t1), Some(BanTarget::Address(ClientKey::of(a))));
@@ -805,7 +828,7 @@ mod tests {
             assert!(l.failed(ip(&format!("192.0.2.{i}")), Some(&alice), t0).banned.is_empty());
         }
         let fifth = l.failed(ip("192.0.2.5"), Some(&alice), t0);
-        assert_eq!(fifth.banned, vec![BanTarget::Account(alice.clone())]);
+        assert_eq!(fifth.banned, vec![(BanTarget::Account(alice.clone()), 5)]);
         assert_eq!(l.banned(ip("198.18.0.1"), Some(&alice), t0), Some(BanTarget::Account(alice.clone())));
         assert_eq!(l.banned(ip("198.18.0.1"), Some(&user("bob@example.org")), t0), None);
         assert!(l.lift(&BanTarget::parse("Alice@example.org").unwrap()));
@@ -836,6 +859,21 @@ mod tests {
         let delays: Vec<Duration> = (0..40).map(|_| l.failed(ip("192.0.2.1"), None, t0).delay).collect();
         assert_eq!(delays[2], Duration::from_millis(400));
         assert_eq!(delays[39], MAX_DELAY);
+    }
+
+    #[test]
+    fn a_ban_from_another_node_is_held_and_never_shortened() {
+        let l = Logins::new(policy(&[]));
+        let t0 = Instant::now();
+        let target = BanTarget::parse("192.0.2.1").unwrap();
+        assert_eq!(target.name(), "192.0.2.1");
+        assert!(l.impose(target.clone(), t0 + Duration::from_secs(60), 10, t0));
+        assert!(!l.impose(target.clone(), t0 + Duration::from_secs(30), 10, t0), "an earlier end changes nothing");
+        assert_eq!(l.banned(ip("192.0.2.1"), None, t0 + Duration::from_secs(59)), Some(target.clone()));
+        assert_eq!(l.list(t0)[0].remaining, Duration::from_secs(60));
+        assert!(l.impose(target.clone(), t0 + Duration::from_secs(90), 12, t0));
+        assert_eq!(l.list(t0)[0].failures, 12);
+        assert!(l.lift(&target));
     }
 
     #[test]
