@@ -538,10 +538,18 @@ impl Logins {
     /// The ban that refuses a login from `ip` to `account` now, if any.
     pub fn banned(&self, ip: IpAddr, account: Option<&Address>, now: Instant) -> Option<BanTarget> {
         let mut state = lock(&self.state);
-        state.bans.retain(|_, b| b.until > now);
         let by_address = self.address_key(ip).map(BanTarget::Address);
         let by_account = account.cloned().map(BanTarget::Account);
-        [by_address, by_account].into_iter().flatten().find(|t| state.bans.contains_key(t))
+        for target in [by_address, by_account].into_iter().flatten() {
+            match state.bans.get(&target) {
+                Some(ban) if ban.until > now => return Some(target),
+                Some(_) => {
+                    state.bans.remove(&target);
+                }
+                None => {}
+            }
+        }
+        None
     }
 
     /// Records a failed login from `ip` (to `account`, when the name given
