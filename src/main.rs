@@ -62,11 +62,26 @@ enum Command {
     /// The cluster: init, join, status, remove.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Login bans on this node (set by failed logins): list, del.
+    #[command(subcommand)]
+    Ban(BanCmd),
     /// Counters and state of the server.
     Status {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BanCmd {
+    /// Every ban in force: the address or account, time left, failures.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lifts the ban on a client address (an IPv6 address stands for its
+    /// /64) or an account.
+    Del { target: String },
 }
 
 #[derive(Subcommand)]
@@ -206,6 +221,13 @@ fn main() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
+    // Everything hamail creates (store, bodies, password hashes, keys, the
+    // admin socket) is for its own user only, whatever umask it was
+    // started with.
+    // SAFETY: umask(2) only sets the process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HAMAIL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -222,9 +244,27 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("hamail: {e:#}");
+        eprintln!("hamail: {}", describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each said once: an error whose text already
+/// includes its source (`binding ... : Address already in use`) does not
+/// get the source repeated after it.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
 }
 
 /// "queued 5m ago" style age of a Unix time.
@@ -298,12 +338,18 @@ async fn run(cli: Cli) -> Result<()> {
             let response = admin(&config, Request::Status).await?;
             return print_response(&Request::Status, response, json);
         }
+        Command::Ban(BanCmd::List { json }) => {
+            let response = admin(&config, Request::BanList).await?;
+            return print_response(&Request::BanList, response, json);
+        }
+        Command::Ban(BanCmd::Del { target }) => Request::BanDel { target },
     };
     let response = admin(&config, request.clone()).await?;
     print_response(&request, response, false)
 }
 
 async fn serve(config: Config) -> Result<()> {
+    hamail_server::secure_data_dir(&config.server.data_dir)?;
     let store_dir = config.store_dir();
     let store = LocalStore::open(&store_dir, config.store_options()?)
         .with_context(|| format!("opening the store in {}", store_dir.display()))?;
@@ -361,6 +407,7 @@ async fn admin(config: &Config, request: Request) -> Result<Response> {
             Ok(serde_json::from_str(&reply).context("malformed answer from the server")?)
         }
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            hamail_server::secure_data_dir(&config.server.data_dir)?;
             let dir = config.store_dir();
             let store = LocalStore::open(&dir, config.store_options()?).with_context(|| {
                 format!("no server answers on {} and the store in {} cannot be opened", socket.display(), dir.display())
@@ -567,6 +614,17 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         Request::UserDel { user } => println!("user {user} removed"),
         Request::AliasAdd { alias, .. } => println!("alias {alias} added"),
         Request::AliasDel { alias } => println!("alias {alias} removed"),
+        Request::BanList => {
+            let bans = d.as_array().cloned().unwrap_or_default();
+            if bans.is_empty() {
+                println!("no bans");
+            }
+            for b in &bans {
+                let left = b["remaining_secs"].as_u64().unwrap_or(0);
+                println!("{:<8} {:<40} {:>4}m{:02}s left  ({} failed logins)", s(&b["kind"]), s(&b["target"]), left / 60, left % 60, b["failures"]);
+            }
+        }
+        Request::BanDel { .. } => println!("ban on {} lifted", s(&d["lifted"])),
     }
     Ok(())
 }

@@ -14,8 +14,15 @@ pub struct Node {
 
 impl Node {
     pub fn new(root: &Path, name: &str, role: &str) -> Node {
+        Node::with(root, name, role, "")
+    }
+    /// A node whose `[server]` section also has `server_extra`.
+    pub fn with(root: &Path, name: &str, role: &str, server_extra: &str) -> Node {
         let dir = root.join(name);
         write_node_config(&dir, name, free_port(), role);
+        let config = dir.join("hamail.toml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(&config, text.replacen("[server]\n", &format!("[server]\n{server_extra}\n"), 1)).expect("config");
         let server = Some(start_in(&dir, ""));
         Node { dir, server }
     }
@@ -64,9 +71,14 @@ pub fn pop3_login(s: &Server, user: &str, pass: &str) -> bool {
 
 /// Node 1 inits (with a user it already had), the others join.
 pub fn form(root: &Path, roles: &[&str]) -> Vec<Node> {
+    form_with(root, roles, "")
+}
+
+/// [`form`] with `server_extra` in every node's `[server]` section.
+pub fn form_with(root: &Path, roles: &[&str], server_extra: &str) -> Vec<Node> {
     let mut nodes = Vec::new();
     for (i, role) in roles.iter().enumerate() {
-        nodes.push(Node::new(root, &format!("node{}", i + 1), role));
+        nodes.push(Node::with(root, &format!("node{}", i + 1), role, server_extra));
     }
     let n1 = &nodes[0];
     assert!(n1.cli(&["domain", "add", "example.org"], "").0);

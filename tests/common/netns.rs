@@ -237,11 +237,13 @@ impl Drop for Bed {
 }
 
 /// Writes the config of a cluster node listening on `ip` (smtp 2525, pop3
-/// 2110, cluster 7400) in `dir`.
+/// 2110, cluster 7400) in `dir`. The test clients (one address, sending
+/// without pause) are exempt from the per-address connection limits.
 pub fn write_ns_node_config(dir: &Path, name: &str, ip: IpAddr) -> PathBuf {
     std::fs::create_dir_all(dir).expect("node dir");
     let text = format!(
-        "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
+        "[server]\nhostname = \"{name}\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\
+         limits_exempt = [\"198.18.0.0/15\"]\n\n\
          [smtp]\nlisten = [\"{ip}:2525\"]\nsubmission = []\n\n\
          [pop3]\nlisten = [\"{ip}:2110\"]\nplaintext_auth = \"always\"\n\n\
          [cluster]\nlisten = \"{ip}:7400\"\n{}\n",

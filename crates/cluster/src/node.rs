@@ -133,6 +133,8 @@ pub struct ClusterNode {
     mail: Arc<MailEvents>,
     /// The applied failover groups (from the state machine).
     pub(crate) group_table: tokio::sync::watch::Receiver<crate::groups::GroupTable>,
+    /// Applied ban changes (from the state machine).
+    bans: tokio::sync::broadcast::Sender<crate::types::BanChange>,
     /// This node's quorum lease, and the lease requests it received.
     pub(crate) leases: crate::failover::LeaseBook,
     /// The group agent and manager tasks, once started.
@@ -162,6 +164,7 @@ impl ClusterNode {
         let state_machine = StateMachine::open(store.clone(), dir).await?;
         let mail = state_machine.mail_events();
         let group_table = state_machine.group_watch();
+        let bans = state_machine.ban_changes();
         let network = Network::new(transport.clone());
         let contacts = network.contacts();
         let log = log_store.clone();
@@ -183,6 +186,7 @@ impl ClusterNode {
             membership_changes: tokio::sync::Mutex::new(()),
             mail,
             group_table,
+            bans,
             leases: crate::failover::LeaseBook::default(),
             group_tasks: std::sync::Mutex::new(Vec::new()),
             testimony,
@@ -192,6 +196,12 @@ impl ClusterNode {
 
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// Login bans set or lifted anywhere in the cluster, as this node
+    /// applies them (from now on).
+    pub fn ban_changes(&self) -> tokio::sync::broadcast::Receiver<crate::types::BanChange> {
+        self.bans.subscribe()
     }
 
     pub fn info(&self) -> &NodeInfo {

@@ -53,6 +53,7 @@ use serde::{Deserialize, Serialize};
 use crate::groups::{GroupReport, GroupState, GroupTable, GroupTarget, EVENTS_KEPT};
 use crate::mailstore::MailEvents;
 use crate::types::{
+    BanChange,
     ClusterSecrets,
     Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -169,6 +170,8 @@ struct Shared {
     events: Arc<MailEvents>,
     /// The applied group table, for the node's group agent and manager.
     groups: tokio::sync::watch::Sender<GroupTable>,
+    /// Applied ban changes, for the running server.
+    bans: tokio::sync::broadcast::Sender<BanChange>,
 }
 
 impl Shared {
@@ -234,9 +237,12 @@ impl StateMachine {
             Err(e) => return Err(snap_err(None, ErrorVerb::Read, format!("{}: {e}", path.display()))),
         };
         let (groups, _) = tokio::sync::watch::channel(state.groups.clone());
+        // A server that falls this far behind loses ban changes, not memory.
+        let (bans, _) = tokio::sync::broadcast::channel(1024);
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 groups,
+                bans,
                 store,
                 dir: dir.to_path_buf(),
                 state: tokio::sync::Mutex::new(state),
@@ -255,6 +261,11 @@ impl StateMachine {
     /// The applied group table, updated after every apply.
     pub(crate) fn group_watch(&self) -> tokio::sync::watch::Receiver<GroupTable> {
         self.shared.groups.subscribe()
+    }
+
+    /// Ban changes as they are applied.
+    pub(crate) fn ban_changes(&self) -> tokio::sync::broadcast::Sender<BanChange> {
+        self.shared.bans.clone()
     }
 
     /// The applied state (for status and tests).
@@ -282,7 +293,8 @@ fn change_of(cmd: Command) -> Option<StateChange> {
         | Command::SetGroupTarget { .. }
         | Command::AssignGroup { .. }
         | Command::GroupReport { .. }
-        | Command::LogEvent { .. } => return None,
+        | Command::LogEvent { .. }
+        | Command::Ban(_) => return None,
     }))
 }
 
@@ -313,6 +325,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut changes = Vec::new();
         let mut pending = Vec::new();
         let mut accepted: Vec<BodyHash> = Vec::new();
+        let mut bans = Vec::new();
         for entry in entries {
             next.last_applied = Some(entry.log_id);
             match entry.payload {
@@ -337,6 +350,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let record = postcard::to_allocvec(&event).map_err(|e| sm_err(ErrorVerb::Write, e))?;
                     pending.push(Pending::Change(changes.len()));
                     changes.push(StateChange::ClusterLog { seq, record, keep: EVENTS_KEPT });
+                }
+                EntryPayload::Normal(Command::Ban(change)) => {
+                    bans.push(change);
+                    pending.push(Pending::Ready(CommandResult::Done));
                 }
                 EntryPayload::Normal(cmd @ (Command::PutGroup { .. }
                 | Command::RemoveGroup { .. }
@@ -380,6 +397,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         drop(guard);
         self.shared.events.applied(accepted);
+        for change in bans {
+            // No receiver: no server listens (yet); nothing to tell.
+            let _ = self.shared.bans.send(change);
+        }
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {
             out.push(match p {

@@ -111,6 +111,19 @@ pub enum Command {
     GroupReport { group: String, node: NodeId, epoch: u64, report: crate::groups::GroupReport },
     /// Appends to the cluster event log.
     LogEvent { event: crate::groups::ClusterEvent },
+    /// A login ban set or lifted on one node, for every node to hold. Not
+    /// kept in the state: applied to each running server's memory, as
+    /// bans live (a node that restarts or joins later has none).
+    Ban(BanChange),
+}
+
+/// A login ban, as the nodes tell each other. The target is an address
+/// (`192.0.2.7`, `2001:db8::/64`) or an account, as `hamail ban` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BanChange {
+    /// Banned until this Unix time (seconds), after `failures` failed logins.
+    Set { target: String, until: u64, failures: u32 },
+    Lift { target: String },
 }
 
 /// The cluster's CA and join secret, in the replicated state. Every member

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
+use crate::limits::BanTarget;
 use crate::{Context, ServerError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +56,10 @@ pub enum Request {
     NodeStop { node: Option<u64> },
     LogShow { limit: usize },
     LogWrite { text: String },
+    /// The login bans in force on this node.
+    BanList,
+    /// Lifts the ban on a client address or an account.
+    BanDel { target: String },
 }
 
 /// The pattern of the cluster requests: the one list of them, for
@@ -272,6 +277,28 @@ async fn run(
             json!({ "changed": targets.len() })
         }
         cluster_request!() => return Err(StoreError::Permanent("cluster commands need the running server".into())),
+        Request::BanList => {
+            let now = std::time::Instant::now();
+            json!(running(ctx)?
+                .logins
+                .list(now)
+                .iter()
+                .map(|b| json!({"kind": b.target.kind(), "target": b.target.name(),
+                    "remaining_secs": b.remaining.as_secs(), "failures": b.failures}))
+                .collect::<Vec<_>>())
+        }
+        Request::BanDel { target } => {
+            let parsed = BanTarget::parse(&target)
+                .ok_or_else(|| StoreError::Permanent(format!("'{target}' is neither a client address nor an account")))?;
+            let ctx = running(ctx)?;
+            let lifted = ctx.logins.lift(&parsed);
+            // In a cluster every node holds the ban: lift it everywhere.
+            let told = crate::cluster::share_ban(ctx.cluster.node(), hamail_cluster::BanChange::Lift { target: parsed.name() }).await;
+            if !lifted && !told {
+                return Err(StoreError::Permanent(format!("no ban on {parsed}")));
+            }
+            json!({ "lifted": parsed.to_string() })
+        }
         Request::Status => {
             let domains = dir.domains().await?.len();
             let users = dir.users().await?.len();
@@ -301,6 +328,11 @@ async fn run(
             v
         }
     })
+}
+
+/// Bans live in the running server's memory.
+fn running(ctx: Option<&Context>) -> Result<&Context, StoreError> {
+    ctx.ok_or_else(|| StoreError::Permanent("bans are kept by the running server: none without it".into()))
 }
 
 fn parse_queue_id(id: &str) -> Result<QueueId, StoreError> {

@@ -18,13 +18,14 @@ use hamail_cluster::tcp::{self, TlsTransport, TransportConfig};
 use hamail_cluster::{
     groups::{EventKind, GroupSpec, GroupStatus},
     mailstore::{RepairReport, Replication, ReplicatedStore},
-    ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role, Timing,
+    BanChange, ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role, Timing,
 };
 use hamail_store::{LocalStore, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::{ClusterRole, Config};
+use crate::limits::{BanTarget, Logins};
 use crate::{Context, ServerError};
 
 /// Who this node is in its cluster, saved as `<cluster_dir>/node.json`.
@@ -193,12 +194,68 @@ async fn start_node(
         }
     });
     node.start_agent(Arc::new(crate::resources::Driver::new(ctx, sink)));
+    let bans = follow_bans(ctx, &node);
+    rt.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(bans);
     if rt.role == Role::Data {
         let mail = Arc::new(ReplicatedStore::new(node.clone(), rt.replication.clone()).map_err(cluster_err)?);
         *rt.mail.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mail.clone());
         ctx.set_store(mail);
     }
     Ok(node)
+}
+
+/// Holds on this node the login bans set or lifted on any node: each node
+/// counts the failed logins it sees, and a ban, once set, holds on every
+/// node (bans live in memory: a node that starts later has the ones set
+/// after it started).
+fn follow_bans(ctx: &Arc<Context>, node: &ClusterNode) -> tokio::task::JoinHandle<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut changes = node.ban_changes();
+    let ctx = Arc::downgrade(ctx);
+    tokio::spawn(async move {
+        loop {
+            let change = match changes.recv().await {
+                Ok(change) => change,
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "login ban changes from the cluster missed (this node was too busy)");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            let Some(ctx) = ctx.upgrade() else { return };
+            hold_ban(&ctx.logins, change, crate::unix_now(), std::time::Instant::now());
+        }
+    })
+}
+
+fn hold_ban(logins: &Logins, change: BanChange, now_unix: u64, now: std::time::Instant) {
+    match change {
+        BanChange::Set { target, until, failures } => {
+            let Some(t) = BanTarget::parse(&target) else { return };
+            let left = std::time::Duration::from_secs(until.saturating_sub(now_unix));
+            if !left.is_zero() && logins.impose(t.clone(), now + left, failures, now) {
+                tracing::info!(target: "hamail::mail", "login ban from the cluster: {t} banned for {} s", left.as_secs());
+            }
+        }
+        BanChange::Lift { target } => {
+            if let Some(t) = BanTarget::parse(&target).filter(|t| logins.lift(t)) {
+                tracing::info!(target: "hamail::mail", "login ban lifted from the cluster: {t}");
+            }
+        }
+    }
+}
+
+/// Tells every node of a ban set or lifted here. False when this node is
+/// in no cluster, or the cluster could not take it (logged).
+pub(crate) async fn share_ban(node: Option<Arc<ClusterNode>>, change: BanChange) -> bool {
+    let Some(node) = node else { return false };
+    match node.write(Command::Ban(change)).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "a login ban could not be told to the other nodes");
+            false
+        }
+    }
 }
 
 /// `hamail cluster init`: this node becomes a one-node cluster whose
@@ -540,4 +597,34 @@ pub(crate) async fn log_show(ctx: &Arc<Context>, limit: usize) -> Result<Vec<ham
 pub(crate) async fn log_write(ctx: &Arc<Context>, text: String) -> Result<(), ServerError> {
     let node = member(ctx)?;
     node.log_event(EventKind::Note, None, None, text).await.map_err(cluster_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{LoginPolicy, Network};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bans_from_the_cluster_are_held_until_their_end_and_lifted() {
+        let logins = Logins::new(LoginPolicy {
+            per_address: 10,
+            per_account: 30,
+            window: Duration::from_secs(900),
+            ban: Duration::from_secs(900),
+            base_delay: Duration::from_millis(100),
+            exempt: vec![Network::LOOPBACK_V4],
+        });
+        let (now_unix, now) = (1_000_000, Instant::now());
+        let set = |target: &str, until| BanChange::Set { target: target.into(), until, failures: 10 };
+        hold_ban(&logins, set("192.0.2.1", now_unix + 60), now_unix, now);
+        hold_ban(&logins, set("bob@example.org", now_unix + 120), now_unix, now);
+        // Already over, or not a target: nothing.
+        hold_ban(&logins, set("192.0.2.2", now_unix), now_unix, now);
+        hold_ban(&logins, set("not a target", now_unix + 60), now_unix, now);
+        let held: Vec<(String, u64)> = logins.list(now).iter().map(|b| (b.target.name(), b.remaining.as_secs())).collect();
+        assert_eq!(held, vec![("192.0.2.1".to_string(), 60), ("bob@example.org".to_string(), 120)]);
+        hold_ban(&logins, BanChange::Lift { target: "192.0.2.1".into() }, now_unix, now);
+        assert_eq!(logins.list(now).len(), 1);
+    }
 }

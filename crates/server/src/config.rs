@@ -7,9 +7,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::limits::Network;
 use crate::ServerError;
 
 /// When a plaintext password (AUTH PLAIN/LOGIN, POP3 USER/PASS) is accepted
@@ -97,6 +99,7 @@ pub struct RelaySection {
     /// Static routes: `{ "example.test" = "127.0.0.1:2526" }`, before DNS.
     pub transport: std::collections::HashMap<String, HostPortSpec>,
     /// The DNS server for MX/A/AAAA lookups (default: /etc/resolv.conf).
+    #[serde(deserialize_with = "optional_socket_addr")]
     pub resolver: Option<SocketAddr>,
     /// The port of MX hosts.
     pub mx_port: u16,
@@ -210,8 +213,36 @@ pub struct ServerSection {
     /// refused as an unknown user; give every domain a postmaster alias.
     pub postmaster: Option<String>,
     /// Delay before answering a failed login (SMTP AUTH, POP3), doubled for
-    /// every further failure from the same address (up to 30 s).
+    /// every further failure from the same address or to the same account
+    /// (up to 5 s). A client that hangs up meanwhile frees its slot at once.
     pub auth_failure_delay_ms: u64,
+    /// Failed logins from one client address (an IPv6 /64) within
+    /// `login_failure_window_secs` that ban the address for
+    /// `login_ban_secs`: every login from it is then refused, a correct
+    /// password included (`454 4.7.0`, `-ERR [SYS/TEMP]`).
+    pub login_failures_per_address: u32,
+    /// The same for one account, from any number of addresses.
+    pub login_failures_per_account: u32,
+    pub login_failure_window_secs: u64,
+    pub login_ban_secs: u64,
+    /// Connections open at once from one client address (an IPv6 /64), all
+    /// mail ports together. More: `421 4.7.0` / `-ERR [SYS/TEMP]`.
+    pub max_connections_per_address: u32,
+    /// New connections from one client address per minute (refused ones
+    /// included).
+    pub connections_per_address_per_minute: u32,
+    /// Connection slots of the users' ports, submission (587, 465) and POP3
+    /// (110, 995) together: port 25 (`[smtp] max_connections`) has its own,
+    /// so no load on port 25 takes them.
+    pub max_user_connections: usize,
+    /// Clients to which the per-address limits and address bans do not
+    /// apply (local tools, a webmail on this host); their accounts are
+    /// still counted.
+    #[serde(deserialize_with = "networks")]
+    pub limits_exempt: Vec<Network>,
+    /// The longest a TLS handshake may take (ports 465 and 995, STARTTLS,
+    /// STLS) before the connection is closed.
+    pub tls_handshake_timeout_secs: u64,
     /// Memory, in MiB, that clients may make this node hold for buffers
     /// (message data before its body file, body copies to other nodes,
     /// reply chunks), all connections together. When it is spent, clients
@@ -223,10 +254,13 @@ pub struct ServerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpSection {
     /// MTA port (25 in production): mail for local domains, no AUTH.
+    #[serde(deserialize_with = "socket_addrs")]
     pub listen: Vec<SocketAddr>,
     /// Submission with STARTTLS and AUTH (587, RFC 6409).
+    #[serde(deserialize_with = "socket_addrs")]
     pub submission: Vec<SocketAddr>,
     /// Submission over implicit TLS (465, RFC 8314).
+    #[serde(deserialize_with = "socket_addrs")]
     pub submissions: Vec<SocketAddr>,
     pub max_message_size: usize,
     pub max_recipients: usize,
@@ -272,8 +306,10 @@ pub fn patterns_of<'a>(map: &'a std::collections::HashMap<String, Vec<String>>, 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pop3Section {
+    #[serde(deserialize_with = "socket_addrs")]
     pub listen: Vec<SocketAddr>,
     /// POP3 over implicit TLS (995).
+    #[serde(deserialize_with = "socket_addrs")]
     pub pop3s: Vec<SocketAddr>,
     pub max_connections: usize,
     /// RFC 1939 3: the autologout timer must be at least 10 minutes. It
@@ -300,6 +336,7 @@ pub struct TlsSection {
 pub struct ClusterSection {
     /// The cluster (Raft, replication) listener, mutual TLS. Required for
     /// `hamail cluster init` and `join`.
+    #[serde(deserialize_with = "optional_socket_addr")]
     pub listen: Option<SocketAddr>,
     /// The address other nodes use to reach this one (default: `listen`).
     pub advertise: Option<String>,
@@ -372,6 +409,15 @@ impl Default for ServerSection {
             domains: Vec::new(),
             postmaster: None,
             auth_failure_delay_ms: 1000,
+            login_failures_per_address: 10,
+            login_failures_per_account: 30,
+            login_failure_window_secs: 15 * 60,
+            login_ban_secs: 15 * 60,
+            max_connections_per_address: 20,
+            connections_per_address_per_minute: 120,
+            max_user_connections: 500,
+            limits_exempt: vec![Network::LOOPBACK_V4, Network::LOOPBACK_V6],
+            tls_handshake_timeout_secs: 10,
             memory_budget_mb: 256,
         }
     }
@@ -449,12 +495,48 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
-        config.validate(origin)?;
+        config.validate(text, origin)?;
         Ok(config)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ServerError> {
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ServerError> {
         let bad = |message: String| ServerError::Config { file: origin.to_string(), line: None, message };
+        // An error about one key: names its line and its value.
+        let bad_key = |section: &str, key: &str, value: &dyn std::fmt::Display, why: &str| ServerError::Config {
+            file: origin.to_string(),
+            line: key_line(text, section, key),
+            message: format!("[{section}] {key} = {value}: {why}"),
+        };
+        let (s, p, v) = (&self.server, &self.pop3, &self.smtp);
+        let at_least_one: [(&str, &str, u64); 12] = [
+            ("smtp", "max_connections", v.max_connections as u64),
+            ("smtp", "idle_timeout_secs", v.idle_timeout_secs),
+            ("pop3", "max_connections", p.max_connections as u64),
+            ("pop3", "idle_timeout_secs", p.idle_timeout_secs),
+            ("server", "max_user_connections", s.max_user_connections as u64),
+            ("server", "max_connections_per_address", s.max_connections_per_address.into()),
+            ("server", "connections_per_address_per_minute", s.connections_per_address_per_minute.into()),
+            ("server", "login_failures_per_address", s.login_failures_per_address.into()),
+            ("server", "login_failures_per_account", s.login_failures_per_account.into()),
+            ("server", "login_failure_window_secs", s.login_failure_window_secs),
+            ("server", "login_ban_secs", s.login_ban_secs),
+            ("server", "tls_handshake_timeout_secs", s.tls_handshake_timeout_secs),
+        ];
+        // 0 would refuse every connection or login, or cut every session.
+        if let Some((section, key, value)) = at_least_one.iter().find(|(_, _, value)| *value == 0) {
+            return Err(bad_key(section, key, value, "must be at least 1"));
+        }
+        if s.hostname.trim().is_empty() {
+            return Err(bad_key("server", "hostname", &"\"\"", "must not be empty (our name in greetings and Received: lines)"));
+        }
+        let names = std::iter::once(("hostname", &s.hostname))
+            .chain(s.local_hostnames.iter().map(|h| ("local_hostnames", h)))
+            .chain(s.domains.iter().map(|d| ("domains", d)));
+        for (key, name) in names {
+            if hamail_store::Domain::parse(name).is_err() {
+                return Err(bad_key("server", key, &format!("{name:?}"), &format!("`{name}` is not a domain name")));
+            }
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(bad("[tls] needs both `cert` and `key`, or neither".into()));
         }
@@ -487,10 +569,37 @@ impl Config {
         if r.max_connections == 0 || r.max_per_destination == 0 || r.messages_per_session == 0 {
             return Err(bad("[relay] max_connections, max_per_destination and messages_per_session must be at least 1".into()));
         }
-        if self.server.hostname.trim().is_empty() {
-            return Err(bad("[server] hostname must not be empty".into()));
-        }
         Ok(())
+    }
+
+    /// The connection admission rules of `[server]` and the pools' sizes.
+    pub fn admission(&self) -> crate::limits::AdmissionLimits {
+        let s = &self.server;
+        crate::limits::AdmissionLimits {
+            mta: self.smtp.max_connections,
+            users: s.max_user_connections,
+            pop3: self.pop3.max_connections,
+            per_address: s.max_connections_per_address,
+            per_address_per_minute: s.connections_per_address_per_minute,
+            exempt: s.limits_exempt.clone(),
+        }
+    }
+
+    /// The failed-login rules of `[server]`.
+    pub fn login_policy(&self) -> crate::limits::LoginPolicy {
+        let s = &self.server;
+        crate::limits::LoginPolicy {
+            per_address: s.login_failures_per_address,
+            per_account: s.login_failures_per_account,
+            window: Duration::from_secs(s.login_failure_window_secs),
+            ban: Duration::from_secs(s.login_ban_secs),
+            base_delay: Duration::from_millis(s.auth_failure_delay_ms),
+            exempt: s.limits_exempt.clone(),
+        }
+    }
+
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.tls_handshake_timeout_secs)
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -505,6 +614,47 @@ impl Config {
     pub fn cluster_dir(&self) -> PathBuf {
         self.server.data_dir.join("cluster")
     }
+}
+
+/// The line (from 1) of `key = ...` in the table `[section]`, for errors
+/// found after parsing (a value that parses but is not allowed).
+fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = "";
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            current = header.trim();
+        } else if current == section
+            && line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// `[server] limits_exempt`: networks in CIDR notation.
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Network>, D::Error> {
+    Vec::<String>::deserialize(d)?.iter().map(|n| Network::parse(n).map_err(serde::de::Error::custom)).collect()
+}
+
+/// A listener's `address:port`, with an error that names the value.
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    match s.rsplit_once(':').map(|(_, port)| port.parse::<u64>()) {
+        Some(Ok(port)) if port > 65535 => Err(format!("`{s}`: port {port} is over 65535")),
+        _ => Err(format!("`{s}` is not an address:port (IPv6 in brackets: [::1]:25)")),
+    }
+}
+
+fn socket_addrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?.iter().map(|a| socket_addr(a).map_err(serde::de::Error::custom)).collect()
+}
+
+fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(d)?.map(|a| socket_addr(&a).map_err(serde::de::Error::custom)).transpose()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -566,6 +716,20 @@ mod tests {
         assert!(err.starts_with("c.toml:2: "), "{err}");
         let err = Config::parse("[relay]\nsmarthost_user = \"u\"\n", "c.toml").unwrap_err().to_string();
         assert!(err.contains("smarthost_password"), "{err}");
+    }
+
+    #[test]
+    fn checks_after_parsing_name_the_key_line_of_its_own_section() {
+        let text = "[pop3]\nmax_connections = 5\n\n[smtp]\n  # max_connections = 1\n  max_connections = 0\n";
+        let err = Config::parse(text, "c.toml").unwrap_err().to_string();
+        assert_eq!(err, "c.toml:6: [smtp] max_connections = 0: must be at least 1");
+        assert_eq!(key_line(text, "pop3", "max_connections"), Some(2));
+        assert_eq!(key_line(text, "server", "max_connections"), None);
+        assert_eq!(key_line("[smtp]\nmax_connections_x = 1\nmax_connections= 0\n", "smtp", "max_connections"), Some(3));
+        let err = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\", \"x\"]\n", "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:2: `x` is not an IP address"), "{err}");
+        let c = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\"]\n", "c.toml").unwrap();
+        assert_eq!(c.admission().exempt, vec![Network::parse("192.0.2.0/24").unwrap()]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -22,15 +23,26 @@ impl Conn {
         matches!(self, Conn::Tls(_))
     }
 
-    /// Performs the TLS handshake on a plain connection. Nothing read before
-    /// this call survives it: the sessions discard their buffered input
-    /// (CVE-2011-0411), and this layer keeps no buffer of its own.
-    pub async fn upgrade(&mut self, acceptor: &TlsAcceptor) -> io::Result<()> {
+    /// Performs the TLS handshake on a plain connection, within `timeout`:
+    /// a client that connects to 465/995, or asks for STARTTLS/STLS, and
+    /// then says nothing must not keep its slot (the connection is closed,
+    /// `TimedOut`). Nothing read before this call survives it: the sessions
+    /// discard their buffered input (CVE-2011-0411), and this layer keeps
+    /// no buffer of its own.
+    pub async fn upgrade(&mut self, acceptor: &TlsAcceptor, timeout: Duration) -> io::Result<()> {
         match std::mem::replace(self, Conn::Upgrading) {
             Conn::Plain(tcp) => {
-                let tls = acceptor.accept(tcp).await?;
-                *self = Conn::Tls(Box::new(tls));
-                Ok(())
+                let peer = tcp.peer_addr().ok();
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(tls) => {
+                        *self = Conn::Tls(Box::new(tls?));
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::info!(client = ?peer, "TLS handshake not done within {} s: connection closed", timeout.as_secs());
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))
+                    }
+                }
             }
             other => {
                 *self = other;

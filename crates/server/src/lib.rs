@@ -15,14 +15,14 @@ pub mod cluster;
 pub mod config;
 mod conn;
 pub mod delivery;
-mod limits;
+pub mod limits;
 mod pop3;
 pub mod resources;
 mod smtp;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,12 +49,39 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] hamail_store::StoreError),
+    /// A file or directory others could tamper with: refused, not used.
+    #[error("{path} is mode {mode:04o}: group or others can write it; `chmod 700 {path}` and start again")]
+    UnsafeMode { path: String, mode: u32 },
 }
 
 impl ServerError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         ServerError::Io { context: context.into(), source }
     }
+}
+
+/// Makes the data directory (store, password hashes, keys, the admin
+/// socket) its user's only: created 0700, and set to 0700 at each start.
+/// One that group or others can write is refused (whoever can write it
+/// could replace what is in it), not repaired.
+pub fn secure_data_dir(dir: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let shown = dir.display().to_string();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ServerError::io(format!("creating the data directory {shown}"), e))?;
+    let mode = std::fs::metadata(dir).map_err(|e| ServerError::io(format!("reading {shown}"), e))?.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(ServerError::UnsafeMode { path: shown, mode });
+    }
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| ServerError::io(format!("setting {shown} to mode 0700"), e))?;
+        tracing::info!(data_dir = %shown, "data directory was mode {mode:04o}: set to 0700");
+    }
+    Ok(())
 }
 
 /// Counters shown by `hamail status`.
@@ -91,7 +118,10 @@ pub struct Context {
     pub stats: Stats,
     pub started: Instant,
     pub(crate) maildrop_locks: limits::MaildropLocks,
-    pub(crate) auth_failures: limits::AuthFailures,
+    /// Connection slots and per-address limits, node-wide.
+    pub(crate) admission: limits::Admission,
+    /// Failed logins and the bans they lead to.
+    pub logins: limits::Logins,
     /// Outbound delivery on this node.
     pub delivery: delivery::Control,
     /// Buffers a client can make this node hold, in all.
@@ -146,6 +176,8 @@ impl Running {
     }
 }
 
+pub(crate) use limits::Pool;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SmtpRole {
     /// Port 25: mail for local domains from anyone.
@@ -154,6 +186,13 @@ pub(crate) enum SmtpRole {
     Submission,
     /// Port 465: implicit TLS + AUTH.
     Submissions,
+}
+
+impl SmtpRole {
+    /// Port 25 has its own slots; submission shares the users' with POP3.
+    pub(crate) fn pool(self) -> Pool {
+        if self == SmtpRole::Mta { Pool::Mta } else { Pool::Submission }
+    }
 }
 
 /// Binds every listener and starts serving. Creates the configured domains
@@ -174,7 +213,8 @@ pub async fn start_with_clock(
     let cluster = cluster::ClusterRuntime::bind(&config)?;
     let context = Arc::new(Context {
         maildrop_locks: limits::MaildropLocks::default(),
-        auth_failures: limits::AuthFailures::default(),
+        admission: limits::Admission::new(config.admission()),
+        logins: limits::Logins::new(config.login_policy()),
         delivery: delivery::Control::new(clock),
         memory: budget::MemoryBudget::new(config.server.memory_budget_mb.saturating_mul(1024 * 1024)),
         config,
@@ -199,8 +239,6 @@ pub async fn start_with_clock(
     }
     let c = &context.config;
     let mut tasks = Vec::new();
-    let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
-    let pop3_limit = Arc::new(tokio::sync::Semaphore::new(c.pop3.max_connections));
     let bound = |addrs: &[SocketAddr], what: &str| -> Result<Vec<(TcpListener, SocketAddr)>, ServerError> {
         addrs
             .iter()
@@ -238,10 +276,7 @@ pub async fn start_with_clock(
     for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
         for (l, _) in listeners {
             let ctx = context.clone();
-            // RFC 5321 3.8: 421 when the service is not available.
-            let refusal =
-                format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname).into_bytes();
-            tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
+            tasks.push(tokio::spawn(accept_loop(context.clone(), l, role.pool(), move |tcp, peer| {
                 smtp::serve(ctx.clone(), ctx.store(), tcp, peer, role, None)
             })));
         }
@@ -249,8 +284,7 @@ pub async fn start_with_clock(
     for (implicit_tls, listeners) in [(false, pop3_l), (true, pop3s_l)] {
         for (l, _) in listeners {
             let ctx = context.clone();
-            let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
-            tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
+            tasks.push(tokio::spawn(accept_loop(context.clone(), l, Pool::Pop3, move |tcp, peer| {
                 pop3::serve(ctx.clone(), ctx.store(), tcp, peer, implicit_tls, None)
             })));
         }
@@ -263,20 +297,18 @@ pub async fn start_with_clock(
     Ok(running)
 }
 
-/// Accepts connections for one listener: each gets a task while a slot of
-/// `limit` is free; over the limit the client gets `refusal` (a 421 or an
-/// -ERR, so it retries later) and is closed.
-pub(crate) async fn accept_loop<F, Fut>(
-    protocol: &'static str,
-    listener: TcpListener,
-    limit: Arc<tokio::sync::Semaphore>,
-    refusal: Vec<u8>,
-    serve: F,
-) where
+/// Accepts connections for one listener: each gets a task while
+/// admission (its pool, its address's limits) lets it in; otherwise the
+/// client gets a refusal (a 421 or an -ERR, so it retries later) and is
+/// closed.
+pub(crate) async fn accept_loop<F, Fut>(ctx: Arc<Context>, listener: TcpListener, pool: Pool, serve: F)
+where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
 {
+    use std::os::fd::AsRawFd;
     use tokio::io::AsyncWriteExt;
+    let protocol = if pool == Pool::Pop3 { "POP3" } else { "SMTP" };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -288,25 +320,37 @@ pub(crate) async fn accept_loop<F, Fut>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let now = Instant::now();
+        match ctx.admission.admit(pool, peer, tcp.as_raw_fd(), now) {
+            Ok(slot) => {
                 let session = serve(tcp, peer);
                 tokio::spawn(async move {
                     if let Err(e) = session.await {
                         tracing::debug!(client = %peer, error = %e, "{protocol} connection ended with an error");
                     }
-                    drop(permit);
+                    drop(slot);
                 });
             }
-            Err(_) => {
-                let refusal = refusal.clone();
+            Err(why) => {
+                ctx.admission.log_refusal(protocol, peer, why, now);
+                let refusal = refusal_text(pool, why, &ctx.config.server.hostname);
                 tokio::spawn(async move {
                     let mut tcp = tcp;
-                    let _ = tcp.write_all(&refusal).await;
-                    tracing::warn!(client = %peer, "{protocol} connection refused: connection limit reached");
+                    let _ = tcp.write_all(refusal.as_bytes()).await;
                 });
             }
         }
+    }
+}
+
+/// What a refused client is told: a temporary refusal, so that it retries
+/// later (RFC 5321 3.8: 421 when the service is not available; RFC 2449
+/// 8.1.2: [SYS/TEMP]).
+fn refusal_text(pool: Pool, why: limits::Refusal, hostname: &str) -> String {
+    let what = if why.per_address() { "too many connections from your address" } else { "too many connections" };
+    match pool {
+        Pool::Pop3 => format!("-ERR [SYS/TEMP] {what}, try again later\r\n"),
+        Pool::Mta | Pool::Submission => format!("421 4.7.0 {hostname} Error: {what}, try again later\r\n"),
     }
 }
 
@@ -333,13 +377,21 @@ pub(crate) async fn drained(drain: &mut Option<Drain>) {
 pub(crate) enum LoginFailure {
     /// Wrong user or password; the growing delay has already been waited.
     Refused,
-    /// The directory could not answer (no quorum...): try again later.
+    /// The directory could not answer (no quorum...), or the client's
+    /// address or the account is banned for now: try again later.
     Temporary(String),
 }
 
-/// Checks a login (SMTP AUTH, POP3) against the directory. A failure waits
-/// the per-address growing delay before returning, so that guessing stays
-/// slow whatever the protocol; a success clears the address's record.
+/// Why a banned client is refused, in the `454 4.7.0` / `-ERR [SYS/TEMP]`
+/// reply (RFC 4954 6, RFC 3206 4): temporary, whatever the password.
+const BANNED: &str = "too many failed logins, try again later";
+
+/// Checks a login (SMTP AUTH, POP3) against the directory. A login from a
+/// banned address or to a banned account is refused before the password is
+/// looked at. A failure is counted (per address and per account: enough of
+/// them set a ban) and waits the growing delay before returning, so that
+/// guessing stays slow whatever the protocol; the wait ends early when the
+/// client hangs up, so that it does not keep a connection slot.
 pub(crate) async fn check_login(
     ctx: &Context,
     protocol: &str,
@@ -347,22 +399,46 @@ pub(crate) async fn check_login(
     username: &str,
     password: &str,
 ) -> Result<hamail_store::Address, LoginFailure> {
-    let refused = || async {
-        let base = std::time::Duration::from_millis(ctx.config.server.auth_failure_delay_ms);
-        tokio::time::sleep(ctx.auth_failures.failed(peer.ip(), base)).await;
-        Err(LoginFailure::Refused)
+    let account = hamail_store::Address::parse(username).ok();
+    let shown = account.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    let now = Instant::now();
+    if let Some(ban) = ctx.logins.banned(peer.ip(), account.as_ref(), now) {
+        if let Some(left_out) = ctx.logins.log_refusal(now) {
+            tracing::info!(target: "hamail::mail",
+                "{protocol} client=[{}] user={shown} result=refused: {ban} is banned ({left_out} such refusals not logged before)", peer.ip());
+        }
+        return Err(LoginFailure::Temporary(BANNED.into()));
+    }
+    let verified = match &account {
+        Some(user) => ctx.directory().verify_password(user, password).await,
+        None => Ok(false),
     };
-    let Ok(user) = hamail_store::Address::parse(username) else { return refused().await };
-    match ctx.directory().verify_password(&user, password).await {
-        Ok(true) => {
-            ctx.auth_failures.succeeded(peer.ip());
-            Ok(user)
+    match (verified, account) {
+        (Ok(true), Some(user)) => Ok(user),
+        (Err(e), _) => Err(LoginFailure::Temporary(e.to_string())),
+        (Ok(_), account) => {
+            tracing::info!(target: "hamail::mail", "{protocol} client=[{}] user={shown} result=auth failed", peer.ip());
+            let penalty = ctx.logins.failed(peer.ip(), account.as_ref(), Instant::now());
+            let ban_secs = ctx.config.server.login_ban_secs;
+            for (ban, failures) in penalty.banned {
+                tracing::warn!(target: "hamail::mail",
+                    "{protocol} client=[{}] login ban: {ban} banned for {ban_secs} s after too many failed logins (lift: hamail ban del)",
+                    peer.ip());
+                // Every node of a cluster holds it (told in the background:
+                // the reply does not wait for the cluster).
+                let change = hamail_cluster::BanChange::Set {
+                    target: ban.name(),
+                    until: unix_now().saturating_add(ban_secs),
+                    failures,
+                };
+                tokio::spawn(cluster::share_ban(ctx.cluster.node(), change));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(penalty.delay) => {}
+                () = ctx.admission.client_gone(peer) => {}
+            }
+            Err(LoginFailure::Refused)
         }
-        Ok(false) => {
-            tracing::info!(target: "hamail::mail", "{protocol} client=[{}] user={user} result=auth failed", peer.ip());
-            refused().await
-        }
-        Err(e) => Err(LoginFailure::Temporary(e.to_string())),
     }
 }
 

@@ -89,7 +89,7 @@ pub(crate) async fn serve(
     let ctx = &*ctx;
     let mut conn = Conn::Plain(tcp);
     if implicit_tls {
-        conn.upgrade(&ctx.tls).await?;
+        conn.upgrade(&ctx.tls, ctx.config.tls_handshake_timeout()).await?;
     }
     let config = Arc::new(Pop3Config {
         hostname: ctx.config.server.hostname.clone(),
@@ -214,7 +214,7 @@ pub(crate) async fn serve(
                     session.updated(result)
                 }
                 Next::StartTls => {
-                    conn.upgrade(&ctx.tls).await?;
+                    conn.upgrade(&ctx.tls, ctx.config.tls_handshake_timeout()).await?;
                     session.tls_established()
                 }
                 Next::Close => {

@@ -53,7 +53,7 @@ pub(crate) async fn serve(
     let local = tcp.local_addr().ok();
     let mut conn = Conn::Plain(tcp);
     if role == SmtpRole::Submissions {
-        conn.upgrade(&ctx.tls).await?;
+        conn.upgrade(&ctx.tls, ctx.config.tls_handshake_timeout()).await?;
     }
     let config = Arc::new(session_config(ctx, role, &peer, local));
     let mut session = Session::new(config, PeerInfo { addr: peer, tls: conn.is_tls() });
@@ -138,7 +138,7 @@ pub(crate) async fn serve(
             Next::StartTls => {
                 conn.write_all(&out.reply).await?;
                 conn.flush().await?;
-                conn.upgrade(&ctx.tls).await?;
+                conn.upgrade(&ctx.tls, ctx.config.tls_handshake_timeout()).await?;
                 session.tls_established()
             }
             Next::Close => {

@@ -40,8 +40,7 @@ fn self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), ServerE
         return Ok((cert, key));
     }
     std::fs::create_dir_all(dir).map_err(|e| ServerError::io(format!("creating {}", dir.display()), e))?;
-    let generated = rcgen::generate_simple_self_signed(vec![hostname.to_string(), "localhost".to_string()])
-        .map_err(|e| ServerError::Tls(format!("generating a self-signed certificate: {e}")))?;
+    let generated = generate(hostname).map_err(|e| ServerError::Tls(format!("generating a self-signed certificate: {e}")))?;
     write_private(&key, generated.key_pair.serialize_pem().as_bytes())?;
     std::fs::write(&cert, generated.cert.pem()).map_err(|e| ServerError::io(format!("writing {}", cert.display()), e))?;
     tracing::warn!(
@@ -50,6 +49,19 @@ fn self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), ServerE
         "no TLS certificate configured: generated a self-signed one for {hostname}; set [tls] cert and key for a real one"
     );
     Ok((cert, key))
+}
+
+/// A self-signed certificate for `hostname`: its CN, and its first subject
+/// alternative name (RFC 6125 6.4.4: clients match the SAN, older ones the
+/// CN), then `localhost`.
+fn generate(hostname: &str) -> Result<rcgen::CertifiedKey, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(vec![hostname.to_string(), "localhost".to_string()])?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, hostname);
+    params.distinguished_name = name;
+    let key_pair = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key_pair)?;
+    Ok(rcgen::CertifiedKey { cert, key_pair })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {

@@ -5,8 +5,8 @@
 //! on its floating (or loopback) address, so clients that use the group's
 //! address follow the group wherever it runs. Sessions are served exactly
 //! as on the node's own listeners (same `Context`, `accept_loop`,
-//! `smtp::serve`, `pop3::serve`); each listener kind has its own connection
-//! limit of the configured size.
+//! `smtp::serve`, `pop3::serve`) and count against the node's connection
+//! slots and per-address limits.
 //!
 //! Shared-disk mode: when the group also holds a `disk` resource (started
 //! before this one), the group's sessions use a mail store on that disk
@@ -228,18 +228,13 @@ pub(crate) async fn start(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (drain, draining) = tokio::sync::watch::channel(false);
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let smtp_limit = Arc::new(tokio::sync::Semaphore::new(c.smtp.max_connections));
-    let pop3_limit = Arc::new(tokio::sync::Semaphore::new(c.pop3.max_connections));
     let mut tasks = Vec::new();
     for (role, listeners) in [(SmtpRole::Mta, smtp_l), (SmtpRole::Submission, sub_l), (SmtpRole::Submissions, subs_l)] {
         for (l, _) in listeners {
             let ctx = ctx.clone();
             let disk_store = disk_store.clone();
             let (stopped, draining, active) = (stopped.clone(), draining.clone(), active.clone());
-            // RFC 5321 3.8: 421 when the service is not available.
-            let refusal = format!("421 4.7.0 {} Error: too many connections, try again later\r\n", c.server.hostname)
-                .into_bytes();
-            tasks.push(tokio::spawn(accept_loop("SMTP", l, smtp_limit.clone(), refusal, move |tcp, peer| {
+            tasks.push(tokio::spawn(accept_loop(ctx.clone(), l, role.pool(), move |tcp, peer| {
                 let counted = Active::new(&active);
                 let store = session_store(&ctx, &disk_store);
                 let session = smtp::serve(ctx.clone(), store, tcp, peer, role, Some(draining.clone()));
@@ -257,8 +252,7 @@ pub(crate) async fn start(
             let ctx = ctx.clone();
             let disk_store = disk_store.clone();
             let (stopped, draining, active) = (stopped.clone(), draining.clone(), active.clone());
-            let refusal = b"-ERR [SYS/TEMP] too many connections, try again later\r\n".to_vec();
-            tasks.push(tokio::spawn(accept_loop("POP3", l, pop3_limit.clone(), refusal, move |tcp, peer| {
+            tasks.push(tokio::spawn(accept_loop(ctx.clone(), l, crate::Pool::Pop3, move |tcp, peer| {
                 let counted = Active::new(&active);
                 let store = session_store(&ctx, &disk_store);
                 let session = pop3::serve(ctx.clone(), store, tcp, peer, implicit_tls, Some(draining.clone()));
