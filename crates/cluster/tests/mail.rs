@@ -134,7 +134,7 @@ async fn message(store: &ReplicatedStore, to: &[Address], text: &str) -> Incomin
         return_path: Some("sender@example.net".into()),
         local: to.to_vec(),
         remote: Vec::new(),
-        body: Arc::new(format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes()),
+        body: format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes().into(),
         queue_id,
         resend: None,
     }
