@@ -76,11 +76,15 @@ impl DataDecoder {
         }
     }
 
+    /// Passes on what fits within the size limit (the first `max_size`
+    /// octets, however the input was split); counts all.
     fn emit(&mut self, bytes: &[u8], sink: &mut impl FnMut(&[u8])) {
+        let room = self.max_size.saturating_sub(self.size);
         self.size = self.size.saturating_add(bytes.len());
-        if self.size <= self.max_size {
-            sink(bytes);
-            sha2::Digest::update(&mut self.digest, bytes);
+        let kept = &bytes[..bytes.len().min(room)];
+        if !kept.is_empty() {
+            sink(kept);
+            sha2::Digest::update(&mut self.digest, kept);
         }
     }
 
@@ -279,7 +283,7 @@ mod tests {
         let mut passed = 0;
         assert_eq!(d.feed(b"hello world\r\n.\r\n", &mut |b| passed += b.len()), Feed::Done(16));
         assert_eq!(d.problem(), Some(DataProblem::TooBig));
-        assert_eq!(passed, 0, "nothing past the limit is passed on");
+        assert_eq!(passed, 4, "nothing past the limit is passed on");
         assert_eq!(d.size(), 13);
         let mut d = DataDecoder::new(100, 4);
         assert_eq!(d.feed(b"hello\r\n.\r\n", &mut |_| ()), Feed::Done(10));
