@@ -227,7 +227,9 @@ enum State {
         helo: Helo,
         env: Envelope,
         queue_id: QueueId,
-        decoder: DataDecoder,
+        /// Boxed: the decoder's running hash would make every state as
+        /// large as this one.
+        decoder: Box<DataDecoder>,
         stamper: Stamper,
     },
     /// An AUTH exchange (RFC 4954 4): lines are SASL responses, not commands.
@@ -469,7 +471,7 @@ impl Session {
             message_id: format!("<{}.{:016x}@{}>", start.queue_id, rand::random::<u64>(), self.config.hostname),
             date: start.date,
         });
-        let decoder = DataDecoder::new(self.config.max_message_size, self.config.max_data_line);
+        let decoder = Box::new(DataDecoder::new(self.config.max_message_size, self.config.max_data_line));
         self.state = State::Data { helo, env, queue_id: start.queue_id, decoder, stamper: Stamper::new(missing) };
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.run()
@@ -1504,6 +1506,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn data_waits_for_the_store_and_a_failed_start_keeps_the_envelope() {
+        for (err, want) in [
+            (StoreError::Busy("no memory".into()), "451 4.3.1 Insufficient system resources"),
+            (StoreError::Unavailable("x".into()), "451 4.3.0"),
+        ] {
+            let mut s = Session::new(Arc::new(SmtpConfig::default()), PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false });
+            let out = s.handle(RCPT.as_bytes());
+            let Next::CheckRecipient(a) = out.next else { panic!("{:?}", out.next) };
+            s.recipient_checked(verdict(&a));
+            // No 354 before the store started the message; the pipelined
+            // input waits.
+            let out = s.handle(b"DATA\r\nhi\r\n.\r\n");
+            assert!(matches!(out.next, Next::StartData) && out.reply.is_empty());
+            assert!(s.take_message_data().is_empty());
+            let out = s.data_started(Err(err));
+            let reply = String::from_utf8(out.reply).unwrap();
+            // The data lines are then commands: "hi" is unknown, "." too.
+            assert!(reply.starts_with(want), "{reply}");
+            assert!(s.take_message_data().is_empty());
+            // The envelope is kept: DATA again, and this time it starts.
+            let out = s.handle(b"DATA\r\n");
+            assert!(matches!(out.next, Next::StartData));
+            let out = s.data_started(Ok(DataStart { queue_id: QueueId(9), date: "D".into() }));
+            assert_eq!(out.reply, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+            assert!(s.take_message_data().starts_with(b"Received: from client.example ([127.0.0.1])\r\n"));
+        }
+    }
+
+    #[test]
     fn resume_in_wrong_state() {
         let mut s = Session::new(
             Arc::new(SmtpConfig::default()),
@@ -1517,6 +1548,7 @@ pub(crate) mod tests {
             s.authenticated(AuthResult::Success),
             s.finish_delivery(Ok(QueueId(1))),
             s.tls_established(),
+            s.data_started(Ok(DataStart { queue_id: QueueId(1), date: "D".into() })),
         ] {
             assert!(String::from_utf8(out.reply)
                 .unwrap()

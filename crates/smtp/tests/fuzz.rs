@@ -189,7 +189,7 @@ impl Driver {
                 Next::Deliver(_) => {
                     self.run.messages.push(std::mem::take(&mut self.data));
                     // A Committed comes only from a store: the failures.
-                    self.s.delivered(Err(if self.started % 2 == 0 {
+                    self.s.delivered(Err(if self.started.is_multiple_of(2) {
                         StoreError::Temporary("t".into())
                     } else {
                         StoreError::Permanent("p".into())
