@@ -267,3 +267,43 @@ fn messages_refused_after_their_data_are_logged_counted_and_leave_no_file() {
     drop(c);
     eventually(Duration::from_secs(10), "the spool file removed", || (tmp_files(&s) == 0).then_some(()));
 }
+
+#[test]
+fn five_hundred_abusive_connections_stay_within_64_mb_and_1_mb_each() {
+    const CONNECTIONS: usize = 500;
+    let s = server("max_connections = 600");
+    let pid = s.child.as_ref().expect("running").id();
+    let mut held = Vec::new();
+    for i in 0..CONNECTIONS {
+        let mut c = Client::connect(s.smtp);
+        match i % 4 {
+            // A message larger than what is kept in memory, never ended.
+            0 => {
+                c.start_data();
+                c.w.write_all(&payload(300_000)).unwrap();
+            }
+            // One that fits in memory, never ended.
+            1 => {
+                c.start_data();
+                c.w.write_all(&payload(100_000)).unwrap();
+            }
+            // A command line that never ends.
+            2 => c.w.write_all(&vec![b'M'; 100_000]).unwrap(),
+            // A header section as long as is kept, then a field name that
+            // never ends.
+            _ => {
+                c.start_data();
+                c.w.write_all(&b"X-Filler: 0123456789012345678901234567890123456789\r\n".repeat(1200)).unwrap();
+                c.w.write_all(&vec![b'N'; 50_000]).unwrap();
+            }
+        }
+        held.push(c);
+    }
+    let spilled = CONNECTIONS / 4;
+    eventually(Duration::from_secs(60), "every large message spooled to a file", || (tmp_files(&s) == spilled).then_some(()));
+    let hwm_mb = proc_kib(pid, "VmHWM") / 1024;
+    eprintln!("{CONNECTIONS} abusive connections: server VmHWM {hwm_mb} MB");
+    assert!(hwm_mb <= 64 + CONNECTIONS as u64, "peak RSS {hwm_mb} MB with {CONNECTIONS} connections");
+    drop(held);
+    eventually(Duration::from_secs(30), "the spool files removed", || (tmp_files(&s) == 0).then_some(()));
+}
