@@ -429,6 +429,9 @@ impl Config {
         if self.smtp.max_message_size < 1024 {
             return Err(bad("[smtp] max_message_size must be at least 1024 bytes".into()));
         }
+        if self.smtp.data_timeout_secs == 0 {
+            return Err(bad("[smtp] data_timeout_secs must be at least 1 (RFC 5321 4.5.3.2.6 asks for 10 minutes)".into()));
+        }
         let k = &self.cluster;
         if k.heartbeat_ms == 0 || k.election_timeout_min_ms <= k.heartbeat_ms * 2 {
             return Err(bad("[cluster] election_timeout_min_ms must be more than twice heartbeat_ms".into()));

@@ -41,7 +41,7 @@ struct Message {
     failed: Option<StoreError>,
     /// The spool's memory, from the node's budget (none: it was spent, so
     /// the spool writes everything to its file).
-    _memory: Option<Reservation>,
+    memory: Option<Reservation>,
     started: Instant,
     /// RFC 5321 4.5.3.2.6: a bound on the whole DATA phase.
     deadline: Instant,
@@ -79,18 +79,20 @@ impl Message {
     }
 
     /// The body, whole (the rest of a spooled one written on a blocking
-    /// thread).
-    async fn finish(self) -> Result<Body, StoreError> {
+    /// thread), with the memory reservation that covers it while it is in
+    /// memory, to be held until the store is done with it.
+    async fn finish(self) -> Result<(Body, Option<Reservation>), StoreError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
         let spool = self.spool.ok_or_else(|| StoreError::Internal("message without a spool".into()))?;
         if !spool.spilled() {
-            return spool.finish();
+            return Ok((spool.finish()?, self.memory));
         }
-        tokio::task::spawn_blocking(move || spool.finish())
+        let body = tokio::task::spawn_blocking(move || spool.finish())
             .await
-            .map_err(|e| StoreError::Internal(format!("spool task failed: {e}")))?
+            .map_err(|e| StoreError::Internal(format!("spool task failed: {e}")))??;
+        Ok((body, None))
     }
 }
 
@@ -279,7 +281,7 @@ async fn start_message(ctx: &Context, store: &dyn MailStore, data_timeout: Durat
     let memory = ctx.memory.try_reserve(IN_MEMORY);
     let spool = store.spool(if memory.is_some() { IN_MEMORY } else { 0 });
     let started = Instant::now();
-    let message = Message { spool: Some(spool), failed: None, _memory: memory, started, deadline: started + data_timeout };
+    let message = Message { spool: Some(spool), failed: None, memory, started, deadline: started + data_timeout };
     Ok((DataStart { queue_id, date }, message))
 }
 
@@ -328,7 +330,7 @@ async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction, messag
         None => Err(StoreError::Internal("end of data without a message".into())),
     };
     let (result, size) = match body {
-        Ok(body) => {
+        Ok((body, _memory)) => {
             let size = body.len();
             let incoming = Incoming {
                 return_path: txn.return_path.clone(),
