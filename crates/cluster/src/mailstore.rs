@@ -523,9 +523,12 @@ impl MailStore for ReplicatedStore {
                 (file.hash(), bytes, reserved)
             }
         };
-        // Until the accept is applied here, no deletion of an identical
-        // body may unlink this node's copy.
-        let _pin = store.pin_body(hash);
+        // Without the bytes in memory (a spooled body, no peers), no
+        // deletion of an identical body may unlink this node's copy until
+        // the accept is applied here: it could not be put again. (With
+        // them, it is put again below if need be; a pin would also keep a
+        // recognised resend's own copy until the garbage collection.)
+        let _pin = bytes.is_none().then(|| store.pin_body(hash));
         // This node's copy and the others' are written at the same time:
         // the accept waits for one fsync round, not two.
         let started = Instant::now();
@@ -563,10 +566,10 @@ impl MailStore for ReplicatedStore {
             applied_us = started.elapsed().as_micros() as u64,
             "accept timings"
         );
-        // The pin kept a deletion of an identical body from unlinking our
-        // copy; should it be gone all the same, the bytes are put again
-        // when we have them, else the repair task fetches them from a peer.
-        // (Not for a recognised resend: its own copy was freed on purpose.)
+        // A deletion freeing an identical body between our put and the
+        // apply could have unlinked it: the bytes are put again when we
+        // have them (else the pin kept it). (Not for a recognised resend:
+        // its own copy was freed on purpose.)
         if committed.resend_of().is_none() && !body_here {
             match bytes {
                 Some(bytes) => {
