@@ -545,7 +545,7 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
                 return_path: Some("alice@example.org".into()),
                 local: Vec::new(),
                 remote: vec![to],
-                body: Arc::new(body),
+                body: body.into(),
                 queue_id,
                 resend: None,
             };

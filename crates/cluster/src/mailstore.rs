@@ -54,8 +54,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use hamail_store::{
-    BodyFile, BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId, QueueItem, QueueOp,
-    StoreError, StoreResult,
+    Body, BodyFile, BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry, MemoryGate,
+    QueueEntry, QueueId, QueueItem, QueueOp, Spool, StoreError, StoreResult,
 };
 use hamail_store::Address;
 use serde::{Deserialize, Serialize};
@@ -222,6 +222,9 @@ pub struct ReplicatedStore {
     repair: tokio::task::JoinHandle<()>,
     /// Data nodes that failed to take a copy, skipped until then.
     unreachable: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
+    /// What a body spooled to a file may take in memory while it is read
+    /// for the other data nodes; `None`: no limit.
+    memory: Option<Arc<dyn MemoryGate>>,
 }
 
 impl Drop for ReplicatedStore {
@@ -248,7 +251,16 @@ impl ReplicatedStore {
         // Bodies may be missing from before this start (a crash, a restore).
         events.rescan.store(true, Ordering::Relaxed);
         let repair = tokio::spawn(repair_loop(Arc::downgrade(&node), events, replication.clone()));
-        Ok(ReplicatedStore { node, replication, repair, unreachable: Default::default() })
+        Ok(ReplicatedStore { node, replication, repair, unreachable: Default::default(), memory: None })
+    }
+
+    /// Reads of spooled bodies for the other data nodes reserve their
+    /// memory from `gate`; when it is spent the accept fails with
+    /// [`StoreError::Busy`] (the client retries) instead of the node
+    /// growing without bound.
+    pub fn with_memory_gate(mut self, gate: Arc<dyn MemoryGate>) -> Self {
+        self.memory = Some(gate);
+        self
     }
 
     pub fn node(&self) -> &Arc<ClusterNode> {
@@ -306,13 +318,15 @@ impl ReplicatedStore {
     /// Copies the body to the other data nodes; `Ok((copies, data nodes))`
     /// (this node's copy counted: the caller writes it meanwhile) once every
     /// peer answered or timed out, if enough of them hold it durably.
-    async fn replicate(&self, hash: BodyHash, body: &Arc<Vec<u8>>) -> StoreResult<(usize, usize)> {
+    /// `body`: `None` when it was not read for peers (there were none).
+    async fn replicate(&self, hash: BodyHash, body: Option<&Arc<Vec<u8>>>) -> StoreResult<(usize, usize)> {
         let peers = self.node.data_peers();
         let data_nodes = peers.len() + 1;
         let needed = self.replication.min_copies();
         let mut puts = JoinSet::new();
         let now = Instant::now();
         for (id, info) in peers {
+            let Some(body) = body else { break };
             // A peer that just failed to answer is skipped for a while
             // instead of costing every message a connect timeout (measured:
             // 1 s per message with a powered-off node). It gets its copies
@@ -364,6 +378,31 @@ impl ReplicatedStore {
             )));
         }
         Ok((copies, data_nodes))
+    }
+
+    /// A spooled body read into memory for the other data nodes (each
+    /// copy goes as one `PutBody`), within the memory gate: its size once
+    /// for the bytes and once per peer for its request. `None` without
+    /// peers (nothing to read).
+    async fn read_for_peers(
+        &self,
+        file: &hamail_store::StagedFile,
+    ) -> StoreResult<(Option<Arc<Vec<u8>>>, Option<Box<dyn Send + Sync>>)> {
+        let peers = self.node.data_peers().len();
+        if peers == 0 {
+            return Ok((None, None));
+        }
+        let size = usize::try_from(file.size()).unwrap_or(usize::MAX);
+        let reserved = match &self.memory {
+            Some(gate) => Some(gate.reserve(size.saturating_mul(peers + 1)).ok_or_else(|| {
+                StoreError::Busy(format!("no memory left to copy a body of {size} octets to the other data nodes"))
+            })?),
+            None => None,
+        };
+        let bytes = tokio::fs::read(file.path())
+            .await
+            .map_err(|e| StoreError::io(format!("reading the spooled body {}", file.hash()), e))?;
+        Ok((Some(Arc::new(bytes)), reserved))
     }
 
     /// Commits an `Accept` through the log. An unknown outcome is checked
@@ -449,6 +488,10 @@ fn unix_now() -> u64 {
 
 #[async_trait::async_trait]
 impl MailStore for ReplicatedStore {
+    fn spool(&self, in_memory: usize) -> Spool {
+        self.node.store().spool(in_memory)
+    }
+
     /// Local: queue ids carry the node id in their top bits, so they are
     /// unique in the cluster without a round trip.
     async fn next_queue_id(&self) -> StoreResult<QueueId> {
@@ -462,20 +505,40 @@ impl MailStore for ReplicatedStore {
         }
         let store = self.node.store();
         let queue_id = msg.queue_id;
+        let size = msg.body.len();
+        let (hash, bytes, _reserved) = match &msg.body {
+            // A small body is hashed here (microseconds): a trip to a
+            // blocking thread would cost more than the hash, in thread
+            // switches.
+            Body::Bytes(bytes) if bytes.len() <= INLINE_HASH_MAX => (BodyHash::of(bytes), Some(bytes.clone()), None),
+            Body::Bytes(bytes) => {
+                let body = bytes.clone();
+                let hash = tokio::task::spawn_blocking(move || BodyHash::of(&body))
+                    .await
+                    .map_err(|e| StoreError::Internal(format!("hashing the body: {e}")))?;
+                (hash, Some(bytes.clone()), None)
+            }
+            Body::Staged(file) => {
+                let (bytes, reserved) = self.read_for_peers(file).await?;
+                (file.hash(), bytes, reserved)
+            }
+        };
+        // Without the bytes in memory (a spooled body, no peers), no
+        // deletion of an identical body may unlink this node's copy until
+        // the accept is applied here: it could not be put again. (With
+        // them, it is put again below if need be; a pin would also keep a
+        // recognised resend's own copy until the garbage collection.)
+        let _pin = bytes.is_none().then(|| store.pin_body(hash));
         // This node's copy and the others' are written at the same time:
         // the accept waits for one fsync round, not two.
-        // A small body is hashed here (microseconds): a trip to a blocking
-        // thread would cost more than the hash, in thread switches.
-        let hash = if msg.body.len() <= INLINE_HASH_MAX {
-            BodyHash::of(&msg.body)
-        } else {
-            let body = msg.body.clone();
-            tokio::task::spawn_blocking(move || BodyHash::of(&body))
-                .await
-                .map_err(|e| StoreError::Internal(format!("hashing the body: {e}")))?
-        };
         let started = Instant::now();
-        let (here, there) = tokio::join!(store.put_hashed_body(hash, msg.body.clone()), self.replicate(hash, &msg.body));
+        let here = async {
+            match msg.body {
+                Body::Bytes(bytes) => store.put_hashed_body(hash, bytes).await,
+                Body::Staged(file) => store.put_staged_body(file).await,
+            }
+        };
+        let (here, there) = tokio::join!(here, self.replicate(hash, bytes.as_ref()));
         let copied = started.elapsed();
         here?;
         let (copies, data_nodes) = there?;
@@ -485,7 +548,7 @@ impl MailStore for ReplicatedStore {
             local: msg.local,
             remote: msg.remote,
             body: hash,
-            size: msg.body.len() as u64,
+            size,
             at: unix_now(),
             resend: msg.resend,
         };
@@ -503,11 +566,17 @@ impl MailStore for ReplicatedStore {
             applied_us = started.elapsed().as_micros() as u64,
             "accept timings"
         );
-        // A deletion freeing an identical body between our put_body and
-        // the apply could have unlinked it: we still have the bytes. (Not
-        // for a recognised resend: its own copy was freed on purpose.)
+        // A deletion freeing an identical body between our put and the
+        // apply could have unlinked it: the bytes are put again when we
+        // have them (else the pin kept it). (Not for a recognised resend:
+        // its own copy was freed on purpose.)
         if committed.resend_of().is_none() && !body_here {
-            store.put_hashed_body(hash, msg.body.clone()).await?;
+            match bytes {
+                Some(bytes) => {
+                    store.put_hashed_body(hash, bytes).await?;
+                }
+                None => tracing::warn!(%queue_id, %hash, "accepted body not here after its apply; left to the repair task"),
+            }
         }
         Ok(committed)
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, TestCluster};
 use hamail_cluster::rpc::{Handler, Request, Response};
 use hamail_cluster::{NodeId, ReplicatedDirectory, ReplicatedStore, Replication, Role, Timing};
-use hamail_store::{Address, BodyHash, Directory, Domain, Incoming, MailStore, QueueId, StoreError};
+use hamail_store::{Address, Body, BodyHash, Directory, Domain, Incoming, MailStore, MemoryGate, QueueId, StoreError};
 use openraft::ServerState;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -134,9 +134,29 @@ async fn message(store: &ReplicatedStore, to: &[Address], text: &str) -> Incomin
         return_path: Some("sender@example.net".into()),
         local: to.to_vec(),
         remote: Vec::new(),
-        body: Arc::new(format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes()),
+        body: format!("Subject: {text}\r\n\r\n{text}\r\n").into_bytes().into(),
         queue_id,
         resend: None,
+    }
+}
+
+/// The bytes of a message built by [`message`].
+fn bytes_of(msg: &Incoming) -> Arc<Vec<u8>> {
+    match &msg.body {
+        Body::Bytes(bytes) => bytes.clone(),
+        Body::Staged(_) => panic!("a test message is in memory"),
+    }
+}
+
+/// The same message again (a client's retry).
+fn copy(msg: &Incoming) -> Incoming {
+    Incoming {
+        return_path: msg.return_path.clone(),
+        local: msg.local.clone(),
+        remote: msg.remote.clone(),
+        body: Body::Bytes(bytes_of(msg)),
+        queue_id: msg.queue_id,
+        resend: msg.resend,
     }
 }
 
@@ -150,7 +170,7 @@ async fn three_data_nodes_replicate_accept_delete_and_retry() {
     // data node (all are up), and every node applies the same entries.
     let on_leader = m.store(leader);
     let msg = message(&on_leader, &[alice(), bob()], "one").await;
-    let body = msg.body.clone();
+    let body = bytes_of(&msg);
     let committed = on_leader.accept(msg).await.unwrap();
     assert_eq!(committed.body(), BodyHash::of(&body));
     assert_eq!(committed.size(), body.len() as u64);
@@ -166,7 +186,7 @@ async fn three_data_nodes_replicate_accept_delete_and_retry() {
 
     // A retried accept (same queue id) delivers once.
     let msg = message(&on_follower, &[bob()], "retried").await;
-    let first = on_follower.accept(msg.clone()).await.unwrap();
+    let first = on_follower.accept(copy(&msg)).await.unwrap();
     let again = on_leader.accept(msg).await.unwrap();
     assert_eq!(first.queue_id(), again.queue_id());
 
@@ -261,7 +281,7 @@ impl Sessions {
                     while !me.stop.load(Ordering::Relaxed) {
                         let to = if i % 3 == 0 { vec![alice(), bob()] } else { vec![alice()] };
                         let msg = message(&store, &to, &format!("node {id} session {session} #{i}")).await;
-                        let (qid, body) = (msg.queue_id, msg.body.clone());
+                        let (qid, body) = (msg.queue_id, bytes_of(&msg));
                         match store.accept(msg).await {
                             Ok(c) => {
                                 assert_eq!(c.queue_id(), qid);
@@ -449,6 +469,58 @@ async fn a_partitioned_node_fetches_the_bodies_it_missed() {
     m.shutdown().await;
 }
 
+/// A memory gate with `left` octets, taken for good by each reservation.
+struct Gate(Mutex<usize>);
+
+impl MemoryGate for Gate {
+    fn reserve(&self, bytes: usize) -> Option<Box<dyn Send + Sync>> {
+        let mut left = self.0.lock().unwrap();
+        *left = left.checked_sub(bytes)?;
+        Some(Box::new(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spooled_body_is_copied_to_peers_within_the_memory_gate() {
+    let m = MailCluster::start(&[Role::Data; 2], Timing::default(), 20, Replication::default()).await;
+    let one = NodeId(1);
+    let node = m.c.node(one);
+    let local = node.store();
+    let content: Vec<u8> = (0..20_000u32).flat_map(|i| format!("line {i}\r\n").into_bytes()).collect();
+    let spooled = || {
+        let mut spool = local.spool(1024);
+        for piece in content.chunks(1000) {
+            spool.append(piece).unwrap();
+        }
+        spool.finish().unwrap()
+    };
+    let tmp_files = || std::fs::read_dir(local.body_path(&BodyHash::of(b"")).parent().unwrap().parent().unwrap().join("tmp")).unwrap().count();
+    // The body and one request for the peer: twice its size. One octet
+    // short: refused as Busy (SMTP 451 4.3.1), and the spooled file goes.
+    let tight = ReplicatedStore::new(m.c.node(one), Replication::default())
+        .unwrap()
+        .with_memory_gate(Arc::new(Gate(Mutex::new(2 * content.len() - 1))));
+    let mut msg = message(&tight, &[alice()], "spooled").await;
+    msg.body = spooled();
+    assert!(matches!(msg.body, Body::Staged(_)));
+    assert!(matches!(tight.accept(msg).await, Err(StoreError::Busy(_))));
+    assert_eq!(tmp_files(), 0);
+    drop(tight);
+    let enough = ReplicatedStore::new(m.c.node(one), Replication::default())
+        .unwrap()
+        .with_memory_gate(Arc::new(Gate(Mutex::new(2 * content.len()))));
+    let mut msg = message(&enough, &[alice()], "spooled").await;
+    msg.body = spooled();
+    let committed = enough.accept(msg).await.unwrap();
+    assert_eq!(committed.body(), BodyHash::of(&content));
+    assert_eq!(tmp_files(), 0, "renamed into bodies/");
+    for id in m.data_ids() {
+        assert_eq!(*m.c.node(id).store().body(&committed.body()).await.unwrap(), content, "body on node {id}");
+    }
+    drop(enough);
+    m.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_data_nodes_and_a_witness_survive_a_data_node() {
     // The default: every live data node, at least one.
@@ -505,7 +577,7 @@ async fn verify_restores_deleted_and_corrupted_bodies_from_a_peer() {
     let mut bodies = Vec::new();
     for text in ["to be deleted", "to be corrupted", "left alone"] {
         let msg = message(&m.store(one), &[alice()], text).await;
-        let body = msg.body.clone();
+        let body = bytes_of(&msg);
         bodies.push((m.store(one).accept(msg).await.unwrap().body(), body));
     }
     m.converged().await;
@@ -657,7 +729,7 @@ async fn a_node_collects_garbage_only_once_it_applied_what_was_committed() {
     // message with, while it is cut off.
     let msg = message(&m.store(leader), &[alice()], "committed while cut off").await;
     let queue_id = msg.queue_id;
-    let hash = local.put_body(msg.body.clone()).await.unwrap();
+    let hash = local.put_body(bytes_of(&msg)).await.unwrap();
     make_old(&local, &hash);
     assert_eq!(m.store(leader).accept(msg).await.unwrap().body(), hash);
 

@@ -107,6 +107,7 @@ impl Response {
     fn err(e: StoreError) -> Self {
         let kind = match &e {
             StoreError::Temporary(_) => "temporary",
+            StoreError::Busy(_) => "temporary",
             StoreError::Permanent(_) => "permanent",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Internal(_) => "internal",

@@ -197,7 +197,11 @@ async fn start_node(
     let bans = follow_bans(ctx, &node);
     rt.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(bans);
     if rt.role == Role::Data {
-        let mail = Arc::new(ReplicatedStore::new(node.clone(), rt.replication.clone()).map_err(cluster_err)?);
+        let mail = Arc::new(
+            ReplicatedStore::new(node.clone(), rt.replication.clone())
+                .map_err(cluster_err)?
+                .with_memory_gate(Arc::new(crate::smtp::BodyMemory(ctx.memory.clone()))),
+        );
         *rt.mail.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mail.clone());
         ctx.set_store(mail);
     }

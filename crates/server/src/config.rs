@@ -265,8 +265,13 @@ pub struct SmtpSection {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
-    /// RFC 5321 4.5.3.2.7 asks for at least 5 minutes.
+    /// RFC 5321 4.5.3.2.7 asks for at least 5 minutes. Counted from the
+    /// last complete command (a command line trickled in byte by byte does
+    /// not reset it), and between reads in DATA.
     pub idle_timeout_secs: u64,
+    /// The whole DATA phase of one message, from `354` to its end (RFC
+    /// 5321 4.5.3.2.6 asks for at least 10 minutes): then `421` and close.
+    pub data_timeout_secs: u64,
     pub plaintext_auth: PlaintextAuth,
     /// RFC 1047: a transaction sent again within this many seconds (same
     /// Message-ID, envelope and data: the client lost our `250`) is
@@ -433,6 +438,7 @@ impl Default for SmtpSection {
             max_recipients: 1000,
             max_connections: 500,
             idle_timeout_secs: 300,
+            data_timeout_secs: 600,
             plaintext_auth: PlaintextAuth::Loopback,
             resend_window_secs: 3600,
             local_sender_requires_auth: true,
@@ -545,6 +551,9 @@ impl Config {
         }
         if self.smtp.max_message_size < 1024 {
             return Err(bad("[smtp] max_message_size must be at least 1024 bytes".into()));
+        }
+        if self.smtp.data_timeout_secs == 0 {
+            return Err(bad("[smtp] data_timeout_secs must be at least 1 (RFC 5321 4.5.3.2.6 asks for 10 minutes)".into()));
         }
         let k = &self.cluster;
         if k.heartbeat_ms == 0 || k.election_timeout_min_ms <= k.heartbeat_ms * 2 {

@@ -834,7 +834,7 @@ async fn send_report(env: &Env, store: &dyn MailStore, dsn: &Dsn<'_>, double: bo
     };
     let queue_id = store.next_queue_id().await?;
     // A report is never a resend of anything.
-    store.accept(Incoming { return_path: None, local, remote, body: Arc::new(body), queue_id, resend: None }).await?;
+    store.accept(Incoming { return_path: None, local, remote, body: body.into(), queue_id, resend: None }).await?;
     crate::bump(&ctx.stats.relay_reports);
     Ok(())
 }

@@ -1,21 +1,103 @@
 //! The tokio driver of the SMTP session: reads bytes, feeds the sans-IO
 //! `hamail_smtp::Session`, and answers its requests (recipient lookup,
-//! authentication, commit, TLS upgrade).
+//! authentication, starting and committing a message, TLS upgrade). The
+//! message data goes from the session to the store's spool as it arrives:
+//! a small message stays in memory (reserved from the node's memory
+//! budget), a larger one is written to a file in the store's `tmp/`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hamail_smtp::{
-    AuthResult, Credentials, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict, Session, SmtpConfig,
-    Transaction,
+    AuthResult, Credentials, DataProblem, DataStart, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict,
+    Session, SmtpConfig, Transaction,
 };
-use hamail_store::{Fingerprint, Incoming, MailStore, Resolution, ResendKey, StoreError};
+use hamail_store::{Body, Fingerprint, Incoming, MailStore, MemoryGate, Resolution, ResendKey, Spool, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::budget::{MemoryBudget, Reservation};
 use crate::conn::Conn;
 use crate::{bump, Context, SmtpRole};
+
+/// Octets of a message kept in memory before it goes to its spool file:
+/// 1 KiB mail costs no file system calls beyond the body's own, and a large
+/// message is written in pieces of this size.
+const IN_MEMORY: usize = 128 * 1024;
+
+/// The node's memory budget as the store sees it (a cluster's body copies
+/// for the other data nodes reserve from it).
+pub(crate) struct BodyMemory(pub(crate) Arc<MemoryBudget>);
+
+impl MemoryGate for BodyMemory {
+    fn reserve(&self, bytes: usize) -> Option<Box<dyn Send + Sync>> {
+        self.0.try_reserve(bytes).map(|r| Box::new(r) as Box<dyn Send + Sync>)
+    }
+}
+
+/// The message being received, from `354` to its end.
+struct Message {
+    /// `None` once writing failed (the spool and its file are gone).
+    spool: Option<Spool>,
+    /// Why the spool was abandoned: the message is answered with it.
+    failed: Option<StoreError>,
+    /// The spool's memory, from the node's budget (none: it was spent, so
+    /// the spool writes everything to its file).
+    memory: Option<Reservation>,
+    started: Instant,
+    /// RFC 5321 4.5.3.2.6: a bound on the whole DATA phase.
+    deadline: Instant,
+}
+
+impl Message {
+    /// Appends message data to the spool; a write (a piece that does not
+    /// fit in memory) runs on a blocking thread. A failed write abandons
+    /// the message (its file is removed) but the data is read to its end.
+    async fn append(&mut self, data: Vec<u8>) {
+        let Some(mut spool) = self.spool.take() else { return };
+        let result = if spool.append_writes(data.len()) {
+            match tokio::task::spawn_blocking(move || {
+                let result = spool.append(&data);
+                (spool, result)
+            })
+            .await
+            {
+                Ok((back, result)) => {
+                    spool = back;
+                    result
+                }
+                Err(e) => {
+                    self.failed = Some(StoreError::Internal(format!("spool task failed: {e}")));
+                    return;
+                }
+            }
+        } else {
+            spool.append(&data)
+        };
+        match result {
+            Ok(()) => self.spool = Some(spool),
+            Err(e) => self.failed = Some(e),
+        }
+    }
+
+    /// The body, whole (the rest of a spooled one written on a blocking
+    /// thread), with the memory reservation that covers it while it is in
+    /// memory, to be held until the store is done with it.
+    async fn finish(self) -> Result<(Body, Option<Reservation>), StoreError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let spool = self.spool.ok_or_else(|| StoreError::Internal("message without a spool".into()))?;
+        if !spool.spilled() {
+            return Ok((spool.finish()?, self.memory));
+        }
+        let body = tokio::task::spawn_blocking(move || spool.finish())
+            .await
+            .map_err(|e| StoreError::Internal(format!("spool task failed: {e}")))??;
+        Ok((body, None))
+    }
+}
 
 fn session_config(ctx: &Context, role: SmtpRole, peer: &SocketAddr, local: Option<SocketAddr>) -> SmtpConfig {
     let c = &ctx.config.smtp;
@@ -58,14 +140,38 @@ pub(crate) async fn serve(
     let config = Arc::new(session_config(ctx, role, &peer, local));
     let mut session = Session::new(config, PeerInfo { addr: peer, tls: conn.is_tls() });
     let idle = Duration::from_secs(ctx.config.smtp.idle_timeout_secs);
+    let data_timeout = Duration::from_secs(ctx.config.smtp.data_timeout_secs);
     let mut out = Output { reply: session.greeting(), next: Next::NeedInput };
     let mut buf = vec![0u8; 64 * 1024];
+    // The message being received; dropped (its spool file removed) when
+    // the session ends mid-DATA, whatever the reason.
+    let mut message: Option<Message> = None;
+    // Outside DATA the idle time counts from the last complete command,
+    // not from the last byte: a client trickling a command line byte by
+    // byte is cut all the same (RFC 5321 4.5.3.2.7).
+    let mut command_deadline = Instant::now() + idle;
     loop {
+        let data = session.take_message_data();
+        if !data.is_empty() {
+            if let Some(m) = &mut message {
+                m.append(data).await;
+            }
+        }
         out = match out.next {
             Next::NeedInput => {
                 conn.write_all(&out.reply).await?;
+                let now = Instant::now();
+                if !out.reply.is_empty() {
+                    command_deadline = now + idle;
+                }
+                // In DATA: the idle time between reads (RFC 5321
+                // 4.5.3.2.5), within the bound of the whole phase.
+                let deadline = match &message {
+                    Some(m) => (now + idle).min(m.deadline),
+                    None => command_deadline,
+                };
                 let read = tokio::select! {
-                    r = tokio::time::timeout(idle, conn.read(&mut buf)) => r,
+                    r = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)) => r,
                     () = crate::drained(&mut drain) => {
                         // RFC 5321 3.8: the service is going away; the
                         // client retries (at the group's new owner).
@@ -78,7 +184,13 @@ pub(crate) async fn serve(
                     Ok(read) => read?,
                     Err(_) => {
                         let _ = conn.write_all(&session.timeout()).await;
-                        tracing::info!(client = %peer, "SMTP idle timeout");
+                        match &message {
+                            Some(m) if Instant::now() >= m.deadline => {
+                                tracing::info!(client = %peer, "SMTP DATA timeout (data_timeout_secs)")
+                            }
+                            Some(_) => tracing::info!(client = %peer, "SMTP idle timeout in DATA"),
+                            None => tracing::info!(client = %peer, "SMTP idle timeout"),
+                        }
                         break;
                     }
                 };
@@ -86,6 +198,21 @@ pub(crate) async fn serve(
                     break;
                 }
                 session.handle(&buf[..n])
+            }
+            Next::StartData => match start_message(ctx, store.as_ref(), data_timeout).await {
+                Ok((start, started)) => {
+                    message = Some(started);
+                    chain(out.reply, session.data_started(Ok(start)))
+                }
+                Err(e) => {
+                    tracing::warn!(client = %peer, error = %e, "cannot start a message");
+                    chain(out.reply, session.data_started(Err(e)))
+                }
+            },
+            Next::Refused { txn, problem } => {
+                let started = message.take().map(|m| m.started);
+                refused(ctx, &txn, problem, started);
+                chain(out.reply, session.handle(&[]))
             }
             Next::CheckRecipient(rcpt) => {
                 let verdict = match ctx.directory().resolve(&rcpt).await {
@@ -132,7 +259,7 @@ pub(crate) async fn serve(
                 chain(out.reply, session.authenticated(result))
             }
             Next::Deliver(txn) => {
-                let result = deliver(ctx, store.as_ref(), &txn).await;
+                let result = deliver(ctx, store.as_ref(), &txn, message.take()).await;
                 chain(out.reply, session.delivered(result))
             }
             Next::StartTls => {
@@ -199,32 +326,84 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> 
     }
 }
 
-async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Result<hamail_store::Committed, StoreError> {
-    let started = std::time::Instant::now();
+/// What [`Next::StartData`] asks: the queue id and date of the message,
+/// and its spool with as much memory as the node's budget gives (up to
+/// [`IN_MEMORY`]; none: straight to the file).
+async fn start_message(ctx: &Context, store: &dyn MailStore, data_timeout: Duration) -> Result<(DataStart, Message), StoreError> {
     let queue_id = store.next_queue_id().await?;
-    let hostname = &ctx.config.server.hostname;
     let date = hamail_smtp::rfc5322_date(crate::unix_now() as i64);
-    let body = hamail_smtp::stamp_message(txn, queue_id, hostname, &date, hostname);
-    let size = body.len();
-    let incoming = Incoming {
-        return_path: txn.return_path.clone(),
-        local: txn.local.clone(),
-        remote: txn.remote.clone(),
-        body: Arc::new(body),
-        queue_id,
-        resend: resend_key(ctx.config.smtp.resend_window_secs, txn),
+    let memory = ctx.memory.try_reserve(IN_MEMORY);
+    let spool = store.spool(if memory.is_some() { IN_MEMORY } else { 0 });
+    let started = Instant::now();
+    let message = Message { spool: Some(spool), failed: None, memory, started, deadline: started + data_timeout };
+    Ok((DataStart { queue_id, date }, message))
+}
+
+/// The log line of a transaction (Postfix's style: one line per message).
+struct MailLine<'a> {
+    txn: &'a Transaction,
+    size: u64,
+    started: Option<Instant>,
+}
+
+impl std::fmt::Display for MailLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let txn = self.txn;
+        write!(
+            f,
+            "{}: smtp client=[{}] helo={} auth={} from=<{}> to={} nrcpt={} size={} delay_ms={}",
+            txn.queue_id,
+            txn.peer.ip(),
+            txn.helo,
+            txn.authenticated.as_deref().unwrap_or("-"),
+            txn.return_path.as_deref().unwrap_or(""),
+            summarize_recipients(&txn.recipients),
+            txn.recipients.len(),
+            self.size,
+            self.started.map(|s| s.elapsed().as_millis()).unwrap_or(0)
+        )
+    }
+}
+
+/// A message refused after its end (its spool is already gone): logged
+/// and counted.
+fn refused(ctx: &Context, txn: &Transaction, problem: DataProblem, started: Option<Instant>) {
+    bump(&ctx.stats.messages_rejected);
+    let why = match problem {
+        DataProblem::BareCrOrLf => "554 5.6.0 bare CR or LF in message data",
+        DataProblem::LineTooLong => "554 5.6.0 line too long",
+        DataProblem::TooBig => "552 5.3.4 message size exceeds fixed maximum message size",
     };
-    let result = store.accept(incoming).await;
-    let to = summarize_recipients(&txn.recipients);
-    let from = txn.return_path.as_deref().unwrap_or("");
-    let auth = txn.authenticated.as_deref().unwrap_or("-");
-    let ms = started.elapsed().as_millis();
+    tracing::info!(target: "hamail::mail", "{} result={why}", MailLine { txn, size: txn.data_size, started });
+}
+
+async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction, message: Option<Message>) -> Result<hamail_store::Committed, StoreError> {
+    let started = message.as_ref().map(|m| m.started);
+    let body = match message {
+        Some(m) => m.finish().await,
+        None => Err(StoreError::Internal("end of data without a message".into())),
+    };
+    let (result, size) = match body {
+        Ok((body, _memory)) => {
+            let size = body.len();
+            let incoming = Incoming {
+                return_path: txn.return_path.clone(),
+                local: txn.local.clone(),
+                remote: txn.remote.clone(),
+                body,
+                queue_id: txn.queue_id,
+                resend: resend_key(ctx.config.smtp.resend_window_secs, txn),
+            };
+            (store.accept(incoming).await, size)
+        }
+        Err(e) => (Err(e), txn.data_size),
+    };
+    let line = MailLine { txn, size, started };
     match &result {
         Ok(c) if c.resend_of().is_some() => {
             bump(&ctx.stats.messages_resent);
             tracing::info!(target: "hamail::mail",
-                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result=250 already delivered as {} (resend)",
-                txn.peer.ip(), txn.helo, txn.recipients.len(), c.resend_of().map(|q| q.to_string()).unwrap_or_default())
+                "{line} result=250 already delivered as {} (resend)", c.resend_of().map(|q| q.to_string()).unwrap_or_default())
         }
         Ok(_) => {
             bump(&ctx.stats.messages_accepted);
@@ -232,15 +411,12 @@ async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction) -> Res
                 // Relayed mail: no need to wait for the next scan.
                 ctx.delivery.wake();
             }
-            tracing::info!(target: "hamail::mail",
-                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result=250 queued",
-                txn.peer.ip(), txn.helo, txn.recipients.len())
+            tracing::info!(target: "hamail::mail", "{line} result=250 queued")
         }
         Err(e) => {
             bump(&ctx.stats.messages_rejected);
             tracing::warn!(target: "hamail::mail",
-                "{queue_id}: smtp client=[{}] helo={} auth={auth} from=<{from}> to={to} nrcpt={} size={size} delay_ms={ms} result={} error={e}",
-                txn.peer.ip(), txn.helo, txn.recipients.len(), if e.is_temporary() { 451 } else { 554 })
+                "{line} result={} error={e}", if e.is_temporary() { 451 } else { 554 })
         }
     }
     result

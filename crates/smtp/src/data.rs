@@ -11,13 +11,14 @@
 //!   LF MUST only occur together as CRLF").
 //! * The decoder is resumable at every byte: its whole state is a handful of
 //!   flags, so input split anywhere gives the same result.
-//! * Memory is bounded: once the message is over the size limit we keep
-//!   reading (to find its end, RFC 1870 6.1 asks the server to reject after
-//!   the end) but stop storing.
+//! * Memory is bounded: the decoder keeps nothing of the message; what it
+//!   decodes goes to the caller's sink as it comes. Once the message is over
+//!   the size limit we keep reading (to find its end, RFC 1870 6.1 asks the
+//!   server to reject after the end) but pass nothing more on.
 
 /// Why a completed message must be rejected, in order of precedence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DataProblem {
+pub enum DataProblem {
     /// A CR or LF not part of a CRLF pair.
     BareCrOrLf,
     /// A line longer than `max_data_line` octets.
@@ -29,7 +30,6 @@ pub(crate) enum DataProblem {
 /// Resumable dot-unstuffing decoder for one message.
 #[derive(Debug)]
 pub(crate) struct DataDecoder {
-    body: Vec<u8>,
     /// SHA-256 of the body, kept as it grows (for resend recognition).
     digest: sha2::Sha256,
     max_size: usize,
@@ -63,7 +63,6 @@ pub(crate) enum Feed {
 impl DataDecoder {
     pub(crate) fn new(max_size: usize, max_line: usize) -> Self {
         DataDecoder {
-            body: Vec::new(),
             digest: sha2::Sha256::default(),
             max_size,
             max_line,
@@ -77,11 +76,15 @@ impl DataDecoder {
         }
     }
 
-    fn emit(&mut self, bytes: &[u8]) {
+    /// Passes on what fits within the size limit (the first `max_size`
+    /// octets, however the input was split); counts all.
+    fn emit(&mut self, bytes: &[u8], sink: &mut impl FnMut(&[u8])) {
+        let room = self.max_size.saturating_sub(self.size);
         self.size = self.size.saturating_add(bytes.len());
-        if self.size <= self.max_size {
-            self.body.extend_from_slice(bytes);
-            sha2::Digest::update(&mut self.digest, bytes);
+        let kept = &bytes[..bytes.len().min(room)];
+        if !kept.is_empty() {
+            sink(kept);
+            sha2::Digest::update(&mut self.digest, kept);
         }
     }
 
@@ -92,8 +95,9 @@ impl DataDecoder {
         }
     }
 
-    /// Feeds bytes; returns how far it got.
-    pub(crate) fn feed(&mut self, input: &[u8]) -> Feed {
+    /// Feeds bytes, passing the decoded message data to `sink`; returns
+    /// how far it got.
+    pub(crate) fn feed(&mut self, input: &[u8], sink: &mut impl FnMut(&[u8])) -> Feed {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -105,7 +109,7 @@ impl DataDecoder {
                         // <CRLF>.<CRLF>: the end of the message.
                         return Feed::Done(i);
                     }
-                    self.emit(b"\r\n");
+                    self.emit(b"\r\n", sink);
                     self.line_start = true;
                     self.only_dot = false;
                     self.line_len = 0;
@@ -116,7 +120,7 @@ impl DataDecoder {
                 // normally below. The line is not ended.
                 self.bare = true;
                 self.flush_held_dot();
-                self.emit(b"\r");
+                self.emit(b"\r", sink);
                 self.grow_line(1);
             }
             match b {
@@ -129,7 +133,7 @@ impl DataDecoder {
                     self.bare = true;
                     self.flush_held_dot();
                     self.line_start = false;
-                    self.emit(b"\n");
+                    self.emit(b"\n", sink);
                     self.grow_line(1);
                     i += 1;
                 }
@@ -151,7 +155,7 @@ impl DataDecoder {
                         .position(|&c| c == b'\r' || c == b'\n')
                         .unwrap_or(input.len() - i);
                     let (start, end) = (i, i + run);
-                    self.emit_range(input, start, end);
+                    self.emit_range(input, start, end, sink);
                     self.grow_line(run);
                     i = end;
                 }
@@ -160,9 +164,9 @@ impl DataDecoder {
         Feed::More
     }
 
-    fn emit_range(&mut self, input: &[u8], start: usize, end: usize) {
+    fn emit_range(&mut self, input: &[u8], start: usize, end: usize, sink: &mut impl FnMut(&[u8])) {
         if let Some(s) = input.get(start..end) {
-            self.emit(s);
+            self.emit(s, sink);
         }
     }
 
@@ -187,11 +191,15 @@ impl DataDecoder {
         }
     }
 
-    /// The body and its SHA-256.
-    pub(crate) fn finish(self) -> (Vec<u8>, [u8; 32]) {
-        (self.body, sha2::Digest::finalize(self.digest).into())
+    /// Octets of the message so far (counted past the size limit too).
+    pub(crate) fn size(&self) -> usize {
+        self.size
     }
 
+    /// The SHA-256 of the message data.
+    pub(crate) fn finish(self) -> [u8; 32] {
+        sha2::Digest::finalize(self.digest).into()
+    }
 }
 
 #[cfg(test)]
@@ -200,12 +208,12 @@ mod tests {
 
     fn decode(input: &[u8]) -> (Option<usize>, Vec<u8>, Option<DataProblem>) {
         let mut d = DataDecoder::new(1 << 20, 1000);
-        let r = match d.feed(input) {
+        let mut body = Vec::new();
+        let r = match d.feed(input, &mut |b| body.extend_from_slice(b)) {
             Feed::Done(n) => Some(n),
             Feed::More => None,
         };
-        let p = d.problem();
-        (r, d.finish().0, p)
+        (r, body, d.problem())
     }
 
     #[test]
@@ -251,16 +259,18 @@ mod tests {
         for split in 0..input.len() {
             let mut d = DataDecoder::new(1 << 20, 1000);
             let mut done = None;
-            match d.feed(&input[..split]) {
+            let mut body = Vec::new();
+            let mut sink = |b: &[u8]| body.extend_from_slice(b);
+            match d.feed(&input[..split], &mut sink) {
                 Feed::Done(n) => done = Some(n),
                 Feed::More => {
-                    if let Feed::Done(n) = d.feed(&input[split..]) {
+                    if let Feed::Done(n) = d.feed(&input[split..], &mut sink) {
                         done = Some(split + n);
                     }
                 }
             }
             assert_eq!(done, whole.0);
-            let (body, digest) = d.finish();
+            let digest = d.finish();
             assert_eq!(body, whole.1);
             // Hashed as it arrived, in whatever pieces: the body's SHA-256.
             assert_eq!(digest, <[u8; 32]>::from(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body))));
@@ -270,10 +280,13 @@ mod tests {
     #[test]
     fn limits() {
         let mut d = DataDecoder::new(4, 1000);
-        assert_eq!(d.feed(b"hello world\r\n.\r\n"), Feed::Done(16));
+        let mut passed = 0;
+        assert_eq!(d.feed(b"hello world\r\n.\r\n", &mut |b| passed += b.len()), Feed::Done(16));
         assert_eq!(d.problem(), Some(DataProblem::TooBig));
+        assert_eq!(passed, 4, "nothing past the limit is passed on");
+        assert_eq!(d.size(), 13);
         let mut d = DataDecoder::new(100, 4);
-        assert_eq!(d.feed(b"hello\r\n.\r\n"), Feed::Done(10));
+        assert_eq!(d.feed(b"hello\r\n.\r\n", &mut |_| ()), Feed::Done(10));
         assert_eq!(d.problem(), Some(DataProblem::LineTooLong));
     }
 }

@@ -6,9 +6,10 @@
 //! MTA and submission (RFC 6409) ports. A [`Session`] is fed the bytes the
 //! client sent and answers with the bytes to send back plus a [`Next`] step:
 //! read more, or ask the driver to look up a recipient, check a password,
-//! commit a message or do a TLS handshake, then resume the session with the
-//! answer. It also builds the trace headers of an accepted message
-//! ([`stamp_message`]).
+//! start or commit a message or do a TLS handshake, then resume the session
+//! with the answer. The message data streams out of the session in bounded
+//! pieces ([`Session::take_message_data`]) with our trace headers already
+//! in place, for the driver to write to the store's spool.
 //!
 //! What it does not do: any I/O (sockets, TLS, timers: the tokio driver in
 //! `hamail-server` does that), any store or directory access (the driver
@@ -21,7 +22,7 @@ mod session;
 mod stamp;
 
 pub use session::{
-    AuthResult, Credentials, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict, Session,
-    SmtpConfig, Transaction,
+    AuthResult, Credentials, DataProblem, DataStart, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict,
+    Session, SmtpConfig, Transaction,
 };
-pub use stamp::{has_field, rfc5322_date, stamp_message};
+pub use stamp::{has_field, rfc5322_date, HEADER_KEPT};

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
-use hamail_store::{Address, Committed, StoreError};
+use hamail_store::{Address, Committed, QueueId, StoreError};
 use smtp_proto::{Error as ProtoError, Request};
 
-use crate::data::{DataDecoder, DataProblem, Feed};
+use crate::data::{DataDecoder, Feed};
+pub use crate::data::DataProblem;
+use crate::stamp::{Missing, Stamper, Trace};
 
 /// Limits and policy of one listener.
 #[derive(Debug, Clone)]
@@ -92,8 +94,17 @@ pub enum Next {
     CheckSender(SenderCheck),
     /// Verify the credentials, call [`Session::authenticated`].
     Authenticate(Credentials),
-    /// Stamp (see [`crate::stamp_message`]), commit, call [`Session::delivered`].
+    /// A valid DATA: get a queue id, the date and a spool for the message
+    /// from the store, call [`Session::data_started`] (which answers `354`).
+    /// From then on, after every call, move
+    /// [`Session::take_message_data`] to the spool.
+    StartData,
+    /// The end of the message data: finish the spool, commit, call
+    /// [`Session::delivered`].
     Deliver(Transaction),
+    /// The message was refused after its end (the reply says why): drop
+    /// the spool, log, then call [`Session::handle`] with no new input.
+    Refused { txn: Transaction, problem: DataProblem },
     /// Flush the reply, do the TLS handshake, call [`Session::tls_established`].
     StartTls,
     /// Flush the reply and close the connection.
@@ -166,7 +177,17 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// One accepted message, to stamp and commit.
+/// What the driver got from the store for [`Next::StartData`].
+#[derive(Debug, Clone)]
+pub struct DataStart {
+    /// The queue id of the message, from the store.
+    pub queue_id: QueueId,
+    /// The RFC 5322 date-time of `Received:` (and of `Date:` when a
+    /// submission lacks one).
+    pub date: String,
+}
+
+/// One received message, to commit (its data went to the driver's spool).
 #[derive(Debug, Clone)]
 pub struct Transaction {
     /// The envelope sender as given, `None` for the null path `<>`.
@@ -177,10 +198,15 @@ pub struct Transaction {
     pub remote: Vec<String>,
     /// Every accepted RCPT TO address as given (for the log line).
     pub recipients: Vec<String>,
-    /// Dot-unstuffed, CRLF line ends, without our headers.
-    pub body: Vec<u8>,
-    /// SHA-256 of `body`, computed as it arrived.
+    pub queue_id: QueueId,
+    /// Octets of the message data as the client sent it (dot-unstuffed,
+    /// without our headers), counted past the size limit too.
+    pub data_size: u64,
+    /// SHA-256 of the message data as the client sent it, computed as it
+    /// arrived.
     pub body_sha256: [u8; 32],
+    /// The client's `Message-ID:` (see [`Transaction::message_id`]).
+    pub(crate) client_message_id: Option<String>,
     pub helo: String,
     pub peer: SocketAddr,
     pub tls: bool,
@@ -236,7 +262,11 @@ enum State {
     Data {
         helo: Helo,
         env: Envelope,
-        decoder: DataDecoder,
+        queue_id: QueueId,
+        /// Boxed: the decoder's running hash would make every state as
+        /// large as this one.
+        decoder: Box<DataDecoder>,
+        stamper: Stamper,
     },
     /// An AUTH exchange (RFC 4954 4): lines are SASL responses, not commands.
     Sasl {
@@ -252,6 +282,7 @@ enum Waiting {
     Sender { return_path: String },
     Rcpt { given: String },
     Auth { username: String },
+    DataStart,
     Deliver,
     StartTls,
 }
@@ -303,9 +334,22 @@ pub struct Session {
     waiting: Option<Waiting>,
     inbuf: Vec<u8>,
     out: Vec<u8>,
+    /// Message data (our headers and the client's data) not yet taken by
+    /// the driver ([`Session::take_message_data`]).
+    data: Vec<u8>,
     errors: usize,
     /// A line over the limit is being skipped up to its LF.
     discarding: bool,
+}
+
+/// The reply to a store failure: `451` for what may heal (`4.3.1` when this
+/// node is out of resources, RFC 3463), `554` for what will not.
+fn store_failure(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Busy(_) => "451 4.3.1 Insufficient system resources, try again later",
+        e if e.is_temporary() => "451 4.3.0 Temporary failure in the mail store, try again later",
+        _ => "554 5.0.0 Transaction failed",
+    }
 }
 
 /// Replaces controls so that text from the peer or the driver can never
@@ -328,6 +372,7 @@ impl Session {
             waiting: None,
             inbuf: Vec::new(),
             out: Vec::new(),
+            data: Vec::new(),
             errors: 0,
             discarding: false,
         }
@@ -487,6 +532,67 @@ impl Session {
         self.run()
     }
 
+    /// The answer to [`Next::StartData`]: with the store's queue id and
+    /// date, our `Received:` line (RFC 5321 4.4) is the first message data,
+    /// and the client gets `354`; if the store could not start a message,
+    /// `451` and the envelope stays (the client may try DATA again).
+    pub fn data_started(&mut self, start: Result<DataStart, StoreError>) -> Output {
+        match self.waiting.take() {
+            Some(Waiting::DataStart) => {}
+            other => return self.wrong_state(other, "data_started"),
+        }
+        let start = match start {
+            Ok(start) => start,
+            Err(e) => {
+                self.reply(store_failure(&e));
+                return self.run();
+            }
+        };
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        let State::Rcpt { helo, env } = state else {
+            self.state = state;
+            return self.wrong_state(None, "data_started");
+        };
+        let trace = Trace {
+            helo: &helo.name,
+            esmtp: helo.esmtp,
+            peer: &self.peer.addr,
+            tls: self.tls,
+            authenticated: self.auth_user.as_deref(),
+            hostname: &self.config.hostname,
+            queue_id: start.queue_id,
+            recipients: &env.recipients,
+            date: &start.date,
+        };
+        self.data.extend_from_slice(crate::stamp::received(&trace).as_bytes());
+        let missing = self.auth_user.is_some().then(|| Missing {
+            message_id: format!("<{}.{:016x}@{}>", start.queue_id, rand::random::<u64>(), self.config.hostname),
+            date: start.date,
+        });
+        let decoder = Box::new(DataDecoder::new(self.config.max_message_size, self.config.max_data_line));
+        self.state = State::Data { helo, env, queue_id: start.queue_id, decoder, stamper: Stamper::new(missing) };
+        self.reply("354 End data with <CR><LF>.<CR><LF>");
+        self.run()
+    }
+
+    /// The message data produced so far (dot-unstuffed, our headers
+    /// included), for the driver's spool. At most what the last input
+    /// decoded to, plus our headers.
+    pub fn take_message_data(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.data)
+    }
+
+    /// Octets the session holds in memory for the peer's input: unread
+    /// input, replies not yet taken, message data not yet taken, the kept
+    /// start of a header section.
+    pub fn buffered(&self) -> usize {
+        let stamper = match &self.state {
+            State::Data { stamper, .. } => stamper.held(),
+            _ => 0,
+        };
+        self.inbuf.len() + self.out.len() + self.data.len() + stamper
+    }
+
     /// The answer to [`Next::Deliver`]: only a [`Committed`] (which only the
     /// store can make) lets us say `250`.
     /// A recognised resend (RFC 1047) gets `250` too, naming the
@@ -506,10 +612,7 @@ impl Session {
         }
         match result {
             Ok(line) => self.reply(&line),
-            Err(e) if e.is_temporary() => {
-                self.reply("451 4.3.0 Temporary failure in the mail store, try again later")
-            }
-            Err(_) => self.reply("554 5.0.0 Transaction failed"),
+            Err(e) => self.reply(store_failure(&e)),
         }
         self.run()
     }
@@ -600,8 +703,9 @@ impl Session {
 
     /// Processes one unit of input. `None`: go on; `Some`: stop there.
     fn step(&mut self) -> Option<Next> {
-        if let State::Data { decoder, .. } = &mut self.state {
-            return match decoder.feed(&self.inbuf) {
+        if let State::Data { decoder, stamper, .. } = &mut self.state {
+            let data = &mut self.data;
+            return match decoder.feed(&self.inbuf, &mut |bytes| stamper.push(bytes, data)) {
                 Feed::More => {
                     self.inbuf.clear();
                     Some(Next::NeedInput)
@@ -652,49 +756,54 @@ impl Session {
 
     fn end_of_data(&mut self) -> Option<Next> {
         let state = std::mem::replace(&mut self.state, State::Closed);
-        let State::Data { helo, env, decoder } = state else {
+        let State::Data { helo, env, queue_id, decoder, stamper } = state else {
             self.state = state;
             return None;
         };
         self.state = State::Greeted { helo: helo.clone() };
-        match decoder.problem() {
+        let client_message_id = stamper.finish(&mut self.data);
+        let problem = decoder.problem();
+        let data_size = decoder.size() as u64;
+        let txn = Transaction {
+            return_path: env.return_path,
+            local: env.local,
+            remote: env.remote,
+            recipients: env.recipients,
+            queue_id,
+            data_size,
+            body_sha256: decoder.finish(),
+            client_message_id,
+            helo: helo.name,
+            peer: self.peer.addr,
+            tls: self.tls,
+            authenticated: self.auth_user.clone(),
+            esmtp: helo.esmtp,
+        };
+        match problem {
             // RFC 5321 2.3.8 forbids bare CR and LF; accepting them is what
             // makes SMTP smuggling possible. We do not guess a line end:
             // the message is refused whole after its real end. 554 is the
             // reply RFC 5321 4.3.2 lists for a failed DATA; the session stays
             // usable (Postfix instead answers 521 and hangs up), but it
             // counts as an error.
-            Some(DataProblem::BareCrOrLf) => {
+            Some(problem @ DataProblem::BareCrOrLf) => {
                 self.error(
                     "554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)",
                 );
-                None
+                Some(Next::Refused { txn, problem })
             }
-            Some(DataProblem::LineTooLong) => {
+            Some(problem @ DataProblem::LineTooLong) => {
                 self.error("554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)");
-                None
+                Some(Next::Refused { txn, problem })
             }
             // RFC 1870 6.2.
-            Some(DataProblem::TooBig) => {
+            Some(problem @ DataProblem::TooBig) => {
                 self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
-                None
+                Some(Next::Refused { txn, problem })
             }
             None => {
                 self.waiting = Some(Waiting::Deliver);
-                let (body, body_sha256) = decoder.finish();
-                Some(Next::Deliver(Transaction {
-                    return_path: env.return_path,
-                    local: env.local,
-                    remote: env.remote,
-                    recipients: env.recipients,
-                    body,
-                    body_sha256,
-                    helo: helo.name,
-                    peer: self.peer.addr,
-                    tls: self.tls,
-                    authenticated: self.auth_user.clone(),
-                    esmtp: helo.esmtp,
-                }))
+                Some(Next::Deliver(txn))
             }
         }
     }
@@ -831,13 +940,12 @@ impl Session {
             Request::Data => {
                 let state = std::mem::replace(&mut self.state, State::Closed);
                 match state {
+                    // The store starts the message first (queue id, date,
+                    // spool); `data_started` answers 354.
                     State::Rcpt { helo, env } => {
-                        let decoder = DataDecoder::new(
-                            self.config.max_message_size,
-                            self.config.max_data_line,
-                        );
-                        self.state = State::Data { helo, env, decoder };
-                        self.reply("354 End data with <CR><LF>.<CR><LF>");
+                        self.state = State::Rcpt { helo, env };
+                        self.waiting = Some(Waiting::DataStart);
+                        return Some(Next::StartData);
                     }
                     // RFC 2920 3.1 / RFC 5321 3.3: DATA after every RCPT
                     // failed is answered 554 "no valid recipients".
@@ -1273,11 +1381,16 @@ pub(crate) mod tests {
 
     /// A fake driver: `@local.example` users exist (except `nobody`),
     /// `alias@local.example` expands to two users, other domains are remote;
-    /// the password is `secret`; commits get queue ids 1, 2, 3...
+    /// the password is `secret`; messages get queue ids 1, 2, 3... and the
+    /// date `DATE`; their data is collected in `bodies` (refused ones too).
     pub(crate) struct Harness {
         pub s: Session,
         pub replies: String,
         pub txns: Vec<Transaction>,
+        pub bodies: Vec<Vec<u8>>,
+        pub refused: Vec<DataProblem>,
+        spool: Vec<u8>,
+        started: u64,
         pub closed: bool,
         pub starttls: usize,
     }
@@ -1319,6 +1432,10 @@ pub(crate) mod tests {
                 s: Session::new(Arc::new(config), peer),
                 replies: String::new(),
                 txns: Vec::new(),
+                bodies: Vec::new(),
+                refused: Vec::new(),
+                spool: Vec::new(),
+                started: 0,
                 closed: false,
                 starttls: 0,
             }
@@ -1326,6 +1443,7 @@ pub(crate) mod tests {
         pub fn feed(&mut self, input: &[u8]) {
             let mut out = self.s.handle(input);
             loop {
+                self.spool.extend_from_slice(&self.s.take_message_data());
                 self.replies
                     .push_str(&String::from_utf8(out.reply).unwrap());
                 out = match out.next {
@@ -1341,9 +1459,21 @@ pub(crate) mod tests {
                     } else {
                         AuthResult::Failure
                     }),
+                    Next::StartData => {
+                        assert!(self.spool.is_empty(), "message data before DATA");
+                        self.started += 1;
+                        self.s.data_started(Ok(DataStart { queue_id: QueueId(self.started), date: "DATE".into() }))
+                    }
                     Next::Deliver(t) => {
+                        let id = t.queue_id;
                         self.txns.push(t);
-                        self.s.finish_delivery(Ok(QueueId(self.txns.len() as u64)))
+                        self.bodies.push(std::mem::take(&mut self.spool));
+                        self.s.finish_delivery(Ok(id))
+                    }
+                    Next::Refused { problem, .. } => {
+                        self.refused.push(problem);
+                        self.bodies.push(std::mem::take(&mut self.spool));
+                        self.s.handle(&[])
                     }
                     Next::StartTls => {
                         self.starttls += 1;
@@ -1518,7 +1648,10 @@ pub(crate) mod tests {
         h.feed(RCPT.as_bytes());
         h.feed(b"DATA\r\nQUIT\r\nRSET\r\n..\r\n.\r\nNOOP\r\n");
         assert_eq!(h.txns.len(), 1);
-        assert_eq!(h.txns[0].body, b"QUIT\r\nRSET\r\n.\r\n");
+        // Not a header field: our Received:, an empty line, then the data.
+        let body = String::from_utf8(h.bodies[0].clone()).unwrap();
+        assert!(body.starts_with("Received: from client.example ([192.0.2.7])\r\n"), "{body}");
+        assert!(body.ends_with(";\r\n\tDATE\r\n\r\nQUIT\r\nRSET\r\n.\r\n"), "{body}");
         assert!(!h.closed);
         let lines = h.lines();
         let n = lines.len();
@@ -1570,6 +1703,8 @@ pub(crate) mod tests {
             out = s.recipient_checked(verdict(&a));
             assert!(matches!(out.next, Next::NeedInput));
             out = s.handle(b"DATA\r\nx\r\n.\r\nNOOP\r\n");
+            assert!(matches!(out.next, Next::StartData));
+            out = s.data_started(Ok(DataStart { queue_id: QueueId(7), date: "D".into() }));
             assert!(matches!(out.next, Next::Deliver(_)));
             out = s.finish_delivery(Err(err));
             let reply = String::from_utf8(out.reply).unwrap();
@@ -1578,6 +1713,35 @@ pub(crate) mod tests {
                 reply.ends_with("250 2.0.0 Ok\r\n"),
                 "pipelined NOOP runs after"
             );
+        }
+    }
+
+    #[test]
+    fn data_waits_for_the_store_and_a_failed_start_keeps_the_envelope() {
+        for (err, want) in [
+            (StoreError::Busy("no memory".into()), "451 4.3.1 Insufficient system resources"),
+            (StoreError::Unavailable("x".into()), "451 4.3.0"),
+        ] {
+            let mut s = Session::new(Arc::new(SmtpConfig::default()), PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false });
+            let out = s.handle(RCPT.as_bytes());
+            let Next::CheckRecipient(a) = out.next else { panic!("{:?}", out.next) };
+            s.recipient_checked(verdict(&a));
+            // No 354 before the store started the message; the pipelined
+            // input waits.
+            let out = s.handle(b"DATA\r\nhi\r\n.\r\n");
+            assert!(matches!(out.next, Next::StartData) && out.reply.is_empty());
+            assert!(s.take_message_data().is_empty());
+            let out = s.data_started(Err(err));
+            let reply = String::from_utf8(out.reply).unwrap();
+            // The data lines are then commands: "hi" is unknown, "." too.
+            assert!(reply.starts_with(want), "{reply}");
+            assert!(s.take_message_data().is_empty());
+            // The envelope is kept: DATA again, and this time it starts.
+            let out = s.handle(b"DATA\r\n");
+            assert!(matches!(out.next, Next::StartData));
+            let out = s.data_started(Ok(DataStart { queue_id: QueueId(9), date: "D".into() }));
+            assert_eq!(out.reply, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+            assert!(s.take_message_data().starts_with(b"Received: from client.example ([127.0.0.1])\r\n"));
         }
     }
 
@@ -1595,6 +1759,7 @@ pub(crate) mod tests {
             s.authenticated(AuthResult::Success),
             s.finish_delivery(Ok(QueueId(1))),
             s.tls_established(),
+            s.data_started(Ok(DataStart { queue_id: QueueId(1), date: "D".into() })),
         ] {
             assert!(String::from_utf8(out.reply)
                 .unwrap()

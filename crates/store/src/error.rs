@@ -15,6 +15,10 @@ pub enum StoreError {
     /// quorum in a cluster): retry, possibly elsewhere.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// This node is at a resource limit (the memory it may hold for
+    /// clients is spent): retry later. SMTP maps it to `451 4.3.1`.
+    #[error("insufficient resources: {0}")]
+    Busy(String),
     /// A bug or a damaged store: an operator must look.
     #[error("internal store error: {0}")]
     Internal(String),
@@ -33,7 +37,7 @@ impl StoreError {
     }
     /// True when retrying later may succeed (the 4xx class).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, StoreError::Temporary(_) | StoreError::Unavailable(_) | StoreError::Io { .. })
+        matches!(self, StoreError::Temporary(_) | StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Io { .. })
     }
 }
 

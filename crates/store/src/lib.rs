@@ -17,10 +17,12 @@
 mod error;
 pub mod password;
 mod local;
+mod spool;
 mod tables;
 mod types;
 
 pub use error::{StoreError, StoreResult};
-pub use local::{GarbageReport, LocalStore, RecoveryReport, StoreOptions};
+pub use local::{BodyPin, GarbageReport, LocalStore, RecoveryReport, StoreOptions};
 pub use types::*;
+pub use spool::{Body, Spool, StagedFile};
 pub use local::{StateSnapshot, StateView, VerifyReport, MESSAGE_RETENTION_SECS};

@@ -126,6 +126,7 @@ pub(crate) fn duplicate_error(e: &StoreError) -> StoreError {
         StoreError::Temporary(s) => StoreError::Temporary(s.clone()),
         StoreError::Permanent(s) => StoreError::Permanent(s.clone()),
         StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Busy(s) => StoreError::Busy(s.clone()),
         StoreError::Internal(s) => StoreError::Internal(s.clone()),
         StoreError::Io { context, source } => {
             StoreError::io(context.clone(), std::io::Error::new(source.kind(), source.to_string()))

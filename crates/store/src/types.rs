@@ -148,7 +148,7 @@ impl fmt::Display for Domain {
 /// it, already resolved to local maildrops and remote (queued) recipients,
 /// and the complete body (with our `Received:` header on top, dot-unstuffed,
 /// CRLF line ends).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Incoming {
     /// The envelope sender, `None` for the null reverse-path `<>`.
     pub return_path: Option<String>,
@@ -156,8 +156,8 @@ pub struct Incoming {
     pub local: Vec<Address>,
     /// Recipients in other domains, for the outbound queue.
     pub remote: Vec<String>,
-    /// The body, whole.
-    pub body: Arc<Vec<u8>>,
+    /// The body, whole: in memory or staged in the store's `tmp/`.
+    pub body: crate::Body,
     /// The queue id the session already used in the `Received:` header,
     /// obtained from [`MailStore::next_queue_id`].
     pub queue_id: QueueId,
@@ -515,9 +515,22 @@ pub struct DirectorySnapshot {
     pub aliases: Vec<(Address, Vec<Address>)>,
 }
 
+/// Memory a store may take for a body it must hold whole (a copy for the
+/// other data nodes of a cluster): the node-wide budget of what clients can
+/// make the server hold.
+pub trait MemoryGate: Send + Sync + 'static {
+    /// A reservation of `bytes`, given back when dropped; `None` when the
+    /// budget cannot give them.
+    fn reserve(&self, bytes: usize) -> Option<Box<dyn Send + Sync>>;
+}
+
 /// The mail store: accepted messages, maildrops and the outbound queue.
 #[async_trait::async_trait]
 pub trait MailStore: Send + Sync + 'static {
+    /// Where the body of a message being received goes: memory up to
+    /// `in_memory` octets, then a file in this store's `tmp/` (see
+    /// [`crate::Spool`]). Touches no disk until the body outgrows memory.
+    fn spool(&self, in_memory: usize) -> crate::Spool;
     /// A fresh, never-used queue id (for the `Received:` header and logs).
     async fn next_queue_id(&self) -> StoreResult<QueueId>;
     /// Makes the message durable in every local maildrop and, for remote

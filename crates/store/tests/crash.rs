@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use hamail_store::*;
@@ -68,7 +67,7 @@ async fn child(dir: PathBuf) {
                     return_path: Some("s@far.test".into()),
                     local: local.iter().map(|s| addr(s)).collect(),
                     remote: if remote { vec!["r@far.test".into()] } else { vec![] },
-                    body: Arc::new(body),
+                    body: body.into(),
                     queue_id: store.next_queue_id().await.unwrap(),
                     resend: None,
                 };

@@ -65,7 +65,7 @@ async fn users_passwords_and_maildrop_removal() {
         return_path: None,
         local: vec![u.clone(), addr("other@x.test")],
         remote: vec![],
-        body: body.clone(),
+        body: body.clone().into(),
         queue_id: s.next_queue_id().await.unwrap(),
         resend: None,
     };
@@ -243,7 +243,7 @@ async fn applied_changes_snapshots_and_consensus_state() {
     let qid = b.next_queue_id().await.unwrap();
     let body = Arc::new(b"Subject: x\r\n\r\nx\r\n".to_vec());
     let hash_b = BodyHash::of(&body);
-    b.accept(Incoming { return_path: None, local: vec![addr("old@a.test")], remote: vec![], body, queue_id: qid, resend: None })
+    b.accept(Incoming { return_path: None, local: vec![addr("old@a.test")], remote: vec![], body: body.into(), queue_id: qid, resend: None })
         .await
         .unwrap();
     b.import_directory(snap.clone(), b"log-9".to_vec()).await.unwrap();

@@ -30,7 +30,7 @@ async fn incoming(store: &LocalStore, local: &[&str], remote: &[&str], body: &[u
         return_path: Some("sender@example.org".into()),
         local: local.iter().map(|s| addr(s)).collect(),
         remote: remote.iter().map(|s| s.to_string()).collect(),
-        body: Arc::new(body.to_vec()),
+        body: body.to_vec().into(),
         queue_id: store.next_queue_id().await.unwrap(),
         resend: None,
     }
@@ -487,4 +487,50 @@ async fn queue_delete_removes_entry_state_and_body() {
     assert!(store.export_state().await.unwrap().queue_state.is_empty());
     assert_eq!(store.body_refs(&h).await.unwrap(), 0);
     assert!(body_files(dir.path()).is_empty());
+}
+
+/// Files left in the store's `tmp/`.
+fn tmp_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("tmp")).unwrap().count()
+}
+
+#[tokio::test]
+async fn a_spooled_body_is_renamed_into_bodies_and_shared_when_already_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let body: Vec<u8> = (0..200_000u32).flat_map(|i| format!("line {i}\r\n").into_bytes()).collect();
+    let spooled = |store: &LocalStore| {
+        let mut spool = store.spool(1024);
+        for piece in body.chunks(4096) {
+            spool.append(piece).unwrap();
+        }
+        assert!(spool.spilled());
+        spool.finish().unwrap()
+    };
+    let staged = spooled(&store);
+    assert!(matches!(staged, Body::Staged(_)));
+    assert_eq!(tmp_files(dir.path()), 1);
+    let mut msg = incoming(&store, &["a@x.test"], &[], b"").await;
+    msg.body = staged;
+    let c = store.accept(msg).await.unwrap();
+    assert_eq!(c.body(), BodyHash::of(&body));
+    assert_eq!(c.size(), body.len() as u64);
+    assert_eq!(tmp_files(dir.path()), 0, "renamed, not copied");
+    assert_eq!(body_files(dir.path()), BTreeSet::from([c.body()]));
+    assert_eq!(*store.body(&c.body()).await.unwrap(), body);
+
+    // The same content again: the existing file is shared, the spooled
+    // one removed.
+    let mut msg = incoming(&store, &["b@x.test"], &[], b"").await;
+    msg.body = spooled(&store);
+    let again = store.accept(msg).await.unwrap();
+    assert_eq!(again.body(), c.body());
+    assert_eq!(tmp_files(dir.path()), 0);
+    assert_eq!(store.body_refs(&c.body()).await.unwrap(), 2);
+
+    // Refused (no recipient): the spooled file goes with the message.
+    let mut msg = incoming(&store, &[], &[], b"").await;
+    msg.body = spooled(&store);
+    assert!(store.accept(msg).await.is_err());
+    assert_eq!(tmp_files(dir.path()), 0);
 }

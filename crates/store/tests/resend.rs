@@ -165,7 +165,7 @@ async fn the_single_node_committer_recognises_resends() {
             return_path: Some("x@b.test".into()),
             local: vec![addr("u@a.test")],
             remote: vec![],
-            body: Arc::new(format!("Received: attempt {i}\r\n\r\nresent\r\n").into_bytes()),
+            body: format!("Received: attempt {i}\r\n\r\nresent\r\n").into_bytes().into(),
             queue_id: s.next_queue_id().await.unwrap(),
             resend,
         };

@@ -3,7 +3,6 @@
 //! run with
 //! `cargo test -p hamail-store --release --test throughput -- --ignored --nocapture`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use hamail_store::*;
@@ -31,7 +30,7 @@ fn accept_throughput() {
                         return_path: Some("s@far.test".into()),
                         local: vec![user.clone()],
                         remote: vec![],
-                        body: Arc::new(body),
+                        body: body.into(),
                         queue_id: store.next_queue_id().await.unwrap(),
                         resend: None,
                     };

@@ -28,7 +28,7 @@ use redb::ReadableTable;
 
 use super::Inner;
 use crate::tables::{db_err, BODIES};
-use crate::{BodyFile, BodyHash, StoreError, StoreResult};
+use crate::{BodyFile, BodyHash, Spool, StagedFile, StoreError, StoreResult};
 
 /// A body renamed into `bodies/`, not yet durable: the caller fdatasyncs it
 /// and the committer fsyncs its directory, both before the metadata commit
@@ -50,6 +50,12 @@ pub(crate) struct StagedBody {
 pub(crate) struct InFlight {
     inner: Arc<Inner>,
     hash: BodyHash,
+}
+
+/// Keeps a body file from being unlinked by a deletion that frees the
+/// same content, for as long as it lives (see [`crate::LocalStore::pin_body`]).
+pub struct BodyPin {
+    _guard: InFlight,
 }
 
 impl InFlight {
@@ -80,6 +86,10 @@ fn lock_map(
 }
 
 impl Inner {
+    pub(crate) fn pin_body(self: &Arc<Self>, hash: BodyHash) -> BodyPin {
+        BodyPin { _guard: InFlight::register(self, hash) }
+    }
+
     /// One flat directory for every body. Measured: with 256 hash-prefix
     /// directories, each group commit fsynced several cold directories and
     /// one SMTP session reached ~550 msgs/s; with one directory, which stays
@@ -144,6 +154,34 @@ impl Inner {
         Ok(StagedBody { hash, size, path, file, _guard: guard })
     }
 
+    /// Takes a body the SMTP driver spooled into `tmp/` (already hashed as
+    /// it was written): renamed under its hash, no second copy; if that
+    /// content is already there, the spooled file is removed and the
+    /// existing one shared.
+    pub(crate) fn stage_spooled_body(self: &Arc<Self>, spooled: StagedFile) -> StoreResult<StagedBody> {
+        let (hash, size) = (spooled.hash(), spooled.size());
+        let guard = InFlight::register(self, hash);
+        let path = self.body_path(&hash);
+        if matches!(fs::metadata(&path), Ok(m) if m.len() == size) {
+            touch(&path).map_err(|e| StoreError::io(format!("refreshing body {hash}"), e))?;
+            // Dropping the spooled file removes it.
+            return Ok(StagedBody { hash, size, path, file: None, _guard: guard });
+        }
+        let (tmp, file) = spooled.take()?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io(format!("renaming body {hash} into place"), e));
+        }
+        Ok(StagedBody { hash, size, path, file: Some(file), _guard: guard })
+    }
+
+    /// A spool for a message being received, its file (if it needs one)
+    /// in `tmp/` under a name unique in this process.
+    pub(crate) fn spool(&self, in_memory: usize) -> Spool {
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        Spool::new(self.tmp_dir.join(format!("{}.{}.spool", self.process_id, seq)), in_memory)
+    }
+
     /// Makes a staged body's data durable (fdatasync). Runs in the caller's
     /// blocking task while the committer fsyncs the directory: the two are
     /// independent, and the metadata commit waits for both, so a
@@ -158,6 +196,17 @@ impl Inner {
             Some(file) => file.sync_data(),
             None => File::open(staged_path)?.sync_data(),
         }
+    }
+
+    /// Makes a body staged outside the committer durable: its data, then
+    /// (shared with concurrent callers) the directory entry.
+    pub(crate) fn make_durable(&self, mut staged: StagedBody) -> StoreResult<BodyHash> {
+        self.sync_body(staged.file.take(), &staged.path)
+            .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
+        if self.options.fsync {
+            self.dir_sync.sync(|| self.sync_bodies_dir())?;
+        }
+        Ok(staged.hash)
     }
 
     /// Makes the directory entries of renamed bodies durable (fsync of

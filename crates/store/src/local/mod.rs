@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
-pub use bodies::GarbageReport;
+pub use bodies::{BodyPin, GarbageReport};
 pub use recovery::RecoveryReport;
 
 use crate::types::dedup;
@@ -33,8 +33,8 @@ use crate::tables::{
     RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
 };
 use crate::{
-    Address, BodyFile, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry, QueueId,
-    QueueItem, QueueOp, QueueState, StoreError, StoreResult,
+    Address, Body, BodyFile, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry,
+    QueueId, QueueItem, QueueOp, QueueState, Spool, StagedFile, StoreError, StoreResult,
 };
 use committer::{AcceptJob, Committer};
 
@@ -359,6 +359,20 @@ impl LocalStore {
         self.inner.body_path(hash)
     }
 
+    /// Writes a body spooled into `tmp/` durably under its hash (rename,
+    /// fdatasync, directory fsync) without referencing it: the accepting
+    /// node's own copy in a cluster (see `put_body`).
+    pub async fn put_staged_body(&self, staged: StagedFile) -> StoreResult<BodyHash> {
+        let inner = self.inner.clone();
+        blocking(move || inner.make_durable(inner.stage_spooled_body(staged)?)).await
+    }
+
+    /// While the pin lives, no deletion unlinks the body file `hash` (an
+    /// accept that wrote it counts on it until its commit is applied).
+    pub fn pin_body(&self, hash: BodyHash) -> BodyPin {
+        self.inner.pin_body(hash)
+    }
+
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
@@ -421,6 +435,10 @@ where
 
 #[async_trait::async_trait]
 impl MailStore for LocalStore {
+    fn spool(&self, in_memory: usize) -> Spool {
+        self.inner.spool(in_memory)
+    }
+
     async fn next_queue_id(&self) -> StoreResult<QueueId> {
         let mut block = self.queue_ids.lock().await;
         if block.0 >= block.1 {
@@ -442,8 +460,12 @@ impl MailStore for LocalStore {
             return Err(StoreError::Permanent("message has no recipients".into()));
         }
         let inner = self.inner.clone();
-        let body = msg.body.clone();
-        let mut staged = blocking(move || inner.stage_body(&body)).await?;
+        let body = msg.body;
+        let mut staged = blocking(move || match body {
+            Body::Bytes(bytes) => inner.stage_body(&bytes),
+            Body::Staged(file) => inner.stage_spooled_body(file),
+        })
+        .await?;
         let body_path = staged.path.clone();
         let body_file = staged.file.take();
         let (reply, answer) = tokio::sync::oneshot::channel();

@@ -834,14 +834,8 @@ impl LocalStore {
             // A damaged file under this name (same length, other content)
             // must be replaced: this may be a repair.
             let hash = hash.unwrap_or_else(|| BodyHash::of(&body));
-            let mut staged = inner.stage_hashed_body(hash, &body, true)?;
-            inner
-                .sync_body(staged.file.take(), &staged.path)
-                .map_err(|e| StoreError::io(format!("fdatasync of body {}", staged.hash), e))?;
-            if inner.options.fsync {
-                inner.dir_sync.sync(|| inner.sync_bodies_dir())?;
-            }
-            Ok(staged.hash)
+            let staged = inner.stage_hashed_body(hash, &body, true)?;
+            inner.make_durable(staged)
         })
         .await
     }
