@@ -389,3 +389,24 @@ fn retr_without_memory_for_its_buffers_is_a_temporary_refusal() {
     p.send("QUIT\r\n");
     assert!(p.line().starts_with("+OK"));
 }
+
+#[test]
+fn body_file_cut_short_mid_answer_closes_the_connection() {
+    // Larger than the socket buffers, so that most of it is still to be
+    // read from the file when the file is cut.
+    let body = content(16 * MB as usize);
+    let (s, _tmp) = seeded(&body, "");
+    let mut p = login(&s).expect("login");
+    p.send("RETR 1\r\nNOOP\r\n");
+    assert!(p.line().starts_with("+OK"));
+    let bodies = s.dir.join("data").join("store").join("bodies");
+    let file = std::fs::read_dir(&bodies).expect("bodies/").next().expect("one body").expect("entry").path();
+    std::fs::OpenOptions::new().write(true).open(&file).expect("open body").set_len(1000).expect("truncate");
+    // A multi-line answer cannot be taken back: the client gets a part of
+    // it, no terminator and no answer to NOOP, and the connection ends.
+    let mut rest = Vec::new();
+    let _ = p.reader.read_to_end(&mut rest);
+    assert!(rest.len() < body.len(), "{} octets", rest.len());
+    assert!(!rest.ends_with(b"\r\n.\r\n") && !rest.ends_with(b"+OK\r\n"));
+    eventually(Duration::from_secs(10), "the session to end", || login(&s).ok());
+}

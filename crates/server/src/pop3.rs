@@ -131,8 +131,9 @@ pub(crate) async fn serve(
             if !pending.is_empty() && (!waits || pending.len() >= PENDING_FLUSH) {
                 write_within(&mut conn, &pending, idle).await?;
                 pending.clear();
-                if pending.capacity() > 4 * PENDING_FLUSH {
-                    // One huge reply (LIST of a big maildrop) is not kept.
+                if pending.capacity() > PENDING_FLUSH {
+                    // One huge reply (LIST of a big maildrop) is not kept
+                    // for the rest of a connection that may idle for long.
                     pending = Vec::new();
                 }
             }
