@@ -24,10 +24,11 @@ const MB: u64 = 1024 * 1024;
 /// holds its chunk buffers (~200 KiB).
 const RSS_LIMIT: u64 = 100 * MB;
 
-/// Writes a config whose `[pop3]` section has `pop3_extra`, in `dir`.
-fn write_pop3_config(dir: &Path, pop3_extra: &str) {
+/// Writes a config whose `[server]` and `[pop3]` sections have these
+/// extra lines, in `dir`.
+fn write_pop3_config(dir: &Path, server_extra: &str, pop3_extra: &str) {
     let text = format!(
-        "[server]\nhostname = \"mx.test\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n\n\
+        "[server]\nhostname = \"mx.test\"\ndata_dir = \"{}\"\nauth_failure_delay_ms = 200\n{server_extra}\n\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = []\n\n\
          [pop3]\nlisten = [\"127.0.0.1:0\"]\n{pop3_extra}\n\n\
          [relay]\nenabled = false\n",
@@ -39,7 +40,7 @@ fn write_pop3_config(dir: &Path, pop3_extra: &str) {
 /// A server with `pop3_extra` in its `[pop3]` section and the user alice.
 fn start_pop3(pop3_extra: &str) -> (Server, tempfile::TempDir) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    write_pop3_config(tmp.path(), pop3_extra);
+    write_pop3_config(tmp.path(), "", pop3_extra);
     let s = start_in(tmp.path(), "");
     s.add_domain("example.org");
     s.add_user(USER, PASSWORD);
@@ -307,10 +308,10 @@ fn client_that_stops_reading_is_cut_at_the_idle_timeout() {
 /// store before it starts: SMTP refuses bare CRs and LFs, but a store may
 /// hold them (mail from older versions, or other tools), and POP3 must
 /// still send proper lines.
-fn seeded(body: &[u8]) -> (Server, tempfile::TempDir) {
+fn seeded(body: &[u8], server_extra: &str) -> (Server, tempfile::TempDir) {
     use hamail_store::{Address, Directory, Domain, Incoming, LocalStore, MailStore, StoreOptions};
     let tmp = tempfile::tempdir().expect("tempdir");
-    write_pop3_config(tmp.path(), "");
+    write_pop3_config(tmp.path(), server_extra, "");
     let text = std::fs::read_to_string(tmp.path().join("hamail.toml")).unwrap();
     let config = hamail_server::Config::parse(&text, "hamail.toml").expect("config");
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -337,7 +338,7 @@ fn seeded(body: &[u8]) -> (Server, tempfile::TempDir) {
 #[test]
 fn retr_and_top_of_bare_line_ends_and_dot_lines_are_exact() {
     let body = b"Subject: dots\nX-A: 1\r\n\r\n.\n..two\r. x\rmiddle\r\n.\r\nlast";
-    let (s, _tmp) = seeded(body);
+    let (s, _tmp) = seeded(body, "");
     // On the wire: every line end CRLF, every leading dot doubled, a CRLF
     // after the last line.
     let wire: &[u8] = b"Return-Path: <sender@elsewhere.test>\r\nSubject: dots\r\nX-A: 1\r\n\r\n..\r\n...two\r\n.. x\r\nmiddle\r\n..\r\nlast\r\n";
@@ -374,4 +375,38 @@ fn retr_and_top_of_bare_line_ends_and_dot_lines_are_exact() {
     assert_eq!(v["ok"], true, "{v}");
     let got = hex::decode(v["messages"][0].as_str().unwrap()).unwrap();
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&unstuffed(wire)));
+}
+
+#[test]
+fn retr_without_memory_for_its_buffers_is_a_temporary_refusal() {
+    // No budget at all: not even one RETR's buffers.
+    let (s, _tmp) = seeded(b"Subject: x\r\n\r\nbody\r\n", "memory_budget_mb = 0");
+    let mut p = login(&s).expect("login");
+    p.send("RETR 1\r\nTOP 1 0\r\nLIST 1\r\n");
+    assert_eq!(p.line(), "-ERR [SYS/TEMP] server busy, try again");
+    assert_eq!(p.line(), "-ERR [SYS/TEMP] server busy, try again");
+    assert!(p.line().starts_with("+OK 1 "), "the session goes on");
+    p.send("QUIT\r\n");
+    assert!(p.line().starts_with("+OK"));
+}
+
+#[test]
+fn body_file_cut_short_mid_answer_closes_the_connection() {
+    // Larger than the socket buffers, so that most of it is still to be
+    // read from the file when the file is cut.
+    let body = content(16 * MB as usize);
+    let (s, _tmp) = seeded(&body, "");
+    let mut p = login(&s).expect("login");
+    p.send("RETR 1\r\nNOOP\r\n");
+    assert!(p.line().starts_with("+OK"));
+    let bodies = s.dir.join("data").join("store").join("bodies");
+    let file = std::fs::read_dir(&bodies).expect("bodies/").next().expect("one body").expect("entry").path();
+    std::fs::OpenOptions::new().write(true).open(&file).expect("open body").set_len(1000).expect("truncate");
+    // A multi-line answer cannot be taken back: the client gets a part of
+    // it, no terminator and no answer to NOOP, and the connection ends.
+    let mut rest = Vec::new();
+    let _ = p.reader.read_to_end(&mut rest);
+    assert!(rest.len() < body.len(), "{} octets", rest.len());
+    assert!(!rest.ends_with(b"\r\n.\r\n") && !rest.ends_with(b"+OK\r\n"));
+    eventually(Duration::from_secs(10), "the session to end", || login(&s).ok());
 }

@@ -8,7 +8,7 @@
 //!   is being written), [`READ_BUF`] octets at a time;
 //! - the replies of pipelined commands are written out once they reach
 //!   [`PENDING_FLUSH`] octets (the session itself stops at its
-//!   `reply_flush`), and always before a body is sent;
+//!   `reply_flush`), and always before or with the start of a body;
 //! - a message body is never in memory: it goes from its file through a
 //!   [`Stuffer`] in [`CHUNK`] pieces, each written with `write_all`, so
 //!   TCP back-pressure paces the reading of the file. Those two buffers
@@ -49,6 +49,10 @@ const CHUNK: usize = 64 * 1024;
 const STUFFED: usize = 2 * CHUNK + 5;
 /// Replies waiting for a driver step are written once they reach this.
 const PENDING_FLUSH: usize = 64 * 1024;
+/// Replies up to this size go out in the same write as the start of the
+/// body that follows them (a small message is one write: `+OK`, body,
+/// terminator).
+const PREFIX_INLINE: usize = 4 * 1024;
 
 /// What the session did, for its one log line.
 #[derive(Default)]
@@ -114,17 +118,22 @@ pub(crate) async fn serve(
         loop {
             pending.extend_from_slice(&out.reply);
             // Steps that only ask the driver for something wait with the
-            // replies unwritten (a pipeline is answered in few writes);
-            // every other step needs them out first.
+            // replies unwritten (a pipeline is answered in few writes), and
+            // a body takes them along; every other step needs them out first.
             let waits = matches!(
                 out.next,
-                Next::Authenticate(_) | Next::OpenMaildrop(_) | Next::OpenBody(_) | Next::Update { .. }
+                Next::Authenticate(_)
+                    | Next::OpenMaildrop(_)
+                    | Next::OpenBody(_)
+                    | Next::SendBody { .. }
+                    | Next::Update { .. }
             );
             if !pending.is_empty() && (!waits || pending.len() >= PENDING_FLUSH) {
                 write_within(&mut conn, &pending, idle).await?;
                 pending.clear();
-                if pending.capacity() > 4 * PENDING_FLUSH {
-                    // One huge reply (LIST of a big maildrop) is not kept.
+                if pending.capacity() > PENDING_FLUSH {
+                    // One huge reply (LIST of a big maildrop) is not kept
+                    // for the rest of a connection that may idle for long.
                     pending = Vec::new();
                 }
             }
@@ -190,7 +199,7 @@ pub(crate) async fn serve(
                         tally.result = "internal error";
                         break;
                     };
-                    match send_body(&mut conn, body, top, idle).await {
+                    match send_body(&mut conn, &mut pending, body, top, idle).await {
                         Ok(read) => {
                             tally.retrieved += 1;
                             tally.retrieved_bytes += read;
@@ -254,7 +263,7 @@ async fn write_within(conn: &mut Conn, bytes: &[u8], within: Duration) -> std::i
 
 /// Takes the memory to send a body from the node's budget, then opens it.
 async fn open_body(ctx: &Context, store: &dyn MailStore, hash: &BodyHash) -> (BodyOpened, Option<OpenedBody>) {
-    let Some(buffers) = ctx.memory.try_reserve(CHUNK + STUFFED) else {
+    let Some(buffers) = ctx.memory.try_reserve(CHUNK + STUFFED + PREFIX_INLINE) else {
         return (BodyOpened::Busy, None);
     };
     match store.open_body(hash).await {
@@ -266,54 +275,85 @@ async fn open_body(ctx: &Context, store: &dyn MailStore, hash: &BodyHash) -> (Bo
     }
 }
 
-/// Sends `body` through a [`Stuffer`] for `top`, then the terminator, in
-/// pieces of at most [`CHUNK`] octets read and [`STUFFED`] written; TOP
-/// stops reading once its lines are out. Returns the octets read.
-async fn send_body(conn: &mut Conn, body: BodyFile, top: Option<usize>, within: Duration) -> Result<u64, SendFailure> {
+/// Sends the replies in `pending` (the `+OK` line among them), then
+/// `body` through a [`Stuffer`] for `top`, then the terminator, in pieces
+/// of at most [`CHUNK`] octets read and [`STUFFED`] written; TOP stops
+/// reading once its lines are out. Returns the octets read.
+async fn send_body(
+    conn: &mut Conn,
+    pending: &mut Vec<u8>,
+    body: BodyFile,
+    top: Option<usize>,
+    within: Duration,
+) -> Result<u64, SendFailure> {
     let BodyFile { mut file, len } = body;
-    let mut chunk = vec![0u8; CHUNK];
-    let mut out = Vec::with_capacity(STUFFED);
+    // Buffers no larger than the body needs: most messages are small, and
+    // buffers of this size would each cost an mmap and munmap.
+    let chunk_len = len.min(CHUNK as u64) as usize;
+    let mut chunk = vec![0u8; chunk_len];
+    let mut out = Vec::with_capacity(2 * chunk_len + 5 + PREFIX_INLINE);
+    if pending.len() <= PREFIX_INLINE {
+        out.append(pending);
+    } else {
+        write_within(conn, pending, within).await.map_err(SendFailure::Client)?;
+        pending.clear();
+    }
     let mut stuffer = Stuffer::new(top);
     let mut read = 0u64;
-    while read < len && !stuffer.is_done() {
-        let want = (len - read).min(CHUNK as u64) as usize;
-        let n;
-        (file, chunk, n) = read_chunk(file, chunk, want).await.map_err(SendFailure::Body)?;
-        read += n as u64;
-        out.clear();
-        stuffer.feed(&chunk[..n], &mut out);
+    loop {
+        if read < len && !stuffer.is_done() {
+            let want = (len - read).min(chunk_len as u64) as usize;
+            let n;
+            if len <= CHUNK as u64 {
+                // The whole body, which the check in `open_body` has just
+                // read: it is in the page cache, and this read is a memory
+                // copy, cheaper than a trip to a blocking thread.
+                n = read_some(&mut file, &mut chunk[..want]).map_err(SendFailure::Body)?;
+            } else {
+                (file, chunk, n) = read_chunk(file, chunk, want).await.map_err(SendFailure::Body)?;
+            }
+            read += n as u64;
+            stuffer.feed(&chunk[..n], &mut out);
+        }
+        let last = read == len || stuffer.is_done();
+        if last {
+            stuffer.finish(&mut out);
+            out.extend_from_slice(b".\r\n");
+        }
         write_within(conn, &out, within).await.map_err(SendFailure::Client)?;
+        if last {
+            return Ok(read);
+        }
+        out.clear();
     }
-    out.clear();
-    stuffer.finish(&mut out);
-    out.extend_from_slice(b".\r\n");
-    write_within(conn, &out, within).await.map_err(SendFailure::Client)?;
-    Ok(read)
 }
 
 /// Reads up to `want` octets of a body file into `chunk`, on a blocking
-/// thread (a file read can wait on the disk); the end of the file before
-/// `want` is a truncated body.
+/// thread (a file read can wait on the disk).
 async fn read_chunk(
     mut file: std::fs::File,
     mut chunk: Vec<u8>,
     want: usize,
 ) -> Result<(std::fs::File, Vec<u8>, usize), StoreError> {
     tokio::task::spawn_blocking(move || {
-        let n = loop {
-            match file.read(&mut chunk[..want]) {
-                Ok(0) => {
-                    return Err(StoreError::Internal("body file shorter than when it was opened".into()))
-                }
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(StoreError::io("reading a body file", e)),
-            }
-        };
+        let n = read_some(&mut file, &mut chunk[..want])?;
         Ok((file, chunk, n))
     })
     .await
     .map_err(|e| StoreError::Internal(format!("body read task failed: {e}")))?
+}
+
+/// Reads at least one octet into `buf`; the end of the file before the
+/// length the body had when opened is a truncated body.
+fn read_some(file: &mut std::fs::File, buf: &mut [u8]) -> Result<usize, StoreError> {
+    loop {
+        match file.read(buf) {
+            Ok(0) => return Err(StoreError::Internal("body file shorter than when it was opened".into())),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StoreError::io("reading a body file", e)),
+        }
+    }
 }
 
 async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
