@@ -324,7 +324,7 @@ fn seeded(body: &[u8], server_extra: &str) -> (Server, tempfile::TempDir) {
             return_path: Some("sender@elsewhere.test".into()),
             local: vec![user],
             remote: Vec::new(),
-            body: std::sync::Arc::new(body.to_vec()),
+            body: body.to_vec().into(),
             queue_id: store.next_queue_id().await.unwrap(),
             resend: None,
         };
