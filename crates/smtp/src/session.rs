@@ -301,13 +301,18 @@ fn literal_rcpt(line: &[u8]) -> Option<String> {
         return None;
     }
     let address = text[9..].strip_suffix('>')?;
-    let (local, domain) = address.rsplit_once('@')?;
+    let (local, literal) = split_literal(address)?;
     let plain = |c: char| c.is_ascii_graphic() && !"<>[]@\"".contains(c);
-    let literal = domain.strip_prefix('[')?.strip_suffix(']')?;
     (!local.is_empty()
         && local.chars().all(plain)
         && literal.chars().all(|c| c.is_ascii_alphanumeric() || ".:".contains(c)))
     .then(|| address.to_string())
+}
+
+/// `local@[literal]` as (local part, what is between the brackets).
+fn split_literal(address: &str) -> Option<(&str, &str)> {
+    let (local, domain) = address.rsplit_once('@')?;
+    Some((local, domain.strip_prefix('[')?.strip_suffix(']')?))
 }
 
 /// A recipient whose domain may be an address literal.
@@ -875,17 +880,16 @@ impl Session {
             // The parser knows no address literals (RFC 5321 4.1.3), which
             // are valid syntax: a plain `RCPT TO:<local@[literal]>` is
             // taken here.
-            Err(ProtoError::InvalidRecipientAddress) if literal_rcpt(line).is_some() => {
-                let address = literal_rcpt(line).unwrap_or_default();
-                let to = smtp_proto::RcptTo {
-                    address,
-                    orcpt: None,
-                    rrvs: 0,
-                    flags: 0,
-                };
-                return self.rcpt(to, line);
-            }
             Err(e) => {
+                if let (ProtoError::InvalidRecipientAddress, Some(address)) = (&e, literal_rcpt(line)) {
+                    let to = smtp_proto::RcptTo {
+                        address,
+                        orcpt: None,
+                        rrvs: 0,
+                        flags: 0,
+                    };
+                    return self.rcpt(to, line);
+                }
                 let text = match e {
                     ProtoError::UnknownCommand => "500 5.5.1 Command unrecognized".to_string(),
                     ProtoError::InvalidSenderAddress => {
@@ -1162,10 +1166,7 @@ impl Session {
 
     /// What `address` is when its domain is an address literal.
     fn literal_recipient(&self, address: &str) -> Literal {
-        let Some((local_part, domain)) = address.rsplit_once('@') else {
-            return Literal::Absent;
-        };
-        let Some(inner) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) else {
+        let Some((local_part, inner)) = split_literal(address) else {
             return Literal::Absent;
         };
         // RFC 5321 4.1.3: IPv4-address-literal or "IPv6:" IPv6-addr.
