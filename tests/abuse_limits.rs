@@ -447,6 +447,9 @@ fn config_errors_name_the_line_and_the_value() {
         ("[server]\nlogin_failures_per_account = 0\n", "2: [server] login_failures_per_account = 0: must be at least 1"),
         ("[server]\nlogin_ban_secs = 0\n", "2: [server] login_ban_secs = 0: must be at least 1"),
         ("[server]\ntls_handshake_timeout_secs = 0\n", "2: [server] tls_handshake_timeout_secs = 0: must be at least 1"),
+        ("[smtp]\n\ndata_timeout_secs = 0\n", "3: [smtp] data_timeout_secs = 0: must be at least 1"),
+        ("[server]\nlogin_ban_secs = 604801\n", "2: [server] login_ban_secs = 604801: must be at most 604800 (7 days)"),
+        ("[smtp]\nidle_timeout_secs = 99999999999\n", "2: [smtp] idle_timeout_secs = 99999999999: must be at most 604800 (7 days)"),
         (
             "[server]\nhostname = \"\"\n",
             "2: [server] hostname = \"\": must not be empty (our name in greetings and Received: lines)",
