@@ -1,7 +1,7 @@
 //! The running binary under abuse: per-address connection limits, the
 //! separate slot pools of port 25 and of the users' ports, the TLS
 //! handshake timeout, login bans (and `hamail ban`, and in a cluster), the
-//! failed-login delay of clients that hang up, file modes of the data
+//! failed-login delay of clients that hang up (or half-close: no answer), file modes of the data
 //! directory, and the config errors. Clients come from several loopback addresses (127/8):
 //! each is a different client address to the server.
 
@@ -324,6 +324,44 @@ fn clients_that_hang_up_during_the_failure_delay_do_not_keep_slots() {
     assert!(s.log().matches("result=auth failed").count() >= 12, "{}", s.log());
 }
 
+/// Sends `data`, shuts down the sending side (FIN, the read side stays
+/// open), and returns all the server sends until it closes.
+fn send_and_half_close(c: &mut Client, data: &str) -> String {
+    c.send(data);
+    c.stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = c.reader.read_to_end(&mut rest);
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+#[test]
+fn a_guess_sent_with_a_half_close_gets_no_answer() {
+    // A client that sends its guess and then its FIN would otherwise be
+    // answered at once, the failure delay skipped: one guess a connection.
+    let (_tmp, s) = start_with("auth_failure_delay_ms = 500\nlogin_failures_per_address = 1000", "");
+    s.add_domain("example.org");
+    s.add_user("alice@example.org", "alice-pw");
+    for password in ["wrong", "alice-pw"] {
+        let (mut c, _) = greeting("127.0.0.1", s.submission);
+        c.send("EHLO client.test\r\n");
+        assert!(c.reply().starts_with("250"));
+        let got = send_and_half_close(&mut c, &format!("AUTH PLAIN {}\r\n", plain("alice@example.org", password)));
+        assert_eq!(got, "", "SMTP, password {password}: closed unanswered");
+        let (mut p, _) = greeting("127.0.0.1", s.pop3);
+        p.send("USER alice@example.org\r\n");
+        assert!(p.line().starts_with("+OK"));
+        let got = send_and_half_close(&mut p, &format!("PASS {password}\r\n"));
+        assert_eq!(got, "", "POP3, password {password}: closed unanswered");
+    }
+    // The wrong guesses still count towards a ban.
+    assert_eq!(s.log().matches("result=auth failed").count(), 2, "{}", s.log());
+    // A client that keeps its side open is answered as ever.
+    let (mut c, _) = greeting("127.0.0.1", s.submission);
+    assert_eq!(c.smtp_auth("alice@example.org", "alice-pw"), "235 2.7.0 Authentication successful");
+    let (mut c, _) = greeting("127.0.0.1", s.submission);
+    assert_eq!(c.smtp_auth("alice@example.org", "wrong"), "535 5.7.8 Authentication credentials invalid");
+}
+
 /// Every directory under `dir` is 0700 and every file 0600.
 fn assert_private(dir: &Path) {
     let mode = std::fs::metadata(dir).expect("stat").permissions().mode() & 0o777;
@@ -409,6 +447,9 @@ fn config_errors_name_the_line_and_the_value() {
         ("[server]\nlogin_failures_per_account = 0\n", "2: [server] login_failures_per_account = 0: must be at least 1"),
         ("[server]\nlogin_ban_secs = 0\n", "2: [server] login_ban_secs = 0: must be at least 1"),
         ("[server]\ntls_handshake_timeout_secs = 0\n", "2: [server] tls_handshake_timeout_secs = 0: must be at least 1"),
+        ("[smtp]\n\ndata_timeout_secs = 0\n", "3: [smtp] data_timeout_secs = 0: must be at least 1"),
+        ("[server]\nlogin_ban_secs = 604801\n", "2: [server] login_ban_secs = 604801: must be at most 604800 (7 days)"),
+        ("[smtp]\nidle_timeout_secs = 99999999999\n", "2: [smtp] idle_timeout_secs = 99999999999: must be at most 604800 (7 days)"),
         (
             "[server]\nhostname = \"\"\n",
             "2: [server] hostname = \"\": must not be empty (our name in greetings and Received: lines)",

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::{ClusterRole, Config};
-use crate::limits::{BanTarget, Logins};
+use crate::limits::{later, BanTarget, Logins};
 use crate::{Context, ServerError};
 
 /// Who this node is in its cluster, saved as `<cluster_dir>/node.json`.
@@ -237,7 +237,7 @@ fn hold_ban(logins: &Logins, change: BanChange, now_unix: u64, now: std::time::I
         BanChange::Set { target, until, failures } => {
             let Some(t) = BanTarget::parse(&target) else { return };
             let left = std::time::Duration::from_secs(until.saturating_sub(now_unix));
-            if !left.is_zero() && logins.impose(t.clone(), now + left, failures, now) {
+            if !left.is_zero() && logins.impose(t.clone(), later(now, left), failures, now) {
                 tracing::info!(target: "hamail::mail", "login ban from the cluster: {t} banned for {} s", left.as_secs());
             }
         }
@@ -630,5 +630,10 @@ mod tests {
         assert_eq!(held, vec![("192.0.2.1".to_string(), 60), ("bob@example.org".to_string(), 120)]);
         hold_ban(&logins, BanChange::Lift { target: "192.0.2.1".into() }, now_unix, now);
         assert_eq!(logins.list(now).len(), 1);
+        // An end past what the clock holds (a bad or hostile entry) does not
+        // panic: the ban is held for the longest a config may set.
+        hold_ban(&logins, set("192.0.2.3", u64::MAX), now_unix, now);
+        let far = logins.list(now).into_iter().find(|b| b.target.name() == "192.0.2.3").map(|b| b.remaining);
+        assert_eq!(far, Some(Duration::from_secs(crate::limits::MAX_CONFIG_SECS)));
     }
 }

@@ -514,9 +514,11 @@ impl Config {
             message: format!("[{section}] {key} = {value}: {why}"),
         };
         let (s, p, v) = (&self.server, &self.pop3, &self.smtp);
-        let at_least_one: [(&str, &str, u64); 12] = [
+        let at_least_one: [(&str, &str, u64); 13] = [
             ("smtp", "max_connections", v.max_connections as u64),
             ("smtp", "idle_timeout_secs", v.idle_timeout_secs),
+            // RFC 5321 4.5.3.2.6 asks for 10 minutes.
+            ("smtp", "data_timeout_secs", v.data_timeout_secs),
             ("pop3", "max_connections", p.max_connections as u64),
             ("pop3", "idle_timeout_secs", p.idle_timeout_secs),
             ("server", "max_user_connections", s.max_user_connections as u64),
@@ -531,6 +533,23 @@ impl Config {
         // 0 would refuse every connection or login, or cut every session.
         if let Some((section, key, value)) = at_least_one.iter().find(|(_, _, value)| *value == 0) {
             return Err(bad_key(section, key, value, "must be at least 1"));
+        }
+        // Timers are set as `now + value`: past what the clock holds that
+        // would panic, and no timer here needs more than days.
+        let r = &self.relay;
+        let at_most_a_week = [
+            ("smtp", "idle_timeout_secs", v.idle_timeout_secs),
+            ("smtp", "data_timeout_secs", v.data_timeout_secs),
+            ("pop3", "idle_timeout_secs", p.idle_timeout_secs),
+            ("server", "login_failure_window_secs", s.login_failure_window_secs),
+            ("server", "login_ban_secs", s.login_ban_secs),
+            ("server", "tls_handshake_timeout_secs", s.tls_handshake_timeout_secs),
+            ("relay", "connect_timeout_secs", r.connect_timeout_secs),
+            ("relay", "command_timeout_secs", r.command_timeout_secs),
+        ];
+        let max = crate::limits::MAX_CONFIG_SECS;
+        if let Some((section, key, value)) = at_most_a_week.iter().find(|(_, _, value)| *value > max) {
+            return Err(bad_key(section, key, value, &format!("must be at most {max} (7 days)")));
         }
         if s.hostname.trim().is_empty() {
             return Err(bad_key("server", "hostname", &"\"\"", "must not be empty (our name in greetings and Received: lines)"));
@@ -552,9 +571,6 @@ impl Config {
         if self.smtp.max_message_size < 1024 {
             return Err(bad("[smtp] max_message_size must be at least 1024 bytes".into()));
         }
-        if self.smtp.data_timeout_secs == 0 {
-            return Err(bad("[smtp] data_timeout_secs must be at least 1 (RFC 5321 4.5.3.2.6 asks for 10 minutes)".into()));
-        }
         let k = &self.cluster;
         if k.heartbeat_ms == 0 || k.election_timeout_min_ms <= k.heartbeat_ms * 2 {
             return Err(bad("[cluster] election_timeout_min_ms must be more than twice heartbeat_ms".into()));
@@ -568,7 +584,6 @@ impl Config {
                     .into(),
             ));
         }
-        let r = &self.relay;
         if r.smarthost_user.is_some() != r.smarthost_password.is_some() {
             return Err(bad("[relay] needs both `smarthost_user` and `smarthost_password`, or neither".into()));
         }
@@ -739,6 +754,17 @@ mod tests {
         assert!(err.starts_with("c.toml:2: `x` is not an IP address"), "{err}");
         let c = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\"]\n", "c.toml").unwrap();
         assert_eq!(c.admission().exempt, vec![Network::parse("192.0.2.0/24").unwrap()]);
+        let err = Config::parse("[smtp]\n\ndata_timeout_secs = 0\n", "c.toml").unwrap_err().to_string();
+        assert_eq!(err, "c.toml:3: [smtp] data_timeout_secs = 0: must be at least 1");
+        // Values the clock cannot add to `now` are refused, with their line.
+        let huge = "[server]\nlogin_ban_secs = 9223372036854775807\n";
+        let err = Config::parse(huge, "c.toml").unwrap_err().to_string();
+        assert_eq!(err, "c.toml:2: [server] login_ban_secs = 9223372036854775807: must be at most 604800 (7 days)");
+        for (section, key) in [("smtp", "idle_timeout_secs"), ("pop3", "idle_timeout_secs"), ("relay", "command_timeout_secs")] {
+            let err = Config::parse(&format!("[{section}]\n{key} = 604801\n"), "c.toml").unwrap_err().to_string();
+            assert_eq!(err, format!("c.toml:2: [{section}] {key} = 604801: must be at most 604800 (7 days)"));
+            assert!(Config::parse(&format!("[{section}]\n{key} = 604800\n"), "c.toml").is_ok());
+        }
     }
 
     #[test]

@@ -344,8 +344,8 @@ where
 }
 
 /// What a refused client is told: a temporary refusal, so that it retries
-/// later (RFC 5321 3.8: 421 when the service is not available; RFC 2449
-/// 8.1.2: [SYS/TEMP]).
+/// later (RFC 5321 3.8: 421 when the service is not available; RFC 3206
+/// 4: [SYS/TEMP]).
 fn refusal_text(pool: Pool, why: limits::Refusal, hostname: &str) -> String {
     let what = if why.per_address() { "too many connections from your address" } else { "too many connections" };
     match pool {
@@ -380,6 +380,10 @@ pub(crate) enum LoginFailure {
     /// The directory could not answer (no quorum...), or the client's
     /// address or the account is banned for now: try again later.
     Temporary(String),
+    /// The client shut down its side before the answer: the connection is
+    /// to be closed without one. A guesser that sends its guess and half-
+    /// closes would otherwise get the answer without waiting the delay.
+    ClientGone,
 }
 
 /// Why a banned client is refused, in the `454 4.7.0` / `-ERR [SYS/TEMP]`
@@ -391,7 +395,10 @@ const BANNED: &str = "too many failed logins, try again later";
 /// looked at. A failure is counted (per address and per account: enough of
 /// them set a ban) and waits the growing delay before returning, so that
 /// guessing stays slow whatever the protocol; the wait ends early when the
-/// client hangs up, so that it does not keep a connection slot.
+/// client hangs up (even half: its FIN alone), so that it does not keep a
+/// connection slot, and then the login gets no answer at all. A success is
+/// not answered either to a client already gone, so that a half-closed
+/// connection tells a right guess from a wrong one by nothing.
 pub(crate) async fn check_login(
     ctx: &Context,
     protocol: &str,
@@ -414,6 +421,7 @@ pub(crate) async fn check_login(
         None => Ok(false),
     };
     match (verified, account) {
+        (Ok(true), Some(_)) if ctx.admission.client_gone_now(peer) => Err(LoginFailure::ClientGone),
         (Ok(true), Some(user)) => Ok(user),
         (Err(e), _) => Err(LoginFailure::Temporary(e.to_string())),
         (Ok(_), account) => {
@@ -434,10 +442,9 @@ pub(crate) async fn check_login(
                 tokio::spawn(cluster::share_ban(ctx.cluster.node(), change));
             }
             tokio::select! {
-                () = tokio::time::sleep(penalty.delay) => {}
-                () = ctx.admission.client_gone(peer) => {}
+                () = tokio::time::sleep(penalty.delay) => Err(LoginFailure::Refused),
+                () = ctx.admission.client_gone(peer) => Err(LoginFailure::ClientGone),
             }
-            Err(LoginFailure::Refused)
         }
     }
 }

@@ -143,8 +143,11 @@ impl fmt::Display for ClientKey {
 
 /// Makes room for one more entry in a table bounded to `cap` entries:
 /// first forgets the entries `stale` says are no longer useful, then, if
-/// that was not enough, the one `age` says is oldest. False when there is
-/// still no room (every entry is in use and may not be forgotten).
+/// that was not enough, the oldest eighth of the table by `age` (entries
+/// `age` gives no time are in use and never forgotten). Forgetting a batch
+/// at once keeps the cost amortised: a full scan runs at most once per
+/// `cap / 8` new entries, not for each. False when there is still no room
+/// (every entry is in use and may not be forgotten).
 fn make_room<K: Clone + Eq + Hash, V>(
     map: &mut HashMap<K, V>,
     cap: usize,
@@ -155,14 +158,33 @@ fn make_room<K: Clone + Eq + Hash, V>(
         return true;
     }
     map.retain(|_, v| !stale(v));
-    while map.len() >= cap {
-        let oldest = map.iter().filter_map(|(k, v)| age(v).map(|t| (t, k))).min_by_key(|(t, _)| *t).map(|(_, k)| k.clone());
-        match oldest {
-            Some(k) => map.remove(&k),
-            None => return false,
-        };
+    if map.len() < cap {
+        return true;
     }
-    true
+    let mut by_age: Vec<(Instant, K)> = map.iter().filter_map(|(k, v)| age(v).map(|t| (t, k.clone()))).collect();
+    let batch = (cap / 8).max(map.len() + 1 - cap).min(by_age.len());
+    if batch == 0 {
+        return false;
+    }
+    if batch < by_age.len() {
+        by_age.select_nth_unstable_by_key(batch - 1, |(t, _)| *t);
+    }
+    for (_, k) in by_age.drain(..batch) {
+        map.remove(&k);
+    }
+    map.len() < cap
+}
+
+/// The longest time a config value may give (`*_secs` keys): 7 days.
+/// Config validation refuses more, so that every deadline computed from
+/// the config fits the clock.
+pub const MAX_CONFIG_SECS: u64 = 7 * 86_400;
+
+/// `now + d`, never panicking: a `d` the clock cannot hold (it came from
+/// elsewhere than the checked config, e.g. another node's Raft entry) is
+/// cut to [`MAX_CONFIG_SECS`].
+pub fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).or_else(|| now.checked_add(Duration::from_secs(MAX_CONFIG_SECS))).unwrap_or(now)
 }
 
 /// At most one log line per `every`; the lines left out are counted and
@@ -387,12 +409,23 @@ impl Admission {
     /// only runs while a session waits on purpose), never when the
     /// connection was not admitted here.
     pub async fn client_gone(&self, peer: &SocketAddr) {
-        let Some(fd) = lock(&self.sockets).get(peer).copied() else {
+        let Some(fd) = self.socket_of(peer) else {
             return std::future::pending().await;
         };
         while !hung_up(fd) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the client of the admitted connection from `peer` has closed
+    /// its side or reset the connection by now (false when the connection
+    /// was not admitted here).
+    pub fn client_gone_now(&self, peer: &SocketAddr) -> bool {
+        self.socket_of(peer).is_some_and(hung_up)
+    }
+
+    fn socket_of(&self, peer: &SocketAddr) -> Option<RawFd> {
+        lock(&self.sockets).get(peer).copied()
     }
 }
 
@@ -577,9 +610,9 @@ impl Logins {
                 banned.push((BanTarget::Account(account.clone()), n));
             }
         }
+        let until = later(now, p.ban);
         for (target, failures) in &banned {
-            make_room(&mut state.bans, MAX_TRACKED, |b| b.until <= now, |b| Some(b.until));
-            state.bans.insert(target.clone(), Ban { until: now + p.ban, failures: *failures });
+            insert_ban(&mut state.bans, target.clone(), Ban { until, failures: *failures }, now);
         }
         let factor = 1u32 << worst.saturating_sub(1).min(16);
         Penalty { delay: p.base_delay.saturating_mul(factor).min(MAX_DELAY), banned }
@@ -605,10 +638,7 @@ impl Logins {
         if state.bans.get(&target).is_some_and(|b| b.until >= until) {
             return false;
         }
-        if !state.bans.contains_key(&target) {
-            make_room(&mut state.bans, MAX_TRACKED, |b| b.until <= now, |b| Some(b.until));
-        }
-        state.bans.insert(target, Ban { until, failures });
+        insert_ban(&mut state.bans, target, Ban { until, failures }, now);
         true
     }
 
@@ -622,6 +652,16 @@ impl Logins {
         };
         state.bans.remove(target).is_some()
     }
+}
+
+/// Sets or replaces the ban on `target`. Room is made (expired bans, then
+/// those ending soonest) only for a target not banned yet: renewing a ban
+/// never costs another target its own.
+fn insert_ban(bans: &mut HashMap<BanTarget, Ban>, target: BanTarget, ban: Ban, now: Instant) {
+    if !bans.contains_key(&target) {
+        make_room(bans, MAX_TRACKED, |b| b.until <= now, |b| Some(b.until));
+    }
+    bans.insert(target, ban);
 }
 
 /// Counts one failure of `key` (a new window when the last has passed);
@@ -763,6 +803,92 @@ mod tests {
         assert_eq!(kept, vec![0], "oldest first, never the one in use");
         assert!(!make_room(&mut map, 1, stale, age));
         assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn make_room_forgets_a_batch_so_the_next_entries_cost_no_scan() {
+        let t0 = Instant::now();
+        // (in use, last use): entry 0 is the oldest but in use.
+        let mut map: HashMap<u32, (bool, Instant)> =
+            (0..64).map(|i| (i, (i == 0, t0 + Duration::from_secs(u64::from(i))))).collect();
+        let never_stale = |_: &(bool, Instant)| false;
+        let age = |v: &(bool, Instant)| (!v.0).then_some(v.1);
+        assert!(make_room(&mut map, 64, never_stale, age));
+        // An eighth of the table at once, the least recently used first.
+        assert_eq!(map.len(), 56);
+        assert!(map.contains_key(&0), "never the entry in use");
+        assert!((1..=8).all(|i| !map.contains_key(&i)) && (9..64).all(|i| map.contains_key(&i)));
+        // The next 8 new entries find room without forgetting anything.
+        for i in 100..108 {
+            assert!(make_room(&mut map, 64, never_stale, age));
+            map.insert(i, (false, t0 + Duration::from_secs(1000)));
+        }
+        assert_eq!(map.len(), 64);
+    }
+
+    #[test]
+    fn a_full_address_table_does_not_forget_a_hammering_address() {
+        let a = admission(100, 6, &[]);
+        let t0 = Instant::now();
+        let other = |i: usize| peer(&format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255), 1);
+        // One address keeps a connection open from the first instant.
+        let held = a.admit(Pool::Mta, peer("192.0.2.1", 1), -1, t0).unwrap();
+        // The table is filled with addresses that each used one connection.
+        for i in 0..MAX_ADDRESSES - 2 {
+            drop(a.admit(Pool::Mta, other(i), -1, t0));
+        }
+        // A client uses up its rate, and keeps trying.
+        let t1 = t0 + Duration::from_secs(1);
+        for i in 0..6 {
+            drop(a.admit(Pool::Mta, peer("192.0.2.9", i), -1, t1).unwrap());
+        }
+        assert_eq!(a.admit(Pool::Mta, peer("192.0.2.9", 9), -1, t1).err(), Some(Refusal::AddressTooFast));
+        assert_eq!(lock(&a.addresses).len(), MAX_ADDRESSES);
+        // New addresses arrive with the table full: a batch of the least
+        // recently used ones is forgotten, not the hammering client (its
+        // bucket is not reset) nor the one with a connection open.
+        let t2 = t0 + Duration::from_secs(2);
+        for i in 0..100 {
+            drop(a.admit(Pool::Mta, peer(&format!("198.18.0.{i}"), 1), -1, t2));
+        }
+        let table = lock(&a.addresses);
+        assert_eq!(table.len(), MAX_ADDRESSES - MAX_ADDRESSES / 8 + 100, "one batch forgotten for 100 new addresses");
+        assert!(table.contains_key(&ClientKey::of(ip("192.0.2.1"))));
+        drop(table);
+        assert_eq!(a.admit(Pool::Mta, peer("192.0.2.9", 10), -1, t2).err(), Some(Refusal::AddressTooFast));
+        drop(held);
+    }
+
+    #[test]
+    fn a_renewed_ban_does_not_evict_another() {
+        let l = Logins::new(policy(&[]));
+        let t0 = Instant::now();
+        {
+            let mut state = lock(&l.state);
+            for i in 0..MAX_TRACKED {
+                let target = BanTarget::Address(ClientKey::of(IpAddr::V4(std::net::Ipv4Addr::from(i as u32))));
+                state.bans.insert(target, Ban { until: t0 + Duration::from_secs(60 + i as u64), failures: 3 });
+            }
+        }
+        // The ban ending soonest is renewed by another node: no room needed.
+        let first = BanTarget::Address(ClientKey::of(ip("0.0.0.0")));
+        assert!(l.impose(first, t0 + Duration::from_secs(3600), 3, t0));
+        let second = ClientKey::of(ip("0.0.0.1"));
+        assert_eq!(l.banned(ip("0.0.0.1"), None, t0), Some(BanTarget::Address(second)));
+        assert_eq!(lock(&l.state).bans.len(), MAX_TRACKED);
+        // A banned address failing again (a login checked before its ban
+        // arrived) renews its own ban: no other ban is forgotten either.
+        for _ in 0..3 {
+            l.failed(ip("0.0.1.0"), None, t0);
+        }
+        assert_eq!(lock(&l.state).bans.len(), MAX_TRACKED);
+        assert!(l.banned(ip("0.0.0.1"), None, t0).is_some(), "the ban ending soonest is kept");
+        // A new target does make room: the bans ending soonest go.
+        assert!(l.impose(BanTarget::parse("198.18.0.1").unwrap(), t0 + Duration::from_secs(60), 3, t0));
+        assert_eq!(lock(&l.state).bans.len(), MAX_TRACKED - MAX_TRACKED / 8 + 1);
+        assert_eq!(l.banned(ip("0.0.0.2"), None, t0), None);
+        assert!(l.banned(ip("0.0.255.255"), None, t0).is_some());
+        assert!(l.banned(ip("198.18.0.1"), None, t0).is_some());
     }
 
     #[test]

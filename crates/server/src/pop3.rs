@@ -170,7 +170,8 @@ pub(crate) async fn serve(
                 }
                 Next::Flush => session.handle(&[]),
                 Next::Authenticate(creds) => {
-                    let result = login(ctx, &peer, &creds.username, &creds.password).await;
+                    // A client gone mid-login is closed on, unanswered.
+                    let Some(result) = login(ctx, &peer, &creds.username, &creds.password).await else { break };
                     session.authenticated(result)
                 }
                 Next::OpenMaildrop(user) => {
@@ -356,10 +357,12 @@ fn read_some(file: &mut std::fs::File, buf: &mut [u8]) -> Result<usize, StoreErr
     }
 }
 
-async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> AuthResult {
-    match crate::check_login(ctx, "pop3", peer, username, password).await {
+/// `None` when the client went away during the login (no answer is due).
+async fn login(ctx: &Context, peer: &SocketAddr, username: &str, password: &str) -> Option<AuthResult> {
+    Some(match crate::check_login(ctx, "pop3", peer, username, password).await {
         Ok(user) => AuthResult::Success(user),
         Err(crate::LoginFailure::Refused) => AuthResult::Failure,
         Err(crate::LoginFailure::Temporary(e)) => AuthResult::TemporaryFailure(e),
-    }
+        Err(crate::LoginFailure::ClientGone) => return None,
+    })
 }

@@ -255,7 +255,8 @@ pub(crate) async fn serve(
                 chain(out.reply, session.sender_checked(verdict))
             }
             Next::Authenticate(creds) => {
-                let result = authenticate(ctx, &peer, &creds).await;
+                // A client gone mid-login is closed on, unanswered.
+                let Some(result) = authenticate(ctx, &peer, &creds).await else { break };
                 chain(out.reply, session.authenticated(result))
             }
             Next::Deliver(txn) => {
@@ -306,7 +307,8 @@ async fn judge_sender(ctx: &Context, check: &SenderCheck) -> SenderVerdict {
     }
 }
 
-async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> AuthResult {
+/// `None` when the client went away during the login (no answer is due).
+async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> Option<AuthResult> {
     // RFC 4616 2: acting for another identity needs the server's leave;
     // refused before the password is checked, so it tells nothing of it.
     if let Some(authzid) = &creds.authzid {
@@ -316,14 +318,15 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> 
         {
             tracing::info!(target: "hamail::mail", "smtp client=[{}] user={} authzid={} result=authzid refused",
                 peer.ip(), creds.username, authzid);
-            return AuthResult::Failure;
+            return Some(AuthResult::Failure);
         }
     }
-    match crate::check_login(ctx, "smtp", peer, &creds.username, &creds.password).await {
+    Some(match crate::check_login(ctx, "smtp", peer, &creds.username, &creds.password).await {
         Ok(_) => AuthResult::Success,
         Err(crate::LoginFailure::Refused) => AuthResult::Failure,
         Err(crate::LoginFailure::Temporary(e)) => AuthResult::TemporaryFailure(e),
-    }
+        Err(crate::LoginFailure::ClientGone) => return None,
+    })
 }
 
 /// What [`Next::StartData`] asks: the queue id and date of the message,
