@@ -1,12 +1,14 @@
 //! SMTP under abuse, against the real binary: many large messages at once
 //! (memory stays bounded: message data streams to the store's spool), a
 //! command line trickled in byte by byte (cut at the idle timeout), a DATA
-//! phase that never ends (cut at `data_timeout_secs`), and messages refused
-//! after their data (logged, counted, no file left in the store's `tmp/`).
+//! phase that never ends (cut at `data_timeout_secs`), a client that
+//! pipelines commands and never reads the replies (cut once a reply waits
+//! `idle_timeout_secs` for it), and messages refused after their data
+//! (logged, counted, no file left in the store's `tmp/`).
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -196,6 +198,51 @@ fn a_command_line_trickled_byte_by_byte_is_cut_at_the_idle_timeout() {
 }
 
 #[test]
+fn a_client_that_pipelines_commands_and_never_reads_is_cut_and_its_slot_freed() {
+    // One slot: a second client gets its 220 only once the first is gone.
+    let s = server("idle_timeout_secs = 2\nmax_connections = 1");
+    let c = Client::connect(s.smtp);
+    let started = Instant::now();
+    // NOOPs without end, never a reply read: the replies fill both sides'
+    // socket buffers, then the server's write waits for a reader that never
+    // comes, and the server stops reading, so this write blocks in turn.
+    // The server closing the connection ends it with an error.
+    let mut w = c.w.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let writer = std::thread::spawn(move || {
+        let noops = b"NOOP\r\n".repeat(10_000);
+        let mut sent = 0usize;
+        loop {
+            match w.write_all(&noops) {
+                Ok(()) => sent += noops.len(),
+                Err(e) => return (sent, e.kind()),
+            }
+        }
+    });
+    let (sent, error) = writer.join().unwrap();
+    let cut_after = started.elapsed();
+    assert!(error != std::io::ErrorKind::WouldBlock && error != std::io::ErrorKind::TimedOut, "never cut: {error:?}");
+    // What the server sent back, then the end of the stream (or a reset:
+    // the server closed with NOOPs unread).
+    let mut r = c.r;
+    r.get_ref().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut replies = Vec::new();
+    let end = r.read_to_end(&mut replies);
+    assert!(!matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "no end of stream after the cut");
+    eprintln!("cut after {cut_after:?}, {sent} octets of NOOPs taken, {} octets of replies", replies.len());
+    assert!(cut_after < Duration::from_secs(10), "cut after {cut_after:?}");
+    assert!(sent > 100_000, "the server read only {sent} octets before the cut");
+    eventually(Duration::from_secs(10), "the cut logged", || {
+        s.log().contains("SMTP client does not read its replies").then_some(())
+    });
+    // The slot is free again.
+    eventually(Duration::from_secs(10), "a 220 for a new client", || {
+        let mut l = Line::connect(s.smtp);
+        l.reply().starts_with("220").then_some(())
+    });
+}
+
+#[test]
 fn a_data_phase_past_data_timeout_is_cut_and_its_spool_removed() {
     let s = server("idle_timeout_secs = 2\ndata_timeout_secs = 3");
     let mut c = Client::connect(s.smtp);
@@ -224,29 +271,30 @@ fn messages_refused_after_their_data_are_logged_counted_and_leave_no_file() {
     c.start_data();
     c.w.write_all(&payload(2_000_000)).unwrap();
     let r = c.command(".");
-    assert!(r.starts_with("552 5.3.4"), "{r}");
+    assert_eq!(r, "552 5.3.4 Message size exceeds fixed maximum message size");
     // A bare LF after the spool went to its file.
     c.start_data();
     c.w.write_all(&payload(500_000)).unwrap();
     c.w.write_all(b"smuggled\n.\nMAIL FROM:<x@y.test>\r\n").unwrap();
     let r = c.command(".");
-    assert!(r.starts_with("554 5.6.0"), "{r}");
+    assert_eq!(r, "554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)");
     // A line over the limit (64 KiB).
     c.start_data();
     c.w.write_all(&vec![b'x'; 70_000]).unwrap();
     let r = c.command("\r\n.");
-    assert!(r.starts_with("554 5.6.0"), "{r}");
+    assert_eq!(r, "554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)");
     // The session goes on: a good message still lands.
     c.start_data();
     let r = c.command("Subject: fine\r\n\r\nfine\r\n.");
     assert!(r.starts_with("250"), "{r}");
     assert!(c.command("QUIT").starts_with("221"));
 
+    // Logged as answered.
     let log = s.log();
     for want in [
-        "result=552 5.3.4 message size exceeds fixed maximum message size",
-        "result=554 5.6.0 bare CR or LF in message data",
-        "result=554 5.6.0 line too long",
+        "result=552 5.3.4 Message size exceeds fixed maximum message size",
+        "result=554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)",
+        "result=554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)",
     ] {
         let line = log.lines().find(|l| l.contains(want)).unwrap_or_else(|| panic!("no log line with {want:?}:\n{log}"));
         assert!(line.contains("hamail::mail") && line.contains("client=[127.0.0.1]") && line.contains("to=<u@example.org>"), "{line}");

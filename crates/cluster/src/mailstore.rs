@@ -140,6 +140,15 @@ impl Replication {
     }
 }
 
+/// The data nodes a body's copies are for (see
+/// [`ReplicatedStore::copy_targets`]).
+struct CopyTargets {
+    /// Data nodes in the cluster, this one counted.
+    data_nodes: usize,
+    /// The peers to send a copy to now.
+    contact: Vec<(NodeId, crate::types::NodeInfo)>,
+}
+
 /// What a verification of one node's bodies found and repaired.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairReport {
@@ -315,27 +324,35 @@ impl ReplicatedStore {
         collect_garbage(&self.node, &self.replication).await
     }
 
-    /// Copies the body to the other data nodes; `Ok((copies, data nodes))`
-    /// (this node's copy counted: the caller writes it meanwhile) once every
-    /// peer answered or timed out, if enough of them hold it durably.
-    /// `body`: `None` when it was not read for peers (there were none).
-    async fn replicate(&self, hash: BodyHash, body: Option<&Arc<Vec<u8>>>) -> StoreResult<(usize, usize)> {
+    /// Where a body's copies go: the number of data nodes (this one
+    /// counted) and the peers to contact. A peer that just failed to
+    /// answer is skipped for a while instead of costing every message a
+    /// connect timeout (measured: 1 s per message with a powered-off
+    /// node). It gets its copies later: its repair task fetches what its
+    /// log references.
+    fn copy_targets(&self) -> CopyTargets {
         let peers = self.node.data_peers();
         let data_nodes = peers.len() + 1;
+        let now = Instant::now();
+        let skipped = |id: &NodeId| {
+            let down = self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            down.get(id).is_some_and(|until| *until > now)
+        };
+        let contact = peers.into_iter().filter(|(id, _)| !skipped(id) && !self.node.peer_silent(*id)).collect();
+        CopyTargets { data_nodes, contact }
+    }
+
+    /// Copies the body to the peers of `targets`; `Ok((copies, data
+    /// nodes))` (this node's copy counted: the caller writes it meanwhile)
+    /// once every peer answered or timed out, if enough of them hold it
+    /// durably. `body`: `None` when it was not read for peers (there were
+    /// none to contact).
+    async fn replicate(&self, hash: BodyHash, body: Option<&Arc<Vec<u8>>>, targets: CopyTargets) -> StoreResult<(usize, usize)> {
+        let CopyTargets { data_nodes, contact } = targets;
         let needed = self.replication.min_copies();
         let mut puts = JoinSet::new();
-        let now = Instant::now();
-        for (id, info) in peers {
+        for (id, info) in contact {
             let Some(body) = body else { break };
-            // A peer that just failed to answer is skipped for a while
-            // instead of costing every message a connect timeout (measured:
-            // 1 s per message with a powered-off node). It gets its copies
-            // later: its repair task fetches what its log references.
-            if self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).is_some_and(|until| *until > now)
-                || self.node.peer_silent(id)
-            {
-                continue;
-            }
             let transport = self.node.transport().clone();
             let request = Request::PutBody { hash, data: body.to_vec() };
             let within = self.replication.put_timeout;
@@ -380,15 +397,15 @@ impl ReplicatedStore {
         Ok((copies, data_nodes))
     }
 
-    /// A spooled body read into memory for the other data nodes (each
-    /// copy goes as one `PutBody`), within the memory gate: its size once
-    /// for the bytes and once per peer for its request. `None` without
-    /// peers (nothing to read).
+    /// A spooled body read into memory for the `peers` data nodes that
+    /// will be contacted (each copy goes as one `PutBody`), within the
+    /// memory gate: its size once for the bytes and once per peer for its
+    /// request. `None` without peers to contact (nothing to read).
     async fn read_for_peers(
         &self,
         file: &hamail_store::StagedFile,
+        peers: usize,
     ) -> StoreResult<(Option<Arc<Vec<u8>>>, Option<Box<dyn Send + Sync>>)> {
-        let peers = self.node.data_peers().len();
         if peers == 0 {
             return Ok((None, None));
         }
@@ -506,6 +523,7 @@ impl MailStore for ReplicatedStore {
         let store = self.node.store();
         let queue_id = msg.queue_id;
         let size = msg.body.len();
+        let targets = self.copy_targets();
         let (hash, bytes, _reserved) = match &msg.body {
             // A small body is hashed here (microseconds): a trip to a
             // blocking thread would cost more than the hash, in thread
@@ -519,7 +537,7 @@ impl MailStore for ReplicatedStore {
                 (hash, Some(bytes.clone()), None)
             }
             Body::Staged(file) => {
-                let (bytes, reserved) = self.read_for_peers(file).await?;
+                let (bytes, reserved) = self.read_for_peers(file, targets.contact.len()).await?;
                 (file.hash(), bytes, reserved)
             }
         };
@@ -538,7 +556,7 @@ impl MailStore for ReplicatedStore {
                 Body::Staged(file) => store.put_staged_body(file).await,
             }
         };
-        let (here, there) = tokio::join!(here, self.replicate(hash, bytes.as_ref()));
+        let (here, there) = tokio::join!(here, self.replicate(hash, bytes.as_ref(), targets));
         let copied = started.elapsed();
         here?;
         let (copies, data_nodes) = there?;

@@ -522,6 +522,38 @@ async fn a_spooled_body_is_copied_to_peers_within_the_memory_gate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spooled_body_reserves_memory_only_for_the_peers_it_is_copied_to() {
+    let replication = Replication { put_timeout: Duration::from_millis(300), ..Replication::default() };
+    let mut m = MailCluster::start(&[Role::Data; 3], Timing::default(), 21, replication.clone()).await;
+    let (one, down) = (NodeId(1), NodeId(3));
+    m.stop(down).await;
+    let local = m.c.node(one).store().clone();
+    let content: Vec<u8> = (0..20_000u32).flat_map(|i| format!("line {i}\r\n").into_bytes()).collect();
+    // The body and one request for the one live peer: twice its size, not
+    // three times (the stopped peer is skipped, so it costs nothing).
+    let store = ReplicatedStore::new(m.c.node(one), replication)
+        .unwrap()
+        .with_memory_gate(Arc::new(Gate(Mutex::new(2 * content.len()))));
+    // A first message (in memory, no reservation) finds the stopped peer
+    // unreachable: it is skipped for a while.
+    let msg = message(&store, &[alice()], "finds the peer down").await;
+    store.accept(msg).await.unwrap();
+    let mut msg = message(&store, &[alice()], "spooled").await;
+    let mut spool = local.spool(1024);
+    for piece in content.chunks(1000) {
+        spool.append(piece).unwrap();
+    }
+    msg.body = spool.finish().unwrap();
+    assert!(matches!(msg.body, Body::Staged(_)));
+    let committed = store.accept(msg).await.unwrap();
+    for id in m.data_ids() {
+        assert_eq!(*m.c.node(id).store().body(&committed.body()).await.unwrap(), content, "body on node {id}");
+    }
+    drop(store);
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_data_nodes_and_a_witness_survive_a_data_node() {
     // The default: every live data node, at least one.
     let replication = Replication::default();

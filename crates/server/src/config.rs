@@ -269,8 +269,12 @@ pub struct SmtpSection {
     /// last complete command (a command line trickled in byte by byte does
     /// not reset it), and between reads in DATA.
     pub idle_timeout_secs: u64,
-    /// The whole DATA phase of one message, from `354` to its end (RFC
-    /// 5321 4.5.3.2.6 asks for at least 10 minutes): then `421` and close.
+    /// The whole DATA phase of one message, from `354` to its end: then
+    /// `421` and close. A local policy against clients that hold a slot by
+    /// trickling data; RFC 5321 4.5.3.2.5 only bounds the wait for each
+    /// data block (3 minutes; `idle_timeout_secs` between reads here), the
+    /// total bound is ours, so a large message on a slow link needs a
+    /// larger value.
     pub data_timeout_secs: u64,
     pub plaintext_auth: PlaintextAuth,
     /// RFC 1047: a transaction sent again within this many seconds (same
@@ -301,6 +305,12 @@ pub fn address_pattern_matches(pattern: &str, address: &str) -> bool {
             .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
         None => pattern.eq_ignore_ascii_case(address),
     }
+}
+
+/// Whether one of the patterns of `map` for `user` matches `address`
+/// (`smtp.allowed_senders`, `smtp.may_act_for`).
+pub fn pattern_allows(map: &std::collections::HashMap<String, Vec<String>>, user: &str, address: &str) -> bool {
+    patterns_of(map, user).iter().any(|p| address_pattern_matches(p, address))
 }
 
 /// The list of `map` for `user` (keys compare without case).

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -21,6 +21,21 @@ pub enum Conn {
 impl Conn {
     pub fn is_tls(&self) -> bool {
         matches!(self, Conn::Tls(_))
+    }
+
+    /// Writes `bytes` whole and flushes them, or fails (`TimedOut`) once
+    /// the client has not taken them within `within`: a client that sends
+    /// commands and never reads the replies fills the TCP window, and its
+    /// connection is cut rather than waited for with its slot held.
+    pub async fn write_within(&mut self, bytes: &[u8], within: Duration) -> io::Result<()> {
+        let write = async {
+            self.write_all(bytes).await?;
+            self.flush().await
+        };
+        match tokio::time::timeout(within, write).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client does not read its replies")),
+        }
     }
 
     /// Performs the TLS handshake on a plain connection, within `timeout`:

@@ -129,7 +129,7 @@ pub(crate) async fn serve(
                     | Next::Update { .. }
             );
             if !pending.is_empty() && (!waits || pending.len() >= PENDING_FLUSH) {
-                write_within(&mut conn, &pending, idle).await?;
+                conn.write_within(&pending, idle).await?;
                 pending.clear();
                 if pending.capacity() > PENDING_FLUSH {
                     // One huge reply (LIST of a big maildrop) is not kept
@@ -146,7 +146,7 @@ pub(crate) async fn serve(
                         r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => r,
                         () = crate::drained(&mut drain) => {
                             // Nothing is deleted: UPDATE happens only at QUIT.
-                            let _ = write_within(&mut conn, b"-ERR [SYS/TEMP] service moving, try again\r\n", idle).await;
+                            let _ = conn.write_within(b"-ERR [SYS/TEMP] service moving, try again\r\n", idle).await;
                             tally.result = "service moving";
                             break;
                         }
@@ -154,7 +154,7 @@ pub(crate) async fn serve(
                     let n = match read {
                         Ok(read) => read?,
                         Err(_) => {
-                            let _ = write_within(&mut conn, &session.timeout(), idle).await;
+                            let _ = conn.write_within(&session.timeout(), idle).await;
                             tally.result = "idle timeout";
                             break;
                         }
@@ -249,19 +249,6 @@ pub(crate) async fn serve(
     outcome
 }
 
-/// Writes `bytes` whole, or fails once the client has not taken them
-/// within `within`: a client that does not read is cut, not waited for.
-async fn write_within(conn: &mut Conn, bytes: &[u8], within: Duration) -> std::io::Result<()> {
-    let write = async {
-        conn.write_all(bytes).await?;
-        conn.flush().await
-    };
-    match tokio::time::timeout(within, write).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies")),
-    }
-}
-
 /// Takes the memory to send a body from the node's budget, then opens it.
 async fn open_body(ctx: &Context, store: &dyn MailStore, hash: &BodyHash) -> (BodyOpened, Option<OpenedBody>) {
     let Some(buffers) = ctx.memory.try_reserve(CHUNK + STUFFED + PREFIX_INLINE) else {
@@ -296,7 +283,7 @@ async fn send_body(
     if pending.len() <= PREFIX_INLINE {
         out.append(pending);
     } else {
-        write_within(conn, pending, within).await.map_err(SendFailure::Client)?;
+        conn.write_within(pending, within).await.map_err(SendFailure::Client)?;
         pending.clear();
     }
     let mut stuffer = Stuffer::new(top);
@@ -321,7 +308,7 @@ async fn send_body(
             stuffer.finish(&mut out);
             out.extend_from_slice(b".\r\n");
         }
-        write_within(conn, &out, within).await.map_err(SendFailure::Client)?;
+        conn.write_within(&out, within).await.map_err(SendFailure::Client)?;
         if last {
             return Ok(read);
         }

@@ -46,7 +46,9 @@ struct Message {
     /// the spool writes everything to its file).
     memory: Option<Reservation>,
     started: Instant,
-    /// RFC 5321 4.5.3.2.6: a bound on the whole DATA phase.
+    /// The end of the whole DATA phase (`smtp.data_timeout_secs`): a local
+    /// policy against clients holding a slot by trickling data, on top of
+    /// the per-read timeout of RFC 5321 4.5.3.2.5.
     deadline: Instant,
 }
 
@@ -57,18 +59,17 @@ impl Message {
     async fn append(&mut self, data: Vec<u8>) {
         let Some(mut spool) = self.spool.take() else { return };
         let result = if spool.append_writes(data.len()) {
-            match tokio::task::spawn_blocking(move || {
+            let written = blocking(move || {
                 let result = spool.append(&data);
                 (spool, result)
-            })
-            .await
-            {
+            });
+            match written.await {
                 Ok((back, result)) => {
                     spool = back;
                     result
                 }
                 Err(e) => {
-                    self.failed = Some(StoreError::Internal(format!("spool task failed: {e}")));
+                    self.failed = Some(e);
                     return;
                 }
             }
@@ -92,11 +93,15 @@ impl Message {
         if !spool.spilled() {
             return Ok((spool.finish()?, self.memory));
         }
-        let body = tokio::task::spawn_blocking(move || spool.finish())
-            .await
-            .map_err(|e| StoreError::Internal(format!("spool task failed: {e}")))??;
+        let body = blocking(move || spool.finish()).await??;
         Ok((body, None))
     }
+}
+
+/// Runs spool file I/O on a blocking thread; a task that panicked or was
+/// cancelled is an internal error of the message.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::Internal(format!("spool task failed: {e}")))
 }
 
 fn session_config(ctx: &Context, role: SmtpRole, peer: &SocketAddr, local: Option<SocketAddr>) -> SmtpConfig {
@@ -159,7 +164,12 @@ pub(crate) async fn serve(
         }
         out = match out.next {
             Next::NeedInput => {
-                conn.write_all(&out.reply).await?;
+                if let Err(e) = conn.write_within(&out.reply, idle).await {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        tracing::info!(client = %peer, "SMTP client does not read its replies: connection closed");
+                    }
+                    return Err(e);
+                }
                 let now = Instant::now();
                 if !out.reply.is_empty() {
                     command_deadline = now + idle;
@@ -176,14 +186,14 @@ pub(crate) async fn serve(
                         // RFC 5321 3.8: the service is going away; the
                         // client retries (at the group's new owner).
                         let bye = format!("421 4.3.2 {} Service moving, try again\r\n", ctx.config.server.hostname);
-                        let _ = conn.write_all(bye.as_bytes()).await;
+                        let _ = conn.write_within(bye.as_bytes(), idle).await;
                         break;
                     }
                 };
                 let n = match read {
                     Ok(read) => read?,
                     Err(_) => {
-                        let _ = conn.write_all(&session.timeout()).await;
+                        let _ = conn.write_within(&session.timeout(), idle).await;
                         match &message {
                             Some(m) if Instant::now() >= m.deadline => {
                                 tracing::info!(client = %peer, "SMTP DATA timeout (data_timeout_secs)")
@@ -264,13 +274,12 @@ pub(crate) async fn serve(
                 chain(out.reply, session.delivered(result))
             }
             Next::StartTls => {
-                conn.write_all(&out.reply).await?;
-                conn.flush().await?;
+                conn.write_within(&out.reply, idle).await?;
                 conn.upgrade(&ctx.tls, ctx.config.tls_handshake_timeout()).await?;
                 session.tls_established()
             }
             Next::Close => {
-                conn.write_all(&out.reply).await?;
+                conn.write_within(&out.reply, idle).await?;
                 break;
             }
         };
@@ -286,8 +295,7 @@ pub(crate) async fn serve(
 async fn judge_sender(ctx: &Context, check: &SenderCheck) -> SenderVerdict {
     let sender = check.sender.as_str();
     if let Some(user) = &check.authenticated {
-        let patterns = crate::config::patterns_of(&ctx.config.smtp.allowed_senders, user);
-        if sender.eq_ignore_ascii_case(user) || patterns.iter().any(|p| crate::config::address_pattern_matches(p, sender)) {
+        if sender.eq_ignore_ascii_case(user) || crate::config::pattern_allows(&ctx.config.smtp.allowed_senders, user, sender) {
             return SenderVerdict::Allowed;
         }
     }
@@ -312,9 +320,8 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> 
     // RFC 4616 2: acting for another identity needs the server's leave;
     // refused before the password is checked, so it tells nothing of it.
     if let Some(authzid) = &creds.authzid {
-        let may = crate::config::patterns_of(&ctx.config.smtp.may_act_for, &creds.username);
         if !authzid.eq_ignore_ascii_case(&creds.username)
-            && !may.iter().any(|p| crate::config::address_pattern_matches(p, authzid))
+            && !crate::config::pattern_allows(&ctx.config.smtp.may_act_for, &creds.username, authzid)
         {
             tracing::info!(target: "hamail::mail", "smtp client=[{}] user={} authzid={} result=authzid refused",
                 peer.ip(), creds.username, authzid);
@@ -372,12 +379,7 @@ impl std::fmt::Display for MailLine<'_> {
 /// and counted.
 fn refused(ctx: &Context, txn: &Transaction, problem: DataProblem, started: Option<Instant>) {
     bump(&ctx.stats.messages_rejected);
-    let why = match problem {
-        DataProblem::BareCrOrLf => "554 5.6.0 bare CR or LF in message data",
-        DataProblem::LineTooLong => "554 5.6.0 line too long",
-        DataProblem::TooBig => "552 5.3.4 message size exceeds fixed maximum message size",
-    };
-    tracing::info!(target: "hamail::mail", "{} result={why}", MailLine { txn, size: txn.data_size, started });
+    tracing::info!(target: "hamail::mail", "{} result={}", MailLine { txn, size: txn.data_size, started }, problem.reply());
 }
 
 async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction, message: Option<Message>) -> Result<hamail_store::Committed, StoreError> {

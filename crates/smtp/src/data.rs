@@ -27,6 +27,20 @@ pub enum DataProblem {
     TooBig,
 }
 
+impl DataProblem {
+    /// The reply to the end of a message refused for this (without CRLF),
+    /// as the session sends it and the driver logs it. 554 is the reply
+    /// RFC 5321 4.3.2 lists for a failed DATA; 552 for size is RFC 1870
+    /// 6.2.
+    pub fn reply(self) -> &'static str {
+        match self {
+            DataProblem::BareCrOrLf => "554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)",
+            DataProblem::LineTooLong => "554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)",
+            DataProblem::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size",
+        }
+    }
+}
+
 /// Resumable dot-unstuffing decoder for one message.
 #[derive(Debug)]
 pub(crate) struct DataDecoder {

@@ -787,23 +787,15 @@ impl Session {
         match problem {
             // RFC 5321 2.3.8 forbids bare CR and LF; accepting them is what
             // makes SMTP smuggling possible. We do not guess a line end:
-            // the message is refused whole after its real end. 554 is the
-            // reply RFC 5321 4.3.2 lists for a failed DATA; the session stays
-            // usable (Postfix instead answers 521 and hangs up), but it
-            // counts as an error.
-            Some(problem @ DataProblem::BareCrOrLf) => {
-                self.error(
-                    "554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)",
-                );
+            // the message is refused whole after its real end. The session
+            // stays usable (Postfix instead answers 521 and hangs up), but
+            // a malformed message counts as an error; one too big does not.
+            Some(problem @ (DataProblem::BareCrOrLf | DataProblem::LineTooLong)) => {
+                self.error(problem.reply());
                 Some(Next::Refused { txn, problem })
             }
-            Some(problem @ DataProblem::LineTooLong) => {
-                self.error("554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)");
-                Some(Next::Refused { txn, problem })
-            }
-            // RFC 1870 6.2.
             Some(problem @ DataProblem::TooBig) => {
-                self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
+                self.reply(problem.reply());
                 Some(Next::Refused { txn, problem })
             }
             None => {

@@ -143,12 +143,12 @@ impl Spool {
     /// Appends bytes; writes to the file when they do not fit in memory.
     pub fn append(&mut self, bytes: &[u8]) -> StoreResult<()> {
         if !self.append_writes(bytes.len()) {
-            self.buffer.extend_from_slice(bytes);
+            self.keep(bytes);
             return Ok(());
         }
         self.flush()?;
         if bytes.len() <= self.in_memory {
-            self.buffer.extend_from_slice(bytes);
+            self.keep(bytes);
             Ok(())
         } else {
             self.write_out(bytes)
@@ -169,6 +169,20 @@ impl Spool {
             hash,
             size: self.written,
         }))
+    }
+
+    /// Adds bytes that fit in `in_memory` to the buffer. It grows by
+    /// doubling, as a `Vec` does, but never past `in_memory`: the caller
+    /// reserved that much from its memory budget, and a plain
+    /// `extend_from_slice` could double a buffer of 65 KiB to 128 KiB and
+    /// then to 256 KiB.
+    fn keep(&mut self, bytes: &[u8]) {
+        let needed = self.buffer.len() + bytes.len();
+        if needed > self.buffer.capacity() {
+            let capacity = needed.max(2 * self.buffer.capacity()).min(self.in_memory);
+            self.buffer.reserve_exact(capacity - self.buffer.len());
+        }
+        self.buffer.extend_from_slice(bytes);
     }
 
     fn flush(&mut self) -> StoreResult<()> {
@@ -239,6 +253,26 @@ mod tests {
         match spool.finish().unwrap() {
             Body::Bytes(b) => assert_eq!(&b[..], b"0123456789abcdef"),
             Body::Staged(_) => panic!("spilled"),
+        }
+        assert_eq!(files(dir.path()), 0);
+    }
+
+    #[test]
+    fn the_buffer_never_grows_past_what_may_stay_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        for in_memory in [0, 1, 7, 64, 1000, 128 * 1024] {
+            for piece in [1, 3, 100, 999, 65 * 1024, 200 * 1024] {
+                let mut spool = Spool::new(dir.path().join("s"), in_memory);
+                let mut whole = Vec::new();
+                while whole.len() < 3 * in_memory.max(piece) {
+                    let bytes = vec![whole.len() as u8; piece];
+                    spool.append(&bytes).unwrap();
+                    whole.extend_from_slice(&bytes);
+                    assert!(spool.buffer.capacity() <= in_memory, "{in_memory} {piece}: {}", spool.buffer.capacity());
+                }
+                let body = spool.finish().unwrap();
+                assert_eq!(body.len(), whole.len() as u64);
+            }
         }
         assert_eq!(files(dir.path()), 0);
     }
