@@ -95,11 +95,17 @@ enum DomainCmd {
 enum UserCmd {
     /// Add a user; the password is asked for (twice) on a terminal, or read
     /// as one line from standard input. Never on the command line.
-    Add { user: String },
+    Add {
+        user: String,
+    },
     /// Change a user's password (same input rules as `add`).
-    Passwd { user: String },
+    Passwd {
+        user: String,
+    },
     /// Remove a user and its maildrop.
-    Del { user: String },
+    Del {
+        user: String,
+    },
     List,
 }
 
@@ -110,7 +116,9 @@ enum AliasCmd {
         #[arg(required = true)]
         targets: Vec<String>,
     },
-    Del { alias: String },
+    Del {
+        alias: String,
+    },
     List,
 }
 
@@ -374,7 +382,10 @@ async fn serve(config: Config) -> Result<()> {
     println!("hamail: ready. In another terminal:");
     println!("    hamail{cfg} domain add example.org");
     println!("    hamail{cfg} user add alice@example.org      # asks for the password");
-    println!("    swaks --server {} --to alice@example.org", running.smtp.first().map(|a| a.to_string()).unwrap_or_default());
+    println!(
+        "    swaks --server {} --to alice@example.org",
+        running.smtp.first().map(|a| a.to_string()).unwrap_or_default()
+    );
     let _ = std::io::stdout().flush();
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -402,7 +413,10 @@ async fn admin(config: &Config, request: Request) -> Result<Response> {
             let mut reply = String::new();
             BufReader::new(r).read_line(&mut reply).await?;
             if reply.is_empty() {
-                bail!("the server closed the admin socket {} without answering (are you root or the server's user?)", socket.display());
+                bail!(
+                    "the server closed the admin socket {} without answering (are you root or the server's user?)",
+                    socket.display()
+                );
             }
             Ok(serde_json::from_str(&reply).context("malformed answer from the server")?)
         }
@@ -489,12 +503,19 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
             if items.is_empty() {
                 println!("Mail queue is empty");
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let mut bytes = 0u64;
             for x in &items {
                 bytes += x["size"].as_u64().unwrap_or(0);
                 let hold = if x["hold"].as_bool() == Some(true) { "!" } else { " " };
-                println!("{}{hold} {:>9}  {}  <{}>", s(&x["queue_id"]), x["size"], ago(now, x["queued_at"].as_u64()), s(&x["from"]));
+                println!(
+                    "{}{hold} {:>9}  {}  <{}>",
+                    s(&x["queue_id"]),
+                    x["size"],
+                    ago(now, x["queued_at"].as_u64()),
+                    s(&x["from"])
+                );
                 for r in x["recipients"].as_array().into_iter().flatten() {
                     let status = s(&r["status"]);
                     let next = match (status.as_str(), r["next_attempt"].as_u64()) {
@@ -513,10 +534,22 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
             }
         }
         Request::QueueShow { .. } => {
-            println!("queue id: {}  from: <{}>  size: {}  hold: {}", s(&d["queue_id"]), s(&d["from"]), d["size"], d["hold"]);
+            println!(
+                "queue id: {}  from: <{}>  size: {}  hold: {}",
+                s(&d["queue_id"]),
+                s(&d["from"]),
+                d["size"],
+                d["hold"]
+            );
             for r in d["recipients"].as_array().into_iter().flatten() {
-                println!("recipient: {} {} attempts={} next_attempt={} {}", s(&r["address"]), s(&r["status"]), r["attempts"],
-                    r["next_attempt"], r["last_error"].as_str().unwrap_or(""));
+                println!(
+                    "recipient: {} {} attempts={} next_attempt={} {}",
+                    s(&r["address"]),
+                    s(&r["status"]),
+                    r["attempts"],
+                    r["next_attempt"],
+                    r["last_error"].as_str().unwrap_or("")
+                );
             }
             println!();
             print!("{}", s(&d["message"]));
@@ -550,11 +583,17 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
             println!("{:<16} {:>6} {:<10} {:<12} {:>6}  nodes", "group", "owner", "state", "target", "epoch");
             for g in d.as_array().into_iter().flatten() {
                 let p = &g["placement"];
-                let nodes: Vec<String> = g["spec"]["nodes"].as_array().into_iter().flatten().map(|n| n.to_string()).collect();
-                let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string().trim_matches('"').to_string() };
+                let nodes: Vec<String> =
+                    g["spec"]["nodes"].as_array().into_iter().flatten().map(|n| n.to_string()).collect();
+                let opt =
+                    |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string().trim_matches('"').to_string() };
                 println!(
                     "{:<16} {:>6} {:<10} {:<12} {:>6}  {}",
-                    s(&g["spec"]["name"]), opt(&p["owner"]), opt(&p["state"]), opt(&p["target"]), opt(&p["epoch"]),
+                    s(&g["spec"]["name"]),
+                    opt(&p["owner"]),
+                    opt(&p["state"]),
+                    opt(&p["target"]),
+                    opt(&p["epoch"]),
                     nodes.join(",")
                 );
             }
@@ -562,7 +601,12 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         Request::LogShow { .. } => {
             for e in d.as_array().into_iter().flatten() {
                 let secs = e["at_ms"].as_u64().unwrap_or(0) / 1000;
-                let what = [e["group"].as_str(), e["resource"].as_str()].iter().flatten().cloned().collect::<Vec<_>>().join("/");
+                let what = [e["group"].as_str(), e["resource"].as_str()]
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("/");
                 println!("{secs} node{} {:?} {} {}", e["node"], e["kind"].as_str().unwrap_or(""), what, s(&e["text"]));
             }
         }
@@ -589,20 +633,44 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         Request::ClusterStatus => {
             println!(
                 "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9}  health",
-                "id", "name", "address", "role", "state", "term", "leader", "last_log", "applied", "lag", "contact",
-                "missing", "degraded", "fetched", "collected"
+                "id",
+                "name",
+                "address",
+                "role",
+                "state",
+                "term",
+                "leader",
+                "last_log",
+                "applied",
+                "lag",
+                "contact",
+                "missing",
+                "degraded",
+                "fetched",
+                "collected"
             );
             let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
             for m in d.as_array().into_iter().flatten() {
                 let healthy = m["healthy"].as_bool().unwrap_or(false);
-                let contact = if m["last_contact_ms"].is_null() { "-".into() } else { format!("{}ms", m["last_contact_ms"]) };
+                let contact =
+                    if m["last_contact_ms"].is_null() { "-".into() } else { format!("{}ms", m["last_contact_ms"]) };
                 println!(
                     "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9}  {}",
-                    opt(&m["id"]), s(&m["name"]), s(&m["addr"]), s(&m["role"]),
+                    opt(&m["id"]),
+                    s(&m["name"]),
+                    s(&m["addr"]),
+                    s(&m["role"]),
                     s(&m["state"]).chars().take(10).collect::<String>(),
-                    opt(&m["term"]), opt(&m["leader"]), opt(&m["last_log_index"]), opt(&m["last_applied"]),
-                    opt(&m["lag"]), contact, opt(&m["bodies_missing"]), opt(&m["degraded_accepts"]),
-                    opt(&m["bodies_fetched"]), opt(&m["bodies_collected"]),
+                    opt(&m["term"]),
+                    opt(&m["leader"]),
+                    opt(&m["last_log_index"]),
+                    opt(&m["last_applied"]),
+                    opt(&m["lag"]),
+                    contact,
+                    opt(&m["bodies_missing"]),
+                    opt(&m["degraded_accepts"]),
+                    opt(&m["bodies_fetched"]),
+                    opt(&m["bodies_collected"]),
                     if healthy { "ok".to_string() } else { s(&m["state"]) }
                 );
             }
@@ -621,7 +689,14 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
             }
             for b in &bans {
                 let left = b["remaining_secs"].as_u64().unwrap_or(0);
-                println!("{:<8} {:<40} {:>4}m{:02}s left  ({} failed logins)", s(&b["kind"]), s(&b["target"]), left / 60, left % 60, b["failures"]);
+                println!(
+                    "{:<8} {:<40} {:>4}m{:02}s left  ({} failed logins)",
+                    s(&b["kind"]),
+                    s(&b["target"]),
+                    left / 60,
+                    left % 60,
+                    b["failures"]
+                );
             }
         }
         Request::BanDel { .. } => println!("ban on {} lifted", s(&d["lifted"])),

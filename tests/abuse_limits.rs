@@ -138,7 +138,12 @@ fn one_address_gets_20_connections_and_other_addresses_are_not_held_back() {
     }
     for i in 20..25 {
         let (mut c, g) = greeting("127.0.0.1", s.smtp);
-        assert_eq!(g, "421 4.7.0 mx.test Error: too many connections from your address, try again later", "connection {}", i + 1);
+        assert_eq!(
+            g,
+            "421 4.7.0 mx.test Error: too many connections from your address, try again later",
+            "connection {}",
+            i + 1
+        );
         assert!(c.closed_within(Duration::from_secs(5)));
     }
     // Every mail port counts together: POP3 from the same address too.
@@ -290,7 +295,8 @@ fn after_failed_logins_the_address_is_banned_even_with_the_right_password() {
 #[test]
 fn clients_that_hang_up_during_the_failure_delay_do_not_keep_slots() {
     // Each failure waits 5 s (the longest delay); no ban gets in the way.
-    let (_tmp, s) = start_with("auth_failure_delay_ms = 10000\nlogin_failures_per_address = 1000\nmax_user_connections = 4", "");
+    let (_tmp, s) =
+        start_with("auth_failure_delay_ms = 10000\nlogin_failures_per_address = 1000\nmax_user_connections = 4", "");
     s.add_domain("example.org");
     s.add_user("alice@example.org", "alice-pw");
     // A slot freed a moment ago may still be in use by a session that is
@@ -319,7 +325,11 @@ fn clients_that_hang_up_during_the_failure_delay_do_not_keep_slots() {
         // Far less than the 5 s delay: the slots are given back when the
         // clients go, not when their delay ends.
         let all_four: Option<Vec<Client>> = (0..4).map(|_| served(Duration::from_millis(2500))).collect();
-        assert!(all_four.is_some(), "round {round}: the 4 slots not back {:?} after the guessers hung up", hung_up.elapsed());
+        assert!(
+            all_four.is_some(),
+            "round {round}: the 4 slots not back {:?} after the guessers hung up",
+            hung_up.elapsed()
+        );
     }
     assert!(s.log().matches("result=auth failed").count() >= 12, "{}", s.log());
 }
@@ -423,7 +433,12 @@ fn a_data_directory_others_can_write_is_refused() {
         let (ok, out) = cli(&tmp.path().join("hamail.toml"), &["serve"], "");
         assert!(!ok, "started on a data directory of mode {mode:o}");
         let path = data.display();
-        assert_eq!(out, format!("hamail: {path} is mode {mode:04o}: group or others can write it; `chmod 700 {path}` and start again\n"));
+        assert_eq!(
+            out,
+            format!(
+                "hamail: {path} is mode {mode:04o}: group or others can write it; `chmod 700 {path}` and start again\n"
+            )
+        );
         assert!(!data.join("store").exists(), "nothing written in it");
     }
 }
@@ -434,22 +449,40 @@ fn config_errors_name_the_line_and_the_value() {
     let cfg = dir.path().join("bad.toml");
     let file = cfg.display();
     let cases = [
-        ("[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 0\n", "3: [smtp] max_connections = 0: must be at least 1"),
+        (
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 0\n",
+            "3: [smtp] max_connections = 0: must be at least 1",
+        ),
         ("[smtp]\n\nidle_timeout_secs = 0\n", "3: [smtp] idle_timeout_secs = 0: must be at least 1"),
         ("[pop3]\nidle_timeout_secs = 0\n", "2: [pop3] idle_timeout_secs = 0: must be at least 1"),
         ("[server]\nmax_user_connections = 0\n", "2: [server] max_user_connections = 0: must be at least 1"),
-        ("[server]\nmax_connections_per_address = 0\n", "2: [server] max_connections_per_address = 0: must be at least 1"),
+        (
+            "[server]\nmax_connections_per_address = 0\n",
+            "2: [server] max_connections_per_address = 0: must be at least 1",
+        ),
         (
             "[server]\nconnections_per_address_per_minute = 0\n",
             "2: [server] connections_per_address_per_minute = 0: must be at least 1",
         ),
-        ("[server]\nlogin_failures_per_address = 0\n", "2: [server] login_failures_per_address = 0: must be at least 1"),
-        ("[server]\nlogin_failures_per_account = 0\n", "2: [server] login_failures_per_account = 0: must be at least 1"),
+        (
+            "[server]\nlogin_failures_per_address = 0\n",
+            "2: [server] login_failures_per_address = 0: must be at least 1",
+        ),
+        (
+            "[server]\nlogin_failures_per_account = 0\n",
+            "2: [server] login_failures_per_account = 0: must be at least 1",
+        ),
         ("[server]\nlogin_ban_secs = 0\n", "2: [server] login_ban_secs = 0: must be at least 1"),
-        ("[server]\ntls_handshake_timeout_secs = 0\n", "2: [server] tls_handshake_timeout_secs = 0: must be at least 1"),
+        (
+            "[server]\ntls_handshake_timeout_secs = 0\n",
+            "2: [server] tls_handshake_timeout_secs = 0: must be at least 1",
+        ),
         ("[smtp]\n\ndata_timeout_secs = 0\n", "3: [smtp] data_timeout_secs = 0: must be at least 1"),
         ("[server]\nlogin_ban_secs = 604801\n", "2: [server] login_ban_secs = 604801: must be at most 604800 (7 days)"),
-        ("[smtp]\nidle_timeout_secs = 99999999999\n", "2: [smtp] idle_timeout_secs = 99999999999: must be at most 604800 (7 days)"),
+        (
+            "[smtp]\nidle_timeout_secs = 99999999999\n",
+            "2: [smtp] idle_timeout_secs = 99999999999: must be at most 604800 (7 days)",
+        ),
         (
             "[server]\nhostname = \"\"\n",
             "2: [server] hostname = \"\": must not be empty (our name in greetings and Received: lines)",
@@ -458,9 +491,15 @@ fn config_errors_name_the_line_and_the_value() {
             "[server]\nhostname = \"mx.test\"\ndomains = [\"example.org\", \"bad domain\"]\n",
             "3: [server] domains = \"bad domain\": `bad domain` is not a domain name",
         ),
-        ("[server]\nhostname = \"mx_1.test\"\n", "2: [server] hostname = \"mx_1.test\": `mx_1.test` is not a domain name"),
+        (
+            "[server]\nhostname = \"mx_1.test\"\n",
+            "2: [server] hostname = \"mx_1.test\": `mx_1.test` is not a domain name",
+        ),
         ("[smtp]\nlisten = [\"127.0.0.1:99999\"]\n", "2: `127.0.0.1:99999`: port 99999 is over 65535"),
-        ("[pop3]\n\npop3s = [\"localhost:995\"]\n", "3: `localhost:995` is not an address:port (IPv6 in brackets: [::1]:25)"),
+        (
+            "[pop3]\n\npop3s = [\"localhost:995\"]\n",
+            "3: `localhost:995` is not an address:port (IPv6 in brackets: [::1]:25)",
+        ),
         ("[server]\nlimits_exempt = [\"10.0.0.0/40\"]\n", "2: `10.0.0.0/40`: the prefix length must be 0 to 32"),
     ];
     for (text, expected) in cases {
@@ -484,7 +523,12 @@ fn a_bind_error_says_once_what_failed() {
     assert!(!ok);
     assert_eq!(
         out.lines().last(),
-        Some(format!("hamail: I/O error while binding SMTP listener 127.0.0.1:{port}: Address already in use (os error 98)").as_str()),
+        Some(
+            format!(
+                "hamail: I/O error while binding SMTP listener 127.0.0.1:{port}: Address already in use (os error 98)"
+            )
+            .as_str()
+        ),
         "{out}"
     );
     assert_eq!(out.matches("Address already in use").count(), 1, "{out}");
@@ -504,7 +548,11 @@ fn the_generated_certificate_names_the_configured_host() {
 #[test]
 fn a_ban_set_on_one_node_holds_on_every_node_and_is_lifted_everywhere() {
     let root = tempfile::tempdir().expect("tempdir");
-    let nodes = common::cluster::form_with(root.path(), &["data", "data"], "limits_exempt = []\nlogin_failures_per_address = 2");
+    let nodes = common::cluster::form_with(
+        root.path(),
+        &["data", "data"],
+        "limits_exempt = []\nlogin_failures_per_address = 2",
+    );
     let login = |node: &common::cluster::Node, password: &str| {
         let (mut p, g) = greeting("127.0.0.1", node.s().pop3);
         assert!(g.starts_with("+OK"), "{g}");
@@ -516,14 +564,22 @@ fn a_ban_set_on_one_node_holds_on_every_node_and_is_lifted_everywhere() {
     let banned = "-ERR [SYS/TEMP] too many failed logins, try again later";
     assert_eq!(login(&nodes[0], "alice-pw"), banned);
     // Node 2 saw no failure, and refuses the address all the same.
-    eventually(Duration::from_secs(10), "the ban held on node 2", || (login(&nodes[1], "alice-pw") == banned).then_some(()));
+    eventually(Duration::from_secs(10), "the ban held on node 2", || {
+        (login(&nodes[1], "alice-pw") == banned).then_some(())
+    });
     let (ok, list) = nodes[1].cli(&["ban", "list"], "");
     assert!(ok && list.contains("127.0.0.1"), "{list}");
-    assert!(nodes[1].s().log().contains("login ban from the cluster: address 127.0.0.1 banned for"), "{}", nodes[1].s().log());
+    assert!(
+        nodes[1].s().log().contains("login ban from the cluster: address 127.0.0.1 banned for"),
+        "{}",
+        nodes[1].s().log()
+    );
     // Lifted on node 2: node 1 lets it in again.
     let (ok, out) = nodes[1].cli(&["ban", "del", "127.0.0.1"], "");
     assert!(ok, "{out}");
-    eventually(Duration::from_secs(10), "the ban lifted on node 1", || login(&nodes[0], "alice-pw").starts_with("+OK").then_some(()));
+    eventually(Duration::from_secs(10), "the ban lifted on node 1", || {
+        login(&nodes[0], "alice-pw").starts_with("+OK").then_some(())
+    });
     let (ok, list) = nodes[0].cli(&["ban", "list"], "");
     assert!(ok && list.contains("no bans"), "{list}");
 }

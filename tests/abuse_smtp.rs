@@ -174,7 +174,9 @@ fn a_hundred_concurrent_20_mb_messages_in_bounded_memory_delivered_whole() {
             msg.extend_from_slice(if l.starts_with(b"..") { &l[1..] } else { &l });
         }
         let text_end = msg.windows(14).position(|w| w == b"Subject: big 0").expect("the client's header");
-        assert!(msg.starts_with(b"Return-Path: <sender@elsewhere.test>\r\nReceived: from client.test ([127.0.0.1])\r\n"));
+        assert!(
+            msg.starts_with(b"Return-Path: <sender@elsewhere.test>\r\nReceived: from client.test ([127.0.0.1])\r\n")
+        );
         assert_eq!(&msg[text_end + 16..text_end + 20], b"\r\n\r\n");
         assert!(msg[text_end + 20..] == body[..], "message {n} differs from what was sent");
     }
@@ -296,8 +298,12 @@ fn messages_refused_after_their_data_are_logged_counted_and_leave_no_file() {
         "result=554 5.6.0 Message rejected: bare CR or LF in message data (RFC 5321 2.3.8)",
         "result=554 5.6.0 Message rejected: line too long (RFC 5321 4.5.3.1.6)",
     ] {
-        let line = log.lines().find(|l| l.contains(want)).unwrap_or_else(|| panic!("no log line with {want:?}:\n{log}"));
-        assert!(line.contains("hamail::mail") && line.contains("client=[127.0.0.1]") && line.contains("to=<u@example.org>"), "{line}");
+        let line =
+            log.lines().find(|l| l.contains(want)).unwrap_or_else(|| panic!("no log line with {want:?}:\n{log}"));
+        assert!(
+            line.contains("hamail::mail") && line.contains("client=[127.0.0.1]") && line.contains("to=<u@example.org>"),
+            "{line}"
+        );
     }
     let (ok, status) = s.cli(&["status"], "");
     assert!(ok, "{status}");
@@ -346,7 +352,9 @@ fn five_hundred_abusive_connections_stay_within_64_mb_and_1_mb_each() {
         held.push(c);
     }
     let spilled = CONNECTIONS / 4;
-    eventually(Duration::from_secs(60), "every large message spooled to a file", || (tmp_files(&s) == spilled).then_some(()));
+    eventually(Duration::from_secs(60), "every large message spooled to a file", || {
+        (tmp_files(&s) == spilled).then_some(())
+    });
     let hwm_mb = proc_kib(pid, "VmHWM") / 1024;
     eprintln!("{CONNECTIONS} abusive connections: server VmHWM {hwm_mb} MB");
     assert!(hwm_mb <= 64 + CONNECTIONS as u64, "peak RSS {hwm_mb} MB with {CONNECTIONS} connections");

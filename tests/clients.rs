@@ -30,9 +30,18 @@ fn messages(v: &Value) -> Vec<Vec<u8>> {
 /// The message as delivered: our trace lines, then exactly what was sent.
 fn assert_delivered(got: &[u8], sent: &[u8], return_path: &str) {
     let rp = format!("Return-Path: <{return_path}>\r\n");
-    assert!(got.starts_with(rp.as_bytes()), "no Return-Path first: {}", String::from_utf8_lossy(&got[..got.len().min(200)]));
+    assert!(
+        got.starts_with(rp.as_bytes()),
+        "no Return-Path first: {}",
+        String::from_utf8_lossy(&got[..got.len().min(200)])
+    );
     assert!(got.windows(9).any(|w| w == b"Received:"), "no Received header");
-    assert!(got.ends_with(sent), "body differs:\n--- got\n{}\n--- sent\n{}", String::from_utf8_lossy(got), String::from_utf8_lossy(sent));
+    assert!(
+        got.ends_with(sent),
+        "body differs:\n--- got\n{}\n--- sent\n{}",
+        String::from_utf8_lossy(got),
+        String::from_utf8_lossy(sent)
+    );
 }
 
 fn setup() -> Server {
@@ -59,7 +68,8 @@ fn smtplib_to_poplib_is_byte_identical() {
     );
     let file = write_tmp(&s, "m1.eml", sent.as_bytes());
     let port = s.smtp.port().to_string();
-    let r = py("smtp_send.py", &["127.0.0.1", &port, "carol@elsewhere.test", "alice@example.org,bob@example.org", &file]);
+    let r =
+        py("smtp_send.py", &["127.0.0.1", &port, "carol@elsewhere.test", "alice@example.org,bob@example.org", &file]);
     assert_eq!(r["ok"], true, "{r}");
     for (user, pass) in [("alice@example.org", "alice-pw"), ("bob@example.org", "bob-pw")] {
         let v = fetch(&s, user, pass, &[]);
@@ -101,7 +111,18 @@ fn submission_with_starttls_and_auth_relays_into_the_queue() {
     let port = s.submission.port().to_string();
     let r = py(
         "smtp_send.py",
-        &["127.0.0.1", &port, "alice@example.org", "someone@elsewhere.test", &file, "--starttls", "--user", "alice@example.org", "--password", "alice-pw"],
+        &[
+            "127.0.0.1",
+            &port,
+            "alice@example.org",
+            "someone@elsewhere.test",
+            &file,
+            "--starttls",
+            "--user",
+            "alice@example.org",
+            "--password",
+            "alice-pw",
+        ],
     );
     assert_eq!(r["ok"], true, "{r}");
     let (ok, out) = s.cli(&["queue", "list"], "");
@@ -117,7 +138,18 @@ fn wrong_password_is_535_and_no_relay_without_auth() {
     let sub = s.submission.port().to_string();
     let r = py(
         "smtp_send.py",
-        &["127.0.0.1", &sub, "alice@example.org", "someone@elsewhere.test", &file, "--starttls", "--user", "alice@example.org", "--password", "wrong"],
+        &[
+            "127.0.0.1",
+            &sub,
+            "alice@example.org",
+            "someone@elsewhere.test",
+            &file,
+            "--starttls",
+            "--user",
+            "alice@example.org",
+            "--password",
+            "wrong",
+        ],
     );
     assert_eq!(r["code"], 535, "{r}");
     let mta = s.smtp.port().to_string();
@@ -152,7 +184,16 @@ fn curl_smtp_and_curl_pop3() {
     let url = format!("smtp://{}", s.smtp);
     let (ok, _, err) = run_tool(
         "curl",
-        &["-sS", &url, "--mail-from", "dave@elsewhere.test", "--mail-rcpt", "alice@example.org", "--upload-file", &file],
+        &[
+            "-sS",
+            &url,
+            "--mail-from",
+            "dave@elsewhere.test",
+            "--mail-rcpt",
+            "alice@example.org",
+            "--upload-file",
+            &file,
+        ],
         None,
     );
     assert!(ok, "curl smtp: {err}");
@@ -171,16 +212,37 @@ fn swaks_plain_and_submission_with_tls_auth() {
     let s = setup();
     let (ok, out, err) = run_tool(
         "swaks",
-        &["--server", &s.smtp.to_string(), "--from", "eve@elsewhere.test", "--to", "bob@example.org", "--header", "Subject: swaks", "--body", "swaks body"],
+        &[
+            "--server",
+            &s.smtp.to_string(),
+            "--from",
+            "eve@elsewhere.test",
+            "--to",
+            "bob@example.org",
+            "--header",
+            "Subject: swaks",
+            "--body",
+            "swaks body",
+        ],
         None,
     );
     assert!(ok, "swaks: {}{err}", String::from_utf8_lossy(&out));
     let (ok, out, err) = run_tool(
         "swaks",
         &[
-            "--server", &s.submission.to_string(), "--tls",
-            "-au", "alice@example.org", "-ap", "alice-pw",
-            "--from", "alice@example.org", "--to", "bob@example.org", "--body", "authenticated",
+            "--server",
+            &s.submission.to_string(),
+            "--tls",
+            "-au",
+            "alice@example.org",
+            "-ap",
+            "alice-pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "bob@example.org",
+            "--body",
+            "authenticated",
         ],
         None,
     );
@@ -190,7 +252,10 @@ fn swaks_plain_and_submission_with_tls_auth() {
     assert_eq!(m.len(), 2, "{v}");
     let second = String::from_utf8_lossy(&m[1]);
     assert!(second.contains("with ESMTPSA"), "submission must be marked ESMTPSA (RFC 3848):\n{second}");
-    assert!(second.contains("Message-I") || second.contains("Message-Id"), "swaks sends a Message-Id; it is kept:\n{second}");
+    assert!(
+        second.contains("Message-I") || second.contains("Message-Id"),
+        "swaks sends a Message-Id; it is kept:\n{second}"
+    );
 }
 
 #[test]
@@ -245,7 +310,18 @@ fn implicit_tls_ports_465_and_995() {
     let port = s.submissions.expect("submissions port").port().to_string();
     let r = py(
         "smtp_send.py",
-        &["127.0.0.1", &port, "alice@example.org", "bob@example.org", &file, "--ssl", "--user", "alice@example.org", "--password", "alice-pw"],
+        &[
+            "127.0.0.1",
+            &port,
+            "alice@example.org",
+            "bob@example.org",
+            &file,
+            "--ssl",
+            "--user",
+            "alice@example.org",
+            "--password",
+            "alice-pw",
+        ],
     );
     assert_eq!(r["ok"], true, "{r}");
     let pop3s = s.pop3s.expect("pop3s port").port().to_string();
@@ -269,7 +345,20 @@ fn submission_without_message_id_gets_one_and_a_date() {
     let url = format!("smtp://{}", s.submission);
     let (ok, _, err) = run_tool(
         "curl",
-        &["-sS", &url, "--ssl-reqd", "-k", "-u", "alice@example.org:alice-pw", "--mail-from", "alice@example.org", "--mail-rcpt", "bob@example.org", "--upload-file", &file],
+        &[
+            "-sS",
+            &url,
+            "--ssl-reqd",
+            "-k",
+            "-u",
+            "alice@example.org:alice-pw",
+            "--mail-from",
+            "alice@example.org",
+            "--mail-rcpt",
+            "bob@example.org",
+            "--upload-file",
+            &file,
+        ],
         None,
     );
     assert!(ok, "curl submission with STARTTLS: {err}");

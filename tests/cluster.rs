@@ -21,7 +21,10 @@ fn three_nodes_one_user_database_and_leader_failover() {
     assert!(pop3_login(nodes[2].s(), "alice@example.org", "alice-pw"));
     let (ok, out) = nodes[2].cli(&["user", "add", "bob@example.org"], "bob-pw\n");
     assert!(ok, "{out}");
-    assert!(pop3_login(nodes[0].s(), "bob@example.org", "bob-pw"), "a user added on node 3 must log in on node 1 at once");
+    assert!(
+        pop3_login(nodes[0].s(), "bob@example.org", "bob-pw"),
+        "a user added on node 3 must log in on node 1 at once"
+    );
     let (ok, out) = nodes[1].cli(&["user", "passwd", "bob@example.org"], "bob-pw2\n");
     assert!(ok, "{out}");
     assert!(pop3_login(nodes[2].s(), "bob@example.org", "bob-pw2"));
@@ -108,5 +111,6 @@ fn rustls_pemfile_first(pem: &str) -> Vec<u8> {
 }
 
 fn forge_token(addr: &str, fingerprint: &str, secret: &str) -> String {
-    hamail_cluster::pki::JoinToken { addr: addr.into(), ca_fingerprint: fingerprint.into(), secret: secret.into() }.encode()
+    hamail_cluster::pki::JoinToken { addr: addr.into(), ca_fingerprint: fingerprint.into(), secret: secret.into() }
+        .encode()
 }

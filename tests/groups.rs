@@ -71,7 +71,9 @@ fn owner(n: &Node) -> Option<(u64, String)> {
 }
 
 fn greeting_from(port: u16) -> Option<String> {
-    let s = std::net::TcpStream::connect_timeout(&format!("{GROUP_IP}:{port}").parse().ok()?, Duration::from_millis(300)).ok()?;
+    let s =
+        std::net::TcpStream::connect_timeout(&format!("{GROUP_IP}:{port}").parse().ok()?, Duration::from_millis(300))
+            .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let mut r = std::io::BufReader::new(s);
     let mut line = String::new();
@@ -95,7 +97,9 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
     assert!(ok, "{out}");
 
     // Home is node 1: the group's address greets as node1.
-    let host = eventually(Duration::from_secs(30), "the group online at home", || greeting_from(smtp).filter(|h| h == "node1"));
+    let host = eventually(Duration::from_secs(30), "the group online at home", || {
+        greeting_from(smtp).filter(|h| h == "node1")
+    });
     assert_eq!(host, "node1");
     assert_eq!(owner(&nodes[2]).unwrap(), (1, "Online".to_string()));
 
@@ -116,7 +120,10 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
         record.contains("CLP_EVENT=START CLP_SERVER=HOME CLP_DISK=SUCCESS CLP_GROUPNAME=mail CLP_RESOURCENAME=script ARMS_EVENT=START ARMS_SERVER=HOME"),
         "{record}"
     );
-    assert!(record.contains("CLP_EVENT=START CLP_SERVER=OTHER"), "the move starts it as START on another node: {record}");
+    assert!(
+        record.contains("CLP_EVENT=START CLP_SERVER=OTHER"),
+        "the move starts it as START on another node: {record}"
+    );
     assert!(record.contains("stop"), "{record}");
     assert!(record.contains("CLP_EVENT=FAILOVER CLP_SERVER=HOME"), "the takeover on node 1 is a FAILOVER: {record}");
 

@@ -135,7 +135,10 @@ impl Params {
             pop3_clients: int("HAMAIL_HA_POP3", "2"),
             topology,
         };
-        assert!((1..=1000).contains(&p.users), "HAMAIL_HA_USERS must be 1..=1000 (one transaction, [smtp] max_recipients)");
+        assert!(
+            (1..=1000).contains(&p.users),
+            "HAMAIL_HA_USERS must be 1..=1000 (one transaction, [smtp] max_recipients)"
+        );
         assert!(p.pop3_clients >= 1 && p.senders >= 1);
         p
     }
@@ -248,7 +251,9 @@ fn small_message(token: &str, len: usize) -> Vec<u8> {
     while m.len() < len {
         // A leading dot on some lines: the transparency (RFC 5321 4.5.2)
         // is part of what must come back byte-identical.
-        m.extend_from_slice(format!("{}{token} line {i} {}\r\n", if i % 7 == 0 { "." } else { "" }, "x".repeat(i % 50)).as_bytes());
+        m.extend_from_slice(
+            format!("{}{token} line {i} {}\r\n", if i % 7 == 0 { "." } else { "" }, "x".repeat(i % 50)).as_bytes(),
+        );
         i += 1;
     }
     m
@@ -361,7 +366,14 @@ fn try_smtp(rcpts: &[usize], data: &[u8], sent: &mut dyn FnMut()) -> std::io::Re
 
 /// Sends `data` to `rcpts` until it gets `250` (or a 5xx), as an MTA does.
 /// Gives up (a problem in the report) after `RECOVERY` without success.
-fn send_until_accepted(j: &Journal, token: &str, rcpts: &[usize], data: &[u8], attachment: Option<[u8; 32]>, mut sent: impl FnMut()) {
+fn send_until_accepted(
+    j: &Journal,
+    token: &str,
+    rcpts: &[usize],
+    data: &[u8],
+    attachment: Option<[u8; 32]>,
+    mut sent: impl FnMut(),
+) {
     j.sent.lock().unwrap().insert(
         token.to_string(),
         Sent {
@@ -393,7 +405,8 @@ fn send_until_accepted(j: &Journal, token: &str, rcpts: &[usize], data: &[u8], a
             }
             Outcome::Again(why) => {
                 // The kind: the reply code, or the error without details.
-                let kind: String = why.split([':', '(']).take(2).collect::<Vec<_>>().join(":").chars().take(60).collect();
+                let kind: String =
+                    why.split([':', '(']).take(2).collect::<Vec<_>>().join(":").chars().take(60).collect();
                 *j.sent.lock().unwrap().get_mut(token).unwrap().failures.entry(kind).or_default() += 1;
                 last = why;
             }
@@ -524,7 +537,11 @@ impl NsCluster {
             ),
         );
         if poll(RECOVERY, || ha.greeting().filter(|h| h == "node1")).is_none() {
-            panic!("the group is not online at node 1:\n{}\n{}", ha.nodes[0].cli(&["group", "status"], "").1, ha.logs());
+            panic!(
+                "the group is not online at node 1:\n{}\n{}",
+                ha.nodes[0].cli(&["group", "status"], "").1,
+                ha.logs()
+            );
         }
         ha
     }
@@ -575,7 +592,11 @@ impl NsCluster {
         let host = format!("node{}", v + 1);
         if poll(RECOVERY, || self.greeting().filter(|h| *h == host)).is_none() {
             let via = if v == 0 { 1 } else { 0 };
-            panic!("{what}: the group did not come online at {host}:\n{}\n{}", self.nodes[via].cli(&["group", "status"], "").1, self.logs());
+            panic!(
+                "{what}: the group did not come online at {host}:\n{}\n{}",
+                self.nodes[via].cli(&["group", "status"], "").1,
+                self.logs()
+            );
         }
         t.elapsed()
     }
@@ -703,9 +724,18 @@ fn disk_usage(pid: u32, mount_point: &Path) -> Result<(u64, u64, u64), String> {
     // The owner's view: its mount namespace, through /proc/PID/root.
     let at = Path::new(&format!("/proc/{pid}/root")).join(mount_point.strip_prefix("/").unwrap_or(mount_point));
     let run = |args: &[&str], path: &Path| -> Result<String, String> {
-        let out = std::process::Command::new(args[0]).args(&args[1..]).arg(path).output().map_err(|e| format!("{}: {e}", args[0]))?;
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
         if !out.status.success() {
-            return Err(format!("{} {}: {}", args.join(" "), path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "{} {}: {}",
+                args.join(" "),
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     };
@@ -786,7 +816,8 @@ fn ha_power_cut_and_switchover_under_load() {
     let p = Params::from_env();
     // Asked for by name: no loop device is a failure, not a skip.
     let disk = (p.topology == Topology::Disk).then(|| {
-        LoopDisk::new(p.disk_mib()).unwrap_or_else(|| panic!("topology disk: no loop-device disk on this machine (see above)"))
+        LoopDisk::new(p.disk_mib())
+            .unwrap_or_else(|| panic!("topology disk: no loop-device disk on this machine (see above)"))
     });
     run(p, disk);
 }
@@ -832,7 +863,8 @@ fn run(p: Params, disk: Option<LoopDisk>) {
     eprintln!("ha: group online at node1 after {:.1} s", started.elapsed().as_secs_f64());
     // Times in the report count from here (the events' and the mounts').
     let origin = Instant::now();
-    let mounts = disk.as_ref().map(|_| MountWatch::start(origin, ha.spool(), std::array::from_fn(|i| ha.nodes[i].config())));
+    let mounts =
+        disk.as_ref().map(|_| MountWatch::start(origin, ha.spool(), std::array::from_fn(|i| ha.nodes[i].config())));
 
     let j = Arc::new(Journal::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -861,7 +893,8 @@ fn run(p: Params, disk: Option<LoopDisk>) {
                 let token = format!("s{k}-{i}");
                 let first = (k * 7919 + i * 104_729) % users;
                 let n = 1 + (i % 3).min(users - 1);
-                let rcpts: Vec<usize> = (0..n).map(|d| (first + d * 31) % users).collect::<HashSet<_>>().into_iter().collect();
+                let rcpts: Vec<usize> =
+                    (0..n).map(|d| (first + d * 31) % users).collect::<HashSet<_>>().into_iter().collect();
                 let data = small_message(&token, 1024 + (i % 4) * 1024);
                 send_until_accepted(&j, &token, &rcpts, &data, None, || {});
                 i += 1;
@@ -882,7 +915,9 @@ fn run(p: Params, disk: Option<LoopDisk>) {
                 i += 1;
                 match pop3_session(Some(&j), u, true) {
                     Ok((found, Quit::Done)) => j.taken.lock().unwrap().extend(found.into_iter().map(|f| (u, f))),
-                    Ok((found, Quit::Unknown)) => j.maybe_taken.lock().unwrap().extend(found.into_iter().map(|f| (u, f))),
+                    Ok((found, Quit::Unknown)) => {
+                        j.maybe_taken.lock().unwrap().extend(found.into_iter().map(|f| (u, f)))
+                    }
                     // Nothing deleted: those messages are read again later.
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
@@ -907,7 +942,12 @@ fn run(p: Params, disk: Option<LoopDisk>) {
             let t0 = Instant::now();
             ha.switchover(victim, victim);
             let takeover = ha.wait_owner(victim, "switchover");
-            events.push(Event { what: format!("switchover node{} -> node{}", owner + 1, victim + 1), t0, takeover, end: None });
+            events.push(Event {
+                what: format!("switchover node{} -> node{}", owner + 1, victim + 1),
+                t0,
+                takeover,
+                end: None,
+            });
             steady(&j, Instant::now());
         }
         let survivor = 1 - victim;
@@ -946,7 +986,12 @@ fn run(p: Params, disk: Option<LoopDisk>) {
             let t0 = Instant::now();
             ha.switchover(victim, survivor);
             let takeover = ha.wait_owner(victim, "switchover");
-            events.push(Event { what: format!("switchover node{} -> node{}", survivor + 1, victim + 1), t0, takeover, end: None });
+            events.push(Event {
+                what: format!("switchover node{} -> node{}", survivor + 1, victim + 1),
+                t0,
+                takeover,
+                end: None,
+            });
         }
         steady(&j, Instant::now());
     }
@@ -955,8 +1000,9 @@ fn run(p: Params, disk: Option<LoopDisk>) {
     for t in threads {
         t.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     }
-    let ends: Vec<Instant> =
-        (0..events.len()).map(|i| events[i].end.unwrap_or_else(|| events.get(i + 1).map(|e| e.t0).unwrap_or(load_end))).collect();
+    let ends: Vec<Instant> = (0..events.len())
+        .map(|i| events[i].end.unwrap_or_else(|| events.get(i + 1).map(|e| e.t0).unwrap_or(load_end)))
+        .collect();
 
     // The audit: every maildrop through the floating address.
     let audit_t = Instant::now();
@@ -1137,7 +1183,11 @@ impl Report {
     }
 
     fn clean(&self) -> bool {
-        self.lost.is_empty() && self.duplicated.is_empty() && self.damaged.is_empty() && self.partial.is_empty() && self.stray.is_empty()
+        self.lost.is_empty()
+            && self.duplicated.is_empty()
+            && self.damaged.is_empty()
+            && self.partial.is_empty()
+            && self.stray.is_empty()
     }
 
     fn text(&self) -> String {
@@ -1194,11 +1244,22 @@ fn report_counts_losses_duplicates_damage_and_resends() {
     j.taken.lock().unwrap().push((0, f("ok", 1)));
     j.maybe_taken.lock().unwrap().push((1, f("ok", 1)));
     j.maybe_taken.lock().unwrap().push((0, f("dup", 3)));
-    let finals = vec![(0, f("lost", 2)), (0, f("dup", 3)), (0, f("dup", 3)), (1, f("bad", 9)), (1, f("half", 5)), (1, f("ok", 7))];
+    let finals = vec![
+        (0, f("lost", 2)),
+        (0, f("dup", 3)),
+        (0, f("dup", 3)),
+        (1, f("bad", 9)),
+        (1, f("half", 5)),
+        (1, f("ok", 7)),
+    ];
     let r = Report::build(&j, &finals);
     assert_eq!((r.sent, r.acked, r.recognised_resends), (6, 4, 1));
     assert_eq!(r.lost, vec!["lost: in 1 of 2 maildrops".to_string()]);
-    assert_eq!(r.duplicated, vec!["dup to u0@example.org x2".to_string()], "a maybe-copy never adds to copies found elsewhere");
+    assert_eq!(
+        r.duplicated,
+        vec!["dup to u0@example.org x2".to_string()],
+        "a maybe-copy never adds to copies found elsewhere"
+    );
     let mut damaged = r.damaged.clone();
     damaged.sort();
     assert_eq!(damaged, vec!["bad to u1@example.org".to_string(), "ok to u1@example.org".to_string()]);
@@ -1237,8 +1298,17 @@ fn disk_size_and_mount_sampling() {
     assert!(serves_with(b"ip\0netns\0exec\0hmt1-n2\0/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0serve\0", cfg));
     assert!(!serves_with(b"/bin/hamail\0--config\0/tmp/x/n2/hamail.toml\0group\0move\0mail\0", cfg), "the CLI");
     assert!(!serves_with(b"/bin/hamail\0--config\0/tmp/x/n1/hamail.toml\0serve\0", cfg), "another node");
-    let twice = MountLog { samples: 3, twice: vec![(1.5, vec![0, 1])], holders: vec![(0.0, vec![0]), (1.5, vec![0, 1])] };
-    assert!(twice.text().contains("MOUNTED BY TWO NODES AT ONCE in 1 samples, first node1+node2 at 1.50 s"), "{}", twice.text());
+    let twice =
+        MountLog { samples: 3, twice: vec![(1.5, vec![0, 1])], holders: vec![(0.0, vec![0]), (1.5, vec![0, 1])] };
+    assert!(
+        twice.text().contains("MOUNTED BY TWO NODES AT ONCE in 1 samples, first node1+node2 at 1.50 s"),
+        "{}",
+        twice.text()
+    );
     let once = MountLog { samples: 9, twice: vec![], holders: vec![(0.0, vec![0]), (2.0, vec![]), (9.0, vec![1])] };
-    assert!(once.text().contains("never by two nodes at once; mounted by: node1 at 0.0 s, none at 2.0 s, node2 at 9.0 s"), "{}", once.text());
+    assert!(
+        once.text().contains("never by two nodes at once; mounted by: node1 at 0.0 s, none at 2.0 s, node2 at 9.0 s"),
+        "{}",
+        once.text()
+    );
 }

@@ -68,7 +68,9 @@ fn submission_sender_must_belong_to_the_login() {
     }
     // What smtp.allowed_senders gives bob.
     assert_eq!(submit(&s, "bob@example.org", "pw", "news@other.test")["code"], 250);
-    assert!(s.log().contains("NOQUEUE: reject: MAIL from [127.0.0.1]: NotOwned; from=<bob@example.org> auth=alice@example.org"));
+    assert!(s
+        .log()
+        .contains("NOQUEUE: reject: MAIL from [127.0.0.1]: NotOwned; from=<bob@example.org> auth=alice@example.org"));
 
     // The null sender after AUTH, exactly.
     let mut c = greeted(s.submission);

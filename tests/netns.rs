@@ -51,7 +51,6 @@ impl NsCluster {
         let token = token.to_string();
         self.bed.run_in("cl", move || smtp_send(vip(2525), USER, &token))
     }
-
 }
 
 /// The bed, three nodes formed into a cluster with a user, and the group
@@ -255,7 +254,10 @@ fn a_partitioned_owner_drops_its_address() {
             c.logs()
         );
     }
-    eprintln!("partition of {owner} healed: {new} announced {VIP} again, client entry moved after {:?}", healed.elapsed());
+    eprintln!(
+        "partition of {owner} healed: {new} announced {VIP} again, client entry moved after {:?}",
+        healed.elapsed()
+    );
     // (The takeover's own repeated announcement could also have moved it:
     // the cluster log says the return of the node was the reason.)
     let via = Cluster::index(&new);
@@ -263,11 +265,19 @@ fn a_partitioned_owner_drops_its_address() {
         let (_, log) = c.nodes[via].cli(&["log", "-n", "200"], "");
         log.contains("is back: announcing the group's addresses again").then_some(())
     });
-    assert!(said.is_some(), "no re-announcement in the cluster log:\n{}", c.nodes[via].cli(&["log", "-n", "200"], "").1);
+    assert!(
+        said.is_some(),
+        "no re-announcement in the cluster log:\n{}",
+        c.nodes[via].cli(&["log", "-n", "200"], "").1
+    );
     if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
         panic!("node {owner} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());
     }
-    assert_eq!(c.bed.holders(&NS_NODES, VIP), vec![new.clone()], "{VIP} on exactly one node after the partition healed");
+    assert_eq!(
+        c.bed.holders(&NS_NODES, VIP),
+        vec![new.clone()],
+        "{VIP} on exactly one node after the partition healed"
+    );
     let msgs = c.bed.run_in("cl", || mail::maildrop(vip(2110), USER));
     let tokens: Vec<String> = msgs.iter().map(|m| mail::token_of(m)).collect();
     assert_eq!(tokens, vec!["before-the-cut".to_string(), "during-the-partition".to_string()]);
@@ -344,9 +354,8 @@ fn outage_benchmark() {
         let up = {
             let (bed, others) = (&c.bed, others.clone());
             std::thread::scope(|s| {
-                let observer = s.spawn(move || {
-                    poll(RECOVERY, || (!bed.holders(&others, VIP).is_empty()).then(|| cut.elapsed()))
-                });
+                let observer =
+                    s.spawn(move || poll(RECOVERY, || (!bed.holders(&others, VIP).is_empty()).then(|| cut.elapsed())));
                 let served = first_250_after(&c, cut, &format!("bench-{run}"), RECOVERY);
                 (observer.join().unwrap(), served)
             })
@@ -361,7 +370,11 @@ fn outage_benchmark() {
         if let Some(a) = address_up {
             address.push(a);
         }
-        if was_leader { as_leader.push(outage) } else { as_follower.push(outage) }
+        if was_leader {
+            as_leader.push(outage)
+        } else {
+            as_follower.push(outage)
+        }
         // Back for the next round.
         c.power_on(i);
         let via = NS_NODES.iter().position(|h| *h != owner).unwrap();

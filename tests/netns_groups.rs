@@ -243,7 +243,11 @@ fn group_move_under_load() {
         *count.entry(t.as_str()).or_default() += 1;
     }
     for (t, _) in &acked {
-        assert_eq!(count.get(t.as_str()).copied().unwrap_or(0), 1, "acknowledged {t} in the maildrop once; maildrop: {tokens:?}");
+        assert_eq!(
+            count.get(t.as_str()).copied().unwrap_or(0),
+            1,
+            "acknowledged {t} in the maildrop once; maildrop: {tokens:?}"
+        );
     }
     for (t, n) in &count {
         assert_eq!(*n, 1, "{t} stored {n} times");
@@ -265,8 +269,9 @@ fn active_active_two_groups() {
 
     // Both at home at once: different nodes answer.
     if poll(RECOVERY, || {
-        (c.greeting_from_client(VIP1).as_deref() == Some("node1") && c.greeting_from_client(VIP2).as_deref() == Some("node2"))
-            .then_some(())
+        (c.greeting_from_client(VIP1).as_deref() == Some("node1")
+            && c.greeting_from_client(VIP2).as_deref() == Some("node2"))
+        .then_some(())
     })
     .is_none()
     {
@@ -484,7 +489,14 @@ fn seed_scripts_run_with_the_seed_variables() {
 
     // The log, read through another node, has the START/HOME branch.
     let l = c.nodes[2].cli(&["log", "-n", "500"], "").1;
-    for line in ["NORMAL1", "n1 sendmail start ARMS_EVENT=START ARMS_SERVER=HOME ARMS_DISK=SUCCESS: ok", "pop3 start...", "pop3 started.", "NORMAL2", "EXIT"] {
+    for line in [
+        "NORMAL1",
+        "n1 sendmail start ARMS_EVENT=START ARMS_SERVER=HOME ARMS_DISK=SUCCESS: ok",
+        "pop3 start...",
+        "pop3 started.",
+        "NORMAL2",
+        "EXIT",
+    ] {
         assert!(l.contains(line), "`{line}` not in the log of node 3:\n{l}");
     }
     assert!(!l.contains("ON_OTHER") && !l.contains("FAILOVER1"), "{l}");
@@ -515,7 +527,13 @@ fn seed_scripts_run_with_the_seed_variables() {
     assert!(m.contains("n2 fuser -km ARMS_EVENT=FAILOVER"), "{m}");
     assert!(m.contains("n3 sendmail start ARMS_EVENT=START ARMS_SERVER=OTHER ARMS_DISK=SUCCESS"), "{m}");
     let l = c.nodes[1].cli(&["log", "-n", "500"], "").1;
-    for line in ["pop3 stop...", "pop3 stopped.", "n2 sendmail stop ARMS_EVENT=FAILOVER", "ON_OTHER1", "n3 sendmail start ARMS_EVENT=START ARMS_SERVER=OTHER"] {
+    for line in [
+        "pop3 stop...",
+        "pop3 stopped.",
+        "n2 sendmail stop ARMS_EVENT=FAILOVER",
+        "ON_OTHER1",
+        "n3 sendmail start ARMS_EVENT=START ARMS_SERVER=OTHER",
+    ] {
         assert!(l.contains(line), "`{line}` not in the log of node 2:\n{l}");
     }
     eprintln!("seed_scripts_run_with_the_seed_variables: marker file:\n{m}");

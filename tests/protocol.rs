@@ -130,11 +130,7 @@ print("MAIL:" + t.recv(4096).decode("latin-1").strip())
     use std::os::fd::AsRawFd;
     let fd = c.stream.as_raw_fd();
     // Let the child inherit the socket.
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(fd.to_string())
-        .output_with_fd(fd);
+    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(fd.to_string()).output_with_fd(fd);
     assert!(!out.contains("UNEXPECTED"), "injected commands were answered: {out}");
     assert!(out.contains("NOOP:250"), "{out}");
     // After STARTTLS the client must EHLO again (RFC 3207 4.2).

@@ -254,7 +254,9 @@ fn submit_from(server: &Server, from: &str, to: &[&str], subject: &str) -> Strin
         step(&format!("RCPT TO:<{t}>\r\n"), "250");
     }
     step("DATA\r\n", "354");
-    let body = format!("From: alice@example.org\r\nSubject: {subject}\r\n\r\nhello {subject}\r\n..line starting with a dot\r\n.\r\n");
+    let body = format!(
+        "From: alice@example.org\r\nSubject: {subject}\r\n\r\nhello {subject}\r\n..line starting with a dot\r\n.\r\n"
+    );
     let done = step(&body, "250");
     step("QUIT\r\n", "221");
     done
@@ -283,7 +285,9 @@ fn delivers_with_per_recipient_results_retries_and_bounces() {
     setup(&server);
     submit(&server, &["ok1@remote.test", "bad1@remote.test", "tmp1@remote.test"], "three");
     submit(&server, &["drop1@remote.test"], "dropped");
-    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    wait_for("an empty queue", Duration::from_secs(60), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
 
     // Each good recipient exactly once, the refused one never.
     assert_eq!(sink.count("ok1@remote.test"), 1);
@@ -352,7 +356,9 @@ fn many_messages_each_delivered_exactly_once() {
     for t in threads {
         t.join().unwrap();
     }
-    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    wait_for("an empty queue", Duration::from_secs(60), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
     for t in 0..4 {
         for i in 0..25 {
             let n = t * 100 + i;
@@ -479,7 +485,9 @@ fn sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded() {
     for i in 0..5 {
         submit(&server, &[&format!("ok{i}@remote.test")], &format!("before {i}"));
     }
-    wait_for("five deliveries", Duration::from_secs(30), || (0..5).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1));
+    wait_for("five deliveries", Duration::from_secs(30), || {
+        (0..5).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1)
+    });
     wait_for("their records", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
     submit(&server, &["hang@remote.test", "ok9@remote.test"], "in flight");
     wait_for("the hanging delivery", Duration::from_secs(30), || sink.state.lock().unwrap().hanging);
@@ -529,7 +537,8 @@ async fn schedule_follows_the_clock_warning_then_expiry() {
         sink = sink.addr
     );
     let config = hamail_server::Config::parse(&text, "test.toml").unwrap();
-    let local = LocalStore::open(&config.store_dir(), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let local =
+        LocalStore::open(&config.store_dir(), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
     let clock = Arc::new(ManualClock::new(SystemClock.now()));
     let running = hamail_server::start_with_clock(config, local.clone(), clock.clone()).await.unwrap();
     let ctx = running.context.clone();
@@ -673,12 +682,18 @@ fn cluster_takeover_of_the_queue_after_sigkill_of_the_owner() {
     assert!(ok, "{out}");
 
     // Mail submitted on node 2 is delivered by the owner, node 1.
-    wait_for("a login on node 2", Duration::from_secs(30), || common::cluster::pop3_login(nodes[1].s(), "alice@example.org", "pw"));
+    wait_for("a login on node 2", Duration::from_secs(30), || {
+        common::cluster::pop3_login(nodes[1].s(), "alice@example.org", "pw")
+    });
     for i in 0..3 {
         submit(nodes[1].s(), &[&format!("ok{i}@remote.test")], &format!("clustered {i}"));
     }
-    wait_for("three deliveries", Duration::from_secs(60), || (0..3).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1));
-    wait_for("their records", Duration::from_secs(30), || queue_json(nodes[2].s()).as_array().is_some_and(|a| a.is_empty()));
+    wait_for("three deliveries", Duration::from_secs(60), || {
+        (0..3).all(|i| sink.count(&format!("ok{i}@remote.test")) == 1)
+    });
+    wait_for("their records", Duration::from_secs(30), || {
+        queue_json(nodes[2].s()).as_array().is_some_and(|a| a.is_empty())
+    });
     assert!(nodes[0].s().log().contains("outbound delivery started on this node"));
     for n in &nodes[1..] {
         assert!(!n.s().log().contains("relay queue_id="), "only the owner delivers:\n{}", n.s().log());
@@ -689,7 +704,8 @@ fn cluster_takeover_of_the_queue_after_sigkill_of_the_owner() {
     nodes[0].kill9();
     wait_for("an empty queue after the takeover", Duration::from_secs(60), || {
         let (ok, out) = nodes[2].cli(&["queue", "list", "--json"], "");
-        ok && serde_json::from_str::<serde_json::Value>(&out).ok().and_then(|v| v.as_array().map(|a| a.is_empty())) == Some(true)
+        ok && serde_json::from_str::<serde_json::Value>(&out).ok().and_then(|v| v.as_array().map(|a| a.is_empty()))
+            == Some(true)
     });
     assert_eq!(sink.count("hang@remote.test"), 1);
     assert_eq!(sink.count("ok9@remote.test"), 1);
@@ -712,7 +728,9 @@ fn domains_with_a_tls_policy_share_the_smarthost_session() {
     ));
     setup(&server);
     submit(&server, &["one@plain.test", "two@strict.test"], "both");
-    wait_for("an empty queue", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    wait_for("an empty queue", Duration::from_secs(30), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
     let st = sink.state.lock().unwrap();
     assert_eq!(st.sessions, 1, "one session to the smarthost");
     assert_eq!(st.delivered.len(), 1, "one transaction: {:?}", st.delivered.iter().map(|(r, _)| r).collect::<Vec<_>>());
@@ -742,7 +760,9 @@ fn starttls_policies_and_an_authenticating_smarthost() {
     setup(&server);
     submit(&server, &["bob@remote.test"], "over tls");
     wait_for("delivery over TLS", Duration::from_secs(30), || {
-        common::mail::maildrop(next.pop3, "bob@remote.test").iter().any(|m| String::from_utf8_lossy(m).contains("Subject: over tls"))
+        common::mail::maildrop(next.pop3, "bob@remote.test")
+            .iter()
+            .any(|m| String::from_utf8_lossy(m).contains("Subject: over tls"))
     });
     let got = common::mail::maildrop(next.pop3, "bob@remote.test");
     let text = String::from_utf8_lossy(&got[0]);
@@ -774,11 +794,17 @@ fn starttls_policies_and_an_authenticating_smarthost() {
     setup(&smart);
     submit(&smart, &["bob@remote.test"], "via smarthost");
     wait_for("delivery through the smarthost", Duration::from_secs(30), || {
-        common::mail::maildrop(next.pop3, "bob@remote.test").iter().any(|m| String::from_utf8_lossy(m).contains("Subject: via smarthost"))
+        common::mail::maildrop(next.pop3, "bob@remote.test")
+            .iter()
+            .any(|m| String::from_utf8_lossy(m).contains("Subject: via smarthost"))
     });
     let got = common::mail::maildrop(next.pop3, "bob@remote.test");
     let m = got.iter().find(|m| String::from_utf8_lossy(m).contains("via smarthost")).unwrap();
-    assert!(String::from_utf8_lossy(m).contains("with ESMTPSA"), "TLS and AUTH at the smarthost: {}", String::from_utf8_lossy(m));
+    assert!(
+        String::from_utf8_lossy(m).contains("with ESMTPSA"),
+        "TLS and AUTH at the smarthost: {}",
+        String::from_utf8_lossy(m)
+    );
 }
 
 /// At most `max_per_destination` sessions to one destination, even with
@@ -795,7 +821,9 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
     for i in 0..8 {
         submit(&server, &[&format!("par{i}@remote.test")], &format!("parallel {i}"));
     }
-    wait_for("an empty queue", Duration::from_secs(60), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    wait_for("an empty queue", Duration::from_secs(60), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
     let st = sink.state.lock().unwrap();
     assert_eq!(st.delivered.len(), 8);
     assert!(st.max_open <= 2, "at most 2 sessions at once, saw {}", st.max_open);
@@ -825,7 +853,9 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
     // own (due at once): only the destination's keeps it waiting, so the
     // next session comes when that ends and carries both messages.
     submit(&server, &["second@remote.test"], "after the failure");
-    wait_for("both delivered", Duration::from_secs(30), || queue_json(&server).as_array().is_some_and(|a| a.is_empty()));
+    wait_for("both delivered", Duration::from_secs(30), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
     let st = sink.state.lock().unwrap();
     assert_eq!(st.delivered.len(), 2);
     assert!(
@@ -833,7 +863,12 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
         "the second message was tried at {} before the destination's backoff ended at {backoff_end}",
         st.connected_at[1]
     );
-    assert_eq!(st.connected_at.len(), 2, "the refused session and one after the backoff, for both: {:?}", st.connected_at);
+    assert_eq!(
+        st.connected_at.len(),
+        2,
+        "the refused session and one after the backoff, for both: {:?}",
+        st.connected_at
+    );
 }
 
 /// A real client (swaks, STARTTLS and AUTH on submission) to a remote
@@ -847,10 +882,21 @@ fn swaks_submission_is_relayed_intact() {
     let (ok, out, err) = common::run_tool(
         "swaks",
         &[
-            "--server", &server.submission.to_string(), "--tls",
-            "-au", "alice@example.org", "-ap", "pw",
-            "--from", "alice@example.org", "--to", "carol@remote.test",
-            "--header", "Subject: swaks relayed", "--body", ".starts with a dot\nsecond line",
+            "--server",
+            &server.submission.to_string(),
+            "--tls",
+            "-au",
+            "alice@example.org",
+            "-ap",
+            "pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "carol@remote.test",
+            "--header",
+            "Subject: swaks relayed",
+            "--body",
+            ".starts with a dot\nsecond line",
         ],
         None,
     );
@@ -886,7 +932,10 @@ fn a_failed_bounce_goes_to_the_postmaster_once() {
     let raw = String::from_utf8_lossy(&drop[0]);
     assert!(raw.contains("X-Hamail-Double-Bounce: yes"), "{raw}");
     assert!(raw.contains("Final-Recipient: rfc822; bad-sender@remote.test"), "the bounce's recipient: {raw}");
-    assert!(raw.contains("Subject: Undelivered Mail Returned to Sender"), "the original headers are the bounce's: {raw}");
+    assert!(
+        raw.contains("Subject: Undelivered Mail Returned to Sender"),
+        "the original headers are the bounce's: {raw}"
+    );
     assert!(server.log().contains("bounce queue_id="), "{}", server.log());
     assert_eq!(sink.count("bad-rcpt@remote.test"), 0);
 
@@ -918,5 +967,9 @@ fn a_failed_bounce_goes_to_the_postmaster_once() {
     assert!(ok, "{out}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["relay_reports"], 4, "two bounces, two double bounces, no more: {status}");
-    assert_eq!(common::mail::maildrop(server.pop3, "alice@example.org").len(), 1, "nothing more for the old postmaster");
+    assert_eq!(
+        common::mail::maildrop(server.pop3, "alice@example.org").len(),
+        1,
+        "nothing more for the old postmaster"
+    );
 }

@@ -66,7 +66,9 @@ fn run(roles: &[&str], rounds: usize) {
         nodes[victim].kill9();
         smtp.write().unwrap()[victim] = None;
         let mid = acked(&log);
-        eventually(Duration::from_secs(60), "mail flowing with a node down", || (acked(&log) >= mid + 40).then_some(()));
+        eventually(Duration::from_secs(60), "mail flowing with a node down", || {
+            (acked(&log) >= mid + 40).then_some(())
+        });
         stop.store(true, Ordering::Relaxed);
         for t in threads {
             t.join().unwrap();
@@ -125,7 +127,6 @@ fn three_data_nodes_survive_a_sigkill_loop_under_load() {
 fn two_data_nodes_and_a_witness_survive_a_sigkill_loop_under_load() {
     run(&["data", "data", "witness"], 2);
 }
-
 
 #[test]
 fn a_node_that_missed_mail_catches_up_and_verify_repairs_bodies() {

@@ -22,7 +22,8 @@ impl Node {
         write_node_config(&dir, name, free_port(), role);
         let config = dir.join("hamail.toml");
         let text = std::fs::read_to_string(&config).expect("config");
-        std::fs::write(&config, text.replacen("[server]\n", &format!("[server]\n{server_extra}\n"), 1)).expect("config");
+        std::fs::write(&config, text.replacen("[server]\n", &format!("[server]\n{server_extra}\n"), 1))
+            .expect("config");
         let server = Some(start_in(&dir, ""));
         Node { dir, server }
     }
@@ -104,4 +105,3 @@ pub fn form_with(root: &Path, roles: &[&str], server_extra: &str) -> Vec<Node> {
     }
     nodes
 }
-

@@ -36,7 +36,13 @@ pub fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
 }
 
 /// Sends one message; Ok(true) when it got 250. Records the attempt first.
-pub fn send_one(addr: SocketAddr, token: &str, recipients: &[usize], size: usize, log: &Mutex<HashMap<String, Sent>>) -> std::io::Result<bool> {
+pub fn send_one(
+    addr: SocketAddr,
+    token: &str,
+    recipients: &[usize],
+    size: usize,
+    log: &Mutex<HashMap<String, Sent>>,
+) -> std::io::Result<bool> {
     let mut content = format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n").into_bytes();
     let mut i = 0u64;
     while content.len() < size {
@@ -125,4 +131,3 @@ pub fn content_hash(msg: &[u8]) -> [u8; 32] {
     let pos = msg.windows(9).position(|w| w == b"Subject: ").expect("subject");
     Sha256::digest(&msg[pos..]).into()
 }
-

@@ -129,7 +129,10 @@ mod tests {
         assert_eq!(parse_cpu_stat(v1), Some(Throttling { periods: 412, throttled: 398 }));
         assert_eq!(parse_cpu_stat(v2), Some(Throttling { periods: 40, throttled: 2 }));
         // A key that only starts like another is not it; a missing key is None.
-        assert_eq!(parse_cpu_stat("nr_periods_x 5\nnr_periods 7\nnr_throttled 1\n"), Some(Throttling { periods: 7, throttled: 1 }));
+        assert_eq!(
+            parse_cpu_stat("nr_periods_x 5\nnr_periods 7\nnr_throttled 1\n"),
+            Some(Throttling { periods: 7, throttled: 1 })
+        );
         assert_eq!(parse_cpu_stat("nr_periods 7\n"), None);
         let before = Throttling { periods: 100, throttled: 90 };
         assert_eq!(before.until(Throttling { periods: 140, throttled: 129 }).to_string(), "39/40");

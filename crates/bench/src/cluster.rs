@@ -191,7 +191,13 @@ impl From<&ClusterArgs> for NodeSettings {
 }
 
 impl Node {
-    pub(crate) fn new(root: &Path, name: &str, role: &'static str, cluster_port: u16, settings: NodeSettings) -> Result<Node> {
+    pub(crate) fn new(
+        root: &Path,
+        name: &str,
+        role: &'static str,
+        cluster_port: u16,
+        settings: NodeSettings,
+    ) -> Result<Node> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let data = dir.join("data");
@@ -333,7 +339,8 @@ impl Cluster {
                 Ok(st) => {
                     let me = st.iter().find(|m| m.name == n.name);
                     if let Some(l) = me.and_then(|m| m.leader) {
-                        let term = st.iter().find(|m| m.id == l).and_then(|m| m.term).or(me.and_then(|m| m.term)).unwrap_or(0);
+                        let term =
+                            st.iter().find(|m| m.id == l).and_then(|m| m.term).or(me.and_then(|m| m.term)).unwrap_or(0);
                         if let Some(i) = self.by_id(l) {
                             return Ok((i, term));
                         }
@@ -360,7 +367,12 @@ impl Cluster {
                         }
                         last = st
                             .iter()
-                            .map(|m| format!("{}: {} leader={:?} lag={:?} healthy={}", m.name, m.state, m.leader, m.lag, m.healthy))
+                            .map(|m| {
+                                format!(
+                                    "{}: {} leader={:?} lag={:?} healthy={}",
+                                    m.name, m.state, m.leader, m.lag, m.healthy
+                                )
+                            })
                             .collect::<Vec<_>>()
                             .join("; ");
                         break;
@@ -391,7 +403,11 @@ impl Cluster {
         let token = {
             let mut c = self.nodes[0].conn().await?;
             let d = c.ok(&json!({"op": "cluster_init"}), Duration::from_secs(60)).await?;
-            d["token"].as_str().filter(|t| t.starts_with("hamail1-")).ok_or_else(|| anyhow!("cluster_init: no token in {d}"))?.to_string()
+            d["token"]
+                .as_str()
+                .filter(|t| t.starts_with("hamail1-"))
+                .ok_or_else(|| anyhow!("cluster_init: no token in {d}"))?
+                .to_string()
         };
         for n in &self.nodes[1..] {
             let mut c = n.conn().await?;
@@ -401,13 +417,21 @@ impl Cluster {
         }
         let st = self.wait_healthy(Duration::from_secs(60)).await?;
         for n in &mut self.nodes {
-            n.id = st.iter().find(|m| m.name == n.name).map(|m| m.id).ok_or_else(|| anyhow!("{} is not in the status", n.name))?;
+            n.id = st
+                .iter()
+                .find(|m| m.name == n.name)
+                .map(|m| m.id)
+                .ok_or_else(|| anyhow!("{} is not in the status", n.name))?;
         }
         log(format!(
             "formed a cluster of {} in {:.1} s: {}",
             self.nodes.len(),
             t.elapsed().as_secs_f64(),
-            self.nodes.iter().map(|n| format!("{}=id{}/{}/pid{}", n.name, n.id, n.role, n.pid)).collect::<Vec<_>>().join(" ")
+            self.nodes
+                .iter()
+                .map(|n| format!("{}=id{}/{}/pid{}", n.name, n.id, n.role, n.pid))
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
         Ok(())
     }
@@ -552,7 +576,10 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
     if args.concurrency.contains(&0) {
         bail!("--concurrency must be at least 1");
     }
-    if args.heartbeat_ms == 0 || args.election_min_ms <= 2 * args.heartbeat_ms || args.election_max_ms <= args.election_min_ms {
+    if args.heartbeat_ms == 0
+        || args.election_min_ms <= 2 * args.heartbeat_ms
+        || args.election_max_ms <= args.election_min_ms
+    {
         bail!("the timers need heartbeat_ms > 0, election_min_ms > 2 x heartbeat_ms and election_max_ms > election_min_ms");
     }
     let hamail = find_hamail(args.hamail.clone())?;
@@ -582,7 +609,8 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     log(format!("cluster directory {} (binary {})", dir.display(), hamail.display()));
 
-    let roles: Vec<&'static str> = (0..args.nodes).map(|i| if args.witness && i + 1 == args.nodes { "witness" } else { "data" }).collect();
+    let roles: Vec<&'static str> =
+        (0..args.nodes).map(|i| if args.witness && i + 1 == args.nodes { "witness" } else { "data" }).collect();
     let timers = format!(
         "timers heartbeat_ms={} election_timeout_min_ms={} election_timeout_max_ms={} nodes={} roles={} cpus={} machine_busy_before_pct={idle:.0}",
         args.heartbeat_ms,
@@ -680,7 +708,9 @@ async fn elections(args: &ClusterArgs, cluster: &mut Cluster) -> Result<(String,
         // A quiet second: the term must not move.
         let (_, t_a) = cluster.leader().await?;
         if let Some(t) = last_term.filter(|&t| t != t_a) {
-            log(format!("run {run}: the term moved from {t} to {t_a} while the cluster was quiet (restart / catch-up)"));
+            log(format!(
+                "run {run}: the term moved from {t} to {t_a} while the cluster was quiet (restart / catch-up)"
+            ));
             spurious += t_a - t;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -741,7 +771,8 @@ async fn elections(args: &ClusterArgs, cluster: &mut Cluster) -> Result<(String,
         if let Some(mut c) = dead {
             let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
         }
-        let new_name = cluster.by_id(new_id).map(|i| cluster.nodes[i].name.clone()).unwrap_or_else(|| format!("id{new_id}"));
+        let new_name =
+            cluster.by_id(new_id).map(|i| cluster.nodes[i].name.clone()).unwrap_or_else(|| format!("id{new_id}"));
         // Restart the killed node and wait until it has caught up.
         let tr = Instant::now();
         let hamail = cluster.hamail.clone();
@@ -750,7 +781,10 @@ async fn elections(args: &ClusterArgs, cluster: &mut Cluster) -> Result<(String,
         let rejoin = tr.elapsed();
         let (_, term2) = cluster.leader().await?;
         if term2 != term1 {
-            log(format!("run {run}: the term moved from {term1} to {term2} while {} rejoined", cluster.nodes[killed].name));
+            log(format!(
+                "run {run}: the term moved from {term1} to {term2} while {} rejoined",
+                cluster.nodes[killed].name
+            ));
             spurious += term2.saturating_sub(term1);
         }
         last_term = Some(term2);

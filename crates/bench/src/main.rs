@@ -202,7 +202,9 @@ impl Cli {
             users: (0..n).map(|i| format!("user{i:04}@{}", self.peer_domain)).collect(),
             password: self.peer_pass.clone(),
             maildir_root: Some(
-                self.peer_maildir_root.clone().unwrap_or_else(|| PathBuf::from(format!("/var/mail/vhosts/{}", self.peer_domain))),
+                self.peer_maildir_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("/var/mail/vhosts/{}", self.peer_domain))),
             ),
             postfix_pidfile: self.peer_postfix_pidfile.clone(),
             postfix_queue: self.peer_postfix_queue.clone(),
@@ -440,7 +442,12 @@ async fn bench(cli: &Cli, peers: Option<&Peers>, admin: &Admin, server: &mut Ser
         ));
         let warm = pop3::run(server.pop3, &users, PASSWORD, 4.min(users.len()), None).await?;
         if warm.errors > 0 || warm.msgs != (users.len() * cli.pop3_msgs) as u64 {
-            bail!("POP3 warm-up pass: {} messages read, {} expected, {} errors", warm.msgs, users.len() * cli.pop3_msgs, warm.errors);
+            bail!(
+                "POP3 warm-up pass: {} messages read, {} expected, {} errors",
+                warm.msgs,
+                users.len() * cli.pop3_msgs,
+                warm.errors
+            );
         }
         if let Some(p) = pop3_peer {
             populate_peer(cli, p).await?;
@@ -551,7 +558,14 @@ fn mark_order(hamail: &mut Cell, peer: &mut Cell, hamail_first: bool) {
     peer.extra.push(("order", p.to_string()));
 }
 
-fn pop3_cell(server: &'static str, cli: &Cli, users: usize, conc: usize, r: pop3::Pop3Result, usage: procfs::Usage) -> Cell {
+fn pop3_cell(
+    server: &'static str,
+    cli: &Cli,
+    users: usize,
+    conc: usize,
+    r: pop3::Pop3Result,
+    usage: procfs::Usage,
+) -> Cell {
     Cell {
         test: "pop3",
         server,
@@ -575,7 +589,14 @@ fn pop3_cell(server: &'static str, cli: &Cli, users: usize, conc: usize, r: pop3
     }
 }
 
-fn smtp_cell(server: &'static str, cli: &Cli, size: usize, conc: usize, r: &smtp::SmtpResult, usage: procfs::Usage) -> Cell {
+fn smtp_cell(
+    server: &'static str,
+    cli: &Cli,
+    size: usize,
+    conc: usize,
+    r: &smtp::SmtpResult,
+    usage: procfs::Usage,
+) -> Cell {
     Cell {
         test: "smtp",
         server,

@@ -64,11 +64,13 @@ pub fn postfix_queues_count(queue: &Path, names: &[&str]) -> usize {
 
 impl Peers {
     pub fn postfix_pid(&self) -> Result<u32> {
-        read_pid(&self.postfix_pidfile).context("finding the postfix master (is postfix running? ../shared/peers/services.sh status)")
+        read_pid(&self.postfix_pidfile)
+            .context("finding the postfix master (is postfix running? ../shared/peers/services.sh status)")
     }
 
     pub fn dovecot_pid(&self) -> Result<u32> {
-        read_pid(&self.dovecot_pidfile).context("finding the dovecot master (is dovecot running? ../shared/peers/services.sh status)")
+        read_pid(&self.dovecot_pidfile)
+            .context("finding the dovecot master (is dovecot running? ../shared/peers/services.sh status)")
     }
 
     /// Messages in the postfix queue (maildrop, incoming, active, deferred, hold).
@@ -122,7 +124,9 @@ impl Peers {
             if full {
                 if let Ok(rd) = std::fs::read_dir(&md) {
                     for e in rd.flatten() {
-                        if e.file_name().to_string_lossy().starts_with("dovecot") && e.file_type().is_ok_and(|t| t.is_file()) {
+                        if e.file_name().to_string_lossy().starts_with("dovecot")
+                            && e.file_type().is_ok_and(|t| t.is_file())
+                        {
                             let _ = std::fs::remove_file(e.path());
                         }
                     }
@@ -153,7 +157,8 @@ impl Peers {
     /// populate does; used when no --peer-smtp is given.
     pub fn populate_files(&self, per_user: usize, size: usize) -> Result<()> {
         use std::io::Write as _;
-        let root = self.maildir_root.as_ref().context("--peer-maildir-root is needed to populate the POP3 mailboxes")?;
+        let root =
+            self.maildir_root.as_ref().context("--peer-maildir-root is needed to populate the POP3 mailboxes")?;
         let body = crate::smtp::payload(size);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut q = 0u64;
@@ -194,7 +199,12 @@ impl Peers {
                 (st, self.postfix_pid()?, 6)
             }
             Daemon::Dovecot => {
-                let st = tokio::process::Command::new("dovecot").arg("-c").arg(&self.dovecot_conf).arg("reload").output().await;
+                let st = tokio::process::Command::new("dovecot")
+                    .arg("-c")
+                    .arg(&self.dovecot_conf)
+                    .arg("reload")
+                    .output()
+                    .await;
                 // master anvil log config stats auth (+ login/pop3 ending)
                 (st, self.dovecot_pid()?, 8)
             }

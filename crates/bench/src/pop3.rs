@@ -23,7 +23,8 @@ pub struct Client {
 impl Client {
     /// Connects and logs in with USER/PASS.
     pub async fn login(addr: SocketAddr, user: &str, password: &str) -> Result<Client> {
-        let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
+        let stream =
+            tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let mut c = Client { rd: BufReader::with_capacity(64 * 1024, rd), wr, line: Vec::new() };
@@ -149,7 +150,13 @@ impl Pop3Result {
 
 /// `conc` clients; client i owns users i, i+conc, ... and runs sessions over
 /// them in turn until `duration` has passed (`duration` None: one pass).
-pub async fn run(addr: SocketAddr, users: &[String], password: &str, conc: usize, duration: Option<Duration>) -> Result<Pop3Result> {
+pub async fn run(
+    addr: SocketAddr,
+    users: &[String],
+    password: &str,
+    conc: usize,
+    duration: Option<Duration>,
+) -> Result<Pop3Result> {
     if users.len() < conc {
         bail!("POP3 needs at least as many users ({}) as clients ({conc})", users.len());
     }

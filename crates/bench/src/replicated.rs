@@ -122,7 +122,10 @@ pub async fn run(args: ReplicatedArgs) -> Result<()> {
     if args.users == 0 || args.concurrency.contains(&0) {
         bail!("--users and the concurrencies must be at least 1");
     }
-    if args.heartbeat_ms == 0 || args.election_min_ms <= 2 * args.heartbeat_ms || args.election_max_ms <= args.election_min_ms {
+    if args.heartbeat_ms == 0
+        || args.election_min_ms <= 2 * args.heartbeat_ms
+        || args.election_max_ms <= args.election_min_ms
+    {
         bail!("the timers need heartbeat_ms > 0, election_min_ms > 2 x heartbeat_ms and election_max_ms > election_min_ms");
     }
     if !args.node_dirs.is_empty() && args.node_dirs.len() != args.nodes {
@@ -222,7 +225,12 @@ pub async fn run(args: ReplicatedArgs) -> Result<()> {
 async fn cluster_users(cluster: &Cluster, users: &[String], parallel: usize) -> Result<()> {
     let (li, _) = cluster.leader().await?;
     let leader = &cluster.nodes[li];
-    leader.conn().await?.ok(&json!({"op": "domain_add", "domain": DOMAIN}), CALL).await.context("domain_add on the cluster")?;
+    leader
+        .conn()
+        .await?
+        .ok(&json!({"op": "domain_add", "domain": DOMAIN}), CALL)
+        .await
+        .context("domain_add on the cluster")?;
     let parallel = parallel.clamp(1, users.len().max(1));
     let mut set = JoinSet::new();
     for w in 0..parallel {
@@ -267,7 +275,8 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
     cluster.wait_healthy(Duration::from_secs(60)).await?;
     log(format!("cluster: created {} users in {:.1} s", users.len(), t.elapsed().as_secs_f64()));
     for n in &cluster.nodes {
-        let (smtp, pop3) = (n.smtp.context("a node did not print its smtp address")?, n.pop3.context("no pop3 address")?);
+        let (smtp, pop3) =
+            (n.smtp.context("a node did not print its smtp address")?, n.pop3.context("no pop3 address")?);
         log(format!("{} pid {} smtp {smtp} pop3 {pop3}", n.name, n.pid));
     }
     let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.pid).collect();
@@ -308,9 +317,12 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
             let (li, term0) = cluster.leader().await?;
             if k > 0 && !args.no_purge {
                 let t = Instant::now();
-                let a = pop3::purge(server.pop3, &users, PASSWORD, 4).await.context("emptying the single node's mailboxes")?;
+                let a = pop3::purge(server.pop3, &users, PASSWORD, 4)
+                    .await
+                    .context("emptying the single node's mailboxes")?;
                 let leader_pop3 = cluster.nodes[li].pop3.context("no pop3 address")?;
-                let b = pop3::purge(leader_pop3, &users, PASSWORD, 4).await.context("emptying the cluster's mailboxes")?;
+                let b =
+                    pop3::purge(leader_pop3, &users, PASSWORD, 4).await.context("emptying the cluster's mailboxes")?;
                 log(format!("emptied the mailboxes ({a} + {b} messages) in {:.1} s", t.elapsed().as_secs_f64()));
                 // The purge unlinked thousands of body files on every
                 // node's filesystem: the kernel writes that back ~30 s
@@ -328,7 +340,10 @@ async fn bench(args: &ReplicatedArgs, admin: &Admin, server: &mut Server, cluste
             let all: Vec<u32> = std::iter::once(server.pid).chain(pids.iter().copied()).collect();
             let (settled, quiet) = settle(&all, Duration::from_secs(args.settle_secs)).await;
             if !quiet {
-                log(format!("the servers were still busy after {:.1} s; starting the cell anyway", settled.as_secs_f64()));
+                log(format!(
+                    "the servers were still busy after {:.1} s; starting the cell anyway",
+                    settled.as_secs_f64()
+                ));
             }
             let addrs: Vec<SocketAddr> = if args.spread {
                 // The leader last: session w goes to addrs[w % n], so when
@@ -471,7 +486,17 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
     let _ = writeln!(
         out,
         "{:<14} {:>9} {:>11} {:>6} {:>10} {:>12} {:>7} {:>8} {:>7} {:>6} {:>6}",
-        "cell", "single/s", "replicated/s", "ratio", "single RSS", "cluster RSS", "1 CPU", "N CPU", "errors", "terms", "other"
+        "cell",
+        "single/s",
+        "replicated/s",
+        "ratio",
+        "single RSS",
+        "cluster RSS",
+        "1 CPU",
+        "N CPU",
+        "errors",
+        "terms",
+        "other"
     );
     for r in rows {
         let (s, c) = (&r.single, &r.cluster);
@@ -504,7 +529,8 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
     // (median, lowest, highest) of a list.
     let stats = |v: Vec<f64>| summary(&v).unwrap_or_default();
     // Per cell: (median, lowest, highest) ratio.
-    let ratios: Vec<(f64, f64, f64)> = cells.iter().map(|(_, runs)| stats(runs.iter().map(|r| r.ratio()).collect())).collect();
+    let ratios: Vec<(f64, f64, f64)> =
+        cells.iter().map(|(_, runs)| stats(runs.iter().map(|r| r.ratio()).collect())).collect();
     if repeated {
         let _ = writeln!(out, "medians ({} runs per cell):", cells.first().map_or(0, |(_, runs)| runs.len()));
         for (((size, conc), runs), (ratio, low, high)) in cells.iter().zip(&ratios) {
@@ -519,8 +545,12 @@ fn table(args: &ReplicatedArgs, rows: &[Row]) -> String {
         }
     }
     // The target, on each 1 KiB cell's ratio (its median when repeated).
-    let one_k: Vec<f64> =
-        cells.iter().zip(&ratios).filter(|(((size, _), _), _)| *size == 1024).map(|(_, (ratio, _, _))| *ratio).collect();
+    let one_k: Vec<f64> = cells
+        .iter()
+        .zip(&ratios)
+        .filter(|(((size, _), _), _)| *size == 1024)
+        .map(|(_, (ratio, _, _))| *ratio)
+        .collect();
     if let Some(worst) = one_k.iter().copied().reduce(f64::min) {
         let _ = writeln!(
             out,

@@ -108,7 +108,12 @@ impl Cell {
         }
         match (self.compare, self.reference()) {
             (Compare::Static, Some((peer, r))) => {
-                let _ = write!(s, " ref={} ref_msgs_per_s={r:.0} ratio={:.2}", peer.replace(' ', ""), self.msgs_per_s() / r);
+                let _ = write!(
+                    s,
+                    " ref={} ref_msgs_per_s={r:.0} ratio={:.2}",
+                    peer.replace(' ', ""),
+                    self.msgs_per_s() / r
+                );
             }
             (Compare::Static, None) => s.push_str(" ref=- ref_msgs_per_s=- ratio=-"),
             (Compare::Peer(peer, r), _) => {
@@ -126,7 +131,18 @@ pub fn table(cells: &[Cell]) -> String {
     let _ = writeln!(
         out,
         "{:<5} {:>8} {:>5} {:>9} {:>9} {:>8} {:>9} {:>8} {:>7} {:>7}  {:<18} {:>6}",
-        "test", "size", "conc", "msgs", "msgs/s", "MB/s", "peak RSS", "srv CPU", "other", "errors", "reference msgs/s", "ratio"
+        "test",
+        "size",
+        "conc",
+        "msgs",
+        "msgs/s",
+        "MB/s",
+        "peak RSS",
+        "srv CPU",
+        "other",
+        "errors",
+        "reference msgs/s",
+        "ratio"
     );
     for c in cells {
         let (reference, ratio) = match c.reference() {
@@ -287,7 +303,12 @@ mod tests {
             compare: Compare::Nothing,
         };
         let pairs = [
-            Pair { hamail: cell("hamail", 3000), peer: Some(cell("postfix", 1000)), delivered_per_s: Some(480.0), landed: Some((1000, 1000)) },
+            Pair {
+                hamail: cell("hamail", 3000),
+                peer: Some(cell("postfix", 1000)),
+                delivered_per_s: Some(480.0),
+                landed: Some((1000, 1000)),
+            },
             Pair { hamail: cell("hamail", 100), peer: None, delivered_per_s: None, landed: None },
         ];
         let t = pair_table(&pairs);

@@ -45,9 +45,7 @@ impl Banner {
 
 /// The first socket address of a space- or comma-separated list.
 fn first_addr(list: &str) -> Option<SocketAddr> {
-    list.split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|s| !s.is_empty())
-        .find_map(|s| s.parse().ok())
+    list.split(|c: char| c.is_whitespace() || c == ',').filter(|s| !s.is_empty()).find_map(|s| s.parse().ok())
 }
 
 /// Runs `hamail --config FILE <admin command>`; works with the server

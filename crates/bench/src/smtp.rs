@@ -99,10 +99,12 @@ pub struct Client {
 impl Client {
     /// Connects, reads the greeting and says EHLO.
     pub async fn connect(addr: SocketAddr) -> Result<Client> {
-        let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
+        let stream =
+            tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
-        let mut c = Client { rd: BufReader::with_capacity(16 * 1024, rd), wr, line: Vec::new(), sender: OUTSIDE_SENDER.into() };
+        let mut c =
+            Client { rd: BufReader::with_capacity(16 * 1024, rd), wr, line: Vec::new(), sender: OUTSIDE_SENDER.into() };
         c.expect(220, "greeting").await?;
         c.command("EHLO client.bench.test", 250).await?;
         Ok(c)
@@ -112,9 +114,12 @@ impl Client {
     async fn expect(&mut self, code: u16, what: &str) -> Result<()> {
         loop {
             self.line.clear();
-            let n = tokio::time::timeout(IO_TIMEOUT, (&mut self.rd).take(MAX_LINE as u64).read_until(b'\n', &mut self.line))
-                .await
-                .with_context(|| format!("no reply to {what}"))??;
+            let n = tokio::time::timeout(
+                IO_TIMEOUT,
+                (&mut self.rd).take(MAX_LINE as u64).read_until(b'\n', &mut self.line),
+            )
+            .await
+            .with_context(|| format!("no reply to {what}"))??;
             if n == 0 {
                 bail!("connection closed (waiting for the reply to {what})");
             }

@@ -42,7 +42,6 @@ impl ReplicatedDirectory {
     }
 }
 
-
 fn check_new_password(password: &str) -> StoreResult<()> {
     if password.is_empty() {
         return Err(StoreError::Permanent("the password must not be empty".into()));

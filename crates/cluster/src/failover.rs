@@ -100,8 +100,8 @@ use tokio::sync::mpsc;
 
 use crate::error::ClusterError;
 use crate::groups::{
-    ClusterEvent, EventKind, GroupReport, GroupSpec, GroupState, GroupStatus, GroupTarget, Placement,
-    ResourceDriver, ResourceError, ResourceSpec, StartContext, StartEvent,
+    ClusterEvent, EventKind, GroupReport, GroupSpec, GroupState, GroupStatus, GroupTarget, Placement, ResourceDriver,
+    ResourceError, ResourceSpec, StartContext, StartEvent,
 };
 use crate::node::{write_error, ClusterNode};
 use crate::rpc::{Request, Response};
@@ -251,9 +251,7 @@ impl ClusterNode {
     }
 
     pub async fn set_group_target(&self, name: &str, target: GroupTarget) -> Result<(), ClusterError> {
-        refused_err(
-            self.write(Command::SetGroupTarget { group: name.into(), target }).await.map_err(write_error)?,
-        )
+        refused_err(self.write(Command::SetGroupTarget { group: name.into(), target }).await.map_err(write_error)?)
     }
 
     /// `group move GROUP [NODE]`: a switchover to `node`, or without one to
@@ -555,7 +553,12 @@ impl Manager {
 /// this node's clock: the arrival of the answer minus the time it states,
 /// which can only make it later). Gives up when the node no longer leads
 /// `term`.
-async fn gather_testimony(node: Weak<ClusterNode>, term: u64, voters: Vec<NodeId>, out: Arc<Mutex<Option<(u64, Instant)>>>) {
+async fn gather_testimony(
+    node: Weak<ClusterNode>,
+    term: u64,
+    voters: Vec<NodeId>,
+    out: Arc<Mutex<Option<(u64, Instant)>>>,
+) {
     let majority = voters.len() / 2 + 1;
     let mut heard: BTreeMap<NodeId, Instant> = BTreeMap::new();
     loop {
@@ -657,7 +660,10 @@ fn decide(
             }
             let n = pick(spec, p, eligible, &[])?;
             let event = p.event.unwrap_or(StartEvent::Start);
-            Some((start_on(Some(n), event, None), Some((EventKind::GroupStart, format!("starting on node {n} ({event})")))))
+            Some((
+                start_on(Some(n), event, None),
+                Some((EventKind::GroupStart, format!("starting on node {n} ({event})"))),
+            ))
         }
         (GroupState::Starting | GroupState::Online | GroupState::Stopping, Some(o)) if fenced(o) => {
             // A new leader may fence a dead owner before the other nodes
@@ -961,7 +967,13 @@ impl Worker {
     /// Starts the resources in order; stops at the first failure (the
     /// resources started are left in `held`). Gives up at once if the lease
     /// runs out or the placement changes meanwhile.
-    async fn start_all(&mut self, n: &Arc<ClusterNode>, spec: &GroupSpec, p: &Placement, event: StartEvent) -> StartOutcome {
+    async fn start_all(
+        &mut self,
+        n: &Arc<ClusterNode>,
+        spec: &GroupSpec,
+        p: &Placement,
+        event: StartEvent,
+    ) -> StartOutcome {
         let me = n.id();
         let home = spec.nodes.first() == Some(&me);
         // A failed resource (a disk included) fails the start, so every
@@ -1039,7 +1051,8 @@ impl Worker {
     /// Writes a report unless this one was written already (retried at
     /// most every 200 ms while it does not go through).
     async fn report(&mut self, n: &Arc<ClusterNode>, p: &Placement, report: GroupReport) {
-        if self.reported == Some((p.epoch, report)) && !matches!(report, GroupReport::Offline | GroupReport::StopFailed) {
+        if self.reported == Some((p.epoch, report)) && !matches!(report, GroupReport::Offline | GroupReport::StopFailed)
+        {
             return;
         }
         if self.last_attempt.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
@@ -1108,11 +1121,22 @@ mod tests {
         // Offline → the home node, START.
         let p = Placement::default();
         let (cmd, _) = decide(&s, &p, &all, &never, &|_| false).unwrap();
-        assert!(matches!(cmd, Command::AssignGroup { owner: Some(NodeId(1)), state: GroupState::Starting, event: Some(StartEvent::Start), .. }));
+        assert!(matches!(
+            cmd,
+            Command::AssignGroup {
+                owner: Some(NodeId(1)),
+                state: GroupState::Starting,
+                event: Some(StartEvent::Start),
+                ..
+            }
+        ));
         // Online on 1, silent → node 2 with FAILOVER.
         let p = Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
         let (cmd, _) = decide(&s, &p, &not1, &always, &|_| false).unwrap();
-        assert!(matches!(cmd, Command::AssignGroup { epoch: 4, owner: Some(NodeId(2)), event: Some(StartEvent::Failover), .. }));
+        assert!(matches!(
+            cmd,
+            Command::AssignGroup { epoch: 4, owner: Some(NodeId(2)), event: Some(StartEvent::Failover), .. }
+        ));
         // ... but not while node 2 has yet to renew with a new leader.
         let only3 = |id: &NodeId| *id == NodeId(3);
         assert!(decide(&s, &p, &only3, &always, &|id: &NodeId| *id == NodeId(2)).is_none());
@@ -1142,7 +1166,8 @@ mod tests {
         let always = |_: NodeId| true;
         let only3 = |id: &NodeId| *id == NodeId(3);
         let late2 = |id: &NodeId| *id == NodeId(2);
-        let owned_by_1 = Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
+        let owned_by_1 =
+            Placement { owner: Some(NodeId(1)), state: GroupState::Online, epoch: 4, ..Placement::default() };
         // The operator moved it to 3, which is ready: the late node 2,
         // earlier in the list, is not waited for.
         let p = Placement { target: GroupTarget::Node(NodeId(3)), ..owned_by_1.clone() };

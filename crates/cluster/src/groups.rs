@@ -185,13 +185,23 @@ pub struct ResourceError {
 /// server (real resources) and by tests (simulated ones).
 #[async_trait::async_trait]
 pub trait ResourceDriver: Send + Sync + 'static {
-    async fn start(&self, group: &GroupSpec, resource: &ResourceSpec, context: &StartContext) -> Result<(), ResourceError>;
+    async fn start(
+        &self,
+        group: &GroupSpec,
+        resource: &ResourceSpec,
+        context: &StartContext,
+    ) -> Result<(), ResourceError>;
     /// Must succeed or report: a resource that cannot be stopped keeps the
     /// group from moving (it must never run in two places). `budget` is
     /// the time left for this stop and those of the resources started
     /// before it (a stop that drains, like the mail listeners', keeps
     /// within part of it; the caller gives up at its end).
-    async fn stop(&self, group: &GroupSpec, resource: &ResourceSpec, budget: std::time::Duration) -> Result<(), ResourceError>;
+    async fn stop(
+        &self,
+        group: &GroupSpec,
+        resource: &ResourceSpec,
+        budget: std::time::Duration,
+    ) -> Result<(), ResourceError>;
     async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError>;
     /// A node that was cut off is back: announce the resource again if it
     /// is something neighbours cache (a floating address: gratuitous ARP),

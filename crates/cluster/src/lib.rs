@@ -9,7 +9,6 @@
 //! What it does not do: speak SMTP/POP3, or start mail services (the
 //! server does).
 
-pub mod pki;
 pub mod directory;
 pub mod error;
 pub mod failover;
@@ -18,6 +17,7 @@ pub mod log_store;
 pub mod mailstore;
 pub mod network;
 pub mod node;
+pub mod pki;
 pub mod rpc;
 pub mod state_machine;
 pub mod tcp;

@@ -29,10 +29,10 @@
 // openraft's StorageError is large, and the traits impose it.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -188,7 +188,8 @@ impl LogStore {
         txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Write, e))?;
         txn.commit().map_err(|e| logs_err(ErrorVerb::Write, e))?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let log = LogStore { db: Arc::new(db), recent: Arc::default(), committed_hint: Arc::default(), writer: Arc::new(tx) };
+        let log =
+            LogStore { db: Arc::new(db), recent: Arc::default(), committed_hint: Arc::default(), writer: Arc::new(tx) };
         let (db, recent, hint) = (Arc::downgrade(&log.db), log.recent.clone(), log.committed_hint.clone());
         std::thread::Builder::new()
             .name("raft-log-writer".into())
@@ -202,7 +203,9 @@ impl LogStore {
         let t = txn.open_table(META).map_err(|e| logs_err(ErrorVerb::Read, e))?;
         match t.get(key).map_err(|e| logs_err(ErrorVerb::Read, e))? {
             None => Ok(None),
-            Some(v) => decode(v.value()).map(Some).map_err(|e| logs_err(ErrorVerb::Read, format!("decoding {key}: {e}"))),
+            Some(v) => {
+                decode(v.value()).map(Some).map_err(|e| logs_err(ErrorVerb::Read, format!("decoding {key}: {e}")))
+            }
         }
     }
 
@@ -241,7 +244,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // entry). A range that starts among them is read from memory.
         let in_memory: BTreeMap<u64, Entry> = {
             let recent = lock(&self.recent);
-            let found: BTreeMap<u64, Entry> = recent.entries.range((start, end)).map(|(k, (e, _))| (*k, e.clone())).collect();
+            let found: BTreeMap<u64, Entry> =
+                recent.entries.range((start, end)).map(|(k, (e, _))| (*k, e.clone())).collect();
             if recent.covers(start) {
                 return Ok(found.into_values().collect());
             }
@@ -254,8 +258,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let mut out = BTreeMap::new();
             for row in t.range::<u64>((start, end)).map_err(|e| logs_err(ErrorVerb::Read, e))? {
                 let (k, v) = row.map_err(|e| logs_err(ErrorVerb::Read, e))?;
-                let entry: Entry = decode(v.value())
-                    .map_err(|e| io_err(ErrorSubject::LogIndex(k.value()), ErrorVerb::Read, e))?;
+                let entry: Entry =
+                    decode(v.value()).map_err(|e| io_err(ErrorSubject::LogIndex(k.value()), ErrorVerb::Read, e))?;
                 out.insert(k.value(), entry);
             }
             out.extend(in_memory);
@@ -476,7 +480,10 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
     fn entry(index: u64) -> Entry {
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, crate::types::NodeId(1)), index), payload: EntryPayload::Blank }
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, crate::types::NodeId(1)), index),
+            payload: EntryPayload::Blank,
+        }
     }
 
     #[test]

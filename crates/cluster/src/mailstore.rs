@@ -53,11 +53,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use hamail_store::{
-    Body, BodyFile, BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry, MemoryGate,
-    QueueEntry, QueueId, QueueItem, QueueOp, Spool, StoreError, StoreResult,
-};
 use hamail_store::Address;
+use hamail_store::{
+    Body, BodyFile, BodyHash, Committed, EntryId, GarbageReport, Incoming, MailChange, MailStore, MailboxEntry,
+    MemoryGate, QueueEntry, QueueId, QueueItem, QueueOp, Spool, StoreError, StoreResult,
+};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
@@ -347,7 +347,12 @@ impl ReplicatedStore {
     /// once every peer answered or timed out, if enough of them hold it
     /// durably. `body`: `None` when it was not read for peers (there were
     /// none to contact).
-    async fn replicate(&self, hash: BodyHash, body: Option<&Arc<Vec<u8>>>, targets: CopyTargets) -> StoreResult<(usize, usize)> {
+    async fn replicate(
+        &self,
+        hash: BodyHash,
+        body: Option<&Arc<Vec<u8>>>,
+        targets: CopyTargets,
+    ) -> StoreResult<(usize, usize)> {
         let CopyTargets { data_nodes, contact } = targets;
         let needed = self.replication.min_copies();
         let mut puts = JoinSet::new();
@@ -432,7 +437,9 @@ impl ReplicatedStore {
             match self.node.write_logged(Command::Mail(change.clone())).await {
                 Ok(Written { result: CommandResult::Done, index }) => return Ok(Some(index)),
                 Ok(Written { result: CommandResult::Refused(msg), .. }) => return Err(StoreError::Permanent(msg)),
-                Ok(Written { result, .. }) => return Err(StoreError::Internal(format!("an accept answered {result:?}"))),
+                Ok(Written { result, .. }) => {
+                    return Err(StoreError::Internal(format!("an accept answered {result:?}")))
+                }
                 Err(WriteError::Unknown(why)) => {
                     tracing::warn!(%queue_id, %why, "accept outcome unknown: checking");
                     if self.node.linearizable().await.is_ok() && store.committed(queue_id).await?.is_some() {
@@ -480,9 +487,9 @@ impl ReplicatedStore {
             let _ = tokio::time::timeout(left, metrics.changed()).await;
         }
         self.read_barrier().await?;
-        store.committed_with_body(queue_id)?.ok_or_else(|| {
-            StoreError::Internal(format!("message {queue_id} was committed but is not applied here"))
-        })
+        store
+            .committed_with_body(queue_id)?
+            .ok_or_else(|| StoreError::Internal(format!("message {queue_id} was committed but is not applied here")))
     }
 
     async fn propose(&self, change: MailChange) -> StoreResult<()> {
@@ -497,7 +504,6 @@ impl ReplicatedStore {
         self.node.linearizable().await.map_err(store_error)
     }
 }
-
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -593,7 +599,9 @@ impl MailStore for ReplicatedStore {
                 Some(bytes) => {
                     store.put_hashed_body(hash, bytes).await?;
                 }
-                None => tracing::warn!(%queue_id, %hash, "accepted body not here after its apply; left to the repair task"),
+                None => {
+                    tracing::warn!(%queue_id, %hash, "accepted body not here after its apply; left to the repair task")
+                }
             }
         }
         Ok(committed)
@@ -671,7 +679,10 @@ pub(crate) async fn fetch_body(node: &ClusterNode, hash: &BodyHash, within: Dura
                     continue;
                 }
                 let data = Arc::new(data);
-                node.store().put_hashed_body(*hash, data.clone()).await.map_err(|e| format!("storing body {hash}: {e}"))?;
+                node.store()
+                    .put_hashed_body(*hash, data.clone())
+                    .await
+                    .map_err(|e| format!("storing body {hash}: {e}"))?;
                 node.mail_events().bodies_fetched.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%hash, from = %id, "fetched a missing body");
                 return Ok(data);
@@ -809,7 +820,8 @@ enum Wake {
 async fn repair_loop(node: Weak<ClusterNode>, events: Arc<MailEvents>, replication: Replication) {
     let mut tick = tokio::time::interval(replication.repair_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + replication.gc_interval, replication.gc_interval);
+    let mut gc =
+        tokio::time::interval_at(tokio::time::Instant::now() + replication.gc_interval, replication.gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = tokio::select! {

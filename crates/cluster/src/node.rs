@@ -33,7 +33,9 @@ use crate::error::ClusterError;
 use crate::log_store::LogStore;
 use crate::mailstore::{verify_and_repair, MailEvents, Replication};
 use crate::network::{Network, PeerContacts};
-use crate::rpc::{Handler, JoinError, NodeStatus, PeerProgress, Request, Response, Transport, TransportError, WriteError, Written};
+use crate::rpc::{
+    Handler, JoinError, NodeStatus, PeerProgress, Request, Response, Transport, TransportError, WriteError, Written,
+};
 use crate::state_machine::StateMachine;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft, Role};
 
@@ -234,10 +236,7 @@ impl ClusterNode {
     /// The other data members (they hold mail bodies), by id.
     pub fn data_peers(&self) -> Vec<(NodeId, NodeInfo)> {
         let m = self.raft.metrics().borrow().membership_config.clone();
-        m.nodes()
-            .filter(|(id, n)| **id != self.id && n.role == Role::Data)
-            .map(|(id, n)| (*id, n.clone()))
-            .collect()
+        m.nodes().filter(|(id, n)| **id != self.id && n.role == Role::Data).map(|(id, n)| (*id, n.clone())).collect()
     }
 
     /// Makes this node a one-member cluster (`hamail cluster init`).
@@ -286,7 +285,8 @@ impl ClusterNode {
                         if leader != self.id {
                             match self.forward(leader, &node, Request::Write(cmd.clone()), remaining).await {
                                 Forwarded::Answer(Response::Write(Ok(r))) => return Ok(r),
-                                Forwarded::Answer(Response::Write(Err(WriteError::NoLeader))) | Forwarded::NotDelivered => {}
+                                Forwarded::Answer(Response::Write(Err(WriteError::NoLeader)))
+                                | Forwarded::NotDelivered => {}
                                 Forwarded::Answer(Response::Write(Err(e))) => return Err(e),
                                 Forwarded::Answer(other) => {
                                     return Err(WriteError::Other(format!("leader {leader} answered {other:?}")))
@@ -373,7 +373,9 @@ impl ClusterNode {
         let t0 = Instant::now();
         let m = self.raft.metrics().borrow().clone();
         let ok = match m.current_leader {
-            Some(l) if l == self.id => matches!(tokio::time::timeout(within, self.raft.get_read_log_id()).await, Ok(Ok(_))),
+            Some(l) if l == self.id => {
+                matches!(tokio::time::timeout(within, self.raft.get_read_log_id()).await, Ok(Ok(_)))
+            }
             Some(l) => match m.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n.clone()) {
                 Some(node) => match self.forward(l, &node, Request::RenewLease, within).await {
                     Forwarded::Answer(Response::RenewLease(Ok(silent))) => {
@@ -517,7 +519,10 @@ impl ClusterNode {
     /// the leader.
     pub async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
         tracing::info!(%id, "removing a cluster member");
-        self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await.map_err(membership_error)?;
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
         Ok(())
     }
 

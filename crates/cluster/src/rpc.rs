@@ -8,12 +8,12 @@
 //! on a `Transport`, so Raft, write forwarding and joins share one channel
 //! and one authentication.
 
+use hamail_store::BodyHash;
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use hamail_store::BodyHash;
 use serde::{Deserialize, Serialize};
 
 use crate::mailstore::RepairReport;
@@ -45,13 +45,18 @@ pub enum Request {
     /// Asked by the new leader of term `term`: when did you last
     /// acknowledge, or stop leading, an older term? (See
     /// [`crate::testimony`].)
-    Testimony { term: u64 },
+    Testimony {
+        term: u64,
+    },
     /// Store this message body durably (answered after the fsync). Sent by
     /// the node accepting a message to every other data node *before* it
     /// proposes the message's metadata: bodies travel beside the log, so
     /// that the log stays small and a body is written once per node. The
     /// receiver checks `hash` against `data`. A witness refuses it.
-    PutBody { hash: BodyHash, data: Vec<u8> },
+    PutBody {
+        hash: BodyHash,
+        data: Vec<u8>,
+    },
     /// Send me this body (one this node misses or found damaged). A
     /// witness refuses it: it holds no mail.
     GetBody(BodyHash),

@@ -53,9 +53,8 @@ use serde::{Deserialize, Serialize};
 use crate::groups::{GroupReport, GroupState, GroupTable, GroupTarget, EVENTS_KEPT};
 use crate::mailstore::MailEvents;
 use crate::types::{
-    BanChange,
-    ClusterSecrets,
-    Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    BanChange, ClusterSecrets, Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
 };
 
 /// The first id `AllocateNodeId` hands out (node 1 is the initializer).
@@ -223,7 +222,9 @@ impl StateMachine {
         std::fs::create_dir_all(dir).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let state = match store.consensus_state().await.map_err(|e| sm_err(ErrorVerb::Read, e))? {
             Some(bytes) => {
-                ConsensusState::decode_prefix(&bytes).map_err(|e| sm_err(ErrorVerb::Read, format!("consensus state: {e}")))?.0
+                ConsensusState::decode_prefix(&bytes)
+                    .map_err(|e| sm_err(ErrorVerb::Read, format!("consensus state: {e}")))?
+                    .0
             }
             None => ConsensusState::default(),
         };
@@ -280,7 +281,9 @@ fn change_of(cmd: Command) -> Option<StateChange> {
     Some(StateChange::Directory(match cmd {
         Command::AddDomain { domain } => DirectoryChange::AddDomain { domain },
         Command::RemoveDomain { domain } => DirectoryChange::RemoveDomain { domain },
-        Command::AddUser { user, password_hash, at } => DirectoryChange::AddUser { user, password_hash, created_at: at },
+        Command::AddUser { user, password_hash, at } => {
+            DirectoryChange::AddUser { user, password_hash, created_at: at }
+        }
         Command::SetPassword { user, password_hash } => DirectoryChange::SetPassword { user, password_hash },
         Command::RemoveUser { user } => DirectoryChange::RemoveUser { user },
         Command::AddAlias { alias, targets } => DirectoryChange::AddAlias { alias, targets },
@@ -355,11 +358,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     bans.push(change);
                     pending.push(Pending::Ready(CommandResult::Done));
                 }
-                EntryPayload::Normal(cmd @ (Command::PutGroup { .. }
-                | Command::RemoveGroup { .. }
-                | Command::SetGroupTarget { .. }
-                | Command::AssignGroup { .. }
-                | Command::GroupReport { .. })) => {
+                EntryPayload::Normal(
+                    cmd @ (Command::PutGroup { .. }
+                    | Command::RemoveGroup { .. }
+                    | Command::SetGroupTarget { .. }
+                    | Command::AssignGroup { .. }
+                    | Command::GroupReport { .. }),
+                ) => {
                     pending.push(Pending::Ready(apply_group_command(&mut next.groups, cmd)));
                 }
                 EntryPayload::Normal(cmd) => match change_of(cmd) {
@@ -425,11 +430,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let (mut state_snap, rest): (StateSnapshot, &[u8]) =
             postcard::take_from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        let (mut state, rest) = ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let (mut state, rest) =
+            ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         let unreadable = |e: postcard::Error| snap_err(Some(meta), ErrorVerb::Read, e);
         let mut rest = rest;
         let events: Option<Vec<(u64, Vec<u8>)>> = optional_segment(&mut rest).map_err(unreadable)?;
@@ -489,7 +499,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // in the view included.
         self.shared.store.sync_state().await.map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         let (state_snap, events) = view.export().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-        let mut data = postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        let mut data =
+            postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         data.extend(postcard::to_allocvec(&events).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         data.extend(postcard::to_allocvec(&state_snap.queue_state).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         data.extend(postcard::to_allocvec(&state_snap.message_ages).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
@@ -497,7 +508,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
             None => format!("none-{}", unique_suffix()),
         };
-        let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership.clone(), snapshot_id };
+        let meta =
+            SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership.clone(), snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
         self.shared.persist(&stored).await?;
         self.shared.set_current(stored);
@@ -510,7 +522,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 fn unique_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
-
 
 /// Applies a group command to the table: the same answer on every node.
 fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
@@ -555,9 +566,7 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
         }
         Command::RemoveGroup { name } => match t.placement.get(&name) {
             None => refuse(format!("no group {name}")),
-            Some(p) if p.state != GroupState::Offline => {
-                refuse(format!("group {name} is {}: stop it first", p.state))
-            }
+            Some(p) if p.state != GroupState::Offline => refuse(format!("group {name} is {}: stop it first", p.state)),
             Some(_) => {
                 t.placement.remove(&name);
                 t.groups.remove(&name);

@@ -55,7 +55,12 @@ pub(crate) struct Arrival {
 impl Testimony {
     pub(crate) fn new() -> Self {
         Testimony {
-            inner: Mutex::new(Books { floor: Instant::now(), acked: BTreeMap::new(), led: BTreeMap::new(), current: 0 }),
+            inner: Mutex::new(Books {
+                floor: Instant::now(),
+                acked: BTreeMap::new(),
+                led: BTreeMap::new(),
+                current: 0,
+            }),
         }
     }
 

@@ -68,18 +68,38 @@ impl fmt::Display for NodeInfo {
 /// node's state is the same after the same log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    AddDomain { domain: Domain },
-    RemoveDomain { domain: Domain },
-    AddUser { user: Address, password_hash: String, at: u64 },
-    SetPassword { user: Address, password_hash: String },
-    RemoveUser { user: Address },
-    AddAlias { alias: Address, targets: Vec<Address> },
-    RemoveAlias { alias: Address },
+    AddDomain {
+        domain: Domain,
+    },
+    RemoveDomain {
+        domain: Domain,
+    },
+    AddUser {
+        user: Address,
+        password_hash: String,
+        at: u64,
+    },
+    SetPassword {
+        user: Address,
+        password_hash: String,
+    },
+    RemoveUser {
+        user: Address,
+    },
+    AddAlias {
+        alias: Address,
+        targets: Vec<Address>,
+    },
+    RemoveAlias {
+        alias: Address,
+    },
     /// Allocates the next node id (for a join); the answer carries it.
     AllocateNodeId,
     /// Stores the cluster CA and the hash of the join secret (once, at
     /// `cluster init`), so that whichever node leads can admit new nodes.
-    ConfigureCluster { secrets: ClusterSecrets },
+    ConfigureCluster {
+        secrets: ClusterSecrets,
+    },
     /// A change to the mail: an accepted message (its metadata only: the
     /// body travels beside the log, [`crate::rpc::Request::PutBody`]), a
     /// POP3 deletion, a finished queue entry. Entry ids are allocated by
@@ -89,12 +109,19 @@ pub enum Command {
     /// Adds or replaces a failover group's configuration (`Refused` if it
     /// is invalid, or changes the node list or resources of a group that
     /// is not offline).
-    PutGroup { spec: crate::groups::GroupSpec },
+    PutGroup {
+        spec: crate::groups::GroupSpec,
+    },
     /// Removes a group (`Refused` unless it is offline).
-    RemoveGroup { name: String },
+    RemoveGroup {
+        name: String,
+    },
     /// `group start|stop|move`: where the operator wants it. Also forgets
     /// the nodes it failed on.
-    SetGroupTarget { group: String, target: crate::groups::GroupTarget },
+    SetGroupTarget {
+        group: String,
+        target: crate::groups::GroupTarget,
+    },
     /// The leader's decision (owner and state), applied only if the
     /// placement is still at `epoch` (else `Refused`): bumps the epoch.
     AssignGroup {
@@ -108,9 +135,16 @@ pub enum Command {
     },
     /// An agent's report on a group it owns at `epoch` (ignored, as
     /// `Refused`, if it no longer does).
-    GroupReport { group: String, node: NodeId, epoch: u64, report: crate::groups::GroupReport },
+    GroupReport {
+        group: String,
+        node: NodeId,
+        epoch: u64,
+        report: crate::groups::GroupReport,
+    },
     /// Appends to the cluster event log.
-    LogEvent { event: crate::groups::ClusterEvent },
+    LogEvent {
+        event: crate::groups::ClusterEvent,
+    },
     /// A login ban set or lifted on one node, for every node to hold. Not
     /// kept in the state: applied to each running server's memory, as
     /// bans live (a node that restarts or joins later has none).
@@ -122,8 +156,14 @@ pub enum Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BanChange {
     /// Banned until this Unix time (seconds), after `failures` failed logins.
-    Set { target: String, until: u64, failures: u32 },
-    Lift { target: String },
+    Set {
+        target: String,
+        until: u64,
+        failures: u32,
+    },
+    Lift {
+        target: String,
+    },
 }
 
 /// The cluster's CA and join secret, in the replicated state. Every member

@@ -108,10 +108,11 @@ impl ResourceDriver for SimDriver {
             let mut h = self.world.holders.lock().unwrap();
             if let Some(other) = h.get(&key) {
                 if *other != self.node {
-                    self.world.violations.lock().unwrap().push(format!(
-                        "node {} starts {key:?} while node {other} holds it",
-                        self.node
-                    ));
+                    self.world
+                        .violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("node {} starts {key:?} while node {other} holds it", self.node));
                 }
             }
             h.insert(key.clone(), self.node);
@@ -239,15 +240,8 @@ async fn partitioned_or_dead_owner_is_fenced_then_replaced_never_twice() {
         .map(|s| s.at)
         .min()
         .unwrap();
-    let last_stop_on_1 = world
-        .stops
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.0 == NodeId(1) && s.1 == "g")
-        .map(|s| s.3)
-        .max()
-        .unwrap();
+    let last_stop_on_1 =
+        world.stops.lock().unwrap().iter().filter(|s| s.0 == NodeId(1) && s.1 == "g").map(|s| s.3).max().unwrap();
     assert!(last_stop_on_1 < first_start_on_2, "the partitioned owner stopped before node 2 started");
     eprintln!(
         "partition of the owner: stopped there after {} ms, running on node 2 after {} ms",
@@ -307,11 +301,20 @@ async fn a_leader_owner_cut_off_stops_before_anyone_starts() {
             async move { w.holder("g").filter(|h| *h != l && w.runs_on("g", 2, *h)).map(|h| (h, Instant::now())) }
         })
         .await;
-        let stopped_on_l = world.stops.lock().unwrap().iter().filter(|s| s.0 == l && s.1 == "g" && s.3 > cut).map(|s| s.3).max();
-        let started_on_taker =
-            world.starts.lock().unwrap().iter().filter(|s| s.node == taker && s.group == "g" && s.at > cut).map(|s| s.at).min();
+        let stopped_on_l =
+            world.stops.lock().unwrap().iter().filter(|s| s.0 == l && s.1 == "g" && s.3 > cut).map(|s| s.3).max();
+        let started_on_taker = world
+            .starts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.node == taker && s.group == "g" && s.at > cut)
+            .map(|s| s.at)
+            .min();
         match (stopped_on_l, started_on_taker) {
-            (Some(stop), Some(start)) => assert!(stop < start, "round {round}: node {l} stopped before node {taker} started"),
+            (Some(stop), Some(start)) => {
+                assert!(stop < start, "round {round}: node {l} stopped before node {taker} started")
+            }
             other => panic!("round {round}: stop/start not recorded: {other:?}"),
         }
         eprintln!("round {round}: leader-owner {l} cut off, group on node {taker} after {} ms", (at - cut).as_millis());

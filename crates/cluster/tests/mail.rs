@@ -400,11 +400,7 @@ async fn accepts_on_a_lossy_network_are_delivered_at_most_once() {
     sessions.stop().await;
     m.c.board.set_loss(0.0);
     m.c.board.set_delay(None);
-    eprintln!(
-        "lossy network: {} acknowledged, {} refused",
-        sessions.acked(),
-        sessions.refused.lock().unwrap()
-    );
+    eprintln!("lossy network: {} acknowledged, {} refused", sessions.acked(), sessions.refused.lock().unwrap());
     assert!(sessions.acked() > 0);
     sessions.check_exactly_once(&m).await;
     m.shutdown().await;
@@ -494,7 +490,11 @@ async fn a_spooled_body_is_copied_to_peers_within_the_memory_gate() {
         }
         spool.finish().unwrap()
     };
-    let tmp_files = || std::fs::read_dir(local.body_path(&BodyHash::of(b"")).parent().unwrap().parent().unwrap().join("tmp")).unwrap().count();
+    let tmp_files = || {
+        std::fs::read_dir(local.body_path(&BodyHash::of(b"")).parent().unwrap().parent().unwrap().join("tmp"))
+            .unwrap()
+            .count()
+    };
     // The body and one request for the peer: twice its size. One octet
     // short: refused as Busy (SMTP 451 4.3.1), and the spooled file goes.
     let tight = ReplicatedStore::new(m.c.node(one), Replication::default())
@@ -570,7 +570,9 @@ async fn two_data_nodes_and_a_witness_survive_a_data_node() {
     }
     assert_eq!(m.c.node(one).status().mail.degraded_accepts, 5);
     // An operator who requires 2 copies gets 451 instead: no loss.
-    let strict = ReplicatedStore::new(m.c.node(one), Replication { required_copies: Some(2), ..Replication::default() }).unwrap();
+    let strict =
+        ReplicatedStore::new(m.c.node(one), Replication { required_copies: Some(2), ..Replication::default() })
+            .unwrap();
     let msg = message(&strict, &[alice()], "strict").await;
     assert!(matches!(strict.accept(msg).await, Err(StoreError::Temporary(_))));
     drop(strict);
@@ -770,7 +772,8 @@ async fn a_node_collects_garbage_only_once_it_applied_what_was_committed() {
     assert!(local.committed(queue_id).await.unwrap().is_none(), "not applied here yet");
 
     m.c.board.heal();
-    let report = eventually("a garbage collection pass", LONG, || async { m.store(cut).collect_garbage_now().await.ok() }).await;
+    let report =
+        eventually("a garbage collection pass", LONG, || async { m.store(cut).collect_garbage_now().await.ok() }).await;
     assert_eq!(report.removed, 0, "{report:?}");
     assert!(local.committed(queue_id).await.unwrap().is_some());
     assert!(local.has_body(&hash).await.unwrap(), "the body its log references is kept");

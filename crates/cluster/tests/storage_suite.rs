@@ -14,8 +14,9 @@ struct Builder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = LocalStore::open(&dir.path().join("store"), StoreOptions { fsync: false, ..StoreOptions::default() })
-            .expect("open store");
+        let store =
+            LocalStore::open(&dir.path().join("store"), StoreOptions { fsync: false, ..StoreOptions::default() })
+                .expect("open store");
         let log = LogStore::open(&dir.path().join("raft-log.redb"))?;
         let sm = StateMachine::open(Arc::clone(&store), dir.path()).await?;
         Ok((dir, log, sm))

@@ -21,8 +21,5 @@
 mod session;
 mod stuff;
 
-pub use session::{
-    AuthResult, BodyOpened, Credentials, MaildropResult, Next, Output, PeerInfo, Pop3Config,
-    Session,
-};
+pub use session::{AuthResult, BodyOpened, Credentials, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session};
 pub use stuff::Stuffer;

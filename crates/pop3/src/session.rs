@@ -108,10 +108,7 @@ pub struct Credentials {
 impl std::fmt::Debug for Credentials {
     // Never let a password reach a log line through `{:?}`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
     }
 }
 
@@ -160,24 +157,15 @@ struct Maildrop {
 impl Maildrop {
     fn new(user: Address, entries: Vec<MailboxEntry>) -> Self {
         let deleted = vec![false; entries.len()];
-        Maildrop {
-            user,
-            entries,
-            deleted,
-        }
+        Maildrop { user, entries, deleted }
     }
     /// Messages and octets not marked as deleted (STAT, RFC 1939 section 5).
     fn stat(&self) -> (usize, u64) {
-        self.live()
-            .fold((0, 0), |(n, size), (_, e)| (n + 1, size + e.size))
+        self.live().fold((0, 0), |(n, size), (_, e)| (n + 1, size + e.size))
     }
     /// (message number, entry) of every message not marked as deleted.
     fn live(&self) -> impl Iterator<Item = (usize, &MailboxEntry)> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !self.deleted[*i])
-            .map(|(i, e)| (i + 1, e))
+        self.entries.iter().enumerate().filter(|(i, _)| !self.deleted[*i]).map(|(i, e)| (i + 1, e))
     }
     /// The index of message `arg` (1-based, decimal), unless it does not
     /// exist or is marked as deleted (RFC 1939: "may not refer to a message
@@ -205,11 +193,7 @@ enum State {
     /// TRANSACTION.
     Transaction(Maildrop),
     /// TRANSACTION, waiting for [`Session::body_opened`] for RETR or TOP.
-    OpeningBody {
-        maildrop: Maildrop,
-        index: usize,
-        top: Option<usize>,
-    },
+    OpeningBody { maildrop: Maildrop, index: usize, top: Option<usize> },
     /// TRANSACTION, waiting for [`Session::body_sent`].
     SendingBody(Maildrop),
     /// UPDATE, waiting for [`Session::updated`].
@@ -269,9 +253,7 @@ impl Session {
     /// The authenticated user, once the maildrop has been opened.
     pub fn user(&self) -> Option<&Address> {
         match &self.state {
-            State::Transaction(m)
-            | State::OpeningBody { maildrop: m, .. }
-            | State::SendingBody(m) => Some(&m.user),
+            State::Transaction(m) | State::OpeningBody { maildrop: m, .. } | State::SendingBody(m) => Some(&m.user),
             State::Updating { user, .. } => Some(user),
             _ => None,
         }
@@ -312,9 +294,7 @@ impl Session {
             }
             AuthResult::TemporaryFailure(why) => {
                 self.state = State::Authorization { user: None };
-                reply.extend_from_slice(
-                    format!("-ERR [SYS/TEMP] {}\r\n", sanitize(&why)).as_bytes(),
-                );
+                reply.extend_from_slice(format!("-ERR [SYS/TEMP] {}\r\n", sanitize(&why)).as_bytes());
             }
         }
         let next = self.process(&mut reply);
@@ -335,9 +315,7 @@ impl Session {
             MaildropResult::Opened(entries) => {
                 let maildrop = Maildrop::new(user, entries);
                 let (n, size) = maildrop.stat();
-                reply.extend_from_slice(
-                    format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes(),
-                );
+                reply.extend_from_slice(format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes());
                 self.state = State::Transaction(maildrop);
             }
             MaildropResult::InUse => {
@@ -348,14 +326,8 @@ impl Session {
                 self.state = State::Authorization { user: None };
                 // The error text may name paths or internals: it is for the
                 // driver's log, not for the client.
-                let code = if e.is_temporary() {
-                    "SYS/TEMP"
-                } else {
-                    "SYS/PERM"
-                };
-                reply.extend_from_slice(
-                    format!("-ERR [{code}] Unable to open maildrop\r\n").as_bytes(),
-                );
+                let code = if e.is_temporary() { "SYS/TEMP" } else { "SYS/PERM" };
+                reply.extend_from_slice(format!("-ERR [{code}] Unable to open maildrop\r\n").as_bytes());
             }
         }
         let next = self.process(&mut reply);
@@ -368,11 +340,7 @@ impl Session {
     /// goes on with the next command.
     pub fn body_opened(&mut self, result: BodyOpened) -> Output {
         let (maildrop, index, top) = match std::mem::replace(&mut self.state, State::Closed) {
-            State::OpeningBody {
-                maildrop,
-                index,
-                top,
-            } => (maildrop, index, top),
+            State::OpeningBody { maildrop, index, top } => (maildrop, index, top),
             other => {
                 self.state = other;
                 return self.internal_error();
@@ -385,9 +353,7 @@ impl Session {
                 match top {
                     // RFC 1939 section 7 suggests the size in the RETR answer;
                     // it is the size LIST gave, before byte-stuffing.
-                    None => {
-                        reply.extend_from_slice(format!("+OK {} octets\r\n", entry.size).as_bytes())
-                    }
+                    None => reply.extend_from_slice(format!("+OK {} octets\r\n", entry.size).as_bytes()),
                     Some(_) => reply.extend_from_slice(b"+OK top of message follows\r\n"),
                 }
                 // The Return-Path line is part of the header section (RFC
@@ -439,9 +405,7 @@ impl Session {
             _ => return self.internal_error(),
         };
         let reply = match result {
-            Ok(()) => {
-                format!("+OK hamail signing off ({remaining} messages left)\r\n").into_bytes()
-            }
+            Ok(()) => format!("+OK hamail signing off ({remaining} messages left)\r\n").into_bytes(),
             // RFC 1939 section 6: report that some deleted messages were not
             // removed. The delete is atomic, so in fact none were.
             Err(_) => b"-ERR [SYS/TEMP] some deleted messages not removed\r\n".to_vec(),
@@ -537,10 +501,7 @@ impl Session {
     /// of it, up to the next LF, is dropped unread.
     fn next_line(&mut self) -> Option<Line> {
         if self.discarding {
-            match self.buffer[self.consumed..]
-                .iter()
-                .position(|&b| b == b'\n')
-            {
+            match self.buffer[self.consumed..].iter().position(|&b| b == b'\n') {
                 Some(lf) => {
                     self.consumed += lf + 1;
                     self.discarding = false;
@@ -627,9 +588,7 @@ impl Session {
                 } else {
                     // Not "valid mailbox" (RFC 1939's example): the answer must
                     // not tell whether the user exists.
-                    self.state = State::Authorization {
-                        user: Some(args[0].to_string()),
-                    };
+                    self.state = State::Authorization { user: Some(args[0].to_string()) };
                     reply.extend_from_slice(b"+OK send PASS\r\n");
                 }
             }
@@ -649,10 +608,7 @@ impl Session {
                         self.client_error(reply, "-ERR syntax error");
                     } else {
                         self.state = State::Authenticating;
-                        return Some(Next::Authenticate(Credentials {
-                            username,
-                            password: rest.to_string(),
-                        }));
+                        return Some(Next::Authenticate(Credentials { username, password: rest.to_string() }));
                     }
                 } else {
                     self.client_error(reply, "-ERR send USER first");
@@ -764,11 +720,9 @@ impl Session {
         };
         // RFC 4616 section 2: all three are UTF-8, and authcid and passwd
         // are not empty.
-        let (Ok(authzid), Ok(authcid), Ok(passwd)) = (
-            std::str::from_utf8(authzid),
-            std::str::from_utf8(authcid),
-            std::str::from_utf8(passwd),
-        ) else {
+        let (Ok(authzid), Ok(authcid), Ok(passwd)) =
+            (std::str::from_utf8(authzid), std::str::from_utf8(authcid), std::str::from_utf8(passwd))
+        else {
             self.client_error(reply, "-ERR invalid PLAIN response");
             return None;
         };
@@ -782,10 +736,7 @@ impl Session {
             return None;
         }
         self.state = State::Authenticating;
-        Some(Next::Authenticate(Credentials {
-            username: authcid.to_string(),
-            password: passwd.to_string(),
-        }))
+        Some(Next::Authenticate(Credentials { username: authcid.to_string(), password: passwd.to_string() }))
     }
 
     /// A command in TRANSACTION state (RFC 1939 sections 5 and 7).
@@ -815,9 +766,7 @@ impl Session {
                             reply.extend_from_slice(b"+OK\r\n");
                         } else {
                             let (n, size) = maildrop.stat();
-                            reply.extend_from_slice(
-                                format!("+OK {n} messages ({size} octets)\r\n").as_bytes(),
-                            );
+                            reply.extend_from_slice(format!("+OK {n} messages ({size} octets)\r\n").as_bytes());
                         }
                         for (n, e) in maildrop.live() {
                             reply.extend_from_slice(item(n, e).as_bytes());
@@ -850,14 +799,8 @@ impl Session {
                     return None;
                 };
                 let body = maildrop.entries[index].body;
-                if let State::Transaction(maildrop) =
-                    std::mem::replace(&mut self.state, State::Closed)
-                {
-                    self.state = State::OpeningBody {
-                        maildrop,
-                        index,
-                        top,
-                    };
+                if let State::Transaction(maildrop) = std::mem::replace(&mut self.state, State::Closed) {
+                    self.state = State::OpeningBody { maildrop, index, top };
                 }
                 return Some(Next::OpenBody(body));
             }
@@ -865,9 +808,7 @@ impl Session {
                 [msg] => match maildrop.lookup(msg) {
                     Some(i) => {
                         maildrop.deleted[i] = true;
-                        reply.extend_from_slice(
-                            format!("+OK message {} deleted\r\n", i + 1).as_bytes(),
-                        );
+                        reply.extend_from_slice(format!("+OK message {} deleted\r\n", i + 1).as_bytes());
                     }
                     None => self.client_error(reply, NO_SUCH_MESSAGE),
                 },
@@ -876,9 +817,7 @@ impl Session {
             "RSET" => {
                 maildrop.deleted.iter_mut().for_each(|d| *d = false);
                 let (n, size) = maildrop.stat();
-                reply.extend_from_slice(
-                    format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes(),
-                );
+                reply.extend_from_slice(format!("+OK maildrop has {n} messages ({size} octets)\r\n").as_bytes());
             }
             "NOOP" => reply.extend_from_slice(b"+OK\r\n"),
             "CAPA" => self.capa(reply),
@@ -886,18 +825,10 @@ impl Session {
                 // RFC 1939 section 6: only QUIT from TRANSACTION enters
                 // UPDATE; a dropped connection deletes nothing.
                 let (remaining, _) = maildrop.stat();
-                let delete = maildrop
-                    .entries
-                    .iter()
-                    .zip(&maildrop.deleted)
-                    .filter(|(_, d)| **d)
-                    .map(|(e, _)| e.id)
-                    .collect();
+                let delete =
+                    maildrop.entries.iter().zip(&maildrop.deleted).filter(|(_, d)| **d).map(|(e, _)| e.id).collect();
                 let user = maildrop.user.clone();
-                self.state = State::Updating {
-                    user: user.clone(),
-                    remaining,
-                };
+                self.state = State::Updating { user: user.clone(), remaining };
                 // Whatever the client pipelined after QUIT is never run.
                 self.drop_input();
                 return Some(Next::Update { user, delete });
@@ -936,11 +867,7 @@ fn parse_line_count(s: &str) -> Option<usize> {
 
 /// Text from the driver made safe for one reply line.
 fn sanitize(s: &str) -> String {
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
+    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
     if s.trim().is_empty() {
         "Temporary failure, try again later".to_string()
     } else {
@@ -970,10 +897,7 @@ mod tests {
     }
 
     fn entries() -> Vec<MailboxEntry> {
-        vec![
-            entry(1, BODY1, Some("a@example.com")),
-            entry(0x2a, BODY2, None),
-        ]
+        vec![entry(1, BODY1, Some("a@example.com")), entry(0x2a, BODY2, None)]
     }
 
     fn alice() -> Address {
@@ -981,18 +905,11 @@ mod tests {
     }
 
     fn config(plaintext: bool, tls_available: bool) -> Arc<Pop3Config> {
-        Arc::new(Pop3Config {
-            plaintext_auth_allowed: plaintext,
-            tls_available,
-            ..Pop3Config::default()
-        })
+        Arc::new(Pop3Config { plaintext_auth_allowed: plaintext, tls_available, ..Pop3Config::default() })
     }
 
     fn session(plaintext: bool, tls_available: bool, tls: bool) -> Session {
-        let peer = PeerInfo {
-            addr: "192.0.2.1:40000".parse().unwrap(),
-            tls,
-        };
+        let peer = PeerInfo { addr: "192.0.2.1:40000".parse().unwrap(), tls };
         Session::new(config(plaintext, tls_available), peer)
     }
 
@@ -1007,10 +924,7 @@ mod tests {
         assert_eq!(text(&out), "+OK send PASS\r\n");
         assert_eq!(
             out.next,
-            Next::Authenticate(Credentials {
-                username: "alice@example.org".into(),
-                password: "secret".into()
-            })
+            Next::Authenticate(Credentials { username: "alice@example.org".into(), password: "secret".into() })
         );
         let out = s.authenticated(AuthResult::Success(alice()));
         assert_eq!(out.next, Next::OpenMaildrop(alice()));
@@ -1045,10 +959,7 @@ mod tests {
             Setup::AuthTls => session(false, true, true),
             Setup::AuthAfterUser => {
                 let mut s = session(true, true, false);
-                assert_eq!(
-                    text(&s.handle(b"USER bob@example.org\r\n")),
-                    "+OK send PASS\r\n"
-                );
+                assert_eq!(text(&s.handle(b"USER bob@example.org\r\n")), "+OK send PASS\r\n");
                 s
             }
             Setup::Trans => transaction(),
@@ -1071,10 +982,7 @@ mod tests {
     const UNKNOWN: &str = "-ERR unknown command\r\n";
 
     fn creds(user: &str, pass: &str) -> Next {
-        Next::Authenticate(Credentials {
-            username: user.into(),
-            password: pass.into(),
-        })
+        Next::Authenticate(Credentials { username: user.into(), password: pass.into() })
     }
 
     fn b64(s: &[u8]) -> String {
@@ -1086,19 +994,13 @@ mod tests {
         use Next::*;
         use Setup::*;
         let plain = format!("AUTH PLAIN {}\r\n", b64(b"\0alice@example.org\0pw d"));
-        let plain_self = format!(
-            "AUTH plain {}\r\n",
-            b64(b"alice@example.org\0alice@example.org\0pw")
-        );
+        let plain_self = format!("AUTH plain {}\r\n", b64(b"alice@example.org\0alice@example.org\0pw"));
         let plain_other = format!("AUTH PLAIN {}\r\n", b64(b"root\0alice@example.org\0pw"));
         let plain_two = format!("AUTH PLAIN {}\r\n", b64(b"alice\0pw"));
         let plain_empty_pw = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0"));
         let retr1 = OpenBody(BodyHash::of(BODY1));
         let retr2 = OpenBody(BodyHash::of(BODY2));
-        let update = |ids: &[u64]| Update {
-            user: alice(),
-            delete: ids.iter().map(|&i| EntryId(i)).collect(),
-        };
+        let update = |ids: &[u64]| Update { user: alice(), delete: ids.iter().map(|&i| EntryId(i)).collect() };
         let list_all = "+OK 2 messages (97 octets)\r\n1 59\r\n2 38\r\n.\r\n";
         let list_one = "+OK 1 messages (38 octets)\r\n2 38\r\n.\r\n";
         let uidl_all = "+OK\r\n1 0000000000000001\r\n2 000000000000002a\r\n.\r\n";
@@ -1106,86 +1008,26 @@ mod tests {
             // AUTHORIZATION, plaintext allowed.
             (AuthPlainOk, "CAPA\r\n", CAPA_PLAIN_STLS, NeedInput),
             (AuthPlainOk, "capa\r\n", CAPA_PLAIN_STLS, NeedInput),
-            (
-                AuthPlainOk,
-                "USER alice@example.org\r\n",
-                "+OK send PASS\r\n",
-                NeedInput,
-            ),
+            (AuthPlainOk, "USER alice@example.org\r\n", "+OK send PASS\r\n", NeedInput),
             (AuthPlainOk, "user alice\n", "+OK send PASS\r\n", NeedInput),
             (AuthPlainOk, "USER\r\n", SYNTAX, NeedInput),
             (AuthPlainOk, "USER a b\r\n", SYNTAX, NeedInput),
-            (
-                AuthPlainOk,
-                "PASS secret\r\n",
-                "-ERR send USER first\r\n",
-                NeedInput,
-            ),
+            (AuthPlainOk, "PASS secret\r\n", "-ERR send USER first\r\n", NeedInput),
             (AuthPlainOk, "AUTH\r\n", "+OK\r\nPLAIN\r\n.\r\n", NeedInput),
             (AuthPlainOk, "AUTH PLAIN\r\n", "+ \r\n", NeedInput),
             (AuthPlainOk, &plain, "", creds("alice@example.org", "pw d")),
-            (
-                AuthPlainOk,
-                &plain_self,
-                "",
-                creds("alice@example.org", "pw"),
-            ),
-            (
-                AuthPlainOk,
-                &plain_other,
-                "-ERR [AUTH] Authorization identity not supported\r\n",
-                NeedInput,
-            ),
-            (
-                AuthPlainOk,
-                &plain_two,
-                "-ERR invalid PLAIN response\r\n",
-                NeedInput,
-            ),
-            (
-                AuthPlainOk,
-                &plain_empty_pw,
-                "-ERR invalid PLAIN response\r\n",
-                NeedInput,
-            ),
-            (
-                AuthPlainOk,
-                "AUTH PLAIN =\r\n",
-                "-ERR invalid PLAIN response\r\n",
-                NeedInput,
-            ),
-            (
-                AuthPlainOk,
-                "AUTH PLAIN !!!\r\n",
-                "-ERR invalid base64\r\n",
-                NeedInput,
-            ),
-            (
-                AuthPlainOk,
-                "AUTH PLAIN *\r\n",
-                "-ERR authentication cancelled\r\n",
-                NeedInput,
-            ),
+            (AuthPlainOk, &plain_self, "", creds("alice@example.org", "pw")),
+            (AuthPlainOk, &plain_other, "-ERR [AUTH] Authorization identity not supported\r\n", NeedInput),
+            (AuthPlainOk, &plain_two, "-ERR invalid PLAIN response\r\n", NeedInput),
+            (AuthPlainOk, &plain_empty_pw, "-ERR invalid PLAIN response\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN =\r\n", "-ERR invalid PLAIN response\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN !!!\r\n", "-ERR invalid base64\r\n", NeedInput),
+            (AuthPlainOk, "AUTH PLAIN *\r\n", "-ERR authentication cancelled\r\n", NeedInput),
             (AuthPlainOk, "AUTH PLAIN a b\r\n", SYNTAX, NeedInput),
-            (
-                AuthPlainOk,
-                "AUTH CRAM-MD5\r\n",
-                "-ERR unsupported authentication mechanism\r\n",
-                NeedInput,
-            ),
-            (
-                AuthPlainOk,
-                "STLS\r\n",
-                "+OK Begin TLS negotiation\r\n",
-                StartTls,
-            ),
+            (AuthPlainOk, "AUTH CRAM-MD5\r\n", "-ERR unsupported authentication mechanism\r\n", NeedInput),
+            (AuthPlainOk, "STLS\r\n", "+OK Begin TLS negotiation\r\n", StartTls),
             (AuthPlainOk, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
-            (
-                AuthPlainOk,
-                "APOP alice 0123456789abcdef\r\n",
-                "-ERR APOP not supported\r\n",
-                NeedInput,
-            ),
+            (AuthPlainOk, "APOP alice 0123456789abcdef\r\n", "-ERR APOP not supported\r\n", NeedInput),
             (AuthPlainOk, "NOOP\r\n", WRONG_STATE, NeedInput),
             (AuthPlainOk, "STAT\r\n", WRONG_STATE, NeedInput),
             (AuthPlainOk, "LIST\r\n", WRONG_STATE, NeedInput),
@@ -1203,12 +1045,7 @@ mod tests {
             (AuthNoPlain, "AUTH\r\n", "+OK\r\n.\r\n", NeedInput),
             (AuthNoPlain, "AUTH PLAIN\r\n", PLAIN_NO, NeedInput),
             (AuthNoPlain, &plain, PLAIN_NO, NeedInput),
-            (
-                AuthNoPlain,
-                "STLS\r\n",
-                "+OK Begin TLS negotiation\r\n",
-                StartTls,
-            ),
+            (AuthNoPlain, "STLS\r\n", "+OK Begin TLS negotiation\r\n", StartTls),
             (AuthNoPlain, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
             (AuthNoPlain, "NOOP\r\n", WRONG_STATE, NeedInput),
             // AUTHORIZATION over TLS.
@@ -1218,31 +1055,11 @@ mod tests {
             (AuthTls, &plain, "", creds("alice@example.org", "pw d")),
             (AuthTls, "AUTH\r\n", "+OK\r\nPLAIN\r\n.\r\n", NeedInput),
             // AUTHORIZATION after USER.
-            (
-                AuthAfterUser,
-                "PASS secret\r\n",
-                "",
-                creds("bob@example.org", "secret"),
-            ),
-            (
-                AuthAfterUser,
-                "pass  two  spaces \r\n",
-                "",
-                creds("bob@example.org", " two  spaces "),
-            ),
+            (AuthAfterUser, "PASS secret\r\n", "", creds("bob@example.org", "secret")),
+            (AuthAfterUser, "pass  two  spaces \r\n", "", creds("bob@example.org", " two  spaces ")),
             (AuthAfterUser, "PASS\r\n", SYNTAX, NeedInput),
-            (
-                AuthAfterUser,
-                "USER carol\r\nPASS x\r\n",
-                "+OK send PASS\r\n",
-                creds("carol", "x"),
-            ),
-            (
-                AuthAfterUser,
-                "QUIT\r\n",
-                "+OK hamail signing off\r\n",
-                Close,
-            ),
+            (AuthAfterUser, "USER carol\r\nPASS x\r\n", "+OK send PASS\r\n", creds("carol", "x")),
+            (AuthAfterUser, "QUIT\r\n", "+OK hamail signing off\r\n", Close),
             // TRANSACTION.
             (Trans, "STAT\r\n", "+OK 2 97\r\n", NeedInput),
             (Trans, "stat\r\n", "+OK 2 97\r\n", NeedInput),
@@ -1273,12 +1090,7 @@ mod tests {
             (Trans, "DELE 1\r\n", "+OK message 1 deleted\r\n", NeedInput),
             (Trans, "DELE 3\r\n", NO_MSG, NeedInput),
             (Trans, "DELE\r\n", SYNTAX, NeedInput),
-            (
-                Trans,
-                "RSET\r\n",
-                "+OK maildrop has 2 messages (97 octets)\r\n",
-                NeedInput,
-            ),
+            (Trans, "RSET\r\n", "+OK maildrop has 2 messages (97 octets)\r\n", NeedInput),
             (Trans, "NOOP\r\n", "+OK\r\n", NeedInput),
             (Trans, "CAPA\r\n", CAPA_TRANS, NeedInput),
             (Trans, "QUIT\r\n", "", update(&[])),
@@ -1292,38 +1104,19 @@ mod tests {
             (TransDeleted, "STAT\r\n", "+OK 1 38\r\n", NeedInput),
             (TransDeleted, "LIST\r\n", list_one, NeedInput),
             (TransDeleted, "LIST 1\r\n", NO_MSG, NeedInput),
-            (
-                TransDeleted,
-                "UIDL\r\n",
-                "+OK\r\n2 000000000000002a\r\n.\r\n",
-                NeedInput,
-            ),
+            (TransDeleted, "UIDL\r\n", "+OK\r\n2 000000000000002a\r\n.\r\n", NeedInput),
             (TransDeleted, "UIDL 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "RETR 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "TOP 1 1\r\n", NO_MSG, NeedInput),
             (TransDeleted, "DELE 1\r\n", NO_MSG, NeedInput),
-            (
-                TransDeleted,
-                "RSET\r\nSTAT\r\n",
-                "+OK maildrop has 2 messages (97 octets)\r\n+OK 2 97\r\n",
-                NeedInput,
-            ),
+            (TransDeleted, "RSET\r\nSTAT\r\n", "+OK maildrop has 2 messages (97 octets)\r\n+OK 2 97\r\n", NeedInput),
             (TransDeleted, "QUIT\r\n", "", update(&[1])),
-            (
-                TransDeleted,
-                "DELE 2\r\nQUIT\r\n",
-                "+OK message 2 deleted\r\n",
-                update(&[1, 0x2a]),
-            ),
+            (TransDeleted, "DELE 2\r\nQUIT\r\n", "+OK message 2 deleted\r\n", update(&[1, 0x2a])),
         ];
         for (which, input, reply, next) in rows {
             let mut s = setup(which);
             let out = s.handle(input.as_bytes());
-            assert_eq!(
-                (text(&out), &out.next),
-                (reply, &next),
-                "{which:?} {input:?}"
-            );
+            assert_eq!((text(&out), &out.next), (reply, &next), "{which:?} {input:?}");
         }
     }
 
@@ -1340,21 +1133,12 @@ mod tests {
         assert!(text(&out).starts_with("+ \r\n-ERR authentication cancelled\r\n+OK Capability"));
         // An empty response is invalid.
         let mut s = session(true, false, false);
-        assert_eq!(
-            text(&s.handle(b"AUTH PLAIN\r\n\r\n")),
-            "+ \r\n-ERR invalid PLAIN response\r\n"
-        );
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\n\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
         // The response line is not a command.
         let mut s = session(true, false, false);
-        assert_eq!(
-            text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")),
-            "+ \r\n-ERR invalid PLAIN response\r\n"
-        );
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nQUIT\r\n")), "+ \r\n-ERR invalid PLAIN response\r\n");
         let mut s = session(true, false, false);
-        assert_eq!(
-            text(&s.handle(b"AUTH PLAIN\r\nNOOP!\r\n")),
-            "+ \r\n-ERR invalid base64\r\n"
-        );
+        assert_eq!(text(&s.handle(b"AUTH PLAIN\r\nNOOP!\r\n")), "+ \r\n-ERR invalid base64\r\n");
     }
 
     #[test]
@@ -1374,42 +1158,27 @@ mod tests {
         assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
         let out = s.authenticated(AuthResult::Failure);
         // USER is forgotten after a failed PASS.
-        assert_eq!(
-            text(&out),
-            "-ERR [AUTH] Invalid credentials\r\n-ERR send USER first\r\n"
-        );
+        assert_eq!(text(&out), "-ERR [AUTH] Invalid credentials\r\n-ERR send USER first\r\n");
         assert_eq!(s.user(), None);
         assert_eq!(s.handle(b"USER a\r\nPASS b\r\n").next, creds("a", "b"));
         let out = s.authenticated(AuthResult::TemporaryFailure("directory\r\ndown".into()));
-        assert_eq!(
-            (text(&out), &out.next),
-            ("-ERR [SYS/TEMP] directory  down\r\n", &Next::NeedInput)
-        );
+        assert_eq!((text(&out), &out.next), ("-ERR [SYS/TEMP] directory  down\r\n", &Next::NeedInput));
         assert_eq!(text(&s.handle(b"NOOP\r\n")), WRONG_STATE);
     }
 
     #[test]
     fn maildrop_in_use_or_failed() {
         for (result, reply) in [
-            (
-                MaildropResult::InUse,
-                "-ERR [IN-USE] Maildrop is locked by another session\r\n",
-            ),
+            (MaildropResult::InUse, "-ERR [IN-USE] Maildrop is locked by another session\r\n"),
             (
                 MaildropResult::Failed(StoreError::Temporary("disk".into())),
                 "-ERR [SYS/TEMP] Unable to open maildrop\r\n",
             ),
-            (
-                MaildropResult::Failed(StoreError::Internal("bad".into())),
-                "-ERR [SYS/PERM] Unable to open maildrop\r\n",
-            ),
+            (MaildropResult::Failed(StoreError::Internal("bad".into())), "-ERR [SYS/PERM] Unable to open maildrop\r\n"),
         ] {
             let mut s = session(true, false, false);
             s.handle(b"USER alice@example.org\r\nPASS x\r\n");
-            assert_eq!(
-                s.authenticated(AuthResult::Success(alice())).next,
-                Next::OpenMaildrop(alice())
-            );
+            assert_eq!(s.authenticated(AuthResult::Success(alice())).next, Next::OpenMaildrop(alice()));
             let out = s.maildrop_opened(result);
             assert_eq!((text(&out), &out.next), (reply, &Next::NeedInput));
             assert_eq!(s.user(), None);
@@ -1422,59 +1191,31 @@ mod tests {
     #[test]
     fn retr_and_top_replies() {
         let mut s = transaction();
-        assert_eq!(
-            s.handle(b"RETR 1\r\n").next,
-            Next::OpenBody(BodyHash::of(BODY1))
-        );
+        assert_eq!(s.handle(b"RETR 1\r\n").next, Next::OpenBody(BodyHash::of(BODY1)));
         let out = s.body_opened(BodyOpened::Ready);
         assert_eq!(
             (text(&out), &out.next),
-            (
-                "+OK 59 octets\r\nReturn-Path: <a@example.com>\r\n",
-                &Next::SendBody { top: None }
-            )
+            ("+OK 59 octets\r\nReturn-Path: <a@example.com>\r\n", &Next::SendBody { top: None })
         );
         let out = s.body_sent(Ok(()));
         assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
-        for (command, top) in [
-            ("TOP 2 0\r\n", 0),
-            ("TOP 2 7\r\n", 7),
-            ("TOP 2 99999999999999999999\r\n", usize::MAX),
-        ] {
-            assert_eq!(
-                s.handle(command.as_bytes()).next,
-                Next::OpenBody(BodyHash::of(BODY2))
-            );
+        for (command, top) in [("TOP 2 0\r\n", 0), ("TOP 2 7\r\n", 7), ("TOP 2 99999999999999999999\r\n", usize::MAX)] {
+            assert_eq!(s.handle(command.as_bytes()).next, Next::OpenBody(BodyHash::of(BODY2)));
             let out = s.body_opened(BodyOpened::Ready);
             assert_eq!(
                 (text(&out), &out.next),
-                (
-                    "+OK top of message follows\r\nReturn-Path: <>\r\n",
-                    &Next::SendBody { top: Some(top) }
-                )
+                ("+OK top of message follows\r\nReturn-Path: <>\r\n", &Next::SendBody { top: Some(top) })
             );
             assert_eq!(s.body_sent(Ok(())).next, Next::NeedInput);
         }
         // A body that cannot be opened, or no memory to send it: -ERR,
         // and the session stays in TRANSACTION.
         for (result, reply) in [
-            (
-                BodyOpened::Failed(StoreError::Unavailable("x".into())),
-                "-ERR [SYS/TEMP] Unable to read message\r\n",
-            ),
-            (
-                BodyOpened::Failed(StoreError::Permanent("gone".into())),
-                "-ERR [SYS/PERM] Unable to read message\r\n",
-            ),
-            (
-                BodyOpened::Busy,
-                "-ERR [SYS/TEMP] server busy, try again\r\n",
-            ),
+            (BodyOpened::Failed(StoreError::Unavailable("x".into())), "-ERR [SYS/TEMP] Unable to read message\r\n"),
+            (BodyOpened::Failed(StoreError::Permanent("gone".into())), "-ERR [SYS/PERM] Unable to read message\r\n"),
+            (BodyOpened::Busy, "-ERR [SYS/TEMP] server busy, try again\r\n"),
         ] {
-            assert_eq!(
-                s.handle(b"RETR 2\r\n").next,
-                Next::OpenBody(BodyHash::of(BODY2))
-            );
+            assert_eq!(s.handle(b"RETR 2\r\n").next, Next::OpenBody(BodyHash::of(BODY2)));
             let out = s.body_opened(result);
             assert_eq!((text(&out), &out.next), (reply, &Next::NeedInput));
         }
@@ -1499,26 +1240,17 @@ mod tests {
     fn pipelined_retr_waits_for_each_body() {
         let mut s = transaction();
         let out = s.handle(b"RETR 2\r\nRETR 2\r\nNOOP\r\n");
-        assert_eq!(
-            (text(&out), &out.next),
-            ("", &Next::OpenBody(BodyHash::of(BODY2)))
-        );
+        assert_eq!((text(&out), &out.next), ("", &Next::OpenBody(BodyHash::of(BODY2))));
         assert_eq!(s.body_opened(BodyOpened::Ready).next, Next::SendBody { top: None });
         // Input arriving meanwhile waits.
         let out = s.handle(b"STAT\r\n");
         assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
         let out = s.body_sent(Ok(()));
-        assert_eq!(
-            (text(&out), &out.next),
-            ("", &Next::OpenBody(BodyHash::of(BODY2)))
-        );
+        assert_eq!((text(&out), &out.next), ("", &Next::OpenBody(BodyHash::of(BODY2))));
         let out = s.body_opened(BodyOpened::Busy);
         assert_eq!(
             (text(&out), &out.next),
-            (
-                "-ERR [SYS/TEMP] server busy, try again\r\n+OK\r\n+OK 2 97\r\n",
-                &Next::NeedInput
-            )
+            ("-ERR [SYS/TEMP] server busy, try again\r\n+OK\r\n+OK 2 97\r\n", &Next::NeedInput)
         );
     }
 
@@ -1558,32 +1290,17 @@ mod tests {
         let mut s = transaction();
         let out = s.handle(b"DELE 2\r\nQUIT\r\nNOOP\r\n");
         assert_eq!(text(&out), "+OK message 2 deleted\r\n");
-        assert_eq!(
-            out.next,
-            Next::Update {
-                user: alice(),
-                delete: vec![EntryId(0x2a)]
-            }
-        );
+        assert_eq!(out.next, Next::Update { user: alice(), delete: vec![EntryId(0x2a)] });
         assert_eq!(s.user(), Some(&alice()));
         let out = s.updated(Ok(()));
         // The NOOP pipelined after QUIT is never answered.
-        assert_eq!(
-            (text(&out), &out.next),
-            ("+OK hamail signing off (1 messages left)\r\n", &Next::Close)
-        );
+        assert_eq!((text(&out), &out.next), ("+OK hamail signing off (1 messages left)\r\n", &Next::Close));
         assert_eq!(s.handle(b"NOOP\r\n").next, Next::Close);
 
         let mut s = transaction();
         s.handle(b"DELE 1\r\nQUIT\r\n");
         let out = s.updated(Err(StoreError::Temporary("disk".into())));
-        assert_eq!(
-            (text(&out), &out.next),
-            (
-                "-ERR [SYS/TEMP] some deleted messages not removed\r\n",
-                &Next::Close
-            )
-        );
+        assert_eq!((text(&out), &out.next), ("-ERR [SYS/TEMP] some deleted messages not removed\r\n", &Next::Close));
     }
 
     #[test]
@@ -1601,11 +1318,7 @@ mod tests {
         for (i, resume) in resumes.iter().enumerate() {
             for mut s in [session(true, true, false), transaction()] {
                 let out = resume(&mut s);
-                assert_eq!(
-                    (text(&out), &out.next),
-                    (internal, &Next::Close),
-                    "resume {i}"
-                );
+                assert_eq!((text(&out), &out.next), (internal, &Next::Close), "resume {i}");
             }
         }
         // The right resume in another waiting state is still wrong.
@@ -1618,10 +1331,7 @@ mod tests {
     fn stls_discards_pipelined_input() {
         let mut s = session(false, true, false);
         let out = s.handle(b"STLS\r\nUSER evil\r\nPASS evil\r\n");
-        assert_eq!(
-            (text(&out), &out.next),
-            ("+OK Begin TLS negotiation\r\n", &Next::StartTls)
-        );
+        assert_eq!((text(&out), &out.next), ("+OK Begin TLS negotiation\r\n", &Next::StartTls));
         // Clear-text input before the handshake finishes is dropped too.
         let out = s.handle(b"PASS evil2\r\n");
         assert_eq!((text(&out), &out.next), ("", &Next::NeedInput));
@@ -1657,16 +1367,11 @@ mod tests {
         assert_eq!(text(&s.handle(ok.as_bytes())), "+OK send PASS\r\n");
         // One more is not, complete or not.
         let long = format!("USER {}\r\nCAPA\r\n", "a".repeat(508));
-        assert!(
-            text(&s.handle(long.as_bytes())).starts_with("-ERR line too long\r\n+OK Capability")
-        );
+        assert!(text(&s.handle(long.as_bytes())).starts_with("-ERR line too long\r\n+OK Capability"));
         // A long line arriving in pieces: one error, then the rest of it up
         // to LF is dropped.
         let mut s = session(true, false, false);
-        assert_eq!(
-            text(&s.handle("x".repeat(600).as_bytes())),
-            "-ERR line too long\r\n"
-        );
+        assert_eq!(text(&s.handle("x".repeat(600).as_bytes())), "-ERR line too long\r\n");
         assert_eq!(text(&s.handle("PASS x".repeat(100).as_bytes())), "");
         assert_eq!(text(&s.handle(b"QUIT\r\nNOOP\r\n")), WRONG_STATE);
         // CRLF split after the CR of a max-length line is not too long.
@@ -1691,10 +1396,7 @@ mod tests {
 
     #[test]
     fn credentials_debug_hides_password() {
-        let c = Credentials {
-            username: "u".into(),
-            password: "hunter2".into(),
-        };
+        let c = Credentials { username: "u".into(), password: "hunter2".into() };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 

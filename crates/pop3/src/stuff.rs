@@ -234,10 +234,7 @@ mod tests {
 
     #[test]
     fn missing_final_crlf_is_added() {
-        assert_eq!(
-            stuff(b"Subject: x\r\n\r\nno end", None),
-            "Subject: x\r\n\r\nno end\r\n"
-        );
+        assert_eq!(stuff(b"Subject: x\r\n\r\nno end", None), "Subject: x\r\n\r\nno end\r\n");
         assert_eq!(stuff(b"x", None), "x\r\n");
         assert_eq!(stuff(b".", None), "..\r\n");
     }
@@ -254,10 +251,7 @@ mod tests {
         assert_eq!(stuff(body, Some(1)), "A: 1\r\n\r\nbody 1\r\n");
         assert_eq!(stuff(body, Some(2)), "A: 1\r\n\r\nbody 1\r\n..body 2\r\n");
         // Empty lines in the body count as lines.
-        assert_eq!(
-            stuff(body, Some(3)),
-            "A: 1\r\n\r\nbody 1\r\n..body 2\r\n\r\n"
-        );
+        assert_eq!(stuff(body, Some(3)), "A: 1\r\n\r\nbody 1\r\n..body 2\r\n\r\n");
         // More lines than the body has: the whole message.
         let whole = std::str::from_utf8(&body[..]).unwrap().replace(".body", "..body");
         assert_eq!(stuff(body, Some(100)), whole);
@@ -266,10 +260,7 @@ mod tests {
 
     #[test]
     fn top_with_bare_lf_and_no_final_newline() {
-        assert_eq!(
-            stuff(b"A: 1\n\nb1\nb2", Some(5)),
-            "A: 1\r\n\r\nb1\r\nb2\r\n"
-        );
+        assert_eq!(stuff(b"A: 1\n\nb1\nb2", Some(5)), "A: 1\r\n\r\nb1\r\nb2\r\n");
         assert_eq!(stuff(b"A: 1\n\nb1\nb2", Some(0)), "A: 1\r\n\r\n");
         assert_eq!(stuff(b"A: 1\n\nb1\nb2", Some(1)), "A: 1\r\n\r\nb1\r\n");
     }

@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use hamail_pop3::{
-    AuthResult, BodyOpened, MaildropResult, Next, PeerInfo, Pop3Config, Session, Stuffer,
-};
+use hamail_pop3::{AuthResult, BodyOpened, MaildropResult, Next, PeerInfo, Pop3Config, Session, Stuffer};
 use hamail_store::{Address, BodyHash, EntryId, MailboxEntry, QueueId, StoreError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -91,9 +89,32 @@ fn corpus() -> Vec<Vec<u8>> {
 
 /// Words a mutation may put in a line.
 const WORDS: &[&str] = &[
-    "USER", "PASS", "AUTH", "PLAIN", "STLS", "CAPA", "STAT", "LIST", "UIDL", "RETR", "TOP", "DELE",
-    "RSET", "NOOP", "QUIT", "APOP", "1", "0", "-1", "99999999999999999999", "=", "*", "x", "",
-    "alice@example.org", "secret",
+    "USER",
+    "PASS",
+    "AUTH",
+    "PLAIN",
+    "STLS",
+    "CAPA",
+    "STAT",
+    "LIST",
+    "UIDL",
+    "RETR",
+    "TOP",
+    "DELE",
+    "RSET",
+    "NOOP",
+    "QUIT",
+    "APOP",
+    "1",
+    "0",
+    "-1",
+    "99999999999999999999",
+    "=",
+    "*",
+    "x",
+    "",
+    "alice@example.org",
+    "secret",
 ];
 
 /// A mutated copy of one corpus entry.
@@ -306,7 +327,10 @@ fn send_body(rng: &mut StdRng, body: &[u8], top: Option<usize>) {
     }
     stuffer.finish(&mut payload);
     check_crlf_lines(&payload);
-    assert!(!payload.starts_with(b".\r\n") && !payload.windows(5).any(|w| w == b"\r\n.\r\n"), "a terminator inside a body");
+    assert!(
+        !payload.starts_with(b".\r\n") && !payload.windows(5).any(|w| w == b"\r\n.\r\n"),
+        "a terminator inside a body"
+    );
 }
 
 #[test]

@@ -20,11 +20,7 @@ impl FakeDriver {
         let bodies: Vec<(u64, Option<&str>, &[u8])> = vec![
             // Bare LF, a leading dot and no final newline: the session must
             // send proper CRLF lines, stuffed.
-            (
-                7,
-                Some("bob@example.net"),
-                b"Subject: first\nX: y\n\nline one\n.line two\nlast",
-            ),
+            (7, Some("bob@example.net"), b"Subject: first\nX: y\n\nline one\n.line two\nlast"),
             (9, None, b"Subject: second\r\n\r\nbody\r\n"),
         ];
         let mut entries = Vec::new();
@@ -55,11 +51,7 @@ impl FakeDriver {
     /// pieces of 5 octets). Returns everything written and every `Next`
     /// except `NeedInput` and `Flush` (whose number depends on the
     /// chunking).
-    fn run(
-        &self,
-        session: &mut Session,
-        chunks: impl IntoIterator<Item = Vec<u8>>,
-    ) -> (Vec<u8>, Vec<Next>) {
+    fn run(&self, session: &mut Session, chunks: impl IntoIterator<Item = Vec<u8>>) -> (Vec<u8>, Vec<Next>) {
         let mut written = session.greeting();
         let mut steps = Vec::new();
         let mut opened: Option<Arc<Vec<u8>>> = None;
@@ -75,8 +67,8 @@ impl FakeDriver {
                     Next::Flush => session.handle(b""),
                     Next::Close => return (written, steps),
                     Next::Authenticate(c) => {
-                        let ok = Address::parse(&c.username).ok() == Some(self.user.clone())
-                            && c.password == self.password;
+                        let ok =
+                            Address::parse(&c.username).ok() == Some(self.user.clone()) && c.password == self.password;
                         session.authenticated(if ok {
                             AuthResult::Success(self.user.clone())
                         } else {
@@ -117,18 +109,8 @@ impl FakeDriver {
 }
 
 fn new_session() -> Session {
-    let config = Pop3Config {
-        plaintext_auth_allowed: true,
-        tls_available: true,
-        ..Pop3Config::default()
-    };
-    Session::new(
-        Arc::new(config),
-        PeerInfo {
-            addr: "127.0.0.1:50000".parse().unwrap(),
-            tls: false,
-        },
-    )
+    let config = Pop3Config { plaintext_auth_allowed: true, tls_available: true, ..Pop3Config::default() };
+    Session::new(Arc::new(config), PeerInfo { addr: "127.0.0.1:50000".parse().unwrap(), tls: false })
 }
 
 /// Runs `script` whole, then cut into chunks of every size from 1 octet to
@@ -140,17 +122,14 @@ fn same_for_every_chunking(script: &[u8]) -> (String, Vec<Next>) {
     for size in 1..=script.len() {
         let chunks = script.chunks(size).map(<[u8]>::to_vec);
         let (written, steps) = driver.run(&mut new_session(), chunks);
-        assert_eq!(
-            String::from_utf8_lossy(&written),
-            String::from_utf8_lossy(&whole),
-            "chunk size {size}"
-        );
+        assert_eq!(String::from_utf8_lossy(&written), String::from_utf8_lossy(&whole), "chunk size {size}");
         assert_eq!(steps, whole_steps, "chunk size {size}");
     }
     (String::from_utf8(whole).unwrap(), whole_steps)
 }
 
-const SCRIPT: &[u8] = b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 1 0\r\nDELE 1\r\nQUIT\r\n";
+const SCRIPT: &[u8] =
+    b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 1 0\r\nDELE 1\r\nQUIT\r\n";
 
 const EXPECTED: &str = concat!(
     "+OK hamail POP3 ready\r\n",
@@ -174,13 +153,7 @@ fn full_script_in_every_chunking() {
     let (written, steps) = same_for_every_chunking(SCRIPT);
     assert_eq!(written, EXPECTED);
     let driver = FakeDriver::new();
-    let first = BodyHash::of(
-        &driver
-            .bodies
-            .values()
-            .find(|b| b.starts_with(b"Subject: first"))
-            .unwrap()[..],
-    );
+    let first = BodyHash::of(&driver.bodies.values().find(|b| b.starts_with(b"Subject: first")).unwrap()[..]);
     assert_eq!(
         steps,
         vec![
@@ -193,10 +166,7 @@ fn full_script_in_every_chunking() {
             Next::SendBody { top: None },
             Next::OpenBody(first),
             Next::SendBody { top: Some(0) },
-            Next::Update {
-                user: driver.user.clone(),
-                delete: vec![EntryId(7)]
-            },
+            Next::Update { user: driver.user.clone(), delete: vec![EntryId(7)] },
             Next::Close,
         ]
     );
@@ -213,7 +183,8 @@ fn script_with_bare_lf_line_ends() {
 fn failed_login_then_sasl_plain_with_continuation() {
     use base64::Engine as _;
     let response = base64::engine::general_purpose::STANDARD.encode(b"\0alice@example.org\0secret");
-    let script = format!("USER alice@example.org\r\nPASS wrong\r\nAUTH PLAIN\r\n{response}\r\nSTAT\r\nRSET\r\nQUIT\r\n");
+    let script =
+        format!("USER alice@example.org\r\nPASS wrong\r\nAUTH PLAIN\r\n{response}\r\nSTAT\r\nRSET\r\nQUIT\r\n");
     let (written, steps) = same_for_every_chunking(script.as_bytes());
     assert_eq!(
         written,
@@ -229,13 +200,7 @@ fn failed_login_then_sasl_plain_with_continuation() {
         )
     );
     assert_eq!(steps.len(), 5, "{steps:?}");
-    assert_eq!(
-        steps[3],
-        Next::Update {
-            user: FakeDriver::new().user,
-            delete: vec![]
-        }
-    );
+    assert_eq!(steps[3], Next::Update { user: FakeDriver::new().user, delete: vec![] });
 }
 
 #[test]
@@ -246,20 +211,14 @@ fn stls_then_login_over_tls() {
     let mut session = new_session();
     let (written, steps) = driver.run(
         &mut session,
-        [
-            b"STLS\r\nUSER mallory\r\n".to_vec(),
-            b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nQUIT\r\n".to_vec(),
-        ],
+        [b"STLS\r\nUSER mallory\r\n".to_vec(), b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nQUIT\r\n".to_vec()],
     );
     let written = String::from_utf8(written).unwrap();
-    assert!(
-        written.starts_with("+OK hamail POP3 ready\r\n+OK Begin TLS negotiation\r\n+OK Capability")
-    );
-    assert!(
-        !written.contains("STLS\r\nIMPLEMENTATION"),
-        "STLS is not offered over TLS"
-    );
-    assert!(written.ends_with("+OK send PASS\r\n+OK maildrop has 2 messages (118 octets)\r\n+OK hamail signing off (2 messages left)\r\n"));
+    assert!(written.starts_with("+OK hamail POP3 ready\r\n+OK Begin TLS negotiation\r\n+OK Capability"));
+    assert!(!written.contains("STLS\r\nIMPLEMENTATION"), "STLS is not offered over TLS");
+    assert!(written.ends_with(
+        "+OK send PASS\r\n+OK maildrop has 2 messages (118 octets)\r\n+OK hamail signing off (2 messages left)\r\n"
+    ));
     assert_eq!(steps[0], Next::StartTls);
     assert_eq!(steps.last(), Some(&Next::Close));
 }

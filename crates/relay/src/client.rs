@@ -302,7 +302,9 @@ impl Client {
             if envelope.body.len() as u64 > max {
                 // RFC 1870 6: no point sending what the server will refuse.
                 let why = format!("552 5.3.4 message size {} exceeds the remote limit {max}", envelope.body.len());
-                return vec![Action::Finished(envelope.recipients.iter().map(|_| RcptStatus::Failed(why.clone())).collect())];
+                return vec![Action::Finished(
+                    envelope.recipients.iter().map(|_| RcptStatus::Failed(why.clone())).collect(),
+                )];
             }
         }
         let mut line = format!("MAIL FROM:<{}>", envelope.from.as_deref().unwrap_or(""));
@@ -415,7 +417,12 @@ impl Client {
             return;
         }
         if self.options.tls == TlsPolicy::Require && !self.tls_active {
-            self.fail(actions, RelayError::Temporary("TLS is required for this destination but the server does not offer STARTTLS".into()));
+            self.fail(
+                actions,
+                RelayError::Temporary(
+                    "TLS is required for this destination but the server does not offer STARTTLS".into(),
+                ),
+            );
             return;
         }
         self.start_auth(actions);
@@ -429,7 +436,10 @@ impl Client {
         };
         if !self.tls_active && self.options.tls != TlsPolicy::Never {
             // Never send a password in the clear unless told so.
-            self.fail(actions, RelayError::Temporary("refusing AUTH without TLS (set tls = \"never\" to allow it)".into()));
+            self.fail(
+                actions,
+                RelayError::Temporary("refusing AUTH without TLS (set tls = \"never\" to allow it)".into()),
+            );
             return;
         }
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -767,7 +777,11 @@ mod tests {
         for chunk in 1..=40 {
             let (sent, events) = run(script, chunk, options(), envelope(&["b@there.test"]));
             assert!(sent.contains("DATA\r\n.\r\n"), "chunk {chunk}: {sent}");
-            assert_eq!(events[0], Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]), "chunk {chunk}");
+            assert_eq!(
+                events[0],
+                Action::Finished(vec![RcptStatus::Deferred("450 4.2.1 busy".into())]),
+                "chunk {chunk}"
+            );
         }
         // MAIL refused: the RCPT replies change nothing, DATA refused, RSET.
         let script: &[(&str, &str)] = &[
@@ -779,7 +793,11 @@ mod tests {
         ];
         for chunk in 1..=40 {
             let (_, events) = run(script, chunk, options(), envelope(&["b@there.test"]));
-            assert_eq!(events[0], Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]), "chunk {chunk}");
+            assert_eq!(
+                events[0],
+                Action::Finished(vec![RcptStatus::Failed("553 5.1.8 bad sender".into())]),
+                "chunk {chunk}"
+            );
         }
     }
 
@@ -810,7 +828,10 @@ mod tests {
         let a = c.feed(b"354 go\r\n");
         assert!(matches!(&a[0], Action::Send(b) if b.ends_with(b"\r\n.\r\n")));
         let a = c.connection_lost("connection reset");
-        assert_eq!(a, vec![Action::Finished(vec![RcptStatus::Deferred("connection reset".into())]), Action::Closed(None)]);
+        assert_eq!(
+            a,
+            vec![Action::Finished(vec![RcptStatus::Deferred("connection reset".into())]), Action::Closed(None)]
+        );
     }
 
     #[test]
@@ -824,7 +845,8 @@ mod tests {
         // The DATA reply never comes: b (accepted) is deferred, c keeps its refusal.
         assert_eq!(c.feed(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n"), vec![]);
         let a = c.connection_lost("connection reset");
-        let statuses = vec![RcptStatus::Deferred("connection reset".into()), RcptStatus::Failed("550 5.1.1 unknown".into())];
+        let statuses =
+            vec![RcptStatus::Deferred("connection reset".into()), RcptStatus::Failed("550 5.1.1 unknown".into())];
         assert_eq!(a, vec![Action::Finished(statuses), Action::Closed(None)]);
     }
 
@@ -863,7 +885,10 @@ mod tests {
         let mut c = Client::new(opts.clone());
         c.feed(b"220 x\r\n");
         let a = c.feed(b"250-x\r\n250 AUTH LOGIN\r\n");
-        assert!(matches!(&a[..], [Action::Closed(Some(RelayError::Temporary(m)))] if m.contains("without TLS")), "{a:?}");
+        assert!(
+            matches!(&a[..], [Action::Closed(Some(RelayError::Temporary(m)))] if m.contains("without TLS")),
+            "{a:?}"
+        );
 
         let mut c = Client::new(ClientOptions { tls: TlsPolicy::Never, ..opts });
         c.feed(b"220 x\r\n");
@@ -919,7 +944,9 @@ mod tests {
         c.feed(b"220 x\r\n");
         c.feed(b"250-x\r\n250 SIZE 10\r\n");
         let a = c.start(envelope(&["b@there.test"]));
-        assert!(matches!(&a[..], [Action::Finished(s)] if matches!(&s[0], RcptStatus::Failed(m) if m.starts_with("552"))));
+        assert!(
+            matches!(&a[..], [Action::Finished(s)] if matches!(&s[0], RcptStatus::Failed(m) if m.starts_with("552")))
+        );
         let mut c = Client::new(options());
         let a = c.feed(b"hello\r\n");
         assert!(matches!(&a[..], [Action::Closed(Some(RelayError::PeerMisbehaved(_)))]), "{a:?}");

@@ -233,7 +233,8 @@ mod tests {
                 last_attempt: None,
             },
         ];
-        let original = b"From: alice@here.test\r\nSubject: hello there\r\nMessage-ID: <m1@here.test>\r\n\r\nsecret body\r\n";
+        let original =
+            b"From: alice@here.test\r\nSubject: hello there\r\nMessage-ID: <m1@here.test>\r\n\r\nsecret body\r\n";
         let bytes = build(&Dsn {
             kind: DsnKind::Failure,
             reporting_mta: "mx.here.test",
@@ -253,7 +254,10 @@ mod tests {
         assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
         assert_eq!(msg.header_raw("Auto-Submitted").map(str::trim), Some("auto-replied"));
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.contains("Final-Recipient: rfc822; bob@there.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"), "{text}");
+        assert!(
+            text.contains("Final-Recipient: rfc822; bob@there.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"),
+            "{text}"
+        );
         assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"));
         assert!(text.contains("Final-Recipient: rfc822; carol@null.test"));
         assert!(!text.contains("\r\nInjected: x"), "a reason cannot add a field");

@@ -169,7 +169,11 @@ impl Router {
                 .trim_start_matches("IPv6:")
                 .parse()
                 .map_err(|_| RelayError::Permanent(format!("bad address literal {domain}")))?;
-            return Ok(vec![Hop { name: domain.into(), addrs: vec![SocketAddr::new(ip, self.config.mx_port)], smarthost: false }]);
+            return Ok(vec![Hop {
+                name: domain.into(),
+                addrs: vec![SocketAddr::new(ip, self.config.mx_port)],
+                smarthost: false,
+            }]);
         }
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         let mut exchanges: Vec<(u16, String)> = match self.resolver.mx_lookup(fqdn.as_str()).await {
@@ -182,7 +186,9 @@ impl Router {
             },
         };
         if exchanges.len() == 1 && (exchanges[0].1 == "." || exchanges[0].1.is_empty()) {
-            return Err(RelayError::Permanent(format!("556 5.1.10 domain {domain} accepts no mail (null MX, RFC 7505)")));
+            return Err(RelayError::Permanent(format!(
+                "556 5.1.10 domain {domain} accepts no mail (null MX, RFC 7505)"
+            )));
         }
         exchanges.retain(|(_, name)| name != "." && !name.is_empty());
         exchanges.sort_by_key(|(pref, _)| *pref);
@@ -191,7 +197,8 @@ impl Router {
         for (_, name) in exchanges {
             match self.resolver.lookup_ip(name.as_str()).await {
                 Ok(ips) => {
-                    let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, self.config.mx_port)).collect();
+                    let addrs: Vec<SocketAddr> =
+                        ips.iter().map(|ip| SocketAddr::new(ip, self.config.mx_port)).collect();
                     if !addrs.is_empty() {
                         hops.push(Hop { name: name.trim_end_matches('.').to_string(), addrs, smarthost: false });
                     }
@@ -238,8 +245,14 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(HostPort::parse("mx.example.org", 25).unwrap(), HostPort { host: "mx.example.org".into(), port: 25 });
-        assert_eq!(HostPort::parse("Relay.Example.org.:587", 25).unwrap(), HostPort { host: "relay.example.org".into(), port: 587 });
+        assert_eq!(
+            HostPort::parse("mx.example.org", 25).unwrap(),
+            HostPort { host: "mx.example.org".into(), port: 25 }
+        );
+        assert_eq!(
+            HostPort::parse("Relay.Example.org.:587", 25).unwrap(),
+            HostPort { host: "relay.example.org".into(), port: 587 }
+        );
         assert_eq!(HostPort::parse("127.0.0.1:2525", 25).unwrap(), HostPort { host: "127.0.0.1".into(), port: 2525 });
         assert_eq!(HostPort::parse("[::1]:26", 25).unwrap(), HostPort { host: "::1".into(), port: 26 });
         assert_eq!(HostPort::parse("::1", 25).unwrap(), HostPort { host: "::1".into(), port: 25 });

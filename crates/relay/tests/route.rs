@@ -29,9 +29,7 @@ fn stub_dns() -> SocketAddr {
             for q in query.queries() {
                 reply.add_query(q.clone());
                 let name = q.name().to_ascii().to_ascii_lowercase();
-                let mx = |pref: u16, host: &str| {
-                    RData::MX(MX::new(pref, Name::from_str(host).unwrap()))
-                };
+                let mx = |pref: u16, host: &str| RData::MX(MX::new(pref, Name::from_str(host).unwrap()));
                 let a = |ip: [u8; 4]| RData::A(A(Ipv4Addr::from(ip)));
                 let answers: Option<Vec<RData>> = match (name.as_str(), q.query_type()) {
                     ("two.test.", RecordType::MX) => Some(vec![mx(20, "backup.two.test."), mx(10, "main.two.test.")]),

@@ -26,40 +26,80 @@ use crate::{Context, ServerError};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    DomainAdd { domain: String },
-    DomainDel { domain: String },
+    DomainAdd {
+        domain: String,
+    },
+    DomainDel {
+        domain: String,
+    },
     DomainList,
-    UserAdd { user: String, password: String },
-    UserPasswd { user: String, password: String },
-    UserDel { user: String },
+    UserAdd {
+        user: String,
+        password: String,
+    },
+    UserPasswd {
+        user: String,
+        password: String,
+    },
+    UserDel {
+        user: String,
+    },
     UserList,
-    AliasAdd { alias: String, targets: Vec<String> },
-    AliasDel { alias: String },
+    AliasAdd {
+        alias: String,
+        targets: Vec<String>,
+    },
+    AliasDel {
+        alias: String,
+    },
     AliasList,
     QueueList,
     /// One entry, its state and the message.
-    QueueShow { id: String },
+    QueueShow {
+        id: String,
+    },
     /// `flush`, `hold`, `release`, `delete` or `bounce` these entries
     /// (queue ids, or `ALL`).
-    Queue { command: String, ids: Vec<String> },
+    Queue {
+        command: String,
+        ids: Vec<String>,
+    },
     Status,
     ClusterInit,
-    ClusterJoin { token: String },
+    ClusterJoin {
+        token: String,
+    },
     ClusterStatus,
-    ClusterRemove { node: u64 },
+    ClusterRemove {
+        node: u64,
+    },
     StoreVerify,
     /// Adds or replaces failover groups (parsed from a file by the CLI).
-    GroupApply { groups: Vec<hamail_cluster::groups::GroupSpec> },
+    GroupApply {
+        groups: Vec<hamail_cluster::groups::GroupSpec>,
+    },
     /// `del`, `start`, `stop` or `move` (with an optional destination).
-    Group { command: String, name: String, node: Option<u64> },
+    Group {
+        command: String,
+        name: String,
+        node: Option<u64>,
+    },
     GroupStatus,
-    NodeStop { node: Option<u64> },
-    LogShow { limit: usize },
-    LogWrite { text: String },
+    NodeStop {
+        node: Option<u64>,
+    },
+    LogShow {
+        limit: usize,
+    },
+    LogWrite {
+        text: String,
+    },
     /// The login bans in force on this node.
     BanList,
     /// Lifts the ban on a client address or an account.
-    BanDel { target: String },
+    BanDel {
+        target: String,
+    },
 }
 
 /// The pattern of the cluster requests: the one list of them, for
@@ -145,7 +185,9 @@ async fn execute_cluster(ctx: &Arc<Context>, request: Request) -> Response {
             crate::cluster::join(ctx, &ctx.local, &token).await.map(|id| json!({ "node_id": id.0 }))
         }
         Request::ClusterStatus => crate::cluster::status(ctx).await.map(|r| json!(r)),
-        Request::ClusterRemove { node } => crate::cluster::remove(ctx, hamail_cluster::NodeId(node)).await.map(|()| Value::Null),
+        Request::ClusterRemove { node } => {
+            crate::cluster::remove(ctx, hamail_cluster::NodeId(node)).await.map(|()| Value::Null)
+        }
         Request::GroupApply { groups } => {
             let n = groups.len();
             crate::cluster::put_groups(ctx, groups).await.map(|()| json!({ "groups": n }))
@@ -337,7 +379,8 @@ fn running(ctx: Option<&Context>) -> Result<&Context, StoreError> {
 }
 
 fn parse_queue_id(id: &str) -> Result<QueueId, StoreError> {
-    QueueId::parse(id.trim()).ok_or_else(|| StoreError::Permanent(format!("'{id}' is not a queue id (12 hexadecimal digits)")))
+    QueueId::parse(id.trim())
+        .ok_or_else(|| StoreError::Permanent(format!("'{id}' is not a queue id (12 hexadecimal digits)")))
 }
 
 fn queue_json(item: &QueueItem) -> Value {
@@ -384,7 +427,8 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
         // this socket file is a leftover of a crash.
         std::fs::remove_file(path).map_err(|e| ServerError::io(format!("removing stale {}", path.display()), e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| ServerError::io(format!("binding admin socket {}", path.display()), e))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| ServerError::io(format!("binding admin socket {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| ServerError::io(format!("protecting {}", path.display()), e))?;
     let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
@@ -460,9 +504,14 @@ mod tests {
             let request: Request = serde_json::from_str(line).unwrap();
             assert!(request.is_cluster(), "{line}");
             let r = execute(store.as_ref(), store.as_ref(), None, request).await;
-            assert!(!r.ok && r.error.as_deref().is_some_and(|e| e.contains("need the running server")), "{line}: {r:?}");
+            assert!(
+                !r.ok && r.error.as_deref().is_some_and(|e| e.contains("need the running server")),
+                "{line}: {r:?}"
+            );
         }
-        for line in [r#"{"op":"domain_add","domain":"example.org"}"#, r#"{"op":"domain_list"}"#, r#"{"op":"queue_list"}"#] {
+        for line in
+            [r#"{"op":"domain_add","domain":"example.org"}"#, r#"{"op":"domain_list"}"#, r#"{"op":"queue_list"}"#]
+        {
             let request: Request = serde_json::from_str(line).unwrap();
             assert!(!request.is_cluster(), "{line}");
             let r = execute(store.as_ref(), store.as_ref(), None, request).await;

@@ -17,8 +17,9 @@ use hamail_cluster::state_machine::ConsensusState;
 use hamail_cluster::tcp::{self, TlsTransport, TransportConfig};
 use hamail_cluster::{
     groups::{EventKind, GroupSpec, GroupStatus},
-    mailstore::{RepairReport, Replication, ReplicatedStore},
-    BanChange, ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role, Timing,
+    mailstore::{RepairReport, ReplicatedStore, Replication},
+    BanChange, ClusterNode, ClusterSecrets, Command, CommandResult, NodeId, NodeInfo, ReplicatedDirectory, Role,
+    Timing,
 };
 use hamail_store::{LocalStore, StoreError};
 use serde::{Deserialize, Serialize};
@@ -133,7 +134,8 @@ impl ClusterRuntime {
     }
 
     fn save_identity(&self, identity: &Identity) -> Result<(), ServerError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| ServerError::io(format!("creating {}", self.dir.display()), e))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| ServerError::io(format!("creating {}", self.dir.display()), e))?;
         let path = self.identity_path();
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(identity).map_err(|e| ServerError::Tls(e.to_string()))?;
@@ -170,9 +172,10 @@ async fn start_node(
     })?;
     let transport = Arc::new(TlsTransport::new(&creds, TransportConfig::default()).map_err(cluster_err)?);
     let id = identity.id;
-    let node = ClusterNode::start(id, identity.info.clone(), &rt.dir, store.clone(), transport.clone(), rt.timing.clone())
-        .await
-        .map_err(cluster_err)?;
+    let node =
+        ClusterNode::start(id, identity.info.clone(), &rt.dir, store.clone(), transport.clone(), rt.timing.clone())
+            .await
+            .map_err(cluster_err)?;
     let server_config = hamail_cluster::tls::server_config(&creds).map_err(cluster_err)?;
     *rt.transport.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(transport.clone());
     let handler = Arc::new(MemberHandler { node: node.clone(), transport });
@@ -309,7 +312,8 @@ pub(crate) async fn join(ctx: &Arc<Context>, store: &Arc<LocalStore>, token: &st
     }
     let addr = rt.advertised().ok_or_else(|| cluster_err("set [cluster] listen in the config file first"))?.to_string();
     let token = JoinToken::decode(token).map_err(|e| cluster_err(format!("bad join token: {e}")))?;
-    let request = JoinRequest { secret: token.secret.clone(), addr: addr.clone(), role: rt.role, name: rt.name.clone() };
+    let request =
+        JoinRequest { secret: token.secret.clone(), addr: addr.clone(), role: rt.role, name: rt.name.clone() };
     let response = tcp::join(&token, request).await.map_err(cluster_err)?;
     let creds = NodeCredentials::from(&response);
     creds.save(&rt.dir).map_err(cluster_err)?;
@@ -360,13 +364,16 @@ impl MemberHandler {
         if !self.node.is_leader() {
             // Forward to the leader (it adds the member).
             let (leader, info) = self.node.leader().ok_or(JoinError::NoLeader)?;
-            return match hamail_cluster::rpc::Transport::call(&*self.transport, leader, &info, Request::Join(request)).await {
+            return match hamail_cluster::rpc::Transport::call(&*self.transport, leader, &info, Request::Join(request))
+                .await
+            {
                 Ok(Response::Join(r)) => r,
                 Ok(other) => Err(JoinError::Failed(format!("unexpected answer from the leader: {other:?}"))),
                 Err(e) => Err(JoinError::Failed(e.to_string())),
             };
         }
-        let ca = ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem).map_err(|e| JoinError::Failed(e.to_string()))?;
+        let ca = ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem)
+            .map_err(|e| JoinError::Failed(e.to_string()))?;
         let id = self.node.allocate_node_id().await.map_err(|e| JoinError::Failed(e.to_string()))?;
         let creds = ca.issue_node_cert(id, &request.name).map_err(|e| JoinError::Failed(e.to_string()))?;
         let info = NodeInfo { addr: request.addr.clone(), role: request.role, name: request.name.clone() };
@@ -380,7 +387,13 @@ impl MemberHandler {
             }
         });
         tracing::info!(%id, addr = %request.addr, role = %request.role, "node joined");
-        Ok(JoinResponse { node_id: id, cert_pem: creds.cert_pem, key_pem: creds.key_pem, ca_pem: creds.ca_pem, members })
+        Ok(JoinResponse {
+            node_id: id,
+            cert_pem: creds.cert_pem,
+            key_pem: creds.key_pem,
+            ca_pem: creds.ca_pem,
+            members,
+        })
     }
 }
 
@@ -430,7 +443,12 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
     let leader_view = if here.current_leader == Some(here.id) {
         Some(here.clone())
     } else if let (Some((lid, linfo)), Some(t)) = (node.leader(), &transport) {
-        match tokio::time::timeout(std::time::Duration::from_secs(2), hamail_cluster::rpc::Transport::call(&**t, lid, &linfo, Request::Status)).await {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            hamail_cluster::rpc::Transport::call(&**t, lid, &linfo, Request::Status),
+        )
+        .await
+        {
             Ok(Ok(Response::Status(s))) => Some(s),
             _ => None,
         }
@@ -519,7 +537,8 @@ pub(crate) async fn remove(ctx: &Arc<Context>, id: NodeId) -> Result<(), ServerE
     match node.remove_member(id).await {
         Ok(()) => Ok(()),
         Err(hamail_cluster::ClusterError::NotLeader { leader }) => {
-            let at = node.leader().map(|(l, i)| format!("node {l} ({})", i.name)).or(leader.map(|l| format!("node {l}")));
+            let at =
+                node.leader().map(|(l, i)| format!("node {l} ({})", i.name)).or(leader.map(|l| format!("node {l}")));
             Err(cluster_err(format!(
                 "membership changes run on the leader: run this on {}",
                 at.unwrap_or_else(|| "the leader (none right now)".into())
@@ -566,7 +585,12 @@ pub(crate) async fn put_groups(ctx: &Arc<Context>, specs: Vec<GroupSpec>) -> Res
     Ok(())
 }
 
-pub(crate) async fn group_command(ctx: &Arc<Context>, op: &str, name: &str, to: Option<u64>) -> Result<String, ServerError> {
+pub(crate) async fn group_command(
+    ctx: &Arc<Context>,
+    op: &str,
+    name: &str,
+    to: Option<u64>,
+) -> Result<String, ServerError> {
     let node = member(ctx)?;
     match op {
         "del" => node.remove_group(name).await.map(|()| format!("group {name} removed")),
@@ -586,13 +610,19 @@ pub(crate) async fn groups_status(ctx: &Arc<Context>) -> Result<Vec<GroupStatus>
 }
 
 /// `hamail node stop [NODE]`: moves its groups away.
-pub(crate) async fn drain(ctx: &Arc<Context>, which: Option<u64>) -> Result<Vec<(String, Option<NodeId>)>, ServerError> {
+pub(crate) async fn drain(
+    ctx: &Arc<Context>,
+    which: Option<u64>,
+) -> Result<Vec<(String, Option<NodeId>)>, ServerError> {
     let node = member(ctx)?;
     let target = which.map(NodeId).unwrap_or_else(|| node.id());
     node.drain_node(target).await.map_err(cluster_err)
 }
 
-pub(crate) async fn log_show(ctx: &Arc<Context>, limit: usize) -> Result<Vec<hamail_cluster::groups::ClusterEvent>, ServerError> {
+pub(crate) async fn log_show(
+    ctx: &Arc<Context>,
+    limit: usize,
+) -> Result<Vec<hamail_cluster::groups::ClusterEvent>, ServerError> {
     let node = member(ctx)?;
     node.linearizable().await.map_err(cluster_err)?;
     node.events(limit).await.map_err(cluster_err)
@@ -626,7 +656,8 @@ mod tests {
         // Already over, or not a target: nothing.
         hold_ban(&logins, set("192.0.2.2", now_unix), now_unix, now);
         hold_ban(&logins, set("not a target", now_unix + 60), now_unix, now);
-        let held: Vec<(String, u64)> = logins.list(now).iter().map(|b| (b.target.name(), b.remaining.as_secs())).collect();
+        let held: Vec<(String, u64)> =
+            logins.list(now).iter().map(|b| (b.target.name(), b.remaining.as_secs())).collect();
         assert_eq!(held, vec![("192.0.2.1".to_string(), 60), ("bob@example.org".to_string(), 120)]);
         hold_ban(&logins, BanChange::Lift { target: "192.0.2.1".into() }, now_unix, now);
         assert_eq!(logins.list(now).len(), 1);

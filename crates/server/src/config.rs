@@ -156,7 +156,11 @@ impl Default for RelaySection {
 impl RelaySection {
     pub fn route_config(&self) -> hamail_relay::route::RouteConfig {
         hamail_relay::route::RouteConfig {
-            transport: self.transport.iter().map(|(d, hp)| (d.trim_end_matches('.').to_ascii_lowercase(), hp.0.clone())).collect(),
+            transport: self
+                .transport
+                .iter()
+                .map(|(d, hp)| (d.trim_end_matches('.').to_ascii_lowercase(), hp.0.clone()))
+                .collect(),
             smarthost: self.smarthost.as_ref().map(|h| h.0.clone()),
             resolver: self.resolver,
             mx_port: self.mx_port,
@@ -300,9 +304,7 @@ pub struct SmtpSection {
 pub fn address_pattern_matches(pattern: &str, address: &str) -> bool {
     match pattern.strip_prefix("*@") {
         _ if pattern == "*" => true,
-        Some(domain) => address
-            .rsplit_once('@')
-            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
+        Some(domain) => address.rsplit_once('@').is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
         None => pattern.eq_ignore_ascii_case(address),
     }
 }
@@ -470,7 +472,6 @@ impl Default for Pop3Section {
     }
 }
 
-
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -505,11 +506,7 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ServerError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|span| line_of(text, span.start));
-            ServerError::Config {
-                file: origin.to_string(),
-                line,
-                message: e.message().to_string(),
-            }
+            ServerError::Config { file: origin.to_string(), line, message: e.message().to_string() }
         })?;
         config.validate(text, origin)?;
         Ok(config)
@@ -562,7 +559,12 @@ impl Config {
             return Err(bad_key(section, key, value, &format!("must be at most {max} (7 days)")));
         }
         if s.hostname.trim().is_empty() {
-            return Err(bad_key("server", "hostname", &"\"\"", "must not be empty (our name in greetings and Received: lines)"));
+            return Err(bad_key(
+                "server",
+                "hostname",
+                &"\"\"",
+                "must not be empty (our name in greetings and Received: lines)",
+            ));
         }
         let names = std::iter::once(("hostname", &s.hostname))
             .chain(s.local_hostnames.iter().map(|h| ("local_hostnames", h)))
@@ -598,10 +600,14 @@ impl Config {
             return Err(bad("[relay] needs both `smarthost_user` and `smarthost_password`, or neither".into()));
         }
         if r.retry_initial_secs == 0 || r.retry_max_secs < r.retry_initial_secs || r.lifetime_secs == 0 {
-            return Err(bad("[relay] retry_initial_secs must be above 0 and at most retry_max_secs; lifetime_secs above 0".into()));
+            return Err(bad(
+                "[relay] retry_initial_secs must be above 0 and at most retry_max_secs; lifetime_secs above 0".into(),
+            ));
         }
         if r.max_connections == 0 || r.max_per_destination == 0 || r.messages_per_session == 0 {
-            return Err(bad("[relay] max_connections, max_per_destination and messages_per_session must be at least 1".into()));
+            return Err(bad(
+                "[relay] max_connections, max_per_destination and messages_per_session must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -658,9 +664,7 @@ fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
         let line = line.trim();
         if let Some(header) = line.strip_prefix('[').and_then(|h| h.split(']').next()) {
             current = header.trim();
-        } else if current == section
-            && line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-        {
+        } else if current == section && line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')) {
             return Some(i + 1);
         }
     }
@@ -732,7 +736,8 @@ mod tests {
 
     #[test]
     fn relay_section_and_its_errors() {
-        let text = "[relay]\nsmarthost = \"relay.example.net:587\"\ntransport = { \"Test.Example\" = \"127.0.0.1:2526\" }\n\
+        let text =
+            "[relay]\nsmarthost = \"relay.example.net:587\"\ntransport = { \"Test.Example\" = \"127.0.0.1:2526\" }\n\
                     tls_policy = { \"bank.example\" = \"verify\" }\nresolver = \"127.0.0.1:5353\"\n";
         let c = Config::parse(text, "c.toml").unwrap();
         let route = c.relay.route_config();
@@ -744,7 +749,9 @@ mod tests {
         assert_eq!(c.relay.domain_tls("BANK.example."), Some(TlsMode::Verify));
         assert_eq!(c.relay.domain_tls("other.example"), None);
         assert_eq!(c.relay.schedule().lifetime, 5 * 86400);
-        let err = Config::parse("[relay]\n\ntransport = { \"a.test\" = \"bad host:x\" }\n", "c.toml").unwrap_err().to_string();
+        let err = Config::parse("[relay]\n\ntransport = { \"a.test\" = \"bad host:x\" }\n", "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("c.toml:3: "), "{err}");
         let err = Config::parse("[relay]\ntls = \"sometimes\"\n", "c.toml").unwrap_err().to_string();
         assert!(err.starts_with("c.toml:2: "), "{err}");
@@ -760,7 +767,8 @@ mod tests {
         assert_eq!(key_line(text, "pop3", "max_connections"), Some(2));
         assert_eq!(key_line(text, "server", "max_connections"), None);
         assert_eq!(key_line("[smtp]\nmax_connections_x = 1\nmax_connections= 0\n", "smtp", "max_connections"), Some(3));
-        let err = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\", \"x\"]\n", "c.toml").unwrap_err().to_string();
+        let err =
+            Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\", \"x\"]\n", "c.toml").unwrap_err().to_string();
         assert!(err.starts_with("c.toml:2: `x` is not an IP address"), "{err}");
         let c = Config::parse("[server]\nlimits_exempt = [\"192.0.2.0/24\"]\n", "c.toml").unwrap();
         assert_eq!(c.admission().exempt, vec![Network::parse("192.0.2.0/24").unwrap()]);
@@ -770,7 +778,9 @@ mod tests {
         let huge = "[server]\nlogin_ban_secs = 9223372036854775807\n";
         let err = Config::parse(huge, "c.toml").unwrap_err().to_string();
         assert_eq!(err, "c.toml:2: [server] login_ban_secs = 9223372036854775807: must be at most 604800 (7 days)");
-        for (section, key) in [("smtp", "idle_timeout_secs"), ("pop3", "idle_timeout_secs"), ("relay", "command_timeout_secs")] {
+        for (section, key) in
+            [("smtp", "idle_timeout_secs"), ("pop3", "idle_timeout_secs"), ("relay", "command_timeout_secs")]
+        {
             let err = Config::parse(&format!("[{section}]\n{key} = 604801\n"), "c.toml").unwrap_err().to_string();
             assert_eq!(err, format!("c.toml:2: [{section}] {key} = 604801: must be at most 604800 (7 days)"));
             assert!(Config::parse(&format!("[{section}]\n{key} = 604800\n"), "c.toml").is_ok());

@@ -306,7 +306,13 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             let results = pending(&item)
                 .map(|i| {
                     let last = item.state.recipients[i as usize].last_error.clone().unwrap_or_default();
-                    (i, RcptOutcome::Failed { error: format!("4.4.7 message expired in the queue; last error: {last}"), reported: false })
+                    (
+                        i,
+                        RcptOutcome::Failed {
+                            error: format!("4.4.7 message expired in the queue; last error: {last}"),
+                            reported: false,
+                        },
+                    )
                 })
                 .collect::<Vec<_>>();
             if let Err(e) = store.queue_change(qid, QueueOp::Results { at: now, results }).await {
@@ -458,9 +464,15 @@ fn outcome_of(env: &Env, item: &QueueItem, i: u32, status: &RcptStatus, now: u64
         RcptStatus::Deferred(e) => {
             let attempts = item.state.recipients.get(i as usize).map(|r| r.attempts).unwrap_or(0) + 1;
             if env.schedule.expired(item.entry.queued_at, now) {
-                RcptOutcome::Failed { error: format!("4.4.7 message expired in the queue; last error: {e}"), reported: false }
+                RcptOutcome::Failed {
+                    error: format!("4.4.7 message expired in the queue; last error: {e}"),
+                    reported: false,
+                }
             } else {
-                RcptOutcome::Deferred { next_attempt: env.schedule.next_attempt(item.entry.queued_at, attempts, now), error: e.clone() }
+                RcptOutcome::Deferred {
+                    next_attempt: env.schedule.next_attempt(item.entry.queued_at, attempts, now),
+                    error: e.clone(),
+                }
             }
         }
     }
@@ -625,7 +637,8 @@ async fn run_session(
                         job.item.entry.queue_id, job.item.entry.recipients[*i as usize], hop.name, status_word(s));
                 }
                 // The durable record, before anything else is sent.
-                if let Err(e) = store.queue_change(job.item.entry.queue_id, QueueOp::Results { at: now, results }).await {
+                if let Err(e) = store.queue_change(job.item.entry.queue_id, QueueOp::Results { at: now, results }).await
+                {
                     // Not recorded: the message stays pending and will be
                     // sent again (at least once). Stop here, and never
                     // try another host with what this one already took.
@@ -681,7 +694,9 @@ async fn start_next(store: &dyn MailStore, client: &mut Client, jobs: &[Job], ne
             }
             Err(e) => {
                 tracing::error!(queue_id = %job.item.entry.queue_id, error = %e, "body unreadable; deferred");
-                return vec![Action::Finished(job.rcpts.iter().map(|_| RcptStatus::Deferred(format!("body unreadable: {e}"))).collect())];
+                return vec![Action::Finished(
+                    job.rcpts.iter().map(|_| RcptStatus::Deferred(format!("body unreadable: {e}"))).collect(),
+                )];
             }
         }
     }

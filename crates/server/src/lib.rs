@@ -72,7 +72,8 @@ pub fn secure_data_dir(dir: &Path) -> Result<(), ServerError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| ServerError::io(format!("creating the data directory {shown}"), e))?;
-    let mode = std::fs::metadata(dir).map_err(|e| ServerError::io(format!("reading {shown}"), e))?.permissions().mode() & 0o7777;
+    let mode = std::fs::metadata(dir).map_err(|e| ServerError::io(format!("reading {shown}"), e))?.permissions().mode()
+        & 0o7777;
     if mode & 0o022 != 0 {
         return Err(ServerError::UnsafeMode { path: shown, mode });
     }
@@ -191,7 +192,11 @@ pub(crate) enum SmtpRole {
 impl SmtpRole {
     /// Port 25 has its own slots; submission shares the users' with POP3.
     pub(crate) fn pool(self) -> Pool {
-        if self == SmtpRole::Mta { Pool::Mta } else { Pool::Submission }
+        if self == SmtpRole::Mta {
+            Pool::Mta
+        } else {
+            Pool::Submission
+        }
     }
 }
 
@@ -255,7 +260,11 @@ pub async fn start_with_clock(
     // A witness votes and keeps the control-plane state: no mail listeners.
     let none: &[SocketAddr] = &[];
     let mail = |a: &'_ Vec<SocketAddr>| -> Vec<SocketAddr> {
-        if c.cluster.role == config::ClusterRole::Witness { none.to_vec() } else { a.clone() }
+        if c.cluster.role == config::ClusterRole::Witness {
+            none.to_vec()
+        } else {
+            a.clone()
+        }
     };
     let smtp_l = bound(&mail(&c.smtp.listen), "SMTP")?;
     let sub_l = bound(&mail(&c.smtp.submission), "submission")?;
@@ -450,10 +459,7 @@ pub(crate) async fn check_login(
 }
 
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {

@@ -69,8 +69,10 @@ impl Network {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
         };
-        let base: IpAddr =
-            ip.trim().parse().map_err(|_| format!("`{s}` is not an IP address or network (a.b.c.d/len, x:y::z/len)"))?;
+        let base: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or network (a.b.c.d/len, x:y::z/len)"))?;
         let max = if base.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -360,11 +362,17 @@ impl Admission {
         if let Some(key) = key {
             let per_minute = self.limits.per_address_per_minute;
             if !addresses.contains_key(&key)
-                && !make_room(&mut addresses, MAX_ADDRESSES, |u| u.idle(now, per_minute), |u| (u.live == 0).then_some(u.refilled))
+                && !make_room(
+                    &mut addresses,
+                    MAX_ADDRESSES,
+                    |u| u.idle(now, per_minute),
+                    |u| (u.live == 0).then_some(u.refilled),
+                )
             {
                 return Err(Refusal::PoolFull);
             }
-            let used = addresses.entry(key).or_insert(AddressUse { live: 0, tokens: f64::from(per_minute), refilled: now });
+            let used =
+                addresses.entry(key).or_insert(AddressUse { live: 0, tokens: f64::from(per_minute), refilled: now });
             used.refill(now, per_minute);
             if used.tokens < 1.0 {
                 return Err(Refusal::AddressTooFast);

@@ -27,9 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hamail_pop3::{
-    AuthResult, BodyOpened, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session, Stuffer,
-};
+use hamail_pop3::{AuthResult, BodyOpened, MaildropResult, Next, Output, PeerInfo, Pop3Config, Session, Stuffer};
 use hamail_store::{Address, BodyFile, BodyHash, MailStore, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -13,7 +13,7 @@ use hamail_smtp::{
     AuthResult, Credentials, DataProblem, DataStart, Next, Output, PeerInfo, RcptVerdict, SenderCheck, SenderVerdict,
     Session, SmtpConfig, Transaction,
 };
-use hamail_store::{Body, Fingerprint, Incoming, MailStore, MemoryGate, Resolution, ResendKey, Spool, StoreError};
+use hamail_store::{Body, Fingerprint, Incoming, MailStore, MemoryGate, ResendKey, Resolution, Spool, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -228,10 +228,9 @@ pub(crate) async fn serve(
                 let verdict = match ctx.directory().resolve(&rcpt).await {
                     Ok(Resolution::Local(users)) => RcptVerdict::Local(users),
                     Ok(Resolution::Remote) => RcptVerdict::Remote,
-                    Ok(Resolution::Mixed { local, remote }) => RcptVerdict::Forward {
-                        local,
-                        remote: remote.iter().map(|a| a.to_string()).collect(),
-                    },
+                    Ok(Resolution::Mixed { local, remote }) => {
+                        RcptVerdict::Forward { local, remote: remote.iter().map(|a| a.to_string()).collect() }
+                    }
                     Ok(Resolution::UnknownUser) => RcptVerdict::UnknownUser,
                     Err(e) if e.is_temporary() => {
                         tracing::warn!(client = %peer, rcpt = %rcpt, error = %e, "recipient lookup failed");
@@ -248,7 +247,9 @@ pub(crate) async fn serve(
                 // never reach a transaction log line, so log them here.
                 let refused = match &verdict {
                     RcptVerdict::UnknownUser => Some("550 5.1.1 user unknown"),
-                    RcptVerdict::Remote if session.authenticated_user().is_none() => Some("554 5.7.1 relay access denied"),
+                    RcptVerdict::Remote if session.authenticated_user().is_none() => {
+                        Some("554 5.7.1 relay access denied")
+                    }
                     _ => None,
                 };
                 if let Some(why) = refused {
@@ -295,7 +296,9 @@ pub(crate) async fn serve(
 async fn judge_sender(ctx: &Context, check: &SenderCheck) -> SenderVerdict {
     let sender = check.sender.as_str();
     if let Some(user) = &check.authenticated {
-        if sender.eq_ignore_ascii_case(user) || crate::config::pattern_allows(&ctx.config.smtp.allowed_senders, user, sender) {
+        if sender.eq_ignore_ascii_case(user)
+            || crate::config::pattern_allows(&ctx.config.smtp.allowed_senders, user, sender)
+        {
             return SenderVerdict::Allowed;
         }
     }
@@ -308,7 +311,9 @@ async fn judge_sender(ctx: &Context, check: &SenderCheck) -> SenderVerdict {
         Err(_) => Some(Vec::new()),
     };
     match (&check.authenticated, reaches) {
-        (Some(user), Some(users)) if users.iter().any(|u| u.as_str().eq_ignore_ascii_case(user)) => SenderVerdict::Allowed,
+        (Some(user), Some(users)) if users.iter().any(|u| u.as_str().eq_ignore_ascii_case(user)) => {
+            SenderVerdict::Allowed
+        }
         (Some(_), _) => SenderVerdict::NotOwned,
         (None, None) => SenderVerdict::Allowed,
         (None, Some(_)) => SenderVerdict::LocalNeedsAuthentication,
@@ -339,7 +344,11 @@ async fn authenticate(ctx: &Context, peer: &SocketAddr, creds: &Credentials) -> 
 /// What [`Next::StartData`] asks: the queue id and date of the message,
 /// and its spool with as much memory as the node's budget gives (up to
 /// [`IN_MEMORY`]; none: straight to the file).
-async fn start_message(ctx: &Context, store: &dyn MailStore, data_timeout: Duration) -> Result<(DataStart, Message), StoreError> {
+async fn start_message(
+    ctx: &Context,
+    store: &dyn MailStore,
+    data_timeout: Duration,
+) -> Result<(DataStart, Message), StoreError> {
     let queue_id = store.next_queue_id().await?;
     let date = hamail_smtp::rfc5322_date(crate::unix_now() as i64);
     let memory = ctx.memory.try_reserve(IN_MEMORY);
@@ -382,7 +391,12 @@ fn refused(ctx: &Context, txn: &Transaction, problem: DataProblem, started: Opti
     tracing::info!(target: "hamail::mail", "{} result={}", MailLine { txn, size: txn.data_size, started }, problem.reply());
 }
 
-async fn deliver(ctx: &Context, store: &dyn MailStore, txn: &Transaction, message: Option<Message>) -> Result<hamail_store::Committed, StoreError> {
+async fn deliver(
+    ctx: &Context,
+    store: &dyn MailStore,
+    txn: &Transaction,
+    message: Option<Message>,
+) -> Result<hamail_store::Committed, StoreError> {
     let started = message.as_ref().map(|m| m.started);
     let body = match message {
         Some(m) => m.finish().await,

@@ -40,9 +40,11 @@ fn self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), ServerE
         return Ok((cert, key));
     }
     std::fs::create_dir_all(dir).map_err(|e| ServerError::io(format!("creating {}", dir.display()), e))?;
-    let generated = generate(hostname).map_err(|e| ServerError::Tls(format!("generating a self-signed certificate: {e}")))?;
+    let generated =
+        generate(hostname).map_err(|e| ServerError::Tls(format!("generating a self-signed certificate: {e}")))?;
     write_private(&key, generated.key_pair.serialize_pem().as_bytes())?;
-    std::fs::write(&cert, generated.cert.pem()).map_err(|e| ServerError::io(format!("writing {}", cert.display()), e))?;
+    std::fs::write(&cert, generated.cert.pem())
+        .map_err(|e| ServerError::io(format!("writing {}", cert.display()), e))?;
     tracing::warn!(
         cert = %cert.display(),
         key = %key.display(),
@@ -78,7 +80,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> {
-    let data = std::fs::read(path).map_err(|e| ServerError::io(format!("reading certificate {}", path.display()), e))?;
+    let data =
+        std::fs::read(path).map_err(|e| ServerError::io(format!("reading certificate {}", path.display()), e))?;
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut data.as_slice()).collect();
     let certs = certs.map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {

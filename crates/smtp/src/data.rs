@@ -164,10 +164,7 @@ impl DataDecoder {
                     self.only_dot = false;
                     self.line_start = false;
                     // Copy the run of ordinary bytes in one go.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(input.len() - i);
+                    let run = input[i..].iter().position(|&c| c == b'\r' || c == b'\n').unwrap_or(input.len() - i);
                     let (start, end) = (i, i + run);
                     self.emit_range(input, start, end, sink);
                     self.grow_line(run);
@@ -287,7 +284,10 @@ mod tests {
             let digest = d.finish();
             assert_eq!(body, whole.1);
             // Hashed as it arrived, in whatever pieces: the body's SHA-256.
-            assert_eq!(digest, <[u8; 32]>::from(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body))));
+            assert_eq!(
+                digest,
+                <[u8; 32]>::from(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body)))
+            );
         }
     }
 

@@ -10,8 +10,8 @@ use base64::Engine;
 use hamail_store::{Address, Committed, QueueId, StoreError};
 use smtp_proto::{Error as ProtoError, Request};
 
-use crate::data::{DataDecoder, Feed};
 pub use crate::data::DataProblem;
+use crate::data::{DataDecoder, Feed};
 use crate::stamp::{Missing, Stamper, Trace};
 
 /// Limits and policy of one listener.
@@ -289,8 +289,7 @@ enum Waiting {
 
 /// RFC 6531 3.7.4.1 (the reply when UTF-8 addresses cannot be taken):
 /// SMTPUTF8 is not offered, so an address must be ASCII (RFC 5321 4.1.2).
-const NON_ASCII_ADDRESS: &str =
-    "553 5.6.7 Non-ASCII address: this server does not offer SMTPUTF8 (RFC 6531)";
+const NON_ASCII_ADDRESS: &str = "553 5.6.7 Non-ASCII address: this server does not offer SMTPUTF8 (RFC 6531)";
 
 /// The address of `RCPT TO:<local@[literal]>` (no parameters), if `line`
 /// is that.
@@ -360,10 +359,7 @@ fn store_failure(e: &StoreError) -> &'static str {
 /// Replaces controls so that text from the peer or the driver can never
 /// break a reply line.
 fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
 }
 
 impl Session {
@@ -468,10 +464,7 @@ impl Session {
                 false
             }
             RcptVerdict::TemporaryFailure(why) => {
-                self.reply(&format!(
-                    "451 4.3.0 Temporary lookup failure: {}",
-                    clean(&why)
-                ));
+                self.reply(&format!("451 4.3.0 Temporary lookup failure: {}", clean(&why)));
                 false
             }
         };
@@ -479,11 +472,7 @@ impl Session {
             env.recipients.push(given);
             self.reply("250 2.1.5 Ok");
         }
-        self.state = if env.recipients.is_empty() {
-            State::Mail { helo, env }
-        } else {
-            State::Rcpt { helo, env }
-        };
+        self.state = if env.recipients.is_empty() { State::Mail { helo, env } } else { State::Rcpt { helo, env } };
         self.run()
     }
 
@@ -507,10 +496,9 @@ impl Session {
                 "550 5.7.1 <{}>: Sender address rejected: mail from a local domain must be sent with authentication",
                 clean(&return_path)
             )),
-            SenderVerdict::TemporaryFailure(why) => self.reply(&format!(
-                "451 4.3.0 Temporary lookup failure: {}",
-                clean(&why)
-            )),
+            SenderVerdict::TemporaryFailure(why) => {
+                self.reply(&format!("451 4.3.0 Temporary lookup failure: {}", clean(&why)))
+            }
         }
         self.run()
     }
@@ -529,10 +517,9 @@ impl Session {
             // RFC 4954 6: 535 5.7.8, counted against the error limit to
             // slow password guessing down.
             AuthResult::Failure => self.error("535 5.7.8 Authentication credentials invalid"),
-            AuthResult::TemporaryFailure(why) => self.reply(&format!(
-                "454 4.7.0 Temporary authentication failure: {}",
-                clean(&why)
-            )),
+            AuthResult::TemporaryFailure(why) => {
+                self.reply(&format!("454 4.7.0 Temporary authentication failure: {}", clean(&why)))
+            }
         }
         self.run()
     }
@@ -642,11 +629,7 @@ impl Session {
     pub fn timeout(&mut self) -> Vec<u8> {
         self.state = State::Closed;
         self.waiting = None;
-        format!(
-            "421 4.4.2 {} Error: timeout exceeded\r\n",
-            self.config.hostname
-        )
-        .into_bytes()
+        format!("421 4.4.2 {} Error: timeout exceeded\r\n", self.config.hostname).into_bytes()
     }
 
     // ---- internals ----
@@ -655,9 +638,7 @@ impl Session {
         // Put back what we were really waiting for: the driver may still
         // deliver the right answer.
         self.waiting = waiting;
-        self.reply(&format!(
-            "451 4.3.0 Internal error: {method}() called in the wrong state (driver bug)"
-        ));
+        self.reply(&format!("451 4.3.0 Internal error: {method}() called in the wrong state (driver bug)"));
         if matches!(self.state, State::Closed) {
             return self.finish(Next::Close);
         }
@@ -665,10 +646,7 @@ impl Session {
     }
 
     fn finish(&mut self, next: Next) -> Output {
-        Output {
-            reply: std::mem::take(&mut self.out),
-            next,
-        }
+        Output { reply: std::mem::take(&mut self.out), next }
     }
 
     fn reply(&mut self, line: &str) {
@@ -693,10 +671,7 @@ impl Session {
                 return self.finish(Next::Close);
             }
             if self.errors > 0 && self.errors >= self.config.max_errors {
-                self.reply(&format!(
-                    "421 4.7.0 {} Error: too many errors",
-                    self.config.hostname
-                ));
+                self.reply(&format!("421 4.7.0 {} Error: too many errors", self.config.hostname));
                 self.state = State::Closed;
                 return self.finish(Next::Close);
             }
@@ -833,10 +808,7 @@ impl Session {
     }
 
     fn in_transaction(&self) -> bool {
-        matches!(
-            self.state,
-            State::Mail { .. } | State::Rcpt { .. } | State::Data { .. }
-        )
+        matches!(self.state, State::Mail { .. } | State::Rcpt { .. } | State::Data { .. })
     }
 
     fn auth_offered(&self) -> bool {
@@ -861,8 +833,7 @@ impl Session {
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            self.out
-                .extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+            self.out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
         }
     }
 
@@ -874,22 +845,13 @@ impl Session {
             // taken here.
             Err(e) => {
                 if let (ProtoError::InvalidRecipientAddress, Some(address)) = (&e, literal_rcpt(line)) {
-                    let to = smtp_proto::RcptTo {
-                        address,
-                        orcpt: None,
-                        rrvs: 0,
-                        flags: 0,
-                    };
+                    let to = smtp_proto::RcptTo { address, orcpt: None, rrvs: 0, flags: 0 };
                     return self.rcpt(to, line);
                 }
                 let text = match e {
                     ProtoError::UnknownCommand => "500 5.5.1 Command unrecognized".to_string(),
-                    ProtoError::InvalidSenderAddress => {
-                        "501 5.1.7 Bad sender address syntax".to_string()
-                    }
-                    ProtoError::InvalidRecipientAddress => {
-                        "501 5.1.3 Bad recipient address syntax".to_string()
-                    }
+                    ProtoError::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".to_string(),
+                    ProtoError::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax".to_string(),
                     ProtoError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
                     ProtoError::InvalidParameter { param } => {
                         format!("501 5.5.4 Invalid value for parameter {param}")
@@ -911,22 +873,12 @@ impl Session {
             }
             Request::Ehlo { host } => {
                 // RFC 5321 4.1.4: EHLO mid-session resets like RSET.
-                self.state = State::Greeted {
-                    helo: Helo {
-                        name: clean(&host),
-                        esmtp: true,
-                    },
-                };
+                self.state = State::Greeted { helo: Helo { name: clean(&host), esmtp: true } };
                 self.ehlo_reply();
                 None
             }
             Request::Helo { host } => {
-                self.state = State::Greeted {
-                    helo: Helo {
-                        name: clean(&host),
-                        esmtp: false,
-                    },
-                };
+                self.state = State::Greeted { helo: Helo { name: clean(&host), esmtp: false } };
                 let text = format!("250 {}", self.config.hostname);
                 self.reply(&text);
                 None
@@ -974,9 +926,7 @@ impl Session {
             }
             // RFC 5321 3.5.3: 252 when we will not verify.
             Request::Vrfy { .. } => {
-                self.reply(
-                    "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
-                );
+                self.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
                 None
             }
             Request::Help { .. } => {
@@ -984,10 +934,7 @@ impl Session {
                 None
             }
             Request::StartTls => self.starttls(line),
-            Request::Auth {
-                mechanism,
-                initial_response,
-            } => self.auth(mechanism, &initial_response),
+            Request::Auth { mechanism, initial_response } => self.auth(mechanism, &initial_response),
             // LMTP is not spoken here.
             Request::Lhlo { .. } => {
                 self.error("500 5.5.1 Command unrecognized");
@@ -1051,7 +998,9 @@ impl Session {
             // RFC 6409 4.3 binds a submission's sender to the user; the
             // null path is for bounces, which a user does not send.
             if self.auth_user.is_some() {
-                self.error("553 5.7.1 <>: Sender address rejected: the null sender is not allowed after authentication");
+                self.error(
+                    "553 5.7.1 <>: Sender address rejected: the null sender is not allowed after authentication",
+                );
                 return None;
             }
             self.open_envelope(None);
@@ -1065,13 +1014,8 @@ impl Session {
             self.open_envelope(Some(from.address));
             return None;
         }
-        self.waiting = Some(Waiting::Sender {
-            return_path: from.address,
-        });
-        Some(Next::CheckSender(SenderCheck {
-            sender,
-            authenticated: self.auth_user.clone(),
-        }))
+        self.waiting = Some(Waiting::Sender { return_path: from.address });
+        Some(Next::CheckSender(SenderCheck { sender, authenticated: self.auth_user.clone() }))
     }
 
     /// MAIL accepted: the transaction starts (RFC 5321 4.1.1.2).
@@ -1083,12 +1027,7 @@ impl Session {
         };
         self.state = State::Mail {
             helo,
-            env: Envelope {
-                return_path,
-                local: Vec::new(),
-                remote: Vec::new(),
-                recipients: Vec::new(),
-            },
+            env: Envelope { return_path, local: Vec::new(), remote: Vec::new(), recipients: Vec::new() },
         };
         self.reply("250 2.1.0 Ok");
     }
@@ -1118,10 +1057,7 @@ impl Session {
         let given = if to.address.is_empty() {
             // smtp-proto turns <Postmaster> into "": RFC 5321 4.5.1 requires
             // accepting it without a domain; it means our postmaster.
-            if String::from_utf8_lossy(line)
-                .to_ascii_lowercase()
-                .contains("<postmaster>")
-            {
+            if String::from_utf8_lossy(line).to_ascii_lowercase().contains("<postmaster>") {
                 format!("postmaster@{}", self.config.hostname)
             } else {
                 self.error("501 5.1.3 Bad recipient address syntax");
@@ -1163,9 +1099,9 @@ impl Session {
         };
         // RFC 5321 4.1.3: IPv4-address-literal or "IPv6:" IPv6-addr.
         let ip = match inner.get(..5) {
-            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => inner[5..]
-                .parse::<std::net::Ipv6Addr>()
-                .map(std::net::IpAddr::V6),
+            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+                inner[5..].parse::<std::net::Ipv6Addr>().map(std::net::IpAddr::V6)
+            }
             _ => inner.parse::<std::net::Ipv4Addr>().map(std::net::IpAddr::V4),
         };
         let Ok(ip) = ip else {
@@ -1322,9 +1258,8 @@ impl Session {
         self.leave_sasl();
         // RFC 4616 2: the client acts as the authorization identity when it
         // gives one; the driver refuses one the login may not act for.
-        self.waiting = Some(Waiting::Auth {
-            username: creds.authzid.clone().unwrap_or_else(|| creds.username.clone()),
-        });
+        self.waiting =
+            Some(Waiting::Auth { username: creds.authzid.clone().unwrap_or_else(|| creds.username.clone()) });
         Next::Authenticate(creds)
     }
 
@@ -1350,11 +1285,7 @@ impl Session {
             }
             SaslStep::LoginPassword { user } => {
                 let password = self.decode(text)?;
-                Some(self.ask_auth(Credentials {
-                    authzid: None,
-                    username: user,
-                    password,
-                }))
+                Some(self.ask_auth(Credentials { authzid: None, username: user, password }))
             }
         }
     }
@@ -1417,10 +1348,7 @@ pub(crate) mod tests {
 
     impl Harness {
         pub fn new(config: SmtpConfig) -> Self {
-            let peer = PeerInfo {
-                addr: "192.0.2.7:5000".parse().unwrap(),
-                tls: false,
-            };
+            let peer = PeerInfo { addr: "192.0.2.7:5000".parse().unwrap(), tls: false };
             Harness {
                 s: Session::new(Arc::new(config), peer),
                 replies: String::new(),
@@ -1437,8 +1365,7 @@ pub(crate) mod tests {
             let mut out = self.s.handle(input);
             loop {
                 self.spool.extend_from_slice(&self.s.take_message_data());
-                self.replies
-                    .push_str(&String::from_utf8(out.reply).unwrap());
+                self.replies.push_str(&String::from_utf8(out.reply).unwrap());
                 out = match out.next {
                     Next::NeedInput => return,
                     Next::Close => {
@@ -1476,10 +1403,7 @@ pub(crate) mod tests {
             }
         }
         pub fn lines(&self) -> Vec<&str> {
-            self.replies
-                .split("\r\n")
-                .filter(|l| !l.is_empty())
-                .collect()
+            self.replies.split("\r\n").filter(|l| !l.is_empty()).collect()
         }
         pub fn last(&self) -> &str {
             self.lines().last().copied().unwrap_or("")
@@ -1491,8 +1415,7 @@ pub(crate) mod tests {
 
     const EHLO: &str = "EHLO client.example\r\n";
     const MAIL: &str = "EHLO client.example\r\nMAIL FROM:<s@remote.example>\r\n";
-    const RCPT: &str =
-        "EHLO client.example\r\nMAIL FROM:<s@remote.example>\r\nRCPT TO:<u@local.example>\r\n";
+    const RCPT: &str = "EHLO client.example\r\nMAIL FROM:<s@remote.example>\r\nRCPT TO:<u@local.example>\r\n";
 
     /// Every command in every state: (state script, command, expected start
     /// of the last reply line).
@@ -1522,16 +1445,8 @@ pub(crate) mod tests {
             (EHLO, "HELO c.example", "250 localhost"),
             (EHLO, "MAIL FROM:<a@b.example>", "250 2.1.0"),
             (EHLO, "MAIL FROM:<>", "250 2.1.0"),
-            (
-                EHLO,
-                "MAIL FROM:<a@b.example> BODY=8BITMIME SIZE=1000",
-                "250 2.1.0",
-            ),
-            (
-                EHLO,
-                "MAIL FROM:<a@b.example> SIZE=999999999999",
-                "552 5.3.4",
-            ),
+            (EHLO, "MAIL FROM:<a@b.example> BODY=8BITMIME SIZE=1000", "250 2.1.0"),
+            (EHLO, "MAIL FROM:<a@b.example> SIZE=999999999999", "552 5.3.4"),
             (EHLO, "MAIL FROM:<a@b.example> SMTPUTF8", "555 5.5.4"),
             (EHLO, "MAIL FROM:<a@b.example> FOO=BAR", "555 5.5.4"),
             (EHLO, "MAIL FROM:<not an address>", "501"),
@@ -1580,20 +1495,13 @@ pub(crate) mod tests {
             (RCPT, "AUTH PLAIN", "503 5.5.1"),
             (RCPT, "FOO", "500 5.5.1"),
         ];
-        let config = SmtpConfig {
-            tls_available: true,
-            ..SmtpConfig::default()
-        };
+        let config = SmtpConfig { tls_available: true, ..SmtpConfig::default() };
         for (script, cmd, want) in table {
             let mut h = Harness::new(config.clone());
             h.feed(script.as_bytes());
             h.clear();
             h.feed(format!("{cmd}\r\n").as_bytes());
-            assert!(
-                h.last().starts_with(want),
-                "after {script:?} {cmd:?}: got {:?}",
-                h.replies
-            );
+            assert!(h.last().starts_with(want), "after {script:?} {cmd:?}: got {:?}", h.replies);
             assert_eq!(h.closed, *cmd == "QUIT");
         }
     }
@@ -1615,11 +1523,7 @@ pub(crate) mod tests {
             h.feed(format!("{script}{cmd}\r\n").as_bytes());
             h.clear();
             h.feed(b"DATA\r\n");
-            assert!(
-                h.last().starts_with(want),
-                "after {script:?} {cmd:?}: {:?}",
-                h.replies
-            );
+            assert!(h.last().starts_with(want), "after {script:?} {cmd:?}: {:?}", h.replies);
         }
     }
 
@@ -1650,11 +1554,7 @@ pub(crate) mod tests {
         let n = lines.len();
         assert_eq!(
             &lines[n - 3..],
-            &[
-                "354 End data with <CR><LF>.<CR><LF>",
-                "250 2.0.0 Ok: queued as 000000000001",
-                "250 2.0.0 Ok"
-            ]
+            &["354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 Ok: queued as 000000000001", "250 2.0.0 Ok"]
         );
     }
 
@@ -1678,21 +1578,15 @@ pub(crate) mod tests {
 
     #[test]
     fn store_failures() {
-        for (err, want) in [
-            (StoreError::Temporary("x".into()), "451 4.3.0"),
-            (StoreError::Permanent("x".into()), "554 5.0.0"),
-        ] {
+        for (err, want) in
+            [(StoreError::Temporary("x".into()), "451 4.3.0"), (StoreError::Permanent("x".into()), "554 5.0.0")]
+        {
             let mut s = Session::new(
                 Arc::new(SmtpConfig::default()),
-                PeerInfo {
-                    addr: "[::1]:25".parse().unwrap(),
-                    tls: false,
-                },
+                PeerInfo { addr: "[::1]:25".parse().unwrap(), tls: false },
             );
             let mut out = s.handle(RCPT.as_bytes());
-            let Next::CheckRecipient(a) = out.next else {
-                panic!()
-            };
+            let Next::CheckRecipient(a) = out.next else { panic!() };
             out = s.recipient_checked(verdict(&a));
             assert!(matches!(out.next, Next::NeedInput));
             out = s.handle(b"DATA\r\nx\r\n.\r\nNOOP\r\n");
@@ -1702,10 +1596,7 @@ pub(crate) mod tests {
             out = s.finish_delivery(Err(err));
             let reply = String::from_utf8(out.reply).unwrap();
             assert!(reply.starts_with(want), "{reply}");
-            assert!(
-                reply.ends_with("250 2.0.0 Ok\r\n"),
-                "pipelined NOOP runs after"
-            );
+            assert!(reply.ends_with("250 2.0.0 Ok\r\n"), "pipelined NOOP runs after");
         }
     }
 
@@ -1715,7 +1606,10 @@ pub(crate) mod tests {
             (StoreError::Busy("no memory".into()), "451 4.3.1 Insufficient system resources"),
             (StoreError::Unavailable("x".into()), "451 4.3.0"),
         ] {
-            let mut s = Session::new(Arc::new(SmtpConfig::default()), PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false });
+            let mut s = Session::new(
+                Arc::new(SmtpConfig::default()),
+                PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false },
+            );
             let out = s.handle(RCPT.as_bytes());
             let Next::CheckRecipient(a) = out.next else { panic!("{:?}", out.next) };
             s.recipient_checked(verdict(&a));
@@ -1742,10 +1636,7 @@ pub(crate) mod tests {
     fn resume_in_wrong_state() {
         let mut s = Session::new(
             Arc::new(SmtpConfig::default()),
-            PeerInfo {
-                addr: "127.0.0.1:25".parse().unwrap(),
-                tls: false,
-            },
+            PeerInfo { addr: "127.0.0.1:25".parse().unwrap(), tls: false },
         );
         for out in [
             s.recipient_checked(RcptVerdict::Remote),
@@ -1754,9 +1645,7 @@ pub(crate) mod tests {
             s.tls_established(),
             s.data_started(Ok(DataStart { queue_id: QueueId(1), date: "D".into() })),
         ] {
-            assert!(String::from_utf8(out.reply)
-                .unwrap()
-                .starts_with("451 4.3.0 Internal error"));
+            assert!(String::from_utf8(out.reply).unwrap().starts_with("451 4.3.0 Internal error"));
         }
         assert!(s.authenticated_user().is_none());
         // Still usable.

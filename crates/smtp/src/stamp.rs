@@ -27,20 +27,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// An RFC 5322 3.3 date-time in UTC, e.g. `Thu, 01 Jan 1970 00:00:00 +0000`.
 pub fn rfc5322_date(unix_secs: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
     let weekday = DAYS[days.rem_euclid(7) as usize];
     let month = MONTHS[(m as usize).saturating_sub(1) % 12];
-    format!(
-        "{weekday}, {d:02} {month} {y:04} {:02}:{:02}:{:02} +0000",
-        secs / 3600,
-        (secs % 3600) / 60,
-        secs % 60
-    )
+    format!("{weekday}, {d:02} {month} {y:04} {:02}:{:02}:{:02} +0000", secs / 3600, (secs % 3600) / 60, secs % 60)
 }
 
 /// Whether the header block has a field named `name` (case-insensitive, at
@@ -53,7 +46,8 @@ pub fn has_field(headers: &[u8], name: &str) -> bool {
 /// white space allowed before the colon as in RFC 5322 4.5.3's obsolete
 /// syntax), what follows its colon.
 fn field_body<'a>(line: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let rest = line.get(..name.len()).filter(|n| n.eq_ignore_ascii_case(name.as_bytes())).and(line.get(name.len()..))?;
+    let rest =
+        line.get(..name.len()).filter(|n| n.eq_ignore_ascii_case(name.as_bytes())).and(line.get(name.len()..))?;
     let colon = rest.iter().position(|&b| b != b' ' && b != b'\t')?;
     (rest[colon] == b':').then(|| &rest[colon + 1..])
 }
@@ -433,7 +427,8 @@ mod tests {
     #[test]
     fn submission_gets_message_id_and_date_at_the_end_of_its_header_section() {
         let auth_received = "Received: from client.example ([192.0.2.1])\r\n\t(Authenticated sender: alice@example.orgX-Evil: 1)\r\n\tby mx.example (hamail) with ESMTPSA id 0000000000FF;\r\n\tDATE\r\n";
-        let (out, id) = stamp_in_chunks(b"Subject: x\r\nTo: a@x\r\n\r\nMessage-ID: not a header\r\n", true, &["a@x", "b@x"]);
+        let (out, id) =
+            stamp_in_chunks(b"Subject: x\r\nTo: a@x\r\n\r\nMessage-ID: not a header\r\n", true, &["a@x", "b@x"]);
         assert_eq!(
             out,
             format!("{auth_received}Subject: x\r\nTo: a@x\r\nMessage-ID: <ID@mx.example>\r\nDate: DATE\r\n\r\nMessage-ID: not a header\r\n")
@@ -463,7 +458,8 @@ mod tests {
         let (_, id) = stamp_in_chunks(b"Message-IDX: <a@b>\r\nMessage-ID: \r\n\r\n", false, &["r@x"]);
         assert_eq!(id, None, "another field, then an empty one");
         // A header section longer than what is kept counts as having none.
-        let long = [b"Message-ID: <a@b>\r\n".to_vec(), b"X: y\r\n".repeat(HEADER_KEPT / 6 + 1), b"\r\nhi\r\n".to_vec()].concat();
+        let long = [b"Message-ID: <a@b>\r\n".to_vec(), b"X: y\r\n".repeat(HEADER_KEPT / 6 + 1), b"\r\nhi\r\n".to_vec()]
+            .concat();
         assert_eq!(stamp(&long, false, &["r@x"], 7).1, None);
         let short = [b"Message-ID: <a@b>\r\n".to_vec(), b"X: y\r\n".repeat(100), b"\r\nhi\r\n".to_vec()].concat();
         assert_eq!(stamp(&short, false, &["r@x"], 7).1.as_deref(), Some("<a@b>"));
@@ -473,10 +469,7 @@ mod tests {
     fn dates() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(
-            rfc5322_date(1_700_000_000),
-            "Tue, 14 Nov 2023 22:13:20 +0000"
-        );
+        assert_eq!(rfc5322_date(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 +0000");
         assert_eq!(rfc5322_date(-1), "Wed, 31 Dec 1969 23:59:59 +0000");
     }
 }

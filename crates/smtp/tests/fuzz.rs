@@ -50,18 +50,55 @@ fn corpus() -> Vec<Vec<u8>> {
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect();
-    c.push(format!("EHLO c\r\n{plain}MAIL FROM:<user@local.example>\r\nRCPT TO:<far@remote.example>\r\nDATA\r\nhi\r\n.\r\n").into_bytes());
-    c.push(format!("EHLO c\r\n{plain}MAIL FROM:<forged@local.example>\r\nMAIL FROM:<>\r\nMAIL FROM:<user@local.example>\r\n").into_bytes());
+    c.push(
+        format!(
+            "EHLO c\r\n{plain}MAIL FROM:<user@local.example>\r\nRCPT TO:<far@remote.example>\r\nDATA\r\nhi\r\n.\r\n"
+        )
+        .into_bytes(),
+    );
+    c.push(
+        format!(
+            "EHLO c\r\n{plain}MAIL FROM:<forged@local.example>\r\nMAIL FROM:<>\r\nMAIL FROM:<user@local.example>\r\n"
+        )
+        .into_bytes(),
+    );
     c.push(format!("EHLO c\r\n{login}MAIL FROM:<user@local.example>\r\nRCPT TO:<u@local.example>\r\nDATA\r\nSubject: s\r\n\r\n.\r\n").into_bytes());
     c.push(b"EHLO c\r\nAUTH PLAIN\r\n*\r\nAUTH LOGIN\r\n=\r\n!!!\r\nAUTH CRAM-MD5\r\n".to_vec());
-    c.push([b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n".to_vec(), vec![b'A'; 3000], b"\r\nRCPT TO:<u@local.example>\r\nDATA\r\n".to_vec(), vec![b'z'; 5000], b"\r\n.\r\n".to_vec()].concat());
+    c.push(
+        [
+            b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n".to_vec(),
+            vec![b'A'; 3000],
+            b"\r\nRCPT TO:<u@local.example>\r\nDATA\r\n".to_vec(),
+            vec![b'z'; 5000],
+            b"\r\n.\r\n".to_vec(),
+        ]
+        .concat(),
+    );
     c
 }
 
 /// Pieces that make interesting mutations.
 const TOKENS: &[&[u8]] = &[
-    b"\r\n", b"\r", b"\n", b".", b"\r\n.\r\n", b"\n.\n", b"..", b"DATA\r\n", b"RSET\r\n", b"QUIT\r\n", b"MAIL FROM:<x@y.example>\r\n",
-    b"RCPT TO:<u@local.example>\r\n", b"AUTH PLAIN ", b"STARTTLS\r\n", b"Message-ID: <a@b>\r\n", b": ", b" ", b"\t", b"\0", b"\xff",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b".",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"..",
+    b"DATA\r\n",
+    b"RSET\r\n",
+    b"QUIT\r\n",
+    b"MAIL FROM:<x@y.example>\r\n",
+    b"RCPT TO:<u@local.example>\r\n",
+    b"AUTH PLAIN ",
+    b"STARTTLS\r\n",
+    b"Message-ID: <a@b>\r\n",
+    b": ",
+    b" ",
+    b"\t",
+    b"\0",
+    b"\xff",
 ];
 
 fn mutate(rng: &mut StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
@@ -257,7 +294,10 @@ fn well_formed(replies: &[u8]) {
         let line = &line[..line.len() - 1];
         assert!(!line.contains(&b'\r'), "a bare CR: {text:?}");
         assert!(line.len() >= 4, "a short line: {text:?}");
-        assert!(line[..3].iter().all(u8::is_ascii_digit) && matches!(line[3], b' ' | b'-'), "not a reply line: {text:?}");
+        assert!(
+            line[..3].iter().all(u8::is_ascii_digit) && matches!(line[3], b' ' | b'-'),
+            "not a reply line: {text:?}"
+        );
     }
 }
 

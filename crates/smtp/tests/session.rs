@@ -45,29 +45,16 @@ impl Harness {
         Self::with_tls(config, false)
     }
     fn with_tls(config: SmtpConfig, tls: bool) -> Self {
-        let peer = PeerInfo {
-            addr: "192.0.2.7:5000".parse().unwrap(),
-            tls,
-        };
+        let peer = PeerInfo { addr: "192.0.2.7:5000".parse().unwrap(), tls };
         let s = Session::new(Arc::new(config), peer);
         let replies = String::from_utf8(s.greeting()).unwrap();
-        Harness {
-            s,
-            replies,
-            txns: vec![],
-            bodies: vec![],
-            spool: vec![],
-            creds: vec![],
-            closed: false,
-            starttls: 0,
-        }
+        Harness { s, replies, txns: vec![], bodies: vec![], spool: vec![], creds: vec![], closed: false, starttls: 0 }
     }
     fn feed(&mut self, input: &[u8]) {
         let mut out = self.s.handle(input);
         loop {
             self.spool.extend_from_slice(&self.s.take_message_data());
-            self.replies
-                .push_str(&String::from_utf8(out.reply).unwrap());
+            self.replies.push_str(&String::from_utf8(out.reply).unwrap());
             out = match out.next {
                 Next::NeedInput => return,
                 Next::Close => {
@@ -79,16 +66,11 @@ impl Harness {
                 Next::Authenticate(c) => {
                     let ok = c.username == "user@local.example" && c.password == "secret";
                     self.creds.push(c);
-                    self.s.authenticated(if ok {
-                        AuthResult::Success
-                    } else {
-                        AuthResult::Failure
-                    })
+                    self.s.authenticated(if ok { AuthResult::Success } else { AuthResult::Failure })
                 }
-                Next::StartData => self.s.data_started(Ok(DataStart {
-                    queue_id: QueueId(self.bodies.len() as u64 + 1),
-                    date: "D".into(),
-                })),
+                Next::StartData => self
+                    .s
+                    .data_started(Ok(DataStart { queue_id: QueueId(self.bodies.len() as u64 + 1), date: "D".into() })),
                 Next::Deliver(t) => {
                     self.txns.push(t);
                     self.bodies.push(std::mem::take(&mut self.spool));
@@ -106,21 +88,14 @@ impl Harness {
         }
     }
     fn lines(&self) -> Vec<&str> {
-        self.replies
-            .split("\r\n")
-            .filter(|l| !l.is_empty())
-            .collect()
+        self.replies.split("\r\n").filter(|l| !l.is_empty()).collect()
     }
     fn last(&self) -> &str {
         self.lines().last().copied().unwrap_or("")
     }
     /// The 3-digit codes of all replies (last line of multi-line ones).
     fn codes(&self) -> Vec<&str> {
-        self.lines()
-            .into_iter()
-            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
-            .map(|l| &l[..3])
-            .collect()
+        self.lines().into_iter().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
     }
 }
 
@@ -147,10 +122,7 @@ fn resumable_at_every_chunk_size() {
     let mut whole = Harness::new(SmtpConfig::default());
     whole.feed(SCRIPT);
     assert!(whole.closed);
-    assert_eq!(
-        whole.codes(),
-        ["220", "250", "250", "250", "550", "250", "354", "451", "250", "221"]
-    );
+    assert_eq!(whole.codes(), ["220", "250", "250", "250", "550", "250", "354", "451", "250", "221"]);
     assert_eq!(whole.txns.len(), 1);
     let body = String::from_utf8(whole.bodies[0].clone()).unwrap();
     assert_eq!(
@@ -158,10 +130,7 @@ fn resumable_at_every_chunk_size() {
         "Received: from client.example ([192.0.2.7])\r\n\tby localhost (hamail) with ESMTP id 000000000001;\r\n\tD\r\n\
          Subject: test\r\n\r\n.leading dot\r\n..two dots\r\n"
     );
-    assert_eq!(
-        whole.txns[0].recipients,
-        ["a@local.example", "b@local.example"]
-    );
+    assert_eq!(whole.txns[0].recipients, ["a@local.example", "b@local.example"]);
 
     for size in 1..=SCRIPT.len() {
         let mut h = Harness::new(SmtpConfig::default());
@@ -177,14 +146,7 @@ fn resumable_at_every_chunk_size() {
 
 #[test]
 fn smuggling_is_rejected_and_never_splits_a_message() {
-    for end in [
-        "\n.\n",
-        "\n.\r\n",
-        "\r.\r\n",
-        "\r\n.\n",
-        "\r\n.\r\r\n",
-        "\r",
-    ] {
+    for end in ["\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\n", "\r\n.\r\r\n", "\r"] {
         let mut h = Harness::new(SmtpConfig::default());
         let input = format!(
             "EHLO c.example\r\nMAIL FROM:<s@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n\
@@ -193,12 +155,7 @@ fn smuggling_is_rejected_and_never_splits_a_message() {
         );
         h.feed(input.as_bytes());
         assert!(h.txns.is_empty(), "{end:?}: a transaction was produced");
-        assert_eq!(
-            h.codes(),
-            ["220", "250", "250", "250", "354", "554", "250"],
-            "{end:?}: {}",
-            h.replies
-        );
+        assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "554", "250"], "{end:?}: {}", h.replies);
         assert!(h.replies.contains("554 5.6.0"), "{end:?}");
         // Same byte by byte.
         let mut h2 = Harness::new(SmtpConfig::default());
@@ -220,20 +177,14 @@ fn bare_cr_in_the_middle_rejects() {
 
 #[test]
 fn starttls_discards_pipelined_input() {
-    let config = SmtpConfig {
-        tls_available: true,
-        ..SmtpConfig::default()
-    };
+    let config = SmtpConfig { tls_available: true, ..SmtpConfig::default() };
     let mut h = Harness::new(config);
     h.feed(b"EHLO c.example\r\n");
     assert!(h.replies.contains("250-STARTTLS\r\n"));
     h.replies.clear();
     h.feed(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\n");
     assert_eq!(h.starttls, 1);
-    assert_eq!(
-        h.replies, "220 2.0.0 Ready to start TLS\r\n",
-        "junk after STARTTLS was executed"
-    );
+    assert_eq!(h.replies, "220 2.0.0 Ready to start TLS\r\n", "junk after STARTTLS was executed");
     // Back to "not greeted": the EHLO before TLS is forgotten (RFC 3207 4.2).
     h.feed(b"MAIL FROM:<a@remote.example>\r\n");
     assert!(h.last().starts_with("503 5.5.1"));
@@ -248,11 +199,7 @@ fn starttls_discards_pipelined_input() {
 }
 
 fn submission() -> SmtpConfig {
-    SmtpConfig {
-        submission: true,
-        plaintext_auth_allowed: true,
-        ..SmtpConfig::default()
-    }
+    SmtpConfig { submission: true, plaintext_auth_allowed: true, ..SmtpConfig::default() }
 }
 
 #[test]
@@ -271,10 +218,7 @@ fn auth_plain_with_initial_response_and_relay() {
     h.feed(b"MAIL FROM:<user@local.example>\r\nRCPT TO:<Far@Remote.example>\r\nRCPT TO:<a@local.example>\r\nDATA\r\nx\r\n.\r\n");
     assert_eq!(h.txns.len(), 1);
     assert_eq!(h.txns[0].remote, ["Far@Remote.example"]);
-    assert_eq!(
-        h.txns[0].authenticated.as_deref(),
-        Some("user@local.example")
-    );
+    assert_eq!(h.txns[0].authenticated.as_deref(), Some("user@local.example"));
     let text = String::from_utf8(h.bodies[0].clone()).unwrap();
     assert!(
         text.starts_with("Received: from c.example ([192.0.2.7])\r\n\t(Authenticated sender: user@local.example)\r\n\tby localhost (hamail) with ESMTPA id 000000000001;\r\n\tD\r\n"),
@@ -320,11 +264,7 @@ fn auth_plain_continuation_login_cancel_and_errors() {
 
 #[test]
 fn auth_requires_tls_unless_allowed() {
-    let config = SmtpConfig {
-        submission: true,
-        tls_available: true,
-        ..SmtpConfig::default()
-    };
+    let config = SmtpConfig { submission: true, tls_available: true, ..SmtpConfig::default() };
     let mut h = Harness::new(config.clone());
     h.feed(b"EHLO c.example\r\n");
     assert!(!h.replies.contains("AUTH"));
@@ -337,10 +277,7 @@ fn auth_requires_tls_unless_allowed() {
     h.feed(format!("AUTH PLAIN {}\r\n", b64("\0user@local.example\0secret")).as_bytes());
     assert!(h.last().starts_with("235"));
     // Not offered at all on the MTA port.
-    let mut h = Harness::new(SmtpConfig {
-        plaintext_auth_allowed: true,
-        ..SmtpConfig::default()
-    });
+    let mut h = Harness::new(SmtpConfig { plaintext_auth_allowed: true, ..SmtpConfig::default() });
     h.feed(b"EHLO c.example\r\n");
     assert!(!h.replies.contains("AUTH"));
 }
@@ -364,10 +301,7 @@ fn a_thousand_recipients_and_one_more() {
 
 #[test]
 fn size_limits() {
-    let config = SmtpConfig {
-        max_message_size: 100,
-        ..SmtpConfig::default()
-    };
+    let config = SmtpConfig { max_message_size: 100, ..SmtpConfig::default() };
     let mut h = Harness::new(config);
     h.feed(b"EHLO c.example\r\n");
     assert!(h.replies.contains("250-SIZE 100\r\n"));
@@ -387,10 +321,7 @@ fn size_limits() {
 
 #[test]
 fn long_lines() {
-    let config = SmtpConfig {
-        max_data_line: 50,
-        ..SmtpConfig::default()
-    };
+    let config = SmtpConfig { max_data_line: 50, ..SmtpConfig::default() };
     let mut h = Harness::new(config);
     // A 600-octet command, fed in pieces so the buffer overflows before LF.
     h.feed(b"EHLO c.example\r\n");
@@ -425,13 +356,7 @@ fn too_many_errors_close() {
     h.feed(b"BOGUS\r\nNOOP\r\n");
     assert!(h.closed);
     assert!(h.last().starts_with("421 4.7.0"));
-    assert_eq!(
-        h.lines()
-            .iter()
-            .filter(|l| l.starts_with("500 5.5.1"))
-            .count(),
-        20
-    );
+    assert_eq!(h.lines().iter().filter(|l| l.starts_with("500 5.5.1")).count(), 20);
     // Nothing after close.
     let out = h.s.handle(b"NOOP\r\n");
     assert!(out.reply.is_empty() && matches!(out.next, Next::Close));
@@ -439,10 +364,7 @@ fn too_many_errors_close() {
 
 #[test]
 fn timeout_and_greeting() {
-    let mut h = Harness::new(SmtpConfig {
-        hostname: "mx.example".into(),
-        ..SmtpConfig::default()
-    });
+    let mut h = Harness::new(SmtpConfig { hostname: "mx.example".into(), ..SmtpConfig::default() });
     assert_eq!(h.replies, "220 mx.example ESMTP hamail\r\n");
     assert!(h.s.timeout().starts_with(b"421 4.4.2 mx.example"));
     let out = h.s.handle(b"NOOP\r\n");
@@ -484,11 +406,7 @@ fn auth_plain_with_a_long_initial_response() {
     let mut h = Harness::new(submission());
     let password = "p".repeat(600);
     h.feed(
-        format!(
-            "EHLO c.example\r\nAUTH PLAIN {}\r\n",
-            b64(&format!("\0user@local.example\0{password}"))
-        )
-        .as_bytes(),
+        format!("EHLO c.example\r\nAUTH PLAIN {}\r\n", b64(&format!("\0user@local.example\0{password}"))).as_bytes(),
     );
     assert!(h.last().starts_with("535 5.7.8"), "{}", h.replies);
     assert_eq!(h.creds[0].password, password);
@@ -503,11 +421,7 @@ fn auth_plain_with_a_long_initial_response() {
 
 #[test]
 fn credentials_debug_hides_the_password() {
-    let c = Credentials {
-        authzid: None,
-        username: "u".into(),
-        password: "hunter2".into(),
-    };
+    let c = Credentials { authzid: None, username: "u".into(), password: "hunter2".into() };
     assert!(!format!("{c:?}").contains("hunter2"));
 }
 
@@ -515,20 +429,8 @@ fn credentials_debug_hides_the_password() {
 /// command (RFC 4954 4): none of these may run.
 #[test]
 fn commands_inside_a_sasl_exchange_are_responses() {
-    for cmd in [
-        "QUIT",
-        "NOOP",
-        "RSET",
-        "EHLO c.example",
-        "MAIL FROM:<a@b.example>",
-        "DATA",
-        "STARTTLS",
-        "HELP",
-    ] {
-        let mut h = Harness::new(SmtpConfig {
-            tls_available: true,
-            ..submission()
-        });
+    for cmd in ["QUIT", "NOOP", "RSET", "EHLO c.example", "MAIL FROM:<a@b.example>", "DATA", "STARTTLS", "HELP"] {
+        let mut h = Harness::new(SmtpConfig { tls_available: true, ..submission() });
         h.feed(format!("EHLO c.example\r\nAUTH PLAIN\r\n{cmd}\r\n").as_bytes());
         assert!(h.last().starts_with("501 5.5.2"), "{cmd}: {}", h.replies);
         assert!(!h.closed && h.starttls == 0 && h.creds.is_empty(), "{cmd}");
@@ -550,11 +452,7 @@ fn helo_gives_plain_smtp_in_received() {
 }
 
 fn submission_config() -> SmtpConfig {
-    SmtpConfig {
-        submission: true,
-        plaintext_auth_allowed: true,
-        ..SmtpConfig::default()
-    }
+    SmtpConfig { submission: true, plaintext_auth_allowed: true, ..SmtpConfig::default() }
 }
 
 fn logged_in() -> Harness {
@@ -573,10 +471,7 @@ fn submission_binds_the_sender_to_the_login() {
         "553 5.7.1 <other@local.example>: Sender address rejected: not owned by user user@local.example"
     );
     h.feed(b"MAIL FROM:<>\r\n");
-    assert_eq!(
-        h.last(),
-        "553 5.7.1 <>: Sender address rejected: the null sender is not allowed after authentication"
-    );
+    assert_eq!(h.last(), "553 5.7.1 <>: Sender address rejected: the null sender is not allowed after authentication");
     h.feed(b"MAIL FROM:<user@local.example>\r\n");
     assert_eq!(h.last(), "250 2.1.0 Ok");
 }
@@ -600,10 +495,7 @@ fn authzid_becomes_the_identity_checked_against_the_sender() {
 
 #[test]
 fn unauthenticated_local_sender_is_refused_when_checked() {
-    let config = SmtpConfig {
-        check_unauthenticated_sender: true,
-        ..SmtpConfig::default()
-    };
+    let config = SmtpConfig { check_unauthenticated_sender: true, ..SmtpConfig::default() };
     let mut h = Harness::new(config);
     h.feed(b"EHLO c.example\r\nMAIL FROM:<ceo@local.example>\r\n");
     assert_eq!(
@@ -633,10 +525,7 @@ fn low_level_syntax_replies() {
     assert_eq!(h.last(), "501 5.5.4 Syntax error (no parameters allowed)");
     assert_eq!(h.starttls, 0);
     h.feed("MAIL FROM:<jos\u{e9}@remote.example>\r\n".as_bytes());
-    assert_eq!(
-        h.last(),
-        "553 5.6.7 Non-ASCII address: this server does not offer SMTPUTF8 (RFC 6531)"
-    );
+    assert_eq!(h.last(), "553 5.6.7 Non-ASCII address: this server does not offer SMTPUTF8 (RFC 6531)");
     h.feed(b"MAIL FROM:<s@remote.example>\r\n");
     assert_eq!(h.last(), "250 2.1.0 Ok");
     h.feed("RCPT TO:<j\u{fc}rgen@local.example>\r\n".as_bytes());
@@ -647,10 +536,7 @@ fn low_level_syntax_replies() {
     h.feed(b"RCPT TO:<bob@[IPv6:::1]>\r\n");
     assert_eq!(h.last(), "250 2.1.5 Ok");
     h.feed(b"RCPT TO:<carol@[192.0.2.1]>\r\n");
-    assert_eq!(
-        h.last(),
-        "550 5.1.2 Recipient address rejected: that address literal is not this host"
-    );
+    assert_eq!(h.last(), "550 5.1.2 Recipient address rejected: that address literal is not this host");
     h.feed(b"RCPT TO:<dave@[not.an.ip]>\r\n");
     assert!(h.last().starts_with("501 5.1.3 "), "{}", h.last());
 }

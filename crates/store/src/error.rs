@@ -37,7 +37,10 @@ impl StoreError {
     }
     /// True when retrying later may succeed (the 4xx class).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, StoreError::Temporary(_) | StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Io { .. })
+        matches!(
+            self,
+            StoreError::Temporary(_) | StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Io { .. }
+        )
     }
 }
 

@@ -15,14 +15,14 @@
 //! higher crate), or deliver mail to other hosts (it only keeps the queue).
 
 mod error;
-pub mod password;
 mod local;
+pub mod password;
 mod spool;
 mod tables;
 mod types;
 
 pub use error::{StoreError, StoreResult};
 pub use local::{BodyPin, GarbageReport, LocalStore, RecoveryReport, StoreOptions};
-pub use types::*;
-pub use spool::{Body, Spool, StagedFile};
 pub use local::{StateSnapshot, StateView, VerifyReport, MESSAGE_RETENTION_SECS};
+pub use spool::{Body, Spool, StagedFile};
+pub use types::*;

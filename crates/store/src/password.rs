@@ -165,15 +165,15 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> StoreResult<String> {
     // default (19 MiB, 2 passes) for the same work, which matters with two
     // workers in a mail server's footprint. Stored hashes carry their own
     // parameters, so older ones still verify.
-    let params = Params::new(9 * 1024, 4, 1, None).map_err(|e| StoreError::Internal(format!("argon2 parameters: {e}")))?;
+    let params =
+        Params::new(9 * 1024, 4, 1, None).map_err(|e| StoreError::Internal(format!("argon2 parameters: {e}")))?;
     let salt = SaltString::generate(&mut OsRng);
     let mut salt_bytes = [0u8; 64];
-    let salt_raw = salt
-        .decode_b64(&mut salt_bytes)
-        .map_err(|e| StoreError::Internal(format!("salt: {e}")))?;
+    let salt_raw = salt.decode_b64(&mut salt_bytes).map_err(|e| StoreError::Internal(format!("salt: {e}")))?;
     let mut out = [0u8; 32];
     run(memory, Algorithm::Argon2id, Version::V0x13, params.clone(), password, salt_raw, &mut out)?;
-    let output = argon2::password_hash::Output::new(&out).map_err(|e| StoreError::Internal(format!("hash output: {e}")))?;
+    let output =
+        argon2::password_hash::Output::new(&out).map_err(|e| StoreError::Internal(format!("hash output: {e}")))?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
@@ -185,8 +185,10 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> StoreResult<String> {
 }
 
 fn check_with(memory: &mut Vec<Block>, phc: &str, password: &str) -> StoreResult<bool> {
-    let parsed = PasswordHash::new(phc).map_err(|e| StoreError::Internal(format!("stored password hash unreadable: {e}")))?;
-    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(|e| StoreError::Internal(format!("stored hash: {e}")))?;
+    let parsed =
+        PasswordHash::new(phc).map_err(|e| StoreError::Internal(format!("stored password hash unreadable: {e}")))?;
+    let algorithm =
+        Algorithm::try_from(parsed.algorithm).map_err(|e| StoreError::Internal(format!("stored hash: {e}")))?;
     let version = match parsed.version {
         Some(v) => Version::try_from(v).map_err(|e| StoreError::Internal(format!("stored hash: {e}")))?,
         None => Version::V0x13,

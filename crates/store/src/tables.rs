@@ -113,10 +113,7 @@ pub(crate) fn db_err(context: &str, e: impl Into<redb::Error>) -> StoreError {
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A copy of an error for fanning one batch failure out to every caller of

@@ -122,9 +122,7 @@ impl Domain {
         let ok = !d.is_empty()
             && d.len() <= 253
             && d.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
             });
         // Address literals such as [127.0.0.1] are accepted as domains too.
         let literal = d.starts_with('[') && d.ends_with(']') && d.len() > 2;
@@ -205,7 +203,12 @@ impl Fingerprint {
     /// [`Self::of`] with the SHA-256 of the DATA already computed (the SMTP
     /// session hashes it as it arrives, instead of hashing up to the size
     /// limit again at the end, on a server thread).
-    pub fn of_digest(message_id: &str, return_path: Option<&str>, recipients: &[String], data_sha256: &[u8; 32]) -> Fingerprint {
+    pub fn of_digest(
+        message_id: &str,
+        return_path: Option<&str>,
+        recipients: &[String],
+        data_sha256: &[u8; 32],
+    ) -> Fingerprint {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         let mut part = |bytes: &[u8]| {
@@ -396,9 +399,15 @@ pub struct QueueItem {
 pub enum RcptOutcome {
     Delivered,
     /// Try again at `next_attempt` (Unix seconds).
-    Deferred { next_attempt: u64, error: String },
+    Deferred {
+        next_attempt: u64,
+        error: String,
+    },
     /// Failed for good; `reported` as in [`RecipientStatus::Failed`].
-    Failed { error: String, reported: bool },
+    Failed {
+        error: String,
+        reported: bool,
+    },
     /// The failure of this (failed) recipient has been reported.
     Reported,
 }
@@ -410,13 +419,18 @@ pub enum QueueOp {
     /// Results of an attempt at `at`: (recipient index, outcome). A
     /// recipient already delivered keeps that status whatever comes later
     /// (a result recorded twice cannot undo a delivery).
-    Results { at: u64, results: Vec<(u32, RcptOutcome)> },
+    Results {
+        at: u64,
+        results: Vec<(u32, RcptOutcome)>,
+    },
     Hold,
     Release,
     /// Every pending recipient is due now.
     Flush,
     /// Every pending recipient fails with `reason` (the sender is told).
-    Bounce { reason: String },
+    Bounce {
+        reason: String,
+    },
     /// A delay warning was sent.
     Warned,
     /// The entry goes, whatever its state (`hamail queue delete`).
@@ -454,14 +468,32 @@ pub struct UserInfo {
 /// with the same state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DirectoryChange {
-    AddDomain { domain: Domain },
-    RemoveDomain { domain: Domain },
-    AddUser { user: Address, password_hash: String, created_at: u64 },
-    SetPassword { user: Address, password_hash: String },
+    AddDomain {
+        domain: Domain,
+    },
+    RemoveDomain {
+        domain: Domain,
+    },
+    AddUser {
+        user: Address,
+        password_hash: String,
+        created_at: u64,
+    },
+    SetPassword {
+        user: Address,
+        password_hash: String,
+    },
     /// Removes the user and its maildrop.
-    RemoveUser { user: Address },
-    AddAlias { alias: Address, targets: Vec<Address> },
-    RemoveAlias { alias: Address },
+    RemoveUser {
+        user: Address,
+    },
+    AddAlias {
+        alias: Address,
+        targets: Vec<Address>,
+    },
+    RemoveAlias {
+        alias: Address,
+    },
 }
 
 /// One change to the mail metadata, as a cluster's state machine applies it.
@@ -503,7 +535,11 @@ pub enum StateChange {
     Mail(MailChange),
     /// Appends `record` (opaque here) to the cluster event log under `seq`
     /// and drops the records older than the last `keep`.
-    ClusterLog { seq: u64, record: Vec<u8>, keep: u64 },
+    ClusterLog {
+        seq: u64,
+        record: Vec<u8>,
+        keep: u64,
+    },
 }
 
 /// The whole directory, for a consensus snapshot.

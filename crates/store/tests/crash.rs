@@ -169,7 +169,8 @@ async fn verify(dir: &Path, acks: &BTreeMap<u64, Ack>, dequeued: &BTreeSet<u64>)
     for e in store.mailbox(&addr(SCRATCH)).await.unwrap() {
         referenced.insert(e.body);
     }
-    let queue: BTreeMap<u64, QueueEntry> = store.queue().await.unwrap().into_iter().map(|q| (q.queue_id.0, q)).collect();
+    let queue: BTreeMap<u64, QueueEntry> =
+        store.queue().await.unwrap().into_iter().map(|q| (q.queue_id.0, q)).collect();
     for q in queue.values() {
         referenced.insert(q.body);
     }
@@ -205,7 +206,8 @@ fn acknowledged_mail_survives_sigkill() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
         let wait = rand::thread_rng().gen_range(300..1500);
         std::thread::sleep(Duration::from_millis(wait));
         child.kill().unwrap();

@@ -243,9 +243,16 @@ async fn applied_changes_snapshots_and_consensus_state() {
     let qid = b.next_queue_id().await.unwrap();
     let body = Arc::new(b"Subject: x\r\n\r\nx\r\n".to_vec());
     let hash_b = BodyHash::of(&body);
-    b.accept(Incoming { return_path: None, local: vec![addr("old@a.test")], remote: vec![], body: body.into(), queue_id: qid, resend: None })
-        .await
-        .unwrap();
+    b.accept(Incoming {
+        return_path: None,
+        local: vec![addr("old@a.test")],
+        remote: vec![],
+        body: body.into(),
+        queue_id: qid,
+        resend: None,
+    })
+    .await
+    .unwrap();
     b.import_directory(snap.clone(), b"log-9".to_vec()).await.unwrap();
     assert_eq!(b.export_directory().await.unwrap(), snap);
     assert_eq!(b.body_refs(&hash_b).await.unwrap(), 0, "the removed user's mail is freed");

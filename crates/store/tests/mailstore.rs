@@ -321,7 +321,9 @@ async fn garbage_collection_removes_only_old_unreferenced_bodies() {
     let again_hash = store.put_body(again.clone()).await.unwrap();
     let not_ours = dir.path().join("bodies/not-a-hash");
     std::fs::write(&not_ours, b"junk").unwrap();
-    for path in [store.body_path(&referenced), store.body_path(&garbage), store.body_path(&again_hash), not_ours.clone()] {
+    for path in
+        [store.body_path(&referenced), store.body_path(&garbage), store.body_path(&again_hash), not_ours.clone()]
+    {
         age(&path, 2 * 3600);
     }
     store.put_body(again).await.unwrap();

@@ -53,7 +53,11 @@ async fn delivered(s: &LocalStore) -> Vec<QueueId> {
 fn the_fingerprint_covers_message_id_envelope_and_data() {
     let rcpts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let base = Fingerprint::of("<m@x>", Some("a@x"), &rcpts(&["b@x", "c@x"]), b"data");
-    assert_eq!(base, Fingerprint::of(" <m@x> ", Some("a@x"), &rcpts(&["C@x", "b@x", "b@x"]), b"data"), "a set of recipients");
+    assert_eq!(
+        base,
+        Fingerprint::of(" <m@x> ", Some("a@x"), &rcpts(&["C@x", "b@x", "b@x"]), b"data"),
+        "a set of recipients"
+    );
     assert_ne!(base, Fingerprint::of("<n@x>", Some("a@x"), &rcpts(&["b@x", "c@x"]), b"data"));
     assert_ne!(base, Fingerprint::of("<m@x>", None, &rcpts(&["b@x", "c@x"]), b"data"));
     assert_ne!(base, Fingerprint::of("<m@x>", Some("a@x"), &rcpts(&["b@x"]), b"data"));

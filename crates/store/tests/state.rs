@@ -193,7 +193,11 @@ async fn message_records_are_pruned_by_the_accepts_own_time() {
     let snap = s.export_state().await.unwrap();
     assert_eq!(
         snap.message_ages,
-        vec![(QueueId(2), T0 + 10), (QueueId(3), T0 + MESSAGE_RETENTION_SECS), (QueueId(4), T0 + MESSAGE_RETENTION_SECS + 1)],
+        vec![
+            (QueueId(2), T0 + 10),
+            (QueueId(3), T0 + MESSAGE_RETENTION_SECS),
+            (QueueId(4), T0 + MESSAGE_RETENTION_SECS + 1)
+        ],
         "one age per record, oldest first"
     );
     // The maildrops are not the records: nothing delivered is touched.

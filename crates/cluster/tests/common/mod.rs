@@ -201,8 +201,7 @@ impl TestCluster {
     /// A cluster of `n` voters: node 1 initialises, the others are added by
     /// the leader with ids allocated through the log (2, 3, ...).
     pub async fn start(n: u64, timing: Timing, seed: u64) -> TestCluster {
-        let roles: Vec<Role> =
-            (1..=n).map(|i| if i == 3 && n == 3 { Role::Witness } else { Role::Data }).collect();
+        let roles: Vec<Role> = (1..=n).map(|i| if i == 3 && n == 3 { Role::Witness } else { Role::Data }).collect();
         Self::start_with_roles(&roles, timing, seed).await
     }
 
@@ -210,7 +209,10 @@ impl TestCluster {
     pub async fn start_with_roles(roles: &[Role], timing: Timing, seed: u64) -> TestCluster {
         // RUST_LOG=hamail_cluster=debug shows the nodes' logs (with
         // --nocapture) when a test needs explaining.
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let n = roles.len() as u64;
         let root = tempfile::tempdir().unwrap();
         let mut c = TestCluster {
@@ -267,7 +269,8 @@ impl TestCluster {
             async move { open_store(&dir, id).ok() }
         })
         .await;
-        let node = ClusterNode::start(id, info, &dir, store, self.board.endpoint(id), self.timing.clone()).await.unwrap();
+        let node =
+            ClusterNode::start(id, info, &dir, store, self.board.endpoint(id), self.timing.clone()).await.unwrap();
         self.board.register(id, node.clone());
         spawn_leader_watch(&node, self.leaders.clone());
         self.nodes.get_mut(&id).unwrap().node = Some(node);
@@ -301,8 +304,7 @@ impl TestCluster {
     /// Waits until one of `among` leads, acknowledged by a majority of
     /// `among`'s running nodes (their metrics name it).
     pub async fn wait_leader_among(&self, among: &[NodeId], timeout: Duration) -> NodeId {
-        let nodes: Vec<Arc<ClusterNode>> =
-            among.iter().filter_map(|id| self.nodes[id].node.clone()).collect();
+        let nodes: Vec<Arc<ClusterNode>> = among.iter().filter_map(|id| self.nodes[id].node.clone()).collect();
         eventually("a leader", timeout, || {
             let nodes = nodes.clone();
             async move {
@@ -355,10 +357,8 @@ impl TestCluster {
         eventually("all nodes to converge", timeout, || {
             let nodes = nodes.clone();
             async move {
-                let last: Vec<Option<u64>> = nodes
-                    .iter()
-                    .map(|n| n.raft().metrics().borrow().last_applied.map(|l| l.index))
-                    .collect();
+                let last: Vec<Option<u64>> =
+                    nodes.iter().map(|n| n.raft().metrics().borrow().last_applied.map(|l| l.index)).collect();
                 let leader_last = nodes.iter().find_map(|n| {
                     let m = n.raft().metrics().borrow().clone();
                     (m.state == ServerState::Leader).then_some(m.last_log_index)

@@ -177,7 +177,11 @@ fn bind(
 }
 
 /// Opens a group's store on its shared disk (mounted at `mount_point`).
-pub(crate) async fn open_disk_store(ctx: &Context, resource: &str, mount_point: &str) -> Result<Arc<LocalStore>, ResourceError> {
+pub(crate) async fn open_disk_store(
+    ctx: &Context,
+    resource: &str,
+    mount_point: &str,
+) -> Result<Arc<LocalStore>, ResourceError> {
     let options = ctx.config.store_options().map_err(|e| config_error(resource, e.to_string()))?;
     let dir = std::path::Path::new(mount_point).join("hamail-store");
     tokio::task::spawn_blocking(move || LocalStore::open(&dir, options))

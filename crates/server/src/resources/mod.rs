@@ -438,7 +438,12 @@ mod tests {
 
     #[test]
     fn the_mail_service_finds_the_disk_listed_before_it() {
-        let disk = ResourceSpec::Disk { name: "spool".into(), device: "/dev/x".into(), mount_point: "/srv/spool".into(), fs_type: "ext4".into() };
+        let disk = ResourceSpec::Disk {
+            name: "spool".into(),
+            device: "/dev/x".into(),
+            mount_point: "/srv/spool".into(),
+            fs_type: "ext4".into(),
+        };
         let mail = ResourceSpec::MailService { name: "mail".into() };
         let group = |resources| GroupSpec {
             name: "g".into(),

@@ -79,9 +79,7 @@ impl Drop for InFlight {
 
 /// The map only holds counters; a panic while it was locked cannot leave it
 /// in a state worse than a missed decrement, so poisoning is ignored.
-fn lock_map(
-    m: &std::sync::Mutex<HashMap<BodyHash, usize>>,
-) -> std::sync::MutexGuard<'_, HashMap<BodyHash, usize>> {
+fn lock_map(m: &std::sync::Mutex<HashMap<BodyHash, usize>>) -> std::sync::MutexGuard<'_, HashMap<BodyHash, usize>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -330,7 +328,9 @@ impl Inner {
         let old = |path: &std::path::Path| -> StoreResult<Option<bool>> {
             match fs::symlink_metadata(path) {
                 Ok(m) if m.is_file() => {
-                    let written = m.modified().map_err(|e| StoreError::io(format!("reading the age of {}", path.display()), e))?;
+                    let written = m
+                        .modified()
+                        .map_err(|e| StoreError::io(format!("reading the age of {}", path.display()), e))?;
                     Ok(Some(written < written_before))
                 }
                 Ok(_) => Ok(None),

@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::bodies::StagedBody;
-use super::Inner;
 use super::state::{MailTables, NewMessage, Recorded};
+use super::Inner;
 use crate::tables::{db_err, duplicate_error, unix_now};
 use crate::{Address, Committed, QueueId, ResendKey, StoreError, StoreResult};
 
@@ -161,7 +161,9 @@ fn commit_batch(inner: &Inner, batch: &[AcceptJob]) -> StoreResult<Vec<StoreResu
             })?;
             results.push(match recorded {
                 Recorded::New => Ok(Committed::new(job.queue_id, job.body.hash, job.body.size)),
-                Recorded::ResendOf { original, body, size } => Ok(Committed::resend(job.queue_id, body, size, original)),
+                Recorded::ResendOf { original, body, size } => {
+                    Ok(Committed::resend(job.queue_id, body, size, original))
+                }
                 Recorded::Again => Err(StoreError::Permanent(format!("queue id {} already used", job.queue_id))),
             });
         }

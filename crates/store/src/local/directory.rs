@@ -301,12 +301,16 @@ impl Inner {
             users.retain(|_, _| false).map_err(|e| db_err("clearing users", e))?;
             for (u, hash, created_at) in &snap.users {
                 let rec = UserRecord { password_hash: hash.clone(), created_at: *created_at };
-                users.insert(u.as_str(), encode("user record", &rec)?.as_slice()).map_err(|e| db_err("writing users", e))?;
+                users
+                    .insert(u.as_str(), encode("user record", &rec)?.as_slice())
+                    .map_err(|e| db_err("writing users", e))?;
             }
             let mut aliases = txn.open_table(ALIASES).map_err(|e| db_err("opening aliases", e))?;
             aliases.retain(|_, _| false).map_err(|e| db_err("clearing aliases", e))?;
             for (a, targets) in &snap.aliases {
-                aliases.insert(a.as_str(), encode("alias targets", targets)?.as_slice()).map_err(|e| db_err("writing aliases", e))?;
+                aliases
+                    .insert(a.as_str(), encode("alias targets", targets)?.as_slice())
+                    .map_err(|e| db_err("writing aliases", e))?;
             }
             let mut t = txn.open_table(CONSENSUS).map_err(|e| db_err("opening consensus", e))?;
             t.insert(CONSENSUS_APPLIED, consensus_state).map_err(|e| db_err("writing consensus state", e))?;
@@ -364,7 +368,13 @@ impl Inner {
     }
 
     /// Inserts (`created_at` given) or replaces (`None`) a user record.
-    fn put_user(&self, txn: &WriteTransaction, user: &Address, password_hash: String, created_at: Option<u64>) -> StoreResult<()> {
+    fn put_user(
+        &self,
+        txn: &WriteTransaction,
+        user: &Address,
+        password_hash: String,
+        created_at: Option<u64>,
+    ) -> StoreResult<()> {
         let new = created_at.is_some();
         {
             let domains = txn.open_table(DOMAINS).map_err(|e| db_err("opening domains", e))?;
@@ -392,7 +402,9 @@ impl Inner {
                 }
             };
             let rec = UserRecord { password_hash, created_at };
-            users.insert(user.as_str(), encode("user record", &rec)?.as_slice()).map_err(|e| db_err("writing users", e))?;
+            users
+                .insert(user.as_str(), encode("user record", &rec)?.as_slice())
+                .map_err(|e| db_err("writing users", e))?;
         }
         Ok(())
     }

@@ -10,8 +10,8 @@
 
 mod bodies;
 mod committer;
-mod group_sync;
 mod directory;
+mod group_sync;
 mod recovery;
 mod state;
 pub use state::{StateSnapshot, StateView, VerifyReport, MESSAGE_RETENTION_SECS};
@@ -27,14 +27,14 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 pub use bodies::{BodyPin, GarbageReport};
 pub use recovery::RecoveryReport;
 
-use crate::types::dedup;
 use crate::tables::{
-    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, MESSAGES, MESSAGE_AGES, META, QUEUE, QUEUE_ID_HIGH_WATER, QUEUE_STATE, RESENDS,
-    RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
+    db_err, decode, ALIASES, BODIES, DOMAINS, MAILBOX, MESSAGES, MESSAGE_AGES, META, QUEUE, QUEUE_ID_HIGH_WATER,
+    QUEUE_STATE, RESENDS, RESEND_AGES, RESEND_FINGERPRINTS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, USERS,
 };
+use crate::types::dedup;
 use crate::{
-    Address, Body, BodyFile, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry, QueueEntry,
-    QueueId, QueueItem, QueueOp, QueueState, Spool, StagedFile, StoreError, StoreResult,
+    Address, Body, BodyFile, BodyHash, Committed, Domain, EntryId, Incoming, MailChange, MailStore, MailboxEntry,
+    QueueEntry, QueueId, QueueItem, QueueOp, QueueState, Spool, StagedFile, StoreError, StoreResult,
 };
 use committer::{AcceptJob, Committer};
 
@@ -120,9 +120,8 @@ impl Inner {
                 .map_err(|e| db_err("reading queue id counter", e))?
                 .map(|g| g.value())
                 .unwrap_or(1);
-            let end = start
-                .checked_add(QUEUE_ID_BLOCK)
-                .ok_or_else(|| StoreError::Internal("queue ids exhausted".into()))?;
+            let end =
+                start.checked_add(QUEUE_ID_BLOCK).ok_or_else(|| StoreError::Internal("queue ids exhausted".into()))?;
             meta.insert(QUEUE_ID_HIGH_WATER, end).map_err(|e| db_err("writing queue id counter", e))?;
             (start, end)
         };
@@ -134,9 +133,8 @@ impl Inner {
         let txn = self.db.begin_read().map_err(|e| db_err("beginning read", e))?;
         let table = txn.open_table(MAILBOX).map_err(|e| db_err("opening mailbox", e))?;
         let mut out = Vec::new();
-        let range = table
-            .range((user.as_str(), 0u64)..=(user.as_str(), u64::MAX))
-            .map_err(|e| db_err("reading mailbox", e))?;
+        let range =
+            table.range((user.as_str(), 0u64)..=(user.as_str(), u64::MAX)).map_err(|e| db_err("reading mailbox", e))?;
         for row in range {
             let (_, v) = row.map_err(|e| db_err("reading mailbox", e))?;
             out.push(decode::<MailboxEntry>("mailbox entry", v.value())?);
@@ -427,11 +425,8 @@ where
     F: FnOnce() -> StoreResult<T> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
 }
-
 
 #[async_trait::async_trait]
 impl MailStore for LocalStore {

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{blocking, release_body, Inner, LocalStore};
 use crate::tables::{
-    db_err, decode, encode, BODIES, LAST_STATE_SYNC, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, MAILBOX, MESSAGES, MESSAGE_AGES, META, NEXT_ENTRY_ID, QUEUE,
-    QUEUE_STATE, RESENDS, RESEND_AGES, RESEND_FINGERPRINTS,
+    db_err, decode, encode, BODIES, CLUSTER_LOG, CONSENSUS, CONSENSUS_APPLIED, LAST_STATE_SYNC, MAILBOX, MESSAGES,
+    MESSAGE_AGES, META, NEXT_ENTRY_ID, QUEUE, QUEUE_STATE, RESENDS, RESEND_AGES, RESEND_FINGERPRINTS,
 };
 use crate::{
     Address, BodyHash, Committed, DirectorySnapshot, EntryId, Fingerprint, MailChange, MailboxEntry, QueueEntry,
@@ -91,7 +91,8 @@ pub(crate) struct MailTables<'t> {
 impl<'t> MailTables<'t> {
     pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
         let meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
-        let next_id = meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
+        let next_id =
+            meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
         Ok(MailTables {
             txn,
             meta,
@@ -151,11 +152,13 @@ impl<'t> MailTables<'t> {
                 .map_err(|e| db_err("inserting queue entry", e))?;
             refs += 1;
         }
-        let old = self.bodies.get(&m.body.0).map_err(|e| db_err("reading refcount", e))?.map(|g| g.value()).unwrap_or(0);
+        let old =
+            self.bodies.get(&m.body.0).map_err(|e| db_err("reading refcount", e))?.map(|g| g.value()).unwrap_or(0);
         self.bodies.insert(&m.body.0, old + refs).map_err(|e| db_err("writing refcount", e))?;
         self.record_message(m.queue_id, m.body, m.size, m.at)?;
         if let Some(key) = &resend {
-            let mut fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+            let mut fingerprints =
+                self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
             let mut ages = self.txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
             fingerprints
                 .insert(&key.fingerprint.0, encode("fingerprint", &(m.queue_id, m.at))?.as_slice())
@@ -222,11 +225,13 @@ impl<'t> MailTables<'t> {
     fn prune_resends(&mut self, now: u64, window: u64) -> StoreResult<()> {
         let horizon = now.saturating_sub(window);
         let mut ages = self.txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
-        let mut fingerprints = self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+        let mut fingerprints =
+            self.txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
         let pruned = prune_aged(&mut ages, horizon, |at, fp| {
             // The fingerprint may have been recorded again later (a new
             // transaction after the window): only the row of this age goes.
-            let current = fingerprints.get(fp).map_err(|e| db_err("reading fingerprints", e))?.map(|v| v.value().to_vec());
+            let current =
+                fingerprints.get(fp).map_err(|e| db_err("reading fingerprints", e))?.map(|v| v.value().to_vec());
             if let Some(v) = current {
                 let (_, recorded_at): (QueueId, u64) = decode("fingerprint", &v)?;
                 if recorded_at == at {
@@ -296,7 +301,8 @@ fn prune_aged<K: redb::Key + 'static>(
 ) -> StoreResult<usize> {
     let mut n = 0;
     while n < PRUNE_STEP {
-        let old = ages.first().map_err(|e| db_err("reading an age index", e))?.is_some_and(|(k, _)| k.value().0 < horizon);
+        let old =
+            ages.first().map_err(|e| db_err("reading an age index", e))?.is_some_and(|(k, _)| k.value().0 < horizon);
         if !old {
             break;
         }
@@ -485,7 +491,11 @@ impl Inner {
     }
 
     /// Applies state changes in one commit (see `LocalStore::apply_state`).
-    fn apply_state(&self, changes: &[StateChange], consensus_state: Option<&[u8]>) -> StoreResult<Vec<StoreResult<()>>> {
+    fn apply_state(
+        &self,
+        changes: &[StateChange],
+        consensus_state: Option<&[u8]>,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
         // Not fsynced: these changes come from the Raft log, which is
         // already durable on a majority. After a crash the store is back
         // at an earlier applied point (redb loses only a suffix of
@@ -624,7 +634,8 @@ impl Inner {
             }
         }
         let meta = txn.open_table(META).map_err(|e| db_err("opening meta", e))?;
-        snap.next_entry_id = meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
+        snap.next_entry_id =
+            meta.get(NEXT_ENTRY_ID).map_err(|e| db_err("reading entry counter", e))?.map(|g| g.value()).unwrap_or(1);
         Ok(snap)
     }
 
@@ -653,7 +664,9 @@ impl Inner {
             let mut states = txn.open_table(QUEUE_STATE).map_err(|e| db_err("opening queue state", e))?;
             states.retain(|_, _| false).map_err(|e| db_err("clearing queue state", e))?;
             for (qid, state) in &snap.queue_state {
-                states.insert(qid.0, encode("queue state", state)?.as_slice()).map_err(|e| db_err("writing queue state", e))?;
+                states
+                    .insert(qid.0, encode("queue state", state)?.as_slice())
+                    .map_err(|e| db_err("writing queue state", e))?;
             }
             drop(states);
             let mut refs: std::collections::HashMap<BodyHash, u64> = std::collections::HashMap::new();
@@ -664,7 +677,9 @@ impl Inner {
                 *refs.entry(entry.body).or_default() += 1;
             }
             for q in &snap.queue {
-                queue.insert(q.queue_id.0, encode("queue entry", q)?.as_slice()).map_err(|e| db_err("writing queue", e))?;
+                queue
+                    .insert(q.queue_id.0, encode("queue entry", q)?.as_slice())
+                    .map_err(|e| db_err("writing queue", e))?;
                 *refs.entry(q.body).or_default() += 1;
             }
             let mut ages = txn.open_table(MESSAGE_AGES).map_err(|e| db_err("opening message ages", e))?;
@@ -672,7 +687,9 @@ impl Inner {
             let aged: std::collections::HashMap<QueueId, u64> = snap.message_ages.iter().copied().collect();
             let now = crate::tables::unix_now();
             for (qid, body, size) in &snap.messages {
-                messages.insert(qid.0, encode("message", &(*body, *size))?.as_slice()).map_err(|e| db_err("writing messages", e))?;
+                messages
+                    .insert(qid.0, encode("message", &(*body, *size))?.as_slice())
+                    .map_err(|e| db_err("writing messages", e))?;
                 // An older snapshot has no ages: as for a store upgraded in
                 // place (`index_message_ages`), counted from now.
                 let at = aged.get(qid).copied().unwrap_or(now);
@@ -682,7 +699,8 @@ impl Inner {
             for (hash, n) in &refs {
                 bodies.insert(&hash.0, *n).map_err(|e| db_err("writing bodies", e))?;
             }
-            let mut fingerprints = txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
+            let mut fingerprints =
+                txn.open_table(RESEND_FINGERPRINTS).map_err(|e| db_err("opening fingerprints", e))?;
             fingerprints.retain(|_, _| false).map_err(|e| db_err("clearing fingerprints", e))?;
             let mut ages = txn.open_table(RESEND_AGES).map_err(|e| db_err("opening fingerprints", e))?;
             ages.retain(|_, _| false).map_err(|e| db_err("clearing fingerprints", e))?;
@@ -760,7 +778,8 @@ impl LocalStore {
                 meta.insert(LAST_STATE_SYNC, crate::tables::unix_now()).map_err(|e| db_err("writing meta", e))?;
             }
             txn.commit().map_err(|e| db_err("committing state sync", e))?;
-            *inner.state_synced_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+            *inner.state_synced_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                std::time::Instant::now();
             Ok(())
         })
         .await
