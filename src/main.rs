@@ -237,6 +237,18 @@ fn main() {
         libc::umask(0o077);
     }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve) {
+        // A command's output piped into `head` and the like ends quietly
+        // when the reader has gone, as with other Unix tools: the default
+        // SIGPIPE disposition (Rust ignores SIGPIPE, and `println!` then
+        // panics on EPIPE). Not for `serve`: a peer closing its socket must
+        // stay an error on that socket, never the end of the server.
+        // SAFETY: called before any other thread exists; signal(2) only sets
+        // this process's disposition of SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("HAMAIL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -364,14 +376,16 @@ async fn serve(config: Config) -> Result<()> {
     let running = hamail_server::start(config.clone(), store.clone()).await?;
     let show = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
     // Machine-readable lines first (tests and scripts read them), then help.
-    println!("hamail: smtp listening on {}", show(&running.smtp));
-    println!("hamail: submission listening on {}", show(&running.submission));
-    if !running.submissions.is_empty() {
-        println!("hamail: submissions listening on {}", show(&running.submissions));
-    }
-    println!("hamail: pop3 listening on {}", show(&running.pop3));
-    if !running.pop3s.is_empty() {
-        println!("hamail: pop3s listening on {}", show(&running.pop3s));
+    // Only the listeners this node has: a witness serves no mail.
+    let listeners = [
+        ("smtp", &running.smtp),
+        ("submission", &running.submission),
+        ("submissions", &running.submissions),
+        ("pop3", &running.pop3),
+        ("pop3s", &running.pop3s),
+    ];
+    for (kind, addresses) in listeners.into_iter().filter(|(_, a)| !a.is_empty()) {
+        println!("hamail: {kind} listening on {}", show(addresses));
     }
     if let Some(addr) = running.cluster_address() {
         println!("hamail: cluster listening on {addr}");
@@ -382,10 +396,9 @@ async fn serve(config: Config) -> Result<()> {
     println!("hamail: ready. In another terminal:");
     println!("    hamail{cfg} domain add example.org");
     println!("    hamail{cfg} user add alice@example.org      # asks for the password");
-    println!(
-        "    swaks --server {} --to alice@example.org",
-        running.smtp.first().map(|a| a.to_string()).unwrap_or_default()
-    );
+    if let Some(smtp) = running.smtp.first() {
+        println!("    swaks --server {smtp} --to alice@example.org");
+    }
     let _ = std::io::stdout().flush();
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

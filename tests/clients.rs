@@ -293,6 +293,37 @@ fn cli_lists_and_refuses_bad_input() {
     assert_eq!(fetch(&s, "bob@example.org", "bob-pw", &[])["ok"], false);
 }
 
+/// `hamail user list | head -1`: the reader leaves after one line; the
+/// command ends quietly (killed by SIGPIPE, or done before it wrote more),
+/// never with a panic on the closed pipe.
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let s = setup();
+    let config = s.config.to_str().expect("config path");
+    let script = r#""$0" --config "$1" user list | head -1; echo "left=${PIPESTATUS[0]}" >&2"#;
+    let (ok, out, err) = run_tool("bash", &["-c", script, common::BIN, config], None);
+    let out = String::from_utf8_lossy(&out);
+    assert!(ok, "{out}{err}");
+    assert!(out.lines().count() == 1 && out.starts_with("alice@example.org"), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("left=0") || err.contains("left=141"), "the left side must exit 0 or by SIGPIPE: {err}");
+
+    // The same with the reader gone before the first line, every time: the
+    // write meets EPIPE.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = std::process::Command::new(common::BIN)
+        .args(["--config", config, "user", "list"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run hamail user list");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn config_error_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
