@@ -7,14 +7,31 @@
 //! (see `announce`). Each operation opens its own netlink socket, in the
 //! network namespace of the calling thread.
 //!
+//! A floating address is added with a kernel lifetime (valid and preferred
+//! lifetimes, the IFA_CACHEINFO attribute of RTM_NEWADDR, rtnetlink(7)) of a
+//! few seconds, renewed by a task held with the resource (RTM_NEWADDR with
+//! NLM_F_REPLACE: fresh lifetimes on the same address), and removed at stop
+//! as before. What this protects against:
+//! - the process dies (SIGKILL, abort, OOM kill): nobody renews, the kernel
+//!   deletes the address when its valid lifetime runs out, so the node does
+//!   not keep answering ARP/ND for an address another node has taken over
+//!   — without a restart of hamail there;
+//! - the process hangs: it stops renewing too (and loses its group lease);
+//! - not a hung kernel: that one no longer expires anything either; only a
+//!   hardware watchdog (resetting the machine) would cover it, and none is
+//!   driven here.
+//!
+//! See [`Lifetime`] for the figures.
+//!
 //! A loopback address (127.0.0.0/8) needs no configuration on Linux — the
 //! whole /8 is local — so it only checks that the address is usable.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use hamail_cluster::groups::ResourceError;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo};
 use rtnetlink::packet_route::link::LinkAttribute;
 
 use super::{announce, config_error, env_error, parse_address, run_error};
@@ -95,39 +112,143 @@ async fn find(
         .map_err(|e| netlink_error(resource, "listing addresses", e))
 }
 
+/// How long the kernel keeps a floating address that is not renewed, and
+/// how often it is renewed.
+///
+/// Derived from the group lease: a node keeps its groups only while its
+/// lease (600 ms by default) is younger than that, so an address that
+/// outlives a silent process by much more only overlaps with the node that
+/// takes the group over. Renewed once per lease (at most every second); the
+/// kernel counts lifetimes in whole seconds, so the lifetime is the lease
+/// plus two renewals rounded up, at least 2 s: one late renewal never drops
+/// the address of a node that still holds its lease, and a dead process's
+/// address goes within that (plus up to a second of the kernel's rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lifetime {
+    pub renew_every: Duration,
+    /// ifa_valid and ifa_preferred, in seconds.
+    pub seconds: u32,
+}
+
+impl Lifetime {
+    pub(crate) fn for_lease(lease: Duration) -> Lifetime {
+        let renew_every = lease.clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let span = lease + 2 * renew_every;
+        let seconds = span.as_secs() + u64::from(span.subsec_nanos() > 0);
+        Lifetime { renew_every, seconds: u32::try_from(seconds.max(2)).unwrap_or(u32::MAX - 1) }
+    }
+}
+
+/// A floating address added here: the task that keeps renewing its
+/// lifetime, and the one that repeats its announcement. Dropping it stops
+/// both (the address then expires, unless stop removes it first).
+pub(crate) struct Floating {
+    announcer: Option<tokio::task::JoinHandle<()>>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Floating {
+    /// Stops both tasks and waits until the renewer has ended: a renewal
+    /// in flight must not put back an address that stop then removes.
+    pub(crate) async fn halt(mut self) {
+        self.abort();
+        let _ = (&mut self.renewer).await;
+    }
+
+    fn abort(&mut self) {
+        if let Some(task) = &self.announcer {
+            task.abort();
+        }
+        self.renewer.abort();
+    }
+}
+
+impl Drop for Floating {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Adds the address with fresh lifetimes, or gives the one already there
+/// fresh lifetimes (NLM_F_REPLACE; e.g. after a restart of this process,
+/// or an address added without lifetimes).
+async fn add_or_renew(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    ip: IpAddr,
+    prefix: u8,
+    lifetime: Lifetime,
+) -> Result<(), rtnetlink::Error> {
+    let mut request = handle.address().add(index, ip, prefix).replace();
+    let msg = request.message_mut();
+    if ip.is_ipv6() {
+        // A moved address was already unique on the link a moment ago:
+        // skip duplicate address detection, as keepalived does, so it is
+        // usable (and can be the source of the NA) at once.
+        msg.header.flags |= AddressHeaderFlags::Nodad;
+        msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    let mut cache_info = CacheInfo::default();
+    cache_info.ifa_preferred = lifetime.seconds;
+    cache_info.ifa_valid = lifetime.seconds;
+    msg.attributes.push(AddressAttribute::CacheInfo(cache_info));
+    request.execute().await
+}
+
 /// Adds the address (already there is fine: e.g. after a restart of this
-/// process) and announces it; returns the task that repeats the
-/// announcement later.
+/// process) with a lifetime, announces it, and starts renewing it.
 pub(crate) async fn floating_start(
     resource: &str,
     address: &str,
     interface: &str,
-) -> Result<Option<tokio::task::JoinHandle<()>>, ResourceError> {
+    lifetime: Lifetime,
+) -> Result<Floating, ResourceError> {
     let (ip, prefix) = parse_address(resource, address, true)?;
     if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
         return Err(config_error(resource, format!("{address} cannot be a floating address")));
     }
     let handle = connect(resource)?;
     let link = link(&handle, resource, interface).await?;
-    if find(&handle, resource, link.index, ip, prefix).await?.is_empty() {
-        let mut request = handle.address().add(link.index, ip, prefix);
-        if ip.is_ipv6() {
-            // A moved address was already unique on the link a moment ago:
-            // skip duplicate address detection, as keepalived does, so it is
-            // usable (and can be the source of the NA) at once.
-            let msg = request.message_mut();
-            msg.header.flags |= AddressHeaderFlags::Nodad;
-            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        match request.execute().await {
-            Ok(()) => {}
-            // Raced with someone adding the same address: it is there.
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::EEXIST => {}
-            Err(e) => return Err(netlink_error(resource, &format!("adding {address} to {interface}"), e)),
-        }
-        tracing::info!(resource, %address, interface, "floating address added");
+    let present = !find(&handle, resource, link.index, ip, prefix).await?.is_empty();
+    add_or_renew(&handle, link.index, ip, prefix, lifetime)
+        .await
+        .map_err(|e| netlink_error(resource, &format!("adding {address} to {interface}"), e))?;
+    if !present {
+        tracing::info!(resource, %address, interface, lifetime_secs = lifetime.seconds, "floating address added");
     }
-    Ok(announce::announce(resource, interface, link.index, link.mac, ip).await)
+    let renewer = tokio::spawn(renew(resource.to_string(), link.index, ip, prefix, lifetime));
+    let announcer = announce::announce(resource, interface, link.index, link.mac, ip).await;
+    Ok(Floating { announcer, renewer })
+}
+
+/// Gives the address fresh lifetimes every `renew_every`, while it is on
+/// the interface. An address someone else removed is not put back: the
+/// monitor reports it missing.
+async fn renew(resource: String, index: u32, ip: IpAddr, prefix: u8, lifetime: Lifetime) {
+    let mut ticks = tokio::time::interval(lifetime.renew_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let handle = match connect(&resource) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(resource, "renewing the address lifetime: {e}");
+                continue;
+            }
+        };
+        match find(&handle, &resource, index, ip, prefix).await {
+            Ok(found) if found.is_empty() => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(resource, "renewing the address lifetime: {e}");
+                continue;
+            }
+        }
+        if let Err(e) = add_or_renew(&handle, index, ip, prefix, lifetime).await {
+            tracing::warn!(resource, %ip, "renewing the address lifetime: {e}");
+        }
+    }
 }
 
 /// Removes the address; absent (or the interface gone with it) is fine.
@@ -162,4 +283,25 @@ pub(crate) fn loopback_check(resource: &str, address: &str) -> Result<(), Resour
         return Err(config_error(resource, format!("loopback_ip {address} is not in 127.0.0.0/8")));
     }
     super::bind_test(ip).map_err(|e| run_error(resource, format!("cannot bind {ip}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lifetime_outlasts_the_lease_and_two_renewals() {
+        let default = Lifetime::for_lease(Duration::from_millis(600));
+        assert_eq!(default, Lifetime { renew_every: Duration::from_millis(600), seconds: 2 });
+        let long = Lifetime::for_lease(Duration::from_secs(5));
+        assert_eq!(long, Lifetime { renew_every: Duration::from_secs(1), seconds: 7 });
+        let short = Lifetime::for_lease(Duration::from_millis(20));
+        assert_eq!(short, Lifetime { renew_every: Duration::from_millis(100), seconds: 2 });
+        for ms in [1u64, 150, 600, 999, 1000, 1001, 2500, 60_000] {
+            let l = Lifetime::for_lease(Duration::from_millis(ms));
+            let valid = Duration::from_secs(l.seconds.into());
+            assert!(valid >= 2 * l.renew_every, "{ms} ms: {l:?}");
+            assert!(valid >= Duration::from_millis(ms) + l.renew_every, "{ms} ms: {l:?}");
+        }
+    }
 }

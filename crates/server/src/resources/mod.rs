@@ -43,11 +43,9 @@ pub type LogSink = Arc<dyn Fn(String, String) + Send + Sync>;
 
 /// What a started resource holds until it is stopped.
 enum Held {
-    /// A floating address added here; `announcer` repeats the announcement
-    /// after a delay (aborted on stop).
-    Floating {
-        announcer: Option<tokio::task::JoinHandle<()>>,
-    },
+    /// A floating address added here, with the tasks that renew its
+    /// lifetime and repeat its announcement (ended on stop or drop).
+    Floating(ip::Floating),
     Loopback,
     Mail(mail::MailRunning),
     /// The context the script was started with: its stop gets the same
@@ -87,6 +85,14 @@ impl Driver {
         }
     }
 
+    /// The kernel lifetime of the floating addresses, from the group lease.
+    fn address_lifetime(&self, resource: &str) -> Result<ip::Lifetime, ResourceError> {
+        let context = self.context.upgrade().ok_or_else(|| {
+            run_error(resource, "the server is shutting down: no group lease to renew the address in")
+        })?;
+        Ok(ip::Lifetime::for_lease(Duration::from_millis(context.config.cluster.group_lease_ms)))
+    }
+
     /// This node's name as a disk lease holder: the `[server] hostname`.
     fn holder(&self) -> Option<String> {
         self.context.upgrade().map(|c| c.config.server.hostname.clone())
@@ -110,7 +116,7 @@ impl Driver {
 /// Drops what a replaced or forgotten entry still runs.
 fn release(held: Held) {
     match held {
-        Held::Floating { announcer: Some(task) } => task.abort(),
+        // A floating address's tasks end when it is dropped.
         Held::Mail(m) => m.shutdown(),
         _ => {}
     }
@@ -224,13 +230,13 @@ impl ResourceDriver for Driver {
         let k = key(group, resource);
         match resource {
             ResourceSpec::FloatingIp { name, address, interface } => {
-                let ours = matches!(self.lock().get(&k), Some(Held::Floating { .. }));
+                let ours = matches!(self.lock().get(&k), Some(Held::Floating(_)));
                 // Already ours: fine if it is still on the interface.
                 if ours && ip::floating_present(name, address, interface).await? {
                     return Ok(());
                 }
-                let announcer = ip::floating_start(name, address, interface).await?;
-                self.put(k, Held::Floating { announcer });
+                let floating = ip::floating_start(name, address, interface, self.address_lifetime(name)?).await?;
+                self.put(k, Held::Floating(floating));
                 Ok(())
             }
             ResourceSpec::LoopbackIp { name, address } => {
@@ -292,8 +298,8 @@ impl ResourceDriver for Driver {
         let held = self.take(&k);
         match resource {
             ResourceSpec::FloatingIp { name, address, interface } => {
-                if let Some(Held::Floating { announcer: Some(task) }) = held {
-                    task.abort();
+                if let Some(Held::Floating(floating)) = held {
+                    floating.halt().await;
                 }
                 // Also when not recorded: after a crash the address may
                 // still be on the interface, and it must go.
@@ -347,16 +353,18 @@ impl ResourceDriver for Driver {
     async fn reannounce(&self, group: &GroupSpec, resource: &ResourceSpec) {
         let ResourceSpec::FloatingIp { name, address, interface } = resource else { return };
         let k = key(group, resource);
-        if !matches!(self.lock().get(&k), Some(Held::Floating { .. })) {
+        if !matches!(self.lock().get(&k), Some(Held::Floating(_))) {
             return;
         }
-        // Adding a present address does nothing; the announcement is sent.
-        match ip::floating_start(name, address, interface).await {
-            Ok(announcer) => {
-                if let Some(Held::Floating { announcer: Some(old) }) = self.take(&k) {
-                    old.abort();
-                }
-                self.put(k, Held::Floating { announcer });
+        let lifetime = match self.address_lifetime(name) {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!(resource = %name, %address, "announcing again: {e}"),
+        };
+        // A present address gets fresh lifetimes; the announcement is sent.
+        match ip::floating_start(name, address, interface, lifetime).await {
+            Ok(floating) => {
+                // The one it replaces stops its tasks when dropped.
+                self.put(k, Held::Floating(floating));
                 tracing::info!(resource = %name, %address, "floating address announced again: a node is back");
             }
             Err(e) => tracing::warn!(resource = %name, %address, "announcing again: {e}"),
