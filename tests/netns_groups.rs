@@ -11,6 +11,9 @@
 //! - `active_active_two_groups`: two groups with their homes on different
 //!   nodes serve one replicated store at once; a power cut of one node
 //!   moves its group to the other.
+//! - `killed_owner_leaves_no_address_behind`: the owner's process is
+//!   SIGKILLed with its link up; the kernel drops the floating address there
+//!   when its lifetime runs out (no restart), while another node takes it.
 //! - `seed_scripts_run_with_the_seed_variables`: the seed HOWTO's start.sh
 //!   and stop.sh (sendmail/inetd replaced by a marker file, `armlog` by
 //!   `hamail log write`) run as an `exec` resource with the seed's
@@ -325,6 +328,76 @@ fn active_active_two_groups() {
     for ip in [VIP1, VIP2] {
         assert_eq!(c.tokens_from_client(ip).as_ref(), Some(&all), "POP3 through {ip} after the cut");
     }
+}
+
+/// The kernel lifetime of a floating address with the default group lease
+/// (600 ms: renewed every 0.6 s, valid for 2 s).
+const ADDRESS_LIFETIME: Duration = Duration::from_secs(2);
+
+/// `addr`'s line of `ip -o addr show` in `host`'s namespace, if it is there.
+fn addr_line(c: &Cluster, host: &str, addr: &str) -> Option<String> {
+    let out = ip(&["-n", c.bed.ns(host), "-o", "addr", "show"]);
+    out.lines().find(|l| l.contains(&format!(" {addr}/"))).map(str::to_string)
+}
+
+#[test]
+fn killed_owner_leaves_no_address_behind() {
+    if !root_or_skip("killed_owner_leaves_no_address_behind") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.apply(1, &mail_group("mail", "[1, 2, 3]", VIP1, ""));
+    if poll(RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node1")).is_none() {
+        panic!("the group is not online at home (node 1):\n{}\n{}", c.group_status(1), c.logs());
+    }
+
+    // While hamail runs, the address has a finite lifetime that is renewed:
+    // it stays for well over two lifetimes.
+    let watch = Instant::now();
+    while watch.elapsed() < 2 * ADDRESS_LIFETIME + Duration::from_secs(1) {
+        let line = addr_line(&c, "n1", VIP1).unwrap_or_else(|| {
+            panic!("{VIP1} left node 1 after {:?} although hamail runs:\n{}", watch.elapsed(), c.logs())
+        });
+        let valid: u64 = line
+            .split("valid_lft ")
+            .nth(1)
+            .and_then(|v| v.split("sec").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no finite valid_lft on node 1's {VIP1}: {line}"));
+        assert!(valid <= ADDRESS_LIFETIME.as_secs(), "{line}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // SIGKILL of node 1's process, its link up: nobody removes the address
+    // there, and the node is not started again.
+    let kill = Instant::now();
+    c.nodes[0].kill9();
+    let mut on_n1_until = None;
+    let mut on_n2_from = None;
+    let bound = ADDRESS_LIFETIME + Duration::from_secs(2);
+    while on_n1_until.is_none() || on_n2_from.is_none() {
+        let t = kill.elapsed();
+        if on_n1_until.is_none() && addr_line(&c, "n1", VIP1).is_none() {
+            on_n1_until = Some(t);
+        }
+        if on_n2_from.is_none() && addr_line(&c, "n2", VIP1).is_some() {
+            on_n2_from = Some(t);
+        }
+        assert!(
+            on_n1_until.is_some() || t < bound,
+            "{VIP1} still on node 1 {t:?} after its process was killed (lifetime {ADDRESS_LIFETIME:?})"
+        );
+        assert!(t < RECOVERY, "{VIP1} not on node 2 {t:?} after the kill:\n{}\n{}", c.group_status(1), c.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (gone, taken) = (on_n1_until.unwrap(), on_n2_from.unwrap());
+    eprintln!(
+        "killed_owner_leaves_no_address_behind: after the SIGKILL, {VIP1} stayed on node 1 for {gone:?}; \
+         on node 2 from {taken:?}; on both for {:?}",
+        gone.saturating_sub(taken)
+    );
+    assert_eq!(c.bed.holders(&NS_NODES, VIP1), vec!["n2".to_string()], "{VIP1} on exactly one node");
+    assert_eq!(c.greeting_from_client(VIP1).as_deref(), Some("node2"));
 }
 
 /// The seed HOWTO's start script, as published, with only what touches
