@@ -115,10 +115,10 @@ impl Driver {
 
 /// Drops what a replaced or forgotten entry still runs.
 fn release(held: Held) {
-    match held {
-        // A floating address's tasks end when it is dropped.
-        Held::Mail(m) => m.shutdown(),
-        _ => {}
+    // The other entries' tasks (a floating address's renewal and
+    // announcement, a disk's heartbeat) end when they are dropped.
+    if let Held::Mail(m) = held {
+        m.shutdown();
     }
 }
 
