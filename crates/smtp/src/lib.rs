@@ -5,9 +5,9 @@
 //! 2034/3463), STARTTLS (RFC 3207) and AUTH PLAIN/LOGIN (RFC 4954) for the
 //! MTA and submission (RFC 6409) ports. A [`Session`] is fed the bytes the
 //! client sent and answers with the bytes to send back plus a [`Next`] step:
-//! read more, or ask the driver to look up a recipient, check a password,
-//! start or commit a message or do a TLS handshake, then resume the session
-//! with the answer. The message data streams out of the session in bounded
+//! read more, or ask the driver to look up a recipient, judge whether the
+//! client may use a sender, check a password, start or commit a message or
+//! do a TLS handshake, then resume the session with the answer. The message data streams out of the session in bounded
 //! pieces ([`Session::take_message_data`]) with our trace headers already
 //! in place, for the driver to write to the store's spool.
 //!

@@ -4,8 +4,9 @@
 //! Role: keep every message that was acknowledged with `250` (SMTP) whole and
 //! exactly once in each of its recipients' maildrops, and keep the users,
 //! domains and aliases. Bodies are content-addressed files (SHA-256), written
-//! to `tmp/`, fsynced and renamed into `bodies/` (Postfix's "commit = fsync
-//! then rename"); the metadata (mailbox entries, queue entries, reference
+//! to `tmp/` as they arrive (a [`Spool`]: never a large message whole in
+//! memory), fsynced and renamed into `bodies/` (Postfix's "commit = fsync
+//! then rename"), and read back as files ([`MailStore::open_body`]); the metadata (mailbox entries, queue entries, reference
 //! counts, users) lives in redb and is committed after the body is durable.
 //! Only a successful metadata commit produces a [`Committed`] value, and only
 //! a `Committed` lets the SMTP session answer `250` to DATA.
