@@ -365,13 +365,7 @@ fn retr_and_top_of_bare_line_ends_and_dot_lines_are_exact() {
 
     // Python's poplib reads the same message, un-stuffed.
     let port = s.pop3.port().to_string();
-    let (ok, out, err) = run_tool(
-        "python3",
-        &[clients_dir().join("pop3_fetch.py").to_str().unwrap(), "127.0.0.1", &port, USER, PASSWORD],
-        None,
-    );
-    assert!(ok, "poplib: {err}");
-    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    let v = py("pop3_fetch.py", &["127.0.0.1", &port, USER, PASSWORD]);
     assert_eq!(v["ok"], true, "{v}");
     let got = hex::decode(v["messages"][0].as_str().unwrap()).unwrap();
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&unstuffed(wire)));

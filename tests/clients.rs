@@ -8,14 +8,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn py(script: &str, args: &[&str]) -> Value {
-    let path = clients_dir().join(script);
-    let mut all = vec![path.to_str().expect("path")];
-    all.extend_from_slice(args);
-    let (_, out, err) = run_tool("python3", &all, None);
-    serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {err}"))
-}
-
 fn fetch(s: &Server, user: &str, pass: &str, extra: &[&str]) -> Value {
     let port = s.pop3.port().to_string();
     let mut args = vec!["127.0.0.1", port.as_str(), user, pass];

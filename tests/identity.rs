@@ -27,30 +27,10 @@ fn submit(s: &Server, user: &str, password: &str, from: &str) -> Value {
     let file = s.dir.join("identity.eml");
     std::fs::write(&file, b"Subject: identity\r\n\r\nwho am I\r\n").unwrap();
     let port = s.submission.port().to_string();
-    let script = clients_dir().join("smtp_send.py");
-    let args = [
-        script.to_str().unwrap(),
-        "127.0.0.1",
-        &port,
-        from,
-        "bob@example.org",
-        file.to_str().unwrap(),
-        "--starttls",
-        "--user",
-        user,
-        "--password",
-        password,
-    ];
-    let (_, out, err) = run_tool("python3", &args, None);
-    serde_json::from_slice(&out).unwrap_or_else(|e| panic!("smtp_send.py printed no JSON ({e}): {err}"))
-}
-
-fn greeted(addr: std::net::SocketAddr) -> Line {
-    let mut c = Line::connect(addr);
-    assert!(c.reply().starts_with("220 "));
-    c.send("EHLO client.test\r\n");
-    assert!(c.reply().starts_with("250 "));
-    c
+    let file = file.to_str().unwrap();
+    let args =
+        ["127.0.0.1", &port, from, "bob@example.org", file, "--starttls", "--user", user, "--password", password];
+    py("smtp_send.py", &args)
 }
 
 #[test]

@@ -13,14 +13,6 @@ fn setup(smtp_extra: &str) -> Server {
     s
 }
 
-fn greeted(s: &Server) -> Line {
-    let mut c = Line::connect(s.smtp);
-    assert!(c.reply().starts_with("220 "));
-    c.send("EHLO client.test\r\n");
-    assert!(c.reply().starts_with("250 "));
-    c
-}
-
 fn maildrop_len(s: &Server) -> usize {
     let mut p = Line::connect(s.pop3);
     assert!(p.line().starts_with("+OK"));
@@ -38,7 +30,7 @@ fn maildrop_len(s: &Server) -> usize {
 #[test]
 fn exact_replies_for_rcpt_outcomes() {
     let s = setup("");
-    let mut c = greeted(&s);
+    let mut c = greeted(s.smtp);
     c.send("MAIL FROM:<x@elsewhere.test>\r\n");
     assert!(c.reply().starts_with("250 2.1.0"));
     c.send("RCPT TO:<nobody@example.org>\r\n");
@@ -58,7 +50,7 @@ fn exact_replies_for_rcpt_outcomes() {
 #[test]
 fn size_limit_is_552_and_nothing_is_stored() {
     let s = setup("max_message_size = 4096");
-    let mut c = greeted(&s);
+    let mut c = greeted(s.smtp);
     c.send("MAIL FROM:<x@elsewhere.test> SIZE=100000\r\n");
     assert!(c.reply().starts_with("552 5.3.4"));
     c.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n");
@@ -80,7 +72,7 @@ fn size_limit_is_552_and_nothing_is_stored() {
 fn smuggling_inputs_never_make_a_second_message() {
     let s = setup("");
     for ending in ["\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\n", "\r\n.\r"] {
-        let mut c = greeted(&s);
+        let mut c = greeted(s.smtp);
         c.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n");
         c.reply();
         c.reply();
@@ -164,7 +156,7 @@ extern "C" {
 #[test]
 fn line_too_long_and_unknown_command() {
     let s = setup("");
-    let mut c = greeted(&s);
+    let mut c = greeted(s.smtp);
     c.send(&format!("NOOP {}\r\n", "a".repeat(2000)));
     assert!(c.reply().starts_with("500"), "line too long");
     c.send("FROBNICATE\r\n");
@@ -193,7 +185,7 @@ fn thousand_recipients_one_body() {
     for i in 0..1000 {
         users.push(format!("u{i:04}@example.org"));
     }
-    let mut c = greeted(&s);
+    let mut c = greeted(s.smtp);
     let mut cmds = String::from("MAIL FROM:<bulk@elsewhere.test>\r\n");
     for u in &users {
         cmds.push_str(&format!("RCPT TO:<{u}>\r\n"));

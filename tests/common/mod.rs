@@ -242,6 +242,16 @@ pub fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
+/// Runs one of the Python clients of `tests/clients` (smtplib, poplib) with
+/// `args`; its one line of JSON.
+pub fn py(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = clients_dir().join(script);
+    let mut all = vec![path.to_str().expect("path")];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_tool("python3", &all, None);
+    serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {err}"))
+}
+
 /// Polls `f` until it returns `Some`, or gives `None` after `timeout`.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
@@ -268,6 +278,15 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An SMTP connection to `addr` past its greeting and EHLO.
+pub fn greeted(addr: SocketAddr) -> Line {
+    let mut c = Line::connect(addr);
+    assert!(c.reply().starts_with("220 "));
+    c.send("EHLO client.test\r\n");
+    assert!(c.reply().starts_with("250 "));
+    c
 }
 
 /// A minimal line-oriented client for exact-reply assertions.
