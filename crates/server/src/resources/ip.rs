@@ -228,25 +228,31 @@ async fn renew(resource: String, index: u32, ip: IpAddr, prefix: u8, lifetime: L
     let mut ticks = tokio::time::interval(lifetime.renew_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
+    // One netlink socket for the renewals, opened again only after it failed.
+    let mut handle: Option<rtnetlink::Handle> = None;
     loop {
         ticks.tick().await;
-        let handle = match connect(&resource) {
+        let h = match handle.take().map_or_else(|| connect(&resource), Ok) {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(resource, "renewing the address lifetime: {e}");
                 continue;
             }
         };
-        match find(&handle, &resource, index, ip, prefix).await {
-            Ok(found) if found.is_empty() => continue,
+        match find(&h, &resource, index, ip, prefix).await {
+            Ok(found) if found.is_empty() => {
+                handle = Some(h);
+                continue;
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(resource, "renewing the address lifetime: {e}");
                 continue;
             }
         }
-        if let Err(e) = add_or_renew(&handle, index, ip, prefix, lifetime).await {
-            tracing::warn!(resource, %ip, "renewing the address lifetime: {e}");
+        match add_or_renew(&h, index, ip, prefix, lifetime).await {
+            Ok(()) => handle = Some(h),
+            Err(e) => tracing::warn!(resource, %ip, "renewing the address lifetime: {e}"),
         }
     }
 }
