@@ -293,16 +293,8 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let s = setup();
     let config = s.config.to_str().expect("config path");
-    let script = r#""$0" --config "$1" user list | head -1; echo "left=${PIPESTATUS[0]}" >&2"#;
-    let (ok, out, err) = run_tool("bash", &["-c", script, common::BIN, config], None);
-    let out = String::from_utf8_lossy(&out);
-    assert!(ok, "{out}{err}");
-    assert!(out.lines().count() == 1 && out.starts_with("alice@example.org"), "{out}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("left=0") || err.contains("left=141"), "the left side must exit 0 or by SIGPIPE: {err}");
-
-    // The same with the reader gone before the first line, every time: the
-    // write meets EPIPE.
+    // `hamail user list | head -1` as a shell runs it, with the reader
+    // gone before the first line, every time: the write meets EPIPE.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
     let out = std::process::Command::new(common::BIN)

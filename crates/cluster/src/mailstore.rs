@@ -334,10 +334,8 @@ impl ReplicatedStore {
         let peers = self.node.data_peers();
         let data_nodes = peers.len() + 1;
         let now = Instant::now();
-        let skipped = |id: &NodeId| {
-            let down = self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            down.get(id).is_some_and(|until| *until > now)
-        };
+        let down = self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let skipped = |id: &NodeId| down.get(id).is_some_and(|until| *until > now);
         let contact = peers.into_iter().filter(|(id, _)| !skipped(id) && !self.node.peer_silent(*id)).collect();
         CopyTargets { data_nodes, contact }
     }

@@ -160,11 +160,12 @@ fn make_room<K: Clone + Eq + Hash, V>(
         return true;
     }
     map.retain(|_, v| !stale(v));
-    if map.len() < cap {
+    // Room for a batch, or the next inserts would scan the table again.
+    if map.len() < cap - cap / 8 {
         return true;
     }
     let mut by_age: Vec<(Instant, K)> = map.iter().filter_map(|(k, v)| age(v).map(|t| (t, k.clone()))).collect();
-    let batch = (cap / 8).max(map.len() + 1 - cap).min(by_age.len());
+    let batch = (cap / 8).max((map.len() + 1).saturating_sub(cap)).min(by_age.len());
     if batch == 0 {
         return false;
     }

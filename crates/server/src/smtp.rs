@@ -164,16 +164,20 @@ pub(crate) async fn serve(
         }
         out = match out.next {
             Next::NeedInput => {
-                if let Err(e) = conn.write_within(&out.reply, idle).await {
-                    if e.kind() == std::io::ErrorKind::TimedOut {
-                        tracing::info!(client = %peer, "SMTP client does not read its replies: connection closed");
+                let now = if out.reply.is_empty() {
+                    // Mid-DATA reads answer nothing: no write, no timer.
+                    Instant::now()
+                } else {
+                    if let Err(e) = conn.write_within(&out.reply, idle).await {
+                        if e.kind() == std::io::ErrorKind::TimedOut {
+                            tracing::info!(client = %peer, "SMTP client does not read its replies: connection closed");
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
-                let now = Instant::now();
-                if !out.reply.is_empty() {
+                    let now = Instant::now();
                     command_deadline = now + idle;
-                }
+                    now
+                };
                 // In DATA: the idle time between reads (RFC 5321
                 // 4.5.3.2.5), within the bound of the whole phase.
                 let deadline = match &message {

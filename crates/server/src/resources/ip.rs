@@ -307,7 +307,7 @@ mod tests {
             let l = Lifetime::for_lease(Duration::from_millis(ms));
             let valid = Duration::from_secs(l.seconds.into());
             assert!(valid >= 2 * l.renew_every, "{ms} ms: {l:?}");
-            assert!(valid >= Duration::from_millis(ms) + l.renew_every, "{ms} ms: {l:?}");
+            assert!(valid >= Duration::from_millis(ms) + 2 * l.renew_every, "{ms} ms: {l:?}");
         }
     }
 }
