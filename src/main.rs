@@ -645,7 +645,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::ClusterStatus => {
             println!(
-                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9}  health",
+                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}  health",
                 "id",
                 "name",
                 "address",
@@ -659,6 +659,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                 "contact",
                 "missing",
                 "degraded",
+                "refused",
                 "fetched",
                 "collected"
             );
@@ -668,7 +669,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                 let contact =
                     if m["last_contact_ms"].is_null() { "-".into() } else { format!("{}ms", m["last_contact_ms"]) };
                 println!(
-                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9}  {}",
+                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}  {}",
                     opt(&m["id"]),
                     s(&m["name"]),
                     s(&m["addr"]),
@@ -682,6 +683,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                     contact,
                     opt(&m["bodies_missing"]),
                     opt(&m["degraded_accepts"]),
+                    opt(&m["refused_unavailable"]),
                     opt(&m["bodies_fetched"]),
                     opt(&m["bodies_collected"]),
                     if healthy { "ok".to_string() } else { s(&m["state"]) }

@@ -58,14 +58,7 @@ impl NsCluster {
 fn cluster_with_group() -> Cluster {
     let c = NsCluster::form(USER, RECOVERY);
 
-    c.apply(
-        1,
-        &format!(
-            "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
-             [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"{IFACE}\"\n\n\
-             [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
-        ),
-    );
+    c.apply(1, &address_and_mail_group(VIP));
 
     if poll(RECOVERY, || c.greeting_from_client().filter(|h| h == "node1")).is_none() {
         let (_, st) = c.nodes[1].cli(&["group", "status"], "");

@@ -302,6 +302,16 @@ pub fn greeting(addr: SocketAddr) -> Option<String> {
     l.starts_with("220 ").then(|| l.split_whitespace().nth(1).unwrap_or("").to_string())
 }
 
+/// A group `mail` that may run on nodes 1-3 (home: 1) with the floating
+/// address `vip`/24 on the hosts' `eth0` and the mail listeners on it.
+pub fn address_and_mail_group(vip: &str) -> String {
+    format!(
+        "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+         [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"{vip}/24\"\ninterface = \"{IFACE}\"\n\n\
+         [[group.resources]]\ntype = \"mail_service\"\nname = \"mail\"\n"
+    )
+}
+
 /// The three cluster hosts of the bed.
 pub const NS_NODES: [&str; 3] = ["n1", "n2", "n3"];
 

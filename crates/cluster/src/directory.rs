@@ -90,7 +90,7 @@ impl Directory for ReplicatedDirectory {
     }
 
     async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool> {
-        self.read_barrier().await?;
+        self.node.bounded(&format!("the login of {user}"), self.read_barrier()).await?;
         self.node.store().verify_password(user, password).await
     }
 

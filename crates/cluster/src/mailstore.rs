@@ -179,6 +179,7 @@ pub(crate) struct MailEvents {
     rescan: AtomicBool,
     wake: tokio::sync::Notify,
     degraded_accepts: AtomicU64,
+    pub(crate) refused_unavailable: AtomicU64,
     bodies_missing: AtomicU64,
     bodies_fetched: AtomicU64,
     bodies_collected: AtomicU64,
@@ -217,6 +218,7 @@ impl MailEvents {
         MailHealth {
             bodies_missing: self.bodies_missing.load(Ordering::Relaxed),
             degraded_accepts: self.degraded_accepts.load(Ordering::Relaxed),
+            refused_unavailable: self.refused_unavailable.load(Ordering::Relaxed),
             bodies_fetched: self.bodies_fetched.load(Ordering::Relaxed),
             bodies_collected: self.bodies_collected.load(Ordering::Relaxed),
         }
@@ -501,25 +503,8 @@ impl ReplicatedStore {
     async fn read_barrier(&self) -> StoreResult<()> {
         self.node.linearizable().await.map_err(store_error)
     }
-}
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-#[async_trait::async_trait]
-impl MailStore for ReplicatedStore {
-    fn spool(&self, in_memory: usize) -> Spool {
-        self.node.store().spool(in_memory)
-    }
-
-    /// Local: queue ids carry the node id in their top bits, so they are
-    /// unique in the cluster without a round trip.
-    async fn next_queue_id(&self) -> StoreResult<QueueId> {
-        self.node.store().next_queue_id().await
-    }
-
-    async fn accept(&self, mut msg: Incoming) -> StoreResult<Committed> {
+    async fn accept_within(&self, mut msg: Incoming) -> StoreResult<Committed> {
         msg.dedup_recipients();
         if msg.local.is_empty() && msg.remote.is_empty() {
             return Err(StoreError::Permanent("message has no recipients".into()));
@@ -604,9 +589,31 @@ impl MailStore for ReplicatedStore {
         }
         Ok(committed)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[async_trait::async_trait]
+impl MailStore for ReplicatedStore {
+    fn spool(&self, in_memory: usize) -> Spool {
+        self.node.store().spool(in_memory)
+    }
+
+    /// Local: queue ids carry the node id in their top bits, so they are
+    /// unique in the cluster without a round trip.
+    async fn next_queue_id(&self) -> StoreResult<QueueId> {
+        self.node.store().next_queue_id().await
+    }
+
+    async fn accept(&self, msg: Incoming) -> StoreResult<Committed> {
+        let what = format!("message {}", msg.queue_id);
+        self.node.bounded(&what, self.accept_within(msg)).await
+    }
 
     async fn mailbox(&self, user: &Address) -> StoreResult<Vec<MailboxEntry>> {
-        self.read_barrier().await?;
+        self.node.bounded(&format!("the maildrop of {user}"), self.read_barrier()).await?;
         self.node.store().mailbox(user).await
     }
 
@@ -637,7 +644,8 @@ impl MailStore for ReplicatedStore {
         if ids.is_empty() {
             return Ok(());
         }
-        self.propose(MailChange::Delete { user: user.clone(), ids: ids.to_vec() }).await
+        let what = format!("deleting {} messages of {user}", ids.len());
+        self.node.bounded(&what, self.propose(MailChange::Delete { user: user.clone(), ids: ids.to_vec() })).await
     }
 
     async fn queue(&self) -> StoreResult<Vec<QueueEntry>> {

@@ -57,7 +57,8 @@ pub struct Timing {
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     /// How long `write` and `linearizable` keep trying (waiting for a leader,
-    /// for a commit) before giving up.
+    /// for a commit) before giving up; also the bound of a client's whole
+    /// change or read through the cluster ([`ClusterNode::bounded`]).
     pub write_timeout_ms: u64,
     /// Failover groups: lease, fencing and monitor timings.
     pub groups: crate::failover::GroupTiming,
@@ -363,6 +364,37 @@ impl ClusterNode {
             }
             self.wait_change(&mut metrics, deadline).await?;
         }
+    }
+
+    /// `work` (a client's change or read through the cluster: a message's
+    /// acceptance, a login, a maildrop's deletions) given up after the write
+    /// timeout with [`hamail_store::StoreError::Unavailable`], so that a
+    /// node cut off from a quorum answers its clients with a temporary
+    /// error (SMTP `451 4.3.0`, POP3 `-ERR [SYS/TEMP]`) instead of holding
+    /// them until the quorum comes back. A proposal made meanwhile may
+    /// still commit after the answer: the client's resend of the same
+    /// message is recognised (RFC 1047 resend window) and delivered once.
+    /// Refusals for want of the cluster are counted
+    /// ([`crate::rpc::MailHealth::refused_unavailable`]).
+    pub(crate) async fn bounded<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = hamail_store::StoreResult<T>>,
+    ) -> hamail_store::StoreResult<T> {
+        use hamail_store::StoreError;
+        let limit = self.timing.write_timeout();
+        let result = match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{what}: the cluster did not answer within {} ms (no quorum reachable from this node?)",
+                limit.as_millis()
+            ))),
+        };
+        if let Err(e @ StoreError::Unavailable(_)) = &result {
+            self.mail.refused_unavailable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "refused: the cluster is unavailable");
+        }
+        result
     }
 
     /// Renews this node's quorum lease (see [`crate::failover`]): confirms,

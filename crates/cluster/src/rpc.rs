@@ -194,6 +194,10 @@ pub struct MailHealth {
     /// Unreferenced body files (copies for accepts that never committed)
     /// removed by the garbage collection since it started.
     pub bodies_collected: u64,
+    /// Client changes and reads refused with a temporary error because the
+    /// cluster did not answer in time (no quorum reachable), since it
+    /// started.
+    pub refused_unavailable: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

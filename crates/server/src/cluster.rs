@@ -82,6 +82,7 @@ impl ClusterRuntime {
                 heartbeat_ms: c.heartbeat_ms,
                 election_min_ms: c.election_timeout_min_ms,
                 election_max_ms: c.election_timeout_max_ms,
+                write_timeout_ms: c.commit_timeout_ms,
                 groups: hamail_cluster::failover::GroupTiming {
                     lease_ms: c.group_lease_ms,
                     stop_timeout_ms: c.group_stop_timeout_ms,
@@ -427,6 +428,8 @@ pub struct MemberReport {
     /// with fewer copies than there are data nodes (a data node was down).
     pub bodies_missing: Option<u64>,
     pub degraded_accepts: Option<u64>,
+    /// Client requests refused with a temporary error for want of a quorum.
+    pub refused_unavailable: Option<u64>,
     /// Bodies it fetched from another data node, and unreferenced body
     /// files its garbage collection removed, since it started.
     pub bodies_fetched: Option<u64>,
@@ -497,6 +500,7 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
             healthy: false,
             bodies_missing: None,
             degraded_accepts: None,
+            refused_unavailable: None,
             bodies_fetched: None,
             bodies_collected: None,
         };
@@ -511,6 +515,7 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
                 if info.role == Role::Data {
                     r.bodies_missing = Some(s.mail.bodies_missing);
                     r.degraded_accepts = Some(s.mail.degraded_accepts);
+                    r.refused_unavailable = Some(s.mail.refused_unavailable);
                     r.bodies_fetched = Some(s.mail.bodies_fetched);
                     r.bodies_collected = Some(s.mail.bodies_collected);
                 }

@@ -384,6 +384,13 @@ pub struct ClusterSection {
     /// takeover sub-second. A move still drains for up to
     /// `group_stop_timeout_ms`.
     pub group_fast_stop_timeout_ms: u64,
+    /// The longest a change or a linearizable read waits for the cluster
+    /// (a quorum): a message's acceptance, a login, POP3 deletions and
+    /// admin commands give up past it, the mail clients with a temporary
+    /// error (SMTP `451 4.3.0`, POP3 `-ERR [SYS/TEMP]`), as on a node cut
+    /// off from the others. The client retries (a resend of the same
+    /// message is recognised and delivered once).
+    pub commit_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -406,6 +413,7 @@ impl Default for ClusterSection {
             group_lease_ms: 600,
             group_stop_timeout_ms: 2000,
             group_fast_stop_timeout_ms: 100,
+            commit_timeout_ms: 5000,
         }
     }
 }
@@ -595,6 +603,13 @@ impl Config {
                 "[cluster] group_lease_ms must be at least twice heartbeat_ms, group_stop_timeout_ms and group_fast_stop_timeout_ms above 0"
                     .into(),
             ));
+        }
+        if k.commit_timeout_ms < 10 * k.heartbeat_ms {
+            return Err(bad(format!(
+                "[cluster] commit_timeout_ms = {} is too short: at least ten heartbeats ({} ms) are needed for a commit to have a chance",
+                k.commit_timeout_ms,
+                10 * k.heartbeat_ms
+            )));
         }
         if r.smarthost_user.is_some() != r.smarthost_password.is_some() {
             return Err(bad("[relay] needs both `smarthost_user` and `smarthost_password`, or neither".into()));
