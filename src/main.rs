@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run the mail server in the foreground.
     Serve,
+    /// Started by `serve`: removes its floating addresses when it dies.
+    #[command(hide = true)]
+    Reaper,
     /// Mail domains this server is the destination for.
     #[command(subcommand)]
     Domain(DomainCmd),
@@ -256,6 +259,13 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    if matches!(cli.command, Command::Reaper) {
+        hamail_server::resources::reaper::run(std::io::stdin().lock());
+        return;
+    }
+    if matches!(cli.command, Command::Serve) {
+        own_mount_namespace();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -266,6 +276,39 @@ fn main() {
     if let Err(e) = runtime.block_on(run(cli)) {
         eprintln!("hamail: {}", describe(&e));
         std::process::exit(1);
+    }
+}
+
+/// Makes the mounts of `serve` (a failover group's shared disk) its own: in
+/// a mount namespace of its own, they end with the process however it ends
+/// (SIGKILL, OOM kill, panic), so a dead hamail never leaves a disk mounted
+/// on its node while another node mounts it (two mounts of one ext4
+/// filesystem destroy it). The host's mounts still show here (slave
+/// propagation, mount_namespaces(7)); ours do not show on the host
+/// (`nsenter -t PID -m findmnt` shows them). The group's scripts run in this
+/// namespace and see the disk. Without CAP_SYS_ADMIN (not root) hamail
+/// could not mount anyway: nothing to do. Must run before any other thread
+/// exists: unshare(2) moves only the calling thread.
+fn own_mount_namespace() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    // SAFETY: unshare(2) with CLONE_NEWNS only changes this (single)
+    // thread's mount namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "no mount namespace of our own: a shared disk would stay mounted if hamail died");
+        return;
+    }
+    // SAFETY: valid NUL-terminated path; null source, type and data are
+    // allowed for a propagation change.
+    let slave = unsafe {
+        libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null())
+    };
+    if slave != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot make our mounts private: a shared disk would show on the host too");
     }
 }
 
@@ -310,6 +353,8 @@ async fn run(cli: Cli) -> Result<()> {
     let config = load_config(cli.config.as_deref())?;
     let request = match cli.command {
         Command::Serve => return serve(config).await,
+        // Handled in `main`, before any runtime exists.
+        Command::Reaper => bail!("`hamail reaper` is started by `hamail serve` only"),
         Command::Domain(DomainCmd::Add { domain }) => Request::DomainAdd { domain },
         Command::Domain(DomainCmd::Del { domain }) => Request::DomainDel { domain },
         Command::Domain(DomainCmd::List) => Request::DomainList,

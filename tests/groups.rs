@@ -137,3 +137,52 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
     assert!(out.contains("operator note"), "{out}");
     nodes[2].restart();
 }
+
+/// A group's shared disk is mounted in hamail's own mount namespace: the
+/// host does not see it, and a SIGKILLed hamail leaves it mounted nowhere
+/// (without a restart), so that another node may take it.
+#[test]
+fn a_killed_owner_leaves_no_mount_behind() {
+    if !common::netns::root_or_skip("a_killed_owner_leaves_no_mount_behind") {
+        return;
+    }
+    // Declared before the node: dropped after its process.
+    let Some(disk) = common::disk::LoopDisk::new(32) else { return };
+    let root = tempfile::tempdir().unwrap();
+    let mut node = node_with_ports(root.path(), 1, free_port(), free_port());
+    let (ok, out) = node.cli(&["cluster", "init"], "");
+    assert!(ok, "{out}");
+    let spool = root.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let file = root.path().join("groups.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[group]]\nname = \"disk\"\nnodes = [1]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+             [[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"{}\"\nmount_point = \"{}\"\nfs_type = \"ext4\"\n",
+            disk.device,
+            spool.display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = node.cli(&["group", "apply", file.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+
+    let pid = node.s().child.as_ref().map(|c| c.id()).expect("hamail's pid");
+    eventually(Duration::from_secs(30), "the disk mounted by hamail", || {
+        common::disk::mounted_in(pid, &spool).then_some(())
+    });
+    assert!(!common::disk::mounted_in(std::process::id(), &spool), "the group's mount shows on the host");
+    // The kernel keeps /proc/fs/ext4/<device> while the filesystem is
+    // mounted anywhere.
+    let device = std::path::Path::new(&disk.device).file_name().unwrap().to_string_lossy().to_string();
+    let in_use = std::path::PathBuf::from(format!("/proc/fs/ext4/{device}"));
+    assert!(in_use.exists(), "{} while mounted", in_use.display());
+
+    node.kill9();
+    let killed = std::time::Instant::now();
+    eventually(Duration::from_secs(10), "the filesystem released after hamail was killed", || {
+        (!in_use.exists()).then_some(())
+    });
+    eprintln!("shared disk released {:?} after SIGKILL of its owner", killed.elapsed());
+}

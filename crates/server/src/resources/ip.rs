@@ -12,11 +12,13 @@
 //! few seconds, renewed by a task held with the resource (RTM_NEWADDR with
 //! NLM_F_REPLACE: fresh lifetimes on the same address), and removed at stop
 //! as before. What this protects against:
-//! - the process dies (SIGKILL, abort, OOM kill): nobody renews, the kernel
-//!   deletes the address when its valid lifetime runs out, so the node does
-//!   not keep answering ARP/ND for an address another node has taken over
-//!   — without a restart of hamail there;
-//! - the process hangs: it stops renewing too (and loses its group lease);
+//! - the process hangs (stopped, deadlocked, starved): it stops renewing
+//!   (and loses its group lease), the kernel deletes the address when its
+//!   valid lifetime runs out, so the node does not keep answering ARP/ND
+//!   for long for an address another node has taken over;
+//! - the process dies (SIGKILL, abort, OOM kill): the same, but first the
+//!   `reaper` process removes the address at once, before another node
+//!   takes it over;
 //! - not a hung kernel: that one no longer expires anything either; only a
 //!   hardware watchdog (resetting the machine) would cover it, and none is
 //!   driven here.

@@ -26,6 +26,7 @@ mod disk_lease;
 mod exec;
 mod ip;
 mod mail;
+pub mod reaper;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -58,6 +59,10 @@ enum Held {
 
 type Key = (String, String);
 
+fn held_address(resource: &str, address: &str, interface: &str) -> reaper::HeldAddress {
+    reaper::HeldAddress { resource: resource.into(), address: address.into(), interface: interface.into() }
+}
+
 /// The server's `ResourceDriver`: real resources on this node.
 pub struct Driver {
     /// Weak: the cluster engine holding this driver may itself be reachable
@@ -66,13 +71,20 @@ pub struct Driver {
     context: Weak<Context>,
     log: LogSink,
     held: Mutex<HashMap<Key, Held>>,
+    /// Removes the floating addresses held here when this process dies.
+    reaper: reaper::Reaper,
 }
 
 impl Driver {
     /// `context`: the node's own (the group's mail listeners serve with it);
     /// `log`: receives `Exec` scripts' stdout/stderr lines.
     pub fn new(context: &Arc<Context>, log: LogSink) -> Driver {
-        Driver { context: Arc::downgrade(context), log, held: Mutex::new(HashMap::new()) }
+        Driver {
+            context: Arc::downgrade(context),
+            log,
+            held: Mutex::new(HashMap::new()),
+            reaper: reaper::Reaper::default(),
+        }
     }
 
     /// The addresses the `MailService` resource `resource` of `group` is
@@ -235,7 +247,9 @@ impl ResourceDriver for Driver {
                 if ours && ip::floating_present(name, address, interface).await? {
                     return Ok(());
                 }
-                let floating = ip::floating_start(name, address, interface, self.address_lifetime(name)?).await?;
+                let lifetime = self.address_lifetime(name)?;
+                self.reaper.hold(&held_address(name, address, interface));
+                let floating = ip::floating_start(name, address, interface, lifetime).await?;
                 self.put(k, Held::Floating(floating));
                 Ok(())
             }
@@ -303,7 +317,9 @@ impl ResourceDriver for Driver {
                 }
                 // Also when not recorded: after a crash the address may
                 // still be on the interface, and it must go.
-                ip::floating_stop(name, address, interface).await
+                ip::floating_stop(name, address, interface).await?;
+                self.reaper.release(&held_address(name, address, interface));
+                Ok(())
             }
             ResourceSpec::LoopbackIp { .. } => Ok(()),
             ResourceSpec::Delivery { .. } => {
