@@ -321,11 +321,13 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 /// Benchmark, not part of the test run (root; prints figures): the
-/// client-observed outage after a power cut of the group's owner, from the
-/// cut to the first `250` through the floating address, over
-/// `HAMAIL_BENCH_RUNS` cuts (default 10). After each cut the node comes
-/// back (cable in, process restarted) and the cluster is healthy again
-/// before the next cut, of whichever node owns the group then.
+/// client-observed outage after a failure of the group's owner, from the
+/// failure to the first `250` through the floating address, over
+/// `HAMAIL_BENCH_RUNS` failures (default 10) of each kind: a power cut
+/// (cable out, process SIGKILLed) and a process kill (SIGKILL, cable in:
+/// then also how long the dead node kept the address). After each the node
+/// comes back (cable in, process restarted) and the cluster is healthy
+/// again before the next, of whichever node owns the group then.
 ///
 /// `cargo test --release --test netns outage_benchmark -- --ignored --nocapture`
 #[test]
@@ -336,55 +338,70 @@ fn outage_benchmark() {
     }
     let runs: usize = env_number("HAMAIL_BENCH_RUNS", 10);
     let mut c = cluster_with_group();
-    let (mut all, mut as_leader, mut as_follower, mut address) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for run in 0..runs {
-        let owner = c.bed.holders(&NS_NODES, VIP).first().cloned().expect("an owner");
-        let i = Cluster::index(&owner);
-        let was_leader = c.nodes[i].leader() == Some(i as u64 + 1);
-        let others: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
-        let cut = Instant::now();
-        c.power_cut(i);
-        let up = {
-            let (bed, others) = (&c.bed, others.clone());
-            std::thread::scope(|s| {
-                let observer =
-                    s.spawn(move || poll(RECOVERY, || (!bed.holders(&others, VIP).is_empty()).then(|| cut.elapsed())));
-                let served = first_250_after(&c, cut, &format!("bench-{run}"), RECOVERY);
-                (observer.join().unwrap(), served)
-            })
-        };
-        let (address_up, served) = up;
-        let Some((outage, host)) = served else { panic!("run {run}: no 250 within {RECOVERY:?}\n{}", c.logs()) };
+    for power_cut in [true, false] {
+        let what = if power_cut { "power cut" } else { "SIGKILL (link up)" };
+        let (mut all, mut as_leader, mut as_follower, mut address, mut kept) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let owner = c.bed.holders(&NS_NODES, VIP).first().cloned().expect("an owner");
+            let i = Cluster::index(&owner);
+            let was_leader = c.nodes[i].leader() == Some(i as u64 + 1);
+            let others: Vec<&str> = NS_NODES.iter().copied().filter(|h| *h != owner).collect();
+            let cut = Instant::now();
+            if power_cut {
+                c.power_cut(i);
+            } else {
+                c.nodes[i].kill9();
+            }
+            let (address_up, served, left) = {
+                let (bed, others, owner) = (&c.bed, others.clone(), owner.as_str());
+                std::thread::scope(|s| {
+                    let observer = s.spawn(move || {
+                        poll(RECOVERY, || (!bed.holders(&others, VIP).is_empty()).then(|| cut.elapsed()))
+                    });
+                    let dead = s.spawn(move || poll(RECOVERY, || (!bed.has_addr(owner, VIP)).then(|| cut.elapsed())));
+                    let served = first_250_after(&c, cut, &format!("bench-{power_cut}-{run}"), RECOVERY);
+                    (observer.join().unwrap(), served, dead.join().unwrap())
+                })
+            };
+            let Some((outage, host)) = served else { panic!("run {run}: no 250 within {RECOVERY:?}\n{}", c.logs()) };
+            eprintln!(
+                "run {run}: {what} of {owner} ({}): address up on a survivor after {address_up:?}, first 250 from {host} after {outage:?}{}",
+                if was_leader { "owner and Raft leader" } else { "owner, follower" },
+                if power_cut { String::new() } else { format!(", address left the dead node after {left:?}") }
+            );
+            all.push(outage);
+            address.extend(address_up);
+            if !power_cut {
+                kept.extend(left);
+            }
+            if was_leader {
+                as_leader.push(outage)
+            } else {
+                as_follower.push(outage)
+            }
+            // Back for the next round.
+            c.power_on(i);
+            let via = NS_NODES.iter().position(|h| *h != owner).unwrap();
+            if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
+                panic!("run {run}: {owner} did not rejoin\n{}", c.logs());
+            }
+        }
+        let (min, max) = (all.iter().min().copied().unwrap(), all.iter().max().copied().unwrap());
         eprintln!(
-            "run {run}: power cut of {owner} ({}): address up on a survivor after {address_up:?}, first 250 from {host} after {outage:?}",
-            if was_leader { "owner and Raft leader" } else { "owner, follower" }
+            "outage after a {what} of the owner, {runs} runs: median {:?} (min {min:?}, max {max:?}); \
+             address up on a survivor: median {:?}",
+            median(&mut all),
+            median(&mut address)
         );
-        all.push(outage);
-        if let Some(a) = address_up {
-            address.push(a);
+        if !kept.is_empty() {
+            let longest = kept.iter().max().copied().unwrap();
+            eprintln!("  the dead node kept the address: median {:?}, longest {longest:?}", median(&mut kept));
         }
-        if was_leader {
-            as_leader.push(outage)
-        } else {
-            as_follower.push(outage)
-        }
-        // Back for the next round.
-        c.power_on(i);
-        let via = NS_NODES.iter().position(|h| *h != owner).unwrap();
-        if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
-            panic!("run {run}: {owner} did not rejoin\n{}", c.logs());
-        }
-    }
-    let (min, max) = (all.iter().min().copied().unwrap(), all.iter().max().copied().unwrap());
-    eprintln!(
-        "outage after a power cut of the owner, {runs} runs: median {:?} (min {min:?}, max {max:?}); \
-         address up on a survivor: median {:?}",
-        median(&mut all),
-        median(&mut address)
-    );
-    for (what, v) in [("owner was the Raft leader", &mut as_leader), ("owner was a follower", &mut as_follower)] {
-        if !v.is_empty() {
-            eprintln!("  {what}: {} runs, median {:?}", v.len(), median(v));
+        for (who, v) in [("owner was the Raft leader", &mut as_leader), ("owner was a follower", &mut as_follower)] {
+            if !v.is_empty() {
+                eprintln!("  {who}: {} runs, median {:?}", v.len(), median(v));
+            }
         }
     }
 }
