@@ -47,7 +47,8 @@ fn group_file(root: &Path) -> PathBuf {
     std::fs::write(
         &file,
         format!(
-            "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\nfailback = \"manual\"\nmax_restarts = 1\n\n\
+            // failback and max_restarts left to their defaults: manual, 1.
+            "[[group]]\nname = \"mail\"\nnodes = [1, 2, 3]\n\n\
              [[group.resources]]\ntype = \"loopback_ip\"\nname = \"vip\"\naddress = \"{GROUP_IP}\"\n\n\
              [[group.resources]]\ntype = \"exec\"\nname = \"script\"\n\
              start = \"RECORD={r} sh {s} start\"\nstop = \"RECORD={r} sh {s} stop\"\ntimeout_secs = 10\n\n\

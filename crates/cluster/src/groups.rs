@@ -19,10 +19,13 @@ pub struct GroupSpec {
     pub name: String,
     /// Nodes allowed to run it, by priority: the first is its home.
     pub nodes: Vec<NodeId>,
+    #[serde(default)]
     pub failback: Failback,
     /// Started in this order, stopped in reverse.
     pub resources: Vec<ResourceSpec>,
-    /// Local restarts of a failed resource before the group fails over.
+    /// Local restarts of a failed resource before the group fails over
+    /// (default 1).
+    #[serde(default = "one_restart")]
     pub max_restarts: u32,
     /// The longest its stop may take, in milliseconds (every stop script
     /// must finish within it). Unset: the cluster's `group_stop_timeout_ms`,
@@ -32,6 +35,10 @@ pub struct GroupSpec {
     /// [`crate::failover::GroupTiming::stop_budget`].
     #[serde(default)]
     pub stop_timeout_ms: Option<u64>,
+}
+
+fn one_restart() -> u32 {
+    1
 }
 
 /// What happens when the home node comes back after a failover.
