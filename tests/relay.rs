@@ -871,6 +871,49 @@ fn concurrency_limit_per_destination_and_destination_backoff() {
     );
 }
 
+/// `queue flush` after a failure: the destination's backoff (an hour here)
+/// is cleared and the messages are tried at once; meanwhile the queue says
+/// when each will be tried, never "due now" for one that waits for its
+/// destination.
+#[test]
+fn a_flush_tries_a_backed_off_destination_at_once() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().refuse_left = 1;
+    let config = relay_config(sink.addr)
+        .replace("retry_initial_secs = 1", "retry_initial_secs = 3600")
+        .replace("retry_max_secs = 1", "retry_max_secs = 3600");
+    let server = common::start(&config);
+    setup(&server);
+    submit(&server, &["first@remote.test"], "refused");
+    wait_for("the backoff", Duration::from_secs(30), || server.log().contains("destination backed off"));
+
+    // Queued after the failure: it waits for the destination, and the
+    // queue says until when and why.
+    submit(&server, &["second@remote.test"], "after the failure");
+    wait_for("the second message waiting for its destination", Duration::from_secs(30), || {
+        let q = queue_json(&server);
+        q.as_array().into_iter().flatten().flat_map(|m| m["recipients"].as_array().cloned().unwrap_or_default()).any(
+            |r| {
+                r["address"] == "second@remote.test"
+                    && r["next_attempt"].as_u64().is_some_and(|t| t > unix_now() + 3000)
+                    && r["last_error"].as_str().is_some_and(|e| e.contains("backing off"))
+                    && r["attempts"] == 0
+            },
+        )
+    });
+    let (ok, listed) = server.cli(&["queue", "list"], "");
+    assert!(ok, "{listed}");
+    assert!(!listed.contains("due now"), "nothing here is tried now:\n{listed}");
+    assert_eq!(sink.state.lock().unwrap().sessions, 1);
+
+    let (ok, out) = server.cli(&["queue", "flush"], "");
+    assert!(ok, "{out}");
+    wait_for("both delivered after the flush", Duration::from_secs(30), || {
+        queue_json(&server).as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(sink.state.lock().unwrap().delivered.len(), 2);
+}
+
 /// A real client (swaks, STARTTLS and AUTH on submission) to a remote
 /// domain: the next hop receives the message with swaks's headers and body
 /// intact, a leading dot included.

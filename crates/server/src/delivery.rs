@@ -75,12 +75,29 @@ struct Shared {
     in_flight: Mutex<Flight>,
     /// Sessions open per destination.
     sessions: Mutex<HashMap<DestinationKey, usize>>,
-    /// Destinations backed off as a whole, until (Unix seconds).
-    backoff: Mutex<HashMap<DestinationKey, (u64, u32)>>,
+    /// Destinations backed off as a whole: until (Unix seconds), the
+    /// failures in a row, the last error.
+    backoff: Mutex<HashMap<DestinationKey, Backoff>>,
     total: Arc<tokio::sync::Semaphore>,
     wake: tokio::sync::Notify,
     /// The sessions' tasks, aborted with the worker.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// A destination backed off after a temporary failure of a session to it.
+struct Backoff {
+    until: u64,
+    failures: u32,
+    error: String,
+}
+
+/// Whether the operator flushed this pending recipient since it was last
+/// deferred (`queue flush` sets its next attempt to 0; a deferral or a wait
+/// for its destination always sets a later one, and leaves an error): it
+/// is tried now, its destination's backoff notwithstanding (as Postfix's
+/// `postqueue -f` clears its dead-destination cache).
+fn flushed(r: &hamail_store::RecipientState) -> bool {
+    r.next_attempt == 0 && (r.attempts > 0 || r.last_error.is_some())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -326,6 +343,7 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             }
         }
         let mut by_dest: HashMap<DestinationKey, Vec<u32>> = HashMap::new();
+        let mut waiting = Vec::new();
         for i in pending(&item) {
             let r = &item.state.recipients[i as usize];
             if r.next_attempt > now {
@@ -341,10 +359,29 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
                 Some(mode) if !env.router.via_smarthost(&domain) => DestinationKey(format!("{key} (tls {mode:?})")),
                 _ => key,
             };
-            if lock(&env.shared.backoff).get(&key).is_some_and(|(until, _)| *until > now) {
-                continue;
+            {
+                let mut backoff = lock(&env.shared.backoff);
+                if let Some(b) = backoff.get(&key).filter(|b| b.until > now) {
+                    if !flushed(r) {
+                        // Recorded once per wait, so that the queue shows
+                        // when it will be tried rather than "due now".
+                        if r.next_attempt < b.until {
+                            let reason = format!("not tried: {key} is backing off after: {}", b.error);
+                            waiting.push((i, RcptOutcome::Waiting { until: b.until, reason }));
+                        }
+                        continue;
+                    }
+                    tracing::info!(destination = %key, queue_id = %qid, "flushed: the destination's backoff cleared");
+                    backoff.remove(&key);
+                }
             }
             by_dest.entry(key).or_default().push(i);
+        }
+        if !waiting.is_empty() {
+            let op = QueueOp::Results { at: now, results: std::mem::take(&mut waiting) };
+            if let Err(e) = store.queue_change(qid, op).await {
+                tracing::warn!(queue_id = %qid, error = %e, "recording a wait for the destination failed");
+            }
         }
         for (key, rcpts) in by_dest {
             due.entry(key).or_default().push(Job { item: item.clone(), rcpts });
@@ -450,8 +487,9 @@ async fn deliver(env: &Arc<Env>, key: &DestinationKey, jobs: Vec<Job>) {
     }
     if outcome.is_err() && error.is_temporary() {
         let mut backoff = lock(&env.shared.backoff);
-        let failures = backoff.get(key).map(|(_, n)| n + 1).unwrap_or(1);
-        backoff.insert(key.clone(), (now + env.schedule.backoff(failures), failures));
+        let failures = backoff.get(key).map(|b| b.failures + 1).unwrap_or(1);
+        let until = now + env.schedule.backoff(failures);
+        backoff.insert(key.clone(), Backoff { until, failures, error: error.to_string() });
         tracing::info!(destination = %key, error = %error, "destination backed off");
     }
 }

@@ -410,6 +410,13 @@ pub enum RcptOutcome {
     },
     /// The failure of this (failed) recipient has been reported.
     Reported,
+    /// Not tried: its destination is backing off until `until` (Unix
+    /// seconds) after `reason`, a failure with another message. Not an
+    /// attempt; the queue shows when it will be tried.
+    Waiting {
+        until: u64,
+        reason: String,
+    },
 }
 
 /// A change to one queue entry, applied in log order on every node. Each

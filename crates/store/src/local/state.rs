@@ -363,6 +363,12 @@ pub(crate) fn apply_queue_op(state: &mut QueueState, op: &QueueOp) {
                             r.status = RecipientStatus::Failed { reported: *reported };
                         }
                     }
+                    RcptOutcome::Waiting { until, reason } => {
+                        if r.status == RecipientStatus::Pending {
+                            r.next_attempt = r.next_attempt.max(*until);
+                            r.last_error = Some(reason.clone());
+                        }
+                    }
                     RcptOutcome::Reported => {
                         if matches!(r.status, RecipientStatus::Failed { .. }) {
                             r.status = RecipientStatus::Failed { reported: true };
