@@ -239,7 +239,7 @@ fn main() {
     unsafe {
         libc::umask(0o077);
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(arguments());
     if !matches!(cli.command, Command::Serve) {
         // A command's output piped into `head` and the like ends quietly
         // when the reader has gone, as with other Unix tools: the default
@@ -265,6 +265,7 @@ fn main() {
     }
     if matches!(cli.command, Command::Serve) {
         own_mount_namespace();
+        scripts_environment(cli.config.as_deref());
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -276,6 +277,33 @@ fn main() {
     if let Err(e) = runtime.block_on(run(cli)) {
         eprintln!("hamail: {}", describe(&e));
         std::process::exit(1);
+    }
+}
+
+/// The command line; called as `armlog` (the link `serve` gives the group
+/// scripts, as the original ARMS/CLUSTERPRO scripts call it): `armlog TEXT`
+/// is `hamail log write TEXT`, with the server's configuration from
+/// `HAMAIL_CONFIG`.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = args.first().and_then(|a| Path::new(a).file_name()).map(|n| n.to_os_string());
+    if called.as_deref() == Some(std::ffi::OsStr::new(hamail_server::resources::ARMLOG)) {
+        args.splice(0..1, ["hamail", "log", "write", "--"].map(std::ffi::OsString::from));
+    }
+    args
+}
+
+/// What `serve` passes on to the group scripts it runs: `HAMAIL_CONFIG`
+/// (its configuration, absolute, so that `hamail` and `armlog` in a script
+/// reach this server) and `HAMAIL` (this binary). Set before any other
+/// thread exists.
+fn scripts_environment(config: Option<&Path>) {
+    if let Some(config) = config {
+        let absolute = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+        std::env::set_var("HAMAIL_CONFIG", absolute);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        std::env::set_var("HAMAIL", exe);
     }
 }
 
@@ -418,6 +446,11 @@ async fn serve(config: Config) -> Result<()> {
     let store_dir = config.store_dir();
     let store = LocalStore::open(&store_dir, config.store_options()?)
         .with_context(|| format!("opening the store in {}", store_dir.display()))?;
+    if let Ok(exe) = std::env::current_exe() {
+        if let Err(e) = hamail_server::resources::link_script_tools(&config.server.data_dir, &exe) {
+            tracing::warn!(error = %e, "no `armlog` for the group scripts");
+        }
+    }
     let running = hamail_server::start(config.clone(), store.clone()).await?;
     let show = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
     // Machine-readable lines first (tests and scripts read them), then help.
@@ -479,6 +512,13 @@ async fn admin(config: &Config, request: Request) -> Result<Response> {
             Ok(serde_json::from_str(&reply).context("malformed answer from the server")?)
         }
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            if request.needs_server() {
+                bail!(
+                    "no hamail server answers on {} and this command needs one (start `hamail serve`, or name the \
+                     server's configuration with --config or HAMAIL_CONFIG)",
+                    socket.display()
+                );
+            }
             hamail_server::secure_data_dir(&config.server.data_dir)?;
             let dir = config.store_dir();
             let store = LocalStore::open(&dir, config.store_options()?).with_context(|| {

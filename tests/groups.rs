@@ -39,7 +39,7 @@ fn group_file(root: &Path) -> PathBuf {
         &script,
         "#!/bin/sh\necho \"$1 $(hostname) CLP_EVENT=$CLP_EVENT CLP_SERVER=$CLP_SERVER CLP_DISK=$CLP_DISK \
          CLP_GROUPNAME=$CLP_GROUPNAME CLP_RESOURCENAME=$CLP_RESOURCENAME ARMS_EVENT=$ARMS_EVENT \
-         ARMS_SERVER=$ARMS_SERVER\" >> \"$RECORD\"\necho script-said-$1\n",
+         ARMS_SERVER=$ARMS_SERVER\" >> \"$RECORD\"\necho script-said-$1\narmlog armlog-said-$1 \"$HAMAIL_CONFIG\"\n",
     )
     .unwrap();
     let record = root.join("record.txt");
@@ -102,7 +102,11 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
         greeting_from(smtp).filter(|h| h == "node1")
     });
     assert_eq!(host, "node1");
-    assert_eq!(owner(&nodes[2]).unwrap(), (1, "Online".to_string()));
+    // Online is committed once the last resource started (its listeners
+    // greet a moment before).
+    eventually(Duration::from_secs(30), "the group online on node 1 as node 3 sees it", || {
+        (owner(&nodes[2])? == (1, "Online".to_string())).then_some(())
+    });
 
     // Switchover by command.
     let (ok, out) = nodes[2].cli(&["group", "move", "mail", "3"], "");
@@ -132,6 +136,10 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
     let (ok, out) = nodes[1].cli(&["log", "-n", "200"], "");
     assert!(ok, "{out}");
     assert!(out.contains("script-said-start"), "{out}");
+    // `armlog`, as the original scripts call it, reaches the cluster log,
+    // and the script knows the server's configuration.
+    let config = nodes[0].config().display().to_string();
+    assert!(out.contains(&format!("armlog-said-start {config}")), "{out}");
     let (ok, _) = nodes[1].cli(&["log", "write", "operator", "note"], "");
     assert!(ok);
     let (_, out) = nodes[0].cli(&["log", "-n", "5"], "");

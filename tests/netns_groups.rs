@@ -15,8 +15,8 @@
 //!   SIGKILLed with its link up; the kernel drops the floating address there
 //!   when its lifetime runs out (no restart), while another node takes it.
 //! - `seed_scripts_run_with_the_seed_variables`: the seed HOWTO's start.sh
-//!   and stop.sh (sendmail/inetd replaced by a marker file, `armlog` by
-//!   `hamail log write`) run as an `exec` resource with the seed's
+//!   and stop.sh (sendmail/inetd replaced by a marker file) run as an
+//!   `exec` resource, calling hamail's own `armlog`, with the seed's
 //!   variables, and their `armlog` lines reach the cluster log.
 //! - `shared_disk_follows_the_group`: shared-disk mode, an ext4 disk on a
 //!   loop device: the group's mail lives on the disk, which follows the
@@ -549,12 +549,7 @@ fn seed_scripts_run_with_the_seed_variables() {
     // Which node a script runs on: the host part of its namespace's name
     // (a script runs in its node's namespace).
     write_exec(&bin.join("thisnode"), "#!/bin/sh\nip netns identify $$ | sed 's/.*-//'\n");
-    // The seed's `armlog`: a line in the cluster log, written through the
-    // node the script runs on.
-    write_exec(
-        &bin.join("armlog"),
-        &format!("#!/bin/sh\nexec {BIN} --config {}/$(thisnode)/hamail.toml log write \"$*\"\n", root.display()),
-    );
+    // The seed's `armlog` is hamail's own (first in the scripts' PATH).
     // Stands in for starting and stopping sendmail/inetd: a line in the
     // marker file (and on stdout, as the init scripts printed).
     write_exec(

@@ -126,6 +126,12 @@ impl Request {
     fn is_cluster(&self) -> bool {
         matches!(self, cluster_request!())
     }
+
+    /// Whether only a running server can answer (cluster requests, bans):
+    /// without one, the CLI says so rather than opening a store.
+    pub fn needs_server(&self) -> bool {
+        self.is_cluster() || matches!(self, Request::BanList | Request::BanDel { .. })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -12,6 +12,11 @@
 //! | `CLP_GROUPNAME`/`ARMS_GROUPNAME` | the group                          |
 //! | `CLP_RESOURCENAME`/`ARMS_RESOURCENAME` | the resource                 |
 //!
+//! Besides: `HAMAIL_CONFIG` (the server's configuration, so that `hamail`
+//! commands in the script reach it), `HAMAIL` (the binary) and a `PATH`
+//! that starts with a directory holding `armlog` (the original scripts'
+//! log command: `armlog TEXT` appends TEXT to the cluster log).
+//!
 //! The script runs in its own process group; when it outlives its timeout
 //! the whole group is killed (SIGKILL) and the resource fails. A non-zero
 //! exit (or death by a signal) fails it too. Each line of its stdout and
@@ -91,6 +96,7 @@ fn forward<R: AsyncRead + Unpin + Send + 'static>(
 /// Runs `command` to completion; Ok on exit status 0.
 pub(crate) async fn run(
     log: &LogSink,
+    path: &std::ffi::OsStr,
     group: &str,
     resource: &str,
     command: &str,
@@ -104,6 +110,7 @@ pub(crate) async fn run(
     cmd.arg("-c")
         .arg(command)
         .envs(environment(group, resource, context))
+        .env("PATH", path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -39,6 +39,28 @@ use crate::Context;
 
 pub use mail::MailAddresses;
 
+/// The name under which the `hamail` binary is `hamail log write` (the
+/// original scripts' log command).
+pub const ARMLOG: &str = "armlog";
+
+/// The directory, first in the group scripts' `PATH`, that holds the
+/// `armlog` link to the binary.
+pub fn script_bin_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("bin")
+}
+
+/// Makes `armlog` in [`script_bin_dir`] a link to `exe` (replacing an old
+/// one: the binary may have moved).
+pub fn link_script_tools(data_dir: &std::path::Path, exe: &std::path::Path) -> std::io::Result<()> {
+    let dir = script_bin_dir(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    let link = dir.join(ARMLOG);
+    let fresh = dir.join(format!(".{ARMLOG}.new"));
+    let _ = std::fs::remove_file(&fresh);
+    std::os::unix::fs::symlink(exe, &fresh)?;
+    std::fs::rename(&fresh, &link)
+}
+
 /// Where the output lines of `Exec` scripts go: `(resource name, line)`.
 pub type LogSink = Arc<dyn Fn(String, String) + Send + Sync>;
 
@@ -103,6 +125,15 @@ impl Driver {
             run_error(resource, "the server is shutting down: no group lease to renew the address in")
         })?;
         Ok(ip::Lifetime::for_lease(Duration::from_millis(context.config.cluster.group_lease_ms)))
+    }
+
+    /// The group scripts' `PATH`: [`script_bin_dir`] (`armlog`), then ours.
+    fn script_path(&self) -> std::ffi::OsString {
+        let inherited = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let Some(context) = self.context.upgrade() else { return inherited };
+        let mut dirs = vec![script_bin_dir(&context.config.server.data_dir)];
+        dirs.extend(std::env::split_paths(&inherited));
+        std::env::join_paths(dirs).unwrap_or(inherited)
     }
 
     /// This node's name as a disk lease holder: the `[server] hostname`.
@@ -286,7 +317,7 @@ impl ResourceDriver for Driver {
                 // Recorded before running: a failed start is still stopped
                 // with the event that tried to start it.
                 self.put(k, Held::Exec(context.clone()));
-                exec::run(&self.log, &group.name, name, start, context, *timeout_secs).await
+                exec::run(&self.log, &self.script_path(), &group.name, name, start, context, *timeout_secs).await
             }
             ResourceSpec::Disk { name, device, mount_point, fs_type } => {
                 if let Some(Held::Disk(lease)) = self.lock().get(&k) {
@@ -343,7 +374,8 @@ impl ResourceDriver for Driver {
                     // restart): a plain START at home is the best guess.
                     _ => StartContext { event: hamail_cluster::groups::StartEvent::Start, home: true, disk_ok: true },
                 };
-                let result = exec::run(&self.log, &group.name, name, stop, &context, *timeout_secs).await;
+                let result =
+                    exec::run(&self.log, &self.script_path(), &group.name, name, stop, &context, *timeout_secs).await;
                 if result.is_err() {
                     // Still held: a later stop retries with the same event.
                     self.put(k, Held::Exec(context));
