@@ -107,6 +107,9 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
     eventually(Duration::from_secs(30), "the group online on node 1 as node 3 sees it", || {
         (owner(&nodes[2])? == (1, "Online".to_string())).then_some(())
     });
+    // POP3 through the group address also says which node answers.
+    let mut pop = Line::connect(format!("{GROUP_IP}:{pop3}").parse().unwrap());
+    assert_eq!(pop.line(), "+OK node1 hamail POP3 ready");
 
     // Switchover by command.
     let (ok, out) = nodes[2].cli(&["group", "move", "mail", "3"], "");

@@ -403,6 +403,11 @@ fn retry_schedule_and_queue_commands() {
     let raw = String::from_utf8_lossy(&drop[0]);
     assert!(raw.contains("Final-Recipient: rfc822; tmp2@remote.test"), "{raw}");
     assert!(raw.contains("administrator"), "{raw}");
+    // Counted as a failure, as the next hop's refusals are.
+    let (ok, out) = server.cli(&["status", "--json"], "");
+    assert!(ok, "{out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["relay_failed"], 1, "{st}");
 
     // Delete: gone without a bounce.
     submit(&server, &["tmp3@remote.test"], "deleted");
@@ -912,6 +917,41 @@ fn a_flush_tries_a_backed_off_destination_at_once() {
         queue_json(&server).as_array().is_some_and(|a| a.is_empty())
     });
     assert_eq!(sink.state.lock().unwrap().delivered.len(), 2);
+}
+
+/// Double bounces go to `[relay] double_bounce_to` when it is set, not to
+/// the domain's postmaster; a recipient delivered at its first attempt
+/// shows that attempt.
+#[test]
+fn double_bounces_go_where_configured_and_deliveries_count_their_attempt() {
+    let sink = Sink::start();
+    sink.state.lock().unwrap().temp_left.insert("tmp4@remote.test".into(), 1_000);
+    let server = common::start(&format!("{}double_bounce_to = \"ops@example.org\"\n", relay_config(sink.addr)));
+    setup(&server);
+    server.add_user("ops@example.org", "pw");
+    let (ok, out) = server.cli(&["alias", "add", "postmaster@example.org", "alice@example.org"], "");
+    assert!(ok, "{out}");
+
+    submit(&server, &["ok4@remote.test", "tmp4@remote.test"], "half delivered");
+    wait_for("ok4 delivered, tmp4 pending", Duration::from_secs(30), || {
+        queue_json(&server)[0]["recipients"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["address"] == "ok4@remote.test" && r["status"] == "delivered"))
+    });
+    let q = queue_json(&server);
+    let ok4 = q[0]["recipients"].as_array().unwrap().iter().find(|r| r["address"] == "ok4@remote.test").unwrap();
+    assert_eq!(ok4["attempts"], 1, "{ok4}");
+    let id = q[0]["queue_id"].as_str().unwrap().to_string();
+    let (ok, out) = server.cli(&["queue", "delete", &id], "");
+    assert!(ok, "{out}");
+
+    submit_from(&server, "bad-sender@remote.test", &["bad-rcpt@remote.test"], "doomed");
+    wait_for("the double bounce", Duration::from_secs(60), || {
+        !common::mail::maildrop(server.pop3, "ops@example.org").is_empty()
+    });
+    let drop = common::mail::maildrop(server.pop3, "ops@example.org");
+    assert!(String::from_utf8_lossy(&drop[0]).contains("X-Hamail-Double-Bounce: yes"));
+    assert!(common::mail::maildrop(server.pop3, "alice@example.org").is_empty(), "not to the domain's postmaster");
 }
 
 /// A real client (swaks, STARTTLS and AUTH on submission) to a remote

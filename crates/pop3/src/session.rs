@@ -9,7 +9,8 @@ use hamail_store::{Address, BodyHash, EntryId, MailboxEntry, StoreError};
 /// What the session needs to know about this server.
 #[derive(Debug, Clone)]
 pub struct Pop3Config {
-    /// This node's host name (for logs; the greeting does not need it).
+    /// This node's host name (in the greeting: which node of a cluster
+    /// answered, as the SMTP greeting says).
     pub hostname: String,
     /// Advertise and accept STLS (RFC 2595) while the connection is not TLS.
     pub tls_available: bool,
@@ -247,7 +248,7 @@ impl Session {
     /// to compute MD5(timestamp + secret), and we only keep argon2 hashes, so
     /// APOP is not offered.
     pub fn greeting(&self) -> Vec<u8> {
-        b"+OK hamail POP3 ready\r\n".to_vec()
+        format!("+OK {} hamail POP3 ready\r\n", self.config.hostname).into_bytes()
     }
 
     /// The authenticated user, once the maildrop has been opened.
@@ -1144,7 +1145,7 @@ mod tests {
     #[test]
     fn greeting_and_timeout() {
         let mut s = session(true, false, false);
-        assert_eq!(s.greeting(), b"+OK hamail POP3 ready\r\n");
+        assert_eq!(s.greeting(), b"+OK localhost hamail POP3 ready\r\n");
         assert_eq!(s.timeout(), b"-ERR autologout; idle for too long\r\n");
         assert_eq!(s.handle(b"CAPA\r\n").next, Next::Close);
     }

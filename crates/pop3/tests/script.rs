@@ -132,7 +132,7 @@ const SCRIPT: &[u8] =
     b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 1 0\r\nDELE 1\r\nQUIT\r\n";
 
 const EXPECTED: &str = concat!(
-    "+OK hamail POP3 ready\r\n",
+    "+OK localhost hamail POP3 ready\r\n",
     "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n",
     "USER\r\nSASL PLAIN\r\nSTLS\r\nIMPLEMENTATION hamail\r\n.\r\n",
     "+OK send PASS\r\n",
@@ -189,7 +189,7 @@ fn failed_login_then_sasl_plain_with_continuation() {
     assert_eq!(
         written,
         concat!(
-            "+OK hamail POP3 ready\r\n",
+            "+OK localhost hamail POP3 ready\r\n",
             "+OK send PASS\r\n",
             "-ERR [AUTH] Invalid credentials\r\n",
             "+ \r\n",
@@ -214,7 +214,7 @@ fn stls_then_login_over_tls() {
         [b"STLS\r\nUSER mallory\r\n".to_vec(), b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nQUIT\r\n".to_vec()],
     );
     let written = String::from_utf8(written).unwrap();
-    assert!(written.starts_with("+OK hamail POP3 ready\r\n+OK Begin TLS negotiation\r\n+OK Capability"));
+    assert!(written.starts_with("+OK localhost hamail POP3 ready\r\n+OK Begin TLS negotiation\r\n+OK Capability"));
     assert!(!written.contains("STLS\r\nIMPLEMENTATION"), "STLS is not offered over TLS");
     assert!(written.ends_with(
         "+OK send PASS\r\n+OK maildrop has 2 messages (118 octets)\r\n+OK hamail signing off (2 messages left)\r\n"

@@ -317,8 +317,20 @@ async fn run(
                 }
                 t
             };
+            let items = store.queue_items().await?;
             for qid in &targets {
                 store.queue_change(*qid, op.clone()).await?;
+                // A bounce by the operator fails its pending recipients:
+                // counted with the other failures.
+                if let (QueueOp::Bounce { .. }, Some(ctx)) = (&op, ctx) {
+                    let pending = items
+                        .iter()
+                        .filter(|i| i.entry.queue_id == *qid)
+                        .flat_map(|i| &i.state.recipients)
+                        .filter(|r| r.status == hamail_store::RecipientStatus::Pending)
+                        .count() as u64;
+                    ctx.stats.relay_failed.fetch_add(pending, Ordering::Relaxed);
+                }
             }
             if let Some(ctx) = ctx {
                 ctx.delivery.wake();

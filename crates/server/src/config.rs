@@ -112,6 +112,10 @@ pub struct RelaySection {
     pub lifetime_secs: u64,
     /// Undelivered this long: one delay warning to the sender (0: never).
     pub delay_warning_secs: u64,
+    /// Who gets a bounce that could not be returned (a double bounce).
+    /// Unset: `[server] postmaster`, else `postmaster@` the first local
+    /// domain.
+    pub double_bounce_to: Option<String>,
     /// Outbound sessions at once, in all.
     pub max_connections: usize,
     /// Outbound sessions at once to one destination.
@@ -143,6 +147,7 @@ impl Default for RelaySection {
             retry_max_secs: 4 * 3600,
             lifetime_secs: 5 * 86400,
             delay_warning_secs: 4 * 3600,
+            double_bounce_to: None,
             max_connections: 20,
             max_per_destination: 4,
             messages_per_session: 100,
@@ -610,6 +615,11 @@ impl Config {
                 k.commit_timeout_ms,
                 10 * k.heartbeat_ms
             )));
+        }
+        if let Some(to) = &r.double_bounce_to {
+            if hamail_store::Address::parse(to).is_err() {
+                return Err(bad(format!("[relay] double_bounce_to = \"{to}\" is not a mail address")));
+            }
         }
         if r.smarthost_user.is_some() != r.smarthost_password.is_some() {
             return Err(bad("[relay] needs both `smarthost_user` and `smarthost_password`, or neither".into()));

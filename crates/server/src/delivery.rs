@@ -759,7 +759,7 @@ async fn report_failures(env: &Env, store: &dyn MailStore, item: &QueueItem, now
         // A bounce that bounced: the postmaster hears of it (a double
         // bounce); a double bounce that fails is only logged.
         None if !hamail_smtp::has_field(hamail_relay::dsn::header_block(&body), DOUBLE_BOUNCE_HEADER) => {
-            Some(format!("postmaster@{}", env.postmaster_domain().await))
+            Some(env.double_bounce_to().await)
         }
         None => None,
     };
@@ -848,13 +848,20 @@ fn dsn_recipient(item: &QueueItem, i: u32, default_status: &str) -> DsnRecipient
 }
 
 impl Env {
-    /// The domain of the postmaster who gets double bounces: the first
-    /// local domain, else our host name.
-    async fn postmaster_domain(&self) -> String {
-        let Some(ctx) = self.ctx.upgrade() else { return self.hostname.clone() };
+    /// Who gets double bounces: `[relay] double_bounce_to`, else the
+    /// server's postmaster (`[server] postmaster`), else `postmaster@` the
+    /// first local domain (or our host name).
+    async fn double_bounce_to(&self) -> String {
+        if let Some(to) = &self.cfg.double_bounce_to {
+            return to.clone();
+        }
+        let Some(ctx) = self.ctx.upgrade() else { return format!("postmaster@{}", self.hostname) };
+        if let Some(postmaster) = &ctx.config.server.postmaster {
+            return postmaster.clone();
+        }
         match ctx.directory().domains().await {
-            Ok(d) if !d.is_empty() => d[0].to_string(),
-            _ => self.hostname.clone(),
+            Ok(d) if !d.is_empty() => format!("postmaster@{}", d[0]),
+            _ => format!("postmaster@{}", self.hostname),
         }
     }
 }

@@ -337,7 +337,8 @@ pub enum RecipientStatus {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RecipientState {
     pub status: RecipientStatus,
-    /// Attempts that ended without delivery.
+    /// Attempts made: those that ended without delivery, and the one that
+    /// delivered.
     pub attempts: u32,
     /// Unix seconds: not before this (0: now).
     pub next_attempt: u64,

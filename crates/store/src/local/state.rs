@@ -343,6 +343,7 @@ pub(crate) fn apply_queue_op(state: &mut QueueState, op: &QueueOp) {
                 match outcome {
                     RcptOutcome::Delivered => {
                         r.status = RecipientStatus::Delivered;
+                        r.attempts = r.attempts.saturating_add(1);
                         r.last_attempt = *at;
                     }
                     RcptOutcome::Deferred { next_attempt, error } => {
