@@ -484,11 +484,28 @@ async fn serve(config: Config) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    // In a cluster, this node's groups go to the other nodes first (their
+    // stop runs here: scripts, unmount, addresses removed), so that the
+    // others take them at once rather than after a power cut's delay.
+    // A second signal stops at once.
+    tokio::select! {
+        handed = hamail_server::cluster::hand_over(&running.context, HAND_OVER_WITHIN) => {
+            if !handed.is_empty() {
+                tracing::info!(groups = ?handed, "groups handed over");
+            }
+        }
+        _ = tokio::signal::ctrl_c() => tracing::warn!("second signal: not waiting for the groups' hand-over"),
+        _ = term.recv() => tracing::warn!("second signal: not waiting for the groups' hand-over"),
+    }
     tracing::info!("shutting down: no new connections");
     running.stop();
     let _ = std::fs::remove_file(&running.admin_socket);
     Ok(())
 }
+
+/// The longest a service stop waits for this node's groups to be stopped
+/// and handed over (a service manager's stop timeout is usually 90 s).
+const HAND_OVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Sends a request to the running server, or runs it in-process when no
 /// server is running.

@@ -401,6 +401,36 @@ fn killed_owner_leaves_no_address_behind() {
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
 }
 
+/// A service stop (SIGTERM) of the owner hands its group over: the address
+/// leaves it before another node adds it, in about the time of a `group
+/// move`, not after a power cut's delay; the process then exits.
+#[test]
+fn sigterm_hands_the_groups_over() {
+    if !root_or_skip("sigterm_hands_the_groups_over") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.apply(1, &mail_group("mail", "[1, 2, 3]", VIP1, ""));
+    if poll(RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node1")).is_none() {
+        panic!("the group is not online at home (node 1):\n{}\n{}", c.group_status(1), c.logs());
+    }
+    let pid = c.nodes[0].server.as_ref().and_then(|s| s.child.as_ref()).map(|ch| ch.id()).expect("node 1's pid");
+    let term = Instant::now();
+    // SAFETY: kill(2) on the pid of our own child.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    let (gone, taken) = watch_handover(&c, "n1", &["n2", "n3"], term, RECOVERY);
+    eprintln!("sigterm_hands_the_groups_over: {VIP1} left node 1 after {gone:?}, on another node from {taken:?}");
+    assert!(gone <= taken, "{VIP1} on two nodes at once, from {taken:?} to {gone:?} after the SIGTERM");
+    assert!(c.greeting_from_client(VIP1).is_some_and(|h| h != "node1"));
+    let exited = poll(RECOVERY, || {
+        let child = c.nodes[0].server.as_mut().and_then(|s| s.child.as_mut())?;
+        child.try_wait().ok().flatten()
+    });
+    assert!(exited.is_some(), "node 1's process did not exit after the hand-over:\n{}", c.logs());
+    let log = c.nodes[0].server.as_ref().map(|s| s.log()).unwrap_or_default();
+    assert!(log.contains("groups handed over"), "{log}");
+}
+
 /// Samples every 20 ms, from `since`, until the address has left `from`
 /// and reached one of `to`: (when it left, when it arrived). Fails if it
 /// stays on `from` longer than `bound` or never reaches `to`.

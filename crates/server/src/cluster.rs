@@ -624,6 +624,62 @@ pub(crate) async fn drain(
     node.drain_node(target).await.map_err(cluster_err)
 }
 
+/// A service stop (SIGTERM, Ctrl-C) in a cluster: every group this node
+/// runs goes to the next node of its list that is a live member, and this
+/// waits (at most `within`) until they have all been stopped here — the
+/// other node starts each one after its stop, as on a `group move`, not
+/// after the delay of a power cut. A group with no live node to go to stays
+/// where the cluster has it (it is not marked stopped: it starts again with
+/// this node, or on another node if this one stays away). Returns the
+/// groups handed over and to whom.
+pub async fn hand_over(ctx: &Arc<Context>, within: std::time::Duration) -> Vec<(String, NodeId)> {
+    let Some(node) = ctx.cluster.node() else { return Vec::new() };
+    let me = node.id();
+    if node.linearizable().await.is_err() {
+        tracing::warn!("service stop: no quorum to hand the groups over; they fail over when this node is missed");
+        return Vec::new();
+    }
+    let live = |id: NodeId| id != me && node.is_member(id) && !node.peer_silent(id);
+    let mut moved = Vec::new();
+    for g in node.groups_status() {
+        let p = &g.placement;
+        if p.owner != Some(me) || p.target == hamail_cluster::groups::GroupTarget::Stopped {
+            continue;
+        }
+        let nodes = &g.spec.nodes;
+        let from = nodes.iter().position(|n| *n == me).map_or(0, |i| i + 1);
+        let Some(dest) = (0..nodes.len()).map(|k| nodes[(from + k) % nodes.len()]).find(|n| live(*n)) else {
+            tracing::warn!(group = %g.spec.name, "service stop: no live node to take the group over");
+            continue;
+        };
+        match node.set_group_target(&g.spec.name, hamail_cluster::groups::GroupTarget::Node(dest)).await {
+            Ok(()) => {
+                tracing::info!(group = %g.spec.name, to = %dest, "service stop: handing the group over");
+                moved.push((g.spec.name.clone(), dest));
+            }
+            Err(e) => tracing::warn!(group = %g.spec.name, error = %e, "service stop: the group not handed over"),
+        }
+    }
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let still: Vec<String> = node
+            .groups_status()
+            .into_iter()
+            .filter(|g| moved.iter().any(|(name, _)| *name == g.spec.name) && g.placement.owner == Some(me))
+            .map(|g| g.spec.name)
+            .collect();
+        if still.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(groups = ?still, "service stop: still stopping here after {within:?}; stopping anyway");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    moved
+}
+
 pub(crate) async fn log_show(
     ctx: &Arc<Context>,
     limit: usize,
