@@ -432,7 +432,7 @@ struct Manager {
     older_terms: Arc<Mutex<Option<(u64, Instant)>>>,
     /// For the term we lead: the members the cluster event log says are
     /// lost, once read (filled by a task, see [`lost_in_event_log`]).
-    logged_lost: Arc<Mutex<Option<(u64, BTreeSet<NodeId>)>>>,
+    logged_lost: LostInTerm,
     /// The members lost now (NodeLost reported, NodeBack not yet), from
     /// the event log on; `None` until it was read.
     lost: Option<BTreeSet<NodeId>>,
@@ -563,6 +563,10 @@ impl Manager {
     }
 }
 
+/// The members a term's leader read as lost from the event log, with the
+/// term.
+type LostInTerm = Arc<Mutex<Option<(u64, BTreeSet<NodeId>)>>>;
+
 /// The members whose last NodeLost / NodeBack event in `events` (oldest
 /// first) is a NodeLost. Such an event names the lost node as the node it
 /// happened on.
@@ -582,7 +586,7 @@ fn lost_in(events: &[ClusterEvent]) -> BTreeSet<NodeId> {
 /// says are lost (after a linearizable read: every event the previous
 /// leaders committed is applied here), retrying every heartbeat while the
 /// node leads `term`.
-async fn lost_in_event_log(node: Weak<ClusterNode>, term: u64, out: Arc<Mutex<Option<(u64, BTreeSet<NodeId>)>>>) {
+async fn lost_in_event_log(node: Weak<ClusterNode>, term: u64, out: LostInTerm) {
     loop {
         let Some(n) = node.upgrade() else { return };
         let m = n.raft().metrics().borrow().clone();
