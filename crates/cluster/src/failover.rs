@@ -26,7 +26,11 @@
 //!   node is no longer the owner or loses its lease.
 //! - The **cluster event log** (`hamail log`): `Command::LogEvent`, kept in
 //!   a store table (the last [`crate::groups::EVENTS_KEPT`]), readable on
-//!   every node.
+//!   every node. The manager writes there `NodeLost` when a member stops
+//!   renewing its lease and `NodeBack` when it renews again, naming that
+//!   member as the event's node: once per loss across leader changes (a new
+//!   leader reads which members the log shows lost), the dead leader's own
+//!   loss included (its successor reports it).
 //!
 //! # Fencing: at no instant do two nodes run one group
 //!
@@ -517,10 +521,10 @@ impl Manager {
         // previous leader itself, if it died, is reported lost by its
         // successor once it is no longer pending.
         if self.lost.is_none() {
-            self.lost = match self.logged_lost.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                Some((t, lost)) if t == term => Some(lost),
-                _ => None,
-            };
+            let mut logged = self.logged_lost.lock().unwrap_or_else(PoisonError::into_inner);
+            if logged.as_ref().is_some_and(|(t, _)| *t == term) {
+                self.lost = logged.take().map(|(_, lost)| lost);
+            }
         }
         if let Some(lost) = self.lost.as_mut() {
             for (id, kind) in node_changes(lost, &members, &live, &pending) {
@@ -599,7 +603,12 @@ async fn lost_in_event_log(node: Weak<ClusterNode>, term: u64, out: LostInTerm) 
         };
         match read {
             Ok(events) => {
-                *out.lock().unwrap_or_else(PoisonError::into_inner) = Some((term, lost_in(&events)));
+                // A task of an older term that ends late leaves a newer
+                // term's answer alone.
+                let mut slot = out.lock().unwrap_or_else(PoisonError::into_inner);
+                if slot.as_ref().is_none_or(|(t, _)| *t <= term) {
+                    *slot = Some((term, lost_in(&events)));
+                }
                 return;
             }
             Err(e) => tracing::debug!(term, "reading the lost nodes from the cluster log: {e}"),
