@@ -176,7 +176,8 @@ enum ClusterCmd {
     /// Join the cluster of TOKEN (from `cluster init` on a member). This
     /// node's users and domains are replaced by the cluster's.
     Join { token: String },
-    /// Every member: role, state, leader, term, log, lag, last contact.
+    /// Every member: role, state, leader, term, log, lag, last contact,
+    /// and the leader's link to it (up or down, failed Raft calls, changes).
     Status {
         #[arg(long)]
         json: bool,
@@ -252,13 +253,13 @@ fn main() {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HAMAIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let layer =
+            tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+        tracing_subscriber::registry().with(log_filter(std::env::var("HAMAIL_LOG").ok().as_deref(), layer)).init();
+    }
     if matches!(cli.command, Command::Reaper) {
         hamail_server::resources::reaper::run(std::io::stdin().lock());
         return;
@@ -338,6 +339,48 @@ fn own_mount_namespace() {
         let e = std::io::Error::last_os_error();
         tracing::warn!(error = %e, "cannot make our mounts private: a shared disk would show on the host too");
     }
+}
+
+/// The log filter when `HAMAIL_LOG` is not set: INFO, without openraft's
+/// lines about single failed calls to a peer (a leader retries a dead
+/// follower twenty times a second, and checks its leadership with every peer
+/// at each linearizable read, and openraft logs each failure). The cluster's
+/// Raft network logs a peer's failures once per change instead: `node N
+/// unreachable: ...`, `node N reachable again after ...`
+/// (`hamail_cluster::network`). Left out: the replication task's per-call
+/// errors (`openraft::replication`; a storage error there is also reported,
+/// as fatal, by openraft's core), the leader's per-call progress warnings
+/// (`replication_handler`) and a snapshot send's per-chunk warnings; what
+/// an operator needs from openraft stays (elections and leadership changes,
+/// membership, storage and fatal errors).
+const DEFAULT_LOG_FILTER: &str = "info,openraft::replication=off,\
+     openraft::engine::handler::replication_handler=error,openraft::network::snapshot_transport=error";
+
+/// openraft's core logs at ERROR a failed call to one peer (a vote request,
+/// the leadership check of a read), naming it in a `target` field; its
+/// other ERRORs (fatal ones) name no peer.
+fn openraft_call_failure(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == "openraft::core::raft_core"
+        && *meta.level() == tracing::Level::ERROR
+        && meta.fields().field("target").is_some()
+}
+
+/// `layer` behind the log filter: `configured` (`HAMAIL_LOG`, taken as it
+/// is: `HAMAIL_LOG=info` shows openraft's per-call lines again) or, without
+/// one (or an invalid one), [`DEFAULT_LOG_FILTER`] and without
+/// [`openraft_call_failure`] lines.
+fn log_filter<S, L>(configured: Option<&str>, layer: L) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: tracing_subscriber::Layer<S>,
+{
+    use tracing_subscriber::filter::{filter_fn, FilterExt as _};
+    let configured = configured.and_then(|c| {
+        tracing_subscriber::EnvFilter::try_new(c).map_err(|e| eprintln!("hamail: HAMAIL_LOG={c:?} ignored: {e}")).ok()
+    });
+    let quiet = configured.is_none();
+    let filter = configured.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    layer.with_filter(filter.and(filter_fn(move |meta| !(quiet && openraft_call_failure(meta)))))
 }
 
 /// The error and its causes, each said once: an error whose text already
@@ -747,7 +790,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::ClusterStatus => {
             println!(
-                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}  health",
+                "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>4} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9}  health",
                 "id",
                 "name",
                 "address",
@@ -759,6 +802,9 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                 "applied",
                 "lag",
                 "contact",
+                "link",
+                "rpc_fail",
+                "changes",
                 "missing",
                 "degraded",
                 "refused",
@@ -771,7 +817,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                 let contact =
                     if m["last_contact_ms"].is_null() { "-".into() } else { format!("{}ms", m["last_contact_ms"]) };
                 println!(
-                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}  {}",
+                    "{:>4}  {:<16} {:<22} {:<8} {:<10} {:>6} {:>6} {:>8} {:>8} {:>6} {:>9} {:>4} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9}  {}",
                     opt(&m["id"]),
                     s(&m["name"]),
                     s(&m["addr"]),
@@ -783,6 +829,9 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
                     opt(&m["last_applied"]),
                     opt(&m["lag"]),
                     contact,
+                    m["link"].as_str().unwrap_or("-"),
+                    opt(&m["rpc_failures"]),
+                    opt(&m["link_changes"]),
                     opt(&m["bodies_missing"]),
                     opt(&m["degraded_accepts"]),
                     opt(&m["refused_unavailable"]),
@@ -819,4 +868,68 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         Request::BanDel { .. } => println!("ban on {} lifted", s(&d["lifted"])),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::log_filter;
+
+    /// What the log shows of openraft's per-call lines, one of its fatal
+    /// errors and a line of ours, with `configured` as `HAMAIL_LOG`.
+    fn logged(configured: Option<&str>) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let writer = move || Sink(sink.clone());
+        let layer = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer);
+        let subscriber = tracing_subscriber::registry().with(log_filter(configured, layer));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "openraft::replication", err = "timeout after 50ms", "RPCError");
+            tracing::warn!(target: "openraft::replication", error = "timeout", "error replication to target=3");
+            tracing::warn!(target: "openraft::engine::handler::replication_handler", "heartbeat error: x");
+            tracing::error!(target: "openraft::core::raft_core", { target = 3, error = "timeout" }, "while requesting vote");
+            tracing::error!(target: "openraft::core::raft_core", error = "storage", "quit RaftCore::main on error");
+            tracing::info!(target: "openraft::core::raft_core", "do trigger election");
+            tracing::warn!(target: "hamail_cluster::network", "node 3 unreachable: connect: refused");
+        });
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_default_filter_drops_openraft_per_call_lines_only() {
+        let log = logged(None);
+        for gone in ["RPCError", "error replication", "heartbeat error", "while requesting vote"] {
+            assert!(!log.contains(gone), "`{gone}` logged:\n{log}");
+        }
+        for kept in ["quit RaftCore::main on error", "do trigger election", "node 3 unreachable"] {
+            assert!(log.contains(kept), "`{kept}` not logged:\n{log}");
+        }
+    }
+
+    #[test]
+    fn a_configured_filter_shows_them_again() {
+        let log = logged(Some("info"));
+        for line in ["RPCError", "error replication", "heartbeat error", "while requesting vote", "quit RaftCore"] {
+            assert!(log.contains(line), "`{line}` not logged:\n{log}");
+        }
+        let log = logged(Some("warn,openraft::replication=off"));
+        assert!(!log.contains("RPCError") && log.contains("while requesting vote"), "{log}");
+        assert!(!log.contains("do trigger election"), "{log}");
+    }
 }

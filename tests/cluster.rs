@@ -1,6 +1,7 @@
 //! Real `hamail` processes forming a cluster on loopback: one user database
 //! for every node, leader failover by SIGKILL, catch-up after a restart, a
-//! witness, and refusal of a peer without the cluster secret.
+//! witness, refusal of a peer without the cluster secret, a dead peer logged
+//! once per change, and the loss of the leader in the cluster event log.
 
 mod common;
 
@@ -92,6 +93,94 @@ fn a_node_without_the_secret_is_refused() {
     let st = nodes[0].status().unwrap();
     assert_eq!(st.len(), 1, "the intruder is no member");
     assert!(nodes[0].s().log().contains("wrong cluster secret"), "the refusal is logged");
+}
+
+/// The leader's link to member `id` in its `cluster status --json`:
+/// (link, failed Raft calls, state changes).
+fn link_seen_by(leader: &Node, id: usize) -> Option<(String, u64, u64)> {
+    let st = leader.status()?;
+    let m = st.iter().find(|m| m["id"].as_u64() == Some(id as u64))?;
+    Some((m["link"].as_str()?.to_string(), m["rpc_failures"].as_u64()?, m["link_changes"].as_u64()?))
+}
+
+/// The lines of `log` from the peer-link tracker about node `id` that
+/// contain `what`.
+fn link_lines(log: &str, id: usize, what: &str) -> usize {
+    let needle = format!("node {id} {what}");
+    log.lines().filter(|l| l.contains("hamail_cluster::network") && l.contains(&needle)).count()
+}
+
+#[test]
+fn a_dead_follower_is_logged_once_when_lost_and_once_when_back() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), &["data", "data", "data"]);
+    let leader = nodes[0].leader().expect("a leader") as usize;
+    let follower = if leader == 3 { 2 } else { 3 };
+    // Joining, it may have been unreachable for a moment already.
+    let (link, _, changes0) = link_seen_by(&nodes[leader - 1], follower).expect("the leader's status");
+    assert_eq!(link, "up");
+    let mark = nodes[leader - 1].s().log().len();
+    nodes[follower - 1].kill9();
+    // The leader keeps calling it (heartbeats, and the leadership check of
+    // every lease renewal): wait until it has failed many times, seconds'
+    // worth.
+    let (link, failed, changes) = eventually(Duration::from_secs(30), "60 failed calls to the dead follower", || {
+        link_seen_by(&nodes[leader - 1], follower).filter(|(_, failed, _)| *failed >= 60)
+    });
+    assert_eq!((link.as_str(), changes), ("down", changes0 + 1), "{failed} failed calls");
+    let log = nodes[leader - 1].s().log()[mark..].to_string();
+    assert_eq!(link_lines(&log, follower, "unreachable"), 1, "one line for {failed} failed calls:\n{log}");
+    let openraft: Vec<&str> =
+        log.lines().filter(|l| l.contains(" openraft") && (l.contains("ERROR") || l.contains("WARN"))).collect();
+    assert!(openraft.is_empty(), "openraft's per-call lines in the default log:\n{}", openraft.join("\n"));
+
+    nodes[follower - 1].restart();
+    eventually(Duration::from_secs(30), "the follower reachable again", || {
+        link_seen_by(&nodes[leader - 1], follower).filter(|(link, _, _)| link == "up")
+    });
+    let log = nodes[leader - 1].s().log()[mark..].to_string();
+    assert_eq!(link_lines(&log, follower, "reachable again"), 1, "{log}");
+    assert_eq!(link_lines(&log, follower, "unreachable"), 1, "{log}");
+    let (_, failed_after, changes) = link_seen_by(&nodes[leader - 1], follower).expect("the leader's status");
+    assert!(failed_after >= failed && changes == changes0 + 2, "{failed_after} failed calls, {changes} changes");
+}
+
+/// The events of the cluster log, read through `node`, of `kind` about
+/// node `id` (`hamail log` lines: `<secs> node<N> "<kind>" ...`, N the node
+/// the event is about).
+fn events_about(node: &Node, id: usize, kind: &str) -> Option<Vec<String>> {
+    let (ok, out) = node.cli(&["log", "-n", "1000"], "");
+    let tag = format!("node{id} \"{kind}\"");
+    ok.then(|| out.lines().filter(|l| l.contains(&tag)).map(str::to_string).collect())
+}
+
+#[test]
+fn the_loss_of_the_leader_is_a_node_lost_event_and_its_return_a_node_back() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), &["data", "data", "data"]);
+    let leader = nodes[0].leader().expect("a leader") as usize;
+    let survivor = if leader == 1 { 1 } else { 0 };
+    nodes[leader - 1].kill9();
+    let lost = eventually(Duration::from_secs(30), "a NodeLost event for the dead leader", || {
+        events_about(&nodes[survivor], leader, "NodeLost").filter(|l| !l.is_empty())
+    });
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(
+        events_about(&nodes[survivor], leader, "NodeBack").unwrap_or_default(),
+        Vec::<String>::new(),
+        "no NodeBack before its return"
+    );
+
+    nodes[leader - 1].restart();
+    let back = eventually(Duration::from_secs(30), "a NodeBack event for the old leader", || {
+        events_about(&nodes[survivor], leader, "NodeBack").filter(|l| !l.is_empty())
+    });
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(
+        events_about(&nodes[survivor], leader, "NodeLost").map(|l| l.len()),
+        Some(1),
+        "the loss is reported once"
+    );
 }
 
 trait DigestBytes {

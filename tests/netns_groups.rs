@@ -10,7 +10,8 @@
 //!   acknowledged message is there exactly once.
 //! - `active_active_two_groups`: two groups with their homes on different
 //!   nodes serve one replicated store at once; a power cut of one node
-//!   moves its group to the other.
+//!   moves its group to the other, and is one NodeLost event and one
+//!   `unreachable` line on the new leader, with no openraft error lines.
 //! - `killed_owner_leaves_no_address_behind`: the owner's process is
 //!   SIGKILLed with its link up; the kernel drops the floating address there
 //!   when its lifetime runs out (no restart), while another node takes it.
@@ -305,6 +306,7 @@ fn active_active_two_groups() {
     }
 
     // Power cut of node 1: both addresses end up on node 2.
+    let marks: Vec<usize> = [1, 2].iter().map(|i| c.nodes[*i].s().log().len()).collect();
     let cut = Instant::now();
     c.power_cut(0);
     let mut last = None;
@@ -327,6 +329,28 @@ fn active_active_two_groups() {
     let all = vec!["via-100".to_string(), "via-101".to_string(), "after-the-cut".to_string()];
     for ip in [VIP1, VIP2] {
         assert_eq!(c.tokens_from_client(ip).as_ref(), Some(&all), "POP3 through {ip} after the cut");
+    }
+
+    // Node 1 owned a group and (having formed the cluster) most likely led
+    // it: its loss is one NodeLost event, and one line in the new leader's
+    // log, none of openraft's per-call errors.
+    let lost = poll(RECOVERY, || {
+        let events = c.nodes[1].cli(&["log", "-n", "500"], "").1;
+        let lost: Vec<String> =
+            events.lines().filter(|l| l.contains("node1 \"NodeLost\"")).map(str::to_string).collect();
+        (!lost.is_empty()).then_some(lost)
+    });
+    let Some(lost) = lost else { panic!("no NodeLost event for node 1:\n{}", c.logs()) };
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let leader = c.nodes[1].leader().expect("a leader") as usize;
+    for (i, mark) in [1, 2].into_iter().zip(marks) {
+        let log = c.nodes[i].s().log()[mark..].to_string();
+        let said =
+            log.lines().filter(|l| l.contains("hamail_cluster::network") && l.contains("node 1 unreachable")).count();
+        let expected = if i + 1 == leader { 1..=1 } else { 0..=1 };
+        assert!(expected.contains(&said), "node {}: {said} lines `node 1 unreachable`:\n{log}", i + 1);
+        let openraft: Vec<&str> = log.lines().filter(|l| l.contains(" openraft") && l.contains("ERROR")).collect();
+        assert!(openraft.is_empty(), "node {}: openraft errors in the default log:\n{}", i + 1, openraft.join("\n"));
     }
 }
 

@@ -26,7 +26,11 @@
 //!   node is no longer the owner or loses its lease.
 //! - The **cluster event log** (`hamail log`): `Command::LogEvent`, kept in
 //!   a store table (the last [`crate::groups::EVENTS_KEPT`]), readable on
-//!   every node.
+//!   every node. The manager writes there `NodeLost` when a member stops
+//!   renewing its lease and `NodeBack` when it renews again, naming that
+//!   member as the event's node: once per loss across leader changes (a new
+//!   leader reads which members the log shows lost), the dead leader's own
+//!   loss included (its successor reports it).
 //!
 //! # Fencing: at no instant do two nodes run one group
 //!
@@ -430,8 +434,12 @@ struct Manager {
     /// older term can have confirmed a lease renewal, once a majority has
     /// testified (see [`crate::testimony`]); filled by a task.
     older_terms: Arc<Mutex<Option<(u64, Instant)>>>,
-    /// Nodes live at the last look (for NodeLost / NodeBack events).
-    live: BTreeSet<NodeId>,
+    /// For the term we lead: the members the cluster event log says are
+    /// lost, once read (filled by a task, see [`lost_in_event_log`]).
+    logged_lost: LostInTerm,
+    /// The members lost now (NodeLost reported, NodeBack not yet), from
+    /// the event log on; `None` until it was read.
+    lost: Option<BTreeSet<NodeId>>,
     /// When this leader first saw each member (a node that just joined has
     /// not asked for its lease yet: it is not dead, only new).
     first_seen: std::collections::BTreeMap<NodeId, Instant>,
@@ -441,7 +449,8 @@ async fn manager_loop(node: Weak<ClusterNode>, events: EventTx) {
     let mut m = Manager {
         leading: None,
         older_terms: Arc::new(Mutex::new(None)),
-        live: BTreeSet::new(),
+        logged_lost: Arc::new(Mutex::new(None)),
+        lost: None,
         first_seen: Default::default(),
     };
     loop {
@@ -458,7 +467,7 @@ impl Manager {
         let metrics = n.raft().metrics().borrow().clone();
         if metrics.current_leader != Some(n.id()) || metrics.state != openraft::ServerState::Leader {
             self.leading = None;
-            self.live.clear();
+            self.lost = None;
             return;
         }
         let term = metrics.current_term;
@@ -469,6 +478,8 @@ impl Manager {
                 self.leading = Some((term, now));
                 let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
                 tokio::spawn(gather_testimony(Arc::downgrade(n), term, voters, self.older_terms.clone()));
+                self.lost = None;
+                tokio::spawn(lost_in_event_log(Arc::downgrade(n), term, self.logged_lost.clone()));
                 now
             }
         };
@@ -504,18 +515,27 @@ impl Manager {
             .filter(|id| !live.contains(id))
             .filter(|id| since.elapsed() < warm_up || self.first_seen.get(id).is_some_and(|t| t.elapsed() < warm_up))
             .collect();
-        // Events only once we have led for a lease (before that, nodes
-        // simply have not asked us yet).
-        if since.elapsed() > timing.lease() {
-            for lost in self.live.difference(&live) {
-                let _ = events.send(event(me, EventKind::NodeLost, None, None, format!("node {lost} lost")));
+        // NodeLost / NodeBack (see [`node_changes`]), from the lost members
+        // the event log shows on: a loss the previous leader reported is not
+        // reported again, a return is reported only after a loss, and the
+        // previous leader itself, if it died, is reported lost by its
+        // successor once it is no longer pending.
+        if self.lost.is_none() {
+            let mut logged = self.logged_lost.lock().unwrap_or_else(PoisonError::into_inner);
+            if logged.as_ref().is_some_and(|(t, _)| *t == term) {
+                self.lost = logged.take().map(|(_, lost)| lost);
             }
-            for back in live.difference(&self.live) {
-                if !self.live.is_empty() {
-                    let _ = events.send(event(me, EventKind::NodeBack, None, None, format!("node {back} is back")));
-                }
+        }
+        if let Some(lost) = self.lost.as_mut() {
+            for (id, kind) in node_changes(lost, &members, &live, &pending) {
+                let text = match kind {
+                    EventKind::NodeLost => {
+                        format!("node {id} lost: no lease renewal with leader {me} for {:?}", timing.lease())
+                    }
+                    _ => format!("node {id} is back: renewing its lease with leader {me}"),
+                };
+                let _ = events.send(event(id, kind, None, None, text));
             }
-            self.live = live.clone();
         }
         let table = n.group_table.borrow().clone();
         for (name, p) in &table.placement {
@@ -545,6 +565,83 @@ impl Manager {
             }
         }
     }
+}
+
+/// The members a term's leader read as lost from the event log, with the
+/// term.
+type LostInTerm = Arc<Mutex<Option<(u64, BTreeSet<NodeId>)>>>;
+
+/// The members whose last NodeLost / NodeBack event in `events` (oldest
+/// first) is a NodeLost. Such an event names the lost node as the node it
+/// happened on.
+fn lost_in(events: &[ClusterEvent]) -> BTreeSet<NodeId> {
+    let mut lost = BTreeSet::new();
+    for e in events {
+        match e.kind {
+            EventKind::NodeLost => lost.insert(e.node),
+            EventKind::NodeBack => lost.remove(&e.node),
+            _ => continue,
+        };
+    }
+    lost
+}
+
+/// Reads, for the leader of `term`, which members the cluster event log
+/// says are lost (after a linearizable read: every event the previous
+/// leaders committed is applied here), retrying every heartbeat while the
+/// node leads `term`.
+async fn lost_in_event_log(node: Weak<ClusterNode>, term: u64, out: LostInTerm) {
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        let m = n.raft().metrics().borrow().clone();
+        if m.current_term != term || m.current_leader != Some(n.id()) {
+            return;
+        }
+        let read = match n.linearizable().await {
+            Ok(()) => n.events(crate::groups::EVENTS_KEPT as usize).await,
+            Err(e) => Err(write_error(e)),
+        };
+        match read {
+            Ok(events) => {
+                // A task of an older term that ends late leaves a newer
+                // term's answer alone.
+                let mut slot = out.lock().unwrap_or_else(PoisonError::into_inner);
+                if slot.as_ref().is_none_or(|(t, _)| *t <= term) {
+                    *slot = Some((term, lost_in(&events)));
+                }
+                return;
+            }
+            Err(e) => tracing::debug!(term, "reading the lost nodes from the cluster log: {e}"),
+        }
+        let heartbeat = Duration::from_millis(n.timing().heartbeat_ms.max(1));
+        drop(n);
+        tokio::time::sleep(heartbeat).await;
+    }
+}
+
+/// The NodeLost / NodeBack events of one look, updating `lost`: a member is
+/// lost while it is neither live (renewing its lease with this leader) nor
+/// pending (just joined, or this leader is too new to tell); it is back
+/// once live again. A member is reported lost once, and back only after
+/// that; one that left the membership is forgotten.
+fn node_changes(
+    lost: &mut BTreeSet<NodeId>,
+    members: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
+    pending: &BTreeSet<NodeId>,
+) -> Vec<(NodeId, EventKind)> {
+    lost.retain(|id| members.contains(id));
+    let mut changes = Vec::new();
+    for id in members {
+        if live.contains(id) {
+            if lost.remove(id) {
+                changes.push((*id, EventKind::NodeBack));
+            }
+        } else if !pending.contains(id) && lost.insert(*id) {
+            changes.push((*id, EventKind::NodeLost));
+        }
+    }
+    changes
 }
 
 /// Asks every voter of `term`'s membership when it last acknowledged, or
@@ -1083,6 +1180,66 @@ mod tests {
             max_restarts: 1,
             stop_timeout_ms: None,
         }
+    }
+
+    fn ids(list: &[u64]) -> BTreeSet<NodeId> {
+        list.iter().map(|n| NodeId(*n)).collect()
+    }
+
+    #[test]
+    fn a_member_is_lost_once_and_back_only_after_a_loss() {
+        let members = ids(&[1, 2, 3]);
+        let mut lost = BTreeSet::new();
+        // All live: nothing.
+        assert!(node_changes(&mut lost, &members, &members, &ids(&[])).is_empty());
+        // 3 stops renewing: lost, once.
+        assert_eq!(node_changes(&mut lost, &members, &ids(&[1, 2]), &ids(&[])), [(NodeId(3), EventKind::NodeLost)]);
+        assert!(node_changes(&mut lost, &members, &ids(&[1, 2]), &ids(&[])).is_empty());
+        // Back, once.
+        assert_eq!(node_changes(&mut lost, &members, &members, &ids(&[])), [(NodeId(3), EventKind::NodeBack)]);
+        assert!(node_changes(&mut lost, &members, &members, &ids(&[])).is_empty());
+        // A member that just joined and has not renewed yet is pending: no
+        // loss, and so no return when it starts renewing.
+        let members4 = ids(&[1, 2, 3, 4]);
+        assert!(node_changes(&mut lost, &members4, &members, &ids(&[4])).is_empty());
+        assert!(node_changes(&mut lost, &members4, &members4, &ids(&[])).is_empty());
+        // A lost member removed from the membership is forgotten.
+        assert_eq!(node_changes(&mut lost, &members4, &members, &ids(&[])), [(NodeId(4), EventKind::NodeLost)]);
+        assert!(node_changes(&mut lost, &members, &members, &ids(&[])).is_empty());
+        assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn a_new_leader_reports_its_dead_predecessor_and_no_loss_twice() {
+        // Leader 1 reported node 5 lost, then died; node 2 leads. Every
+        // node other than 2 is pending at first, then 3 and 4 renew.
+        let at = |node: u64, kind: EventKind| ClusterEvent {
+            seq: 0,
+            at_ms: 0,
+            node: NodeId(node),
+            group: None,
+            resource: None,
+            kind,
+            text: String::new(),
+        };
+        let log = [
+            at(4, EventKind::NodeLost),
+            at(4, EventKind::NodeBack),
+            at(1, EventKind::GroupStart),
+            at(5, EventKind::NodeLost),
+        ];
+        let mut lost = lost_in(&log);
+        assert_eq!(lost, ids(&[5]));
+        let members = ids(&[1, 2, 3, 4, 5]);
+        assert!(node_changes(&mut lost, &members, &ids(&[2]), &ids(&[1, 3, 4, 5])).is_empty());
+        assert!(node_changes(&mut lost, &members, &ids(&[2, 3, 4]), &ids(&[1, 5])).is_empty());
+        // Past the warm-up: the old leader is lost (5 was already).
+        assert_eq!(node_changes(&mut lost, &members, &ids(&[2, 3, 4]), &ids(&[])), [(NodeId(1), EventKind::NodeLost)]);
+        // 5 comes back: its return follows the loss leader 1 reported.
+        assert_eq!(
+            node_changes(&mut lost, &members, &ids(&[2, 3, 4, 5]), &ids(&[])),
+            [(NodeId(5), EventKind::NodeBack)]
+        );
     }
 
     #[test]

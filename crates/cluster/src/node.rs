@@ -168,7 +168,7 @@ impl ClusterNode {
         let mail = state_machine.mail_events();
         let group_table = state_machine.group_watch();
         let bans = state_machine.ban_changes();
-        let network = Network::new(transport.clone());
+        let network = Network::new(transport.clone(), Duration::from_millis(2 * timing.election_max_ms));
         let contacts = network.contacts();
         let log = log_store.clone();
         let raft = Raft::new(id, config, network, log_store, state_machine)
@@ -658,6 +658,7 @@ impl ClusterNode {
             last_applied: m.last_applied.map(|l| l.index),
             members,
             replication,
+            links: self.contacts.links(),
             mail: self.mail.health(),
         }
     }

@@ -175,6 +175,9 @@ pub struct NodeStatus {
     /// On the leader: per follower, its matched log index and the
     /// milliseconds since its last acknowledgement.
     pub replication: Vec<PeerProgress>,
+    /// Its links to the peers its Raft calls: reachable or not, failed
+    /// calls and state changes.
+    pub links: Vec<crate::network::LinkStatus>,
     /// The replication health of the mail on this node.
     pub mail: MailHealth,
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use hamail_cluster::network::LinkStatus;
 use hamail_cluster::pki::{self, ClusterCa, JoinToken, NodeCredentials};
 use hamail_cluster::rpc::{Handler, JoinError, JoinRequest, JoinResponse, Request, Response};
 use hamail_cluster::state_machine::ConsensusState;
@@ -423,6 +424,14 @@ pub struct MemberReport {
     /// From the leader: entries behind, and ms since its last answer.
     pub lag: Option<u64>,
     pub last_contact_ms: Option<u64>,
+    /// From the leader: whether its Raft calls reach it ("up", "down"),
+    /// how many of them failed and how often that state changed, since
+    /// the leader started (see `hamail_cluster::network`).
+    pub link: Option<String>,
+    pub rpc_failures: Option<u64>,
+    pub link_changes: Option<u64>,
+    /// Its own links to the others, as its Raft calls found them.
+    pub links: Vec<LinkStatus>,
     pub healthy: bool,
     /// Mail: bodies this node still has to fetch, and messages it accepted
     /// with fewer copies than there are data nodes (a data node was down).
@@ -485,6 +494,7 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
     for ask in asks {
         let Ok((id, info, answer)) = ask.await else { continue };
         let progress = leader_view.as_ref().and_then(|l| l.replication.iter().find(|p| p.id == id).cloned());
+        let link = leader_view.as_ref().and_then(|l| l.links.iter().find(|p| p.id == id).cloned());
         let mut r = MemberReport {
             id,
             name: info.name.clone(),
@@ -497,6 +507,10 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
             last_applied: None,
             lag: progress.as_ref().and_then(|p| p.lag),
             last_contact_ms: progress.as_ref().and_then(|p| p.last_contact_ms),
+            link: link.as_ref().map(|l| if l.reachable { "up" } else { "down" }.to_string()),
+            rpc_failures: link.as_ref().map(|l| l.failed_calls),
+            link_changes: link.as_ref().map(|l| l.state_changes),
+            links: Vec::new(),
             healthy: false,
             bodies_missing: None,
             degraded_accepts: None,
@@ -511,6 +525,7 @@ pub(crate) async fn status(ctx: &Arc<Context>) -> Result<Vec<MemberReport>, Serv
                 r.leader = s.current_leader;
                 r.last_log_index = s.last_log_index;
                 r.last_applied = s.last_applied;
+                r.links = s.links.clone();
                 r.healthy = s.current_leader.is_some() && s.state != "shutdown";
                 if info.role == Role::Data {
                     r.bodies_missing = Some(s.mail.bodies_missing);
