@@ -598,6 +598,10 @@ impl Directory for LocalStore {
         blocking(move || inner.users()).await
     }
 
+    async fn apply_batch(&self, changes: Vec<DirectoryChange>) -> StoreResult<Vec<StoreResult<()>>> {
+        self.apply_directory(changes, None).await
+    }
+
     async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool> {
         let (inner, u) = (self.inner().clone(), user.clone());
         let passwords = Passwords::global();
