@@ -605,7 +605,7 @@ impl MailTally {
                 eprintln!("{label}: {e}");
             }
         }
-        if self.seen() % 1000 == 0 {
+        if self.seen().is_multiple_of(1000) {
             eprintln!("... {} messages: {} imported, {} already there", self.seen(), self.imported, self.duplicates);
         }
     }

@@ -434,7 +434,7 @@ fn queue_json(item: &QueueItem) -> Value {
     })
 }
 
-fn check_password(p: &str) -> Result<(), StoreError> {
+pub(crate) fn check_password(p: &str) -> Result<(), StoreError> {
     if p.is_empty() {
         return Err(StoreError::Permanent("the password must not be empty".into()));
     }

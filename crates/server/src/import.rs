@@ -132,14 +132,9 @@ fn hash(h: &str) -> Result<Secret, String> {
     Ok(Secret::Hash(h.to_string()))
 }
 
+/// The rules of `hamail user add` for a clear password.
 fn check_password(p: &str) -> Result<(), String> {
-    if p.is_empty() {
-        return Err("empty password".into());
-    }
-    if p.contains(['\r', '\n', '\0']) {
-        return Err("the password must not contain CR, LF or NUL".into());
-    }
-    Ok(())
+    crate::admin::check_password(p).map_err(|e| e.to_string())
 }
 
 /// What became of one user of an import.
@@ -293,6 +288,9 @@ async fn hash_clear_passwords(secrets: Vec<Secret>) -> Vec<StoreResult<String>> 
     out.into_iter().map(|r| r.unwrap_or_else(|| Err(StoreError::Internal("a hashing task died".into())))).collect()
 }
 
+/// The address of a `Return-Path:` line: `None` for `<>`.
+pub type ReturnPath = Option<String>;
+
 /// Longest first line looked at for a `Return-Path:` header.
 const RETURN_PATH_LINE_MAX: usize = 1000;
 
@@ -305,7 +303,7 @@ pub struct MessageBody {
     /// The start of the message until its first line is complete (or too
     /// long to be a `Return-Path:` line).
     head: Option<Vec<u8>>,
-    return_path: Option<Option<String>>,
+    return_path: Option<ReturnPath>,
     /// The last byte appended was a CR.
     after_cr: bool,
     /// Octets appended to the spool.
@@ -383,7 +381,7 @@ impl MessageBody {
 
     /// The body to commit and the `Return-Path:` address its first line
     /// gave: `Some(None)` for `<>`, `None` when it had none.
-    pub fn finish(mut self) -> StoreResult<(Body, Option<Option<String>>)> {
+    pub fn finish(mut self) -> StoreResult<(Body, Option<ReturnPath>)> {
         self.close_head()?;
         if self.size > 0 && !self.after_cr_lf() {
             let end: &[u8] = if self.after_cr { b"\n" } else { b"\r\n" };
@@ -401,7 +399,7 @@ impl MessageBody {
 
 /// The address of a `Return-Path: <address>` line (any case, spaces
 /// around the brackets), `Some(None)` for `<>`.
-fn return_path_of(line: &[u8]) -> Option<Option<String>> {
+fn return_path_of(line: &[u8]) -> Option<ReturnPath> {
     let text = std::str::from_utf8(line).ok()?;
     let text = text.strip_suffix('\n')?;
     let text = text.strip_suffix('\r').unwrap_or(text);
@@ -880,7 +878,7 @@ no newline at the end";
         assert_eq!(MboxReader::new(&b""[..], MboxFormat::Mboxrd).next_message(100).unwrap(), None);
     }
 
-    fn normalised(store: &LocalStore, input: &[u8], chunk: usize) -> (Vec<u8>, Option<Option<String>>) {
+    fn normalised(store: &LocalStore, input: &[u8], chunk: usize) -> (Vec<u8>, Option<ReturnPath>) {
         let mut m = MessageBody::new(store.spool(16));
         for piece in input.chunks(chunk) {
             m.append(piece).unwrap();
@@ -899,7 +897,7 @@ no newline at the end";
     fn message_body_makes_crlf_and_takes_the_return_path_in_every_chunking() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
-        let cases: [(&[u8], &[u8], Option<Option<String>>); 5] = [
+        let cases: [(&[u8], &[u8], Option<ReturnPath>); 5] = [
             (
                 b"Return-Path: <a@b.test>\nSubject: x\n\nbody\n",
                 b"Subject: x\r\n\r\nbody\r\n",
