@@ -580,7 +580,7 @@ enum MailSink {
     },
 }
 
-/// Messages sent ahead of the answers (the server commits them together).
+/// Messages sent ahead of the answers: the next ones travel while one commits.
 const MAIL_WINDOW: usize = 16;
 
 #[derive(Default)]

@@ -279,3 +279,54 @@ fn mail_import_without_a_running_server_goes_into_the_store() {
         vec![b"Return-Path: <a@example.net>\r\nSubject: offline\r\n\r\nbody\r\n".to_vec()]
     );
 }
+
+/// A field of `/proc/PID/status` in KiB (VmHWM, VmRSS).
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The maildrop keeps the order of the file, and a large message goes
+/// through the server without being held: its peak memory grows by far
+/// less than the message.
+#[test]
+fn mbox_import_keeps_the_order_and_streams_a_large_message() {
+    const SMALL: usize = 300;
+    const LARGE: usize = 20 * 1024 * 1024;
+    let s = start("");
+    s.add_domain("example.org");
+    s.add_user("gina@example.org", "pw");
+    let pid = s.child.as_ref().expect("server").id();
+    let mut mbox = Vec::new();
+    for i in 0..SMALL {
+        mbox.extend_from_slice(format!("From a@example.net x\nMessage-ID: <{i}@x>\n\nbody {i}\n\n").as_bytes());
+    }
+    mbox.extend_from_slice(b"From a@example.net x\nMessage-ID: <large@x>\n\n");
+    let line = [vec![b'y'; 999], b"\n".to_vec()].concat();
+    for _ in 0..LARGE / line.len() {
+        mbox.extend_from_slice(&line);
+    }
+    let path = s.dir.join("gina.mbox");
+    write(&path, &mbox);
+    let before = proc_kib(pid, "VmHWM");
+    let (ok, out) = s.cli(&["import", "mbox", path.to_str().unwrap(), "gina@example.org"], "");
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("imported {}, already there 0", SMALL + 1)), "{out}");
+    let grown_mb = proc_kib(pid, "VmHWM").saturating_sub(before) / 1024;
+    eprintln!("server VmHWM grew by {grown_mb} MB for a {} MB message", LARGE >> 20);
+    assert!(grown_mb < 8, "the server's peak memory grew by {grown_mb} MB");
+    let got = common::mail::maildrop(s.pop3, "gina@example.org");
+    assert_eq!(got.len(), SMALL + 1);
+    for (i, m) in got[..SMALL].iter().enumerate() {
+        let want = format!("Return-Path: <a@example.net>\r\nMessage-ID: <{i}@x>\r\n\r\nbody {i}\r\n");
+        assert_eq!(String::from_utf8_lossy(m), want, "message {i} in its place");
+    }
+    assert_eq!(
+        got[SMALL].len(),
+        "Return-Path: <a@example.net>\r\nMessage-ID: <large@x>\r\n\r\n".len() + LARGE / line.len() * 1001
+    );
+}

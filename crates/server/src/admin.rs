@@ -475,38 +475,9 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
     }))
 }
 
-/// Answers still to be written on one connection, in order: a mail import
-/// is committed while the next request is read (its commit can then share
-/// the store's group commit with the next ones), everything else is
-/// answered at once.
-pub(crate) enum Answer {
-    Ready(Response),
-    Pending(tokio::task::JoinHandle<Response>),
-}
-
-/// Mail imports in commit at once on one connection: what the client may
-/// send ahead of the answers.
-const IMPORTS_IN_FLIGHT: usize = 16;
-
 /// One admin connection: requests in, answers out in the same order.
 async fn connection(ctx: Arc<Context>, stream: tokio::net::UnixStream) {
     let (r, mut w) = stream.into_split();
-    let (answers, mut to_write) = tokio::sync::mpsc::channel::<Answer>(IMPORTS_IN_FLIGHT);
-    let writer = tokio::spawn(async move {
-        while let Some(answer) = to_write.recv().await {
-            let response = match answer {
-                Answer::Ready(r) => r,
-                Answer::Pending(task) => {
-                    task.await.unwrap_or_else(|e| Response::err(StoreError::Internal(e.to_string())))
-                }
-            };
-            let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
-            text.push('\n');
-            if w.write_all(text.as_bytes()).await.is_err() {
-                break;
-            }
-        }
-    });
     let mut reader = BufReader::new(r);
     let mut imports = crate::import::ImportSession::default();
     let mut line = String::new();
@@ -516,10 +487,10 @@ async fn connection(ctx: Arc<Context>, stream: tokio::net::UnixStream) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let answer = match serde_json::from_str::<Request>(&line) {
+        let response = match serde_json::from_str::<Request>(&line) {
             Ok(Request::MailImport { user, return_path, size }) => {
                 match crate::import::receive(&ctx, &mut reader, &mut imports, &user, return_path, size).await {
-                    Ok(answer) => answer,
+                    Ok(response) => response,
                     // The connection is out of step with its data.
                     Err(_) => break,
                 }
@@ -533,20 +504,20 @@ async fn connection(ctx: Arc<Context>, stream: tokio::net::UnixStream) {
                     other => format!("{other:?}"),
                 };
                 tracing::info!(request = %logged, "admin request");
-                Answer::Ready(if req.is_cluster() {
+                if req.is_cluster() {
                     execute_cluster(&ctx, req).await
                 } else {
                     execute(ctx.store().as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
-                })
+                }
             }
-            Err(e) => Answer::Ready(Response::bad_request(format!("malformed admin request: {e}"))),
+            Err(e) => Response::bad_request(format!("malformed admin request: {e}")),
         };
-        if answers.send(answer).await.is_err() {
+        let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+        text.push('\n');
+        if w.write_all(text.as_bytes()).await.is_err() {
             break;
         }
     }
-    drop(answers);
-    let _ = writer.await;
 }
 
 #[cfg(test)]

@@ -480,7 +480,7 @@ pub async fn deliver(
 const IN_MEMORY: usize = 128 * 1024;
 
 /// Reads one message of `size` octets from an admin connection into a
-/// spool of the store, and starts its commit unless it is a duplicate or
+/// spool of the store, and commits it unless it is a duplicate or
 /// refused. An `Err` means the connection cannot go on (its data could not
 /// be read whole).
 pub(crate) async fn receive<R: tokio::io::AsyncRead + Unpin>(
@@ -490,8 +490,8 @@ pub(crate) async fn receive<R: tokio::io::AsyncRead + Unpin>(
     user: &str,
     return_path: Option<String>,
     size: u64,
-) -> io::Result<crate::admin::Answer> {
-    use crate::admin::{Answer, Response};
+) -> io::Result<crate::admin::Response> {
+    use crate::admin::Response;
     use tokio::io::AsyncReadExt;
     let max = ctx.config.smtp.max_message_size as u64;
     let user = match Address::parse(user) {
@@ -501,7 +501,7 @@ pub(crate) async fn receive<R: tokio::io::AsyncRead + Unpin>(
             let e = refused.err().unwrap_or_else(|| {
                 StoreError::Permanent(format!("a message of {size} octets is over the size limit of {max}"))
             });
-            return Ok(Answer::Ready(Response::err(e)));
+            return Ok(Response::err(e));
         }
     };
     let store = ctx.store();
@@ -535,27 +535,30 @@ pub(crate) async fn receive<R: tokio::io::AsyncRead + Unpin>(
         }
     }
     if let Some(e) = failed {
-        return Ok(Answer::Ready(Response::err(e)));
+        return Ok(Response::err(e));
     }
     let (body, own_return_path) = match tokio::task::spawn_blocking(move || body.finish()).await {
         Ok(Ok(done)) => done,
-        Ok(Err(e)) => return Ok(Answer::Ready(Response::err(e))),
+        Ok(Err(e)) => return Ok(Response::err(e)),
         Err(e) => return Err(io::Error::other(e)),
     };
     let return_path =
         own_return_path.unwrap_or_else(|| return_path.and_then(|r| Address::parse(&r).ok()).map(|a| a.to_string()));
     let dir = ctx.directory();
     Ok(match session.admit(store.as_ref(), dir.as_ref(), &user, &body).await {
-        Err(e) => Answer::Ready(Response::err(e)),
-        Ok(Admission::Duplicate) => Answer::Ready(Response::ok(json!({ "status": "duplicate" }))),
-        Ok(Admission::New) => Answer::Pending(tokio::spawn(async move {
+        Err(e) => Response::err(e),
+        Ok(Admission::Duplicate) => Response::ok(json!({ "status": "duplicate" })),
+        // One at a time: concurrent commits would share the store's group
+        // commit (measured 4x faster) but could land in another order, and
+        // the maildrop must keep the order of the source.
+        Ok(Admission::New) => {
             let result = deliver(store.as_ref(), &user, return_path, body).await;
             drop(reservation);
             match result {
                 Ok(c) => Response::ok(json!({ "status": "imported", "queue_id": c.queue_id().to_string() })),
                 Err(e) => Response::err(e),
             }
-        })),
+        }
     })
 }
 
