@@ -261,7 +261,7 @@ fn maildir_import_takes_the_inbox_folders_on_request_and_never_tmp() {
 }
 
 /// Without a running server the CLI opens the store itself: the same
-/// import, found by the server started afterwards.
+/// imports, found by the server started afterwards.
 #[test]
 fn mail_import_without_a_running_server_goes_into_the_store() {
     let mut s = start("");
@@ -273,7 +273,10 @@ fn mail_import_without_a_running_server_goes_into_the_store() {
     let (ok, out) = s.cli(&["import", "mbox", path.to_str().unwrap(), "frank@example.org"], "");
     assert!(ok, "{out}");
     assert!(out.contains("imported 1, already there 0"), "{out}");
+    let (ok, out) = s.cli(&["user", "import", "-"], &format!("henk@example.org {}\n", crypt("henk-pw", "$6$henk$")));
+    assert!(ok && out.contains("imported 1, skipped 0, failed 0"), "{out}");
     let s = common::start_in(&s.dir.clone(), "");
+    assert!(logs_in(&s, "henk@example.org", "henk-pw"));
     assert_eq!(
         fetch(&s, "frank@example.org", "pw"),
         vec![b"Return-Path: <a@example.net>\r\nSubject: offline\r\n\r\nbody\r\n".to_vec()]
