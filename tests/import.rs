@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{py, run_tool, start, Server};
+use common::{proc_kib, py, run_tool, start, Server};
 
 /// A crypt(3) hash of `password` with the settings `salt` (`$6$...$`,
 /// `$2b$05$...`, `$y$j9T$...$`), by the C library through Python.
@@ -281,16 +281,6 @@ fn mail_import_without_a_running_server_goes_into_the_store() {
         fetch(&s, "frank@example.org", "pw"),
         vec![b"Return-Path: <a@example.net>\r\nSubject: offline\r\n\r\nbody\r\n".to_vec()]
     );
-}
-
-/// A field of `/proc/PID/status` in KiB (VmHWM, VmRSS).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// The maildrop keeps the order of the file, and a large message goes
