@@ -546,7 +546,7 @@ pub enum StateChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectorySnapshot {
     pub domains: Vec<Domain>,
-    /// (address, argon2 PHC hash, created_at)
+    /// (address, password hash: argon2 PHC or an imported crypt(3) string, created_at)
     pub users: Vec<(Address, String, u64)>,
     pub aliases: Vec<(Address, Vec<Address>)>,
 }
