@@ -68,6 +68,10 @@ enum Command {
     /// Login bans on this node (set by failed logins): list, del.
     #[command(subcommand)]
     Ban(BanCmd),
+    /// Mail from an existing system: a mbox file or a Maildir++ tree into
+    /// a user's maildrop (through the running server when there is one).
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Counters and state of the server.
     Status {
         #[arg(long)]
@@ -110,6 +114,50 @@ enum UserCmd {
         user: String,
     },
     List,
+    /// Add users from FILE (`-`: standard input): one `address secret` per
+    /// line, the secret a clear password or a crypt(3) hash kept as it is
+    /// ($6$, $5$, $2y$/$2b$/$2a$, $y$, $argon2id$...; Dovecot's {SCHEME}
+    /// prefixes too). Blank lines and # comments are skipped.
+    Import {
+        file: PathBuf,
+        /// Set the password of users that exist (else they are skipped).
+        #[arg(long)]
+        update: bool,
+        /// Add the domains of the file that do not exist yet (else their
+        /// users fail).
+        #[arg(long)]
+        create_domains: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// Every message of a mbox file (/var/spool/mail/USER) into USER's
+    /// maildrop. Messages already there are not imported again.
+    Mbox {
+        path: PathBuf,
+        user: String,
+        /// mboxrd: one `>` is taken off `>From `, `>>From `... lines (what
+        /// current tools write); mboxo: lines are kept as they are.
+        #[arg(long, value_enum, default_value_t = MboxFlavour::Mboxrd)]
+        format: MboxFlavour,
+    },
+    /// Every message of a Maildir++ tree's INBOX (cur/ and new/) into
+    /// USER's maildrop. Messages already there are not imported again.
+    Maildir {
+        path: PathBuf,
+        user: String,
+        /// Import the sub-folders (.Sent/, .Archive/...) into the maildrop
+        /// too (POP3 has one mailbox); without, they are listed and left.
+        #[arg(long)]
+        all_folders: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MboxFlavour {
+    Mboxrd,
+    Mboxo,
 }
 
 #[derive(Subcommand)]
@@ -433,6 +481,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::User(UserCmd::Passwd { user }) => Request::UserPasswd { password: read_password(&user)?, user },
         Command::User(UserCmd::Del { user }) => Request::UserDel { user },
         Command::User(UserCmd::List) => Request::UserList,
+        Command::User(UserCmd::Import { file, update, create_domains }) => {
+            return import_users(&config, &file, update, create_domains).await
+        }
+        Command::Import(cmd) => return import_mail(&config, cmd).await,
         Command::Alias(AliasCmd::Add { alias, targets }) => Request::AliasAdd { alias, targets },
         Command::Alias(AliasCmd::Del { alias }) => Request::AliasDel { alias },
         Command::Alias(AliasCmd::List) => Request::AliasList,
@@ -589,6 +641,286 @@ async fn admin(config: &Config, request: Request) -> Result<Response> {
         }
         Err(e) => Err(e).with_context(|| format!("connecting to the admin socket {}", socket.display())),
     }
+}
+
+/// Users sent per request: one directory write each.
+const USERS_PER_BATCH: usize = 500;
+
+/// `hamail user import`: errors name FILE:LINE; the summary counts every
+/// line; the exit status is 1 when any line failed.
+async fn import_users(config: &Config, file: &Path, update: bool, create_domains: bool) -> Result<()> {
+    use hamail_server::import::{parse_user_line, ImportedUser};
+    let name = file.display().to_string();
+    let input: Box<dyn BufRead> = if name == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("opening {name}"))?))
+    };
+    let (mut imported, mut updated, mut skipped, mut failed) = (0u64, 0u64, 0u64, 0u64);
+    let mut users: Vec<(usize, ImportedUser)> = Vec::new();
+    for (i, line) in input.split(b'\n').enumerate() {
+        let line = line.with_context(|| format!("reading {name}"))?;
+        let parsed = String::from_utf8(line)
+            .map_err(|_| "not UTF-8".to_string())
+            .and_then(|l| parse_user_line(l.trim_end_matches('\r')));
+        match parsed {
+            Ok(Some(u)) => users.push((i + 1, u)),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("{name}:{}: {e}", i + 1);
+                failed += 1;
+            }
+        }
+    }
+    for batch in users.chunks(USERS_PER_BATCH) {
+        let request =
+            Request::UserImport { users: batch.iter().map(|(_, u)| u.clone()).collect(), update, create_domains };
+        let response = admin(config, request).await?;
+        if !response.ok {
+            bail!("{}", response.error.unwrap_or_else(|| "the import failed".into()));
+        }
+        for d in response.data["domains_created"].as_array().into_iter().flatten() {
+            println!("domain {} added", d.as_str().unwrap_or_default());
+        }
+        let results = response.data["results"].as_array().cloned().unwrap_or_default();
+        if results.len() != batch.len() {
+            bail!("the server answered {} results for {} users", results.len(), batch.len());
+        }
+        for ((line, u), r) in batch.iter().zip(results) {
+            let error = r["error"].as_str().unwrap_or_default();
+            match r["status"].as_str() {
+                Some("imported") => imported += 1,
+                Some("updated") => updated += 1,
+                Some("skipped") => {
+                    skipped += 1;
+                    eprintln!("{name}:{line}: {error}: skipped (--update changes the password)");
+                }
+                _ => {
+                    failed += 1;
+                    eprintln!("{name}:{line}: {}: {error}", u.user);
+                }
+            }
+        }
+    }
+    let updated = if update { format!(", updated {updated}") } else { String::new() };
+    println!("imported {imported}{updated}, skipped {skipped}, failed {failed}");
+    if failed > 0 {
+        bail!("{failed} line(s) of {name} failed");
+    }
+    Ok(())
+}
+
+/// Where imported messages go: the running server's admin socket (several
+/// in flight, answers in order), or the store opened here.
+enum MailSink {
+    Server {
+        write: tokio::net::unix::OwnedWriteHalf,
+        read: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+        /// Labels of the messages sent and not answered yet.
+        in_flight: std::collections::VecDeque<String>,
+    },
+    Local {
+        store: Arc<LocalStore>,
+        session: hamail_server::import::ImportSession,
+    },
+}
+
+/// Messages sent ahead of the answers: the next ones travel while one commits.
+const MAIL_WINDOW: usize = 16;
+
+#[derive(Default)]
+struct MailTally {
+    imported: u64,
+    duplicates: u64,
+    oversized: u64,
+    failed: u64,
+}
+
+impl MailTally {
+    fn seen(&self) -> u64 {
+        self.imported + self.duplicates + self.oversized + self.failed
+    }
+
+    fn count(&mut self, label: &str, outcome: Result<&str, String>) {
+        match outcome {
+            Ok("duplicate") => self.duplicates += 1,
+            Ok(_) => self.imported += 1,
+            Err(e) => {
+                self.failed += 1;
+                eprintln!("{label}: {e}");
+            }
+        }
+        if self.seen().is_multiple_of(1000) {
+            eprintln!("... {} messages: {} imported, {} already there", self.seen(), self.imported, self.duplicates);
+        }
+    }
+}
+
+impl MailSink {
+    async fn open(config: &Config, user: &str) -> Result<MailSink> {
+        let known = admin(config, Request::UserList).await?;
+        if !known.data.as_array().into_iter().flatten().any(|u| u["user"].as_str() == Some(user)) {
+            bail!("no user {user}: add it first (hamail user add or hamail user import)");
+        }
+        let socket = config.admin_socket();
+        match tokio::net::UnixStream::connect(&socket).await {
+            Ok(stream) => {
+                let (r, w) = stream.into_split();
+                Ok(MailSink::Server {
+                    write: w,
+                    read: tokio::io::BufReader::new(r),
+                    in_flight: std::collections::VecDeque::new(),
+                })
+            }
+            Err(_) => {
+                let store = LocalStore::open(&config.store_dir(), config.store_options()?)
+                    .with_context(|| format!("opening the store in {}", config.store_dir().display()))?;
+                Ok(MailSink::Local { store, session: Default::default() })
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        user: &str,
+        label: String,
+        return_path: Option<String>,
+        message: &[u8],
+        tally: &mut MailTally,
+    ) -> Result<()> {
+        match self {
+            MailSink::Server { write, in_flight, .. } => {
+                use tokio::io::AsyncWriteExt;
+                let request = Request::MailImport { user: user.to_string(), return_path, size: message.len() as u64 };
+                let mut line = serde_json::to_string(&request)?;
+                line.push('\n');
+                write.write_all(line.as_bytes()).await?;
+                write.write_all(message).await?;
+                in_flight.push_back(label);
+                if in_flight.len() >= MAIL_WINDOW {
+                    self.answer(tally).await?;
+                }
+            }
+            MailSink::Local { store, session } => {
+                let outcome = import_here(store, session, user, return_path, message).await;
+                tally.count(&label, outcome.as_deref().map_err(|e| e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the answer to the oldest message in flight.
+    async fn answer(&mut self, tally: &mut MailTally) -> Result<()> {
+        let MailSink::Server { read, in_flight, .. } = self else { return Ok(()) };
+        let Some(label) = in_flight.pop_front() else { return Ok(()) };
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        read.read_line(&mut line).await?;
+        if line.is_empty() {
+            bail!("the server closed the admin socket during the import");
+        }
+        let response: Response = serde_json::from_str(&line).context("malformed answer from the server")?;
+        let status = response.data["status"].as_str().unwrap_or_default().to_string();
+        if response.ok {
+            tally.count(&label, Ok(&status));
+        } else {
+            tally.count(&label, Err(response.error.unwrap_or_else(|| "failed".into())));
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, tally: &mut MailTally) -> Result<()> {
+        while matches!(self, MailSink::Server { in_flight, .. } if !in_flight.is_empty()) {
+            self.answer(tally).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One message into the store opened by this process (no server runs):
+/// the same steps as the server's.
+async fn import_here(
+    store: &Arc<LocalStore>,
+    session: &mut hamail_server::import::ImportSession,
+    user: &str,
+    return_path: Option<String>,
+    message: &[u8],
+) -> Result<&'static str, hamail_store::StoreError> {
+    use hamail_server::import::{deliver, Admission, MessageBody};
+    use hamail_store::{Address, MailStore};
+    let user = Address::parse(user)?;
+    let mut body = MessageBody::new(store.spool(128 * 1024));
+    body.append(message)?;
+    let (body, own) = body.finish()?;
+    let return_path = own.unwrap_or(return_path);
+    match session.admit(store.as_ref(), store.as_ref(), &user, &body).await? {
+        Admission::Duplicate => Ok("duplicate"),
+        Admission::New => deliver(store.as_ref(), &user, return_path, body).await.map(|_| "imported"),
+    }
+}
+
+/// `hamail import mbox|maildir`: progress on standard error every 1000
+/// messages, a summary at the end, exit status 1 if a message failed.
+async fn import_mail(config: &Config, cmd: ImportCmd) -> Result<()> {
+    use hamail_server::import::{maildir_listing, MboxFormat, MboxItem, MboxReader};
+    let max = config.smtp.max_message_size;
+    let mut tally = MailTally::default();
+    let oversized = |tally: &mut MailTally, label: &str, size: u64| {
+        tally.oversized += 1;
+        eprintln!("{label}: {size} bytes, over the size limit of {max} ([smtp] max_message_size): skipped");
+    };
+    let started = std::time::Instant::now();
+    let mut folders_left = Vec::new();
+    let user = match &cmd {
+        ImportCmd::Mbox { user, .. } | ImportCmd::Maildir { user, .. } => user.clone(),
+    };
+    let mut sink = MailSink::open(config, &user).await?;
+    match cmd {
+        ImportCmd::Mbox { path, format, .. } => {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let format = match format {
+                MboxFlavour::Mboxrd => MboxFormat::Mboxrd,
+                MboxFlavour::Mboxo => MboxFormat::Mboxo,
+            };
+            let mut reader = MboxReader::new(std::io::BufReader::with_capacity(64 * 1024, file), format);
+            let mut n = 0u64;
+            while let Some(item) = reader.next_message(max).with_context(|| format!("reading {}", path.display()))? {
+                n += 1;
+                let label = format!("{}: message {n}", path.display());
+                match item {
+                    MboxItem::Message { sender, bytes } => sink.send(&user, label, sender, &bytes, &mut tally).await?,
+                    MboxItem::Oversized { size, .. } => oversized(&mut tally, &label, size),
+                }
+            }
+        }
+        ImportCmd::Maildir { path, all_folders, .. } => {
+            let listing = maildir_listing(&path, all_folders).with_context(|| format!("reading {}", path.display()))?;
+            for file in &listing.files {
+                let label = file.display().to_string();
+                let size = std::fs::metadata(file).with_context(|| format!("reading {label}"))?.len();
+                if size > max as u64 {
+                    oversized(&mut tally, &label, size);
+                    continue;
+                }
+                let bytes = std::fs::read(file).with_context(|| format!("reading {label}"))?;
+                sink.send(&user, label, None, &bytes, &mut tally).await?;
+            }
+            folders_left = listing.skipped_folders;
+        }
+    }
+    sink.finish(&mut tally).await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "imported {}, already there {}, skipped {} (over the size limit), failed {} in {secs:.1} s",
+        tally.imported, tally.duplicates, tally.oversized, tally.failed
+    );
+    for (name, count) in &folders_left {
+        println!("folder {name} ({count} messages) not imported: --all-folders imports every folder into the maildrop");
+    }
+    if tally.failed > 0 {
+        bail!("{} message(s) failed", tally.failed);
+    }
+    Ok(())
 }
 
 /// The `[[group]]` tables of a groups file; errors name the file and line.
@@ -846,6 +1178,7 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         Request::UserAdd { user, .. } => println!("user {user} added"),
         Request::UserPasswd { user, .. } => println!("password of {user} changed"),
         Request::UserDel { user } => println!("user {user} removed"),
+        Request::UserImport { .. } | Request::MailImport { .. } => {}
         Request::AliasAdd { alias, .. } => println!("alias {alias} added"),
         Request::AliasDel { alias } => println!("alias {alias} removed"),
         Request::BanList => {

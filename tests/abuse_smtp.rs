@@ -16,16 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A field of `/proc/PID/status` in KiB (VmHWM, VmRSS).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 fn tmp_dir(s: &Server) -> PathBuf {
     s.dir.join("data/store/tmp")
 }

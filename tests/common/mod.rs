@@ -252,6 +252,16 @@ pub fn py(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {err}"))
 }
 
+/// A field of `/proc/PID/status` in KiB (VmHWM, VmRSS).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Polls `f` until it returns `Some`, or gives `None` after `timeout`.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use hamail_store::password::Passwords;
-use hamail_store::{Address, Directory, Domain, Resolution, StoreError, StoreResult, UserInfo};
+use hamail_store::{Address, Directory, DirectoryChange, Domain, Resolution, StoreError, StoreResult, UserInfo};
 
 use crate::node::{store_error, ClusterNode};
 use crate::types::{Command, CommandResult};
@@ -31,7 +31,7 @@ impl ReplicatedDirectory {
 
     async fn propose(&self, cmd: Command) -> StoreResult<()> {
         match self.node.write(cmd).await {
-            Ok(CommandResult::Done) | Ok(CommandResult::NodeId(_)) => Ok(()),
+            Ok(CommandResult::Done) | Ok(CommandResult::NodeId(_)) | Ok(CommandResult::Each(_)) => Ok(()),
             Ok(CommandResult::Refused(msg)) => Err(StoreError::Permanent(msg)),
             Err(e) => Err(store_error(e)),
         }
@@ -87,6 +87,18 @@ impl Directory for ReplicatedDirectory {
     async fn users(&self) -> StoreResult<Vec<UserInfo>> {
         self.read_barrier().await?;
         self.node.store().users().await
+    }
+
+    async fn apply_batch(&self, changes: Vec<DirectoryChange>) -> StoreResult<Vec<StoreResult<()>>> {
+        let n = changes.len();
+        match self.node.write(Command::Directory { changes }).await {
+            Ok(CommandResult::Each(each)) if each.len() == n => {
+                Ok(each.into_iter().map(|r| r.map_or(Ok(()), |msg| Err(StoreError::Permanent(msg)))).collect())
+            }
+            Ok(CommandResult::Refused(msg)) => Err(StoreError::Permanent(msg)),
+            Ok(other) => Err(StoreError::Internal(format!("a directory batch of {n} was answered {other:?}"))),
+            Err(e) => Err(store_error(e)),
+        }
     }
 
     async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool> {

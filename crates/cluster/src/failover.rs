@@ -225,7 +225,7 @@ fn unix_ms() -> u64 {
 
 fn refused_err(r: CommandResult) -> Result<(), ClusterError> {
     match r {
-        CommandResult::Done | CommandResult::NodeId(_) => Ok(()),
+        CommandResult::Done | CommandResult::NodeId(_) | CommandResult::Each(_) => Ok(()),
         CommandResult::Refused(m) => Err(ClusterError::Config(m)),
     }
 }

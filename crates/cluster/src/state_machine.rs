@@ -297,6 +297,7 @@ fn change_of(cmd: Command) -> Option<StateChange> {
         | Command::AssignGroup { .. }
         | Command::GroupReport { .. }
         | Command::LogEvent { .. }
+        | Command::Directory { .. }
         | Command::Ban(_) => return None,
     }))
 }
@@ -306,6 +307,8 @@ fn change_of(cmd: Command) -> Option<StateChange> {
 enum Pending {
     Ready(CommandResult),
     Change(usize),
+    /// A [`Command::Directory`]: `.1` changes from position `.0`.
+    Changes(usize, usize),
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -353,6 +356,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let record = postcard::to_allocvec(&event).map_err(|e| sm_err(ErrorVerb::Write, e))?;
                     pending.push(Pending::Change(changes.len()));
                     changes.push(StateChange::ClusterLog { seq, record, keep: EVENTS_KEPT });
+                }
+                EntryPayload::Normal(Command::Directory { changes: batch }) => {
+                    pending.push(Pending::Changes(changes.len(), batch.len()));
+                    changes.extend(batch.into_iter().map(StateChange::Directory));
                 }
                 EntryPayload::Normal(Command::Ban(change)) => {
                     bans.push(change);
@@ -406,17 +413,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // No receiver: no server listens (yet); nothing to tell.
             let _ = self.shared.bans.send(change);
         }
+        // apply_state returns only Ok or Permanent per change.
+        let refusal = |i: usize| match results.get(i) {
+            Some(Ok(())) => Ok(None),
+            Some(Err(StoreError::Permanent(msg))) => Ok(Some(msg.clone())),
+            Some(Err(e)) => Ok(Some(e.to_string())),
+            None => Err(sm_err(ErrorVerb::Write, "the store returned too few results")),
+        };
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {
             out.push(match p {
                 Pending::Ready(r) => r,
-                Pending::Change(i) => match results.get(i) {
-                    Some(Ok(())) => CommandResult::Done,
-                    Some(Err(StoreError::Permanent(msg))) => CommandResult::Refused(msg.clone()),
-                    // apply_state returns only Ok or Permanent per change.
-                    Some(Err(e)) => CommandResult::Refused(e.to_string()),
-                    None => return Err(sm_err(ErrorVerb::Write, "the store returned too few results")),
+                Pending::Change(i) => match refusal(i)? {
+                    None => CommandResult::Done,
+                    Some(msg) => CommandResult::Refused(msg),
                 },
+                Pending::Changes(start, n) => {
+                    CommandResult::Each((start..start + n).map(refusal).collect::<Result<_, _>>()?)
+                }
             });
         }
         Ok(out)

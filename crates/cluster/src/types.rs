@@ -149,6 +149,11 @@ pub enum Command {
     /// kept in the state: applied to each running server's memory, as
     /// bans live (a node that restarts or joins later has none).
     Ban(BanChange),
+    /// Directory changes applied in order in one entry (a bulk import):
+    /// answered with [`CommandResult::Each`], one result per change.
+    Directory {
+        changes: Vec<hamail_store::DirectoryChange>,
+    },
 }
 
 /// A login ban, as the nodes tell each other. The target is an address
@@ -194,6 +199,9 @@ pub enum CommandResult {
     /// unknown domain...): every node refuses it the same way.
     Refused(String),
     NodeId(NodeId),
+    /// The result of each change of a [`Command::Directory`]: `None` done,
+    /// `Some(reason)` refused.
+    Each(Vec<Option<String>>),
 }
 
 openraft::declare_raft_types!(

@@ -92,6 +92,43 @@ async fn three_nodes_replicate_forward_and_read_linearizably() {
     }
 }
 
+/// A directory batch (a bulk user import) is one log entry, proposed on a
+/// follower, with a result per change; every node applies all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_batch_is_one_log_entry_with_a_result_per_change() {
+    use hamail_store::DirectoryChange;
+    let c = TestCluster::start(3, Timing::default(), 1).await;
+    let leader = c.leader().await;
+    let follower = c.running().into_iter().find(|n| n.id() != leader.id()).unwrap();
+    let on_follower = ReplicatedDirectory::new(follower.clone());
+    let user = |u: &str| DirectoryChange::AddUser {
+        user: Address::parse(u).unwrap(),
+        password_hash: "$5$saltsalt$myjXcpMpE2Ofk7fj9hqyNYSn6lmWG4Mqnjx.KIRRr4/".into(),
+        created_at: 1,
+    };
+    let before = leader.status().last_log_index.unwrap_or(0);
+    let results = on_follower
+        .apply_batch(vec![
+            DirectoryChange::AddDomain { domain: domain("batch.example") },
+            user("a@batch.example"),
+            user("a@batch.example"),
+            user("b@elsewhere.example"),
+            user("c@batch.example"),
+        ])
+        .await
+        .unwrap();
+    let refused: Vec<bool> = results.iter().map(|r| matches!(r, Err(StoreError::Permanent(_)))).collect();
+    assert_eq!(refused, [false, false, true, true, false], "{results:?}");
+    assert_eq!(leader.status().last_log_index, Some(before + 1), "one log entry");
+    for node in c.running() {
+        let dir = ReplicatedDirectory::new(node.clone());
+        let users: Vec<String> = dir.users().await.unwrap().iter().map(|u| u.address.to_string()).collect();
+        assert_eq!(users, ["a@batch.example", "c@batch.example"], "node {}", node.id());
+        // The crypt(3) hash is kept and checked as such.
+        assert!(dir.verify_password(&Address::parse("c@batch.example").unwrap(), "correct horse").await.unwrap());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn minority_cannot_commit_and_majority_moves_on() {
     let timing = Timing { write_timeout_ms: 2000, ..Timing::default() };

@@ -45,6 +45,27 @@ pub enum Request {
         user: String,
     },
     UserList,
+    /// Adds (or with `update` changes the password of) these users in one
+    /// directory write; see [`crate::import::import_users`].
+    UserImport {
+        users: Vec<crate::import::ImportedUser>,
+        #[serde(default)]
+        update: bool,
+        #[serde(default)]
+        create_domains: bool,
+    },
+    /// Delivers one message into the maildrop of `user`: the request line
+    /// is followed by exactly `size` octets, the message as it was (see
+    /// [`crate::import::MessageBody`]). `return_path` is the envelope
+    /// sender to record when the message has no `Return-Path:` line. The
+    /// answer's `status` is `imported` or `duplicate`. Several may be sent
+    /// before reading the answers (they come in order).
+    MailImport {
+        user: String,
+        #[serde(default)]
+        return_path: Option<String>,
+        size: u64,
+    },
     AliasAdd {
         alias: String,
         targets: Vec<String>,
@@ -147,10 +168,10 @@ pub struct Response {
 }
 
 impl Response {
-    fn ok(data: Value) -> Self {
+    pub(crate) fn ok(data: Value) -> Self {
         Response { ok: true, error_kind: None, error: None, data }
     }
-    fn err(e: StoreError) -> Self {
+    pub(crate) fn err(e: StoreError) -> Self {
         let kind = match &e {
             StoreError::Temporary(_) => "temporary",
             StoreError::Busy(_) => "temporary",
@@ -255,6 +276,12 @@ async fn run(
         Request::UserDel { user } => {
             dir.remove_user(&Address::parse(&user)?).await?;
             Value::Null
+        }
+        Request::UserImport { users, update, create_domains } => {
+            crate::import::import_users(dir, users, update, create_domains).await?
+        }
+        Request::MailImport { .. } => {
+            return Err(StoreError::Permanent("a mail import sends its message on the admin socket only".into()))
         }
         Request::UserList => json!(dir
             .users()
@@ -425,7 +452,7 @@ fn queue_json(item: &QueueItem) -> Value {
     })
 }
 
-fn check_password(p: &str) -> Result<(), StoreError> {
+pub(crate) fn check_password(p: &str) -> Result<(), StoreError> {
     if p.is_empty() {
         return Err(StoreError::Permanent("the password must not be empty".into()));
     }
@@ -461,37 +488,54 @@ pub(crate) fn serve(ctx: Arc<Context>, path: &Path) -> Result<tokio::task::JoinH
                 tracing::warn!(peer = ?stream.peer_cred().ok(), "admin connection refused: not root nor the server's user");
                 continue;
             }
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let response = match serde_json::from_str::<Request>(&line) {
-                        Ok(req) => {
-                            let logged = match &req {
-                                Request::UserAdd { user, .. } => format!("user_add {user}"),
-                                Request::UserPasswd { user, .. } => format!("user_passwd {user}"),
-                                Request::ClusterJoin { .. } => "cluster_join".to_string(),
-                                other => format!("{other:?}"),
-                            };
-                            tracing::info!(request = %logged, "admin request");
-                            if req.is_cluster() {
-                                execute_cluster(&ctx, req).await
-                            } else {
-                                execute(ctx.store().as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
-                            }
-                        }
-                        Err(e) => Response::bad_request(format!("malformed admin request: {e}")),
-                    };
-                    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
-                    text.push('\n');
-                    if w.write_all(text.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tokio::spawn(connection(ctx.clone(), stream));
         }
     }))
+}
+
+/// One admin connection: requests in, answers out in the same order.
+async fn connection(ctx: Arc<Context>, stream: tokio::net::UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut imports = crate::import::ImportSession::default();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::MailImport { user, return_path, size }) => {
+                match crate::import::receive(&ctx, &mut reader, &mut imports, &user, return_path, size).await {
+                    Ok(response) => response,
+                    // The connection is out of step with its data.
+                    Err(_) => break,
+                }
+            }
+            Ok(req) => {
+                let logged = match &req {
+                    Request::UserAdd { user, .. } => format!("user_add {user}"),
+                    Request::UserPasswd { user, .. } => format!("user_passwd {user}"),
+                    Request::UserImport { users, .. } => format!("user_import of {} users", users.len()),
+                    Request::ClusterJoin { .. } => "cluster_join".to_string(),
+                    other => format!("{other:?}"),
+                };
+                tracing::info!(request = %logged, "admin request");
+                if req.is_cluster() {
+                    execute_cluster(&ctx, req).await
+                } else {
+                    execute(ctx.store().as_ref(), ctx.directory().as_ref(), Some(&ctx), req).await
+                }
+            }
+            Err(e) => Response::bad_request(format!("malformed admin request: {e}")),
+        };
+        let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+        text.push('\n');
+        if w.write_all(text.as_bytes()).await.is_err() {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 mod conn;
 pub mod delivery;
+pub mod import;
 pub mod limits;
 mod pop3;
 pub mod resources;

@@ -2,6 +2,15 @@
 //! threads that each own one reusable argon2 memory block, plus a cache of
 //! recent successful logins.
 //!
+//! New passwords are always hashed with argon2id. Stored hashes may also be
+//! in the crypt(3) formats of the systems users are imported from
+//! (`/etc/shadow`, Dovecot passwd-files), kept as they are so that users keep
+//! their passwords: SHA-512-crypt `$6$` and SHA-256-crypt `$5$` (Drepper's
+//! "Unix crypt using SHA-256 and SHA-512"), bcrypt `$2a$`/`$2b$`/`$2x$`/`$2y$`
+//! and yescrypt `$y$` (the default of current Debian and Fedora shadow
+//! files). See [`HashScheme`]. They are checked on the same worker threads,
+//! with the same cache, so a slow one never blocks the async runtime.
+//!
 //! Why a pool: argon2 is slow and big on purpose (19 MiB per check with the
 //! default parameters). Run on tokio's blocking threads, every concurrent
 //! login allocated its own 19 MiB and the allocator kept them: the server
@@ -27,6 +36,196 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 use sha2::{Digest, Sha256};
 
 use crate::{StoreError, StoreResult};
+
+/// Highest `rounds=` of an imported SHA-crypt hash (the default is 5000;
+/// glibc allows up to 999,999,999, which is minutes of CPU per login).
+const MAX_SHA_CRYPT_ROUNDS: u64 = 1_000_000;
+/// Highest bcrypt cost (log2 of the rounds): 14 is about a second.
+const MAX_BCRYPT_COST: u32 = 14;
+/// Largest memory an imported argon2 or yescrypt hash may ask for per
+/// check (each of the two workers may hold this much).
+const MAX_HASH_MEMORY: u64 = 128 * 1024 * 1024;
+
+/// The formats of stored password hashes this store verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashScheme {
+    /// `$argon2id$`, `$argon2i$`, `$argon2d$` (PHC string format): what
+    /// hamail writes.
+    Argon2,
+    /// `$6$`: SHA-512-crypt.
+    Sha512Crypt,
+    /// `$5$`: SHA-256-crypt.
+    Sha256Crypt,
+    /// `$2a$`, `$2b$`, `$2x$`, `$2y$`: bcrypt (OpenBSD, PHP, htpasswd -B).
+    Bcrypt,
+    /// `$y$`: yescrypt.
+    Yescrypt,
+}
+
+impl HashScheme {
+    /// The scheme `stored` claims by its prefix (not whether it is
+    /// well-formed: see [`validate_hash`]).
+    pub fn of(stored: &str) -> Option<HashScheme> {
+        let scheme = if stored.starts_with("$argon2") {
+            HashScheme::Argon2
+        } else if stored.starts_with("$6$") {
+            HashScheme::Sha512Crypt
+        } else if stored.starts_with("$5$") {
+            HashScheme::Sha256Crypt
+        } else if ["$2a$", "$2b$", "$2x$", "$2y$"].iter().any(|p| stored.starts_with(p)) {
+            HashScheme::Bcrypt
+        } else if stored.starts_with("$y$") {
+            HashScheme::Yescrypt
+        } else {
+            return None;
+        };
+        Some(scheme)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashScheme::Argon2 => "argon2",
+            HashScheme::Sha512Crypt => "SHA-512-crypt",
+            HashScheme::Sha256Crypt => "SHA-256-crypt",
+            HashScheme::Bcrypt => "bcrypt",
+            HashScheme::Yescrypt => "yescrypt",
+        }
+    }
+}
+
+/// Whether `stored` is a hash this store can verify: a known scheme,
+/// well-formed, and with a cost that keeps one check within about a second
+/// and [`MAX_HASH_MEMORY`] (a hash is checked at every login, and an
+/// unbounded one would let a single account stall the workers). A
+/// `Permanent` error says what is wrong; nothing is computed.
+pub fn validate_hash(stored: &str) -> StoreResult<HashScheme> {
+    let bad = |why: String| StoreError::Permanent(format!("not a usable password hash: {why}"));
+    let Some(scheme) = HashScheme::of(stored) else {
+        let prefix: String = stored.chars().take(4).collect();
+        return Err(bad(if stored.starts_with('$') {
+            format!(
+                "unsupported scheme '{prefix}...' (supported: $argon2id$, $argon2i$, $6$, $5$, $2y$/$2b$/$2a$, $y$)"
+            )
+        } else {
+            "no crypt(3) scheme prefix".into()
+        }));
+    };
+    match scheme {
+        HashScheme::Argon2 => {
+            let parsed = PasswordHash::new(stored).map_err(|e| bad(format!("argon2: {e}")))?;
+            Algorithm::try_from(parsed.algorithm).map_err(|e| bad(format!("argon2: {e}")))?;
+            let params = Params::try_from(&parsed).map_err(|e| bad(format!("argon2 parameters: {e}")))?;
+            if parsed.salt.is_none() || parsed.hash.is_none() {
+                return Err(bad("argon2: no salt or no hash".into()));
+            }
+            if u64::from(params.m_cost()) * 1024 > MAX_HASH_MEMORY || params.t_cost() > 64 {
+                return Err(bad(format!("argon2 cost too high (m={} KiB, t={})", params.m_cost(), params.t_cost())));
+            }
+        }
+        HashScheme::Sha512Crypt | HashScheme::Sha256Crypt => {
+            ShaCrypt::parse(&stored[3..], sha_crypt_len(scheme)).map_err(bad)?;
+        }
+        HashScheme::Bcrypt => {
+            let rest = &stored[4..];
+            let (cost, digest) = rest.split_once('$').ok_or_else(|| bad("bcrypt: no cost".into()))?;
+            let cost: u32 = match cost.len() {
+                2 => cost.parse().map_err(|_| bad(format!("bcrypt: cost '{cost}'")))?,
+                _ => return Err(bad(format!("bcrypt: cost '{cost}'"))),
+            };
+            if !(4..=MAX_BCRYPT_COST).contains(&cost) {
+                return Err(bad(format!("bcrypt cost {cost} outside 4..={MAX_BCRYPT_COST}")));
+            }
+            if digest.len() != 53 || !digest.bytes().all(is_crypt_base64) {
+                return Err(bad("bcrypt: salt and hash must be 53 characters of ./A-Za-z0-9".into()));
+            }
+        }
+        HashScheme::Yescrypt => {
+            let parsed = yescrypt::PasswordHashRef::new(stored).map_err(|e| bad(format!("yescrypt: {e}")))?;
+            let mut fields = parsed.fields();
+            let params: yescrypt::Params = fields
+                .next()
+                .ok_or_else(|| bad("yescrypt: no parameters".into()))?
+                .as_str()
+                .parse()
+                .map_err(|e| bad(format!("yescrypt parameters: {e}")))?;
+            if fields.count() != 2 {
+                return Err(bad("yescrypt: expected $y$params$salt$hash".into()));
+            }
+            let memory = 128u64.saturating_mul(params.n()).saturating_mul(u64::from(params.r()));
+            if memory.saturating_mul(u64::from(params.p().max(1))) > MAX_HASH_MEMORY {
+                return Err(bad(format!("yescrypt needs {} MiB per check", memory >> 20)));
+            }
+        }
+    }
+    Ok(scheme)
+}
+
+/// Characters of the encoded hash of a SHA-crypt string.
+fn sha_crypt_len(scheme: HashScheme) -> usize {
+    if scheme == HashScheme::Sha512Crypt {
+        86
+    } else {
+        43
+    }
+}
+
+/// The crypt(3) base64 alphabet.
+fn is_crypt_base64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'/'
+}
+
+/// The parts of a SHA-crypt string (Drepper, "Unix crypt using SHA-256
+/// and SHA-512"): `$6$[rounds=N$]salt$hash`.
+struct ShaCrypt<'a> {
+    rounds: usize,
+    salt: &'a str,
+    hash: &'a str,
+}
+
+impl<'a> ShaCrypt<'a> {
+    /// `rest` is what follows `$6$` or `$5$`; `hash_len` the length of the
+    /// encoded hash (86 for SHA-512, 43 for SHA-256).
+    fn parse(rest: &'a str, hash_len: usize) -> Result<ShaCrypt<'a>, String> {
+        let (rounds, rest) = match rest.strip_prefix("rounds=") {
+            Some(r) => {
+                let (n, after) = r.split_once('$').ok_or("SHA-crypt: rounds= without a salt")?;
+                let n: u64 = n.parse().map_err(|_| format!("SHA-crypt: rounds={n}"))?;
+                if n > MAX_SHA_CRYPT_ROUNDS {
+                    return Err(format!("SHA-crypt rounds={n} above {MAX_SHA_CRYPT_ROUNDS}"));
+                }
+                // Below the minimum, crypt(3) uses the minimum.
+                (n.max(sha_crypt::ROUNDS_MIN as u64) as usize, after)
+            }
+            None => (sha_crypt::ROUNDS_DEFAULT, rest),
+        };
+        let (salt, hash) = rest.split_once('$').ok_or("SHA-crypt: no hash after the salt")?;
+        // crypt(3) writes at most 16 characters of salt, never '$' or ':'.
+        if salt.len() > 16 || salt.contains([':', '\n']) {
+            return Err("SHA-crypt: salt longer than 16 characters or with ':'".into());
+        }
+        if hash.len() != hash_len || !hash.bytes().all(is_crypt_base64) {
+            return Err(format!("SHA-crypt: the hash must be {hash_len} characters of ./A-Za-z0-9"));
+        }
+        Ok(ShaCrypt { rounds, salt, hash })
+    }
+
+    fn check(&self, password: &str, scheme: HashScheme) -> StoreResult<bool> {
+        let failed = |e: sha_crypt::CryptError| StoreError::Internal(format!("SHA-crypt: {e:?}"));
+        let computed = if scheme == HashScheme::Sha512Crypt {
+            let params = sha_crypt::Sha512Params::new(self.rounds).map_err(failed)?;
+            sha_crypt::sha512_crypt_b64(password.as_bytes(), self.salt.as_bytes(), &params).map_err(failed)?
+        } else {
+            let params = sha_crypt::Sha256Params::new(self.rounds).map_err(failed)?;
+            sha_crypt::sha256_crypt_b64(password.as_bytes(), self.salt.as_bytes(), &params).map_err(failed)?
+        };
+        Ok(constant_time_eq(computed.as_bytes(), self.hash.as_bytes()))
+    }
+}
+
+/// Equal contents, without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// Threads doing argon2 work (one per core of the machines we aim at).
 const WORKERS: usize = 2;
@@ -184,7 +383,30 @@ fn hash_with(memory: &mut Vec<Block>, password: &str) -> StoreResult<String> {
     Ok(phc.to_string())
 }
 
-fn check_with(memory: &mut Vec<Block>, phc: &str, password: &str) -> StoreResult<bool> {
+/// Checks `password` against a stored hash of any [`HashScheme`].
+fn check_with(memory: &mut Vec<Block>, stored: &str, password: &str) -> StoreResult<bool> {
+    let damaged = |e: &dyn std::fmt::Display| StoreError::Internal(format!("stored password hash unreadable: {e}"));
+    match HashScheme::of(stored) {
+        Some(HashScheme::Argon2) => check_argon2(memory, stored, password),
+        Some(scheme @ (HashScheme::Sha512Crypt | HashScheme::Sha256Crypt)) => {
+            ShaCrypt::parse(&stored[3..], sha_crypt_len(scheme)).map_err(|e| damaged(&e))?.check(password, scheme)
+        }
+        // bcrypt uses the first 72 bytes of the password, as every
+        // implementation the hashes come from did.
+        Some(HashScheme::Bcrypt) => bcrypt::verify(password, stored).map_err(|e| damaged(&e)),
+        Some(HashScheme::Yescrypt) => {
+            use yescrypt::PasswordVerifier;
+            match yescrypt::Yescrypt::default().verify_password(password.as_bytes(), stored) {
+                Ok(()) => Ok(true),
+                Err(yescrypt::password_hash::Error::PasswordInvalid) => Ok(false),
+                Err(e) => Err(damaged(&e)),
+            }
+        }
+        None => Err(damaged(&"unknown scheme")),
+    }
+}
+
+fn check_argon2(memory: &mut Vec<Block>, phc: &str, password: &str) -> StoreResult<bool> {
     let parsed =
         PasswordHash::new(phc).map_err(|e| StoreError::Internal(format!("stored password hash unreadable: {e}")))?;
     let algorithm =
@@ -200,9 +422,7 @@ fn check_with(memory: &mut Vec<Block>, phc: &str, password: &str) -> StoreResult
     let expected = parsed.hash.ok_or_else(|| StoreError::Internal("stored hash has no output".into()))?;
     let mut out = vec![0u8; expected.len()];
     run(memory, algorithm, version, params, password, salt_raw, &mut out)?;
-    // Constant time: no early exit on the first differing byte.
-    let diff = out.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    Ok(diff == 0 && out.len() == expected.len())
+    Ok(constant_time_eq(&out, expected.as_bytes()))
 }
 
 fn run(
@@ -267,5 +487,60 @@ mod tests {
         let dummy = p.dummy_hash().await.unwrap();
         assert!(!p.check_uncached(dummy, "").await.unwrap());
         assert_eq!(p.dummy_hash().await.unwrap(), dummy, "computed once");
+    }
+
+    /// Hashes made by glibc/libxcrypt crypt(3) (Python's `crypt` module),
+    /// as in `/etc/shadow`: each checks with the right password only.
+    const CRYPT_VECTORS: [(&str, HashScheme); 6] = [
+        (
+            "$6$saltsalt$hRM5XZ86KXEw9UOmjigeVqFgULtFB2sgpC9lXQDfMib3Zgw7mEiUvBJI2EplzfAqxL5Vvwp2scFtv/uamSo5z0",
+            HashScheme::Sha512Crypt,
+        ),
+        (
+            "$6$rounds=10000$saltsalt$EMCAJaVdD8QpgIn1w2Sq1C8/BIypyMaemdjCDgDu8NxiKn5cVOzQe8ZMNovWPPitzBG6NZOSXfpu45VIxD1OF0",
+            HashScheme::Sha512Crypt,
+        ),
+        ("$5$saltsalt$myjXcpMpE2Ofk7fj9hqyNYSn6lmWG4Mqnjx.KIRRr4/", HashScheme::Sha256Crypt),
+        ("$2b$05$abcdefghijklmnopqrstuuHNbAKRhpaujgo33bRWs.NLUTJO3lOy2", HashScheme::Bcrypt),
+        // PHP and htpasswd write $2y$: the same algorithm.
+        ("$2y$05$abcdefghijklmnopqrstuuHNbAKRhpaujgo33bRWs.NLUTJO3lOy2", HashScheme::Bcrypt),
+        ("$y$j9T$F5Jx5fExrKuPp53xLKQ..1$zwtVrjrUCmXcyLTs6oxLTQlzifSUkF8RHJ./tK5KU79", HashScheme::Yescrypt),
+    ];
+
+    #[tokio::test]
+    async fn crypt3_hashes_verify_with_their_password_only() {
+        let p = Passwords::global();
+        for (stored, scheme) in CRYPT_VECTORS {
+            assert_eq!(validate_hash(stored).unwrap(), scheme, "{stored}");
+            assert!(p.check_uncached(stored, "correct horse").await.unwrap(), "{stored}");
+            assert!(!p.check_uncached(stored, "correct horsf").await.unwrap(), "{stored}");
+            assert!(!p.check_uncached(stored, "").await.unwrap(), "{stored}");
+        }
+        let argon2 = p.hash("correct horse").await.unwrap();
+        assert_eq!(validate_hash(&argon2).unwrap(), HashScheme::Argon2);
+    }
+
+    #[test]
+    fn malformed_unknown_or_too_costly_hashes_are_refused_with_the_reason() {
+        let refused = |s: &str| match validate_hash(s) {
+            Err(StoreError::Permanent(why)) => why,
+            other => panic!("{s}: {other:?}"),
+        };
+        assert!(refused("$1$saltsalt$abcdefghijklmnopqrstuv").contains("unsupported scheme '$1$s...'"));
+        assert!(refused("plaintext").contains("no crypt(3) scheme prefix"));
+        assert!(refused("$6$saltsalt$short").contains("86 characters"));
+        assert!(refused("$6$rounds=5000000$salt$x").contains("rounds=5000000 above"));
+        assert!(refused("$6$rounds=abc$salt$x").contains("rounds=abc"));
+        assert!(
+            refused("$5$saltsaltsaltsaltsalt$myjXcpMpE2Ofk7fj9hqyNYSn6lmWG4Mqnjx.KIRRr4/").contains("16 characters")
+        );
+        assert!(refused("$2b$31$abcdefghijklmnopqrstuuHNbAKRhpaujgo33bRWs.NLUTJO3lOy2").contains("cost 31"));
+        assert!(refused("$2b$05$abcdefghijklmnopqrstuuHNbAKRhpaujgo33bRWs.NLUTJO3lOy").contains("53 characters"));
+        assert!(
+            refused("$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA").contains("cost too high")
+        );
+        assert!(refused("$argon2id$garbage").contains("argon2"));
+        assert!(refused("$y$jFT$F5Jx5fExrKuPp53xLKQ..1$zwtVrjrUCmXcyLTs6oxLTQlzifSUkF8RHJ./tK5KU79").contains("MiB"));
+        assert!(refused("$y$j9T$F5Jx5fExrKuPp53xLKQ..1").contains("yescrypt"));
     }
 }

@@ -554,7 +554,7 @@ pub enum StateChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectorySnapshot {
     pub domains: Vec<Domain>,
-    /// (address, argon2 PHC hash, created_at)
+    /// (address, password hash: argon2 PHC or an imported crypt(3) string, created_at)
     pub users: Vec<(Address, String, u64)>,
     pub aliases: Vec<(Address, Vec<Address>)>,
 }
@@ -612,6 +612,12 @@ pub trait Directory: Send + Sync + 'static {
     /// Removes the user and its maildrop.
     async fn remove_user(&self, user: &Address) -> StoreResult<()>;
     async fn users(&self) -> StoreResult<Vec<UserInfo>>;
+    /// Applies `changes` in order as one write (one commit; one log entry
+    /// in a cluster), for bulk administration such as an import. Each
+    /// change gets its own result: a refusal (`Permanent`: user exists,
+    /// unknown domain...) does not stop the others. Password hashes in the
+    /// changes are stored as given (see [`crate::password::validate_hash`]).
+    async fn apply_batch(&self, changes: Vec<DirectoryChange>) -> StoreResult<Vec<StoreResult<()>>>;
     /// Checks a password; `Ok(false)` for an unknown user or a wrong password
     /// (the caller must not learn which).
     async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool>;

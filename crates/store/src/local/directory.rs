@@ -547,7 +547,7 @@ impl LocalStore {
         blocking(move || inner.import_directory(&snapshot, &consensus_state)).await
     }
 
-    /// The stored argon2 hash of a user (for a proposer that checks a
+    /// The stored password hash of a user (for a proposer that checks a
     /// password against the replicated state).
     pub async fn password_hash(&self, user: &Address) -> StoreResult<Option<String>> {
         let (inner, user) = (self.inner().clone(), user.clone());
@@ -596,6 +596,10 @@ impl Directory for LocalStore {
     async fn users(&self) -> StoreResult<Vec<UserInfo>> {
         let inner = self.inner().clone();
         blocking(move || inner.users()).await
+    }
+
+    async fn apply_batch(&self, changes: Vec<DirectoryChange>) -> StoreResult<Vec<StoreResult<()>>> {
+        self.apply_directory(changes, None).await
     }
 
     async fn verify_password(&self, user: &Address, password: &str) -> StoreResult<bool> {
