@@ -191,6 +191,10 @@ enum GroupCmd {
     Move { name: String, node: Option<u64> },
     /// Removes a stopped group.
     Del { name: String },
+    /// After a failed stop (state StopFailed), once you checked that its
+    /// resources are down on its owner: marks it offline, so that it can
+    /// start again.
+    Clear { name: String },
 }
 
 #[derive(Subcommand)]
@@ -512,6 +516,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Group(GroupCmd::Stop { name }) => Request::Group { command: "stop".into(), name, node: None },
         Command::Group(GroupCmd::Move { name, node }) => Request::Group { command: "move".into(), name, node },
         Command::Group(GroupCmd::Del { name }) => Request::Group { command: "del".into(), name, node: None },
+        Command::Group(GroupCmd::Clear { name }) => Request::Group { command: "clear".into(), name, node: None },
         Command::Node(NodeCmd::Stop { node }) => Request::NodeStop { node },
         Command::Log { write: Some(LogCmd::Write { text }), .. } => Request::LogWrite { text: text.join(" ") },
         Command::Log { write: None, lines } => Request::LogShow { limit: lines },
@@ -938,6 +943,19 @@ fn read_groups(path: &Path) -> Result<Vec<hamail_cluster::groups::GroupSpec>> {
     })?;
     if parsed.group.is_empty() {
         bail!("{}: no [[group]] table", path.display());
+    }
+    for g in &parsed.group {
+        let scripts: std::time::Duration =
+            g.resources.iter().filter_map(hamail_cluster::groups::ResourceSpec::stop_time).sum();
+        if let Some(ms) = g.stop_timeout_ms.filter(|ms| u128::from(*ms) < scripts.as_millis()) {
+            eprintln!(
+                "hamail: warning: {}: group `{}` has stop_timeout_ms = {ms}, less than its scripts' timeout_secs \
+                 ({} s in all): a stop script may be killed before its own timeout",
+                path.display(),
+                g.name,
+                scripts.as_secs()
+            );
+        }
     }
     Ok(parsed.group)
 }

@@ -198,3 +198,67 @@ fn a_killed_owner_leaves_no_mount_behind() {
     });
     eprintln!("shared disk released {:?} after SIGKILL of its owner", killed.elapsed());
 }
+
+/// The state of group `name` as node `n` sees it.
+fn state_of(n: &Node, name: &str) -> Option<String> {
+    let (ok, out) = n.cli(&["group", "status", "--json"], "");
+    if !ok {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&out).ok()?;
+    let g = v.as_array()?.iter().find(|g| g["spec"]["name"] == name)?.clone();
+    Some(g["placement"]["state"].as_str()?.to_string())
+}
+
+/// A stop script that outlives the group's stop budget: `group apply`
+/// warns of it, the timed-out stop names the budget, the group is
+/// StopFailed; a longer budget can be applied while it is, `group clear`
+/// (after the operator checked) makes it offline, and it starts again.
+#[test]
+fn a_timed_out_stop_is_named_and_cleared_by_the_operator() {
+    let root = tempfile::tempdir().unwrap();
+    let node = node_with_ports(root.path(), 1, free_port(), free_port());
+    let (ok, out) = node.cli(&["cluster", "init"], "");
+    assert!(ok, "{out}");
+    let file = root.path().join("slow.toml");
+    let write = |budget_ms: u64| {
+        std::fs::write(
+            &file,
+            format!(
+                "[[group]]\nname = \"slow\"\nnodes = [1]\nstop_timeout_ms = {budget_ms}\n\n\
+                 [[group.resources]]\ntype = \"exec\"\nname = \"script\"\nstart = \"true\"\nstop = \"sleep 30\"\n\
+                 timeout_secs = 30\n"
+            ),
+        )
+        .unwrap();
+    };
+    write(500);
+    let (ok, out) = node.cli(&["group", "apply", file.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+    assert!(out.contains("warning") && out.contains("stop_timeout_ms = 500"), "{out}");
+    eventually(Duration::from_secs(30), "online", || (state_of(&node, "slow")? == "Online").then_some(()));
+    let (ok, out) = node.cli(&["group", "clear", "slow"], "");
+    assert!(!ok && out.contains("only a group whose stop failed"), "{out}");
+
+    let (ok, out) = node.cli(&["group", "stop", "slow"], "");
+    assert!(ok, "{out}");
+    eventually(Duration::from_secs(30), "StopFailed", || (state_of(&node, "slow")? == "StopFailed").then_some(()));
+    let (_, log) = node.cli(&["log", "-n", "50"], "");
+    assert!(log.contains("stop budget of 500 ms"), "{log}");
+
+    // A longer budget is taken while the group is in that state; a shorter
+    // one would not be.
+    write(40_000);
+    let (ok, out) = node.cli(&["group", "apply", file.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+    write(400);
+    let (ok, out) = node.cli(&["group", "apply", file.to_str().unwrap()], "");
+    assert!(!ok && out.contains("shortening a timeout"), "{out}");
+
+    let (ok, out) = node.cli(&["group", "clear", "slow"], "");
+    assert!(ok, "{out}");
+    assert_eq!(state_of(&node, "slow").as_deref(), Some("Offline"));
+    let (ok, out) = node.cli(&["group", "start", "slow"], "");
+    assert!(ok, "{out}");
+    eventually(Duration::from_secs(30), "online again", || (state_of(&node, "slow")? == "Online").then_some(()));
+}

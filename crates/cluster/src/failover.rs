@@ -154,14 +154,29 @@ impl GroupTiming {
     }
 
     /// The time `spec`'s stop may take: when its node loses the lease
-    /// (`fenced`), or when it stops by decision (move, stop, failure).
+    /// (`fenced`), or when it stops by decision (move, stop, failure). The
+    /// group's `stop_timeout_ms` if set; else the fast budget for a group
+    /// that stops in milliseconds and lost its lease; else the cluster's
+    /// `stop_timeout_ms`, or, when longer, what the group's resources are
+    /// given: their stop times ([`ResourceSpec::stop_time`], the scripts'
+    /// `timeout_secs`) one after the other (a stop runs them in reverse
+    /// order), plus the cluster's budget for the rest.
     pub fn stop_budget(&self, spec: &GroupSpec, fenced: bool) -> Duration {
-        let ms = match spec.stop_timeout_ms {
-            Some(ms) => ms,
-            None if fenced && spec.resources.iter().all(ResourceSpec::stops_fast) => self.fast_stop_timeout_ms,
-            None => self.stop_timeout_ms,
-        };
-        Duration::from_millis(ms)
+        match spec.stop_timeout_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None if fenced && spec.resources.iter().all(ResourceSpec::stops_fast) => {
+                Duration::from_millis(self.fast_stop_timeout_ms)
+            }
+            None => {
+                let own: Duration = spec.resources.iter().filter_map(ResourceSpec::stop_time).sum();
+                let base = Duration::from_millis(self.stop_timeout_ms);
+                if own.is_zero() {
+                    base
+                } else {
+                    own + base
+                }
+            }
+        }
     }
 
     /// How long the leader waits, after it last heard from an owner, before
@@ -256,6 +271,14 @@ impl ClusterNode {
 
     pub async fn set_group_target(&self, name: &str, target: GroupTarget) -> Result<(), ClusterError> {
         refused_err(self.write(Command::SetGroupTarget { group: name.into(), target }).await.map_err(write_error)?)
+    }
+
+    /// `group clear`: the operator checked that a group whose stop failed
+    /// is down on its owner (scripts' processes gone, disk unmounted): it
+    /// becomes offline and may start again (as `clpgrp`/`pcs resource
+    /// cleanup` clear a failed stop).
+    pub async fn clear_group(&self, name: &str) -> Result<(), ClusterError> {
+        refused_err(self.write(Command::ClearGroup { group: name.into() }).await.map_err(write_error)?)
     }
 
     /// `group move GROUP [NODE]`: a switchover to `node`, or without one to
@@ -1124,7 +1147,8 @@ impl Worker {
             self.held.clear();
             return true;
         };
-        let deadline = Instant::now() + n.timing().groups.stop_budget(&spec, fenced);
+        let budget = n.timing().groups.stop_budget(&spec, fenced);
+        let deadline = Instant::now() + budget;
         while let Some(r) = self.held.last().cloned() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(remaining, self.driver.stop(&spec, &r, remaining)).await {
@@ -1137,7 +1161,12 @@ impl Worker {
                     return false;
                 }
                 Err(_) => {
-                    self.log(me, EventKind::ResourceFailure, Some(r.name()), "stop timed out".into());
+                    let text = format!(
+                        "stop timed out: the group's stop budget of {} ms ran out (the group's stop_timeout_ms, \
+                         else the scripts' timeout_secs plus [cluster] group_stop_timeout_ms)",
+                        budget.as_millis()
+                    );
+                    self.log(me, EventKind::ResourceFailure, Some(r.name()), text);
                     return false;
                 }
             }
@@ -1180,6 +1209,26 @@ mod tests {
             max_restarts: 1,
             stop_timeout_ms: None,
         }
+    }
+
+    #[test]
+    fn the_stop_budget_covers_the_scripts_timeouts() {
+        let t = GroupTiming::default();
+        let exec =
+            |secs| ResourceSpec::Exec { name: "s".into(), start: "a".into(), stop: "b".into(), timeout_secs: secs };
+        let ip = ResourceSpec::LoopbackIp { name: "ip".into(), address: "127.0.0.77".into() };
+        let mut g = spec(&[1, 2], Failback::Manual);
+        // Addresses only: the fast budget when fenced, else the cluster's.
+        g.resources = vec![ip.clone()];
+        assert_eq!(t.stop_budget(&g, true), Duration::from_millis(100));
+        assert_eq!(t.stop_budget(&g, false), Duration::from_millis(2000));
+        // A script with 30 s of its own, and one with none: 30 s + 2 s.
+        g.resources = vec![ip, exec(30), exec(0)];
+        assert_eq!(t.stop_budget(&g, true), Duration::from_millis(32_000));
+        assert_eq!(t.fence_delay(&g), Duration::from_millis(600 + 32_000 + 100));
+        // The group's own figure wins.
+        g.stop_timeout_ms = Some(5000);
+        assert_eq!(t.stop_budget(&g, false), Duration::from_millis(5000));
     }
 
     fn ids(list: &[u64]) -> BTreeSet<NodeId> {

@@ -136,6 +136,18 @@ impl ResourceSpec {
         )
     }
 
+    /// The longest its stop may take by its own configuration: an exec
+    /// resource's `timeout_secs` (0: none given). `None`: no figure of its
+    /// own (the cluster's stop timeout covers it).
+    pub fn stop_time(&self) -> Option<std::time::Duration> {
+        match self {
+            ResourceSpec::Exec { timeout_secs, .. } if *timeout_secs > 0 => {
+                Some(std::time::Duration::from_secs(*timeout_secs))
+            }
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             ResourceSpec::FloatingIp { name, .. }

@@ -50,7 +50,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
-use crate::groups::{GroupReport, GroupState, GroupTable, GroupTarget, EVENTS_KEPT};
+use crate::groups::{GroupReport, GroupState, GroupTable, GroupTarget, ResourceSpec, EVENTS_KEPT};
 use crate::mailstore::MailEvents;
 use crate::types::{
     BanChange, ClusterSecrets, Command, CommandResult, Entry, LogId, NodeId, Snapshot, SnapshotMeta, StorageError,
@@ -296,6 +296,7 @@ fn change_of(cmd: Command) -> Option<StateChange> {
         | Command::SetGroupTarget { .. }
         | Command::AssignGroup { .. }
         | Command::GroupReport { .. }
+        | Command::ClearGroup { .. }
         | Command::LogEvent { .. }
         | Command::Directory { .. }
         | Command::Ban(_) => return None,
@@ -370,7 +371,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     | Command::RemoveGroup { .. }
                     | Command::SetGroupTarget { .. }
                     | Command::AssignGroup { .. }
-                    | Command::GroupReport { .. }),
+                    | Command::GroupReport { .. }
+                    | Command::ClearGroup { .. }),
                 ) => {
                     pending.push(Pending::Ready(apply_group_command(&mut next.groups, cmd)));
                 }
@@ -537,6 +539,29 @@ fn unique_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
+/// A running group's stop budget may grow, never shrink: the owner stops
+/// within the budget it started with, the leader fences with the current
+/// one, so the leader must never wait less than the owner may take.
+fn longer_or_same(old: Option<u64>, new: Option<u64>) -> bool {
+    match (old, new) {
+        (Some(a), Some(b)) => b >= a,
+        (a, b) => a == b,
+    }
+}
+
+/// The same resources, but for scripts' timeouts that grew (0, no
+/// timeout, stays 0).
+fn same_but_longer_timeouts(old: &[ResourceSpec], new: &[ResourceSpec]) -> bool {
+    old.len() == new.len()
+        && old.iter().zip(new).all(|(a, b)| match (a, b) {
+            (
+                ResourceSpec::Exec { name, start, stop, timeout_secs: t0 },
+                ResourceSpec::Exec { name: n1, start: s1, stop: p1, timeout_secs: t1 },
+            ) => name == n1 && start == s1 && stop == p1 && (*t0 == *t1 || (*t0 != 0 && *t1 >= *t0)),
+            (a, b) => a == b,
+        })
+}
+
 /// Applies a group command to the table: the same answer on every node.
 fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
     let refuse = |m: String| CommandResult::Refused(m);
@@ -561,11 +586,12 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
                 // The stop budget too: the owner stops within the budget it
                 // started with, the leader fences with the current one.
                 let structural = old.nodes != spec.nodes
-                    || old.resources != spec.resources
-                    || old.stop_timeout_ms != spec.stop_timeout_ms;
+                    || !same_but_longer_timeouts(&old.resources, &spec.resources)
+                    || !longer_or_same(old.stop_timeout_ms, spec.stop_timeout_ms);
                 if structural && placement.state != GroupState::Offline {
                     return refuse(format!(
-                        "group {} is {}: stop it before changing its nodes, resources or stop timeout",
+                        "group {} is {}: stop it before changing its nodes or resources, or shortening a \
+                         timeout (longer ones may change while it runs)",
                         spec.name, placement.state
                     ));
                 }
@@ -619,6 +645,17 @@ fn apply_group_command(t: &mut GroupTable, cmd: Command) -> CommandResult {
                     p.failed_on.push(n);
                 }
             }
+            CommandResult::Done
+        }
+        Command::ClearGroup { group } => {
+            let Some(p) = t.placement.get_mut(&group) else { return refuse(format!("no group {group}")) };
+            if p.state != GroupState::StopFailed {
+                return refuse(format!("group {group} is {}: only a group whose stop failed is cleared", p.state));
+            }
+            // A new epoch: the old owner's late reports are refused.
+            p.epoch += 1;
+            p.owner = None;
+            p.state = GroupState::Offline;
             CommandResult::Done
         }
         Command::GroupReport { group, node, epoch, report } => {

@@ -154,6 +154,11 @@ pub enum Command {
     Directory {
         changes: Vec<hamail_store::DirectoryChange>,
     },
+    /// `group clear`: the operator checked that a group whose stop failed
+    /// is down on its owner; it becomes offline (and may start elsewhere).
+    ClearGroup {
+        group: String,
+    },
 }
 
 /// A login ban, as the nodes tell each other. The target is an address

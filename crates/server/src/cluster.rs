@@ -616,6 +616,7 @@ pub(crate) async fn group_command(
         "del" => node.remove_group(name).await.map(|()| format!("group {name} removed")),
         "start" => node.start_group(name).await.map(|()| format!("group {name} starting")),
         "stop" => node.stop_group(name).await.map(|()| format!("group {name} stopping")),
+        "clear" => node.clear_group(name).await.map(|()| format!("group {name} cleared: offline")),
         "move" => node.move_group(name, to.map(NodeId)).await.map(|dest| format!("group {name} moving to node {dest}")),
         other => return Err(cluster_err(format!("unknown group command {other}"))),
     }
