@@ -595,6 +595,8 @@ fn seed_scripts_run_with_the_seed_variables() {
     if !root_or_skip("seed_scripts_run_with_the_seed_variables") {
         return;
     }
+    // Declared before the cluster: dropped after its processes.
+    let Some(disk) = common::disk::LoopDisk::new(32) else { return };
     let mut c = Cluster::new();
     let root = c.root.path().to_path_buf();
     let bin = root.join("bin");
@@ -616,9 +618,18 @@ fn seed_scripts_run_with_the_seed_variables() {
     );
     write_exec(&root.join("start.sh"), START_SH);
     write_exec(&root.join("stop.sh"), STOP_SH);
+    // The seed's group had its shared disk (ARMS_DISK is set only for a
+    // group with a disk). The scripts' 5 s timeout is part of the stop
+    // budget another node waits out after a power cut.
+    let spool = root.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
     let scripts = format!(
-        "[[group.resources]]\ntype = \"exec\"\nname = \"scripts\"\n\
-         start = \"PATH={b}:$PATH {r}/start.sh\"\nstop = \"PATH={b}:$PATH {r}/stop.sh\"\ntimeout_secs = 30\n\n",
+        "[[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"{d}\"\nmount_point = \"{m}\"\n\
+         fs_type = \"ext4\"\n\n\
+         [[group.resources]]\ntype = \"exec\"\nname = \"scripts\"\n\
+         start = \"PATH={b}:$PATH {r}/start.sh\"\nstop = \"PATH={b}:$PATH {r}/stop.sh\"\ntimeout_secs = 5\n\n",
+        d = disk.device,
+        m = spool.display(),
         b = bin.display(),
         r = root.display()
     );

@@ -84,7 +84,8 @@
 //! listeners, [`ResourceSpec::stops_fast`]) and whose node lost its lease,
 //! `fast_stop_timeout_ms` (100 ms); for any other group, or a voluntary
 //! stop (a move: mail sessions get time to end at a safe point),
-//! `stop_timeout_ms` (2 s: stop scripts, unmounting a disk). With the
+//! `stop_timeout_ms` (2 s: unmounting a disk) plus the scripts' own
+//! `timeout_secs` ([`GroupTiming::stop_budget`]). With the
 //! defaults (lease 600 ms = 2 × election max, so that followers keep their
 //! groups through an election; margin 100 ms) a dead owner of an address +
 //! mail group is replaced 0.8 s after its last renewal (every 100 ms), plus
@@ -92,7 +93,7 @@
 //! the leader, thanks to the testimony. Measured in namespaces
 //! (`tests/netns.rs`, `outage_benchmark`): about 0.9 s from the power cut
 //! to the first `250` through the floating address. A group with scripts
-//! or a disk takes lease + 2 s + margin (and a disk also waits for the dead
+//! or a disk takes lease + scripts' timeouts + 2 s + margin (and a disk also waits for the dead
 //! holder's disk heartbeat to go stale). A shorter lease would fail over
 //! sooner but stop every follower's groups during an election.
 

@@ -8,7 +8,7 @@
 //! |---------------------------|-------------------------------------------|
 //! | `CLP_EVENT`/`ARMS_EVENT`  | `START`, `FAILOVER` or `RECOVER`; a stop script gets the event that started the resource |
 //! | `CLP_SERVER`/`ARMS_SERVER`| `HOME` on the group's first node, else `OTHER` |
-//! | `CLP_DISK`/`ARMS_DISK`    | `SUCCESS` or `FAILURE` (the group's disk taken over) |
+//! | `CLP_DISK`/`ARMS_DISK`    | `SUCCESS` or `FAILURE` (the group's disk taken over); only for a group with a disk resource |
 //! | `CLP_GROUPNAME`/`ARMS_GROUPNAME` | the group                          |
 //! | `CLP_RESOURCENAME`/`ARMS_RESOURCENAME` | the resource                 |
 //!
@@ -40,21 +40,30 @@ use super::{run_error, LogSink};
 const DRAIN: Duration = Duration::from_millis(500);
 
 /// The `CLP_*` and `ARMS_*` variables of a run.
-pub(crate) fn environment(group: &str, resource: &str, context: &StartContext) -> Vec<(String, String)> {
+pub(crate) fn environment(group: &ScriptGroup<'_>, resource: &str, context: &StartContext) -> Vec<(String, String)> {
+    let disk = group.has_disk.then(|| ("DISK", if context.disk_ok { "SUCCESS" } else { "FAILURE" }.to_string()));
     let values = [
-        ("EVENT", context.event.to_string()),
-        ("SERVER", if context.home { "HOME" } else { "OTHER" }.to_string()),
-        ("DISK", if context.disk_ok { "SUCCESS" } else { "FAILURE" }.to_string()),
-        ("GROUPNAME", group.to_string()),
-        ("RESOURCENAME", resource.to_string()),
+        Some(("EVENT", context.event.to_string())),
+        Some(("SERVER", if context.home { "HOME" } else { "OTHER" }.to_string())),
+        disk,
+        Some(("GROUPNAME", group.name.to_string())),
+        Some(("RESOURCENAME", resource.to_string())),
     ];
     let mut env = Vec::new();
     for prefix in ["CLP_", "ARMS_"] {
-        for (k, v) in &values {
+        for (k, v) in values.iter().flatten() {
             env.push((format!("{prefix}{k}"), v.clone()));
         }
     }
     env
+}
+
+/// What a script's environment says of its group.
+pub(crate) struct ScriptGroup<'a> {
+    pub name: &'a str,
+    /// It has a disk resource: only then do scripts get `CLP_DISK` /
+    /// `ARMS_DISK`, as in the original product.
+    pub has_disk: bool,
 }
 
 /// Kills the process group unless disarmed (the script was reaped): on
@@ -97,7 +106,7 @@ fn forward<R: AsyncRead + Unpin + Send + 'static>(
 pub(crate) async fn run(
     log: &LogSink,
     path: &std::ffi::OsStr,
-    group: &str,
+    group: &ScriptGroup<'_>,
     resource: &str,
     command: &str,
     context: &StartContext,

@@ -81,6 +81,13 @@ enum Held {
 
 type Key = (String, String);
 
+fn script_group(group: &GroupSpec) -> exec::ScriptGroup<'_> {
+    exec::ScriptGroup {
+        name: &group.name,
+        has_disk: group.resources.iter().any(|r| matches!(r, ResourceSpec::Disk { .. })),
+    }
+}
+
 fn held_address(resource: &str, address: &str, interface: &str) -> reaper::HeldAddress {
     reaper::HeldAddress { resource: resource.into(), address: address.into(), interface: interface.into() }
 }
@@ -317,7 +324,8 @@ impl ResourceDriver for Driver {
                 // Recorded before running: a failed start is still stopped
                 // with the event that tried to start it.
                 self.put(k, Held::Exec(context.clone()));
-                exec::run(&self.log, &self.script_path(), &group.name, name, start, context, *timeout_secs).await
+                exec::run(&self.log, &self.script_path(), &script_group(group), name, start, context, *timeout_secs)
+                    .await
             }
             ResourceSpec::Disk { name, device, mount_point, fs_type } => {
                 if let Some(Held::Disk(lease)) = self.lock().get(&k) {
@@ -374,8 +382,16 @@ impl ResourceDriver for Driver {
                     // restart): a plain START at home is the best guess.
                     _ => StartContext { event: hamail_cluster::groups::StartEvent::Start, home: true, disk_ok: true },
                 };
-                let result =
-                    exec::run(&self.log, &self.script_path(), &group.name, name, stop, &context, *timeout_secs).await;
+                let result = exec::run(
+                    &self.log,
+                    &self.script_path(),
+                    &script_group(group),
+                    name,
+                    stop,
+                    &context,
+                    *timeout_secs,
+                )
+                .await;
                 if result.is_err() {
                     // Still held: a later stop retries with the same event.
                     self.put(k, Held::Exec(context));
