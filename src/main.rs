@@ -1089,21 +1089,29 @@ fn print_response(request: &Request, response: Response, json: bool) -> Result<(
         }
         Request::GroupStatus => {
             println!("{:<16} {:>6} {:<10} {:<12} {:>6}  nodes", "group", "owner", "state", "target", "epoch");
+            let mut lost_owner = false;
             for g in d.as_array().into_iter().flatten() {
                 let p = &g["placement"];
                 let nodes: Vec<String> =
                     g["spec"]["nodes"].as_array().into_iter().flatten().map(|n| n.to_string()).collect();
                 let opt =
                     |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string().trim_matches('"').to_string() };
+                // An owner the cluster has lost: its group is only as
+                // online as the owner was when last heard from.
+                let state = if g["owner_silent"] == true { format!("{}?", opt(&p["state"])) } else { opt(&p["state"]) };
                 println!(
                     "{:<16} {:>6} {:<10} {:<12} {:>6}  {}",
                     s(&g["spec"]["name"]),
                     opt(&p["owner"]),
-                    opt(&p["state"]),
+                    state,
                     opt(&p["target"]),
                     opt(&p["epoch"]),
                     nodes.join(",")
                 );
+                lost_owner |= g["owner_silent"] == true;
+            }
+            if lost_owner {
+                println!("?: its owner does not answer the cluster; the group moves once its stop budget has passed");
             }
         }
         Request::LogShow { .. } => {

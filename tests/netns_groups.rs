@@ -658,6 +658,11 @@ fn seed_scripts_run_with_the_seed_variables() {
 
     // Power cut of node 1: node 2 starts the group as FAILOVER, not at home.
     c.power_cut(0);
+    // Until the group is given away (after its stop budget), its status
+    // says that its owner is silent.
+    if poll(RECOVERY, || c.group_status(1).contains("Online?").then_some(())).is_none() {
+        panic!("the lost owner's group not marked:\n{}", c.group_status(1));
+    }
     if poll(RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node2")).is_none() {
         panic!("no failover to node 2:\n{}\n{}", c.group_status(1), c.logs());
     }

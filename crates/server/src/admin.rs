@@ -222,7 +222,22 @@ async fn execute_cluster(ctx: &Arc<Context>, request: Request) -> Response {
         Request::Group { command, name, node } => {
             crate::cluster::group_command(ctx, &command, &name, node).await.map(|msg| json!({ "message": msg }))
         }
-        Request::GroupStatus => crate::cluster::groups_status(ctx).await.map(|g| json!(g)),
+        Request::GroupStatus => crate::cluster::groups_status(ctx).await.map(|groups| {
+            let silent = |owner: Option<hamail_cluster::NodeId>| {
+                owner.is_some_and(|o| ctx.cluster.node().is_some_and(|n| o != n.id() && n.peer_silent(o)))
+            };
+            json!(groups
+                .iter()
+                .map(|g| {
+                    let mut v = json!(g);
+                    // The placement changes only when the leader gives the
+                    // group away (after the owner's fencing delay); the
+                    // owner's silence shows before.
+                    v["owner_silent"] = json!(silent(g.placement.owner));
+                    v
+                })
+                .collect::<Vec<_>>())
+        }),
         Request::NodeStop { node } => crate::cluster::drain(ctx, node).await.map(|moves| {
             json!(moves.into_iter().map(|(g, to)| json!({"group": g, "to": to.map(|n| n.0)})).collect::<Vec<_>>())
         }),
