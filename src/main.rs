@@ -945,6 +945,20 @@ fn read_groups(path: &Path) -> Result<Vec<hamail_cluster::groups::GroupSpec>> {
         bail!("{}: no [[group]] table", path.display());
     }
     for g in &parsed.group {
+        use hamail_cluster::groups::ResourceSpec;
+        let first = |f: fn(&ResourceSpec) -> bool| g.resources.iter().position(f);
+        if let (Some(ip), Some(disk)) =
+            (first(|r| matches!(r, ResourceSpec::FloatingIp { .. })), first(|r| matches!(r, ResourceSpec::Disk { .. })))
+        {
+            if ip < disk {
+                eprintln!(
+                    "hamail: warning: {}: group `{}` starts its floating address before its disk: clients reach \
+                     the address (and are refused) while the disk is checked and mounted; list the disk first",
+                    path.display(),
+                    g.name
+                );
+            }
+        }
         let scripts: std::time::Duration =
             g.resources.iter().filter_map(hamail_cluster::groups::ResourceSpec::stop_time).sum();
         if let Some(ms) = g.stop_timeout_ms.filter(|ms| u128::from(*ms) < scripts.as_millis()) {

@@ -237,6 +237,22 @@ fn a_timed_out_stop_is_named_and_cleared_by_the_operator() {
     let (ok, out) = node.cli(&["group", "apply", file.to_str().unwrap()], "");
     assert!(ok, "{out}");
     assert!(out.contains("warning") && out.contains("stop_timeout_ms = 500"), "{out}");
+
+    // An address started before the group's disk is warned of too (the
+    // group lists a node that does not exist: it never starts).
+    let early = root.path().join("early.toml");
+    std::fs::write(
+        &early,
+        "[[group]]\nname = \"early\"\nnodes = [9]\n\n\
+         [[group.resources]]\ntype = \"floating_ip\"\nname = \"vip\"\naddress = \"198.18.0.100/24\"\ninterface = \"eth9\"\n\n\
+         [[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"/dev/null\"\nmount_point = \"/nonexistent\"\n\
+         fs_type = \"ext4\"\n",
+    )
+    .unwrap();
+    let (ok, out) = node.cli(&["group", "apply", early.to_str().unwrap()], "");
+    assert!(ok && out.contains("starts its floating address before its disk"), "{out}");
+    let (ok, out) = node.cli(&["group", "del", "early"], "");
+    assert!(ok, "{out}");
     eventually(Duration::from_secs(30), "online", || (state_of(&node, "slow")? == "Online").then_some(()));
     let (ok, out) = node.cli(&["group", "clear", "slow"], "");
     assert!(!ok && out.contains("only a group whose stop failed"), "{out}");

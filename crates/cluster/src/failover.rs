@@ -828,14 +828,22 @@ fn decide(
             }
             None
         }
-        (GroupState::Failed, Some(o)) => {
-            let n = pick(spec, p, eligible, &[o]);
-            let text = match n {
-                Some(n) => format!("failed on node {o}: failing over to node {n}"),
-                None => format!("failed on node {o}: no node to fail over to"),
-            };
-            Some((start_on(n, StartEvent::Failover, Some(o)), Some((EventKind::GroupFailover, text))))
-        }
+        (GroupState::Failed, Some(o)) => match pick(spec, p, eligible, &[o]) {
+            Some(n) => Some((
+                start_on(Some(n), StartEvent::Failover, Some(o)),
+                Some((EventKind::GroupFailover, format!("failed on node {o}: failing over to node {n}"))),
+            )),
+            // Failed wherever it may run: it stays Failed (with no owner)
+            // for the operator to see, until `group start` clears the
+            // failures.
+            None => Some((
+                assign(None, GroupState::Failed, Some(StartEvent::Failover), Some(o)),
+                Some((EventKind::GroupFailed, format!("failed on node {o}: no node to fail over to"))),
+            )),
+        },
+        // Failed everywhere: waits for the operator (`group start` forgets
+        // the failures, then it starts again).
+        (GroupState::Failed, None) if !p.failed_on.is_empty() => None,
         // Inconsistent (no owner): offline.
         (GroupState::Starting | GroupState::Online | GroupState::Stopping | GroupState::Failed, None) => {
             Some((assign(None, GroupState::Offline, p.event, None), None))
@@ -1299,6 +1307,27 @@ mod tests {
         assert_eq!(next_after(&nodes, Some(NodeId(3))), Some(NodeId(1)));
         assert_eq!(next_after(&nodes, None), Some(NodeId(1)));
         assert_eq!(next_after(&[NodeId(1)], Some(NodeId(1))), None);
+    }
+
+    #[test]
+    fn a_group_failed_everywhere_stays_failed_until_started_again() {
+        let s = spec(&[1], Failback::Manual);
+        let all = |_: &NodeId| true;
+        let never = |_: NodeId| false;
+        let failed = Placement { owner: Some(NodeId(1)), state: GroupState::Failed, ..Placement::default() };
+        let (cmd, _) = decide(&s, &failed, &all, &never, &|_| false).unwrap();
+        assert!(matches!(
+            cmd,
+            Command::AssignGroup { owner: None, state: GroupState::Failed, failed: Some(NodeId(1)), .. }
+        ));
+        // Applied: no owner, failed on node 1. Nothing more until an
+        // operator's `group start` forgets the failures.
+        let mut p = Placement { owner: None, state: GroupState::Failed, ..Placement::default() };
+        p.failed_on.push(NodeId(1));
+        assert!(decide(&s, &p, &all, &never, &|_| false).is_none());
+        p.failed_on.clear();
+        let (cmd, _) = decide(&s, &p, &all, &never, &|_| false).unwrap();
+        assert!(matches!(cmd, Command::AssignGroup { owner: None, state: GroupState::Offline, .. }));
     }
 
     #[test]
