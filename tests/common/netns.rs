@@ -395,10 +395,17 @@ impl NsCluster {
         assert!(ok, "group apply: {out}");
     }
 
-    /// Power cut of node `i` (0-based): its cable out and its process
-    /// SIGKILLed, at (nearly) the same instant.
+    /// Power cut of node `i` (0-based): its cable out and its processes
+    /// SIGKILLed, at (nearly) the same instant — its helper processes (the
+    /// address reaper) first: a machine that loses power runs nothing more.
     pub fn power_cut(&mut self, i: usize) {
         self.bed.set_link(NS_NODES[i], false);
+        let main = self.nodes[i].server.as_ref().and_then(|s| s.child.as_ref()).map(|c| c.id());
+        if let Some(pids) = ip_quiet(&["netns", "pids", self.bed.ns(NS_NODES[i])]) {
+            for pid in pids.split_whitespace().filter(|p| p.parse::<u32>().ok() != main) {
+                let _ = Command::new("kill").arg("-KILL").arg(pid).stderr(Stdio::null()).status();
+            }
+        }
         self.nodes[i].kill9();
     }
 
