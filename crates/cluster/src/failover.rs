@@ -108,7 +108,8 @@ use crate::groups::{
     ResourceError, ResourceSpec, StartContext, StartEvent,
 };
 use crate::node::{write_error, ClusterNode};
-use crate::rpc::{Request, Response};
+use crate::rpc::{Request, Response, TestimonyAnswer};
+use crate::testimony::Testified;
 use crate::types::{Command, CommandResult, NodeId, Role};
 
 /// The timings of the failover groups. See the module documentation.
@@ -411,16 +412,119 @@ async fn event_writer(node: Weak<ClusterNode>, mut rx: mpsc::UnboundedReceiver<C
     }
 }
 
-/// Renews this node's lease every `renew_ms`.
+/// Starts a renewal of this node's lease every `renew_ms`. A renewal may
+/// take longer than that (a leader that died does not answer): the next one
+/// does not wait for it; each ends within the lease (a later confirmation
+/// would be worth nothing), so at most `lease / renew_ms + 1` run at once.
 async fn renew_loop(node: Weak<ClusterNode>) {
+    let mut rounds = tokio::task::JoinSet::new();
     loop {
         let Some(n) = node.upgrade() else { return };
         let t = n.timing().groups.clone();
-        let started = Instant::now();
-        n.renew_lease(t.lease()).await;
         drop(n);
+        while rounds.try_join_next().is_some() {}
         let period = Duration::from_millis(t.renew_ms.max(1));
-        tokio::time::sleep(period.saturating_sub(started.elapsed())).await;
+        let most = (t.lease_ms / t.renew_ms.max(1)) as usize + 1;
+        if rounds.len() < most {
+            rounds.spawn(renew_round(node.clone()));
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// One renewal: through the leader (half the lease at most: a dead leader
+/// is not waited for longer), else by the voters' vouches.
+async fn renew_round(node: Weak<ClusterNode>) {
+    let Some(n) = node.upgrade() else { return };
+    let lease = n.timing().groups.lease();
+    let started = Instant::now();
+    if n.renew_lease(lease / 2).await {
+        return;
+    }
+    n.renew_by_vouch(lease.saturating_sub(started.elapsed())).await;
+}
+
+impl ClusterNode {
+    /// Renews the lease without a leader: asks every voter (itself
+    /// included) to vouch for it; the lease runs from `t0`, the instant the
+    /// requests were sent, once a majority of every voter configuration
+    /// vouched in one term ([`vouched_by_majority`]). See the module
+    /// documentation for why this keeps the fencing.
+    pub(crate) async fn renew_by_vouch(&self, within: Duration) -> bool {
+        let t0 = Instant::now();
+        let m = self.raft().metrics().borrow().clone();
+        let configs = m.membership_config.membership().get_joint_config().clone();
+        let nodes: BTreeMap<NodeId, crate::types::NodeInfo> =
+            m.membership_config.nodes().map(|(id, info)| (*id, info.clone())).collect();
+        let voters: BTreeSet<NodeId> = configs.iter().flatten().copied().collect();
+        let mut grants = BTreeMap::new();
+        let mut asks = tokio::task::JoinSet::new();
+        for id in voters {
+            if id == self.id() {
+                if let Some(term) = self.testimony.vouch(id) {
+                    grants.insert(id, term);
+                }
+                continue;
+            }
+            let Some(info) = nodes.get(&id).cloned() else { continue };
+            let transport = self.transport().clone();
+            asks.spawn(async move {
+                (id, tokio::time::timeout(within, transport.call(id, &info, Request::LeaseVouch)).await)
+            });
+        }
+        while !vouched_by_majority(&configs, &grants) {
+            let Some(joined) = asks.join_next().await else { return false };
+            if let Ok((id, Ok(Ok(Response::LeaseVouch(Some(term)))))) = joined {
+                grants.insert(id, term);
+            }
+        }
+        tracing::debug!(?grants, "lease renewed by the voters' vouches (no leader)");
+        self.leases.renewed(t0);
+        true
+    }
+}
+
+/// Whether `grants` (voter → the term it vouched in) hold a majority of
+/// every configuration in `configs` (two during a membership change, as
+/// for Raft's own quorums, §6), all vouching in one term.
+fn vouched_by_majority(configs: &[BTreeSet<NodeId>], grants: &BTreeMap<NodeId, u64>) -> bool {
+    let terms: BTreeSet<u64> = grants.values().copied().collect();
+    !configs.is_empty()
+        && terms.iter().any(|term| {
+            configs.iter().all(|voters| {
+                let granted = voters.iter().filter(|id| grants.get(id) == Some(term)).count();
+                granted > voters.len() / 2
+            })
+        })
+}
+
+/// Microseconds from `at` to `now` (zero if `at` is later).
+fn micros_since(at: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(at).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The instant `us` microseconds before `arrived`, an answer's arrival:
+/// an upper bound of the instant the answer speaks of (the answer was made
+/// before it arrived). An age beyond this clock's range gives `arrived`
+/// itself, still an upper bound.
+fn before_arrival(arrived: Instant, us: u64) -> Instant {
+    arrived.checked_sub(Duration::from_micros(us)).unwrap_or(arrived)
+}
+
+/// `told` as sent at `now` (ages, clocks are not compared).
+pub(crate) fn testimony_answer(told: &Testified, now: Instant) -> TestimonyAnswer {
+    TestimonyAnswer {
+        older_us: micros_since(told.older, now),
+        vouches_us: told.vouches.iter().map(|(id, at)| (*id, micros_since(*at, now))).collect(),
+    }
+}
+
+/// An answer that arrived at `arrived`, on this node's clock (upper bounds,
+/// see [`before_arrival`]).
+fn testified_by(answer: &TestimonyAnswer, arrived: Instant) -> Testified {
+    Testified {
+        older: before_arrival(arrived, answer.older_us),
+        vouches: answer.vouches_us.iter().map(|(id, us)| (*id, before_arrival(arrived, *us))).collect(),
     }
 }
 
@@ -430,10 +534,11 @@ async fn renew_loop(node: Weak<ClusterNode>) {
 struct Manager {
     /// The term we noticed we lead, and when.
     leading: Option<(u64, Instant)>,
-    /// For the term we lead: the latest instant at which a leader of an
-    /// older term can have confirmed a lease renewal, once a majority has
-    /// testified (see [`crate::testimony`]); filled by a task.
-    older_terms: Arc<Mutex<Option<(u64, Instant)>>>,
+    /// For the term we lead, once a majority has testified (see
+    /// [`crate::testimony`]): the latest instant at which a leader of an
+    /// older term can have confirmed a lease renewal, and the vouches;
+    /// filled by a task.
+    testified: Arc<Mutex<Option<Testimonies>>>,
     /// For the term we lead: the members the cluster event log says are
     /// lost, once read (filled by a task, see [`lost_in_event_log`]).
     logged_lost: LostInTerm,
@@ -448,7 +553,7 @@ struct Manager {
 async fn manager_loop(node: Weak<ClusterNode>, events: EventTx) {
     let mut m = Manager {
         leading: None,
-        older_terms: Arc::new(Mutex::new(None)),
+        testified: Arc::new(Mutex::new(None)),
         logged_lost: Arc::new(Mutex::new(None)),
         lost: None,
         first_seen: Default::default(),
@@ -477,18 +582,18 @@ impl Manager {
                 let now = Instant::now();
                 self.leading = Some((term, now));
                 let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-                tokio::spawn(gather_testimony(Arc::downgrade(n), term, voters, self.older_terms.clone()));
+                tokio::spawn(gather_testimony(Arc::downgrade(n), term, voters, self.testified.clone()));
                 self.lost = None;
                 tokio::spawn(lost_in_event_log(Arc::downgrade(n), term, self.logged_lost.clone()));
                 now
             }
         };
         // Renewals confirmed by older leaders end by `since` (see the module
-        // documentation) or, once a majority testified, by an earlier instant.
-        let older = match *self.older_terms.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some((t, at)) if t == term => at.min(since),
-            _ => since,
-        };
+        // documentation) or, once a majority testified, by an earlier
+        // instant. No owner is fenced before that testimony: only it tells
+        // the vouches.
+        let testified =
+            self.testified.lock().unwrap_or_else(PoisonError::into_inner).clone().filter(|t| t.term == term);
         let timing = n.timing().groups.clone();
         let me = n.id();
         let data: BTreeSet<NodeId> =
@@ -542,11 +647,8 @@ impl Manager {
             let Some(spec) = table.groups.get(name) else { continue };
             // Silent: possibly running, but certainly stopped by now.
             let fenced = |id: NodeId| -> bool {
-                if id == me {
-                    return false;
-                }
-                let last = n.leases.last_request(id).map_or(older, |r| r.max(older));
-                last.elapsed() > timing.fence_delay(spec)
+                let Some(t) = testified.as_ref().filter(|_| id != me) else { return false };
+                t.last_renewal(id, n.leases.last_request(id), since).elapsed() > timing.fence_delay(spec)
             };
             let eligible = |id: &NodeId| data.contains(id) && live.contains(id);
             let is_pending = |id: &NodeId| data.contains(id) && pending.contains(id);
@@ -644,20 +746,56 @@ fn node_changes(
     changes
 }
 
+/// What a majority testified to the leader of `term`, on its clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Testimonies {
+    term: u64,
+    /// The latest instant at which a leader of an older term can have
+    /// confirmed a lease renewal.
+    older: Instant,
+    /// Per requester, the latest vouch any of them made.
+    vouched: BTreeMap<NodeId, Instant>,
+}
+
+impl Testimonies {
+    /// Combines the answers of a majority: the latest of each.
+    fn of(term: u64, answers: &BTreeMap<NodeId, Testified>) -> Option<Testimonies> {
+        let older = answers.values().map(|t| t.older).max()?;
+        let mut vouched: BTreeMap<NodeId, Instant> = BTreeMap::new();
+        for (id, at) in answers.values().flat_map(|t| t.vouches.iter()) {
+            let slot = vouched.entry(*id).or_insert(*at);
+            *slot = (*slot).max(*at);
+        }
+        Some(Testimonies { term, older, vouched })
+    }
+
+    /// The latest instant from which `owner`'s lease can run, for this
+    /// term's leader that noticed it leads at `since` and last received
+    /// `owner`'s lease request at `request`: the fencing delay counts from
+    /// there (see the module documentation).
+    fn last_renewal(&self, owner: NodeId, request: Option<Instant>, since: Instant) -> Instant {
+        let mut last = self.older.min(since);
+        for at in [request, self.vouched.get(&owner).copied()].into_iter().flatten() {
+            last = last.max(at);
+        }
+        last
+    }
+}
+
 /// Asks every voter of `term`'s membership when it last acknowledged, or
-/// stopped leading, an older term, until a majority (this node included)
-/// has answered; then records the latest of those instants (converted to
-/// this node's clock: the arrival of the answer minus the time it states,
-/// which can only make it later). Gives up when the node no longer leads
-/// `term`.
+/// stopped leading, an older term, and whose lease it vouched for when,
+/// until a majority (this node included) has answered; then records the
+/// latest of those instants (converted to this node's clock: the arrival of
+/// the answer minus the time it states, which can only make it later).
+/// Gives up when the node no longer leads `term`.
 async fn gather_testimony(
     node: Weak<ClusterNode>,
     term: u64,
     voters: Vec<NodeId>,
-    out: Arc<Mutex<Option<(u64, Instant)>>>,
+    out: Arc<Mutex<Option<Testimonies>>>,
 ) {
     let majority = voters.len() / 2 + 1;
-    let mut heard: BTreeMap<NodeId, Instant> = BTreeMap::new();
+    let mut heard: BTreeMap<NodeId, Testified> = BTreeMap::new();
     loop {
         let Some(n) = node.upgrade() else { return };
         let m = n.raft().metrics().borrow().clone();
@@ -668,8 +806,8 @@ async fn gather_testimony(
         let unheard: Vec<NodeId> = voters.iter().copied().filter(|id| !heard.contains_key(id)).collect();
         for id in unheard {
             if id == n.id() {
-                if let Some(at) = n.testimony.below(term) {
-                    heard.insert(id, at);
+                if let Some(told) = n.testimony.testify(term) {
+                    heard.insert(id, told);
                 }
                 continue;
             }
@@ -686,15 +824,19 @@ async fn gather_testimony(
         let heartbeat = Duration::from_millis(n.timing().heartbeat_ms.max(1));
         drop(n);
         while let Some(Ok((id, answer, arrived))) = asks.join_next().await {
-            if let Ok(Ok(Response::Testimony(Some(us)))) = answer {
-                heard.insert(id, arrived.checked_sub(Duration::from_micros(us)).unwrap_or(arrived));
+            if let Ok(Ok(Response::Testimony(Some(answer)))) = answer {
+                heard.insert(id, testified_by(&answer, arrived));
             }
         }
         if heard.len() >= majority {
-            let latest = heard.values().copied().max();
-            if let Some(at) = latest {
-                tracing::debug!(term, "older terms testified: last confirmation {:?} ago", at.elapsed());
-                *out.lock().unwrap_or_else(PoisonError::into_inner) = Some((term, at));
+            if let Some(t) = Testimonies::of(term, &heard) {
+                tracing::debug!(
+                    term,
+                    vouched = ?t.vouched.keys().collect::<Vec<_>>(),
+                    "older terms testified: last confirmation {:?} ago",
+                    t.older.elapsed()
+                );
+                *out.lock().unwrap_or_else(PoisonError::into_inner) = Some(t);
             }
             return;
         }
@@ -1333,5 +1475,76 @@ mod tests {
         // The target itself late: wait for it.
         let p = Placement { target: GroupTarget::Node(NodeId(2)), ..owned_by_1 };
         assert!(decide(&s, &p, &only3, &always, &late2).is_none());
+    }
+
+    fn grants(list: &[(u64, u64)]) -> BTreeMap<NodeId, u64> {
+        list.iter().map(|(id, term)| (NodeId(*id), *term)).collect()
+    }
+
+    #[test]
+    fn a_vouched_lease_needs_a_majority_in_one_term() {
+        let three = [ids(&[1, 2, 3])];
+        // Itself and one other voter, same term: a majority of three.
+        assert!(vouched_by_majority(&three, &grants(&[(2, 7), (3, 7)])));
+        // Alone: not.
+        assert!(!vouched_by_majority(&three, &grants(&[(2, 7)])));
+        // Two voters but in different terms: not (see the module docs).
+        assert!(!vouched_by_majority(&three, &grants(&[(2, 7), (3, 8)])));
+        // A grant from a non-voter does not count.
+        assert!(!vouched_by_majority(&three, &grants(&[(2, 7), (9, 7)])));
+        // During a membership change, a majority of each configuration.
+        let joint = [ids(&[1, 2, 3]), ids(&[3, 4, 5])];
+        assert!(!vouched_by_majority(&joint, &grants(&[(2, 7), (3, 7)])));
+        assert!(vouched_by_majority(&joint, &grants(&[(2, 7), (3, 7), (4, 7)])));
+        // No configuration: never.
+        assert!(!vouched_by_majority(&[], &grants(&[(2, 7)])));
+    }
+
+    #[test]
+    fn an_answer_converts_to_upper_bounds_on_the_leaders_clock() {
+        let now = Instant::now();
+        let told = Testified {
+            older: now - Duration::from_millis(300),
+            vouches: vec![(NodeId(2), now - Duration::from_millis(40))],
+        };
+        let answer = testimony_answer(&told, now);
+        assert_eq!(answer, TestimonyAnswer { older_us: 300_000, vouches_us: vec![(NodeId(2), 40_000)] });
+        // It arrives 5 ms later: every instant comes out 5 ms late, never early.
+        let arrived = now + Duration::from_millis(5);
+        let back = testified_by(&answer, arrived);
+        assert_eq!(back.older, told.older + Duration::from_millis(5));
+        assert_eq!(back.vouches, vec![(NodeId(2), now - Duration::from_millis(35))]);
+        // An instant in the future of the answer counts as its making.
+        assert_eq!(micros_since(now + Duration::from_millis(1), now), 0);
+        // Any age, however large, gives an instant (no panic).
+        assert!(before_arrival(arrived, u64::MAX) <= arrived);
+    }
+
+    #[test]
+    fn the_fence_counts_from_the_latest_vouch_a_majority_tells() {
+        let base = Instant::now();
+        let ms = |n: u64| base + Duration::from_millis(n);
+        let told = |older: u64, vouches: &[(u64, u64)]| Testified {
+            older: ms(older),
+            vouches: vouches.iter().map(|(id, at)| (NodeId(*id), ms(*at))).collect(),
+        };
+        let answers: BTreeMap<NodeId, Testified> =
+            [(NodeId(2), told(100, &[(2, 400), (3, 350)])), (NodeId(3), told(120, &[(2, 450)]))].into();
+        let t = Testimonies::of(9, &answers).expect("answers");
+        assert_eq!(t.older, ms(120));
+        assert_eq!(t.vouched, [(NodeId(2), ms(450)), (NodeId(3), ms(350))].into());
+        let since = ms(500);
+        // Node 2 vouched for at 450: from there, not from the older terms.
+        assert_eq!(t.last_renewal(NodeId(2), None, since), ms(450));
+        // ... unless it asked this leader later.
+        assert_eq!(t.last_renewal(NodeId(2), Some(ms(600)), since), ms(600));
+        // Node 1 (the dead leader) was vouched for by no one: from the older
+        // terms' last confirmation.
+        assert_eq!(t.last_renewal(NodeId(1), None, since), ms(120));
+        // The older terms never count past the leader's own start.
+        let late = Testimonies { older: ms(900), ..t.clone() };
+        assert_eq!(late.last_renewal(NodeId(1), None, since), since);
+        // Nobody answered: nothing to combine.
+        assert!(Testimonies::of(9, &BTreeMap::new()).is_none());
     }
 }

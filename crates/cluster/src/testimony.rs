@@ -13,6 +13,15 @@
 //! usually the moment it died — instead of from its own election, which
 //! comes an election timeout later.
 //!
+//! The same books hold this node's *vouches*: a node that cannot renew its
+//! lease through a leader asks the voters directly
+//! ([`crate::rpc::Request::LeaseVouch`]), and a voter vouches only while it
+//! knows no leader of its current term ([`Testimony::vouch`]). A vouch is
+//! labelled with that term, recorded per requester, and told in every
+//! testimony: answering the testimony of term `T` makes the leader of `T`
+//! known here, so no vouch of term `T` can follow it. Why that is enough
+//! for the fencing is argued in [`crate::failover`].
+//!
 //! What it does not do: decide anything. It records instants on this node's
 //! monotonic clock; the leader converts an answer to its own clock
 //! conservatively (arrival of the answer minus the elapsed time it states).
@@ -20,6 +29,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
+
+use crate::types::NodeId;
 
 /// Terms kept in the books (older ones are folded into `floor`).
 const TERMS_KEPT: usize = 16;
@@ -42,6 +53,22 @@ struct Books {
     led: BTreeMap<u64, Option<Instant>>,
     /// The highest term this node has observed.
     current: u64,
+    /// The highest term whose leader this node knows: it acknowledged an
+    /// AppendEntries of that term, led it, or told its testimony to it.
+    leader_known: u64,
+    /// Per requester, when this node last vouched for its lease.
+    vouches: BTreeMap<NodeId, Instant>,
+}
+
+/// What a node testifies to the new leader of a term (see
+/// [`Testimony::testify`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Testified {
+    /// The latest instant at which this node may have helped a leader of
+    /// an older term confirm its leadership.
+    pub(crate) older: Instant,
+    /// Per requester, the last time this node vouched for its lease.
+    pub(crate) vouches: Vec<(NodeId, Instant)>,
 }
 
 /// An AppendEntries being handled: [`Testimony::settle`] it with the
@@ -60,6 +87,8 @@ impl Testimony {
                 acked: BTreeMap::new(),
                 led: BTreeMap::new(),
                 current: 0,
+                leader_known: 0,
+                vouches: BTreeMap::new(),
             }),
         }
     }
@@ -85,10 +114,11 @@ impl Testimony {
     /// and is struck from the books — otherwise a deposed leader that keeps
     /// calling would hold its groups' failover up forever.
     pub(crate) fn settle(&self, arrival: Arrival, acknowledged: bool) {
+        let mut b = self.books();
         if acknowledged {
+            b.leader_known = b.leader_known.max(arrival.term);
             return;
         }
-        let mut b = self.books();
         if b.acked.get(&arrival.term) == Some(&arrival.at) {
             match arrival.previous {
                 Some(p) => b.acked.insert(arrival.term, p),
@@ -109,16 +139,19 @@ impl Testimony {
         }
         if leading && term == b.current {
             b.led.entry(term).or_insert(None);
+            b.leader_known = b.leader_known.max(term);
         }
         b.trim();
     }
 
-    /// The latest instant at which this node may have helped a leader of a
-    /// term below `term` confirm its leadership; `None` while this node has
-    /// not reached `term` itself (it could still acknowledge an older
-    /// leader).
-    pub(crate) fn below(&self, term: u64) -> Option<Instant> {
-        let b = self.books();
+    /// The testimony for the new leader of `term`: the latest instant at
+    /// which this node may have helped a leader of a term below `term`
+    /// confirm its leadership, and every vouch it made; `None` while this
+    /// node has not reached `term` itself (it could still acknowledge an
+    /// older leader). Telling it makes the leader of `term` known here:
+    /// no vouch of `term` follows.
+    pub(crate) fn testify(&self, term: u64) -> Option<Testified> {
+        let mut b = self.books();
         if b.current < term {
             return None;
         }
@@ -129,7 +162,21 @@ impl Testimony {
         for end in b.led.range(..term).map(|(_, end)| *end) {
             latest = latest.max(end?);
         }
-        Some(latest)
+        b.leader_known = b.leader_known.max(term);
+        Some(Testified { older: latest, vouches: b.vouches.iter().map(|(id, at)| (*id, *at)).collect() })
+    }
+
+    /// `requester` asks this node to vouch for its lease: granted, with the
+    /// term it is made in, only while this node knows no leader of its
+    /// current term (with a leader, the requester must renew through it);
+    /// the vouch is recorded for the testimonies to come.
+    pub(crate) fn vouch(&self, requester: NodeId) -> Option<u64> {
+        let mut b = self.books();
+        if b.leader_known >= b.current {
+            return None;
+        }
+        b.vouches.insert(requester, Instant::now());
+        Some(b.current)
     }
 }
 
@@ -152,6 +199,11 @@ impl Books {
 mod tests {
     use super::*;
 
+    /// What the node testifies about terms below `term`, vouches aside.
+    fn below(t: &Testimony, term: u64) -> Option<Instant> {
+        t.testify(term).map(|told| told.older)
+    }
+
     /// An AppendEntries of `term` that this node acknowledged: its arrival.
     fn acked(t: &Testimony, term: u64) -> Instant {
         let a = t.arrive(term);
@@ -164,8 +216,8 @@ mod tests {
     fn nothing_is_told_before_the_term_is_reached() {
         let t = Testimony::new();
         t.observe(3, false);
-        assert!(t.below(4).is_none());
-        assert!(t.below(3).is_some());
+        assert!(below(&t, 4).is_none());
+        assert!(below(&t, 3).is_some());
     }
 
     #[test]
@@ -176,10 +228,10 @@ mod tests {
         t.observe(3, false);
         acked(&t, 3);
         // Asked by the leader of term 3: its own heartbeats do not count.
-        assert_eq!(t.below(3), Some(at2));
+        assert_eq!(below(&t, 3), Some(at2));
         // Asked by a leader of term 4: both count.
         t.observe(4, false);
-        assert!(t.below(4).unwrap() > at2);
+        assert!(below(&t, 4).unwrap() > at2);
     }
 
     #[test]
@@ -193,7 +245,7 @@ mod tests {
             let a = t.arrive(2);
             t.settle(a, false);
         }
-        assert_eq!(t.below(5), Some(first));
+        assert_eq!(below(&t, 5), Some(first));
     }
 
     #[test]
@@ -202,7 +254,7 @@ mod tests {
         t.observe(7, true);
         let before = Instant::now();
         t.observe(8, false);
-        assert!(t.below(8).unwrap() >= before, "the end of its leadership is testified");
+        assert!(below(&t, 8).unwrap() >= before, "the end of its leadership is testified");
     }
 
     #[test]
@@ -210,7 +262,7 @@ mod tests {
         let before = Instant::now();
         let t = Testimony::new();
         t.observe(9, false);
-        assert!(t.below(9).unwrap() >= before);
+        assert!(below(&t, 9).unwrap() >= before);
     }
 
     #[test]
@@ -222,7 +274,60 @@ mod tests {
             last = acked(&t, term);
         }
         t.observe(40, false);
-        assert_eq!(t.below(40), Some(last));
+        assert_eq!(below(&t, 40), Some(last));
         assert!(t.books().acked.len() <= TERMS_KEPT);
+    }
+
+    #[test]
+    fn a_vouch_needs_a_term_without_a_known_leader() {
+        let t = Testimony::new();
+        // Nothing observed yet: no term to vouch in.
+        assert_eq!(t.vouch(NodeId(2)), None);
+        t.observe(3, false);
+        acked(&t, 3);
+        // The leader of term 3 is known: renew through it.
+        assert_eq!(t.vouch(NodeId(2)), None);
+        // Its heartbeats stopped; an election began (term 4, no leader).
+        t.observe(4, false);
+        assert_eq!(t.vouch(NodeId(2)), Some(4));
+        // A leader of term 4 is heard of: no more vouches.
+        acked(&t, 4);
+        assert_eq!(t.vouch(NodeId(2)), None);
+        // Leading a term is knowing its leader.
+        t.observe(5, true);
+        assert_eq!(t.vouch(NodeId(2)), None);
+    }
+
+    #[test]
+    fn a_refused_append_does_not_make_its_leader_known() {
+        let t = Testimony::new();
+        t.observe(6, false);
+        let a = t.arrive(6);
+        t.settle(a, false);
+        assert_eq!(t.vouch(NodeId(1)), Some(6));
+    }
+
+    #[test]
+    fn the_testimony_tells_every_vouch_and_ends_the_vouching_in_its_term() {
+        let t = Testimony::new();
+        t.observe(4, false);
+        let before = Instant::now();
+        assert_eq!(t.vouch(NodeId(2)), Some(4));
+        assert_eq!(t.vouch(NodeId(3)), Some(4));
+        let after_first = Instant::now();
+        assert_eq!(t.vouch(NodeId(2)), Some(4));
+        let told = t.testify(4).expect("term 4 reached");
+        let at = |id: u64| told.vouches.iter().find(|(x, _)| *x == NodeId(id)).map(|(_, at)| *at);
+        // The latest vouch per requester.
+        assert!(at(2).is_some_and(|a| a >= after_first), "{told:?}");
+        assert!(at(3).is_some_and(|a| a >= before && a <= after_first), "{told:?}");
+        // Told to the leader of term 4: that leader is known, no vouch of
+        // term 4 can come after the testimony.
+        assert_eq!(t.vouch(NodeId(2)), None);
+        // A testimony asked for a term not reached yet tells nothing and
+        // does not stop the vouching either.
+        t.observe(5, false);
+        assert!(t.testify(6).is_none());
+        assert_eq!(t.vouch(NodeId(2)), Some(5));
     }
 }
