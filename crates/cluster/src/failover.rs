@@ -188,6 +188,50 @@ struct LeaseInner {
     renewed_at: Option<Instant>,
     /// When each peer's last lease request (read index) arrived here.
     requests: HashMap<NodeId, Instant>,
+    /// How recently a quorum acknowledged this node as leader.
+    freshness: Freshness,
+}
+
+/// A leader's record of how recently a quorum acknowledged it, from its own
+/// lease renewals (each confirmed by a heartbeat round to a quorum started
+/// after its `t0`): at an instant `t`, the latest confirmed `t0` is a lower
+/// bound of the sending of a heartbeat that a quorum had acknowledged by
+/// `t`. An instant where that bound is more than `limit` old is *unfresh*:
+/// a majority of voters may have been silent from the leader long enough to
+/// vouch (see the module documentation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Freshness {
+    /// The term and `t0` of the last renewal confirmed as its leader.
+    confirmed: Option<(u64, Instant)>,
+    /// The term and the latest unfresh instant known in it.
+    unfresh: Option<(u64, Instant)>,
+}
+
+impl Freshness {
+    /// A renewal sent at `t0` was confirmed at `now` by this node's
+    /// leadership of `term`. The instants since the previous confirmation
+    /// of `term` (since the start of `term` if none) that were more than
+    /// `limit` after it were unfresh: the latest of them is `now`.
+    fn confirmed(&mut self, term: u64, t0: Instant, now: Instant, limit: Duration) {
+        let fresh = self.confirmed.is_some_and(|(t, at)| t == term && now.saturating_duration_since(at) <= limit);
+        if !fresh {
+            self.unfresh = Some((term, now));
+        }
+        if self.confirmed.is_none_or(|(t, at)| t < term || (t == term && at < t0)) {
+            self.confirmed = Some((term, t0));
+        }
+    }
+
+    /// The latest unfresh instant of `term` up to `now` (`now` itself if it
+    /// is unfresh).
+    fn last_unfresh(&self, term: u64, now: Instant, limit: Duration) -> Option<Instant> {
+        match self.confirmed {
+            Some((t, at)) if t == term && now.saturating_duration_since(at) <= limit => {
+                self.unfresh.filter(|(t, _)| *t == term).map(|(_, at)| at)
+            }
+            _ => Some(now),
+        }
+    }
 }
 
 impl LeaseBook {
@@ -204,6 +248,16 @@ impl LeaseBook {
         if l.renewed_at.is_none_or(|r| r < t0) {
             l.renewed_at = Some(t0);
         }
+    }
+
+    /// A renewal sent at `t0` was confirmed by this node's own leadership
+    /// of `term` (a heartbeat round to a quorum).
+    fn confirmed_as_leader(&self, term: u64, t0: Instant, limit: Duration) {
+        self.lock().freshness.confirmed(term, t0, Instant::now(), limit);
+    }
+
+    fn last_unfresh(&self, term: u64, limit: Duration) -> Option<Instant> {
+        self.lock().freshness.last_unfresh(term, Instant::now(), limit)
     }
 
     fn holds(&self, lease: Duration) -> bool {
@@ -433,25 +487,63 @@ async fn renew_loop(node: Weak<ClusterNode>) {
 }
 
 /// One renewal: through the leader (half the lease at most: a dead leader
-/// is not waited for longer), else by the voters' vouches.
+/// is not waited for longer), else by the voters' vouches. On the leader, a
+/// confirmed renewal also tells how recently a quorum acknowledged it.
 async fn renew_round(node: Weak<ClusterNode>) {
     let Some(n) = node.upgrade() else { return };
     let lease = n.timing().groups.lease();
-    let started = Instant::now();
-    if n.renew_lease(lease / 2).await {
+    let t0 = Instant::now();
+    let m = n.raft().metrics().borrow().clone();
+    if m.current_leader == Some(n.id()) && m.state == openraft::ServerState::Leader {
+        if matches!(tokio::time::timeout(lease / 2, n.raft().get_read_log_id()).await, Ok(Ok(_))) {
+            n.leases.renewed(t0);
+            n.leases.confirmed_as_leader(m.current_term, t0, n.vouching().fresh);
+            return;
+        }
+    } else if n.renew_lease(lease / 2).await {
         return;
     }
-    n.renew_by_vouch(lease.saturating_sub(started.elapsed())).await;
+    n.renew_by_vouch().await;
+}
+
+/// The timings of vouching (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Vouching {
+    /// How long a voter must not have heard from its term's leader before
+    /// it vouches: `election_max_ms`, beyond any healthy gap between
+    /// heartbeats.
+    pub(crate) silence: Duration,
+    /// A vouch counts only if it arrives within this time of the request's
+    /// sending: a third of the silence.
+    pub(crate) window: Duration,
+    /// The oldest a leader's quorum acknowledgement may be for it to know
+    /// that no majority is silent: the silence minus the window.
+    pub(crate) fresh: Duration,
+}
+
+impl Vouching {
+    fn new(election_max_ms: u64) -> Vouching {
+        let silence = Duration::from_millis(election_max_ms.max(3));
+        let window = silence / 3;
+        Vouching { silence, window, fresh: silence - window }
+    }
 }
 
 impl ClusterNode {
+    pub(crate) fn vouching(&self) -> Vouching {
+        Vouching::new(self.timing().election_max_ms)
+    }
+
     /// Renews the lease without a leader: asks every voter (itself
     /// included) to vouch for it; the lease runs from `t0`, the instant the
     /// requests were sent, once a majority of every voter configuration
-    /// vouched in one term ([`vouched_by_majority`]). See the module
-    /// documentation for why this keeps the fencing.
-    pub(crate) async fn renew_by_vouch(&self, within: Duration) -> bool {
+    /// vouched in one term ([`vouched_by_majority`]), each vouch arriving
+    /// within [`Vouching::window`] of `t0`. See the module documentation
+    /// for why this keeps the fencing.
+    pub(crate) async fn renew_by_vouch(&self) -> bool {
         let t0 = Instant::now();
+        let vouching = self.vouching();
+        let deadline = t0 + vouching.window;
         let m = self.raft().metrics().borrow().clone();
         let configs = m.membership_config.membership().get_joint_config().clone();
         let nodes: BTreeMap<NodeId, crate::types::NodeInfo> =
@@ -461,7 +553,7 @@ impl ClusterNode {
         let mut asks = tokio::task::JoinSet::new();
         for id in voters {
             if id == self.id() {
-                if let Some(term) = self.testimony.vouch(id) {
+                if let Some(term) = self.testimony.vouch(id, vouching.silence) {
                     grants.insert(id, term);
                 }
                 continue;
@@ -469,13 +561,16 @@ impl ClusterNode {
             let Some(info) = nodes.get(&id).cloned() else { continue };
             let transport = self.transport().clone();
             asks.spawn(async move {
-                (id, tokio::time::timeout(within, transport.call(id, &info, Request::LeaseVouch)).await)
+                let call = transport.call(id, &info, Request::LeaseVouch);
+                (id, tokio::time::timeout_at(deadline.into(), call).await)
             });
         }
         while !vouched_by_majority(&configs, &grants) {
             let Some(joined) = asks.join_next().await else { return false };
             if let Ok((id, Ok(Ok(Response::LeaseVouch(Some(term)))))) = joined {
-                grants.insert(id, term);
+                if Instant::now() <= deadline {
+                    grants.insert(id, term);
+                }
             }
         }
         tracing::debug!(?grants, "lease renewed by the voters' vouches (no leader)");
@@ -594,6 +689,10 @@ impl Manager {
         // the vouches.
         let testified =
             self.testified.lock().unwrap_or_else(PoisonError::into_inner).clone().filter(|t| t.term == term);
+        // The latest instant at which a vouch this leader cannot know of may
+        // have been asked for (see the module documentation).
+        let vouching = n.vouching();
+        let unseen = unseen_vouch(n.leases.last_unfresh(term, vouching.fresh), since, vouching);
         let timing = n.timing().groups.clone();
         let me = n.id();
         let data: BTreeSet<NodeId> =
@@ -648,7 +747,7 @@ impl Manager {
             // Silent: possibly running, but certainly stopped by now.
             let fenced = |id: NodeId| -> bool {
                 let Some(t) = testified.as_ref().filter(|_| id != me) else { return false };
-                t.last_renewal(id, n.leases.last_request(id), since).elapsed() > timing.fence_delay(spec)
+                t.last_renewal(id, n.leases.last_request(id), since, unseen).elapsed() > timing.fence_delay(spec)
             };
             let eligible = |id: &NodeId| data.contains(id) && live.contains(id);
             let is_pending = |id: &NodeId| data.contains(id) && pending.contains(id);
@@ -770,16 +869,33 @@ impl Testimonies {
     }
 
     /// The latest instant from which `owner`'s lease can run, for this
-    /// term's leader that noticed it leads at `since` and last received
-    /// `owner`'s lease request at `request`: the fencing delay counts from
-    /// there (see the module documentation).
-    fn last_renewal(&self, owner: NodeId, request: Option<Instant>, since: Instant) -> Instant {
+    /// term's leader that noticed it leads at `since`, last received
+    /// `owner`'s lease request at `request`, and cannot rule out a vouch it
+    /// does not know of at `unseen` ([`unseen_vouch`]): the fencing delay
+    /// counts from there (see the module documentation).
+    fn last_renewal(
+        &self,
+        owner: NodeId,
+        request: Option<Instant>,
+        since: Instant,
+        unseen: Option<Instant>,
+    ) -> Instant {
         let mut last = self.older.min(since);
-        for at in [request, self.vouched.get(&owner).copied()].into_iter().flatten() {
+        for at in [request, self.vouched.get(&owner).copied(), unseen].into_iter().flatten() {
             last = last.max(at);
         }
         last
     }
+}
+
+/// The latest instant at which a lease renewal by vouches may have been
+/// sent that this leader (since `since`) can neither learn from the
+/// testimony nor rule out by its quorum's acknowledgements: an unfresh
+/// instant, from `since + silence - window` on (earlier requests are
+/// either told in the testimony or refused; see the module documentation).
+fn unseen_vouch(unfresh: Option<Instant>, since: Instant, vouching: Vouching) -> Option<Instant> {
+    let from = since + vouching.silence - vouching.window;
+    unfresh.filter(|at| *at >= from)
 }
 
 /// Asks every voter of `term`'s membership when it last acknowledged, or
@@ -1535,16 +1651,63 @@ mod tests {
         assert_eq!(t.vouched, [(NodeId(2), ms(450)), (NodeId(3), ms(350))].into());
         let since = ms(500);
         // Node 2 vouched for at 450: from there, not from the older terms.
-        assert_eq!(t.last_renewal(NodeId(2), None, since), ms(450));
+        assert_eq!(t.last_renewal(NodeId(2), None, since, None), ms(450));
         // ... unless it asked this leader later.
-        assert_eq!(t.last_renewal(NodeId(2), Some(ms(600)), since), ms(600));
+        assert_eq!(t.last_renewal(NodeId(2), Some(ms(600)), since, None), ms(600));
         // Node 1 (the dead leader) was vouched for by no one: from the older
         // terms' last confirmation.
-        assert_eq!(t.last_renewal(NodeId(1), None, since), ms(120));
+        assert_eq!(t.last_renewal(NodeId(1), None, since, None), ms(120));
         // The older terms never count past the leader's own start.
         let late = Testimonies { older: ms(900), ..t.clone() };
-        assert_eq!(late.last_renewal(NodeId(1), None, since), since);
+        assert_eq!(late.last_renewal(NodeId(1), None, since, None), since);
+        // A vouch the leader cannot rule out counts like a renewal.
+        assert_eq!(t.last_renewal(NodeId(1), None, since, Some(ms(700))), ms(700));
         // Nobody answered: nothing to combine.
         assert!(Testimonies::of(9, &BTreeMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_leader_is_fresh_only_between_close_confirmations_of_its_term() {
+        let base = Instant::now();
+        let ms = |n: u64| base + Duration::from_millis(n);
+        let limit = Duration::from_millis(200);
+        let mut f = Freshness::default();
+        // Never confirmed in term 5: every instant is unfresh.
+        assert_eq!(f.last_unfresh(5, ms(10), limit), Some(ms(10)));
+        // The first confirmation of the term: unfresh until it.
+        f.confirmed(5, ms(20), ms(30), limit);
+        assert_eq!(f.last_unfresh(5, ms(100), limit), Some(ms(30)));
+        // Confirmations less than the limit apart: nothing new.
+        f.confirmed(5, ms(120), ms(125), limit);
+        f.confirmed(5, ms(220), ms(224), limit);
+        assert_eq!(f.last_unfresh(5, ms(400), limit), Some(ms(30)));
+        // No confirmation for longer than the limit: unfresh now...
+        assert_eq!(f.last_unfresh(5, ms(430), limit), Some(ms(430)));
+        // ... and, once confirmed again, unfresh until that confirmation.
+        f.confirmed(5, ms(500), ms(510), limit);
+        assert_eq!(f.last_unfresh(5, ms(600), limit), Some(ms(510)));
+        // A confirmation that ends after a later one does not go back.
+        f.confirmed(5, ms(450), ms(520), limit);
+        assert_eq!(f.confirmed, Some((5, ms(500))));
+        // Another term starts over.
+        assert_eq!(f.last_unfresh(6, ms(600), limit), Some(ms(600)));
+        f.confirmed(6, ms(610), ms(615), limit);
+        assert_eq!(f.last_unfresh(6, ms(700), limit), Some(ms(615)));
+    }
+
+    #[test]
+    fn only_unfresh_instants_past_the_silence_after_the_election_are_unseen() {
+        let since = Instant::now();
+        let v = Vouching::new(300);
+        assert_eq!(v, Vouching { silence: ms(300), window: ms(100), fresh: ms(200) });
+        // Before since + silence - window: a vouch then was told in the
+        // testimony or refused.
+        assert_eq!(unseen_vouch(Some(since + ms(150)), since, v), None);
+        assert_eq!(unseen_vouch(Some(since + ms(200)), since, v), Some(since + ms(200)));
+        assert_eq!(unseen_vouch(None, since, v), None);
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 }

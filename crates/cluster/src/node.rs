@@ -813,7 +813,7 @@ impl Handler for ClusterNode {
             },
             Request::Join(_) => Response::Join(Err(JoinError::Failed("not implemented here".into()))),
             Request::LeaseVouch => match from {
-                Some(peer) => Response::LeaseVouch(self.testimony.vouch(peer)),
+                Some(peer) => Response::LeaseVouch(self.testimony.vouch(peer, self.vouching().silence)),
                 None => refused("LeaseVouch"),
             },
         }

@@ -15,12 +15,12 @@
 //!
 //! The same books hold this node's *vouches*: a node that cannot renew its
 //! lease through a leader asks the voters directly
-//! ([`crate::rpc::Request::LeaseVouch`]), and a voter vouches only while it
-//! knows no leader of its current term ([`Testimony::vouch`]). A vouch is
-//! labelled with that term, recorded per requester, and told in every
-//! testimony: answering the testimony of term `T` makes the leader of `T`
-//! known here, so no vouch of term `T` can follow it. Why that is enough
-//! for the fencing is argued in [`crate::failover`].
+//! ([`crate::rpc::Request::LeaseVouch`]), and a voter vouches only when it
+//! has not heard from a leader of its current term for a while
+//! ([`Testimony::vouch`]): an AppendEntries of that term, or the leader's
+//! request for this testimony, is hearing from it. A vouch is labelled with
+//! that term, recorded per requester, and told in every testimony. Why that
+//! is enough for the fencing is argued in [`crate::failover`].
 //!
 //! What it does not do: decide anything. It records instants on this node's
 //! monotonic clock; the leader converts an answer to its own clock
@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::types::NodeId;
 
@@ -53,9 +53,8 @@ struct Books {
     led: BTreeMap<u64, Option<Instant>>,
     /// The highest term this node has observed.
     current: u64,
-    /// The highest term whose leader this node knows: it acknowledged an
-    /// AppendEntries of that term, led it, or told its testimony to it.
-    leader_known: u64,
+    /// Per term, when this node last told its testimony to its leader.
+    told: BTreeMap<u64, Instant>,
     /// Per requester, when this node last vouched for its lease.
     vouches: BTreeMap<NodeId, Instant>,
 }
@@ -87,7 +86,7 @@ impl Testimony {
                 acked: BTreeMap::new(),
                 led: BTreeMap::new(),
                 current: 0,
-                leader_known: 0,
+                told: BTreeMap::new(),
                 vouches: BTreeMap::new(),
             }),
         }
@@ -114,11 +113,10 @@ impl Testimony {
     /// and is struck from the books — otherwise a deposed leader that keeps
     /// calling would hold its groups' failover up forever.
     pub(crate) fn settle(&self, arrival: Arrival, acknowledged: bool) {
-        let mut b = self.books();
         if acknowledged {
-            b.leader_known = b.leader_known.max(arrival.term);
             return;
         }
+        let mut b = self.books();
         if b.acked.get(&arrival.term) == Some(&arrival.at) {
             match arrival.previous {
                 Some(p) => b.acked.insert(arrival.term, p),
@@ -139,7 +137,6 @@ impl Testimony {
         }
         if leading && term == b.current {
             b.led.entry(term).or_insert(None);
-            b.leader_known = b.leader_known.max(term);
         }
         b.trim();
     }
@@ -148,8 +145,7 @@ impl Testimony {
     /// which this node may have helped a leader of a term below `term`
     /// confirm its leadership, and every vouch it made; `None` while this
     /// node has not reached `term` itself (it could still acknowledge an
-    /// older leader). Telling it makes the leader of `term` known here:
-    /// no vouch of `term` follows.
+    /// older leader). Telling it is hearing from the leader of `term`.
     pub(crate) fn testify(&self, term: u64) -> Option<Testified> {
         let mut b = self.books();
         if b.current < term {
@@ -162,21 +158,29 @@ impl Testimony {
         for end in b.led.range(..term).map(|(_, end)| *end) {
             latest = latest.max(end?);
         }
-        b.leader_known = b.leader_known.max(term);
+        b.told.insert(term, Instant::now());
+        b.trim();
         Some(Testified { older: latest, vouches: b.vouches.iter().map(|(id, at)| (*id, *at)).collect() })
     }
 
     /// `requester` asks this node to vouch for its lease: granted, with the
-    /// term it is made in, only while this node knows no leader of its
-    /// current term (with a leader, the requester must renew through it);
-    /// the vouch is recorded for the testimonies to come.
-    pub(crate) fn vouch(&self, requester: NodeId) -> Option<u64> {
+    /// term it is made in, only if this node does not lead that term and has
+    /// not heard from its leader for `silence` (with a leader, the requester
+    /// must renew through it); the vouch is recorded for the testimonies to
+    /// come.
+    pub(crate) fn vouch(&self, requester: NodeId, silence: Duration) -> Option<u64> {
+        let now = Instant::now();
         let mut b = self.books();
-        if b.leader_known >= b.current {
+        let term = b.current;
+        if term == 0 || b.led.contains_key(&term) {
             return None;
         }
-        b.vouches.insert(requester, Instant::now());
-        Some(b.current)
+        let heard = b.acked.get(&term).copied().max(b.told.get(&term).copied());
+        if heard.is_some_and(|at| now.saturating_duration_since(at) < silence) {
+            return None;
+        }
+        b.vouches.insert(requester, now);
+        Some(term)
     }
 }
 
@@ -186,6 +190,9 @@ impl Books {
             if let Some((_, at)) = self.acked.pop_first() {
                 self.floor = self.floor.max(at);
             }
+        }
+        while self.told.len() > TERMS_KEPT {
+            self.told.pop_first();
         }
         while self.led.len() > TERMS_KEPT {
             if let Some((_, end)) = self.led.pop_first() {
@@ -278,56 +285,60 @@ mod tests {
         assert!(t.books().acked.len() <= TERMS_KEPT);
     }
 
+    const NOW: Duration = Duration::ZERO;
+    const LONG: Duration = Duration::from_secs(3600);
+
     #[test]
-    fn a_vouch_needs_a_term_without_a_known_leader() {
+    fn a_vouch_needs_silence_from_the_leader_of_the_term() {
         let t = Testimony::new();
         // Nothing observed yet: no term to vouch in.
-        assert_eq!(t.vouch(NodeId(2)), None);
+        assert_eq!(t.vouch(NodeId(2), NOW), None);
         t.observe(3, false);
         acked(&t, 3);
-        // The leader of term 3 is known: renew through it.
-        assert_eq!(t.vouch(NodeId(2)), None);
-        // Its heartbeats stopped; an election began (term 4, no leader).
+        // Heard from the leader of term 3 within the silence: renew
+        // through it.
+        assert_eq!(t.vouch(NodeId(2), LONG), None);
+        // Silent long enough (here: any time at all): vouched, in term 3.
+        assert_eq!(t.vouch(NodeId(2), NOW), Some(3));
+        // A new term whose leader has not been heard of: vouched at once.
         t.observe(4, false);
-        assert_eq!(t.vouch(NodeId(2)), Some(4));
-        // A leader of term 4 is heard of: no more vouches.
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(4));
         acked(&t, 4);
-        assert_eq!(t.vouch(NodeId(2)), None);
-        // Leading a term is knowing its leader.
+        assert_eq!(t.vouch(NodeId(2), LONG), None);
+        // The leader of a term never vouches in it.
         t.observe(5, true);
-        assert_eq!(t.vouch(NodeId(2)), None);
+        assert_eq!(t.vouch(NodeId(2), NOW), None);
     }
 
     #[test]
-    fn a_refused_append_does_not_make_its_leader_known() {
+    fn a_refused_append_is_not_hearing_from_a_leader() {
         let t = Testimony::new();
         t.observe(6, false);
         let a = t.arrive(6);
         t.settle(a, false);
-        assert_eq!(t.vouch(NodeId(1)), Some(6));
+        assert_eq!(t.vouch(NodeId(1), LONG), Some(6));
     }
 
     #[test]
-    fn the_testimony_tells_every_vouch_and_ends_the_vouching_in_its_term() {
+    fn the_testimony_tells_every_vouch_and_is_hearing_from_the_leader() {
         let t = Testimony::new();
         t.observe(4, false);
         let before = Instant::now();
-        assert_eq!(t.vouch(NodeId(2)), Some(4));
-        assert_eq!(t.vouch(NodeId(3)), Some(4));
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(4));
+        assert_eq!(t.vouch(NodeId(3), LONG), Some(4));
         let after_first = Instant::now();
-        assert_eq!(t.vouch(NodeId(2)), Some(4));
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(4));
         let told = t.testify(4).expect("term 4 reached");
         let at = |id: u64| told.vouches.iter().find(|(x, _)| *x == NodeId(id)).map(|(_, at)| *at);
         // The latest vouch per requester.
         assert!(at(2).is_some_and(|a| a >= after_first), "{told:?}");
         assert!(at(3).is_some_and(|a| a >= before && a <= after_first), "{told:?}");
-        // Told to the leader of term 4: that leader is known, no vouch of
-        // term 4 can come after the testimony.
-        assert_eq!(t.vouch(NodeId(2)), None);
-        // A testimony asked for a term not reached yet tells nothing and
-        // does not stop the vouching either.
+        // Told to the leader of term 4: heard from it.
+        assert_eq!(t.vouch(NodeId(2), LONG), None);
+        assert_eq!(t.vouch(NodeId(2), NOW), Some(4));
+        // A testimony asked for a term not reached yet tells nothing.
         t.observe(5, false);
         assert!(t.testify(6).is_none());
-        assert_eq!(t.vouch(NodeId(2)), Some(5));
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(5));
     }
 }
