@@ -513,6 +513,7 @@ fn a_leader_power_cut_leaves_the_other_groups_up() {
     );
     let log2 = c.nodes[1].s().log()[mark..].to_string();
     assert!(!log2.contains("quorum lease lost"), "node 2 lost its lease:\n{log2}");
+    assert!(log2.contains("renewed by the vouches of nodes"), "node 2 renewed no lease by vouches:\n{log2}");
     let shown: Vec<String> = failures
         .iter()
         .take(5)

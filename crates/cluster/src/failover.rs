@@ -64,6 +64,62 @@
 //! they need clocks that run at nearly the same rate (the `margin` absorbs
 //! drift over the delay and the agents' polling, `tick_ms`).
 //!
+//! ## Renewal without a leader: vouches
+//!
+//! A leader's death would otherwise cost every other node its groups: the
+//! election (about 0.5 s) plus the first renewal with the new leader can
+//! outlast a lease. So a renewal that gets no confirmation from a leader
+//! (none known, or no answer within half the lease; renewals start every
+//! `renew_ms` without waiting for a stuck one) asks every voter to *vouch*
+//! ([`crate::rpc::Request::LeaseVouch`]). A voter vouches, labelled with its
+//! current term `τ`, only if it does not lead `τ` and has not heard from
+//! `τ`'s leader (an AppendEntries of `τ` arriving, or `τ`'s leader asking
+//! its testimony) for `silence` = `election_max_ms`; it records the instant
+//! per requester and tells it in every later testimony. The lease runs from
+//! `t0` (the sending) if a majority of every voter configuration, the node
+//! itself included, vouched with one label, each answer arriving by
+//! `t0 + window` (`window` = `silence` / 3).
+//!
+//! Why a leader `L` of term `T` still never fences a node `X` before `X`'s
+//! lease and stop budget ended. `L` counts the fencing delay from the
+//! latest of: `X`'s last request to it, `older`, the latest vouch for `X`
+//! that its testimony majority `M` told (an upper bound on `L`'s clock),
+//! and the latest *unfresh* instant from `since + silence - window` on,
+//! where an instant `t` is fresh if a quorum had by `t` acknowledged a
+//! heartbeat of `L` sent after `t - fresh` (`fresh` = `silence - window`;
+//! `L` knows it from its own renewals, each confirmed by a heartbeat round
+//! to a quorum sent after its `t0`). Take a vouched renewal of `X` with
+//! label `τ` by majority `V` (vouches at `a_v` in `[t0, t0 + window]`) that
+//! `L` did not count, and `L`'s decision taken at `d` and committed by a
+//! quorum `Q` of term `T`:
+//!
+//! - `τ < T`: the member of `V ∩ M` vouched before it reached `T`, so
+//!   before it testified: told. Impossible.
+//! - `τ > T`: the member `q` of `V ∩ Q` acknowledged the decision in term
+//!   `T` before it reached `τ` and vouched: `a_q > d`. Such a renewal is
+//!   the first of `X`'s after `d`; its predecessors were counted, so `X`'s
+//!   lease had lapsed for more than the stop budget and the margin when it
+//!   arrived: the agent had stopped the groups, and restarting one needs a
+//!   linearizable read, which shows `L`'s decision (the same argument as
+//!   for a confirmation through a leader that arrives late).
+//! - `τ = T` and `t0` before `since + silence - window`: the member `w` of
+//!   `V ∩ M` vouched before it testified (told), or after: then `w` had not
+//!   heard from `L` for `silence` since its testimony, which came after
+//!   `since`, so `t0 ≥ a_w - window ≥ since + silence - window`. Impossible.
+//! - `τ = T`, `t0` later and fresh: a quorum acknowledged by `t0` a
+//!   heartbeat sent after `t0 - fresh`; its member `v` in `V` heard from `L`
+//!   within `[a_v - silence, a_v]` and refused (if `v` is `L`, it vouched
+//!   before it led, so before it testified to itself: told). Impossible.
+//! - `τ = T`, `t0` unfresh: counted, as `unseen`.
+//!
+//! Liveness: a healthy leader's quorum acknowledgements are a renewal
+//! period old at most, so nothing is unfresh and a dead owner is still
+//! replaced `fence_delay` after its last renewal; the leader's own death
+//! leaves its followers silent, and they vouch from `silence` after its
+//! last heartbeat until they know the next leader, well within the lease.
+//! No owner is fenced before a majority testified (only the testimony tells
+//! the vouches); it answers within a round trip of the election.
+//!
 //! A group is only *started* after a linearizable read (so the node has
 //! applied every decision committed before it) showing that it still owns
 //! it: a node whose lease lapsed and came back cannot restart a group from
@@ -190,6 +246,8 @@ struct LeaseInner {
     requests: HashMap<NodeId, Instant>,
     /// How recently a quorum acknowledged this node as leader.
     freshness: Freshness,
+    /// The last renewal was by vouches (not through a leader).
+    by_vouch: bool,
 }
 
 /// A leader's record of how recently a quorum acknowledged it, from its own
@@ -245,9 +303,18 @@ impl LeaseBook {
 
     pub(crate) fn renewed(&self, t0: Instant) {
         let mut l = self.lock();
+        l.by_vouch = false;
         if l.renewed_at.is_none_or(|r| r < t0) {
             l.renewed_at = Some(t0);
         }
+    }
+
+    /// A renewal sent at `t0` was confirmed by vouches; whether the one
+    /// before was not (the node just lost its leader).
+    fn renewed_by_vouch(&self, t0: Instant) -> bool {
+        self.renewed(t0);
+        let mut l = self.lock();
+        !std::mem::replace(&mut l.by_vouch, true)
     }
 
     /// A renewal sent at `t0` was confirmed by this node's own leadership
@@ -573,8 +640,10 @@ impl ClusterNode {
                 }
             }
         }
-        tracing::debug!(?grants, "lease renewed by the voters' vouches (no leader)");
-        self.leases.renewed(t0);
+        if self.leases.renewed_by_vouch(t0) {
+            let voters: Vec<String> = grants.keys().map(|id| id.to_string()).collect();
+            tracing::info!(term = ?grants.values().next(), "no leader to renew the group lease with: renewed by the vouches of nodes {}", voters.join(", "));
+        }
         true
     }
 }
