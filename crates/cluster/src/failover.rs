@@ -747,6 +747,10 @@ impl Manager {
                 self.leading = Some((term, now));
                 let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
                 tokio::spawn(gather_testimony(Arc::downgrade(n), term, voters, self.testified.clone()));
+                // A renewal at once (a heartbeat round, bounded by half the
+                // lease): its confirmation is the first evidence of a
+                // quorum's acknowledgements in this term (see [`Freshness`]).
+                renew_round(Arc::downgrade(n)).await;
                 self.lost = None;
                 tokio::spawn(lost_in_event_log(Arc::downgrade(n), term, self.logged_lost.clone()));
                 now
