@@ -119,6 +119,13 @@
 //! last heartbeat until they know the next leader, well within the lease.
 //! No owner is fenced before a majority testified (only the testimony tells
 //! the vouches); it answers within a round trip of the election.
+//! Measured in namespaces (`tests/netns_groups.rs`,
+//! `a_leader_power_cut_leaves_the_other_groups_up`): a power cut of the
+//! leader, which owned one group; the group of another node failed none of
+//! a prober's connections (every 20 ms) and kept an SMTP session open
+//! across the election, where it was stopped and restarted before (a 0.52 s
+//! gap, the session cut with 421); the dead leader's group was served
+//! elsewhere 1.06-1.16 s after the cut, as before (1.08-1.10 s).
 //!
 //! A group is only *started* after a linearizable read (so the node has
 //! applied every decision committed before it) showing that it still owns
