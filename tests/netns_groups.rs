@@ -12,6 +12,11 @@
 //!   nodes serve one replicated store at once; a power cut of one node
 //!   moves its group to the other, and is one NodeLost event and one
 //!   `unreachable` line on the new leader, with no openraft error lines.
+//! - `a_leader_power_cut_leaves_the_other_groups_up`: the leader (owner of
+//!   one group) loses power; the other node's group keeps running through
+//!   the election (its lease is renewed by the voters' vouches): a prober
+//!   sees no failure, an SMTP session opened before the cut completes a
+//!   transaction after it, and the dead leader's group fails over.
 //! - `killed_owner_leaves_no_address_behind`: the owner's process is
 //!   SIGKILLed with its link up; the kernel drops the floating address there
 //!   when its lifetime runs out (no restart), while another node takes it.
@@ -31,6 +36,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::netns::*;
@@ -351,6 +357,188 @@ fn active_active_two_groups() {
         assert!(expected.contains(&said), "node {}: {said} lines `node 1 unreachable`:\n{log}", i + 1);
         let openraft: Vec<&str> = log.lines().filter(|l| l.contains(" openraft") && l.contains("ERROR")).collect();
         assert!(openraft.is_empty(), "node {}: openraft errors in the default log:\n{}", i + 1, openraft.join("\n"));
+    }
+}
+
+/// The outcome of a probe: when, and the failure if any.
+type Probe = (Instant, Result<(), String>);
+
+/// From the client: a new SMTP connection to `addr` every 20 ms, until
+/// `stop`; each must greet as `host`.
+fn probe_greetings(bed: &Bed, addr: SocketAddr, host: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Probe>> {
+    let path = bed.netns_path("cl");
+    std::thread::spawn(move || {
+        enter_netns(&path);
+        let mut probes = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let at = Instant::now();
+            let outcome = match greeting(addr) {
+                Some(h) if h == host => Ok(()),
+                other => Err(format!("greeting {other:?}")),
+            };
+            probes.push((at, outcome));
+            std::thread::sleep(Duration::from_millis(20).saturating_sub(at.elapsed()));
+        }
+        probes
+    })
+}
+
+/// From the client: an SMTP session to `addr` opened (greeting and EHLO)
+/// now; once `go` fires, NOOP and one transaction on it. Returns the
+/// greeting's host, or the first unexpected answer.
+fn session_across(
+    bed: &Bed,
+    addr: SocketAddr,
+    to: &'static str,
+    go: std::sync::mpsc::Receiver<()>,
+) -> JoinHandle<Result<String, String>> {
+    let path = bed.netns_path("cl");
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let session = std::thread::spawn(move || {
+        enter_netns(&path);
+        let run = || -> std::io::Result<Result<String, String>> {
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut w = s.try_clone()?;
+            let mut r = BufReader::new(s);
+            let greeting = mail::reply(&mut r)?;
+            let host = greeting.split_whitespace().nth(1).unwrap_or("").to_string();
+            w.write_all(b"EHLO client.test\r\n")?;
+            let ehlo = mail::reply(&mut r)?;
+            let _ = opened_tx.send(());
+            if !greeting.starts_with("220 ") || !ehlo.starts_with("250") {
+                return Ok(Err(format!("{greeting}{ehlo}")));
+            }
+            let _ = go.recv();
+            let steps: [(String, &str); 5] = [
+                ("NOOP\r\n".into(), "250"),
+                ("MAIL FROM:<held@client.test>\r\n".into(), "250"),
+                (format!("RCPT TO:<{to}>\r\n"), "250"),
+                ("DATA\r\n".into(), "354"),
+                ("X-Token: held-across\r\n\r\nopened before the power cut\r\n.\r\n".into(), "250"),
+            ];
+            for (send, expect) in steps {
+                w.write_all(send.as_bytes())?;
+                let l = mail::reply(&mut r)?;
+                if !l.starts_with(expect) {
+                    return Ok(Err(format!("{} -> {l}", send.trim_end())));
+                }
+            }
+            let _ = w.write_all(b"QUIT\r\n");
+            Ok(Ok(host))
+        };
+        run().unwrap_or_else(|e| Err(format!("session: {e}")))
+    });
+    // Opened (or failed) before the caller goes on.
+    let _ = opened.recv_timeout(Duration::from_secs(10));
+    session
+}
+
+/// The longest time between two successful probes around the failures
+/// (zero without failures).
+fn longest_outage(probes: &[Probe]) -> Duration {
+    let mut last_ok: Option<Instant> = None;
+    let mut worst = Duration::ZERO;
+    let mut failing = false;
+    for (at, outcome) in probes {
+        match outcome {
+            Ok(()) => {
+                if let (true, Some(ok)) = (failing, last_ok) {
+                    worst = worst.max(at.duration_since(ok));
+                }
+                last_ok = Some(*at);
+                failing = false;
+            }
+            Err(_) => failing = true,
+        }
+    }
+    worst
+}
+
+#[test]
+fn a_leader_power_cut_leaves_the_other_groups_up() {
+    if !root_or_skip("a_leader_power_cut_leaves_the_other_groups_up") {
+        return;
+    }
+    let mut c = Cluster::new();
+    c.apply(
+        1,
+        &format!("{}{}", mail_group("mail1", "[1, 2, 3]", VIP1, ""), mail_group("mail2", "[2, 1, 3]", VIP2, "")),
+    );
+    if poll(RECOVERY, || {
+        (c.greeting_from_client(VIP1).as_deref() == Some("node1")
+            && c.greeting_from_client(VIP2).as_deref() == Some("node2"))
+        .then_some(())
+    })
+    .is_none()
+    {
+        panic!("the two groups are not both online at home:\n{}\n{}", c.group_status(1), c.logs());
+    }
+    // Node 1 formed the cluster: it leads.
+    assert_eq!(poll(RECOVERY, || c.nodes[1].leader()), Some(1), "{}", c.logs());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = probe_greetings(&c.bed, at(VIP2, 2525), "node2", stop.clone());
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let session = session_across(&c.bed, at(VIP2, 2525), USER, go_rx);
+    let mark = c.nodes[1].s().log().len();
+
+    let cut = Instant::now();
+    c.power_cut(0);
+    let mut last = None;
+    let host = poll(RECOVERY, || {
+        last = Some(c.send_from_client(VIP1, "mail1-after-the-cut"));
+        match last.as_ref().unwrap() {
+            Ok(Ok(h)) => Some(h.clone()),
+            _ => None,
+        }
+    })
+    .unwrap_or_else(|| panic!("no 250 through {VIP1} after the cut; last: {last:?}\n{}", c.logs()));
+    let failover = cut.elapsed();
+    // A new leader, and a while of normal operation under it.
+    let leader = poll(RECOVERY, || c.nodes[1].leader().filter(|l| *l != 1));
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = go.send(());
+    let held = session.join().expect("session thread");
+    stop.store(true, Ordering::Relaxed);
+    let probes = prober.join().expect("prober thread");
+    let failures: Vec<&Probe> = probes.iter().filter(|(_, o)| o.is_err()).collect();
+    eprintln!(
+        "a_leader_power_cut_leaves_the_other_groups_up: {VIP1} (mail1, owner node 1) served by {host} {failover:?} \
+         after the power cut; {VIP2} (mail2, node 2): {} of {} probes failed, longest outage {:?}; new leader {leader:?}; \
+         session opened before the cut: {held:?}",
+        failures.len(),
+        probes.len(),
+        longest_outage(&probes),
+    );
+    let log2 = c.nodes[1].s().log()[mark..].to_string();
+    assert!(!log2.contains("quorum lease lost"), "node 2 lost its lease:\n{log2}");
+    assert!(log2.contains("renewed by the vouches of nodes"), "node 2 renewed no lease by vouches:\n{log2}");
+    let shown: Vec<String> = failures
+        .iter()
+        .take(5)
+        .map(|(at, o)| format!("{:?} after the cut: {o:?}", at.saturating_duration_since(cut)))
+        .collect();
+    assert!(failures.is_empty(), "{VIP2} failed {} probes: {shown:?}\n{}", failures.len(), c.logs());
+    assert!(probes.iter().any(|(at, _)| *at > cut + failover), "the prober ran past the failover");
+    assert_eq!(held, Ok("node2".to_string()), "the session opened before the cut\n{}", c.logs());
+    assert!(host == "node2" || host == "node3", "{host}");
+    assert!(failover < Duration::from_secs(5), "mail1 failed over after {failover:?}");
+    assert_eq!(c.bed.holders(&["n2", "n3"], VIP2), vec!["n2".to_string()]);
+    assert_eq!(c.owner(1, "mail2"), Some((2, "Online".to_string())));
+    // Both messages are there, read through the address that never moved.
+    let mut tokens = None;
+    let both = vec!["held-across".to_string(), "mail1-after-the-cut".to_string()];
+    if poll(Duration::from_secs(10), || {
+        tokens = c.tokens_from_client(VIP2).map(|mut t| {
+            t.sort();
+            t
+        });
+        tokens.as_ref().filter(|t| **t == both).map(|_| ())
+    })
+    .is_none()
+    {
+        panic!("POP3 through {VIP2}: {tokens:?}, not {both:?}\n{}", c.logs());
     }
 }
 

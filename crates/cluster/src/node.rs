@@ -435,9 +435,8 @@ impl ClusterNode {
     }
 
     /// This node's answer to [`Request::Testimony`].
-    fn testimony_here(&self, term: u64) -> Option<u64> {
-        let at = self.testimony.below(term)?;
-        Some(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX))
+    fn testimony_here(&self, term: u64) -> Option<crate::rpc::TestimonyAnswer> {
+        self.testimony.testify(term).map(|told| crate::failover::testimony_answer(&told, Instant::now()))
     }
 
     /// The leader's side of [`Request::ReadIndex`].
@@ -813,6 +812,10 @@ impl Handler for ClusterNode {
                 None => refused("Verify"),
             },
             Request::Join(_) => Response::Join(Err(JoinError::Failed("not implemented here".into()))),
+            Request::LeaseVouch => match from {
+                Some(peer) => Response::LeaseVouch(self.testimony.vouch(peer, self.vouching().silence)),
+                None => refused("LeaseVouch"),
+            },
         }
     }
 }

@@ -63,6 +63,10 @@ pub enum Request {
     /// Re-hash every body here and fetch the missing or damaged ones from
     /// the other data nodes (`hamail store verify`, run cluster-wide).
     Verify,
+    /// A lease renewal without a leader (see [`crate::failover`]): vouch
+    /// for the requester's lease if you know no leader of your current
+    /// term, and remember that you did.
+    LeaseVouch,
 }
 
 /// The answer to a [`Request`], same variant.
@@ -78,9 +82,8 @@ pub enum Response {
     ReadIndex(Result<Option<u64>, WriteError>),
     /// The renewal is confirmed; the members the leader finds silent.
     RenewLease(Result<Vec<NodeId>, WriteError>),
-    /// Microseconds since that instant, when the answer was made; `None`
-    /// while the asked node has not reached the term itself.
-    Testimony(Option<u64>),
+    /// `None` while the asked node has not reached the term itself.
+    Testimony(Option<TestimonyAnswer>),
     /// The body is durable on the receiver.
     PutBody(Result<(), String>),
     /// The body's bytes (the caller verifies their hash again).
@@ -89,6 +92,19 @@ pub enum Response {
     /// The request was refused before it was looked at (not authenticated,
     /// or a request this peer may not make).
     Refused(String),
+    /// Vouched, in this term; `None`: refused (a leader of the asked
+    /// node's term is known: renew through it).
+    LeaseVouch(Option<u64>),
+}
+
+/// A node's testimony to a new leader (see [`crate::testimony`]), in
+/// microseconds before the answer was made (clocks are not compared).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestimonyAnswer {
+    /// Since it last acknowledged, or stopped leading, an older term.
+    pub older_us: u64,
+    /// Per requester, since it last vouched for that node's lease.
+    pub vouches_us: Vec<(NodeId, u64)>,
 }
 
 /// A committed write: the state machine's answer and the log index of its

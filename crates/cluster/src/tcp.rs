@@ -491,6 +491,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::PutBody { .. } => "PutBody",
         Request::GetBody(_) => "GetBody",
         Request::Verify => "Verify",
+        Request::LeaseVouch => "LeaseVouch",
     }
 }
 

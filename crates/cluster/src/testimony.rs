@@ -13,13 +13,24 @@
 //! usually the moment it died — instead of from its own election, which
 //! comes an election timeout later.
 //!
+//! The same books hold this node's *vouches*: a node that cannot renew its
+//! lease through a leader asks the voters directly
+//! ([`crate::rpc::Request::LeaseVouch`]), and a voter vouches only when it
+//! has not heard from a leader of its current term for a while
+//! ([`Testimony::vouch`]): an AppendEntries of that term, or the leader's
+//! request for this testimony, is hearing from it. A vouch is labelled with
+//! that term, recorded per requester, and told in every testimony. Why that
+//! is enough for the fencing is argued in [`crate::failover`].
+//!
 //! What it does not do: decide anything. It records instants on this node's
 //! monotonic clock; the leader converts an answer to its own clock
 //! conservatively (arrival of the answer minus the elapsed time it states).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crate::types::NodeId;
 
 /// Terms kept in the books (older ones are folded into `floor`).
 const TERMS_KEPT: usize = 16;
@@ -42,6 +53,21 @@ struct Books {
     led: BTreeMap<u64, Option<Instant>>,
     /// The highest term this node has observed.
     current: u64,
+    /// Per term, when this node last told its testimony to its leader.
+    told: BTreeMap<u64, Instant>,
+    /// Per requester, when this node last vouched for its lease.
+    vouches: BTreeMap<NodeId, Instant>,
+}
+
+/// What a node testifies to the new leader of a term (see
+/// [`Testimony::testify`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Testified {
+    /// The latest instant at which this node may have helped a leader of
+    /// an older term confirm its leadership.
+    pub(crate) older: Instant,
+    /// Per requester, the last time this node vouched for its lease.
+    pub(crate) vouches: Vec<(NodeId, Instant)>,
 }
 
 /// An AppendEntries being handled: [`Testimony::settle`] it with the
@@ -60,6 +86,8 @@ impl Testimony {
                 acked: BTreeMap::new(),
                 led: BTreeMap::new(),
                 current: 0,
+                told: BTreeMap::new(),
+                vouches: BTreeMap::new(),
             }),
         }
     }
@@ -113,12 +141,13 @@ impl Testimony {
         b.trim();
     }
 
-    /// The latest instant at which this node may have helped a leader of a
-    /// term below `term` confirm its leadership; `None` while this node has
-    /// not reached `term` itself (it could still acknowledge an older
-    /// leader).
-    pub(crate) fn below(&self, term: u64) -> Option<Instant> {
-        let b = self.books();
+    /// The testimony for the new leader of `term`: the latest instant at
+    /// which this node may have helped a leader of a term below `term`
+    /// confirm its leadership, and every vouch it made; `None` while this
+    /// node has not reached `term` itself (it could still acknowledge an
+    /// older leader). Telling it is hearing from the leader of `term`.
+    pub(crate) fn testify(&self, term: u64) -> Option<Testified> {
+        let mut b = self.books();
         if b.current < term {
             return None;
         }
@@ -129,7 +158,29 @@ impl Testimony {
         for end in b.led.range(..term).map(|(_, end)| *end) {
             latest = latest.max(end?);
         }
-        Some(latest)
+        b.told.insert(term, Instant::now());
+        b.trim();
+        Some(Testified { older: latest, vouches: b.vouches.iter().map(|(id, at)| (*id, *at)).collect() })
+    }
+
+    /// `requester` asks this node to vouch for its lease: granted, with the
+    /// term it is made in, only if this node does not lead that term and has
+    /// not heard from its leader for `silence` (with a leader, the requester
+    /// must renew through it); the vouch is recorded for the testimonies to
+    /// come.
+    pub(crate) fn vouch(&self, requester: NodeId, silence: Duration) -> Option<u64> {
+        let now = Instant::now();
+        let mut b = self.books();
+        let term = b.current;
+        if term == 0 || b.led.contains_key(&term) {
+            return None;
+        }
+        let heard = b.acked.get(&term).copied().max(b.told.get(&term).copied());
+        if heard.is_some_and(|at| now.saturating_duration_since(at) < silence) {
+            return None;
+        }
+        b.vouches.insert(requester, now);
+        Some(term)
     }
 }
 
@@ -139,6 +190,9 @@ impl Books {
             if let Some((_, at)) = self.acked.pop_first() {
                 self.floor = self.floor.max(at);
             }
+        }
+        while self.told.len() > TERMS_KEPT {
+            self.told.pop_first();
         }
         while self.led.len() > TERMS_KEPT {
             if let Some((_, end)) = self.led.pop_first() {
@@ -152,6 +206,11 @@ impl Books {
 mod tests {
     use super::*;
 
+    /// What the node testifies about terms below `term`, vouches aside.
+    fn below(t: &Testimony, term: u64) -> Option<Instant> {
+        t.testify(term).map(|told| told.older)
+    }
+
     /// An AppendEntries of `term` that this node acknowledged: its arrival.
     fn acked(t: &Testimony, term: u64) -> Instant {
         let a = t.arrive(term);
@@ -164,8 +223,8 @@ mod tests {
     fn nothing_is_told_before_the_term_is_reached() {
         let t = Testimony::new();
         t.observe(3, false);
-        assert!(t.below(4).is_none());
-        assert!(t.below(3).is_some());
+        assert!(below(&t, 4).is_none());
+        assert!(below(&t, 3).is_some());
     }
 
     #[test]
@@ -176,10 +235,10 @@ mod tests {
         t.observe(3, false);
         acked(&t, 3);
         // Asked by the leader of term 3: its own heartbeats do not count.
-        assert_eq!(t.below(3), Some(at2));
+        assert_eq!(below(&t, 3), Some(at2));
         // Asked by a leader of term 4: both count.
         t.observe(4, false);
-        assert!(t.below(4).unwrap() > at2);
+        assert!(below(&t, 4).unwrap() > at2);
     }
 
     #[test]
@@ -193,7 +252,7 @@ mod tests {
             let a = t.arrive(2);
             t.settle(a, false);
         }
-        assert_eq!(t.below(5), Some(first));
+        assert_eq!(below(&t, 5), Some(first));
     }
 
     #[test]
@@ -202,7 +261,7 @@ mod tests {
         t.observe(7, true);
         let before = Instant::now();
         t.observe(8, false);
-        assert!(t.below(8).unwrap() >= before, "the end of its leadership is testified");
+        assert!(below(&t, 8).unwrap() >= before, "the end of its leadership is testified");
     }
 
     #[test]
@@ -210,7 +269,7 @@ mod tests {
         let before = Instant::now();
         let t = Testimony::new();
         t.observe(9, false);
-        assert!(t.below(9).unwrap() >= before);
+        assert!(below(&t, 9).unwrap() >= before);
     }
 
     #[test]
@@ -222,7 +281,64 @@ mod tests {
             last = acked(&t, term);
         }
         t.observe(40, false);
-        assert_eq!(t.below(40), Some(last));
+        assert_eq!(below(&t, 40), Some(last));
         assert!(t.books().acked.len() <= TERMS_KEPT);
+    }
+
+    const NOW: Duration = Duration::ZERO;
+    const LONG: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_vouch_needs_silence_from_the_leader_of_the_term() {
+        let t = Testimony::new();
+        // Nothing observed yet: no term to vouch in.
+        assert_eq!(t.vouch(NodeId(2), NOW), None);
+        t.observe(3, false);
+        acked(&t, 3);
+        // Heard from the leader of term 3 within the silence: renew
+        // through it.
+        assert_eq!(t.vouch(NodeId(2), LONG), None);
+        // Silent long enough (here: any time at all): vouched, in term 3.
+        assert_eq!(t.vouch(NodeId(2), NOW), Some(3));
+        // A new term whose leader has not been heard of: vouched at once.
+        t.observe(4, false);
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(4));
+        acked(&t, 4);
+        assert_eq!(t.vouch(NodeId(2), LONG), None);
+        // The leader of a term never vouches in it.
+        t.observe(5, true);
+        assert_eq!(t.vouch(NodeId(2), NOW), None);
+    }
+
+    #[test]
+    fn a_refused_append_is_not_hearing_from_a_leader() {
+        let t = Testimony::new();
+        t.observe(6, false);
+        let a = t.arrive(6);
+        t.settle(a, false);
+        assert_eq!(t.vouch(NodeId(1), LONG), Some(6));
+    }
+
+    #[test]
+    fn the_testimony_tells_every_vouch_and_is_hearing_from_the_leader() {
+        let t = Testimony::new();
+        t.observe(4, false);
+        let before = Instant::now();
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(4));
+        assert_eq!(t.vouch(NodeId(3), LONG), Some(4));
+        let after_first = Instant::now();
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(4));
+        let told = t.testify(4).expect("term 4 reached");
+        let at = |id: u64| told.vouches.iter().find(|(x, _)| *x == NodeId(id)).map(|(_, at)| *at);
+        // The latest vouch per requester.
+        assert!(at(2).is_some_and(|a| a >= after_first), "{told:?}");
+        assert!(at(3).is_some_and(|a| a >= before && a <= after_first), "{told:?}");
+        // Told to the leader of term 4: heard from it.
+        assert_eq!(t.vouch(NodeId(2), LONG), None);
+        assert_eq!(t.vouch(NodeId(2), NOW), Some(4));
+        // A testimony asked for a term not reached yet tells nothing.
+        t.observe(5, false);
+        assert!(t.testify(6).is_none());
+        assert_eq!(t.vouch(NodeId(2), LONG), Some(5));
     }
 }
