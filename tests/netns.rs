@@ -461,3 +461,56 @@ fn no_spurious_failover_under_load() {
     assert_eq!(holders, vec!["n1".to_string()], "the group moved during the soak");
     assert!(failovers.is_empty(), "a failover during the soak:\n{}", failovers.join("\n"));
 }
+
+/// A follower cut off from the others (cable out, process running) for
+/// `HAMAIL_PARTITION_SECS` (default 5) must not raise its Raft term: it
+/// asks the others first (pre-vote, Raft thesis §9.6) and, reaching nobody,
+/// starts no election. Once the cable is back, the leader and its term are
+/// those of before the cut: the node's return deposes nobody.
+#[test]
+fn a_partitioned_follower_does_not_depose_the_leader() {
+    if !root_or_skip("a_partitioned_follower_does_not_depose_the_leader") {
+        return;
+    }
+    let partition = Duration::from_secs(env_number("HAMAIL_PARTITION_SECS", 5));
+    let c = NsCluster::form(USER, RECOVERY);
+    // Node `id` is n<id> (node 1 inits, n2 and n3 join in order).
+    let term_of = |via: usize, id: u64| -> Option<u64> {
+        c.nodes[via].status()?.iter().find(|m| m["id"] == id)?["term"].as_u64()
+    };
+    let leader = c.nodes[0].leader().expect("a leader");
+    let leader_at = usize::try_from(leader - 1).expect("node index");
+    let term = term_of(leader_at, leader).expect("the leader's term");
+    let cut_at = (0..NS_NODES.len()).find(|i| *i != leader_at).expect("a follower");
+    let follower = cut_at as u64 + 1;
+    assert_eq!(term_of(cut_at, follower), Some(term), "the follower is at the leader's term before the cut");
+
+    let cut = Instant::now();
+    c.bed.set_link(NS_NODES[cut_at], false);
+    // Its own view, read on it (its admin socket is local) through the
+    // partition, as fast as the CLI answers.
+    let mut seen = Vec::new();
+    while cut.elapsed() < partition {
+        if let Some(t) = term_of(cut_at, follower) {
+            seen.push(t);
+        }
+    }
+    let highest = seen.iter().copied().max().expect("the follower's own status during the partition");
+    c.bed.set_link(NS_NODES[cut_at], true);
+    let healed = Instant::now();
+    if poll(RECOVERY, || c.all_healthy(leader_at).then_some(())).is_none() {
+        panic!("node {follower} did not rejoin: {:?}\n{}", c.nodes[leader_at].status(), c.logs());
+    }
+    let (leader_after, term_after) = (c.nodes[leader_at].leader(), term_of(leader_at, leader));
+    eprintln!(
+        "partition of follower {follower} for {partition:?}: its term {term} -> at most {highest} \
+         ({} readings); after the heal (rejoined in {:?}) leader {leader} -> {leader_after:?}, \
+         term {term} -> {term_after:?}",
+        seen.len(),
+        healed.elapsed()
+    );
+    assert_eq!(highest, term, "the partitioned follower raised its term (elections it could not win)");
+    assert_eq!(leader_after, Some(leader), "the leader changed after the heal\n{}", c.logs());
+    assert_eq!(term_after, Some(term), "the term changed after the heal\n{}", c.logs());
+    assert_eq!(term_of(leader_at, follower), Some(term), "the follower rejoined at the leader's term");
+}

@@ -29,6 +29,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::raft::AppendEntriesResponse;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 
+use crate::election::{node_agent, ElectionTiming, NodeAgent, PreVote, PreVoteAnswer};
 use crate::error::ClusterError;
 use crate::log_store::LogStore;
 use crate::mailstore::{verify_and_repair, MailEvents, Replication};
@@ -52,8 +53,10 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Timing {
     /// How often the leader sends heartbeats (AppendEntries).
     pub heartbeat_ms: u64,
-    /// A follower that hears nothing for a random time in
-    /// `[election_min_ms, election_max_ms)` starts an election.
+    /// A voter that hears no leader for the leader lease (`election_max_ms`)
+    /// plus a random time in `[election_min_ms, election_max_ms)` asks the
+    /// others for a pre-vote, and starts an election if a quorum grants it
+    /// (see [`crate::election`]).
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     /// How long `write` and `linearizable` keep trying (waiting for a leader,
@@ -101,9 +104,22 @@ impl Timing {
             election_timeout_max: self.election_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            // Elections are started by the node's pre-vote agent
+            // (crate::election), never by openraft's own timer.
+            enable_elect: false,
             ..Config::default()
         };
         config.validate().map_err(|e| ClusterError::Config(e.to_string()))
+    }
+
+    /// The pre-vote agent's timings: openraft's leader lease is
+    /// `election_timeout_max` (openraft `EngineConfig`).
+    fn election(&self) -> ElectionTiming {
+        ElectionTiming {
+            lease: Duration::from_millis(self.election_max_ms),
+            min: Duration::from_millis(self.election_min_ms),
+            max: Duration::from_millis(self.election_max_ms),
+        }
     }
 }
 
@@ -146,6 +162,10 @@ pub struct ClusterNode {
     /// The data nodes the leader found silent at our last lease renewal,
     /// and when we heard it.
     silent_peers: std::sync::Mutex<Option<(Instant, Vec<NodeId>)>>,
+    /// The pre-vote agent: when to campaign, whom to grant a pre-vote.
+    pub(crate) elections: NodeAgent,
+    /// The task that runs it.
+    election_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ClusterNode {
@@ -162,7 +182,8 @@ impl ClusterNode {
         timing: Timing,
     ) -> Result<Arc<ClusterNode>, ClusterError> {
         let config = Arc::new(timing.raft_config()?);
-        let log_store = LogStore::open(&dir.join("raft-log.redb"))?;
+        let mut log_store = LogStore::open(&dir.join("raft-log.redb"))?;
+        forget_leadership(id, &mut log_store).await?;
         let state_machine = StateMachine::open(store.clone(), dir).await?;
         let mail = state_machine.mail_events();
         let group_table = state_machine.group_watch();
@@ -176,7 +197,8 @@ impl ClusterNode {
         tracing::info!(%id, node = %info, "cluster node started");
         let testimony = Arc::new(crate::testimony::Testimony::new());
         tokio::spawn(watch_terms(id, raft.metrics(), Arc::downgrade(&testimony)));
-        Ok(Arc::new(ClusterNode {
+        let elections = node_agent(id, timing.election());
+        let node = Arc::new(ClusterNode {
             id,
             info,
             raft,
@@ -193,7 +215,13 @@ impl ClusterNode {
             group_tasks: std::sync::Mutex::new(Vec::new()),
             testimony,
             silent_peers: std::sync::Mutex::new(None),
-        }))
+            elections,
+            election_task: std::sync::Mutex::new(None),
+        });
+        let tick = Duration::from_millis(node.timing.heartbeat_ms.max(1));
+        let task = tokio::spawn(crate::election::campaign(Arc::downgrade(&node), tick));
+        *node.election_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        Ok(node)
     }
 
     pub fn id(&self) -> NodeId {
@@ -636,6 +664,9 @@ impl ClusterNode {
     /// (The state machine's handle on the store is released the same way.)
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
         self.stop_group_tasks();
+        if let Some(task) = self.election_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
         self.raft.shutdown().await.map_err(|e| ClusterError::Internal(format!("shutting raft down: {e}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.log.handles() > 1 && Instant::now() < deadline {
@@ -646,6 +677,33 @@ impl ClusterNode {
 }
 
 impl ClusterNode {
+    /// A current leader's AppendEntries or InstallSnapshot was accepted.
+    fn leader_contact(&self) {
+        self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).leader_contact(Instant::now());
+    }
+
+    /// [`Request::PreVote`]: granted by the rules of [`crate::election`].
+    fn pre_vote_here(&self, peer: NodeId, req: PreVote) -> PreVoteAnswer {
+        let (term, leading_with_quorum) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let lease = self.timing.election_max_ms;
+            (m.current_term, m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease))
+        };
+        let own = self.raft.data_metrics().borrow().last_log;
+        let verdict = self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).judge(
+            Instant::now(),
+            req.last_log_id.as_ref(),
+            own.as_ref(),
+            leading_with_quorum,
+        );
+        match verdict {
+            Ok(()) => tracing::info!(%peer, candidate_term = req.term, term, "pre-vote granted"),
+            Err(reason) => tracing::debug!(%peer, candidate_term = req.term, term, ?reason, "pre-vote refused"),
+        }
+        PreVoteAnswer { granted: verdict.is_ok(), term }
+    }
+
     /// [`Request::PutBody`]: checks the hash, writes the body durably,
     /// answers after the fsync. A witness holds no mail.
     async fn put_body_here(&self, hash: hamail_store::BodyHash, data: Vec<u8>) -> Result<(), String> {
@@ -725,6 +783,9 @@ impl Handler for ClusterNode {
                             | AppendEntriesResponse::Conflict)
                     );
                     self.testimony.settle(arrival, acknowledged);
+                    if acknowledged {
+                        self.leader_contact();
+                    }
                     Response::AppendEntries(result)
                 }
                 None => refused("AppendEntries"),
@@ -734,8 +795,21 @@ impl Handler for ClusterNode {
                 None => refused("Vote"),
             },
             Request::InstallSnapshot(rpc) => match from {
-                Some(_) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
+                Some(_) => {
+                    let vote = rpc.vote;
+                    let result = self.raft.install_snapshot(rpc).await;
+                    // Accepted: our vote is now the sender's (a refusal
+                    // answers our own, higher one).
+                    if result.as_ref().is_ok_and(|r| r.vote == vote) {
+                        self.leader_contact();
+                    }
+                    Response::InstallSnapshot(result)
+                }
                 None => refused("InstallSnapshot"),
+            },
+            Request::PreVote(req) => match from {
+                Some(peer) => Response::PreVote(self.pre_vote_here(peer, req)),
+                None => refused("PreVote"),
             },
             Request::Write(cmd) => match from {
                 Some(_) => Response::Write(self.write_here(cmd).await),
@@ -782,6 +856,26 @@ impl Handler for ClusterNode {
             Request::Join(_) => Response::Join(Err(JoinError::Failed("not implemented here".into()))),
         }
     }
+}
+
+/// openraft restores a node whose saved vote is its own, committed one (it
+/// led when it stopped) as the leader of that term at once, without asking
+/// anyone (`Engine::startup`): it then logs `become leader` for a term the
+/// cluster may have left long ago, and acts as leader until an answer shows
+/// it a higher term. Saving the vote uncommitted instead makes it start as
+/// a follower that voted for itself in that term, as after a crash in the
+/// middle of a campaign: it still votes for nobody else in that term (the
+/// vote is kept, Raft paper §5.2), and it leads again only after winning an
+/// election.
+async fn forget_leadership(id: NodeId, log: &mut LogStore) -> Result<(), ClusterError> {
+    use openraft::storage::RaftLogStorage;
+    let Some(vote) = log.read_vote().await? else { return Ok(()) };
+    if vote.is_committed() && vote.leader_id().voted_for() == Some(id) {
+        let term = vote.leader_id().get_term();
+        tracing::info!(%id, term, "led term {term} before the restart: starting as a follower, not as its leader");
+        log.save_vote(&crate::types::Vote::new(term, id)).await?;
+    }
+    Ok(())
 }
 
 /// Feeds Raft's term and role changes to the node's testimony until the
