@@ -514,3 +514,47 @@ fn a_partitioned_follower_does_not_depose_the_leader() {
     assert_eq!(term_after, Some(term), "the term changed after the heal\n{}", c.logs());
     assert_eq!(term_of(leader_at, follower), Some(term), "the follower rejoined at the leader's term");
 }
+
+/// Benchmark, not part of the test run (root; prints figures): the Raft
+/// election after a power cut of the leader, over `HAMAIL_BENCH_RUNS` cuts
+/// (default 10): from the cut to a survivor's log saying `become leader`
+/// (watched every few milliseconds). After each cut the node comes back and
+/// the cluster is healthy again before the next cut.
+///
+/// `cargo test --release --test netns election_benchmark -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn election_benchmark() {
+    if !root_or_skip("election_benchmark") {
+        return;
+    }
+    let runs: usize = env_number("HAMAIL_BENCH_RUNS", 10);
+    let mut c = NsCluster::form(USER, RECOVERY);
+    let elected =
+        |c: &Cluster, i: usize| c.nodes[i].server.as_ref().map_or(0, |s| s.log().matches("become leader").count());
+    let mut times = Vec::new();
+    for run in 0..runs {
+        let via = (0..NS_NODES.len()).find(|i| c.nodes[*i].server.is_some()).expect("a running node");
+        let leader = poll(RECOVERY, || c.nodes[via].leader()).expect("a leader");
+        let cut_at = usize::try_from(leader - 1).expect("node index");
+        let survivors: Vec<usize> = (0..NS_NODES.len()).filter(|i| *i != cut_at).collect();
+        let before: Vec<usize> = survivors.iter().map(|i| elected(&c, *i)).collect();
+        let cut = Instant::now();
+        c.power_cut(cut_at);
+        let took =
+            poll(RECOVERY, || survivors.iter().zip(&before).any(|(i, n)| elected(&c, *i) > *n).then(|| cut.elapsed()));
+        let Some(took) = took else { panic!("run {run}: no new leader within {RECOVERY:?}\n{}", c.logs()) };
+        eprintln!("run {run}: power cut of leader {leader}: a survivor became leader after {took:?}");
+        times.push(took);
+        c.power_on(cut_at);
+        let via = survivors[0];
+        if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
+            panic!("run {run}: node {leader} did not rejoin\n{}", c.logs());
+        }
+    }
+    let (min, max) = (times.iter().min().copied().unwrap(), times.iter().max().copied().unwrap());
+    eprintln!(
+        "election after a power cut of the leader, {runs} runs: median {:?} (min {min:?}, max {max:?})",
+        median(&mut times)
+    );
+}
