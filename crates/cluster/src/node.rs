@@ -64,7 +64,8 @@ pub struct Timing {
     pub write_timeout_ms: u64,
     /// Failover groups: lease, fencing and monitor timings.
     pub groups: crate::failover::GroupTiming,
-    /// A snapshot is built after this many log entries since the last one.
+    /// A snapshot is built after this many log entries since the last one
+    /// (plus a per-node offset: [`Timing::snapshot_threshold`]).
     pub snapshot_every: u64,
     /// Log entries kept behind the last snapshot (a follower that lags by
     /// less catches up from the log; by more, it gets the snapshot).
@@ -96,13 +97,22 @@ impl Timing {
         Duration::from_millis(self.write_timeout_ms)
     }
 
-    fn raft_config(&self) -> Result<Config, ClusterError> {
+    /// The snapshot threshold of node `id`: `snapshot_every`, plus a tenth
+    /// of it for each step of the id modulo 5. The nodes of a cluster commit
+    /// the same entries at nearly the same moment: with one threshold they
+    /// would all build their snapshot (export, encode, fsync) at once, and
+    /// at the same moment as whatever the leader was busy committing.
+    pub fn snapshot_threshold(&self, id: NodeId) -> u64 {
+        self.snapshot_every.saturating_add(self.snapshot_every / 10 * (id.0 % 5))
+    }
+
+    fn raft_config(&self, id: NodeId) -> Result<Config, ClusterError> {
         let config = Config {
             cluster_name: "hamail".into(),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_min_ms,
             election_timeout_max: self.election_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_threshold(id)),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             // Elections are started by the node's pre-vote agent
             // (crate::election), never by openraft's own timer.
@@ -181,7 +191,7 @@ impl ClusterNode {
         transport: Arc<dyn Transport>,
         timing: Timing,
     ) -> Result<Arc<ClusterNode>, ClusterError> {
-        let config = Arc::new(timing.raft_config()?);
+        let config = Arc::new(timing.raft_config(id)?);
         let mut log_store = LogStore::open(&dir.join("raft-log.redb"))?;
         forget_leadership(id, &mut log_store).await?;
         let state_machine = StateMachine::open(store.clone(), dir).await?;
@@ -897,5 +907,26 @@ async fn watch_terms(
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nodes_of_a_cluster_build_their_snapshots_at_different_points() {
+        let t = Timing { snapshot_every: 10_000, ..Timing::default() };
+        let thresholds: Vec<u64> = (1..=6).map(|i| t.snapshot_threshold(NodeId(i))).collect();
+        assert_eq!(thresholds, [11_000, 12_000, 13_000, 14_000, 10_000, 11_000]);
+        let huge = Timing { snapshot_every: u64::MAX, ..Timing::default() };
+        assert_eq!(huge.snapshot_threshold(NodeId(4)), u64::MAX, "saturates");
+        assert_eq!(t.raft_config(NodeId(2)).unwrap().snapshot_policy, SnapshotPolicy::LogsSinceLast(12_000));
+    }
+
+    #[test]
+    fn openraft_never_starts_an_election_by_itself() {
+        let config = Timing::default().raft_config(NodeId(1)).unwrap();
+        assert!(!config.enable_elect, "elections are the pre-vote agent's (crate::election)");
     }
 }
