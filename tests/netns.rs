@@ -515,6 +515,38 @@ fn a_partitioned_follower_does_not_depose_the_leader() {
     assert_eq!(term_of(leader_at, follower), Some(term), "the follower rejoined at the leader's term");
 }
 
+/// A former leader that comes back after the others elected a new one
+/// starts as a follower: openraft would restore it as the leader of its
+/// old term at once (its saved vote is its own, committed). It must not log
+/// `become leader`, and the new leader and its term stay.
+#[test]
+fn a_restarted_former_leader_does_not_claim_its_old_term() {
+    if !root_or_skip("a_restarted_former_leader_does_not_claim_its_old_term") {
+        return;
+    }
+    let mut c = NsCluster::form(USER, RECOVERY);
+    let old = c.nodes[0].leader().expect("a leader");
+    let old_at = usize::try_from(old - 1).expect("node index");
+    let via = (0..NS_NODES.len()).find(|i| *i != old_at).expect("a survivor");
+    c.power_cut(old_at);
+    let Some(new) = poll(RECOVERY, || c.nodes[via].leader().filter(|l| *l != old)) else {
+        panic!("no new leader after the power cut of {old}\n{}", c.logs())
+    };
+    let term_of = |c: &Cluster, id: u64| -> Option<u64> {
+        c.nodes[via].status()?.iter().find(|m| m["id"] == id)?["term"].as_u64()
+    };
+    let term = term_of(&c, new).expect("the new leader's term");
+    c.power_on(old_at);
+    if poll(RECOVERY, || c.all_healthy(via).then_some(())).is_none() {
+        panic!("node {old} did not rejoin: {:?}\n{}", c.nodes[via].status(), c.logs());
+    }
+    let log = c.nodes[old_at].s().log();
+    assert!(!log.contains("become leader"), "the restarted {old} claimed leadership:\n{log}");
+    assert_eq!(c.nodes[via].leader(), Some(new), "the leader changed when {old} came back\n{}", c.logs());
+    assert_eq!(term_of(&c, new), Some(term), "the term changed when {old} came back\n{}", c.logs());
+    assert_eq!(term_of(&c, old), Some(term), "the restarted {old} follows at the new term");
+}
+
 /// Benchmark, not part of the test run (root; prints figures): the Raft
 /// election after a power cut of the leader, over `HAMAIL_BENCH_RUNS` cuts
 /// (default 10): from the cut to a survivor's log saying `become leader`
