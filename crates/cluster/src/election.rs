@@ -287,11 +287,12 @@ pub(crate) fn node_agent(me: NodeId, timing: ElectionTiming) -> NodeAgent {
 }
 
 /// Runs the agent of `node` until the node is gone or stops: polls it at
-/// least every `tick`, runs the pre-vote rounds it asks for, and triggers
-/// openraft's elections.
+/// least every `tick` and at every change of role, vote or membership
+/// (openraft's server metrics: not at every commit), runs the pre-vote
+/// rounds it asks for, and triggers openraft's elections.
 pub(crate) async fn campaign(node: Weak<ClusterNode>, tick: Duration) {
     let mut metrics = match node.upgrade() {
-        Some(n) => n.raft().metrics(),
+        Some(n) => n.raft().server_metrics(),
         None => return,
     };
     loop {
@@ -302,7 +303,7 @@ pub(crate) async fn campaign(node: Weak<ClusterNode>, tick: Duration) {
                 voters: Voters::new(m.membership_config.membership().get_joint_config().clone()),
                 leading: m.state == openraft::ServerState::Leader,
             };
-            (view, m.current_term, m.state)
+            (view, m.vote.leader_id().get_term(), m.state)
         };
         if state == openraft::ServerState::Shutdown {
             return;
