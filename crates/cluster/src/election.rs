@@ -24,7 +24,8 @@
 //! - **Election.** With grants from a majority (of each configuration
 //!   during a joint membership change, paper §6; its own grant counted),
 //!   the node triggers openraft's election, which raises the term and asks
-//!   for the real votes. Without one, it tries again after another random
+//!   for the real votes; if no leader comes of it, it tries again after a
+//!   full timeout. Without a quorum, it tries again after another random
 //!   timeout — at the same term.
 //! - **Why the lease.** openraft's voters refuse a real vote while the
 //!   lease of the leader they follow runs (`election_timeout_max` since they
@@ -238,8 +239,11 @@ impl<R: Rng> ElectionAgent<R> {
         if round.voters.quorum(&round.granted) {
             self.round = None;
             // If the election fails (a split vote), the next try comes
-            // after another random timeout.
-            self.next_round = now + self.timing.random(&mut self.rng);
+            // after a full timeout: an election whose vote requests are
+            // slow (each voter saves its vote durably: an fsync, long on a
+            // loaded disk) must not be cut short by the next one, which
+            // would raise the term again and again without electing anyone.
+            self.next_round = now + self.timing.lease + self.timing.random(&mut self.rng);
             return Step::Elect;
         }
         Step::Wait(round.ends)
@@ -473,6 +477,9 @@ mod tests {
         assert_eq!(a.answer(ms(4), NodeId(4), true), Step::Elect, "3 of 5 (itself counted)");
         // The round is over: a late grant elects nobody twice.
         assert!(matches!(a.answer(ms(5), NodeId(5), true), Step::Wait(_)));
+        // The election gets a full timeout before the next try.
+        let next = first_round(&mut a, ms(4), &view);
+        assert!(next - ms(4) >= LEASE + MIN, "{:?}", next - ms(4));
     }
 
     #[test]

@@ -687,7 +687,18 @@ impl ClusterNode {
 }
 
 impl ClusterNode {
-    /// A current leader's AppendEntries or InstallSnapshot was accepted.
+    /// Whether a request carrying `vote` comes from a leader this node
+    /// accepts: a committed vote at least its own. Such a request counts as
+    /// contact when it arrives, as openraft's own leader lease counts it
+    /// (`VoteHandler::update_vote`), not only once its log write is done:
+    /// on a loaded disk that write can take longer than the election
+    /// timeout, and the node would campaign while its leader is alive.
+    fn accepts_leader_vote(&self, vote: &crate::types::Vote) -> bool {
+        vote.is_committed() && *vote >= self.raft.metrics().borrow().vote
+    }
+
+    /// A current leader's AppendEntries or InstallSnapshot arrived or was
+    /// accepted.
     fn leader_contact(&self) {
         self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).leader_contact(Instant::now());
     }
@@ -784,6 +795,9 @@ impl Handler for ClusterNode {
         match request {
             Request::AppendEntries(rpc) => match from {
                 Some(_) => {
+                    if self.accepts_leader_vote(&rpc.vote) {
+                        self.leader_contact();
+                    }
                     let arrival = self.testimony.arrive(rpc.vote.leader_id().get_term());
                     let result = self.raft.append_entries(rpc).await;
                     let acknowledged = matches!(
@@ -807,6 +821,9 @@ impl Handler for ClusterNode {
             Request::InstallSnapshot(rpc) => match from {
                 Some(_) => {
                     let vote = rpc.vote;
+                    if self.accepts_leader_vote(&vote) {
+                        self.leader_contact();
+                    }
                     let result = self.raft.install_snapshot(rpc).await;
                     // Accepted: our vote is now the sender's (a refusal
                     // answers our own, higher one).
