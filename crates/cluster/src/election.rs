@@ -34,6 +34,10 @@
 //!   raised term, the very thing avoided. So the lease is the pre-vote's
 //!   window too, and the timer counts from its end, as openraft's own timer
 //!   did (lease + random timeout: about 0.5 s with the default timings).
+//! - A node that grants its real vote to a candidate waits a full timeout
+//!   before campaigning itself (paper §5.2), and drops a round in progress:
+//!   under load an election takes a while, and cutting it short with
+//!   another one only raises the term.
 //! - A node that has just started counts its start as its last contact: it
 //!   cannot know yet whether a leader is alive. The sole voter of a cluster
 //!   elects itself at once (there is nobody to ask); a learner, or a node
@@ -135,6 +139,8 @@ pub struct View {
     pub voters: Voters,
     /// This node is the leader.
     pub leading: bool,
+    /// This node is a candidate: its election is in progress.
+    pub campaigning: bool,
 }
 
 /// What to do next.
@@ -190,6 +196,16 @@ impl<R: Rng> ElectionAgent<R> {
         self.next_round = now + self.timing.lease + self.timing.random(&mut self.rng);
     }
 
+    /// This node granted its real vote to a candidate at `now`: it does not
+    /// campaign for a full timeout (granting a vote restarts the election
+    /// timer, paper §5.2 and Figure 2), and a round in progress is dropped,
+    /// so that it does not cut short the election it voted in. Not a
+    /// contact: a candidate is not a leader, pre-votes are still granted.
+    pub fn vote_granted(&mut self, now: Instant) {
+        self.round = None;
+        self.next_round = self.next_round.max(now + self.timing.lease + self.timing.random(&mut self.rng));
+    }
+
     /// What to do now, given what the node is.
     pub fn poll(&mut self, now: Instant, view: &View) -> Step {
         if view.leading {
@@ -204,6 +220,11 @@ impl<R: Rng> ElectionAgent<R> {
             return Step::Wait(now + self.timing.min);
         }
         if view.voters.only(self.me) {
+            // Its own vote, saved, makes it leader: an election in progress
+            // is not started again (that would only raise the term).
+            if view.campaigning {
+                return Step::Wait(now + self.timing.min);
+            }
             if now < self.next_solo {
                 return Step::Wait(self.next_solo);
             }
@@ -306,6 +327,7 @@ pub(crate) async fn campaign(node: Weak<ClusterNode>, tick: Duration) {
             let view = View {
                 voters: Voters::new(m.membership_config.membership().get_joint_config().clone()),
                 leading: m.state == openraft::ServerState::Leader,
+                campaigning: m.state == openraft::ServerState::Candidate,
             };
             (view, m.vote.leader_id().get_term(), m.state)
         };
@@ -413,7 +435,7 @@ mod tests {
     }
 
     fn follower_of(ids: &[u64]) -> View {
-        View { voters: voters(ids), leading: false }
+        View { voters: voters(ids), ..View::default() }
     }
 
     fn log(term: u64, index: u64) -> LogId {
@@ -461,6 +483,20 @@ mod tests {
         assert!(matches!(a.answer(fired + Duration::from_millis(2), NodeId(3), true), Step::Wait(_)));
         let next = first_round(&mut a, fired, &view);
         assert!(next - fired >= LEASE + MIN, "{:?}", next - fired);
+    }
+
+    #[test]
+    fn granting_a_vote_restarts_the_timer_drops_the_round_and_is_no_contact() {
+        let t0 = Instant::now();
+        let view = follower_of(&[1, 2, 3]);
+        let mut a = agent(1, t0, 8);
+        let at = first_round(&mut a, t0, &view);
+        a.vote_granted(at + Duration::from_millis(5));
+        assert!(matches!(a.answer(at + Duration::from_millis(6), NodeId(2), true), Step::Wait(_)), "round dropped");
+        let next = first_round(&mut a, at, &view);
+        assert!(next - (at + Duration::from_millis(5)) >= LEASE + MIN, "{:?}", next - at);
+        // It still grants pre-votes: it heard no leader.
+        assert_eq!(a.judge(at + Duration::from_millis(6), None, None, false), Ok(()));
     }
 
     #[test]
@@ -528,6 +564,10 @@ mod tests {
         assert_eq!(a.poll(t0, &view), Step::Elect);
         assert_eq!(a.poll(t0 + Duration::from_millis(1), &view), Step::Wait(t0 + MIN));
         assert_eq!(a.poll(t0 + MIN, &view), Step::Elect);
+        // While its election is in progress, it is not started again.
+        let campaigning = View { campaigning: true, ..follower_of(&[1]) };
+        assert!(matches!(a.poll(t0 + MIN * 3, &campaigning), Step::Wait(_)));
+        assert_eq!(a.poll(t0 + MIN * 3, &view), Step::Elect);
     }
 
     #[test]
@@ -537,7 +577,7 @@ mod tests {
         let learner = follower_of(&[1, 2, 3]);
         let nobody = View::default();
         let mut b = agent(1, t0, 9);
-        let leader = View { voters: voters(&[1, 2, 3]), leading: true };
+        let leader = View { voters: voters(&[1, 2, 3]), leading: true, campaigning: false };
         for s in 0..100 {
             let now = t0 + Duration::from_millis(s * 100);
             assert!(matches!(a.poll(now, &learner), Step::Wait(_)));
@@ -555,7 +595,7 @@ mod tests {
         let t0 = Instant::now();
         let joint =
             Voters::new(vec![[1, 2, 3].into_iter().map(NodeId).collect(), [3, 4, 5].into_iter().map(NodeId).collect()]);
-        let view = View { voters: joint, leading: false };
+        let view = View { voters: joint, ..View::default() };
         let mut a = agent(1, t0, 2);
         let at = first_round(&mut a, t0, &view);
         match a.poll(at, &view) {
@@ -573,7 +613,7 @@ mod tests {
         let joint =
             Voters::new(vec![[1, 2, 3].into_iter().map(NodeId).collect(), [1, 3, 4].into_iter().map(NodeId).collect()]);
         let mut a = agent(1, t0, 2);
-        let view = View { voters: joint, leading: false };
+        let view = View { voters: joint, ..View::default() };
         let mut now = t0;
         let ask = loop {
             match a.poll(now, &view) {

@@ -815,7 +815,14 @@ impl Handler for ClusterNode {
                 None => refused("AppendEntries"),
             },
             Request::Vote(rpc) => match from {
-                Some(_) => Response::Vote(self.raft.vote(rpc).await),
+                Some(_) => {
+                    let result = self.raft.vote(rpc).await;
+                    if result.as_ref().is_ok_and(|r| r.vote_granted) {
+                        let mut elections = self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        elections.vote_granted(Instant::now());
+                    }
+                    Response::Vote(result)
+                }
                 None => refused("Vote"),
             },
             Request::InstallSnapshot(rpc) => match from {
