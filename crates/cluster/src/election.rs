@@ -11,7 +11,8 @@
 //! with events and the time; the I/O in [`campaign`]):
 //!
 //! - **Timer.** A voter that has heard no current leader (an AppendEntries
-//!   or InstallSnapshot it accepted) for the leader lease plus a random time
+//!   or InstallSnapshot whose vote it accepts, counted when it arrives, as
+//!   openraft counts it) for the leader lease plus a random time
 //!   in `[election_min, election_max)` (paper §5.2: random, so that split
 //!   votes are rare) asks every voter for a pre-vote: "would you vote for me
 //!   at your next term, with this last log id?". Its term does not change.
