@@ -10,6 +10,7 @@
 //! server does).
 
 pub mod directory;
+pub mod election;
 pub mod error;
 pub mod failover;
 pub mod groups;

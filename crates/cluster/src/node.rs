@@ -29,6 +29,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::raft::AppendEntriesResponse;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 
+use crate::election::{node_agent, ElectionTiming, NodeAgent, PreVote, PreVoteAnswer};
 use crate::error::ClusterError;
 use crate::log_store::LogStore;
 use crate::mailstore::{verify_and_repair, MailEvents, Replication};
@@ -52,8 +53,10 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Timing {
     /// How often the leader sends heartbeats (AppendEntries).
     pub heartbeat_ms: u64,
-    /// A follower that hears nothing for a random time in
-    /// `[election_min_ms, election_max_ms)` starts an election.
+    /// A voter that hears no leader for the leader lease (`election_max_ms`)
+    /// plus a random time in `[election_min_ms, election_max_ms)` asks the
+    /// others for a pre-vote, and starts an election if a quorum grants it
+    /// (see [`crate::election`]).
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     /// How long `write` and `linearizable` keep trying (waiting for a leader,
@@ -62,7 +65,8 @@ pub struct Timing {
     pub write_timeout_ms: u64,
     /// Failover groups: lease, fencing and monitor timings.
     pub groups: crate::failover::GroupTiming,
-    /// A snapshot is built after this many log entries since the last one.
+    /// A snapshot is built after this many log entries since the last one
+    /// (plus a per-node offset: [`Timing::snapshot_threshold`]).
     pub snapshot_every: u64,
     /// Log entries kept behind the last snapshot (a follower that lags by
     /// less catches up from the log; by more, it gets the snapshot).
@@ -94,17 +98,39 @@ impl Timing {
         Duration::from_millis(self.write_timeout_ms)
     }
 
-    fn raft_config(&self) -> Result<Config, ClusterError> {
+    /// The snapshot threshold of node `id`: `snapshot_every`, plus a tenth
+    /// of it for each step of the id modulo 5. The nodes of a cluster commit
+    /// the same entries at nearly the same moment: with one threshold they
+    /// would all build their snapshot (export, encode, fsync) at once, and
+    /// at the same moment as whatever the leader was busy committing.
+    pub fn snapshot_threshold(&self, id: NodeId) -> u64 {
+        self.snapshot_every.saturating_add(self.snapshot_every / 10 * (id.0 % 5))
+    }
+
+    fn raft_config(&self, id: NodeId) -> Result<Config, ClusterError> {
         let config = Config {
             cluster_name: "hamail".into(),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_min_ms,
             election_timeout_max: self.election_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_threshold(id)),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            // Elections are started by the node's pre-vote agent
+            // (crate::election), never by openraft's own timer.
+            enable_elect: false,
             ..Config::default()
         };
         config.validate().map_err(|e| ClusterError::Config(e.to_string()))
+    }
+
+    /// The pre-vote agent's timings: openraft's leader lease is
+    /// `election_timeout_max` (openraft `EngineConfig`).
+    fn election(&self) -> ElectionTiming {
+        ElectionTiming {
+            lease: Duration::from_millis(self.election_max_ms),
+            min: Duration::from_millis(self.election_min_ms),
+            max: Duration::from_millis(self.election_max_ms),
+        }
     }
 }
 
@@ -147,6 +173,10 @@ pub struct ClusterNode {
     /// The data nodes the leader found silent at our last lease renewal,
     /// and when we heard it.
     silent_peers: std::sync::Mutex<Option<(Instant, Vec<NodeId>)>>,
+    /// The pre-vote agent: when to campaign, whom to grant a pre-vote.
+    pub(crate) elections: NodeAgent,
+    /// The task that runs it.
+    election_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ClusterNode {
@@ -162,8 +192,9 @@ impl ClusterNode {
         transport: Arc<dyn Transport>,
         timing: Timing,
     ) -> Result<Arc<ClusterNode>, ClusterError> {
-        let config = Arc::new(timing.raft_config()?);
-        let log_store = LogStore::open(&dir.join("raft-log.redb"))?;
+        let config = Arc::new(timing.raft_config(id)?);
+        let mut log_store = LogStore::open(&dir.join("raft-log.redb"))?;
+        forget_leadership(id, &mut log_store).await?;
         let state_machine = StateMachine::open(store.clone(), dir).await?;
         let mail = state_machine.mail_events();
         let group_table = state_machine.group_watch();
@@ -177,7 +208,8 @@ impl ClusterNode {
         tracing::info!(%id, node = %info, "cluster node started");
         let testimony = Arc::new(crate::testimony::Testimony::new());
         tokio::spawn(watch_terms(id, raft.metrics(), Arc::downgrade(&testimony)));
-        Ok(Arc::new(ClusterNode {
+        let elections = node_agent(id, timing.election());
+        let node = Arc::new(ClusterNode {
             id,
             info,
             raft,
@@ -194,7 +226,13 @@ impl ClusterNode {
             group_tasks: std::sync::Mutex::new(Vec::new()),
             testimony,
             silent_peers: std::sync::Mutex::new(None),
-        }))
+            elections,
+            election_task: std::sync::Mutex::new(None),
+        });
+        let tick = Duration::from_millis(node.timing.heartbeat_ms.max(1));
+        let task = tokio::spawn(crate::election::campaign(Arc::downgrade(&node), tick));
+        *node.election_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        Ok(node)
     }
 
     pub fn id(&self) -> NodeId {
@@ -668,6 +706,9 @@ impl ClusterNode {
     /// (The state machine's handle on the store is released the same way.)
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
         self.stop_group_tasks();
+        if let Some(task) = self.election_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
         self.raft.shutdown().await.map_err(|e| ClusterError::Internal(format!("shutting raft down: {e}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.log.handles() > 1 && Instant::now() < deadline {
@@ -678,6 +719,44 @@ impl ClusterNode {
 }
 
 impl ClusterNode {
+    /// Whether a request carrying `vote` comes from a leader this node
+    /// accepts: a committed vote at least its own. Such a request counts as
+    /// contact when it arrives, as openraft's own leader lease counts it
+    /// (`VoteHandler::update_vote`), not only once its log write is done:
+    /// on a loaded disk that write can take longer than the election
+    /// timeout, and the node would campaign while its leader is alive.
+    fn accepts_leader_vote(&self, vote: &crate::types::Vote) -> bool {
+        vote.is_committed() && *vote >= self.raft.metrics().borrow().vote
+    }
+
+    /// A current leader's AppendEntries or InstallSnapshot arrived or was
+    /// accepted.
+    fn leader_contact(&self) {
+        self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).leader_contact(Instant::now());
+    }
+
+    /// [`Request::PreVote`]: granted by the rules of [`crate::election`].
+    fn pre_vote_here(&self, peer: NodeId, req: PreVote) -> PreVoteAnswer {
+        let (term, leading_with_quorum) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let lease = self.timing.election_max_ms;
+            (m.current_term, m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease))
+        };
+        let own = self.raft.data_metrics().borrow().last_log;
+        let verdict = self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).judge(
+            Instant::now(),
+            req.last_log_id.as_ref(),
+            own.as_ref(),
+            leading_with_quorum,
+        );
+        match verdict {
+            Ok(()) => tracing::info!(%peer, candidate_term = req.term, term, "pre-vote granted"),
+            Err(reason) => tracing::debug!(%peer, candidate_term = req.term, term, ?reason, "pre-vote refused"),
+        }
+        PreVoteAnswer { granted: verdict.is_ok(), term }
+    }
+
     /// [`Request::PutBody`]: checks the hash, writes the body durably,
     /// answers after the fsync. A witness holds no mail.
     async fn put_body_here(&self, hash: hamail_store::BodyHash, data: Vec<u8>) -> Result<(), String> {
@@ -748,6 +827,9 @@ impl Handler for ClusterNode {
         match request {
             Request::AppendEntries(rpc) => match from {
                 Some(_) => {
+                    if self.accepts_leader_vote(&rpc.vote) {
+                        self.leader_contact();
+                    }
                     let arrival = self.testimony.arrive(rpc.vote.leader_id().get_term());
                     let result = self.raft.append_entries(rpc).await;
                     let acknowledged = matches!(
@@ -757,17 +839,43 @@ impl Handler for ClusterNode {
                             | AppendEntriesResponse::Conflict)
                     );
                     self.testimony.settle(arrival, acknowledged);
+                    if acknowledged {
+                        self.leader_contact();
+                    }
                     Response::AppendEntries(result)
                 }
                 None => refused("AppendEntries"),
             },
             Request::Vote(rpc) => match from {
-                Some(_) => Response::Vote(self.raft.vote(rpc).await),
+                Some(_) => {
+                    let result = self.raft.vote(rpc).await;
+                    if result.as_ref().is_ok_and(|r| r.vote_granted) {
+                        let mut elections = self.elections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        elections.vote_granted(Instant::now());
+                    }
+                    Response::Vote(result)
+                }
                 None => refused("Vote"),
             },
             Request::InstallSnapshot(rpc) => match from {
-                Some(_) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
+                Some(_) => {
+                    let vote = rpc.vote;
+                    if self.accepts_leader_vote(&vote) {
+                        self.leader_contact();
+                    }
+                    let result = self.raft.install_snapshot(rpc).await;
+                    // Accepted: our vote is now the sender's (a refusal
+                    // answers our own, higher one).
+                    if result.as_ref().is_ok_and(|r| r.vote == vote) {
+                        self.leader_contact();
+                    }
+                    Response::InstallSnapshot(result)
+                }
                 None => refused("InstallSnapshot"),
+            },
+            Request::PreVote(req) => match from {
+                Some(peer) => Response::PreVote(self.pre_vote_here(peer, req)),
+                None => refused("PreVote"),
             },
             Request::Write(cmd) => match from {
                 Some(_) => Response::Write(self.write_here(cmd).await),
@@ -820,6 +928,26 @@ impl Handler for ClusterNode {
     }
 }
 
+/// openraft restores a node whose saved vote is its own, committed one (it
+/// led when it stopped) as the leader of that term at once, without asking
+/// anyone (`Engine::startup`): it then logs `become leader` for a term the
+/// cluster may have left long ago, and acts as leader until an answer shows
+/// it a higher term. Saving the vote uncommitted instead makes it start as
+/// a follower that voted for itself in that term, as after a crash in the
+/// middle of a campaign: it still votes for nobody else in that term (the
+/// vote is kept, Raft paper §5.2), and it leads again only after winning an
+/// election.
+async fn forget_leadership(id: NodeId, log: &mut LogStore) -> Result<(), ClusterError> {
+    use openraft::storage::RaftLogStorage;
+    let Some(vote) = log.read_vote().await? else { return Ok(()) };
+    if vote.is_committed() && vote.leader_id().voted_for() == Some(id) {
+        let term = vote.leader_id().get_term();
+        tracing::info!(%id, term, "led term {term} before the restart: starting as a follower, not as its leader");
+        log.save_vote(&crate::types::Vote::new(term, id)).await?;
+    }
+    Ok(())
+}
+
 /// Feeds Raft's term and role changes to the node's testimony until the
 /// node is gone.
 async fn watch_terms(
@@ -839,5 +967,26 @@ async fn watch_terms(
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nodes_of_a_cluster_build_their_snapshots_at_different_points() {
+        let t = Timing { snapshot_every: 10_000, ..Timing::default() };
+        let thresholds: Vec<u64> = (1..=6).map(|i| t.snapshot_threshold(NodeId(i))).collect();
+        assert_eq!(thresholds, [11_000, 12_000, 13_000, 14_000, 10_000, 11_000]);
+        let huge = Timing { snapshot_every: u64::MAX, ..Timing::default() };
+        assert_eq!(huge.snapshot_threshold(NodeId(4)), u64::MAX, "saturates");
+        assert_eq!(t.raft_config(NodeId(2)).unwrap().snapshot_policy, SnapshotPolicy::LogsSinceLast(12_000));
+    }
+
+    #[test]
+    fn openraft_never_starts_an_election_by_itself() {
+        let config = Timing::default().raft_config(NodeId(1)).unwrap();
+        assert!(!config.enable_elect, "elections are the pre-vote agent's (crate::election)");
     }
 }

@@ -16,6 +16,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::election::{PreVote, PreVoteAnswer};
 use crate::mailstore::RepairReport;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, Role, TypeConfig};
 
@@ -25,6 +26,9 @@ pub enum Request {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Would you vote for me at my next term? Asked before an election,
+    /// which happens only with a quorum of grants (see [`crate::election`]).
+    PreVote(PreVote),
     /// A write proposed on a follower, forwarded to the leader.
     Write(Command),
     /// A process that knows the cluster secret asks to become a member.
@@ -75,6 +79,7 @@ pub enum Response {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    PreVote(PreVoteAnswer),
     Write(Result<Written, WriteError>),
     Join(Result<JoinResponse, JoinError>),
     Status(NodeStatus),

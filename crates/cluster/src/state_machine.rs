@@ -164,7 +164,8 @@ struct Shared {
     /// export and its `ConsensusState` always describe the same point of
     /// the log (the builder runs concurrently with `apply`).
     state: tokio::sync::Mutex<ConsensusState>,
-    current: std::sync::Mutex<Option<StoredSnapshot>>,
+    /// Shared, so that taking it under the lock copies no bytes.
+    current: std::sync::Mutex<Option<Arc<StoredSnapshot>>>,
     /// Tells the node's body repair task about applied accepts.
     events: Arc<MailEvents>,
     /// The applied group table, for the node's group agent and manager.
@@ -174,35 +175,70 @@ struct Shared {
 }
 
 impl Shared {
-    fn current(&self) -> Option<StoredSnapshot> {
+    fn current(&self) -> Option<Arc<StoredSnapshot>> {
         self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    fn set_current(&self, s: StoredSnapshot) {
+    fn set_current(&self, s: Arc<StoredSnapshot>) {
         *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(s);
     }
+}
 
-    /// Saves `snap` as `<dir>/snapshot.bin`: tmp file, fsync, rename, fsync
-    /// of the directory (so that a crash leaves the old or the new one).
-    async fn persist(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
-        let bytes = postcard::to_allocvec(snap).map_err(|e| snap_err(Some(&snap.meta), ErrorVerb::Write, e))?;
-        let dir = self.dir.clone();
-        let meta = snap.meta.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-            {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-            std::fs::File::open(&dir)?.sync_all()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?
-        .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))
-    }
+/// Runs `f` on a blocking thread. The snapshot's heavy work — encoding or
+/// decoding the whole state (every mailbox and message record), copying its
+/// bytes, writing and fsyncing its file — must not hold a tokio worker:
+/// openraft's core and replication tasks, which send and answer the
+/// heartbeats, run on the same few workers (two on a two-core machine).
+async fn off_the_workers<T: Send + 'static>(
+    meta: Option<&SnapshotMeta>,
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| snap_err(meta, ErrorVerb::Write, e))?
+}
+
+/// Saves `snap` as `<dir>/snapshot.bin`: tmp file, fsync, rename, fsync of
+/// the directory (so that a crash leaves the old or the new one). Blocking.
+fn persist(dir: &Path, snap: &StoredSnapshot) -> Result<(), StorageError> {
+    let failed = |e: &dyn std::fmt::Display| snap_err(Some(&snap.meta), ErrorVerb::Write, e);
+    let bytes = postcard::to_allocvec(snap).map_err(|e| failed(&e))?;
+    let write = || -> std::io::Result<()> {
+        let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| failed(&e))
+}
+
+/// A snapshot's bytes: see the module documentation. Blocking (it encodes
+/// the whole state).
+fn encode_snapshot(
+    state_snap: &StateSnapshot,
+    state: &ConsensusState,
+    events: &[(u64, Vec<u8>)],
+) -> Result<Vec<u8>, postcard::Error> {
+    let mut data = postcard::to_allocvec(&(state_snap, state))?;
+    data.extend(postcard::to_allocvec(&events)?);
+    data.extend(postcard::to_allocvec(&state_snap.queue_state)?);
+    data.extend(postcard::to_allocvec(&state_snap.message_ages)?);
+    Ok(data)
+}
+
+/// The state, consensus state and event log (if present) of a snapshot's
+/// bytes. Blocking (it decodes the whole state).
+type Decoded = (StateSnapshot, ConsensusState, Option<Vec<(u64, Vec<u8>)>>);
+
+fn decode_snapshot(data: &[u8]) -> Result<Decoded, postcard::Error> {
+    let (mut state_snap, rest): (StateSnapshot, &[u8]) = postcard::take_from_bytes(data)?;
+    let (state, mut rest) = ConsensusState::decode_prefix(rest)?;
+    let events = optional_segment(&mut rest)?;
+    state_snap.queue_state = optional_segment(&mut rest)?.unwrap_or_default();
+    state_snap.message_ages = optional_segment(&mut rest)?.unwrap_or_default();
+    Ok((state_snap, state, events))
 }
 
 /// The state machine of one node. See the module documentation.
@@ -236,7 +272,8 @@ impl StateMachine {
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(snap_err(None, ErrorVerb::Read, format!("{}: {e}", path.display()))),
-        };
+        }
+        .map(Arc::new);
         let (groups, _) = tokio::sync::watch::channel(state.groups.clone());
         // A server that falls this far behind loses ban changes, not memory.
         let (bans, _) = tokio::sync::broadcast::channel(1024);
@@ -452,15 +489,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let (mut state_snap, rest): (StateSnapshot, &[u8]) =
-            postcard::take_from_bytes(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        let (mut state, rest) =
-            ConsensusState::decode_prefix(rest).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        let unreadable = |e: postcard::Error| snap_err(Some(meta), ErrorVerb::Read, e);
-        let mut rest = rest;
-        let events: Option<Vec<(u64, Vec<u8>)>> = optional_segment(&mut rest).map_err(unreadable)?;
-        state_snap.queue_state = optional_segment(&mut rest).map_err(unreadable)?.unwrap_or_default();
-        state_snap.message_ages = optional_segment(&mut rest).map_err(unreadable)?.unwrap_or_default();
+        let m = meta.clone();
+        let (data, (state_snap, mut state, events)) = off_the_workers(Some(meta), move || {
+            let decoded = decode_snapshot(&data).map_err(|e| snap_err(Some(&m), ErrorVerb::Read, e))?;
+            Ok((data, decoded))
+        })
+        .await?;
         // The meta is what openraft trusts; they agree for our snapshots.
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
@@ -486,14 +520,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The mail of the snapshot may reference bodies this node lacks.
         self.shared.events.rescan();
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.shared.persist(&stored).await?;
-        self.shared.set_current(stored);
+        let dir = self.shared.dir.clone();
+        let stored = off_the_workers(Some(meta), move || persist(&dir, &stored).map(|()| stored)).await?;
+        self.shared.set_current(Arc::new(stored));
         tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.shared.current().map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let Some(current) = self.shared.current() else { return Ok(None) };
+        // openraft reads the snapshot from its own copy of the bytes.
+        let meta = current.meta.clone();
+        let data = off_the_workers(Some(&meta), move || Ok(current.data.clone())).await?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
@@ -515,21 +554,34 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // in the view included.
         self.shared.store.sync_state().await.map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
         let (state_snap, events) = view.export().await.map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-        let mut data =
-            postcard::to_allocvec(&(&state_snap, &state)).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
-        data.extend(postcard::to_allocvec(&events).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
-        data.extend(postcard::to_allocvec(&state_snap.queue_state).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
-        data.extend(postcard::to_allocvec(&state_snap.message_ages).map_err(|e| snap_err(None, ErrorVerb::Write, e))?);
         let snapshot_id = match state.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, unique_suffix()),
             None => format!("none-{}", unique_suffix()),
         };
         let meta =
             SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership.clone(), snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        self.shared.persist(&stored).await?;
-        self.shared.set_current(stored);
-        tracing::debug!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built a snapshot");
+        let t0 = std::time::Instant::now();
+        let dir = self.shared.dir.clone();
+        let m = meta.clone();
+        // Encoding, the copy handed to openraft, the file and the drop of
+        // the exported state: all off the workers.
+        let (stored, data) = off_the_workers(Some(&meta), move || {
+            let data =
+                encode_snapshot(&state_snap, &state, &events).map_err(|e| snap_err(Some(&m), ErrorVerb::Write, e))?;
+            drop((state_snap, events));
+            let stored = StoredSnapshot { meta: m, data };
+            persist(&dir, &stored)?;
+            let data = stored.data.clone();
+            Ok((stored, data))
+        })
+        .await?;
+        self.shared.set_current(Arc::new(stored));
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = data.len(),
+            encode_and_write_ms = t0.elapsed().as_millis() as u64,
+            "built a snapshot"
+        );
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }

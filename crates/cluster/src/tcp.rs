@@ -482,6 +482,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::AppendEntries(_) => "AppendEntries",
         Request::Vote(_) => "Vote",
         Request::InstallSnapshot(_) => "InstallSnapshot",
+        Request::PreVote(_) => "PreVote",
         Request::Write(_) => "Write",
         Request::Join(_) => "Join",
         Request::Status => "Status",
