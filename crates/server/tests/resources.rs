@@ -59,12 +59,15 @@ fn read_env(path: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn expected_env(event: &str, server: &str, disk: &str) -> BTreeMap<String, String> {
+/// `disk`: `None` for a group without a disk (no `*_DISK` variable).
+fn expected_env(event: &str, server: &str, disk: Option<&str>) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for p in ["CLP_", "ARMS_"] {
         m.insert(format!("{p}EVENT"), event.to_string());
         m.insert(format!("{p}SERVER"), server.to_string());
-        m.insert(format!("{p}DISK"), disk.to_string());
+        if let Some(disk) = disk {
+            m.insert(format!("{p}DISK"), disk.to_string());
+        }
         m.insert(format!("{p}GROUPNAME"), "mailgroup".to_string());
         m.insert(format!("{p}RESOURCENAME"), "script".to_string());
     }
@@ -77,10 +80,20 @@ async fn exec_scripts_get_the_seeds_environment_and_their_output_is_logged() {
     let (d, lines) = driver(&n);
     let tmp = tempfile::tempdir().unwrap();
     let script = env_script(tmp.path());
+    // The disk of the group is only named (its resource is not started
+    // here): a group with a disk gives its scripts *_DISK, one without
+    // does not.
+    let disk_resource = ResourceSpec::Disk {
+        name: "spool".into(),
+        device: "/dev/null".into(),
+        mount_point: "/nonexistent".into(),
+        fs_type: "ext4".into(),
+    };
     let cases = [
-        (StartEvent::Start, true, true, "START", "HOME", "SUCCESS"),
-        (StartEvent::Failover, false, true, "FAILOVER", "OTHER", "SUCCESS"),
-        (StartEvent::Recover, true, false, "RECOVER", "HOME", "FAILURE"),
+        (StartEvent::Start, true, true, "START", "HOME", Some("SUCCESS")),
+        (StartEvent::Failover, false, true, "FAILOVER", "OTHER", Some("SUCCESS")),
+        (StartEvent::Recover, true, false, "RECOVER", "HOME", Some("FAILURE")),
+        (StartEvent::Start, true, true, "START", "HOME", None),
     ];
     for (i, (event, home, disk_ok, ev, server, disk)) in cases.into_iter().enumerate() {
         let start_out = tmp.path().join(format!("start-{i}"));
@@ -91,7 +104,8 @@ async fn exec_scripts_get_the_seeds_environment_and_their_output_is_logged() {
             stop: format!("{script} {}", stop_out.display()),
             timeout_secs: 10,
         };
-        let g = group("mailgroup", vec![r.clone()]);
+        let resources = if disk.is_some() { vec![disk_resource.clone(), r.clone()] } else { vec![r.clone()] };
+        let g = group("mailgroup", resources);
         d.start(&g, &r, &StartContext { event, home, disk_ok }).await.expect("start script");
         d.monitor(&g, &r).await.expect("exec monitor is always ok");
         assert_eq!(read_env(&start_out), expected_env(ev, server, disk), "start, {ev}");
@@ -100,9 +114,9 @@ async fn exec_scripts_get_the_seeds_environment_and_their_output_is_logged() {
         assert_eq!(read_env(&stop_out), expected_env(ev, server, disk), "stop, {ev}");
     }
     let lines = lines.lock().unwrap().clone();
-    for ev in ["START", "FAILOVER", "RECOVER"] {
+    for (ev, runs) in [("START", 2), ("FAILOVER", 1), ("RECOVER", 1)] {
         let n = lines.iter().filter(|(r, l)| r == "script" && *l == format!("hello from {ev}")).count();
-        assert_eq!(n, 2, "start and stop stdout lines for {ev}: {lines:?}");
+        assert_eq!(n, 2 * runs, "start and stop stdout lines for {ev}: {lines:?}");
     }
     assert!(lines.iter().any(|(_, l)| l == "to stderr"), "{lines:?}");
 }
