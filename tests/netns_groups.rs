@@ -18,12 +18,15 @@
 //!   sees no failure, an SMTP session opened before the cut completes a
 //!   transaction after it, and the dead leader's group fails over.
 //! - `killed_owner_leaves_no_address_behind`: the owner's process is
-//!   SIGKILLed with its link up; the kernel drops the floating address there
-//!   when its lifetime runs out (no restart), while another node takes it.
+//!   SIGKILLed with its link up; its reaper removes the floating address at
+//!   once (no restart), before another node takes it; a SIGSTOPped owner's
+//!   address expires with its kernel lifetime.
 //! - `seed_scripts_run_with_the_seed_variables`: the seed HOWTO's start.sh
-//!   and stop.sh (sendmail/inetd replaced by a marker file) run as an
-//!   `exec` resource, calling hamail's own `armlog`, with the seed's
-//!   variables, and their `armlog` lines reach the cluster log.
+//!   and stop.sh (sendmail/inetd replaced by a marker file, the stop's
+//!   `sleep 30` kept) run as an `exec` resource of a group with its shared
+//!   disk, calling hamail's own `armlog`, with the seed's variables: start
+//!   at home, failover after a power cut, a move; their `armlog` lines reach
+//!   the cluster log.
 //! - `shared_disk_follows_the_group`: shared-disk mode, an ext4 disk on a
 //!   loop device: the group's mail lives on the disk, which follows the
 //!   group on a move and on a power cut, and is never mounted twice.
@@ -716,9 +719,12 @@ armlog "EXIT"
 exit 0
 "#;
 
-/// The seed's stop script; `sleep 30` (waiting for stragglers) is cut to
-/// a tenth of a second to stay within the stop timeout, and `fuser -km` on
-/// the shared disk is a marker line.
+/// The seed's stop script pauses 30 s for stragglers: a failover waits
+/// for its budget (35 s + the cluster's stop budget), a move for the pause.
+const SEED_RECOVERY: Duration = Duration::from_secs(90);
+
+/// The seed's stop script, with its `sleep 30` (waiting for stragglers);
+/// sendmail, inetd and `fuser -km` on the shared disk are marker lines.
 const STOP_SH: &str = r#"#!/bin/sh
 #*****
 #*          STOPBAT          *
@@ -732,7 +738,7 @@ then
         mark pop3 disabled >/dev/null
         armlog "pop3 stopped."
         armlog "`mark sendmail stop`"
-        sleep 0.1
+        sleep 30
         armlog "kill all procs using disk resource..."
         armlog "`mark fuser -km`"
         armlog "killed."
@@ -754,7 +760,7 @@ then
         mark pop3 disabled >/dev/null
         armlog "pop3 stopped."
         armlog "`mark sendmail stop`"
-        sleep 0.1
+        sleep 30
         armlog "`mark fuser -km`"
     if [ "$ARMS_SERVER" = "HOME" ]
         then
@@ -807,15 +813,16 @@ fn seed_scripts_run_with_the_seed_variables() {
     write_exec(&root.join("start.sh"), START_SH);
     write_exec(&root.join("stop.sh"), STOP_SH);
     // The seed's group had its shared disk (ARMS_DISK is set only for a
-    // group with a disk). The scripts' 5 s timeout is part of the stop
-    // budget another node waits out after a power cut.
+    // group with a disk). The stop script pauses 30 s as the seed's does;
+    // its 35 s timeout is part of the stop budget another node waits out
+    // after a power cut, and a move waits for the pause.
     let spool = root.join("spool");
     std::fs::create_dir_all(&spool).unwrap();
     let scripts = format!(
         "[[group.resources]]\ntype = \"disk\"\nname = \"spool\"\ndevice = \"{d}\"\nmount_point = \"{m}\"\n\
          fs_type = \"ext4\"\n\n\
          [[group.resources]]\ntype = \"exec\"\nname = \"scripts\"\n\
-         start = \"PATH={b}:$PATH {r}/start.sh\"\nstop = \"PATH={b}:$PATH {r}/stop.sh\"\ntimeout_secs = 5\n\n",
+         start = \"PATH={b}:$PATH {r}/start.sh\"\nstop = \"PATH={b}:$PATH {r}/stop.sh\"\ntimeout_secs = 35\n\n",
         d = disk.device,
         m = spool.display(),
         b = bin.display(),
@@ -851,7 +858,7 @@ fn seed_scripts_run_with_the_seed_variables() {
     if poll(RECOVERY, || c.group_status(1).contains("Online?").then_some(())).is_none() {
         panic!("the lost owner's group not marked:\n{}", c.group_status(1));
     }
-    if poll(RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node2")).is_none() {
+    if poll(SEED_RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node2")).is_none() {
         panic!("no failover to node 2:\n{}\n{}", c.group_status(1), c.logs());
     }
     let m = read_marker();
@@ -866,7 +873,7 @@ fn seed_scripts_run_with_the_seed_variables() {
     // it there: FAILOVER) and the start script on node 3 (START, OTHER).
     let (ok, out) = c.nodes[2].cli(&["group", "move", "mail", "3"], "");
     assert!(ok, "{out}");
-    if poll(RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node3")).is_none() {
+    if poll(SEED_RECOVERY, || c.greeting_from_client(VIP1).filter(|h| h == "node3")).is_none() {
         panic!("no move to node 3:\n{}\n{}", c.group_status(1), c.logs());
     }
     let m = read_marker();
