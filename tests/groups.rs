@@ -148,7 +148,17 @@ fn a_group_runs_at_home_moves_by_command_and_fails_over_on_sigkill() {
     assert!(ok);
     let (_, out) = nodes[0].cli(&["log", "-n", "5"], "");
     assert!(out.contains("operator note"), "{out}");
+
+    // Node 3 returns while the group runs on node 1: its start script is
+    // told so (RECOVER, as the original product did), and nothing moves.
     nodes[2].restart();
+    let record = root.path().join("record.txt");
+    eventually(Duration::from_secs(30), "the RECOVER notice on the returning node", || {
+        let text = std::fs::read_to_string(&record).ok()?;
+        text.contains("CLP_EVENT=RECOVER CLP_SERVER=OTHER").then_some(())
+    });
+    assert_eq!(greeting_from(smtp).as_deref(), Some("node1"));
+    assert_eq!(owner(&nodes[1]).unwrap(), (1, "Online".to_string()));
 }
 
 /// A group's shared disk is mounted in hamail's own mount namespace: the

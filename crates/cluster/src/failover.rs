@@ -1237,6 +1237,9 @@ struct Worker {
     restarts_epoch: u64,
     /// The next start is a local recovery.
     recovering: bool,
+    /// This node held its lease at the last look (a node that gains it —
+    /// at its start, or back after a cut — has returned).
+    had_lease: bool,
     /// The epoch this node gave up on (reported Failed).
     failed_epoch: Option<u64>,
     /// The last report written (epoch, report), and the last attempt.
@@ -1267,6 +1270,7 @@ impl Worker {
             restarts: 0,
             restarts_epoch: u64::MAX,
             recovering: false,
+            had_lease: false,
             failed_epoch: None,
             reported: None,
             last_attempt: None,
@@ -1291,6 +1295,28 @@ impl Worker {
             }
             tokio::time::sleep(tick).await;
         }
+    }
+
+    /// This node has returned (its process started, or it is back after
+    /// a cut) while the group, which may run here, runs on another node:
+    /// its scripts are told so, as the original product told them
+    /// (`ARMS_EVENT=RECOVER` to the start script on the returning node; the
+    /// seed's start script only logs it). Nothing is started or held; a
+    /// script's failure is logged.
+    fn recover_notice(&self, n: &Arc<ClusterNode>, spec: &GroupSpec, p: &Placement) {
+        let me = n.id();
+        let elsewhere = p.owner.is_some_and(|o| o != me) && p.state == GroupState::Online;
+        if !elsewhere || !spec.nodes.contains(&me) {
+            return;
+        }
+        let context =
+            StartContext { event: StartEvent::Recover, home: spec.nodes.first() == Some(&me), disk_ok: false };
+        let (driver, spec) = (self.driver.clone(), spec.clone());
+        tokio::spawn(async move {
+            for r in &spec.resources {
+                driver.recover(&spec, r, &context).await;
+            }
+        });
     }
 
     /// A process that died (crash, SIGKILL) leaves its floating addresses
@@ -1327,6 +1353,13 @@ impl Worker {
     async fn step(&mut self, n: &Arc<ClusterNode>) -> bool {
         let me = n.id();
         let (spec, p) = self.current(n);
+        let lease = n.holds_lease();
+        if lease && !self.had_lease {
+            if let Some(spec) = &spec {
+                self.recover_notice(n, spec, &p);
+            }
+        }
+        self.had_lease = lease;
         let want = spec.is_some() && self.wants(n, &p);
         if !want && !self.held.is_empty() {
             let why = if p.owner != Some(me) {
@@ -1368,7 +1401,10 @@ impl Worker {
             if spec2.as_ref() != Some(&spec) || p2.epoch != p.epoch || !self.wants(n, &p2) {
                 return false;
             }
-            let event = if self.recovering { StartEvent::Recover } else { p.event.unwrap_or(StartEvent::Start) };
+            // A local restart after a failure starts the group as it was
+            // started (its scripts must start the service again): RECOVER
+            // is the notice to a node that returns (see `recover_notice`).
+            let event = p.event.unwrap_or(StartEvent::Start);
             match self.start_all(n, &spec, &p, event).await {
                 StartOutcome::Started => {
                     self.recovering = false;

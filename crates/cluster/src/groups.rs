@@ -228,6 +228,11 @@ pub trait ResourceDriver: Send + Sync + 'static {
     /// split come back to this one. Best effort; most resources have
     /// nothing to say.
     async fn reannounce(&self, _group: &GroupSpec, _resource: &ResourceSpec) {}
+    /// This node returned while the group runs on another node: tell the
+    /// resource (`context.event` is RECOVER) if it has something to say —
+    /// a script resource runs its start script, which must only take note
+    /// (the group runs elsewhere). Best effort; most resources do nothing.
+    async fn recover(&self, _group: &GroupSpec, _resource: &ResourceSpec, _context: &StartContext) {}
 }
 
 /// Where the operator wants a group (`group start|stop|move`).

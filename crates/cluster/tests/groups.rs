@@ -391,7 +391,8 @@ async fn monitor_failures_restart_then_fail_over_then_auto_failback() {
     let leader = c.leader().await;
     leader.put_group(group("m", &[1, 2], Failback::Auto, 2)).await.unwrap();
     wait_runs(&world, "m", 1).await;
-    // Two failures: two local restarts (RECOVER), still on node 1.
+    // Two failures: two local restarts, still on node 1, with the event
+    // the group was started with (START): the first start and two more.
     world.failures.lock().unwrap().insert((NodeId(1), "m".into()), 2);
     let w = world.clone();
     eventually("two local recoveries", LONG, || {
@@ -402,9 +403,9 @@ async fn monitor_failures_restart_then_fail_over_then_auto_failback() {
                 .lock()
                 .unwrap()
                 .iter()
-                .filter(|s| s.node == NodeId(1) && s.event == StartEvent::Recover && s.resource == "m-ip")
+                .filter(|s| s.node == NodeId(1) && s.event == StartEvent::Start && s.resource == "m-ip")
                 .count();
-            (n == 2 && w.runs_on("m", 2, NodeId(1))).then_some(())
+            (n == 3 && w.runs_on("m", 2, NodeId(1))).then_some(())
         }
     })
     .await;

@@ -6,7 +6,7 @@
 //!
 //! | variable                  | value                                     |
 //! |---------------------------|-------------------------------------------|
-//! | `CLP_EVENT`/`ARMS_EVENT`  | `START`, `FAILOVER` or `RECOVER`; a stop script gets the event that started the resource |
+//! | `CLP_EVENT`/`ARMS_EVENT`  | `START`, `FAILOVER`; a stop script gets the event that started the resource; `RECOVER` to the start script of a node that returns while the group runs elsewhere (take note only) |
 //! | `CLP_SERVER`/`ARMS_SERVER`| `HOME` on the group's first node, else `OTHER` |
 //! | `CLP_DISK`/`ARMS_DISK`    | `SUCCESS` or `FAILURE` (the group's disk taken over); only for a group with a disk resource |
 //! | `CLP_GROUPNAME`/`ARMS_GROUPNAME` | the group                          |

@@ -435,6 +435,15 @@ impl ResourceDriver for Driver {
         }
     }
 
+    async fn recover(&self, group: &GroupSpec, resource: &ResourceSpec, context: &StartContext) {
+        if let ResourceSpec::Exec { name, start, timeout_secs, .. } = resource {
+            let (path, script) = (self.script_path(), script_group(group));
+            if let Err(e) = exec::run(&self.log, &path, &script, name, start, context, *timeout_secs).await {
+                tracing::warn!(group = %group.name, resource = %name, "the RECOVER notice failed: {e}");
+            }
+        }
+    }
+
     async fn monitor(&self, group: &GroupSpec, resource: &ResourceSpec) -> Result<(), ResourceError> {
         let k = key(group, resource);
         let name = resource.name();
