@@ -1,4 +1,4 @@
-//! Outbound delivery end to end (issue 7): the real `hamail` binary relays
+//! Outbound delivery end to end: the real `hamail` binary relays
 //! submitted mail to a fake next hop on loopback (a static transport map
 //! entry), which answers 2xx, 4xx or 5xx per recipient, hangs before its
 //! final reply, or drops the connection mid-DATA. Bounces are read back by

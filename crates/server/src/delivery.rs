@@ -1,4 +1,4 @@
-//! The delivery worker: works the outbound queue (issue 7).
+//! The delivery worker: works the outbound queue.
 //!
 //! Every scan (each `scan_interval_ms`, or at once when woken) it reads
 //! the queue with its per-recipient state, and:
