@@ -66,6 +66,18 @@ pub enum TlsMode {
     Verify,
 }
 
+impl std::fmt::Display for TlsMode {
+    /// As written in the config file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsMode::Never => "never",
+            TlsMode::Opportunistic => "opportunistic",
+            TlsMode::Require => "require",
+            TlsMode::Verify => "verify",
+        })
+    }
+}
+
 /// A `host[:port]` from the config file, checked when parsed (so that an
 /// error names its line).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -727,6 +739,18 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_modes_display_as_written_in_the_config() {
+        for mode in [TlsMode::Never, TlsMode::Opportunistic, TlsMode::Require, TlsMode::Verify] {
+            let parsed: TlsMode = toml::from_str::<toml::Value>(&format!("m = \"{mode}\""))
+                .ok()
+                .and_then(|v| v.get("m").cloned())
+                .and_then(|m| m.try_into().ok())
+                .expect("parses");
+            assert_eq!(parsed, mode);
+        }
+    }
 
     #[test]
     fn empty_file_gives_the_documented_defaults() {

@@ -356,7 +356,7 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             // hop with others (a transport entry) get sessions of their own.
             // Not through the smarthost, whose own policy applies to all.
             let key = match env.cfg.domain_tls(&domain) {
-                Some(mode) if !env.router.via_smarthost(&domain) => DestinationKey(format!("{key} (tls {mode:?})")),
+                Some(mode) if !env.router.via_smarthost(&domain) => DestinationKey(format!("{key} (tls {mode})")),
                 _ => key,
             };
             {
