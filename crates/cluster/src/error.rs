@@ -44,8 +44,32 @@ impl From<crate::types::StorageError> for ClusterError {
     }
 }
 
+/// The store's error, its class kept: what may succeed later stays
+/// retryable, a refusal stays a refusal.
 impl From<hamail_store::StoreError> for ClusterError {
     fn from(e: hamail_store::StoreError) -> Self {
-        ClusterError::Storage(e.to_string())
+        use hamail_store::StoreError as S;
+        let text = e.to_string();
+        match e {
+            S::Temporary(_) | S::Unavailable(_) | S::Busy(_) => ClusterError::Unavailable(text),
+            S::Permanent(_) => ClusterError::Config(text),
+            S::Io { .. } => ClusterError::Storage(text),
+            S::Internal(_) => ClusterError::Internal(text),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hamail_store::StoreError;
+
+    #[test]
+    fn store_errors_keep_their_class() {
+        assert!(ClusterError::from(StoreError::Unavailable("no quorum".into())).is_retryable());
+        assert!(ClusterError::from(StoreError::Busy("full".into())).is_retryable());
+        assert!(ClusterError::from(StoreError::Temporary("x".into())).is_retryable());
+        assert!(matches!(ClusterError::from(StoreError::Permanent("no such user".into())), ClusterError::Config(_)));
+        assert!(matches!(ClusterError::from(StoreError::Internal("bug".into())), ClusterError::Internal(_)));
     }
 }

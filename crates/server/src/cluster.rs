@@ -140,7 +140,8 @@ impl ClusterRuntime {
             .map_err(|e| ServerError::io(format!("creating {}", self.dir.display()), e))?;
         let path = self.identity_path();
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(identity).map_err(|e| ServerError::Tls(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(identity)
+            .map_err(|e| ServerError::Store(StoreError::Internal(format!("encoding the node identity: {e}"))))?;
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
             .and_then(|()| std::fs::rename(&tmp, &path))
@@ -150,6 +151,22 @@ impl ClusterRuntime {
 
 fn cluster_err(e: impl std::fmt::Display) -> ServerError {
     ServerError::Store(StoreError::Unavailable(e.to_string()))
+}
+
+/// A cluster error as the server's, its class kept: retry later
+/// (unavailable, not the leader, network), refused as asked (a group or
+/// membership request the state refuses, invalid settings), or for an
+/// operator (storage, internal).
+impl From<hamail_cluster::ClusterError> for ServerError {
+    fn from(e: hamail_cluster::ClusterError) -> Self {
+        use hamail_cluster::ClusterError as C;
+        let text = e.to_string();
+        ServerError::Store(match e {
+            C::Unavailable(_) | C::NotLeader { .. } | C::Network(_) => StoreError::Unavailable(text),
+            C::Config(_) => StoreError::Permanent(text),
+            C::Storage(_) | C::Internal(_) => StoreError::Internal(text),
+        })
+    }
 }
 
 /// At start: a node that is a member resumes its membership.
@@ -283,7 +300,7 @@ pub(crate) async fn init(ctx: &Arc<Context>, store: &Arc<LocalStore>) -> Result<
     ca.save(&rt.dir).map_err(cluster_err)?;
     let identity = Identity { id, info: NodeInfo { addr: addr.clone(), role: rt.role, name: rt.name.clone() } };
     let node = start_node(ctx, store, identity.clone(), creds).await?;
-    node.initialize().await.map_err(cluster_err)?;
+    node.initialize().await.map_err(ServerError::from)?;
     let secret = pki::generate_secret();
     let secrets = ClusterSecrets {
         ca_cert_pem: ca.cert_pem().to_string(),
@@ -296,7 +313,7 @@ pub(crate) async fn init(ctx: &Arc<Context>, store: &Arc<LocalStore>) -> Result<
     }
     // The node's existing users and domains are not in the log: a snapshot
     // taken now carries them to every node that joins later.
-    node.compact().await.map_err(cluster_err)?;
+    node.compact().await.map_err(ServerError::from)?;
     // Saved last: a crash before this point leaves a node that is no member.
     rt.save_identity(&identity)?;
     let token = JoinToken { addr, ca_fingerprint: ca.fingerprint(), secret }.encode();
@@ -600,7 +617,7 @@ fn member(ctx: &Arc<Context>) -> Result<Arc<ClusterNode>, ServerError> {
 pub(crate) async fn put_groups(ctx: &Arc<Context>, specs: Vec<GroupSpec>) -> Result<(), ServerError> {
     let node = member(ctx)?;
     for spec in specs {
-        node.put_group(spec).await.map_err(cluster_err)?;
+        node.put_group(spec).await.map_err(ServerError::from)?;
     }
     Ok(())
 }
@@ -620,7 +637,7 @@ pub(crate) async fn group_command(
         "move" => node.move_group(name, to.map(NodeId)).await.map(|dest| format!("group {name} moving to node {dest}")),
         other => return Err(cluster_err(format!("unknown group command {other}"))),
     }
-    .map_err(cluster_err)
+    .map_err(ServerError::from)
 }
 
 /// Every group and where it runs (a linearizable view).
@@ -637,7 +654,7 @@ pub(crate) async fn drain(
 ) -> Result<Vec<(String, Option<NodeId>)>, ServerError> {
     let node = member(ctx)?;
     let target = which.map(NodeId).unwrap_or_else(|| node.id());
-    node.drain_node(target).await.map_err(cluster_err)
+    node.drain_node(target).await.map_err(ServerError::from)
 }
 
 /// A service stop (SIGTERM, Ctrl-C) in a cluster: every group this node
@@ -702,12 +719,12 @@ pub(crate) async fn log_show(
 ) -> Result<Vec<hamail_cluster::groups::ClusterEvent>, ServerError> {
     let node = member(ctx)?;
     node.linearizable().await.map_err(cluster_err)?;
-    node.events(limit).await.map_err(cluster_err)
+    node.events(limit).await.map_err(ServerError::from)
 }
 
 pub(crate) async fn log_write(ctx: &Arc<Context>, text: String) -> Result<(), ServerError> {
     let node = member(ctx)?;
-    node.log_event(EventKind::Note, None, None, text).await.map_err(cluster_err)
+    node.log_event(EventKind::Note, None, None, text).await.map_err(ServerError::from)
 }
 
 #[cfg(test)]
