@@ -48,7 +48,7 @@ enum Command {
     /// The mail store: verify (and repair) every body file.
     #[command(subcommand)]
     Store(StoreCmd),
-    /// Failover groups: apply a file, status, start, stop, move, del.
+    /// Failover groups: apply a file, status, start, stop, move, clear, del.
     #[command(subcommand)]
     Group(GroupCmd),
     /// This node in the cluster: `node stop` moves its groups away.
