@@ -530,8 +530,14 @@ impl ClusterNode {
 
 /// The next node after `current` in `nodes` (cyclically), not `current`.
 fn next_after(nodes: &[NodeId], current: Option<NodeId>) -> Option<NodeId> {
+    next_after_where(nodes, current, |_| true)
+}
+
+/// The first node of `nodes` after `current` (cyclically; from the start
+/// without one), other than `current`, for which `ok` holds.
+pub fn next_after_where(nodes: &[NodeId], current: Option<NodeId>, ok: impl Fn(NodeId) -> bool) -> Option<NodeId> {
     let start = current.and_then(|c| nodes.iter().position(|n| *n == c)).map(|i| i + 1).unwrap_or(0);
-    (0..nodes.len()).map(|k| nodes[(start + k) % nodes.len()]).find(|n| Some(*n) != current)
+    (0..nodes.len()).map(|k| nodes[(start + k) % nodes.len()]).find(|n| Some(*n) != current && ok(*n))
 }
 
 /// An event to write to the cluster log, from a task that must not wait.

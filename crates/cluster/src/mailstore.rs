@@ -88,8 +88,8 @@ pub const GC_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The least time since a body file was last written (or put again) before
 /// the garbage collection may remove it. An accept counts on the copies it
-/// made for at most `put_timeout` plus its commit's patience (retries for
-/// twice the write timeout, each up to one write timeout): seconds. An hour
+/// made for at most one write timeout (the accept as a whole, copies and
+/// commit retries, is bounded by it: `ClusterNode::bounded`): seconds. An hour
 /// is far beyond that, and leftovers are rare, so waiting costs little.
 /// (Longer if those timeouts are set so long that it would not be: see
 /// `gc_min_age`.)
@@ -432,7 +432,6 @@ impl ReplicatedStore {
     /// again if it is not there.
     async fn commit_accept(&self, change: MailChange, queue_id: QueueId) -> StoreResult<Option<u64>> {
         let store = self.node.store();
-        let deadline = Instant::now() + self.node.timing().write_timeout() * 2;
         loop {
             match self.node.write_logged(Command::Mail(change.clone())).await {
                 Ok(Written { result: CommandResult::Done, index }) => return Ok(Some(index)),
@@ -445,10 +444,8 @@ impl ReplicatedStore {
                     if self.node.linearizable().await.is_ok() && store.committed(queue_id).await?.is_some() {
                         return Ok(None);
                     }
-                    if Instant::now() >= deadline {
-                        return Err(StoreError::Temporary(format!("message {queue_id} not committed: {why}")));
-                    }
-                    // Not committed as of the barrier: propose again. Should
+                    // Not committed as of the barrier: propose again (until
+                    // the accept's bound, `ClusterNode::bounded`). Should
                     // the first proposal commit after all, the second one is
                     // a no-op (same queue id).
                 }

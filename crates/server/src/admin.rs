@@ -223,8 +223,9 @@ async fn execute_cluster(ctx: &Arc<Context>, request: Request) -> Response {
             crate::cluster::group_command(ctx, &command, &name, node).await.map(|msg| json!({ "message": msg }))
         }
         Request::GroupStatus => crate::cluster::groups_status(ctx).await.map(|groups| {
+            let node = ctx.cluster.node();
             let silent = |owner: Option<hamail_cluster::NodeId>| {
-                owner.is_some_and(|o| ctx.cluster.node().is_some_and(|n| o != n.id() && n.peer_silent(o)))
+                owner.is_some_and(|o| node.as_ref().is_some_and(|n| o != n.id() && n.peer_silent(o)))
             };
             json!(groups
                 .iter()
@@ -345,7 +346,8 @@ async fn run(
                 other => return Err(StoreError::Permanent(format!("unknown queue command '{other}'"))),
             };
             let all = ids.is_empty() || ids.iter().any(|i| i.eq_ignore_ascii_case("ALL"));
-            let present: Vec<QueueId> = store.queue_items().await?.iter().map(|i| i.entry.queue_id).collect();
+            let items = store.queue_items().await?;
+            let present: Vec<QueueId> = items.iter().map(|i| i.entry.queue_id).collect();
             let targets: Vec<QueueId> = if all {
                 present
             } else {
@@ -359,7 +361,6 @@ async fn run(
                 }
                 t
             };
-            let items = store.queue_items().await?;
             for qid in &targets {
                 store.queue_change(*qid, op.clone()).await?;
                 // A bounce by the operator fails its pending recipients:

@@ -672,16 +672,14 @@ pub async fn hand_over(ctx: &Arc<Context>, within: std::time::Duration) -> Vec<(
         tracing::warn!("service stop: no quorum to hand the groups over; they fail over when this node is missed");
         return Vec::new();
     }
-    let live = |id: NodeId| id != me && node.is_member(id) && !node.peer_silent(id);
+    let live = |id: NodeId| node.is_member(id) && !node.peer_silent(id);
     let mut moved = Vec::new();
     for g in node.groups_status() {
         let p = &g.placement;
         if p.owner != Some(me) || p.target == hamail_cluster::groups::GroupTarget::Stopped {
             continue;
         }
-        let nodes = &g.spec.nodes;
-        let from = nodes.iter().position(|n| *n == me).map_or(0, |i| i + 1);
-        let Some(dest) = (0..nodes.len()).map(|k| nodes[(from + k) % nodes.len()]).find(|n| live(*n)) else {
+        let Some(dest) = hamail_cluster::failover::next_after_where(&g.spec.nodes, Some(me), live) else {
             tracing::warn!(group = %g.spec.name, "service stop: no live node to take the group over");
             continue;
         };

@@ -249,14 +249,4 @@ mod tests {
         bad.interface = String::new();
         assert_eq!(bad.line("hold"), None);
     }
-
-    #[test]
-    fn end_of_input_with_nothing_held_removes_nothing() {
-        let input = format!(
-            "{}{}",
-            held("198.18.0.100/24").line("hold").unwrap(),
-            held("198.18.0.100/24").line("release").unwrap()
-        );
-        assert_eq!(reap(std::io::Cursor::new(input)), 0);
-    }
 }
