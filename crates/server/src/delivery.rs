@@ -378,7 +378,7 @@ async fn scan(env: &Arc<Env>, store: &dyn MailStore) -> StoreResult<()> {
             by_dest.entry(key).or_default().push(i);
         }
         if !waiting.is_empty() {
-            let op = QueueOp::Results { at: now, results: std::mem::take(&mut waiting) };
+            let op = QueueOp::Results { at: now, results: waiting };
             if let Err(e) = store.queue_change(qid, op).await {
                 tracing::warn!(queue_id = %qid, error = %e, "recording a wait for the destination failed");
             }
